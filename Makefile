@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# On a machine without a GPU, torch is installed first, pinned, so that pip takes the CPU build instead of
+# resolving the range in pyproject.toml to a multi-GB CUDA build. Point TORCH_INDEX at a CPU wheel index
+# where the CPU build is not the default.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"; fi
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lcc validate specs/longcat-2.0.yaml
+	$(BIN)/lcc report specs/longcat-2.0.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check lcc tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/report_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

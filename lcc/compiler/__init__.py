@@ -1,0 +1,1 @@
+"""Spec -> plan. Importing this package is cheap: passes that need torch import it themselves."""

@@ -1,0 +1,352 @@
+"""The cost report: parameters, per-rank memory, FLOPs, communication, pipeline bubble and step time.
+
+`cost_report(spec)` returns plain JSON data in the documented schema `lcc.report/1` (docs/report.md).
+It never imports torch, so `lcc report` answers instantly even for 2,048-rank layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from lcc.compiler.cost import params as P
+from lcc.compiler.cost.memory import STATE_BYTES, model_states
+from lcc.compiler.cost.traffic import Links, all_gather, all_reduce, links
+from lcc.compiler.cost.work import (
+    act_bytes,
+    head_forward_flops,
+    layer_activations,
+    layer_comm,
+    layer_forward_flops,
+    microbatch_tokens,
+    recompute_flops,
+)
+from lcc.compiler.layout import bubble_fraction, inflight_chunks, partition, stage_ranks
+from lcc.spec.models import DTYPE_BYTES, Spec
+
+SCHEMA = "lcc.report/1"
+GIB = 2**30
+AXES = ("tp", "dp", "pp", "ep", "edp")
+
+
+def _bps(gbps: float) -> float:
+    return gbps * 1e9 / 8
+
+
+@dataclass(frozen=True)
+class Role:
+    """One pipeline rank: all ranks with the same pp index hold the same amounts."""
+
+    pp_rank: int
+    stages: list[int]
+    layers: list[int]
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm and LM head
+
+
+class CostModel:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.par = spec.parallelism
+        self.m = self.par.pipeline.microbatches
+        self.tokens = microbatch_tokens(spec)
+
+    # ------------------------------------------------------------------------------ layout
+    @cached_property
+    def links(self) -> dict[str, Links]:
+        return {axis: links(self.spec, axis) for axis in AXES}
+
+    def _ring_seconds(self, axis: str, nbytes: float) -> float:
+        net = self.spec.cluster.network
+        return self.links[axis].seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=True)
+
+    def _a2a_seconds(self, nbytes: float) -> float:
+        net = self.spec.cluster.network
+        return self.links["ep"].seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=False)
+
+    def layer_seconds(self, layer: int) -> float:
+        """Compute + communication time of one layer for one micro-batch on one rank."""
+        flops = (3 * layer_forward_flops(self.spec, layer) + recompute_flops(self.spec, layer))
+        comm = layer_comm(self.spec, layer)
+        compute = flops * self.tokens / self.par.tp / self.peak
+        return compute + self._ring_seconds("tp", comm.tp) + self._a2a_seconds(comm.ep)
+
+    @property
+    def peak(self) -> float:
+        return self.spec.cluster.device.peak_tflops * 1e12
+
+    def head_seconds(self) -> float:
+        return 3 * head_forward_flops(self.spec) * self.tokens / self.par.tp / self.peak
+
+    @cached_property
+    def stage_bounds(self) -> list[tuple[int, int]]:
+        """Layers [start, end) of each global stage, balanced by estimated time (head on the last)."""
+        costs = [self.layer_seconds(i) for i in range(self.spec.model.n_layers)]
+        costs[-1] += self.head_seconds()
+        return partition(costs, self.par.n_stages)
+
+    @cached_property
+    def roles(self) -> list[Role]:
+        out = []
+        n_stages = self.par.n_stages
+        for r in range(self.par.pp):
+            stages = stage_ranks(self.par.pp, self.par.pipeline.virtual_stages, r)
+            layers = [i for s in stages for i in range(*self.stage_bounds[s])]
+            out.append(Role(r, stages, layers, 0 in stages, n_stages - 1 in stages))
+        return out
+
+    def stage_imbalance(self) -> float:
+        """Slowest stage time over the mean stage time (1.0 = perfectly balanced)."""
+        times = []
+        for s, (a, b) in enumerate(self.stage_bounds):
+            t = sum(self.layer_seconds(i) for i in range(a, b))
+            times.append(t + (self.head_seconds() if s == len(self.stage_bounds) - 1 else 0.0))
+        return max(times) / (sum(times) / len(times))
+
+    # ------------------------------------------------------------------------------ memory
+    def role_memory(self, role: Role, zero: int | None = None, recompute: str | None = None) -> dict[str, Any]:
+        spec, par = self.spec, self.par
+        zero = par.zero if zero is None else zero
+        policy = recompute or par.activation_checkpointing
+        local = P.local_params(spec, role.layers, role.first, role.last)
+        dtype = spec.train.dtype
+        states = model_states(local.dense, dtype, zero, par.dp) + model_states(local.experts, dtype, zero, par.edp)
+        gathered = 0.0
+        if zero >= 3:  # the layer in use and the prefetched next one, unsharded, plus one layer's grads
+            b = STATE_BYTES[dtype]
+            largest = local.largest_layer_dense + local.largest_layer_experts
+            gathered = largest * (2 * b.weights + b.grads)
+        chunks = inflight_chunks(par.pipeline.schedule, par.pp, par.pipeline.virtual_stages, self.m, role.pp_rank)
+        per_chunk = sum(layer_activations(spec, i, policy) for i in role.layers) / len(role.stages)
+        activations = chunks * per_chunk
+        if policy == "full":  # the layer being recomputed holds its full activations for a moment
+            activations += max(layer_activations(spec, i, "none") for i in role.layers)
+        if role.last:  # logits and the float32 softmax of the cross-entropy, one micro-batch at a time
+            activations += self.tokens * spec.model.vocab_size / par.tp * (act_bytes(spec) + 4)
+        weights = states.weights + gathered
+        total = weights + states.grads + states.optimizer + activations
+        return {
+            "role": f"pp{role.pp_rank}",
+            "rank": role.pp_rank * par.dp * par.tp,
+            "stages": role.stages,
+            "layers": [role.layers[0], role.layers[-1] + 1],
+            "inflight_microbatches": chunks,
+            "params_dense": local.dense,
+            "params_experts": local.experts,
+            "weights_bytes": round(weights),
+            "weights_gathered_bytes": round(gathered),
+            "grads_bytes": round(states.grads),
+            "optimizer_bytes": round(states.optimizer),
+            "activations_bytes": round(activations),
+            "total_bytes": round(total),
+        }
+
+    def memory(self) -> dict[str, Any]:
+        by_role = [self.role_memory(r) for r in self.roles]
+        worst = max(by_role, key=lambda r: (r["total_bytes"], -r["rank"]))
+        device = round(self.spec.cluster.device.memory_gib * GIB)
+
+        def peak(zero: int, policy: str) -> int:
+            return max(self.role_memory(r, zero, policy)["total_bytes"] for r in self.roles)
+
+        plain, sharded = peak(0, "none"), peak(3, "full")
+        return {
+            "device_bytes": device,
+            "fits": worst["total_bytes"] <= device,
+            "worst_rank": worst,
+            "by_role": by_role,
+            "comparison": {
+                "plain_dp_no_checkpointing_bytes": plain,
+                "zero3_full_checkpointing_bytes": sharded,
+                "this_layout_bytes": worst["total_bytes"],
+                "zero3_full_checkpointing_reduction": 1 - sharded / plain,
+            },
+        }
+
+    # --------------------------------------------------------------------------- flops, comm
+    def role_flops(self, role: Role, with_recompute: bool) -> float:
+        per_token = sum(3 * layer_forward_flops(self.spec, i) + (recompute_flops(self.spec, i) if with_recompute
+                                                                   else 0.0) for i in role.layers)
+        if role.last:
+            per_token += 3 * head_forward_flops(self.spec)
+        return per_token * self.tokens * self.m / self.par.tp
+
+    def role_comm(self, role: Role) -> dict[str, float]:
+        """Bytes one rank of this pipeline rank sends per step, by collective kind."""
+        spec, par, m = self.spec, self.par, self.m
+        tp = ep = 0.0
+        for i in role.layers:
+            c = layer_comm(spec, i)
+            tp, ep = tp + c.tp * m, ep + c.ep * m
+        activation = self.tokens * spec.model.d_model * act_bytes(spec) / (par.tp if par.sequence_parallel else 1)
+        sends = sum(s < par.n_stages - 1 for s in role.stages) + sum(s > 0 for s in role.stages)
+        local = P.local_params(spec, role.layers, role.first, role.last)
+        g = STATE_BYTES[spec.train.dtype].grads
+        w = STATE_BYTES[spec.train.dtype].weights
+        grads = gather = 0.0
+        for count, ways in ((local.dense, par.dp), (local.experts, par.edp)):
+            if par.zero >= 2:  # gradients leave each micro-batch's backward as a reduce-scatter
+                grads += m * all_gather(count * g, ways)
+            else:
+                grads += all_reduce(count * g, ways)
+            if par.zero == 3:  # weights gathered for forward and again for backward, every micro-batch
+                gather += 2 * m * all_gather(count * w, ways)
+            elif par.zero >= 1:  # updated shards gathered once after the optimizer step
+                gather += all_gather(count * w, ways)
+        return {"tensor_parallel": tp, "expert_alltoall": ep, "pipeline_p2p": m * sends * activation,
+                "grad_reduce": grads, "param_gather": gather,
+                "_dense_share": local.dense / max(local.dense + local.experts, 1)}
+
+    def comm(self) -> dict[str, Any]:
+        per_pp = self.par.dp * self.par.tp
+        kinds = {"tensor_parallel": 0.0, "expert_alltoall": 0.0, "pipeline_p2p": 0.0, "grad_reduce": 0.0,
+                 "param_gather": 0.0}
+        inter = 0.0
+        for role in self.roles:
+            c = self.role_comm(role)
+            share = c.pop("_dense_share")
+            for kind, nbytes in c.items():
+                kinds[kind] += per_pp * nbytes
+                inter += per_pp * nbytes * self._inter_share(kind, share)
+        total = sum(kinds.values())
+        return {
+            "bytes_per_step": {
+                "by_kind": kinds,
+                "by_link": {"intra_node": total - inter, "inter_node": inter},
+                "total": total,
+            },
+            "expert_alltoall_inter_node_share": self.links["ep"].inter_share,
+        }
+
+    def _inter_share(self, kind: str, dense_share: float) -> float:
+        if kind == "tensor_parallel":
+            return self.links["tp"].inter_share
+        if kind == "expert_alltoall":
+            return self.links["ep"].inter_share
+        if kind == "pipeline_p2p":
+            return 1.0 if self.links["pp"].crosses_nodes else 0.0
+        return dense_share * self.links["dp"].inter_share + (1 - dense_share) * self.links["edp"].inter_share
+
+    def role_seconds(self, role: Role) -> tuple[float, float, float]:
+        """(compute, communication inside the pipeline, communication after it) for one step."""
+        c = self.role_comm(role)
+        share = c["_dense_share"]
+        inside = (self._ring_seconds("tp", c["tensor_parallel"]) + self._a2a_seconds(c["expert_alltoall"])
+                  + self._ring_seconds("pp", c["pipeline_p2p"]))
+        sync = 0.0
+        for kind in ("grad_reduce", "param_gather"):
+            sync += (self._ring_seconds("dp", c[kind] * share) + self._ring_seconds("edp", c[kind] * (1 - share)))
+        if self.par.zero >= 2:  # per-micro-batch reductions and gathers happen inside the pipeline
+            inside, sync = inside + sync, 0.0
+        return self.role_flops(role, with_recompute=True) / self.peak, inside, sync
+
+
+def cost_report(spec: Spec) -> dict[str, Any]:
+    cm = CostModel(spec)
+    par, moe = spec.parallelism, spec.model.moe
+    k = spec.routing.k if spec.routing is not None else None
+    n_layers = spec.model.n_layers
+    layers = [P.layer_params(spec, i) for i in range(n_layers)]
+    routed = sum(p.experts for p in layers)
+
+    bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
+    seconds = [cm.role_seconds(r) for r in cm.roles]
+    pipe = max(c + i for c, i, _ in seconds) / (1 - bubble)
+    step = pipe + max(s for _, _, s in seconds)
+    tokens_per_step = spec.train.global_batch * spec.train.seq_len
+    model_flops = tokens_per_step * (3 * sum(layer_forward_flops(spec, i) for i in range(n_layers))
+                                     + 3 * head_forward_flops(spec))
+    hardware_flops = model_flops + tokens_per_step * sum(recompute_flops(spec, i) for i in range(n_layers))
+
+    return {
+        "schema": SCHEMA,
+        "spec": spec.name,
+        "world_size": par.world_size,
+        "layout": {
+            "pp": par.pp, "dp": par.dp, "tp": par.tp, "ep": par.ep, "edp": par.edp, "zero": par.zero,
+            "activation_checkpointing": par.activation_checkpointing,
+            "sequence_parallel": par.sequence_parallel,
+            "schedule": par.pipeline.schedule, "microbatches": par.pipeline.microbatches,
+            "virtual_stages": par.pipeline.virtual_stages,
+            "stage_layers": [list(b) for b in cm.stage_bounds],
+            "stage_imbalance": cm.stage_imbalance(),
+            "microbatch_tokens": cm.tokens,
+        },
+        "params": {
+            "total": P.total_params(spec),
+            "embedding": P.embedding_params(spec),
+            "head": P.head_params(spec),
+            "attention": sum(p.attention + p.norms for p in layers),
+            "dense_ffn": sum(p.ffn for p in layers),
+            "router": sum(p.router for p in layers),
+            "shared_experts": sum(p.shared for p in layers),
+            "routed_experts": routed,
+            "active_per_token": {
+                "min": P.active_params(spec, k.min if k else 0),
+                "max": P.active_params(spec, k.max if k else 0),
+                "expected": P.active_params(spec, k.planned if k else 0),
+            },
+        },
+        "memory": cm.memory(),
+        "experts": _experts(spec, routed),
+        "flops": {
+            "per_step": model_flops,
+            "per_step_with_recompute": hardware_flops,
+            "per_token_forward": model_flops / tokens_per_step / 3,
+        },
+        "comm": cm.comm(),
+        "pipeline": {"bubble_fraction": bubble, "schedule": par.pipeline.schedule},
+        "time": {
+            "step_seconds_estimate": step,
+            "compute_seconds": max(c for c, _, _ in seconds),
+            "tokens_per_second": tokens_per_step / step,
+            "utilization": model_flops / (step * par.world_size * cm.peak),
+        },
+        "serve": _serve(spec, cm) if spec.serve is not None else None,
+        "moe": None if moe is None else {"n_experts": moe.n_experts, "n_groups": moe.n_groups,
+                                         "experts_per_rank": moe.n_experts // par.ep},
+    }
+
+
+def expert_bytes_quantized(n_params: int, bits: int, group_size: int, symmetric: bool) -> int:
+    """Packed int4 (two per byte) + a float16 scale per group (+ a uint8 zero-point per group)."""
+    n_groups = n_params // group_size
+    return n_params * bits // 8 + 2 * n_groups + (0 if symmetric else n_groups)
+
+
+def _experts(spec: Spec, routed: int) -> dict[str, Any]:
+    quant = spec.quantization.experts if spec.quantization is not None else None
+    bf16 = 2 * routed
+    serve_dtype = spec.serve.dtype if spec.serve is not None else "bfloat16"
+    serve = (expert_bytes_quantized(routed, quant.bits, quant.group_size, quant.symmetric) if quant
+             else DTYPE_BYTES[serve_dtype] * routed)
+    return {
+        "params": routed,
+        "bytes_train": STATE_BYTES[spec.train.dtype].weights * routed,
+        "bytes_bf16": bf16,
+        "bytes_serve": serve,
+        "serve_format": f"int{quant.bits} g{quant.group_size}{'' if quant.symmetric else ' +zp'}" if quant
+        else serve_dtype,
+        "serve_vs_bf16": serve / bf16 if bf16 else None,
+    }
+
+
+def _serve(spec: Spec, cm: CostModel) -> dict[str, Any]:
+    serve, quant = spec.serve, spec.quantization.experts if spec.quantization is not None else None
+    wb = DTYPE_BYTES[serve.dtype]
+    att = spec.model.attention
+    kv_local = P.local_kv_heads(spec) * att.head_dim
+    by_role = []
+    for role in cm.roles:
+        local = P.local_params(spec, role.layers, role.first, role.last)
+        experts = (expert_bytes_quantized(local.experts, quant.bits, quant.group_size, quant.symmetric) if quant
+                   else wb * local.experts)
+        kv = serve.max_batch * serve.max_seq_len * len(role.layers) * 2 * kv_local * wb
+        weights = wb * local.dense + experts
+        by_role.append({"role": f"pp{role.pp_rank}", "weights_bytes": weights, "kv_cache_bytes": kv,
+                        "total_bytes": weights + kv})
+    worst = max(by_role, key=lambda r: r["total_bytes"])
+    return {"dtype": serve.dtype, "max_batch": serve.max_batch, "max_seq_len": serve.max_seq_len,
+            "by_role": by_role, "worst_rank_bytes": worst["total_bytes"],
+            "fits": worst["total_bytes"] <= spec.cluster.device.memory_gib * GIB}

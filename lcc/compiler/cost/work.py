@@ -1,0 +1,129 @@
+"""Work per layer: FLOPs, activation bytes and collective bytes, per micro-batch on one rank.
+
+Everything here is per layer so that the pipeline partition can balance stages by it and the report can
+sum it per pipeline rank. Conventions (docs/cost-model.md): a multiply-add is 2 FLOPs; causal attention
+counts half of the s x s scores; backward costs twice the forward; routed experts use k.expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcc.compiler.cost.memory import LayerShape, MoEShape, dense_layer_activations, moe_activations
+from lcc.compiler.cost.params import layer_params, local_kv_heads
+from lcc.compiler.cost.traffic import all_gather, all_reduce, all_to_all
+from lcc.spec.models import DTYPE_BYTES, Spec
+
+
+def act_bytes(spec: Spec) -> int:
+    return DTYPE_BYTES[spec.train.dtype]
+
+
+def router_bytes(spec: Spec) -> int:
+    return max(4, act_bytes(spec))
+
+
+def microbatch_sequences(spec: Spec) -> int:
+    par = spec.parallelism
+    return spec.train.global_batch // (par.dp * par.pipeline.microbatches)
+
+
+def microbatch_tokens(spec: Spec) -> int:
+    return microbatch_sequences(spec) * spec.train.seq_len
+
+
+def attention_core_flops(spec: Spec) -> float:
+    """Forward FLOPs per token of QK^T and AV under a causal mask (half the s x s scores)."""
+    att = spec.model.attention
+    return 2 * 2 * att.n_heads * att.head_dim * spec.train.seq_len / 2
+
+
+def router_flops(spec: Spec) -> float:
+    moe, routing = spec.model.moe, spec.routing
+    kept = routing.groups.top * moe.experts_per_group
+    return 2 * spec.model.d_model * (moe.n_groups + kept)
+
+
+def layer_forward_flops(spec: Spec, layer: int) -> float:
+    """Forward FLOPs per token of one layer (whole layer, not per rank)."""
+    p = layer_params(spec, layer)
+    flops = 2 * p.attention + attention_core_flops(spec) + 2 * p.ffn
+    if spec.model.is_moe(layer):
+        expert = p.experts // spec.model.moe.n_experts
+        flops += router_flops(spec) + 2 * p.shared + 2 * spec.routing.k.planned * expert
+    return flops
+
+
+def recompute_flops(spec: Spec, layer: int) -> float:
+    """Extra forward FLOPs per token that activation checkpointing spends on one layer."""
+    policy = spec.parallelism.activation_checkpointing
+    if policy == "full":
+        return layer_forward_flops(spec, layer)
+    if policy == "selective":
+        return attention_core_flops(spec) + (router_flops(spec) if spec.model.is_moe(layer) else 0.0)
+    return 0.0
+
+
+def head_forward_flops(spec: Spec) -> float:
+    return 2 * spec.model.vocab_size * spec.model.d_model
+
+
+def layer_shape(spec: Spec, layer: int) -> LayerShape:
+    m, par = spec.model, spec.parallelism
+    att = m.attention
+    ffn = m.moe.n_shared_experts * m.moe.expert_d_ff if m.is_moe(layer) else m.ffn.d_ff
+    return LayerShape(
+        seq=spec.train.seq_len, batch=microbatch_sequences(spec), d_model=m.d_model, n_heads=att.n_heads,
+        q_local=att.n_heads * att.head_dim / par.tp, kv_local=local_kv_heads(spec) * att.head_dim,
+        ffn_local=ffn / par.tp, scores_stored=spec.cluster.device.kind == "cpu", tp=par.tp,
+        sequence_parallel=par.sequence_parallel, act_bytes=act_bytes(spec),
+    )
+
+
+def moe_shape(spec: Spec) -> MoEShape:
+    moe, routing = spec.model.moe, spec.routing
+    return MoEShape(
+        tokens=microbatch_tokens(spec), d_model=spec.model.d_model, expert_d_ff=moe.expert_d_ff,
+        k_slots=routing.k.max, n_groups=moe.n_groups, kept_logits=routing.groups.top * moe.experts_per_group,
+        tp=spec.parallelism.tp, act_bytes=act_bytes(spec), router_bytes=router_bytes(spec),
+    )
+
+
+def layer_activations(spec: Spec, layer: int, recompute: str | None = None) -> float:
+    """Bytes one layer keeps for backward per micro-batch on one rank."""
+    policy = recompute or spec.parallelism.activation_checkpointing
+    total = dense_layer_activations(layer_shape(spec, layer), policy)
+    if spec.model.is_moe(layer):
+        total += moe_activations(moe_shape(spec), policy)
+    return total
+
+
+@dataclass(frozen=True)
+class LayerComm:
+    """Bytes one rank sends for one layer and one micro-batch, forward + backward (+ recomputation)."""
+
+    tp: float
+    ep: float
+
+
+def layer_comm(spec: Spec, layer: int) -> LayerComm:
+    par = spec.parallelism
+    tp, ab = par.tp, act_bytes(spec)
+    policy = par.activation_checkpointing
+    forwards = 2 if policy == "full" else 1  # recomputation repeats the forward's collectives
+    tokens = microbatch_tokens(spec)
+    activation = tokens * spec.model.d_model * ab
+    # each all-reduce (or reduce-scatter + all-gather with sequence parallelism) runs once forward and
+    # once backward; attention always has one; a dense FFN or shared experts another
+    reductions = 1
+    if not spec.model.is_moe(layer) or spec.model.moe.n_shared_experts:
+        reductions += 1
+    tp_bytes = (forwards + 1) * reductions * all_reduce(activation, tp)
+    ep_bytes = 0.0
+    if spec.model.is_moe(layer):
+        if not par.sequence_parallel:  # gather the tp ranks' token slices after combine (and in backward)
+            tp_bytes += (forwards + 1) * all_gather(activation, tp)
+        slots = tokens / tp * spec.routing.k.planned * spec.model.d_model * ab
+        a2a = 4 + (2 if policy == "full" else 1 if policy == "selective" else 0)  # dispatch+combine, f+b
+        ep_bytes = a2a * all_to_all(slots, par.ep)
+    return LayerComm(tp_bytes, ep_bytes)

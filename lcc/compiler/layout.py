@@ -1,0 +1,158 @@
+"""The parallel layout as pure functions: rank order, process groups, expert placement, stage partition.
+
+These are shared by the cost model and the compiler, and never import torch. The rank order is fixed
+(DESIGN.md): `rank = (pp_i * dp + dp_i) * tp + tp_i`, tp fastest so that a TP group sits in a node;
+experts fold over `f = dp_i * tp + tp_i` as `ep_i = f mod ep`, `edp_i = f div ep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lcc.spec.models import Parallelism
+
+AXES = ("pp", "dp", "tp", "ep", "edp")
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    rank: int
+    pp: int
+    dp: int
+    tp: int
+    ep: int
+    edp: int
+    node: int
+
+
+def coords(par: Parallelism, gpus_per_node: int, rank: int) -> RankCoords:
+    if not 0 <= rank < par.world_size:
+        raise ValueError(f"rank {rank} outside world of {par.world_size}")
+    tp_i = rank % par.tp
+    dp_i = rank // par.tp % par.dp
+    pp_i = rank // (par.tp * par.dp)
+    f = dp_i * par.tp + tp_i
+    return RankCoords(rank, pp_i, dp_i, tp_i, f % par.ep, f // par.ep, rank // gpus_per_node)
+
+
+def rank_of(par: Parallelism, pp: int, dp: int, tp: int) -> int:
+    return (pp * par.dp + dp) * par.tp + tp
+
+
+def groups(par: Parallelism, axis: str) -> list[tuple[int, ...]]:
+    """Every process group along `axis`, each as its ranks in group order; groups in order of first rank."""
+    return list(_groups(par.pp, par.dp, par.tp, par.ep, axis))
+
+
+@lru_cache(maxsize=64)
+def _groups(pp: int, dp: int, tp: int, ep: int, axis: str) -> tuple[tuple[int, ...], ...]:
+    folded = dp * tp
+    out: list[tuple[int, ...]] = []
+    for p in range(pp):
+        base = p * folded
+        if axis == "tp":
+            out += [tuple(base + d * tp + t for t in range(tp)) for d in range(dp)]
+        elif axis == "dp":
+            out += [tuple(base + d * tp + t for d in range(dp)) for t in range(tp)]
+        elif axis == "ep":  # consecutive folded indices
+            out += [tuple(base + e * ep + i for i in range(ep)) for e in range(folded // ep)]
+        elif axis == "edp":  # same ep_i, stride ep
+            out += [tuple(base + i + ep * e for e in range(folded // ep)) for i in range(ep)]
+        elif axis == "pp":
+            if p == 0:
+                out += [tuple(q * folded + f for q in range(pp)) for f in range(folded)]
+        else:
+            raise ValueError(f"unknown mesh axis {axis!r}; expected one of {AXES}")
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------- experts
+
+
+def experts_per_rank(n_experts: int, ep: int) -> int:
+    return n_experts // ep
+
+
+def expert_home(n_experts: int, ep: int, expert: int) -> tuple[int, int]:
+    """Expert id -> (EP rank, local slot). Experts are contiguous per group, so groups land on EP ranks
+    in order (group g on EP rank g div (n_groups / ep)), or spread over ep / n_groups ranks each."""
+    per = n_experts // ep
+    return expert // per, expert % per
+
+
+def group_ep_ranks(n_experts: int, n_groups: int, ep: int, group: int) -> range:
+    """The EP ranks that hold the experts of `group`."""
+    per_group, per_rank = n_experts // n_groups, n_experts // ep
+    first = group * per_group
+    return range(first // per_rank, (first + per_group - 1) // per_rank + 1)
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+
+
+def stage_ranks(pp: int, virtual_stages: int, pp_rank: int) -> list[int]:
+    """Global (virtual) stages run by a pipeline rank: stage s runs on pp rank s mod pp."""
+    return [pp_rank + j * pp for j in range(virtual_stages)]
+
+
+def partition(costs: list[float], n_stages: int) -> list[tuple[int, int]]:
+    """Split items (layers) into n_stages contiguous, non-empty [start, end) ranges minimising the most
+    expensive stage; among optimal splits the one whose stage costs are most even (least sum of squares),
+    then the lexicographically first. Deterministic; O(n_stages * n^2)."""
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot split {n} layers into {n_stages} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = (float("inf"), float("inf"))
+    # best[s][i]: (max cost, sum of squares) splitting the first i items into s stages
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, n_stages + 1):
+        for i in range(s, n - (n_stages - s) + 1):
+            for j in range(s - 1, i):
+                prev = best[s - 1][j]
+                if prev == inf:
+                    continue
+                c = prefix[i] - prefix[j]
+                cand = (max(prev[0], c), prev[1] + c * c)
+                if _better(cand, best[s][i]):
+                    best[s][i], cut[s][i] = cand, j
+    bounds, i = [], n
+    for s in range(n_stages, 0, -1):
+        j = cut[s][i]
+        bounds.append((j, i))
+        i = j
+    return bounds[::-1]
+
+
+def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    if b[0] == float("inf"):
+        return True
+    tol = 1e-9 * max(abs(a[0]), abs(b[0]), 1.0)
+    if a[0] < b[0] - tol:
+        return True
+    if a[0] > b[0] + tol:
+        return False
+    return a[1] < b[1] - 1e-9 * max(abs(a[1]), abs(b[1]), 1.0)
+
+
+def inflight_chunks(schedule: str, pp: int, virtual_stages: int, microbatches: int, pp_rank: int) -> int:
+    """Most (micro-batch, stage) forward activations a pipeline rank holds at once.
+
+    gpipe keeps every micro-batch; 1f1b keeps pp - rank (its warm-up plus one); interleaved 1f1b warms up
+    with 2 (pp - rank - 1) + (v - 1) pp chunks, plus one.
+    """
+    if schedule == "gpipe":
+        return microbatches * virtual_stages
+    if schedule == "1f1b":
+        return min(microbatches, pp - pp_rank)
+    return min(microbatches * virtual_stages, 2 * (pp - pp_rank - 1) + (virtual_stages - 1) * pp + 1)
+
+
+def bubble_fraction(pp: int, virtual_stages: int, microbatches: int) -> float:
+    """Idle share of a pipeline step: (p - 1) / (v m + p - 1) (Narayanan et al. 2021)."""
+    return (pp - 1) / (virtual_stages * microbatches + pp - 1)

@@ -1,0 +1,91 @@
+"""Human rendering of a cost report (rich tables). The JSON from `cost_report` is the source of truth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.4g} {unit}".rstrip()
+
+
+def gib(n: float) -> str:
+    """Binary sizes, in the largest unit that keeps the number at least 1."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if abs(n) >= 2**shift:
+            return f"{n / 2**shift:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    return table
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    lay, params, mem = report["layout"], report["params"], report["memory"]
+    console.print(f"[bold]{report['spec']}[/bold]: world {report['world_size']} = pp {lay['pp']} x dp {lay['dp']}"
+                  f" x tp {lay['tp']}; ep {lay['ep']} (edp {lay['edp']}); ZeRO-{lay['zero']}, checkpointing "
+                  f"{lay['activation_checkpointing']}; {lay['schedule']} x {lay['microbatches']} micro-batches")
+
+    t = _table("Parameters", "", "count")
+    for key in ("total", "embedding", "head", "attention", "dense_ffn", "router", "shared_experts", "routed_experts"):
+        t.add_row(key.replace("_", " "), human(params[key]))
+    for key, value in params["active_per_token"].items():
+        t.add_row(f"active per token (k {key})", human(value))
+    console.print(t)
+
+    t = _table("Memory per rank (training)", "role", "layers", "in flight", "weights", "grads", "optimizer",
+               "activations", "total")
+    for r in mem["by_role"]:
+        worst = r["role"] == mem["worst_rank"]["role"]
+        t.add_row(r["role"] + (" (worst)" if worst else ""), f"{r['layers'][0]}-{r['layers'][1] - 1}",
+                  str(r["inflight_microbatches"]), gib(r["weights_bytes"]), gib(r["grads_bytes"]),
+                  gib(r["optimizer_bytes"]), gib(r["activations_bytes"]), gib(r["total_bytes"]))
+    console.print(t)
+    fits = "[green]fits[/green]" if mem["fits"] else "[red]does NOT fit[/red]"
+    console.print(f"worst rank {mem['worst_rank']['rank']} ({mem['worst_rank']['role']}): "
+                  f"{gib(mem['worst_rank']['total_bytes'])} of {gib(mem['device_bytes'])}: {fits}")
+
+    cmp = mem["comparison"]
+    ex = report["experts"]
+    t = _table("Claims, side by side", "", "value")
+    t.add_row("expert bytes, training precision", gib(ex["bytes_train"]))
+    t.add_row("expert bytes, bf16", gib(ex["bytes_bf16"]))
+    t.add_row(f"expert bytes, serving ({ex['serve_format']})", gib(ex["bytes_serve"]))
+    if ex["serve_vs_bf16"] is not None:
+        t.add_row("serving / bf16", f"{ex['serve_vs_bf16']:.1%}")
+    t.add_row("peak, plain DP without checkpointing", gib(cmp["plain_dp_no_checkpointing_bytes"]))
+    t.add_row("peak, ZeRO-3 + full checkpointing", gib(cmp["zero3_full_checkpointing_bytes"]))
+    t.add_row("reduction", f"{cmp['zero3_full_checkpointing_reduction']:.1%}")
+    console.print(t)
+
+    comm, time = report["comm"]["bytes_per_step"], report["time"]
+    t = _table("Per optimizer step", "", "value")
+    t.add_row("FLOPs (model)", human(report["flops"]["per_step"], "FLOP"))
+    t.add_row("FLOPs (with recomputation)", human(report["flops"]["per_step_with_recompute"], "FLOP"))
+    for kind, value in comm["by_kind"].items():
+        t.add_row(f"comm {kind.replace('_', ' ')}", human(value, "B"))
+    t.add_row("comm intra-node / inter-node", f"{human(comm['by_link']['intra_node'], 'B')} / "
+              f"{human(comm['by_link']['inter_node'], 'B')}")
+    t.add_row("all-to-all bytes crossing nodes", f"{report['comm']['expert_alltoall_inter_node_share']:.1%}")
+    t.add_row("pipeline bubble", f"{report['pipeline']['bubble_fraction']:.1%}")
+    t.add_row("stage imbalance (slowest / mean)", f"{lay['stage_imbalance']:.3f}")
+    t.add_row("step time (estimate)", f"{time['step_seconds_estimate']:.3f} s")
+    t.add_row("tokens / s", human(time["tokens_per_second"]))
+    t.add_row("model FLOPs utilisation", f"{time['utilization']:.1%}")
+    console.print(t)
+
+    serve = report["serve"]
+    if serve is not None:
+        fits = "fits" if serve["fits"] else "does NOT fit"
+        console.print(f"serving ({serve['dtype']}, batch {serve['max_batch']} x {serve['max_seq_len']} tokens): "
+                      f"worst rank {gib(serve['worst_rank_bytes'])} (weights + KV cache): {fits}")

@@ -1,0 +1,249 @@
+"""The spec's pydantic models. Field names are the public interface (docs/spec.md, SPEC.md).
+
+Every model forbids unknown fields; derived values are properties, never fields, so a spec cannot
+contradict itself. Cross-field rules live in `checks.py`, where they can name every field they involve.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+Pos = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+DType = Literal["float32", "bfloat16", "float64"]
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Attention(_Section):
+    n_heads: Pos = Field(description="Query heads.")
+    n_kv_heads: Pos = Field(description="Key/value heads (grouped-query attention); equal to n_heads for MHA.")
+    head_dim: Pos = Field(description="Dimension of one head; even, for rotary embeddings.")
+    rope_theta: PosFloat = Field(10000.0, description="Rotary embedding base.")
+
+
+class FFN(_Section):
+    d_ff: Pos = Field(description="Hidden width of the dense SwiGLU FFN used by layers that are not MoE.")
+
+
+class MoE(_Section):
+    layers: Literal["all"] | list[NonNeg] = Field(
+        "all", description='"all", or the indices of the layers that are MoE; the others use the dense FFN.'
+    )
+    n_experts: Pos = Field(description="Routed experts per MoE layer.")
+    n_groups: Pos = Field(1, description="Experts are split evenly into this many groups (stage-1 routing).")
+    expert_d_ff: Pos = Field(description="Hidden width of one expert's SwiGLU FFN.")
+    n_shared_experts: NonNeg = Field(0, description="Always-on experts of width expert_d_ff added to the routed ones.")
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_experts // self.n_groups
+
+
+class Model(_Section):
+    vocab_size: Pos = Field(description="Tokens in the vocabulary.")
+    d_model: Pos = Field(description="Residual stream width.")
+    n_layers: Pos = Field(description="Transformer layers.")
+    max_seq_len: Pos = Field(description="Longest sequence the model supports (tokens).")
+    norm_eps: PosFloat = Field(1.0e-5, description="RMSNorm epsilon.")
+    tie_embeddings: bool = Field(False, description="Share the token embedding with the LM head.")
+    attention: Attention
+    ffn: FFN | None = Field(None, description="Dense FFN of the layers that are not MoE; needed if there are any.")
+    moe: MoE | None = Field(None, description="Omit for a dense model.")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the MoE layers, sorted."""
+        if self.moe is None:
+            return ()
+        if self.moe.layers == "all":
+            return tuple(range(self.n_layers))
+        return tuple(sorted(self.moe.layers))
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+
+class Groups(_Section):
+    similarity: Literal["cosine"] = Field("cosine", description="Stage 1: token vs learned group centroids.")
+    top: Pos = Field(1, description="Groups kept per token.")
+    temperature: PosFloat = Field(1.0, description="tau in cos(x, c) / tau.")
+
+
+class ExpertSelection(_Section):
+    selection: Literal["least_loaded", "top_score"] = Field(
+        "least_loaded", description="Stage 2: rank by pi + load bias (least_loaded) or by pi (top_score)."
+    )
+
+
+class K(_Section):
+    min: Pos = Field(1, description="Fewest experts per token.")
+    max: Pos = Field(1, description="Most experts per token (static slots).")
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="Smallest k whose top-k probability mass reaches this, clamped to [min, max]."
+    )
+    expected: PosFloat | None = Field(
+        None, description="Planning estimate of the mean k for the cost model; default (min + max) / 2."
+    )
+
+    @property
+    def planned(self) -> float:
+        return self.expected if self.expected is not None else (self.min + self.max) / 2
+
+
+class Balance(_Section):
+    bias_rate: NonNegFloat = Field(1.0e-3, description="Load-bias step per optimizer step (least_loaded only).")
+    aux_loss_coef: NonNegFloat = Field(0.0, description="Switch-style load-balancing loss coefficient.")
+    z_loss_coef: NonNegFloat = Field(0.0, description="Router z-loss coefficient.")
+
+
+class Routing(_Section):
+    score: Literal["softmax", "sigmoid"] = Field("softmax", description="Expert scores within each kept group.")
+    groups: Groups = Groups()
+    experts: ExpertSelection = ExpertSelection()
+    k: K = K()
+    gate_scale: PosFloat = Field(1.0, description="Gates are gate_scale * pi.")
+    renormalize: bool = Field(False, description="Divide gates by their sum over the chosen experts.")
+    balance: Balance = Balance()
+    capacity_factor: PosFloat | None = Field(
+        None, description="Tokens an expert accepts per unit, as a multiple of its fair share; null = dropless."
+    )
+
+
+class ExpertQuant(_Section):
+    bits: Literal[4] = Field(4, description="Bits per expert weight (int4, two per byte).")
+    group_size: Pos = Field(128, description="Input elements sharing one scale (and zero-point).")
+    symmetric: bool = Field(True, description="Symmetric (scale only) or asymmetric (scale + zero-point).")
+
+
+class Quantization(_Section):
+    experts: ExpertQuant | None = Field(None, description="Expert weight quantization for serving; null = none.")
+
+
+class Pipeline(_Section):
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule.")
+    microbatches: Pos = Field(1, description="Micro-batches per data-parallel rank per optimizer step.")
+    virtual_stages: Pos = Field(1, description="Stages per pipeline rank (interleaved_1f1b).")
+
+
+class Parallelism(_Section):
+    tp: Pos = Field(1, description="Tensor-parallel degree (inside a node).")
+    pp: Pos = Field(1, description="Pipeline-parallel degree.")
+    dp: Pos = Field(1, description="Data-parallel degree; world_size = pp * dp * tp.")
+    ep: Pos = Field(1, description="Expert-parallel degree; divides dp * tp; experts replicated over dp*tp/ep ranks.")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage over dp (dense) and edp (experts).")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field("none", description="Recompute policy.")
+    sequence_parallel: bool = Field(False, description="Split norms and residuals over tp along the sequence.")
+    pipeline: Pipeline = Pipeline()
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.tp // self.ep
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.pipeline.virtual_stages
+
+
+class Device(_Section):
+    kind: Literal["cpu", "cuda"] = Field("cpu", description="Selects the kernel backend (never the compiling host).")
+    name: str = Field("cpu", description="Device model, for reports.")
+    memory_gib: PosFloat = Field(description="Memory per device (GiB).")
+    peak_tflops: PosFloat = Field(description="Peak dense matmul rate at the training dtype (TFLOP/s).")
+    memory_tbps: PosFloat = Field(description="Memory bandwidth (TB/s).")
+
+
+class Network(_Section):
+    intra_node_gbps: PosFloat = Field(description="Bandwidth per device to devices in its node (Gbit/s).")
+    inter_node_gbps: PosFloat = Field(description="Bandwidth per device to other nodes (Gbit/s).")
+
+
+class Cluster(_Section):
+    nodes: Pos = Field(1, description="Machines.")
+    gpus_per_node: Pos = Field(description="Devices (ranks) per machine.")
+    device: Device
+    network: Network
+
+    @property
+    def n_devices(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class Optimizer(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: PosFloat = Field(3.0e-4, description="Peak learning rate.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: PosFloat = 1.0e-8
+    weight_decay: NonNegFloat = 0.0
+    warmup_steps: NonNeg = Field(0, description="Linear warmup steps, then cosine decay to min_lr_ratio * lr.")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    grad_clip: NonNegFloat = Field(1.0, description="Clip the global gradient norm to this; 0 = off.")
+
+
+class Init(_Section):
+    std: PosFloat = Field(0.02, description="Normal std for embeddings, router and other weights.")
+    experts: Literal["he_normal", "normal"] = Field("he_normal", description="Expert input projections.")
+    attention: Literal["orthogonal", "normal"] = Field("orthogonal", description="Attention projections.")
+
+
+class GradientShaping(_Section):
+    experts: Literal["none", "token_count"] = Field("none", description="Scale expert grads by T / n_e per step.")
+
+
+class Data(_Section):
+    kind: Literal["builtin", "text", "synthetic"] = Field("builtin", description="Corpus.")
+    path: str | None = Field(None, description="Text file for kind: text, relative to the spec file.")
+
+
+class Train(_Section):
+    seq_len: Pos = Field(description="Tokens per training sequence.")
+    global_batch: Pos = Field(description="Sequences per optimizer step.")
+    steps: Pos = Field(100, description="Optimizer steps.")
+    dtype: DType = Field("float32", description="Training precision; float64 is for verification.")
+    optimizer: Optimizer = Optimizer()
+    init: Init = Init()
+    gradient_shaping: GradientShaping = GradientShaping()
+    data: Data = Data()
+    collective_timeout_s: PosFloat = Field(120.0, description="A rank waiting longer on a collective ends the run.")
+    checkpoint_every: NonNeg = Field(0, description="Steps between checkpoints; 0 = only at the end.")
+
+
+class Serve(_Section):
+    max_batch: Pos = Field(16, description="Sequences batched together.")
+    max_seq_len: Pos = Field(description="Longest sequence (prompt + generated) served.")
+    routing_tables: bool = Field(True, description="Precompute static routing tables in serve plans.")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Precision of the non-expert weights.")
+
+
+class Spec(_Section):
+    """A whole lcc spec: one MoE (or dense) model, its parallel layout and the cluster it runs on."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9._-]+$", max_length=100)] = Field(
+        description="[a-z0-9._-]+; also the default output folder generated/<name>/."
+    )
+    seed: NonNeg = Field(0, description="Seeds initialisation and data order.")
+    model: Model
+    routing: Routing | None = None
+    quantization: Quantization | None = None
+    parallelism: Parallelism = Parallelism()
+    cluster: Cluster
+    train: Train
+    serve: Serve | None = None
+
+    _source: object = PrivateAttr(default=None)
+
+    @property
+    def has_moe(self) -> bool:
+        return self.model.moe is not None

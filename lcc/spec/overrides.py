@@ -1,0 +1,69 @@
+"""`--set a.b.c=value`: change any field of a spec before it is validated, typed by the schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from lcc.spec.errors import Location, Path, Problem, SpecError
+from lcc.spec.fields import annotation_at, is_text, model_at, suggest
+from lcc.spec.yaml_source import SourceMap
+
+
+def parse_override(text: str) -> tuple[Path, Any]:
+    """`'parallelism.pipeline.microbatches=8'` -> (path, 8). Raises SpecError for bad syntax or fields."""
+    where = Location(f"--set {text}")
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SpecError([Problem(where, (), "expected --set a.b.c=value", "e.g. --set parallelism.dp=8")])
+    path: Path = tuple(part.strip() for part in key.split("."))
+    if any(not part for part in path):
+        raise SpecError([Problem(where, (), f"empty field name in {key!r}")])
+    try:
+        annotation = annotation_at(path)
+    except KeyError as exc:
+        i = exc.args[0]
+        unknown = path[: i + 1]
+        raise SpecError([Problem(where, unknown, f"unknown field {path[i]!r}",
+                                 suggest(str(path[i]), model_at(path[:i])))]) from None
+    if is_text(annotation):
+        return path, raw
+    try:
+        return path, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise SpecError([Problem(where, path, f"cannot read value {raw!r}")]) from None
+
+
+def apply_overrides(source: SourceMap, overrides: list[str] | tuple[str, ...]) -> SourceMap:
+    """Return a new SourceMap with each override set; the overridden paths point at the command line."""
+    if not overrides:
+        return source
+    if not isinstance(source.data, dict):
+        return source  # the validator reports the malformed document itself
+    data = _deep_copy(source.data)
+    marks = dict(source.marks)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+        where = Location(f"--set {text}")
+        for existing in [p for p in marks if p[: len(path)] == path]:
+            del marks[existing]
+        marks[path] = where
+    return SourceMap(source.name, data, marks)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lcc.compiler.cost import cost_report
+from lcc.compiler.cost.report import expert_bytes_quantized
+from lcc.spec import load_spec
+from tests.conftest import SHIPPED, SPECS
+
+REQUIRED = [
+    ("params", "total"), ("params", "active_per_token", "min"), ("params", "active_per_token", "max"),
+    ("params", "active_per_token", "expected"), ("memory", "worst_rank", "role"),
+    ("memory", "worst_rank", "weights_bytes"), ("memory", "worst_rank", "grads_bytes"),
+    ("memory", "worst_rank", "optimizer_bytes"), ("memory", "worst_rank", "activations_bytes"),
+    ("memory", "worst_rank", "total_bytes"), ("memory", "by_role"), ("experts", "bytes_train"),
+    ("experts", "bytes_serve"), ("flops", "per_step"), ("comm", "bytes_per_step", "by_kind"),
+    ("comm", "bytes_per_step", "by_link", "intra_node"), ("comm", "bytes_per_step", "by_link", "inter_node"),
+    ("pipeline", "bubble_fraction"), ("time", "step_seconds_estimate"),
+]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_report_schema_and_determinism(path):
+    spec = load_spec(path)
+    report = cost_report(spec)
+    for keys in REQUIRED:
+        node = report
+        for k in keys:
+            node = node[k]
+    assert report["schema"] == "lcc.report/1"
+    assert json.dumps(report, sort_keys=True) == json.dumps(cost_report(load_spec(path)), sort_keys=True)
+    w = report["memory"]["worst_rank"]
+    parts = w["weights_bytes"] + w["grads_bytes"] + w["optimizer_bytes"] + w["activations_bytes"]
+    assert abs(parts - w["total_bytes"]) <= 4
+    assert w["total_bytes"] == max(r["total_bytes"] for r in report["memory"]["by_role"])
+    comm = report["comm"]["bytes_per_step"]
+    assert sum(comm["by_kind"].values()) == pytest.approx(comm["total"])
+    assert comm["by_link"]["intra_node"] + comm["by_link"]["inter_node"] == pytest.approx(comm["total"])
+
+
+def test_longcat_claims():
+    r = cost_report(load_spec(SPECS / "longcat-2.0.yaml"))
+    assert r["params"]["total"] == pytest.approx(1.6e12, rel=0.03)
+    assert r["memory"]["fits"]
+    assert r["experts"]["bytes_serve"] <= 0.26 * r["experts"]["bytes_bf16"]
+    assert r["memory"]["comparison"]["zero3_full_checkpointing_reduction"] > 0.6
+    assert r["world_size"] == 2048 and r["layout"]["ep"] == 128
+    # an EP group of 128 consecutive ranks spans 16 nodes of 8: 7 of 127 peers share a node
+    assert r["comm"]["expert_alltoall_inter_node_share"] == pytest.approx(120 / 127)
+
+
+def test_int4_bytes():
+    assert expert_bytes_quantized(128 * 10, 4, 128, True) == 640 + 2 * 10
+    assert expert_bytes_quantized(128 * 10, 4, 128, False) == 640 + 3 * 10
+
+
+def test_zero_and_checkpointing_lower_the_peak():
+    def peak(*overrides):
+        return cost_report(load_spec(SPECS / "small-moe.yaml", list(overrides)))["memory"]["worst_rank"]
+
+    base = peak()
+    z1, z3 = peak("parallelism.zero=1"), peak("parallelism.zero=3")
+    full = peak("parallelism.zero=3", "parallelism.activation_checkpointing=full")
+    sel = peak("parallelism.activation_checkpointing=selective")
+    assert base["optimizer_bytes"] > z1["optimizer_bytes"] and z1["grads_bytes"] == base["grads_bytes"]
+    assert z3["weights_bytes"] - z3["weights_gathered_bytes"] < base["weights_bytes"]
+    assert full["activations_bytes"] < sel["activations_bytes"] < base["activations_bytes"]
+    assert base["total_bytes"] > z1["total_bytes"] > z3["total_bytes"] > full["total_bytes"]
+
+
+def test_more_micro_batches_shrink_the_bubble():
+    a = cost_report(load_spec(SPECS / "tiny-moe.yaml"))
+    b = cost_report(load_spec(SPECS / "tiny-moe.yaml", ["parallelism.pipeline.microbatches=8",
+                                                          "train.global_batch=64"]))
+    assert b["pipeline"]["bubble_fraction"] < a["pipeline"]["bubble_fraction"]
+
+
+def test_does_not_fit_is_reported():
+    r = cost_report(load_spec(SPECS / "longcat-2.0.yaml", ["cluster.device.memory_gib=8"]))
+    assert not r["memory"]["fits"]
