@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/lcc report specs/longcat-2.0.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check lcc tests benchmarks
+	$(BIN)/ruff check lcc backends tests benchmarks
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

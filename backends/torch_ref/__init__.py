@@ -1,0 +1,1 @@
+"""Reference implementations in plain torch: the ground truth that fused kernels are tested against."""

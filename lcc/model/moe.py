@@ -1,0 +1,116 @@
+"""The MoE block as explicit parts: router -> dispatch -> experts -> combine (+ shared experts).
+
+Dispatch permutes the used (token, slot) pairs into contiguous per-expert segments; the experts run a
+SwiGLU per segment on stacked weights (`w1_EFD`, `w3_EFD`, `w2_EDF`); combine scatters the weighted
+outputs back. `ExpertFFN` is the seam where the compiler swaps in fused kernels or int4 weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcc.model.routing import Router, RouteResult
+from lcc.spec.models import MoE, Routing
+
+
+@dataclass
+class Dispatch:
+    """Where each routed slot went: segment order sorted by expert (stable: token order inside)."""
+
+    token_S: torch.Tensor  # source token of each slot, in segment order
+    gate_S: torch.Tensor  # gate of each slot, in segment order
+    counts_E: list[int]  # slots per expert
+
+
+def dispatch(route: RouteResult, n_experts: int) -> Dispatch:
+    T, K = route.experts_TK.shape
+    flat_mask = route.mask_TK.reshape(-1)
+    expert_S = route.experts_TK.reshape(-1)[flat_mask]
+    token_S = torch.arange(T, device=expert_S.device).repeat_interleave(K)[flat_mask]
+    gate_S = route.gates_TK.reshape(-1)[flat_mask]
+    order = torch.argsort(expert_S, stable=True)
+    counts = torch.bincount(expert_S, minlength=n_experts).tolist()
+    return Dispatch(token_S[order], gate_S[order], counts)
+
+
+def combine(y_SD: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
+    weighted = y_SD * plan.gate_S.unsqueeze(-1).to(y_SD.dtype)
+    out = torch.zeros(n_tokens, y_SD.shape[-1], dtype=y_SD.dtype, device=y_SD.device)
+    return out.index_add(0, plan.token_S, weighted)
+
+
+def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                    w2_EDF: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each expert over its contiguous segment; experts with no tokens cost nothing."""
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xs = x_SD[start:start + n]
+        h = F.silu(xs @ w1_EFD[e].T) * (xs @ w3_EFD[e].T)
+        outs.append(h @ w2_EDF[e].T)
+        start += n
+    if not outs:
+        return x_SD.new_zeros(0, w2_EDF.shape[1])
+    return torch.cat(outs)
+
+
+class ExpertFFN(nn.Module):
+    """E stacked SwiGLU experts: w1, w3: D -> F; w2: F -> D."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1_EFD = nn.Parameter(torch.empty(n_experts, d_ff, d_model, device=device, dtype=dtype))
+        self.w3_EFD = nn.Parameter(torch.empty(n_experts, d_ff, d_model, device=device, dtype=dtype))
+        self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, d_ff, device=device, dtype=dtype))
+
+    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return swiglu_segments(x_SD, counts, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False, device=device, dtype=dtype)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False, device=device, dtype=dtype)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class MoEStats:
+    load_E: torch.Tensor
+    k_T: torch.Tensor
+    dropped: int
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, d_model: int, moe: MoE, routing: Routing, device=None, dtype=None):
+        super().__init__()
+        self.n_experts = moe.n_experts
+        self.router = Router(d_model, moe, routing, device=device, dtype=dtype)
+        self.experts = ExpertFFN(moe.n_experts, d_model, moe.expert_d_ff, device=device, dtype=dtype)
+        self.shared = (SwiGLU(d_model, moe.n_shared_experts * moe.expert_d_ff, device=device, dtype=dtype)
+                       if moe.n_shared_experts else None)
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        route = self.router(x_TD)
+        plan = dispatch(route, self.n_experts)
+        y_SD = self.experts(x_TD[plan.token_S], plan.counts_E)
+        out_TD = combine(y_SD, plan, x_TD.shape[0])
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        self.last_stats = MoEStats(route.load_E, route.k_T, route.dropped, route.aux_loss, route.z_loss)
+        return out_TD.view(shape)

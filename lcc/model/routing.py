@@ -1,0 +1,155 @@
+"""Hierarchical routing (DESIGN.md "Routing semantics"), step by step and visible in `forward`.
+
+Shapes: T tokens, D model dim, G groups, Gk kept groups per token, P experts per group, C = Gk * P
+candidates per token, K = k.max static slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcc.spec.models import MoE, Routing
+
+
+@dataclass
+class RouteResult:
+    experts_TK: torch.Tensor  # chosen expert ids, ranked; masked slots hold the id of the best expert
+    gates_TK: torch.Tensor  # gate of each slot (0 where masked or dropped)
+    mask_TK: torch.Tensor  # bool: slot is used (k(x) slots, minus capacity drops)
+    k_T: torch.Tensor  # experts chosen per token before capacity drops
+    load_E: torch.Tensor  # routed slots per expert (after drops), float64 counts
+    dropped: int  # slots dropped by capacity
+    aux_loss: torch.Tensor  # Switch load-balancing loss (unscaled)
+    z_loss: torch.Tensor  # router z-loss (unscaled)
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; equal scores rank the lower index first."""
+    values, index = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], index[..., :k]
+
+
+class Router(nn.Module):
+    """Stage 1: cosine group affinity; stage 2: group-major expert scoring and least-loaded ranking."""
+
+    def __init__(self, d_model: int, moe: MoE, routing: Routing, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.n_groups, self.per_group = moe.n_groups, moe.experts_per_group
+        self.n_experts = moe.n_experts
+        self.cfg = routing
+        self.centroids_GD = nn.Parameter(torch.empty(moe.n_groups, d_model, device=device, dtype=dtype))
+        self.weight_ED = nn.Parameter(torch.empty(moe.n_experts, d_model, device=device, dtype=dtype))
+        self.register_buffer("bias_E", torch.zeros(moe.n_experts, device=device, dtype=torch.float64))
+
+    def group_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-2: kept groups (ascending id) and their weights q (softmax over the kept affinities)."""
+        cfg = self.cfg.groups
+        affinity_TG = F.normalize(x_TD, dim=-1) @ F.normalize(self.centroids_GD, dim=-1).T / cfg.temperature
+        _, kept_TGk = stable_topk(affinity_TG.detach(), cfg.top)
+        kept_TGk, _ = torch.sort(kept_TGk, dim=-1)  # ascending group id -> candidates in ascending expert id
+        q_TGk = torch.softmax(affinity_TG.gather(1, kept_TGk), dim=-1)
+        return kept_TGk, q_TGk
+
+    def expert_logits(self, x_TD: torch.Tensor, kept_TGk: torch.Tensor) -> torch.Tensor:
+        """Step 3: logits of the kept groups' experts only, group-major: one matmul per group over the
+        tokens that kept it. Returns z for each (token, kept group, expert in group): T x Gk x P."""
+        T, Gk = kept_TGk.shape
+        P = self.per_group
+        flat = kept_TGk.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_groups).tolist()
+        tokens = (order // Gk)
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        z = torch.empty(T * Gk, P, dtype=dtype, device=x_TD.device)
+        w_GPD = self.weight_ED.view(self.n_groups, P, -1)
+        start = 0
+        for g, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = order[start:start + n]
+            z[rows] = x_TD[tokens[start:start + n]].to(dtype) @ w_GPD[g].to(dtype).T
+            start += n
+        return z.view(T, Gk, P)
+
+    def forward(self, x_TD: torch.Tensor) -> RouteResult:
+        cfg = self.cfg
+        T = x_TD.shape[0]
+        P, K = self.per_group, cfg.k.max
+        kept_TGk, q_TGk = self.group_scores(x_TD)
+        z_TGkP = self.expert_logits(x_TD, kept_TGk)
+        if cfg.score == "softmax":
+            p_TGkP = torch.softmax(z_TGkP, dim=-1)
+        else:
+            s = torch.sigmoid(z_TGkP)
+            p_TGkP = s / s.sum(dim=-1, keepdim=True)
+        # step 4: joint probability over the C candidates (ascending expert id)
+        pi_TC = (q_TGk.to(p_TGkP.dtype).unsqueeze(-1) * p_TGkP).reshape(T, -1)
+        cand_TC = (kept_TGk.unsqueeze(-1) * P + torch.arange(P, device=x_TD.device)).reshape(T, -1)
+        # step 5: rank by pi + load bias (least_loaded) or pi
+        rank_score = pi_TC.detach().to(torch.float64)
+        if cfg.experts.selection == "least_loaded":
+            rank_score = rank_score + self.bias_E[cand_TC]
+        _, slot_TK = stable_topk(rank_score, K)
+        experts_TK = cand_TC.gather(1, slot_TK)
+        pi_TK = pi_TC.gather(1, slot_TK)
+        # step 6: k(x) = smallest k whose top-k mass reaches the threshold, clamped to [min, max]
+        mass_TK = torch.cumsum(pi_TK.detach(), dim=-1)
+        reached = mass_TK >= cfg.k.threshold
+        first = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, torch.full_like(reached[:, 0], K,
+                                                                                            dtype=torch.long))
+        k_T = first.clamp(cfg.k.min, K)
+        mask_TK = torch.arange(K, device=x_TD.device).unsqueeze(0) < k_T.unsqueeze(1)
+        # step 7: gates
+        gates_TK = cfg.gate_scale * pi_TK * mask_TK
+        if cfg.renormalize:
+            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        # step 10: capacity per unit (this call), before dispatch
+        dropped = 0
+        if cfg.capacity_factor is not None:
+            mask_TK, dropped = self.apply_capacity(experts_TK, mask_TK)
+            gates_TK = gates_TK * mask_TK
+        load_E = torch.bincount(experts_TK[mask_TK], minlength=self.n_experts).to(torch.float64)
+        # step 9: losses per unit
+        aux = self.balance_loss(pi_TC, cand_TC, experts_TK, mask_TK)
+        z_loss = torch.logsumexp(z_TGkP.reshape(T, -1), dim=-1).pow(2).mean()
+        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, dropped, aux, z_loss)
+
+    def apply_capacity(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Keep at most ceil(capacity_factor * used slots / E) slots per expert; priority by slot rank,
+        then token order (every token's first choice before anyone's second)."""
+        used = int(mask_TK.sum())
+        capacity = math.ceil(self.cfg.capacity_factor * used / self.n_experts)
+        order_KT = experts_TK.T.reshape(-1)
+        live = mask_TK.T.reshape(-1)
+        ids = torch.where(live, order_KT, torch.full_like(order_KT, self.n_experts))
+        onehot = F.one_hot(ids, self.n_experts + 1)
+        position = (torch.cumsum(onehot, 0) * onehot).sum(-1)  # 1-based arrival order at its expert
+        keep = live & (position <= capacity)
+        keep_TK = keep.view(experts_TK.shape[1], -1).T
+        return keep_TK, int(live.sum() - keep.sum())
+
+    def balance_loss(self, pi_TC: torch.Tensor, cand_TC: torch.Tensor, experts_TK: torch.Tensor,
+                     mask_TK: torch.Tensor) -> torch.Tensor:
+        """Switch: E * sum_e f_e P_e, f the share of routed slots, P the mean joint probability."""
+        E = self.n_experts
+        T = pi_TC.shape[0]
+        slots = mask_TK.sum().clamp(min=1)
+        f_E = torch.bincount(experts_TK[mask_TK], minlength=E).to(pi_TC.dtype) / slots
+        P_E = torch.zeros(E, dtype=pi_TC.dtype, device=pi_TC.device).index_add_(0, cand_TC.reshape(-1),
+                                                                               pi_TC.reshape(-1)) / T
+        return E * (f_E * P_E).sum()
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Step 8, once per optimizer step, from loads summed over micro-batches and ranks."""
+        if self.cfg.experts.selection != "least_loaded":
+            return
+        load = load_E.to(torch.float64)
+        self.bias_E += self.cfg.balance.bias_rate * torch.sign(load.mean() - load)
+

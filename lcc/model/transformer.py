@@ -1,0 +1,92 @@
+"""The decoder-only transformer a spec describes: plain PyTorch, the numerical ground truth."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcc.model.moe import MoEBlock, SwiGLU
+from lcc.spec.models import Spec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(seq: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64, device=device), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSd[..., 0::2], x_BHSd[..., 1::2]
+    cos, sin = cos_Sd.to(x_BHSd.dtype), sin_Sd.to(x_BHSd.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: Spec, device=None, dtype=None):
+        super().__init__()
+        att, d = spec.model.attention, spec.model.d_model
+        self.n_heads, self.n_kv, self.head_dim, self.theta = att.n_heads, att.n_kv_heads, att.head_dim, att.rope_theta
+        self.wq = nn.Linear(d, att.n_heads * att.head_dim, bias=False, device=device, dtype=dtype)
+        self.wk = nn.Linear(d, att.n_kv_heads * att.head_dim, bias=False, device=device, dtype=dtype)
+        self.wv = nn.Linear(d, att.n_kv_heads * att.head_dim, bias=False, device=device, dtype=dtype)
+        self.wo = nn.Linear(att.n_heads * att.head_dim, d, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope_tables(S, self.head_dim, self.theta, device=x_BSD.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: Spec, layer: int, device=None, dtype=None):
+        super().__init__()
+        m = spec.model
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps, device=device, dtype=dtype)
+        self.attn = Attention(spec, device=device, dtype=dtype)
+        self.ffn_norm = RMSNorm(m.d_model, m.norm_eps, device=device, dtype=dtype)
+        if m.is_moe(layer):
+            self.ffn: nn.Module = MoEBlock(m.d_model, m.moe, spec.routing, device=device, dtype=dtype)
+        else:
+            self.ffn = SwiGLU(m.d_model, m.ffn.d_ff, device=device, dtype=dtype)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        h = x_BSD + self.attn(self.attn_norm(x_BSD))
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: Spec, device=None, dtype=None):
+        super().__init__()
+        m = spec.model
+        self.embed = nn.Embedding(m.vocab_size, m.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(spec, i, device=device, dtype=dtype) for i in range(m.n_layers))
+        self.norm = RMSNorm(m.d_model, m.norm_eps, device=device, dtype=dtype)
+        self.head = nn.Linear(m.d_model, m.vocab_size, bias=False, device=device, dtype=dtype)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens_BS)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+    def moe_blocks(self) -> list[tuple[int, MoEBlock]]:
+        return [(i, b.ffn) for i, b in enumerate(self.layers) if isinstance(b.ffn, MoEBlock)]

@@ -1,0 +1,64 @@
+"""A deliberately naive routing + MoE: per token, per expert, in Python. The test oracle."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_moe(block, x_TD: torch.Tensor):
+    r, cfg = block.router, block.router.cfg
+    G, P, E = r.n_groups, r.per_group, r.n_experts
+    T = x_TD.shape[0]
+    chosen = []  # per token: list of (expert, gate)
+    for t in range(T):
+        x = x_TD[t]
+        aff = [F.cosine_similarity(x, r.centroids_GD[g], dim=0) / cfg.groups.temperature for g in range(G)]
+        kept = sorted(sorted(range(G), key=lambda g: (-float(aff[g]), g))[: cfg.groups.top])
+        q = torch.softmax(torch.stack([aff[g] for g in kept]), 0)
+        cands = []
+        for gi, g in enumerate(kept):
+            z = torch.stack([r.weight_ED[g * P + j] @ x for j in range(P)])
+            p = torch.softmax(z, 0) if cfg.score == "softmax" else torch.sigmoid(z) / torch.sigmoid(z).sum()
+            cands += [(g * P + j, q[gi] * p[j]) for j in range(P)]
+        bias = cfg.experts.selection == "least_loaded"
+        ranked = sorted(cands, key=lambda c: (-(float(c[1]) + (float(r.bias_E[c[0]]) if bias else 0.0)), c[0]))
+        k, mass = None, 0.0
+        for i, (_, pi) in enumerate(ranked[: cfg.k.max]):
+            mass += float(pi)
+            if mass >= cfg.k.threshold:
+                k = i + 1
+                break
+        k = min(max(k or cfg.k.max, cfg.k.min), cfg.k.max)
+        picked = ranked[:k]
+        gates = [cfg.gate_scale * pi for _, pi in picked]
+        if cfg.renormalize:
+            total = sum(gates)
+            gates = [g / total for g in gates]
+        chosen.append([(e, g) for (e, _), g in zip(picked, gates, strict=True)])
+    if cfg.capacity_factor is not None:
+        used = sum(len(c) for c in chosen)
+        cap = math.ceil(cfg.capacity_factor * used / E)
+        seen = [0] * E
+        keep = [[False] * len(c) for c in chosen]
+        for slot in range(cfg.k.max):
+            for t in range(T):
+                if slot < len(chosen[t]):
+                    e = chosen[t][slot][0]
+                    seen[e] += 1
+                    keep[t][slot] = seen[e] <= cap
+        chosen = [[c for c, kp in zip(cs, ks, strict=True) if kp] for cs, ks in zip(chosen, keep, strict=True)]
+    ex = block.experts
+    out = []
+    for t in range(T):
+        x = x_TD[t]
+        y = torch.zeros_like(x)
+        for e, g in chosen[t]:
+            h = F.silu(ex.w1_EFD[e] @ x) * (ex.w3_EFD[e] @ x)
+            y = y + g * (ex.w2_EDF[e] @ h)
+        if block.shared is not None:
+            y = y + block.shared(x.unsqueeze(0))[0]
+        out.append(y)
+    return torch.stack(out), chosen

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcc.model.moe import MoEBlock
+from lcc.model.shaping import shape_expert_grads
+from lcc.spec.models import MoE, Routing
+from tests.model.naive import naive_moe
+
+
+def make_block(n_shared=0, capacity=None, score="softmax", selection="least_loaded", renormalize=False, seed=0,
+               kmin=1, kmax=3, threshold=0.5, dtype=torch.float32):
+    moe = MoE(n_experts=12, n_groups=4, expert_d_ff=8, n_shared_experts=n_shared)
+    routing = Routing(score=score, groups={"top": 2, "temperature": 0.5}, experts={"selection": selection},
+                      k={"min": kmin, "max": kmax, "threshold": threshold}, renormalize=renormalize,
+                      capacity_factor=capacity, gate_scale=1.5)
+    block = MoEBlock(16, moe, routing, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+        block.router.bias_E.copy_(torch.randn(12, generator=g, dtype=torch.float64) * 0.02)
+    return block
+
+
+CONFIGS = {
+    "plain": {},
+    "shared": {"n_shared": 2},
+    "capacity": {"capacity": 1.0},
+    "capacity_shared_renorm": {"capacity": 0.75, "n_shared": 1, "renormalize": True},
+    "sigmoid_topscore": {"score": "sigmoid", "selection": "top_score"},
+    "fixed_k": {"kmin": 2, "kmax": 2},
+}
+
+
+def assert_rel(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> None:
+    """Norm-relative error: ||a - b|| <= tol * ||b|| (exact zeros must match exactly)."""
+    err, ref = (a - b).norm().item(), b.norm().item()
+    assert err <= tol * ref or err == 0.0, f"relative error {err / max(ref, 1e-300):.3g}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_block_equals_naive_loop_forward_and_backward(name):
+    block = make_block(**CONFIGS[name])
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y = block(x.unsqueeze(0))[0]
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref, chosen = naive_moe(block, x2)
+    assert_rel(y, y_ref)
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), [x, *block.parameters()], allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), [x2, *block.parameters()], allow_unused=True)
+    for a, b in zip(grads, grads_ref, strict=True):
+        if a is None or b is None:
+            assert (a is None or not a.abs().any()) and (b is None or not b.abs().any())
+            continue
+        assert_rel(a, b)
+    stats = block.last_stats
+    assert stats.load_E.sum() == sum(len(c) for c in chosen)
+    if "capacity" in name:
+        assert stats.dropped == int(stats.k_T.sum()) - sum(len(c) for c in chosen)
+
+
+def test_gradient_shaping_two_experts():
+    moe = MoE(n_experts=2, n_groups=1, expert_d_ff=4)
+    routing = Routing(groups={"top": 1}, experts={"selection": "top_score"}, k={"min": 1, "max": 1})
+    block = MoEBlock(8, moe, routing, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    block(x.unsqueeze(0)).sum().backward()
+    route = block.router(x)
+    e_T, gate_T = route.experts_TK[:, 0], route.gates_TK[:, 0]
+    n = torch.bincount(e_T, minlength=2).to(torch.float64)
+    assert (n > 0).all()
+    ex = block.experts
+    # analytic: d sum(y) / d w2[e] = sum over e's tokens of gate * h^T, with h = silu(w1 x) * (w3 x)
+    expected = torch.zeros_like(ex.w2_EDF)
+    for t in range(10):
+        e = int(e_T[t])
+        h = torch.nn.functional.silu(ex.w1_EFD[e] @ x[t]) * (ex.w3_EFD[e] @ x[t])
+        expected[e] += gate_T[t].detach() * torch.ones(8, 1, dtype=torch.float64) * h.detach().unsqueeze(0)
+    torch.testing.assert_close(ex.w2_EDF.grad, expected)
+    shape_expert_grads(ex, block.last_stats.load_E, total_tokens=10)
+    torch.testing.assert_close(ex.w2_EDF.grad, expected * (10 / n).view(2, 1, 1))
+
+
+def test_unrouted_expert_gradient_stays_zero():
+    block = make_block()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+    block(x.unsqueeze(0)).sum().backward()
+    load = block.last_stats.load_E
+    assert (load == 0).any()
+    shape_expert_grads(block.experts, load, total_tokens=3)
+    assert not block.experts.w1_EFD.grad[load == 0].any()
