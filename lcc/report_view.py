@@ -47,7 +47,8 @@ def render(report: dict[str, Any], console: Console) -> None:
                "activations", "total")
     for r in mem["by_role"]:
         worst = r["role"] == mem["worst_rank"]["role"]
-        t.add_row(r["role"] + (" (worst)" if worst else ""), f"{r['layers'][0]}-{r['layers'][1] - 1}",
+        layers = ", ".join(f"{a}-{b - 1}" for a, b in r["layers"])
+        t.add_row(r["role"] + (" (worst)" if worst else ""), layers,
                   str(r["inflight_microbatches"]), gib(r["weights_bytes"]), gib(r["grads_bytes"]),
                   gib(r["optimizer_bytes"]), gib(r["activations_bytes"]), gib(r["total_bytes"]))
     console.print(t)

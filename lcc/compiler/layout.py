@@ -7,6 +7,7 @@ experts fold over `f = dp_i * tp + tp_i` as `ep_i = f mod ep`, `edp_i = f div ep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -98,46 +99,44 @@ def stage_ranks(pp: int, virtual_stages: int, pp_rank: int) -> list[int]:
 
 def partition(costs: list[float], n_stages: int) -> list[tuple[int, int]]:
     """Split items (layers) into n_stages contiguous, non-empty [start, end) ranges minimising the most
-    expensive stage; among optimal splits the one whose stage costs are most even (least sum of squares),
-    then the lexicographically first. Deterministic; O(n_stages * n^2)."""
+    expensive stage; among those, the most even split (least sum of squared stage costs); among those,
+    the lexicographically first. Deterministic; O(n_stages * n^2)."""
     n = len(costs)
     if not 1 <= n_stages <= n:
         raise ValueError(f"cannot split {n} layers into {n_stages} stages")
+    if not all(math.isfinite(c) and c >= 0 for c in costs):
+        raise ValueError("stage costs must be finite and non-negative")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    inf = (float("inf"), float("inf"))
-    # best[s][i]: (max cost, sum of squares) splitting the first i items into s stages
+    bottleneck = _solve(prefix, n_stages, lambda acc, c: max(acc, c), limit=float("inf"))[0]
+    limit = bottleneck * (1 + 1e-9) + 1e-300
+    _, bounds = _solve(prefix, n_stages, lambda acc, c: acc + c * c, limit)
+    return bounds
+
+
+def _solve(prefix: list[float], n_stages: int, combine, limit: float) -> tuple[float, list[tuple[int, int]]]:
+    """Dynamic programme over contiguous splits with stage cost <= limit, minimising combine(...)."""
+    n = len(prefix) - 1
+    inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
     cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
-    best[0][0] = (0.0, 0.0)
+    best[0][0] = 0.0
     for s in range(1, n_stages + 1):
         for i in range(s, n - (n_stages - s) + 1):
-            for j in range(s - 1, i):
-                prev = best[s - 1][j]
-                if prev == inf:
-                    continue
+            for j in range(s - 1, i):  # ascending j: the first optimum wins, so earlier cuts are preferred
                 c = prefix[i] - prefix[j]
-                cand = (max(prev[0], c), prev[1] + c * c)
-                if _better(cand, best[s][i]):
+                if best[s - 1][j] == inf or c > limit:
+                    continue
+                cand = combine(best[s - 1][j], c)
+                if cand < best[s][i]:
                     best[s][i], cut[s][i] = cand, j
     bounds, i = [], n
     for s in range(n_stages, 0, -1):
         j = cut[s][i]
         bounds.append((j, i))
         i = j
-    return bounds[::-1]
-
-
-def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    if b[0] == float("inf"):
-        return True
-    tol = 1e-9 * max(abs(a[0]), abs(b[0]), 1.0)
-    if a[0] < b[0] - tol:
-        return True
-    if a[0] > b[0] + tol:
-        return False
-    return a[1] < b[1] - 1e-9 * max(abs(a[1]), abs(b[1]), 1.0)
+    return best[n_stages][n], bounds[::-1]
 
 
 def inflight_chunks(schedule: str, pp: int, virtual_stages: int, microbatches: int, pp_rank: int) -> int:

@@ -50,7 +50,8 @@ class Router(nn.Module):
     def group_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-2: kept groups (ascending id) and their weights q (softmax over the kept affinities)."""
         cfg = self.cfg.groups
-        affinity_TG = F.normalize(x_TD, dim=-1) @ F.normalize(self.centroids_GD, dim=-1).T / cfg.temperature
+        centroids_GD = self.centroids_GD.to(x_TD.dtype)
+        affinity_TG = F.normalize(x_TD, dim=-1) @ F.normalize(centroids_GD, dim=-1).T / cfg.temperature
         _, kept_TGk = stable_topk(affinity_TG.detach(), cfg.top)
         kept_TGk, _ = torch.sort(kept_TGk, dim=-1)  # ascending group id -> candidates in ascending expert id
         q_TGk = torch.softmax(affinity_TG.gather(1, kept_TGk), dim=-1)
@@ -78,6 +79,11 @@ class Router(nn.Module):
         return z.view(T, Gk, P)
 
     def forward(self, x_TD: torch.Tensor) -> RouteResult:
+        # routing math runs in float32 or wider, also under bfloat16 autocast
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(x_TD.to(torch.promote_types(x_TD.dtype, torch.float32)))
+
+    def _route(self, x_TD: torch.Tensor) -> RouteResult:
         cfg = self.cfg
         T = x_TD.shape[0]
         P, K = self.per_group, cfg.k.max

@@ -39,6 +39,8 @@ def rule(fn: Rule) -> Rule:
 
 
 def divisors(n: int) -> list[int]:
+    if n > 10**12:  # only hints use this; do not spend seconds on absurd sizes
+        return [1, n]
     small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
 
@@ -138,6 +140,9 @@ def tensor_parallel_widths(spec: Spec) -> Iterator[_Found]:
         yield _Found("model.vocab_size", f"vocab_size {model.vocab_size} is not divisible by tp {tp} "
                      "(the embedding and LM head are split by vocabulary)", "parallelism.tp",
                      hint=f"pad vocab_size to {-(-model.vocab_size // tp) * tp}")
+    if model.d_model % tp:
+        yield _Found("model.d_model", f"d_model {model.d_model} is not divisible by tp {tp}", "parallelism.tp",
+                     hint=f"try tp {_try(nearest_divisors(model.d_model, tp))}")
     dense_layers = model.n_layers - len(model.moe_layers)
     if dense_layers and model.ffn is None:
         yield _Found("model.ffn", f"{dense_layers} layer(s) are dense but model.ffn is not set", "model.moe.layers",
@@ -164,9 +169,10 @@ def world(spec: Spec) -> Iterator[_Found]:
                      f"differs from the cluster's nodes*gpus_per_node = {cluster.nodes}*{cluster.gpus_per_node} = "
                      f"{cluster.n_devices}", "parallelism.pp", "parallelism.tp", "cluster.nodes",
                      "cluster.gpus_per_node", hint=hint)
-    if par.tp > cluster.gpus_per_node:
-        yield _Found("parallelism.tp", f"tp {par.tp} spans more than one node ({cluster.gpus_per_node} GPUs)",
-                     "cluster.gpus_per_node", hint="keep tensor parallelism inside a node")
+    if cluster.gpus_per_node % par.tp:
+        yield _Found("parallelism.tp", f"tp {par.tp} does not divide gpus_per_node {cluster.gpus_per_node}: a "
+                     "tensor-parallel group would span nodes", "cluster.gpus_per_node",
+                     hint=f"try tp {_try([d for d in nearest_divisors(cluster.gpus_per_node, par.tp)])}")
 
 
 @rule

@@ -58,9 +58,12 @@ class SpecError(Exception):
         self.problems = problems
         super().__init__(self.render())
 
-    def render(self) -> str:
+    def render(self, limit: int = 50) -> str:
         head = "1 problem" if len(self.problems) == 1 else f"{len(self.problems)} problems"
-        return f"invalid spec ({head}):\n" + "\n".join(f"  {p}" for p in self.problems)
+        lines = [f"  {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"  ... and {len(self.problems) - limit} more")
+        return f"invalid spec ({head}):\n" + "\n".join(lines)
 
     @property
     def first(self) -> Problem:

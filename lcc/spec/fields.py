@@ -66,3 +66,7 @@ def suggest(name: str, model: type[BaseModel] | None) -> str | None:
     if close:
         return f"did you mean {close[0]!r}?"
     return "known fields here: " + ", ".join(fields)
+
+
+def allows_none(annotation: Any) -> bool:
+    return type(None) in _members(annotation)

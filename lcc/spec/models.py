@@ -6,14 +6,18 @@ contradict itself. Cross-field rules live in `checks.py`, where they can name ev
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-Pos = Annotated[int, Field(gt=0)]
-NonNeg = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+MAX_INT = 2**40  # far beyond any real size; keeps arithmetic on sizes fast and exact
+MAX_FLOAT = 1e12
+Pos = Annotated[int, Field(gt=0, le=MAX_INT, strict=True)]
+NonNeg = Annotated[int, Field(ge=0, le=MAX_INT, strict=True)]
+PosFloat = Annotated[float, Field(gt=0, le=MAX_FLOAT, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, le=MAX_FLOAT, allow_inf_nan=False)]
+Rate = Annotated[float, Field(ge=1e-6, le=MAX_FLOAT, allow_inf_nan=False)]  # a hardware rate or size
 DType = Literal["float32", "bfloat16", "float64"]
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -51,7 +55,7 @@ class MoE(_Section):
 class Model(_Section):
     vocab_size: Pos = Field(description="Tokens in the vocabulary.")
     d_model: Pos = Field(description="Residual stream width.")
-    n_layers: Pos = Field(description="Transformer layers.")
+    n_layers: Annotated[int, Field(gt=0, le=10_000, strict=True)] = Field(description="Transformer layers.")
     max_seq_len: Pos = Field(description="Longest sequence the model supports (tokens).")
     norm_eps: PosFloat = Field(1.0e-5, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(False, description="Share the token embedding with the LM head.")
@@ -59,7 +63,7 @@ class Model(_Section):
     ffn: FFN | None = Field(None, description="Dense FFN of the layers that are not MoE; needed if there are any.")
     moe: MoE | None = Field(None, description="Omit for a dense model.")
 
-    @property
+    @cached_property
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers, sorted."""
         if self.moe is None:
@@ -68,8 +72,12 @@ class Model(_Section):
             return tuple(range(self.n_layers))
         return tuple(sorted(self.moe.layers))
 
+    @cached_property
+    def _moe_set(self) -> frozenset[int]:
+        return frozenset(self.moe_layers)
+
     def is_moe(self, layer: int) -> bool:
-        return layer in self.moe_layers
+        return layer in self._moe_set
 
 
 class Groups(_Section):
@@ -160,14 +168,14 @@ class Parallelism(_Section):
 class Device(_Section):
     kind: Literal["cpu", "cuda"] = Field("cpu", description="Selects the kernel backend (never the compiling host).")
     name: str = Field("cpu", description="Device model, for reports.")
-    memory_gib: PosFloat = Field(description="Memory per device (GiB).")
-    peak_tflops: PosFloat = Field(description="Peak dense matmul rate at the training dtype (TFLOP/s).")
-    memory_tbps: PosFloat = Field(description="Memory bandwidth (TB/s).")
+    memory_gib: Rate = Field(description="Memory per device (GiB).")
+    peak_tflops: Rate = Field(description="Peak dense matmul rate at the training dtype (TFLOP/s).")
+    memory_tbps: Rate = Field(description="Memory bandwidth (TB/s).")
 
 
 class Network(_Section):
-    intra_node_gbps: PosFloat = Field(description="Bandwidth per device to devices in its node (Gbit/s).")
-    inter_node_gbps: PosFloat = Field(description="Bandwidth per device to other nodes (Gbit/s).")
+    intra_node_gbps: Rate = Field(description="Bandwidth per device to devices in its node (Gbit/s).")
+    inter_node_gbps: Rate = Field(description="Bandwidth per device to other nodes (Gbit/s).")
 
 
 class Cluster(_Section):

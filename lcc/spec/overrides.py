@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from lcc.spec.errors import Location, Path, Problem, SpecError
-from lcc.spec.fields import annotation_at, is_text, model_at, suggest
+from lcc.spec.fields import allows_none, annotation_at, is_text, model_at, suggest
 from lcc.spec.yaml_source import SourceMap
 
 
@@ -29,11 +29,11 @@ def parse_override(text: str) -> tuple[Path, Any]:
         raise SpecError([Problem(where, unknown, f"unknown field {path[i]!r}",
                                  suggest(str(path[i]), model_at(path[:i])))]) from None
     if is_text(annotation):
-        return path, raw
+        return path, None if raw.strip() in ("null", "~") and allows_none(annotation) else raw
     try:
         return path, yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise SpecError([Problem(where, path, f"cannot read value {raw!r}")]) from None
+    except (yaml.YAMLError, RecursionError):
+        raise SpecError([Problem(where, path, f"cannot read value {raw[:60]!r}")]) from None
 
 
 def apply_overrides(source: SourceMap, overrides: list[str] | tuple[str, ...]) -> SourceMap:
@@ -47,14 +47,15 @@ def apply_overrides(source: SourceMap, overrides: list[str] | tuple[str, ...]) -
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
+        where = Location(f"--set {text}")
+        for i, part in enumerate(path[:-1]):
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}
                 node[part] = child
+                marks[path[: i + 1]] = where  # a section the override creates is located at the override
             node = child
         node[path[-1]] = value
-        where = Location(f"--set {text}")
         for existing in [p for p in marks if p[: len(path)] == path]:
             del marks[existing]
         marks[path] = where

@@ -80,3 +80,33 @@ def test_more_micro_batches_shrink_the_bubble():
 def test_does_not_fit_is_reported():
     r = cost_report(load_spec(SPECS / "longcat-2.0.yaml", ["cluster.device.memory_gib=8"]))
     assert not r["memory"]["fits"]
+
+
+def test_pipeline_hops_split_by_node():
+    # pp 4 over 2 nodes of 4 ranks (dp 2): only the hop between stages 1 and 2 leaves a node
+    r = cost_report(load_spec(SPECS / "tiny-moe.yaml", ["parallelism.pp=4", "parallelism.dp=2", "parallelism.ep=2",
+                                                        "cluster.nodes=2", "cluster.gpus_per_node=4"]))
+    assert r["comm"]["bytes_per_step"]["by_kind"]["pipeline_p2p"] > 0
+    pp_inter = r["comm"]["bytes_per_step"]["by_link"]["inter_node"]
+    assert pp_inter == pytest.approx(r["comm"]["bytes_per_step"]["by_kind"]["pipeline_p2p"] / 3)
+
+
+def test_zero1_moves_as_much_as_plain_data_parallelism():
+    base = ["parallelism.pp=1", "parallelism.dp=8", "parallelism.ep=1", "parallelism.pipeline.microbatches=1"]
+
+    def per_step(zero):
+        r = cost_report(load_spec(SPECS / "tiny-moe.yaml", [*base, f"parallelism.zero={zero}"]))
+        kinds = r["comm"]["bytes_per_step"]["by_kind"]
+        return kinds["grad_reduce"] + kinds["param_gather"]
+
+    assert per_step(1) == pytest.approx(per_step(0)) == pytest.approx(per_step(2))
+    assert per_step(3) == pytest.approx(1.5 * per_step(0))  # ZeRO paper: 3 x parameters instead of 2 x
+
+
+def test_interleaved_roles_list_each_stage():
+    r = cost_report(load_spec(SPECS / "small-moe.yaml", ["parallelism.pp=2", "parallelism.dp=2",
+                                                         "parallelism.pipeline.schedule=interleaved_1f1b",
+                                                         "parallelism.pipeline.virtual_stages=2",
+                                                         "parallelism.pipeline.microbatches=2"]))
+    roles = r["memory"]["by_role"]
+    assert roles[0]["stages"] == [0, 2] and roles[0]["layers"] == [[0, 2], [4, 6]]

@@ -60,3 +60,49 @@ def test_error_line_of_syntax_error(tmp_path):
 def test_directory_is_not_a_spec(tmp_path):
     with pytest.raises(SpecError, match="cannot read spec"):
         load_spec(tmp_path)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["parallelism.dp=100000000000000003"], "parallelism.dp"),
+    (["model.moe.n_experts=1000000000000000003"], "model.moe.n_experts"),
+    (["cluster.device.memory_gib=.inf"], "cluster.device.memory_gib"),
+    (["cluster.device.peak_tflops=1e400"], "cluster.device.peak_tflops"),
+    (["cluster.device.peak_tflops=1.0e-320"], "cluster.device.peak_tflops"),
+    (["cluster.network.inter_node_gbps=.nan"], "cluster.network.inter_node_gbps"),
+    (["model.n_layers=1000000000"], "model.n_layers"),
+    (["parallelism.tp=true"], "parallelism.tp"),
+    (["model.moe.layers=" + "[" * 500 + "]" * 500], "cannot read value"),
+])
+def test_extreme_values_are_clean_errors(overrides, needle):
+    from tests.conftest import SPECS
+
+    with pytest.raises(SpecError) as err:
+        load_spec(SPECS / "tiny-moe.yaml", overrides)
+    assert needle in str(err.value)
+
+
+def test_section_created_by_override_is_located_at_the_override(tmp_path):
+    from tests.conftest import SPECS
+
+    text = (SPECS / "tiny-moe.yaml").read_text().split("\nserve:")[0]
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as err:
+        load_spec(path, ["serve.max_batch=4"])  # serve.max_seq_len is then missing
+    assert err.value.first.location.source == "--set serve.max_batch=4"
+
+
+def test_null_override_of_optional_text():
+    from tests.conftest import SPECS
+
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["train.data.path=null"])
+    assert spec.train.data.path is None
+
+
+def test_many_problems_are_capped_in_the_message(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("".join(f"k{i}: 1\n" for i in range(200)))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert len(err.value.problems) > 200 and "... and" in str(err.value)

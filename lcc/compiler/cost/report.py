@@ -112,11 +112,11 @@ class CostModel:
         local = P.local_params(spec, role.layers, role.first, role.last)
         dtype = spec.train.dtype
         states = model_states(local.dense, dtype, zero, par.dp) + model_states(local.experts, dtype, zero, par.edp)
-        gathered = 0.0
-        if zero >= 3:  # the layer in use and the prefetched next one, unsharded, plus one layer's grads
+        gathered = gathered_grads = 0.0
+        if zero >= 3:  # the layer in use and the prefetched next one, unsharded; one layer's full grads
             b = STATE_BYTES[dtype]
             largest = local.largest_layer_dense + local.largest_layer_experts
-            gathered = largest * (2 * b.weights + b.grads)
+            gathered, gathered_grads = largest * 2 * b.weights, largest * b.grads
         chunks = inflight_chunks(par.pipeline.schedule, par.pp, par.pipeline.virtual_stages, self.m, role.pp_rank)
         per_chunk = sum(layer_activations(spec, i, policy) for i in role.layers) / len(role.stages)
         activations = chunks * per_chunk
@@ -125,18 +125,19 @@ class CostModel:
         if role.last:  # logits and the float32 softmax of the cross-entropy, one micro-batch at a time
             activations += self.tokens * spec.model.vocab_size / par.tp * (act_bytes(spec) + 4)
         weights = states.weights + gathered
-        total = weights + states.grads + states.optimizer + activations
+        grads = states.grads + gathered_grads
+        total = weights + grads + states.optimizer + activations
         return {
             "role": f"pp{role.pp_rank}",
             "rank": role.pp_rank * par.dp * par.tp,
             "stages": role.stages,
-            "layers": [role.layers[0], role.layers[-1] + 1],
+            "layers": [list(self.stage_bounds[s]) for s in role.stages],
             "inflight_microbatches": chunks,
             "params_dense": local.dense,
             "params_experts": local.experts,
             "weights_bytes": round(weights),
             "weights_gathered_bytes": round(gathered),
-            "grads_bytes": round(states.grads),
+            "grads_bytes": round(grads),
             "optimizer_bytes": round(states.optimizer),
             "activations_bytes": round(activations),
             "total_bytes": round(total),
@@ -188,6 +189,8 @@ class CostModel:
         for count, ways in ((local.dense, par.dp), (local.experts, par.edp)):
             if par.zero >= 2:  # gradients leave each micro-batch's backward as a reduce-scatter
                 grads += m * all_gather(count * g, ways)
+            elif par.zero == 1:  # full gradients accumulate; only the owner of a shard needs its sum
+                grads += all_gather(count * g, ways)
             else:
                 grads += all_reduce(count * g, ways)
             if par.zero == 3:  # weights gathered for forward and again for backward, every micro-batch
@@ -225,7 +228,7 @@ class CostModel:
         if kind == "expert_alltoall":
             return self.links["ep"].inter_share
         if kind == "pipeline_p2p":
-            return 1.0 if self.links["pp"].crosses_nodes else 0.0
+            return self.links["pp"].inter_share
         return dense_share * self.links["dp"].inter_share + (1 - dense_share) * self.links["edp"].inter_share
 
     def role_seconds(self, role: Role) -> tuple[float, float, float]:

@@ -51,6 +51,12 @@ def ring_links(members: tuple[int, ...], per_node: int) -> tuple[int, int]:
     return crossing, n
 
 
+def chain_links(members: tuple[int, ...], per_node: int) -> tuple[int, int]:
+    """(hops crossing nodes, hops) along a pipeline: stage i sends to stage i + 1 only."""
+    hops = len(members) - 1
+    return sum(members[i] // per_node != members[i + 1] // per_node for i in range(hops)), hops
+
+
 def pair_links(members: tuple[int, ...], per_node: int) -> tuple[int, int]:
     """(ordered peer pairs on different nodes, all ordered pairs) for an all-to-all over `members`."""
     n = len(members)
@@ -61,7 +67,7 @@ def pair_links(members: tuple[int, ...], per_node: int) -> tuple[int, int]:
 def links(spec: Spec, axis: str) -> Links:
     """Link split of every group along a mesh axis, pooled over all groups of that axis."""
     per_node = spec.cluster.gpus_per_node
-    count = pair_links if axis == "ep" else ring_links
+    count = {"ep": pair_links, "pp": chain_links}.get(axis, ring_links)
     crossing = total = 0
     spans = False
     for members in groups(spec.parallelism, axis):

@@ -1,0 +1,73 @@
+"""Token streams and the data order every layout shares (DESIGN.md, "Data order").
+
+Step s takes sequences [s B, (s + 1) B) of the stream (B = train.global_batch), split in order into
+dp * microbatches units; data-parallel rank i processes units [i m, (i + 1) m). Each sequence holds
+seq_len + 1 tokens (inputs and next-token targets). The training stream cycles over the first 95% of
+the corpus; the last 5% is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from lcc.data.corpus import builtin_corpus
+from lcc.spec.models import Spec
+
+HELD_OUT = 0.05
+
+
+def corpus_tokens(spec: Spec, spec_dir: Path | None = None) -> torch.Tensor:
+    """The whole corpus as token ids (int64)."""
+    data = spec.train.data
+    if data.kind == "builtin":
+        raw = builtin_corpus()
+    elif data.kind == "text":
+        path = Path(data.path)
+        if not path.is_absolute() and spec_dir is not None:
+            path = spec_dir / path
+        raw = path.read_bytes()
+    else:  # synthetic: a seeded first-order Markov chain over the vocabulary, 1M tokens
+        return _markov(spec.model.vocab_size, spec.seed, 1 << 20)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+
+
+def _markov(vocab: int, seed: int, n: int) -> torch.Tensor:
+    rng = random.Random(seed)
+    successors = [[rng.randrange(vocab) for _ in range(4)] for _ in range(vocab)]
+    g = torch.Generator().manual_seed(seed)
+    choice = torch.randint(0, 4, (n,), generator=g).tolist()
+    out, tok = [0] * n, 0
+    for i in range(n):
+        tok = successors[tok][choice[i]]
+        out[i] = tok
+    return torch.tensor(out, dtype=torch.int64)
+
+
+class TokenStream:
+    """Sequences of seq_len + 1 tokens, cut one after another from a token array (cycling)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        if tokens.numel() < seq_len + 1:
+            raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one sequence of {seq_len + 1}")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def sequences(self, start: int, count: int) -> torch.Tensor:
+        n, L = self.tokens.numel(), self.seq_len
+        idx = (torch.arange(start, start + count).unsqueeze(1) * L + torch.arange(L + 1)) % n
+        return self.tokens[idx]
+
+
+def split_corpus(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = int(tokens.numel() * (1 - HELD_OUT))
+    return tokens[:cut], tokens[cut:]
+
+
+def step_units(stream: TokenStream, spec: Spec, step: int) -> list[torch.Tensor]:
+    """The dp * microbatches units of optimizer step `step`, in order; each (B / units) x (seq_len + 1)."""
+    par = spec.parallelism
+    n_units = par.dp * par.pipeline.microbatches
+    batch = stream.sequences(step * spec.train.global_batch, spec.train.global_batch)
+    return list(batch.chunk(n_units))
