@@ -45,15 +45,51 @@ def combine(y_SD: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
 
 def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
                     w2_EDF: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of each expert over its contiguous segment; experts with no tokens cost nothing."""
+    """SwiGLU of each expert over its contiguous segment of x (segments in expert order)."""
+    if grouped_mm_ok(x_SD, w1_EFD, w2_EDF):
+        return swiglu_grouped(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
+    return swiglu_loop(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
+
+
+def grouped_mm_ok(x_SD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> bool:
+    """torch's grouped matmul takes float32 / bfloat16 / float16 with rows aligned to 16 bytes."""
+    if x_SD.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not hasattr(F, "grouped_mm"):
+        return False
+    if w1_EFD.dtype != x_SD.dtype or w2_EDF.dtype != x_SD.dtype:
+        return False
+    align = 16 // x_SD.element_size()
+    return x_SD.shape[-1] % align == 0 and w1_EFD.shape[1] % align == 0
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad:  # the grouped matmul's backward needs a dense incoming gradient
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def swiglu_grouped(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                   w2_EDF: torch.Tensor) -> torch.Tensor:
+    """Three grouped matmuls over all experts at once; segment ends are the cumulative counts."""
+    offs = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
+    x_SD = x_SD.contiguous()
+    a = _contiguous_grad(F.grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs))
+    b = _contiguous_grad(F.grouped_mm(x_SD, w3_EFD.transpose(1, 2), offs=offs))
+    return _contiguous_grad(F.grouped_mm(F.silu(a) * b, w2_EDF.transpose(1, 2), offs=offs))
+
+
+def swiglu_loop(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                w2_EDF: torch.Tensor) -> torch.Tensor:
+    """One matmul per expert that has tokens (any dtype). The stacks are unbound once: indexing `w[e]`
+    per expert would make autograd allocate a full-size zero gradient for every expert used."""
     outs = []
     start = 0
+    w1s, w3s, w2s = w1_EFD.unbind(0), w3_EFD.unbind(0), w2_EDF.unbind(0)
     for e, n in enumerate(counts):
         if n == 0:
             continue
         xs = x_SD[start:start + n]
-        h = F.silu(xs @ w1_EFD[e].T) * (xs @ w3_EFD[e].T)
-        outs.append(h @ w2_EDF[e].T)
+        h = F.silu(xs @ w1s[e].T) * (xs @ w3s[e].T)
+        outs.append(h @ w2s[e].T)
         start += n
     if not outs:
         return x_SD.new_zeros(0, w2_EDF.shape[1])
@@ -108,7 +144,7 @@ class MoEBlock(nn.Module):
         x_TD = x_BSD.reshape(-1, shape[-1])
         route = self.router(x_TD)
         plan = dispatch(route, self.n_experts)
-        y_SD = self.experts(x_TD[plan.token_S], plan.counts_E)
+        y_SD = self.experts(x_TD.index_select(0, plan.token_S), plan.counts_E)
         out_TD = combine(y_SD, plan, x_TD.shape[0])
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)

@@ -243,6 +243,10 @@ def batch(spec: Spec) -> Iterator[_Found]:
     if train.seq_len > spec.model.max_seq_len:
         yield _Found("train.seq_len", f"seq_len {train.seq_len} exceeds model.max_seq_len "
                      f"{spec.model.max_seq_len}", "model.max_seq_len")
+    if train.data.kind in ("builtin", "text") and spec.model.vocab_size < 256:
+        yield _Found("model.vocab_size", f"vocab_size {spec.model.vocab_size} is smaller than the 256 byte tokens "
+                     f"of data kind {train.data.kind}", "train.data.kind",
+                     hint="use vocab_size >= 256, or data kind synthetic")
     if train.data.kind == "text" and not train.data.path:
         yield _Found("train.data.path", "data kind text needs a path", "train.data.kind")
     if spec.serve is not None and spec.serve.max_seq_len > spec.model.max_seq_len:

@@ -19,7 +19,7 @@ cluster:
   gpus_per_node: 1
   device: {memory_gib: 1, peak_tflops: 1, memory_tbps: 1}
   network: {intra_node_gbps: 1, inter_node_gbps: 1}
-train: {seq_len: 16, global_batch: 2}
+train: {seq_len: 16, global_batch: 2, data: {kind: synthetic}}
 """
 
 MOE = DENSE.replace("  ffn: {d_ff: 32}\n", """  ffn: {d_ff: 32}

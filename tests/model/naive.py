@@ -13,16 +13,21 @@ def naive_moe(block, x_TD: torch.Tensor):
     G, P, E = r.n_groups, r.per_group, r.n_experts
     T = x_TD.shape[0]
     chosen = []  # per token: list of (expert, gate)
+    pis, lse = torch.zeros(T, E, dtype=x_TD.dtype), []  # joint probabilities; logsumexp of kept logits
     for t in range(T):
         x = x_TD[t]
         aff = [F.cosine_similarity(x, r.centroids_GD[g], dim=0) / cfg.groups.temperature for g in range(G)]
         kept = sorted(sorted(range(G), key=lambda g: (-float(aff[g]), g))[: cfg.groups.top])
         q = torch.softmax(torch.stack([aff[g] for g in kept]), 0)
-        cands = []
+        cands, logits = [], []
         for gi, g in enumerate(kept):
             z = torch.stack([r.weight_ED[g * P + j] @ x for j in range(P)])
+            logits.append(z)
             p = torch.softmax(z, 0) if cfg.score == "softmax" else torch.sigmoid(z) / torch.sigmoid(z).sum()
             cands += [(g * P + j, q[gi] * p[j]) for j in range(P)]
+        lse.append(torch.logsumexp(torch.cat(logits), 0))
+        for e, pi in cands:
+            pis[t, e] = pi.detach()
         bias = cfg.experts.selection == "least_loaded"
         ranked = sorted(cands, key=lambda c: (-(float(c[1]) + (float(r.bias_E[c[0]]) if bias else 0.0)), c[0]))
         k, mass = None, 0.0
@@ -33,10 +38,11 @@ def naive_moe(block, x_TD: torch.Tensor):
                 break
         k = min(max(k or cfg.k.max, cfg.k.min), cfg.k.max)
         picked = ranked[:k]
-        gates = [cfg.gate_scale * pi for _, pi in picked]
+        gates = [pi for _, pi in picked]
         if cfg.renormalize:
             total = sum(gates)
             gates = [g / total for g in gates]
+        gates = [cfg.gate_scale * g for g in gates]
         chosen.append([(e, g) for (e, _), g in zip(picked, gates, strict=True)])
     if cfg.capacity_factor is not None:
         used = sum(len(c) for c in chosen)
@@ -61,4 +67,5 @@ def naive_moe(block, x_TD: torch.Tensor):
         if block.shared is not None:
             y = y + block.shared(x.unsqueeze(0))[0]
         out.append(y)
+    naive_moe.pi_TE, naive_moe.lse_T = pis, torch.stack(lse)
     return torch.stack(out), chosen

@@ -96,3 +96,54 @@ def test_unrouted_expert_gradient_stays_zero():
     assert (load == 0).any()
     shape_expert_grads(block.experts, load, total_tokens=3)
     assert not block.experts.w1_EFD.grad[load == 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_and_loop_expert_paths_agree(dtype):
+    from lcc.model.moe import grouped_mm_ok, swiglu_grouped, swiglu_loop
+
+    g = torch.Generator().manual_seed(0)
+    E, D, Fd = 6, 32, 16
+    ws = [(torch.randn(E, Fd, D, generator=g) * 0.1).to(dtype).requires_grad_() for _ in range(2)]
+    w2 = (torch.randn(E, D, Fd, generator=g) * 0.1).to(dtype).requires_grad_()
+    x = torch.randn(20, D, generator=g).to(dtype).requires_grad_()
+    counts = [5, 0, 7, 0, 8, 0]  # empty experts included
+    assert grouped_mm_ok(x, ws[0], w2)
+    outs, grads = [], []
+    for fn in (swiglu_grouped, swiglu_loop):
+        y = fn(x, counts, ws[0], ws[1], w2)
+        y.sum().backward()  # an expanded incoming gradient
+        outs.append(y.detach().float())
+        grads.append([t.grad.float().clone() for t in (x, *ws, w2)])
+        for t in (x, *ws, w2):
+            t.grad = None
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert_rel(outs[0], outs[1], tol)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert_rel(a, b, tol)
+
+
+def test_balance_and_z_losses_per_unit():
+    block = make_block(capacity=1.0)
+    cfg = block.router.cfg
+    block.router.cfg = cfg.model_copy(update={"balance": cfg.balance.model_copy(
+        update={"aux_loss_coef": 0.01, "z_loss_coef": 0.001})})
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(4))
+    block(x.unsqueeze(0))
+    _, chosen = naive_moe(block, x)
+    E = 12
+    f = torch.zeros(E)
+    for slots in chosen:
+        for e, _ in slots:
+            f[e] += 1
+    f = f / f.sum()
+    P = naive_moe.pi_TE.mean(0)
+    stats = block.last_stats
+    torch.testing.assert_close(stats.aux_loss.detach(), E * (f * P.float()).sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.z_loss.detach(), naive_moe.lse_T.detach().pow(2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_losses_skipped_when_unused():
+    block = make_block()
+    block(torch.randn(1, 5, 16))
+    assert block.last_stats.aux_loss.item() == 0 and block.last_stats.z_loss.item() == 0

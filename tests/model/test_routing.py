@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lcc.model.routing import Router, stable_topk
@@ -10,7 +11,8 @@ def router(groups=2, per_group=2, top=1, kmin=1, kmax=2, threshold=0.5, selectio
            d=2):
     moe = MoE(n_experts=groups * per_group, n_groups=groups, expert_d_ff=4)
     cfg = Routing(groups={"top": top, "temperature": 1.0}, experts={"selection": selection},
-                  k={"min": kmin, "max": kmax, "threshold": threshold}, renormalize=renorm)
+                  k={"min": kmin, "max": kmax, "threshold": threshold}, renormalize=renorm,
+                  gate_scale=2.0 if renorm else 1.0)
     r = Router(d, moe, cfg, dtype=torch.float64)
     with torch.no_grad():
         r.centroids_GD.zero_()
@@ -94,7 +96,7 @@ def test_renormalized_gates_sum_to_gate_scale():
         r.centroids_GD.normal_(generator=torch.Generator().manual_seed(0))
         r.weight_ED.normal_(generator=torch.Generator().manual_seed(1))
     out = r(torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
-    torch.testing.assert_close(out.gates_TK.sum(-1), torch.ones(20, dtype=torch.float64))
+    torch.testing.assert_close(out.gates_TK.sum(-1), torch.full((20,), 2.0, dtype=torch.float64))
     assert (out.gates_TK[~out.mask_TK] == 0).all()
 
 
@@ -109,3 +111,21 @@ def test_only_kept_groups_are_scored():
     for t in range(6):
         g = int(kept[t, 0])
         torch.testing.assert_close(z[t, 0], r.weight_ED[g * 2:(g + 1) * 2] @ x[t])
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_group_major_paths_equal_direct_scoring(skewed):
+    r = router(groups=8, per_group=3, top=2, d=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        r.weight_ED.normal_(generator=g)
+    if skewed:  # every token keeps groups 0 and 1; the other groups have no tokens
+        kept = torch.tensor([[0, 1]] * 40)
+    else:
+        kept = torch.sort(torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)]), dim=-1).values
+    z = r.expert_logits(x, kept)
+    for t in range(40):
+        for j in range(2):
+            gid = int(kept[t, j])
+            torch.testing.assert_close(z[t, j], r.weight_ED[gid * 3:(gid + 1) * 3] @ x[t])

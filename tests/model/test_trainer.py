@@ -71,3 +71,21 @@ def test_int4_model_runs_and_is_close():
     dense_bytes = 4 * 3 * 64 * 128 * 64 * 2  # layers x matrices x experts x d_model x d_ff x bf16
     assert packed == pytest.approx(dense_bytes * (4 + 16 / 32) / 16)
     assert abs(trainer.evaluate(16) - before) < 0.05 * before
+
+
+def test_text_and_synthetic_data(tmp_path):
+    from lcc.data.stream import corpus_tokens
+
+    (tmp_path / "corpus.txt").write_bytes(b"hello world " * 100)
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["train.data.kind=text", "train.data.path=corpus.txt"])
+    tokens = corpus_tokens(spec, spec_dir=tmp_path)
+    assert bytes(tokens[:11].tolist()) == b"hello world"
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["train.data.kind=synthetic"])
+    a, b = corpus_tokens(spec), corpus_tokens(spec)
+    assert torch.equal(a, b) and int(a.max()) < spec.model.vocab_size
+
+
+def test_too_short_corpus_is_an_error(tmp_path):
+    (tmp_path / "c.txt").write_bytes(b"short")
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        TokenStream(torch.arange(5), 128)

@@ -78,6 +78,8 @@ CASES = [
     Case("sequence_parallel_seq", [("seq_len: 128", "seq_len: 127"), ("global_batch: 32", "global_batch: 8")],
          "train.seq_len", "seq_len: 127", ["sequence parallelism", "parallelism.sequence_parallel"],
          ("parallelism.tp=2", "parallelism.dp=2", "parallelism.sequence_parallel=true", "model.moe.layers=[]")),
+    Case("byte_vocab", [("vocab_size: 256", "vocab_size: 128")], "model.vocab_size", "vocab_size: 128",
+         ["256 byte tokens", "train.data.kind"]),
     Case("text_data_path", [("data: {kind: builtin}", "data: {kind: text}")], "train.data.path", "data: {kind: text}",
          ["train.data.kind"]),
 ]
