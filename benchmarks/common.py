@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -47,3 +48,14 @@ def write(name: str, result: dict[str, object], out: str | None = None) -> Path:
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def timing_args(repeats: int) -> argparse.Namespace:
+    """--repeats, --threads (set here) and --out, shared by the timing benchmarks."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

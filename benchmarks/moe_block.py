@@ -9,12 +9,11 @@ Usage: python benchmarks/moe_block.py [--repeats 15] [--threads 2]
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from benchmarks.common import interleaved, machine, matmul_flops_per_second, write
+from benchmarks.common import interleaved, machine, matmul_flops_per_second, timing_args, write
 from lcc.model.moe import MoEBlock
 from lcc.spec.models import MoE, Routing
 
@@ -49,12 +48,7 @@ def _init(block: torch.nn.Module) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_args(repeats=15)
     try:
         hf = theirs()
     except ImportError:

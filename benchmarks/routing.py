@@ -12,12 +12,11 @@ Usage: python benchmarks/routing.py [--repeats 9] [--threads 2]
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleaved, machine, write
+from benchmarks.common import interleaved, machine, timing_args, write
 from lcc.model.moe import swiglu_segments
 from lcc.model.routing import Router
 from lcc.spec import load_spec
@@ -28,12 +27,7 @@ EXPERTS = "experts' arithmetic"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_args(repeats=9)
     spec = load_spec(SPECS / "longcat-2.0.yaml")
     moe, routing = spec.model.moe, spec.routing
     D, E = spec.model.d_model, moe.n_experts
