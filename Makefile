@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test golden bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lcc validate specs/longcat-2.0.yaml
 	$(BIN)/lcc report specs/longcat-2.0.yaml
+	$(BIN)/lcc compile specs/longcat-2.0.yaml
+
+# Refresh every golden plan in generated/ on purpose (CI checks them with lcc compile --check).
+golden: $(STAMP)
+	for spec in specs/*.yaml; do \
+	  $(BIN)/lcc compile $$spec && $(BIN)/lcc compile $$spec --mode serve || exit 1; done
 
 test: $(STAMP)
 	$(BIN)/ruff check lcc backends tests benchmarks
@@ -28,6 +33,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/report_speed.py
+	$(BIN)/python benchmarks/compile_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -71,11 +72,57 @@ def report(
     render(data, Console(width=120))
 
 
+ModeOpt = Annotated[str, typer.Option("--mode", help="train (default) or serve (int4 experts, routing tables).")]
+
+
+@app.command()
+def compile(  # noqa: A001 - the command is called compile
+    spec: SpecArg,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default generated/<name>/).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Compare with the folder instead of writing it.")] = False,
+    mode: ModeOpt = "train",
+) -> None:
+    """Compile a spec into a parallel plan: plan.json, schedule.csv, actions.txt (golden files in generated/)."""
+    if mode not in ("train", "serve"):
+        typer.echo(f"--mode must be train or serve, not {mode!r}", err=True)
+        raise typer.Exit(2)
+    loaded = _load(spec, set_)
+    if set_ and out is None:
+        typer.echo("a compile with --set overrides needs --out: generated/ holds only the shipped specs as written",
+                   err=True)
+        raise typer.Exit(2)
+    from lcc.compiler.output import first_difference, write
+    from lcc.compiler.plan import compile_plan
+
+    target = out or Path("generated") / loaded.name / ("serve" if mode == "serve" else "")
+    try:
+        files = compile_plan(loaded, mode)
+    except SpecError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if check:
+        diff = first_difference(files, target)
+        if diff:
+            typer.echo(f"{target}: out of date ({diff})\n  refresh on purpose with: make golden", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{target}: up to date ({len(files)} files)")
+        return
+    write(files, target)
+    typer.echo(f"wrote {target}/ ({', '.join(sorted(files))})")
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # an lcc bug: say so briefly; LCC_DEBUG=1 shows the traceback
+        if os.environ.get("LCC_DEBUG"):
+            raise
+        typer.echo(f"lcc: internal error: {type(exc).__name__}: {exc}\n  (run with LCC_DEBUG=1 for the "
+                   "traceback, and please report it)", err=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

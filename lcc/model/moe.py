@@ -129,11 +129,31 @@ class MoEStats:
     z_loss: torch.Tensor
 
 
+class Dispatcher(nn.Module):
+    """Routed (token, slot) pairs -> contiguous per-expert segments (a module, so it is one call site)."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+
+    def forward(self, route: RouteResult) -> Dispatch:
+        return dispatch(route, self.n_experts)
+
+
+class Combiner(nn.Module):
+    """Weighted scatter of expert outputs back to their tokens."""
+
+    def forward(self, y_SD: torch.Tensor, plan: Dispatch, x_TD: torch.Tensor) -> torch.Tensor:
+        return combine(y_SD, plan, x_TD.shape[0])
+
+
 class MoEBlock(nn.Module):
     def __init__(self, d_model: int, moe: MoE, routing: Routing, device=None, dtype=None):
         super().__init__()
         self.n_experts = moe.n_experts
         self.router = Router(d_model, moe, routing, device=device, dtype=dtype)
+        self.dispatch = Dispatcher(moe.n_experts)
+        self.combine = Combiner()
         self.experts = ExpertFFN(moe.n_experts, d_model, moe.expert_d_ff, device=device, dtype=dtype)
         self.shared = (SwiGLU(d_model, moe.n_shared_experts * moe.expert_d_ff, device=device, dtype=dtype)
                        if moe.n_shared_experts else None)
@@ -143,9 +163,9 @@ class MoEBlock(nn.Module):
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         route = self.router(x_TD)
-        plan = dispatch(route, self.n_experts)
+        plan = self.dispatch(route)
         y_SD = self.experts(x_TD.index_select(0, plan.token_S), plan.counts_E)
-        out_TD = combine(y_SD, plan, x_TD.shape[0])
+        out_TD = self.combine(y_SD, plan, x_TD)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         self.last_stats = MoEStats(route.load_E, route.k_T, route.dropped, route.aux_loss, route.z_loss)

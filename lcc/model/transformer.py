@@ -33,25 +33,36 @@ def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+class AttentionCore(nn.Module):
+    """Rotary embeddings and causal grouped-query attention on projected q, k, v (B, S, heads * head_dim)."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, theta: float):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim, self.theta = n_heads, n_kv_heads, head_dim, theta
+
+    def forward(self, q_BSH: torch.Tensor, k_BSH: torch.Tensor, v_BSH: torch.Tensor) -> torch.Tensor:
+        B, S, _ = q_BSH.shape
+        q = q_BSH.view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = k_BSH.view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = v_BSH.view(B, S, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rope_tables(S, self.head_dim, self.theta, device=q_BSH.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).reshape(B, S, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: Spec, device=None, dtype=None):
         super().__init__()
         att, d = spec.model.attention, spec.model.d_model
-        self.n_heads, self.n_kv, self.head_dim, self.theta = att.n_heads, att.n_kv_heads, att.head_dim, att.rope_theta
         self.wq = nn.Linear(d, att.n_heads * att.head_dim, bias=False, device=device, dtype=dtype)
         self.wk = nn.Linear(d, att.n_kv_heads * att.head_dim, bias=False, device=device, dtype=dtype)
         self.wv = nn.Linear(d, att.n_kv_heads * att.head_dim, bias=False, device=device, dtype=dtype)
+        self.core = AttentionCore(att.n_heads, att.n_kv_heads, att.head_dim, att.rope_theta)
         self.wo = nn.Linear(att.n_heads * att.head_dim, d, bias=False, device=device, dtype=dtype)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = rope_tables(S, self.head_dim, self.theta, device=x_BSD.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(self.core(self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)))
 
 
 class Block(nn.Module):

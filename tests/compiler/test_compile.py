@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lcc.compiler.layout import coords
+from lcc.compiler.output import first_difference
+from lcc.compiler.plan import compile_plan
+from lcc.model import build_model
+from lcc.spec import SpecError, load_spec
+from tests.conftest import ROOT, SHIPPED, SPECS
+
+TINY_LAYOUTS = {
+    "world1": ["parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
+               "parallelism.pipeline.microbatches=1"],
+    "tp2": ["parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",
+            "cluster.gpus_per_node=2", "parallelism.pipeline.microbatches=1"],
+    "pp2": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2"],
+    "dp2_ep2": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],
+    "pp2_tp2": ["parallelism.pp=2", "parallelism.tp=2", "parallelism.dp=1", "parallelism.ep=1",
+                "cluster.gpus_per_node=4"],
+    "pp2_dp2_ep2": ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=4"],
+    "dp2_tp2_ep4": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.tp=2", "parallelism.ep=4",
+                    "cluster.gpus_per_node=4"],
+    "tp4_kv_replicated": ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=8"],
+    "interleaved": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2",
+                    "parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2"],
+}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("mode", ["train", "serve"])
+def test_golden_files_are_current(path, mode):
+    spec = load_spec(path)
+    out = ROOT / "generated" / spec.name / ("serve" if mode == "serve" else "")
+    files = compile_plan(spec, mode)
+    assert first_difference(files, out) is None, "run `make golden` if the change is on purpose"
+    assert compile_plan(load_spec(path), mode) == files  # same spec, same bytes
+
+
+def test_longcat_plan_size():
+    total = sum(p.stat().st_size for p in (ROOT / "generated" / "longcat-2.0").rglob("*") if p.is_file())
+    assert total <= 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("layout", list(TINY_LAYOUTS))
+def test_shards_reassemble_the_reference_parameters(layout):
+    spec = load_spec(SPECS / "tiny-moe.yaml", TINY_LAYOUTS[layout])
+    plan = json.loads(compile_plan(spec)["plan.json"])
+    reference = dict(build_model(spec).named_parameters())
+    par = spec.parallelism
+    stages_of = {int(k): [int(s[5:]) for s in v] for k, v in plan["ranks"]["roles_of_pp_rank"].items()}
+    assert {p["name"] for p in plan["parameters"]} == set(reference)
+    for p in plan["parameters"]:
+        full = reference[p["name"]].detach()
+        rebuilt = torch.zeros_like(full)
+        copies = torch.zeros(full.shape, dtype=torch.int64)
+        for rank in range(par.world_size):
+            c = coords(par, spec.cluster.gpus_per_node, rank)
+            if not set(p["stages"]) & set(stages_of[c.pp]):
+                continue
+            index = [slice(None)] * full.dim()
+            shard = p["shard"]
+            if shard is not None:
+                axis_index, axis_size = {"tp": (c.tp, par.tp), "ep": (c.ep, par.ep)}[shard["axis"]]
+                part = axis_index * shard["parts"] // axis_size
+                size = full.shape[shard["dim"]] // shard["parts"]
+                index[shard["dim"]] = slice(part * size, (part + 1) * size)
+            piece = full[tuple(index)]
+            assert list(piece.shape) == p["local_shape"]
+            rebuilt[tuple(index)] = piece
+            copies[tuple(index)] += 1
+        assert torch.equal(rebuilt, full), p["name"]  # nothing lost
+        # every element is held by the same number of ranks: the declared replication, nothing more
+        holders = par.world_size // par.pp * sum(len(set(p["stages"]) & set(s)) > 0 for s in stages_of.values())
+        shards = p["shard"]["parts"] if p["shard"] else 1
+        assert (copies == holders // shards).all(), p["name"]
+
+
+def test_expert_and_tp_rules_in_plan():
+    spec = load_spec(SPECS / "tiny-moe.yaml", TINY_LAYOUTS["tp4_kv_replicated"])
+    plan = json.loads(compile_plan(spec)["plan.json"])
+    params = {p["name"]: p for p in plan["parameters"]}
+    assert params["layers.0.attn.wq.weight"]["shard"] == {"axis": "tp", "dim": 0, "parts": 4}
+    assert params["layers.0.attn.wk.weight"]["shard"] == {"axis": "tp", "dim": 0, "parts": 2}  # 2 kv heads
+    assert params["layers.0.attn.wo.weight"]["shard"] == {"axis": "tp", "dim": 1, "parts": 4}
+    assert params["layers.0.ffn.experts.w1_EFD"]["shard"] == {"axis": "ep", "dim": 0, "parts": 8}
+    assert params["layers.0.ffn.experts.w1_EFD"]["grad_reduce"] == ["edp"]
+    assert params["layers.0.ffn.router.weight_ED"]["shard"] is None
+    ops = [(c["op"], c["axis"]) for c in plan["roles"][0]["forward_collectives"]]
+    assert ops[:6] == [("all_reduce", "tp"), ("all_reduce", "tp"), ("split_tokens", "tp"), ("all_to_all", "ep"),
+                       ("all_to_all", "ep"), ("all_gather", "tp")]
+    assert plan["experts"]["experts_per_rank"] == 8
+
+
+def test_serve_plan_quantizes_experts():
+    plan = json.loads(compile_plan(load_spec(SPECS / "longcat-2.0.yaml"), "serve")["plan.json"])
+    w1 = next(p for p in plan["parameters"] if p["name"] == "layers.0.ffn.experts.w1_EFD")
+    assert w1["serve"]["packed"] == [16000, 256, 2048] and w1["serve"]["scales"] == [16000, 256, 32]
+    assert plan["backend"] == "triton" and plan["mode"] == "serve"
+
+
+def test_layout_over_memory_names_the_field():
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["cluster.device.memory_gib=0.001"])
+    with pytest.raises(SpecError) as err:
+        compile_plan(spec)
+    assert err.value.first.path == ("cluster", "device", "memory_gib")
+    assert "needs" in err.value.first.message
+
+
+def test_cli_compile_rules(tmp_path):
+    def lcc(*args):
+        return subprocess.run([sys.executable, "-m", "lcc", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+
+    out = lcc("compile", "specs/tiny-moe.yaml", "--set", "parallelism.zero=1")
+    assert out.returncode == 2 and "needs --out" in out.stderr
+    out = lcc("compile", "specs/tiny-moe.yaml", "--set", "parallelism.zero=1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "actions.txt").write_text("changed\n")
+    out = lcc("compile", "specs/tiny-moe.yaml", "--set", "parallelism.zero=1", "--out", str(tmp_path), "--check")
+    assert out.returncode == 1 and "actions.txt:1: differs" in out.stderr
+    out = lcc("compile", "specs/tiny-moe.yaml", "--check")
+    assert out.returncode == 0, out.stderr
