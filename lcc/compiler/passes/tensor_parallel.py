@@ -37,9 +37,7 @@ def run(state: CompileState) -> None:
             continue
         site = name.rsplit(".", 1)[0]
         for stage in info.stages:
-            if name.endswith(ROW):
-                state.collectives.setdefault(stage, []).append({"site": site, "op": reduce, "axis": "tp"})
-            elif name == "embed.weight" and stage == 0:
+            if name.endswith(ROW) or name == "embed.weight" and stage == 0:
                 state.collectives.setdefault(stage, []).append({"site": site, "op": reduce, "axis": "tp"})
             elif name.endswith("attn.wq.weight") and sp:
                 state.collectives.setdefault(stage, []).append({"site": site, "op": "all_gather", "axis": "tp"})
