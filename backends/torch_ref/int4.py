@@ -34,20 +34,28 @@ def quantize(w: torch.Tensor, group_size: int, symmetric: bool = True) -> Int4We
         raise ValueError(f"group_size {group_size} must be even and divide the input dim {n_in}")
     g = w.detach().to(torch.float32).reshape(*lead, n_in // group_size, group_size)
     if symmetric:
-        scale = (g.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-12)
-        scale = scale.to(torch.float16).to(torch.float32).clamp(min=torch.finfo(torch.float16).tiny)
+        scale = _fp16_at_least(g.abs().amax(-1, keepdim=True) / 7)
         codes = (torch.round(g / scale).clamp(-8, 7) + 8).to(torch.uint8)
         zeros = None
     else:
         lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.float16).to(torch.float32)
-        scale = scale.clamp(min=torch.finfo(torch.float16).tiny)
+        scale = _fp16_at_least((hi - lo) / 15)
         zero = torch.round(-lo / scale).clamp(0, 15)
         codes = (torch.round(g / scale) + zero).clamp(0, 15).to(torch.uint8)
         zeros = zero.squeeze(-1).to(torch.uint8)
     codes = codes.reshape(*lead, n_in)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return Int4Weight(packed, scale.squeeze(-1).to(torch.float16), zeros, group_size, tuple(w.shape))
+
+
+def _fp16_at_least(scale: torch.Tensor) -> torch.Tensor:
+    """The float16 value at or just above each scale (rounding down would push the range's end one
+    code past the last one, and the clamp would then exceed half a step), as float32."""
+    tiny = torch.finfo(torch.float16).tiny
+    s16 = scale.clamp(min=tiny).to(torch.float16)
+    low = s16.to(torch.float32) < scale
+    s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    return s16.to(torch.float32)
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:

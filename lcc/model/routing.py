@@ -18,7 +18,7 @@ from lcc.spec.models import MoE, Routing
 
 @dataclass
 class RouteResult:
-    experts_TK: torch.Tensor  # chosen expert ids, ranked; masked slots hold the id of the best expert
+    experts_TK: torch.Tensor  # ranked expert ids; slots beyond k(x) (masked) hold lower-ranked candidates
     gates_TK: torch.Tensor  # gate of each slot (0 where masked or dropped)
     mask_TK: torch.Tensor  # bool: slot is used (k(x) slots, minus capacity drops)
     k_T: torch.Tensor  # experts chosen per token before capacity drops
@@ -84,7 +84,7 @@ class Router(nn.Module):
             if n:
                 parts.append((w_groups[g] @ x_SD[start:start + n].T).T)  # measured faster for few tokens
                 start += n
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else x_SD.new_zeros(0, w_GPD.shape[1])
 
     def forward(self, x_TD: torch.Tensor) -> RouteResult:
         # routing math runs in float32 or wider, also under bfloat16 autocast
@@ -103,8 +103,9 @@ class Router(nn.Module):
             s = torch.sigmoid(z_TGkP)
             p_TGkP = s / s.sum(dim=-1, keepdim=True)
         # step 4: joint probability over the C candidates (ascending expert id)
-        pi_TC = (q_TGk.to(p_TGkP.dtype).unsqueeze(-1) * p_TGkP).reshape(T, -1)
-        cand_TC = (kept_TGk.unsqueeze(-1) * P + torch.arange(P, device=x_TD.device)).reshape(T, -1)
+        C = self.cfg.groups.top * P
+        pi_TC = (q_TGk.to(p_TGkP.dtype).unsqueeze(-1) * p_TGkP).reshape(T, C)
+        cand_TC = (kept_TGk.unsqueeze(-1) * P + torch.arange(P, device=x_TD.device)).reshape(T, C)
         # step 5: rank by pi + load bias (least_loaded) or pi
         rank_score = pi_TC.detach()
         if cfg.experts.selection == "least_loaded":  # the bias is float64: rank in float64
@@ -134,7 +135,7 @@ class Router(nn.Module):
         zero = pi_TC.new_zeros(())
         balance = cfg.balance
         aux = self.balance_loss(pi_TC, cand_TC, experts_TK, mask_TK) if balance.aux_loss_coef else zero
-        z_loss = torch.logsumexp(z_TGkP.reshape(T, -1), dim=-1).pow(2).mean() if balance.z_loss_coef else zero
+        z_loss = torch.logsumexp(z_TGkP.reshape(T, C), dim=-1).pow(2).mean() if balance.z_loss_coef else zero
         return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, dropped, aux, z_loss)
 
     def apply_capacity(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -55,3 +55,11 @@ def test_quantized_ffn_equals_dequantized_weights():
 def test_bad_group_size():
     with pytest.raises(ValueError, match="group_size"):
         quantize(torch.randn(2, 10), 4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_error_at_most_half_a_step_at_group_128(symmetric):
+    w = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(7))
+    q = quantize(w, 128, symmetric)
+    err = (dequantize(q) - w).abs().reshape(3, 16, 2, 128)
+    assert (err <= q.scales.to(torch.float32).unsqueeze(-1) * 0.5 * (1 + 1e-6)).all()

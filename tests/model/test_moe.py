@@ -147,3 +147,11 @@ def test_losses_skipped_when_unused():
     block = make_block()
     block(torch.randn(1, 5, 16))
     assert block.last_stats.aux_loss.item() == 0 and block.last_stats.z_loss.item() == 0
+
+
+def test_empty_input():
+    block = make_block()
+    x = torch.zeros(0, 1, 16, requires_grad=True)
+    y = block(x)
+    assert y.shape == (0, 1, 16)
+    y.sum().backward()
