@@ -1,7 +1,7 @@
 """The parallel layout as pure functions: rank order, process groups, expert placement, stage partition.
 
 These are shared by the cost model and the compiler, and never import torch. The rank order is fixed
-(DESIGN.md): `rank = (pp_i * dp + dp_i) * tp + tp_i`, tp fastest so that a TP group sits in a node;
+(docs/cost-model.md): `rank = (pp_i * dp + dp_i) * tp + tp_i`, tp fastest so that a TP group sits in a node;
 experts fold over `f = dp_i * tp + tp_i` as `ep_i = f mod ep`, `edp_i = f div ep`.
 """
 

@@ -1,4 +1,4 @@
-"""Token streams and the data order every layout shares (DESIGN.md, "Data order").
+"""Token streams and the data order every layout shares (docs/model.md).
 
 Step s takes sequences [s B, (s + 1) B) of the stream (B = train.global_batch), split in order into
 dp * microbatches units; data-parallel rank i processes units [i m, (i + 1) m). Each sequence holds

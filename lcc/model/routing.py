@@ -1,4 +1,4 @@
-"""Hierarchical routing (DESIGN.md "Routing semantics"), step by step and visible in `forward`.
+"""Hierarchical routing (docs/model.md, "Routing, as implemented"), step by step and visible in `forward`.
 
 Shapes: T tokens, D model dim, G groups, Gk kept groups per token, P experts per group, C = Gk * P
 candidates per token, K = k.max static slots.

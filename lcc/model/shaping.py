@@ -1,4 +1,4 @@
-"""Adaptive gradient shaping for sparse expert updates (DESIGN.md, routing step 11).
+"""Adaptive gradient shaping for sparse expert updates (docs/model.md, "Gradient shaping").
 
 Over an optimizer step, expert e's weight gradient is multiplied by T / n_e: T tokens in the step, n_e
 slots routed to e, both summed over micro-batches and ranks by the caller. An expert that received no

@@ -1,6 +1,6 @@
 """Single-process training of the reference model: the ground truth that parallel runs must reproduce.
 
-One optimizer step processes the step's units one after another (DESIGN.md "Data order"):
+One optimizer step processes the step's units one after another (docs/model.md, "Single-process training"):
 loss = sum over units of (cross-entropy summed over the unit's tokens / tokens in the step)
      + sum over units and MoE layers of (aux_loss_coef * Switch loss + z_loss_coef * z-loss) / units.
 Then: expert gradient shaping from the step's loads, global-norm clipping, AdamW, load-bias update.

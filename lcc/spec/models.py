@@ -1,4 +1,4 @@
-"""The spec's pydantic models. Field names are the public interface (docs/spec.md, SPEC.md).
+"""The spec's pydantic models. Field names are the public interface (docs/spec.md).
 
 Every model forbids unknown fields; derived values are properties, never fields, so a spec cannot
 contradict itself. Cross-field rules live in `checks.py`, where they can name every field they involve.
