@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lcc.compiler.codegen import render_programs
 from lcc.compiler.cost import cost_report
 from lcc.compiler.layout import coords
 from lcc.compiler.passes import data_parallel, expert_placement, moe_lowering, partition, quantize, tensor_parallel
@@ -82,7 +83,11 @@ def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
                                     "bubble_fraction": sim.bubble_fraction, "cost_units": COST}},
         "cost": report,
     }
+    programs = render_programs(state)
+    for role in plan["roles"]:
+        role["program"] = f"programs/{role['name']}.py"
     return {
+        **programs,
         "plan.json": _dump(plan),
         "schedule.csv": to_csv(compute),
         "actions.txt": _actions_text(state, lowered),

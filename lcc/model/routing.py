@@ -34,18 +34,14 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values[..., :k], index[..., :k]
 
 
-class Router(nn.Module):
-    """Stage 1: cosine group affinity; stage 2: group-major expert scoring and least-loaded ranking."""
+class RouterMath:
+    """The routing arithmetic on given tensors: what `Router` runs on its own parameters, and what
+    compiled programs call (`route`) on their local copies."""
 
-    def __init__(self, d_model: int, moe: MoE, routing: Routing, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
-        super().__init__()
-        self.n_groups, self.per_group = moe.n_groups, moe.experts_per_group
-        self.n_experts = moe.n_experts
-        self.cfg = routing
-        self.centroids_GD = nn.Parameter(torch.empty(moe.n_groups, d_model, device=device, dtype=dtype))
-        self.weight_ED = nn.Parameter(torch.empty(moe.n_experts, d_model, device=device, dtype=dtype))
-        self.register_buffer("bias_E", torch.zeros(moe.n_experts, device=device, dtype=torch.float64))
+    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing):
+        self.centroids_GD, self.weight_ED, self.bias_E, self.cfg = centroids_GD, weight_ED, bias_E, cfg
+        self.n_groups, self.n_experts = centroids_GD.shape[0], weight_ED.shape[0]
+        self.per_group = self.n_experts // self.n_groups
 
     def group_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-2: kept groups (ascending id) and their weights q (softmax over the kept affinities)."""
@@ -86,7 +82,7 @@ class Router(nn.Module):
                 start += n
         return torch.cat(parts) if parts else x_SD.new_zeros(0, w_GPD.shape[1])
 
-    def forward(self, x_TD: torch.Tensor) -> RouteResult:
+    def route(self, x_TD: torch.Tensor) -> RouteResult:
         # routing math runs in float32 or wider, also under bfloat16 autocast
         with torch.autocast(x_TD.device.type, enabled=False):
             return self._route(x_TD.to(torch.promote_types(x_TD.dtype, torch.float32)))
@@ -163,11 +159,48 @@ class Router(nn.Module):
                                                                                pi_TC.reshape(-1)) / T
         return E * (f_E * P_E).sum()
 
-    @torch.no_grad()
+
+
+def route(x_TD: torch.Tensor, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor,
+          cfg: Routing) -> RouteResult:
+    return RouterMath(centroids_GD, weight_ED, bias_E, cfg).route(x_TD)
+
+
+@torch.no_grad()
+def update_bias(bias_E: torch.Tensor, load_E: torch.Tensor, cfg: Routing) -> None:
+    """Step 8, once per optimizer step, from loads summed over micro-batches and ranks (in place)."""
+    if cfg.experts.selection != "least_loaded":
+        return
+    load = load_E.to(torch.float64)
+    bias_E += cfg.balance.bias_rate * torch.sign(load.mean() - load)
+
+
+class Router(nn.Module):
+    """Stage 1: cosine group affinity; stage 2: group-major expert scoring and least-loaded ranking."""
+
+    def __init__(self, d_model: int, moe: MoE, routing: Routing, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.n_groups, self.per_group = moe.n_groups, moe.experts_per_group
+        self.n_experts = moe.n_experts
+        self.cfg = routing
+        self.centroids_GD = nn.Parameter(torch.empty(moe.n_groups, d_model, device=device, dtype=dtype))
+        self.weight_ED = nn.Parameter(torch.empty(moe.n_experts, d_model, device=device, dtype=dtype))
+        self.register_buffer("bias_E", torch.zeros(moe.n_experts, device=device, dtype=torch.float64))
+
+    @property
+    def math(self) -> RouterMath:
+        return RouterMath(self.centroids_GD, self.weight_ED, self.bias_E, self.cfg)
+
+    def forward(self, x_TD: torch.Tensor) -> RouteResult:
+        return self.math.route(x_TD)
+
+    def group_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.math.group_scores(x_TD)
+
+    def expert_logits(self, x_TD: torch.Tensor, kept_TGk: torch.Tensor) -> torch.Tensor:
+        return self.math.expert_logits(x_TD, kept_TGk)
+
     def update_bias(self, load_E: torch.Tensor) -> None:
-        """Step 8, once per optimizer step, from loads summed over micro-batches and ranks."""
-        if self.cfg.experts.selection != "least_loaded":
-            return
-        load = load_E.to(torch.float64)
-        self.bias_E += self.cfg.balance.bias_rate * torch.sign(load.mean() - load)
+        update_bias(self.bias_E, load_E, self.cfg)
 

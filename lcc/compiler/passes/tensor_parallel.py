@@ -26,9 +26,11 @@ def run(state: CompileState) -> None:
             info.shard = {"dim": 0, "axis": "tp", "parts": tp}
         elif name.endswith(ROW):
             info.shard = {"dim": 1, "axis": "tp", "parts": tp}
-        # norms and routers stay replicated over tp; with sequence parallelism each tp rank sees other
-        # tokens, so their gradients are summed over tp too
-        info.grad_reduce = ["dp"] + (["tp"] if info.shard is None and sp and tp > 1 else [])
+        # norms and routers stay replicated over tp. A router sees only its tp rank's share of the tokens
+        # (MoE layers split them), and with sequence parallelism so does every replicated parameter:
+        # those gradients are summed over tp too
+        partial = ".ffn.router." in name or (info.shard is None and sp)
+        info.grad_reduce = ["dp"] + (["tp"] if partial and tp > 1 else [])
         if info.shard is not None and info.shard["parts"] == 1:
             info.shard = None
     reduce = "reduce_scatter" if sp else "all_reduce"

@@ -1,0 +1,21 @@
+"""The vocabulary of generated programs: every line of a rank's program calls one of these.
+
+Dense and MoE ops on local shards, each equal to the reference model's computation, and collectives
+with explicit autograd rules. A program receives its process groups per mesh axis; with a group of one
+rank every collective is the identity.
+"""
+
+from lcc.ops.collectives import all_reduce, all_to_all, copy_to_tp, gather_tokens, split_tokens
+from lcc.ops.layers import attention, embedding_shard, linear, rms_norm
+from lcc.ops.moe import (
+    MoEPlan,
+    combine_tokens,
+    grouped_swiglu,
+    grouped_swiglu_int4,
+    moe_plan,
+    route,
+)
+
+__all__ = ["MoEPlan", "all_reduce", "all_to_all", "attention", "combine_tokens", "copy_to_tp", "embedding_shard",
+           "gather_tokens", "grouped_swiglu", "grouped_swiglu_int4", "linear", "moe_plan", "rms_norm", "route",
+           "split_tokens"]

@@ -1,0 +1,63 @@
+"""MoE ops of generated programs: routing, the expert-parallel exchange plan, experts, combine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
+from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
+from lcc.model.routing import RouteResult, route
+from lcc.ops.collectives import Group, _size, exchange_counts
+
+__all__ = ["MoEPlan", "combine_tokens", "grouped_swiglu", "grouped_swiglu_int4", "moe_plan", "route"]
+
+
+@dataclass
+class MoEPlan:
+    """Where this rank's routed slots go and where the slots its experts receive come from."""
+
+    local: Dispatch  # this rank's slots sorted by global expert id
+    send: list[int]  # rows to each EP rank
+    recv: list[int]  # rows from each EP rank
+    order: torch.Tensor  # received rows (source-major) -> local-expert-major
+    inverse: torch.Tensor  # and back
+    local_counts: list[int]  # rows per local expert
+
+    @property
+    def token_S(self) -> torch.Tensor:
+        return self.local.token_S
+
+
+def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
+    """Sort the slots by expert and exchange per-expert counts with the EP group (a small all-to-all)."""
+    local = dispatch(routed, n_experts)
+    ep = _size(group)
+    per = n_experts // ep
+    counts = torch.tensor(local.counts_E, dtype=torch.int64).view(ep, per)
+    received = exchange_counts(counts, group)  # row s: what source s sends to my experts
+    send, recv = counts.sum(1).tolist(), received.sum(1).tolist()
+    starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(ep, per)
+    pieces = [torch.arange(int(starts[s, e]), int(starts[s, e] + received[s, e]))
+              for e in range(per) for s in range(ep)]
+    order = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return MoEPlan(local, send, recv, order, inverse, received.sum(0).tolist())
+
+
+def grouped_swiglu(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                   w2_EDF: torch.Tensor) -> torch.Tensor:
+    return swiglu_segments(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
+
+
+def grouped_swiglu_int4(x_SD: torch.Tensor, counts: list[int], w1: Int4Weight, w3: Int4Weight,
+                        w2: Int4Weight) -> torch.Tensor:
+    """Serve plans: the same experts from packed int4 weights."""
+    return int4_swiglu_segments(x_SD, counts, w1, w3, w2)
+
+
+def combine_tokens(y_SD: torch.Tensor, plan: MoEPlan, x_TD: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of each token's expert outputs (rows back in this rank's slot order)."""
+    return combine(y_SD, plan.local, x_TD.shape[0])
