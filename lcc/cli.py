@@ -112,6 +112,49 @@ def compile(  # noqa: A001 - the command is called compile
     typer.echo(f"wrote {target}/ ({', '.join(sorted(files))})")
 
 
+run_app = typer.Typer(no_args_is_help=True, help="Execute compiled plans on torch.distributed.")
+app.add_typer(run_app, name="run")
+
+
+@run_app.command("train")
+def run_train(
+    target: Annotated[Path, typer.Argument(help="A spec (compiled into .lcc-cache/) or a compiled plan folder.")],
+    set_: SetOpt = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default train.steps).")] = None,
+    metrics: Annotated[Path | None, typer.Option("--metrics", help="Write one JSON object per step here.")] = None,
+) -> None:
+    """Train on local ranks (gloo on CPU), one process per rank of the plan."""
+    import json as _json
+
+    from lcc.runtime.launch import RunError, launch
+
+    if target.is_dir():
+        if set_:
+            typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
+            raise typer.Exit(2)
+        plan_dir = target
+    else:
+        from lcc.compiler.output import write
+        from lcc.compiler.plan import compile_plan
+        from lcc.spec import spec_hash
+
+        loaded = _load(target, set_)
+        plan_dir = Path(".lcc-cache") / f"{loaded.name}-{spec_hash(loaded)[:16]}"
+        if not (plan_dir / "plan.json").is_file():
+            try:
+                write(compile_plan(loaded), plan_dir)
+            except SpecError as exc:
+                typer.echo(str(exc), err=True)
+                raise typer.Exit(2) from None
+    spec = _json.loads((plan_dir / "spec.json").read_text())
+    total = steps if steps is not None else spec["train"]["steps"]
+    try:
+        launch(plan_dir, total, metrics)
+    except (RunError, NotImplementedError) as exc:
+        typer.echo(f"lcc run train: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     try:
         app()

@@ -17,7 +17,7 @@ from lcc.compiler.passes import data_parallel, expert_placement, moe_lowering, p
 from lcc.compiler.schedule import COST, add_p2p, generate, simulate, to_csv
 from lcc.compiler.state import CompileState
 from lcc.compiler.trace import trace
-from lcc.spec import Problem, SpecError, locate, spec_hash
+from lcc.spec import Problem, SpecError, locate, resolved, spec_hash
 from lcc.spec.models import Spec
 
 PLAN_VERSION = 1
@@ -89,6 +89,7 @@ def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
     return {
         **programs,
         "plan.json": _dump(plan),
+        "spec.json": json.dumps(resolved(spec), indent=1, sort_keys=True) + "\n",
         "schedule.csv": to_csv(compute),
         "actions.txt": _actions_text(state, lowered),
     }

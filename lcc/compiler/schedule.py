@@ -9,29 +9,11 @@ dependency order) and measures it. Nothing here executes anything.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-KINDS = ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
-_PATTERN = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)$")
+from lcc.actions import KINDS, Action
+
 COST = {"F": 1, "B": 2}  # relative compute time of a forward and a backward, for the simulator
-
-
-@dataclass(frozen=True, order=True)
-class Action:
-    stage: int
-    kind: str
-    mb: int
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.mb}"
-
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        m = _PATTERN.match(text.strip())
-        if not m:
-            raise ValueError(f"not an action: {text!r} (expected e.g. 0F3, 1B2, 0SEND_F3, 1RECV_B2)")
-        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
 
 
 Schedule = list[list[Action]]  # one action list per pipeline rank

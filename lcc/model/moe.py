@@ -91,8 +91,10 @@ def swiglu_loop(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_
         h = F.silu(xs @ w1s[e].T) * (xs @ w3s[e].T)
         outs.append(h @ w2s[e].T)
         start += n
-    if not outs:
-        return x_SD.new_zeros(0, w2_EDF.shape[1])
+    if not outs:  # no tokens: still an output connected to x, so that backward visits the same ops on
+        # every rank (an expert-parallel all-to-all upstream must run its backward everywhere)
+        h = F.silu(x_SD @ w1s[0].T) * (x_SD @ w3s[0].T)
+        return h @ w2s[0].T
     return torch.cat(outs)
 
 

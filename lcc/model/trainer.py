@@ -24,6 +24,11 @@ from lcc.model.transformer import Transformer
 from lcc.spec.models import Spec
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in float32 at least (float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def lr_at(spec: Spec, step: int) -> float:
     """Linear warm-up over warmup_steps, then cosine decay to min_lr_ratio * lr at the last step."""
     opt, total = spec.train.optimizer, spec.train.steps
@@ -52,8 +57,11 @@ def autocast(spec: Spec, device: torch.device) -> contextlib.AbstractContextMana
 
 
 class ReferenceTrainer:
-    def __init__(self, spec: Spec, model: Transformer | None = None, spec_dir: Path | None = None):
+    def __init__(self, spec: Spec, model: Transformer | None = None, spec_dir: Path | None = None,
+                 keep_grads: bool = False):
         self.spec = spec
+        self.keep_grads = keep_grads  # keep each step's final gradients (shaped, before clipping) for tests
+        self.last_grads: dict[str, torch.Tensor] = {}
         self.model = model if model is not None else build_model(spec)
         self.device = next(self.model.parameters()).device
         self.optimizer = make_optimizer(spec, self.model)
@@ -66,7 +74,7 @@ class ReferenceTrainer:
         inputs, targets = unit[:, :-1].to(self.device), unit[:, 1:].to(self.device)
         with autocast(self.spec, self.device):
             logits = self.model(inputs)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        ce = F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(), reduction="sum")
         loss = ce / step_tokens
         balance = self.spec.routing.balance if self.spec.routing is not None else None
         if balance is not None:
@@ -93,6 +101,8 @@ class ReferenceTrainer:
         if spec.train.gradient_shaping.experts == "token_count":
             for i, block in model.moe_blocks():
                 shape_expert_grads(block.experts, routing[i].load_E, step_tokens)
+        if self.keep_grads:
+            self.last_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         clip = spec.train.optimizer.grad_clip
         grads = [p for p in model.parameters() if p.grad is not None]
         grad_norm = (torch.nn.utils.clip_grad_norm_(grads, clip) if clip > 0
@@ -115,6 +125,6 @@ class ReferenceTrainer:
             seqs = self.held_out.sequences(start, min(batch, n_sequences - start)).to(self.device)
             with autocast(self.spec, self.device):
                 logits = self.model(seqs[:, :-1])
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum"))
+            total += float(F.cross_entropy(_wide(logits).flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum"))
             count += seqs[:, 1:].numel()
         return total / count

@@ -7,6 +7,7 @@ rank every collective is the identity.
 
 from lcc.ops.collectives import all_reduce, all_to_all, copy_to_tp, gather_tokens, split_tokens
 from lcc.ops.layers import attention, embedding_shard, linear, rms_norm
+from lcc.ops.loss import vocab_parallel_cross_entropy
 from lcc.ops.moe import (
     MoEPlan,
     combine_tokens,
@@ -18,4 +19,4 @@ from lcc.ops.moe import (
 
 __all__ = ["MoEPlan", "all_reduce", "all_to_all", "attention", "combine_tokens", "copy_to_tp", "embedding_shard",
            "gather_tokens", "grouped_swiglu", "grouped_swiglu_int4", "linear", "moe_plan", "rms_norm", "route",
-           "split_tokens"]
+           "split_tokens", "vocab_parallel_cross_entropy"]

@@ -1,0 +1,95 @@
+"""Start the ranks of a plan on this machine (gloo on loopback), supervise them, and collect metrics.
+
+A rank that raises or dies ends the whole run with that rank's error; a rank stuck in a collective
+gives up after `train.collective_timeout_s` (the process group's timeout), and a watchdog bounds the
+whole run. Ctrl-C stops every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class RunError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
+            timeout_s: float, quiet: bool) -> None:
+    from lcc.runtime.engine import RankEngine
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
+        engine = RankEngine(Path(plan_dir), rank, keep_grads=bool(dump))
+        out = open(metrics, "w") if metrics and rank == 0 else None  # noqa: SIM115 - closed below
+        try:
+            for step in range(steps):
+                start = time.perf_counter()
+                record = engine.train_step(step)
+                if dump and step == 0:
+                    torch.save(engine.last_grads, Path(dump) / f"grads_rank{rank}.pt")
+                record["seconds"] = time.perf_counter() - start
+                record["tokens_per_second"] = record["tokens"] / record["seconds"]
+                if rank == 0:
+                    if out is not None:
+                        out.write(json.dumps(record, sort_keys=True) + "\n")
+                        out.flush()
+                    if not quiet:
+                        print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  "
+                              f"{record['tokens_per_second']:.0f} tokens/s", flush=True)
+        finally:
+            if out is not None:
+                out.close()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False) -> None:
+    plan = json.loads((Path(plan_dir) / "plan.json").read_text())
+    spec = json.loads((Path(plan_dir) / "spec.json").read_text())
+    world = plan["world_size"]
+    timeout_s = float(spec["train"]["collective_timeout_s"])
+    threads = max(1, (os.cpu_count() or 1) // world)
+    args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet)
+    if world == 1:
+        _worker(0, *args)
+        return
+    context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s * (steps + 2)
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise RunError(f"the run did not finish within {deadline:.0f} s of watchdog time")
+    except mp.ProcessRaisedException as exc:
+        raise RunError(f"rank {exc.error_index} failed:\n{exc}") from None
+    except mp.ProcessExitedException as exc:
+        raise RunError(f"rank {exc.error_index} exited with code {exc.exit_code} ({exc})") from None
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,49 @@
+"""A rank's own parameter shards, materialised from the deterministic initialisation.
+
+Expert weights are drawn for this rank's experts only (values depend on (seed, name, expert id)), so a
+rank never builds the experts it does not hold. Dense parameters are drawn whole and sliced: they are
+small next to the experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lcc.model.build import init_values
+from lcc.spec.models import Spec
+
+
+def part_index(shard: dict[str, Any], coords: dict[str, int], sizes: dict[str, int]) -> int:
+    """Which of the `parts` slices a rank holds: axis index * parts // axis size."""
+    return coords[shard["axis"]] * shard["parts"] // sizes[shard["axis"]]
+
+
+def local_parameters(spec: Spec, plan: dict[str, Any], coords: dict[str, int], sizes: dict[str, int],
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    stages = {int(s[len("stage"):]) for s in plan["ranks"]["roles_of_pp_rank"][str(coords["pp"])]}
+    out = {}
+    for p in plan["parameters"]:
+        if not stages & set(p["stages"]):
+            continue
+        shard, shape = p["shard"], tuple(p["global_shape"])
+        if shard is not None and p["expert"]:
+            per = shape[0] // shard["parts"]
+            first = part_index(shard, coords, sizes) * per
+            value = init_values(spec, p["name"], shape, dtype, experts=range(first, first + per))
+        else:
+            value = init_values(spec, p["name"], shape, dtype)
+            if shard is not None:
+                value = value.chunk(shard["parts"], dim=shard["dim"])[part_index(shard, coords, sizes)]
+        out[p["name"]] = torch.nn.Parameter(value.contiguous())
+    return out
+
+
+def counts_once(p: dict[str, Any], coords: dict[str, int], sizes: dict[str, int]) -> bool:
+    """True on exactly one of the ranks holding each element of parameter p (for the global norm)."""
+    if p["expert"]:
+        return coords["edp"] == 0
+    shard = p["shard"]
+    tp_ok = coords["tp"] == 0 if shard is None else coords["tp"] % (sizes["tp"] // shard["parts"]) == 0
+    return coords["dp"] == 0 and tp_ok
