@@ -126,7 +126,8 @@ def run_train(
     """Train on local ranks (gloo on CPU), one process per rank of the plan."""
     import json as _json
 
-    from lcc.runtime.launch import RunError, launch
+    from lcc.runtime.launch import launch
+    from lcc.runtime.support import RunError
 
     if target.is_dir():
         if set_:
@@ -150,7 +151,7 @@ def run_train(
     total = steps if steps is not None else spec["train"]["steps"]
     try:
         launch(plan_dir, total, metrics)
-    except (RunError, NotImplementedError) as exc:
+    except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(1) from None
 

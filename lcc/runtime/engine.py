@@ -20,10 +20,12 @@ from lcc.actions import read_actions
 from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, step_units
 from lcc.model.routing import RouteResult, update_bias
 from lcc.model.shaping import token_count_factors
+from lcc.model.stats import imbalance
 from lcc.model.trainer import lr_at, make_optimizer
 from lcc.ops import vocab_parallel_cross_entropy
 from lcc.runtime.mesh import Mesh, build_mesh
 from lcc.runtime.shards import counts_once, local_parameters
+from lcc.runtime.support import check_supported
 from lcc.spec import Spec
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
@@ -41,6 +43,23 @@ class StepContext:
         self.routes.setdefault(site, []).append(route)
 
 
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory (CUDA: the allocator's peak)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def router_summary(load: torch.Tensor, k_hist: torch.Tensor, ep: int) -> dict[str, Any]:
+    tokens = float(k_hist.sum())
+    per_rank = load.view(ep, -1).sum(-1)
+    return {"experts_per_token": float((k_hist * torch.arange(len(k_hist))).sum()) / max(tokens, 1.0),
+            "k_histogram": k_hist[1:].tolist(), "load_per_expert": load.tolist(),
+            "imbalance_expert": imbalance(load), "imbalance_ep_rank": imbalance(per_rank)}
+
+
 def load_program(path: Path) -> types.ModuleType:
     module = types.ModuleType(path.stem)
     module.__file__ = str(path)
@@ -54,15 +73,9 @@ class RankEngine:
         self.keep_grads = keep_grads  # keep each step's final local gradients (reduced, shaped) for tests
         self.last_grads: dict[str, torch.Tensor] = {}
         self.plan = json.loads((self.dir / "plan.json").read_text())
-        self.spec = Spec.model_validate(json.loads((self.dir / "spec.json").read_text()))
-        spec, par = self.spec, self.spec.parallelism
-        if par.zero or par.activation_checkpointing != "none":
-            raise NotImplementedError(
-                f"this plan asks for ZeRO {par.zero} / activation checkpointing {par.activation_checkpointing!r}, "
-                "which the runtime does not implement yet; it refuses rather than run without them")
-        if spec.routing is not None and spec.routing.balance.aux_loss_coef and par.tp > 1:
-            raise NotImplementedError("routing.balance.aux_loss_coef > 0 with tp > 1 is not supported by the "
-                                      "runtime yet (the Switch loss needs unit-wide loads across the TP group)")
+        resolved = json.loads((self.dir / "spec.json").read_text())
+        check_supported(resolved)
+        self.spec = spec = Spec.model_validate(resolved)
         self.mesh: Mesh = build_mesh(self.plan, rank)
         c = self.mesh.coords
         self.dtype = DTYPES[spec.train.dtype]
@@ -200,12 +213,20 @@ class RankEngine:
         self.optimizer.step()
         for site, load in loads.items():
             update_bias(self.bias[f"{site}.router.bias_E"], load, spec.routing)
+        world = None if self.mesh.world == 1 else dist.group.WORLD
         loss = ce_sum if c["tp"] == 0 else torch.zeros((), dtype=torch.float64)
-        loss = self._all_reduce(loss, None if self.mesh.world == 1 else dist.group.WORLD)
+        loss = self._all_reduce(loss, world)
+        peak = torch.tensor(float(peak_memory_bytes()), dtype=torch.float64)
+        self._all_reduce(peak, world, dist.ReduceOp.MAX)
+        router = {site: router_summary(load, k_hist[site], sizes["ep"]) for site, load in loads.items()}
+        if world is not None and self.mesh.sizes["pp"] > 1:  # every stage's layers, in the record of each rank
+            mine = router if c["dp"] == 0 and c["tp"] == 0 else {}
+            parts: list[Any] = [None] * self.mesh.world
+            dist.all_gather_object(parts, mine)
+            router = {site: r for part in parts for site, r in part.items()}
         return {"step": step, "loss": float(loss) / step_tokens, "lr": lr, "grad_norm": grad_norm,
-                "tokens": step_tokens,
-                "router": {site: {"load_per_expert": load.tolist(), "k_histogram": k_hist[site][1:].tolist()}
-                           for site, load in loads.items()}}
+                "tokens": step_tokens, "peak_memory_bytes": int(peak),
+                "router": dict(sorted(router.items(), key=lambda kv: int(kv[0].split(".")[1])))}
 
     def _sum_tied_embedding(self) -> None:
         """A tied head on the last stage holds a copy of the embedding: the two gradients are summed."""

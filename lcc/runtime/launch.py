@@ -19,9 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-class RunError(RuntimeError):
-    pass
+from lcc.runtime.support import RunError, check_supported
 
 
 def _free_port() -> int:
@@ -31,11 +29,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
-            timeout_s: float, quiet: bool) -> None:
+            timeout_s: float, quiet: bool, init: bool = True) -> None:
     from lcc.runtime.engine import RankEngine
 
     torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if init:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
@@ -55,8 +54,9 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
                         out.write(json.dumps(record, sort_keys=True) + "\n")
                         out.flush()
                     if not quiet:
+                        worst = max((r["imbalance_expert"] for r in record["router"].values()), default=1.0)
                         print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  "
-                              f"{record['tokens_per_second']:.0f} tokens/s", flush=True)
+                              f"{record['tokens_per_second']:.0f} tokens/s  router imbalance {worst:.2f}", flush=True)
         finally:
             if out is not None:
                 out.close()
@@ -68,7 +68,13 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
 def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False) -> None:
     plan = json.loads((Path(plan_dir) / "plan.json").read_text())
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
+    check_supported(spec)
     world = plan["world_size"]
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
+        if int(os.environ["WORLD_SIZE"]) != world:
+            raise RunError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; the plan needs {world}")
+        _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]))
+        return
     timeout_s = float(spec["train"]["collective_timeout_s"])
     threads = max(1, (os.cpu_count() or 1) // world)
     args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet)
@@ -89,6 +95,14 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
         for p in context.processes:
             if p.is_alive():
                 p.kill()
+
+
+def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bool, timeout_s: float) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    _worker(rank, world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
+            threads, timeout_s, quiet, init=False)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -43,12 +43,14 @@ def reference():
         key = spec.model_dump_json()
         if key not in cache:
             trainer = ReferenceTrainer(spec, keep_grads=True)
-            losses, grads = [], None
+            losses, grads, loads = [], None, []
             for step in range(STEPS):
-                losses.append(trainer.train_step(step)["loss"])
+                record = trainer.train_step(step)
+                losses.append(record["loss"])
+                loads.append({f"layers.{i}.ffn": r["load_per_expert"] for i, r in record["router"].items()})
                 if step == 0:
                     grads = trainer.last_grads
-            cache[key] = (losses, grads)
+            cache[key] = (losses, grads, loads)
         return cache[key]
 
     return run
@@ -63,9 +65,11 @@ def test_layout_equals_reference(layout, tmp_path, reference, monkeypatch):
     write(compile_plan(spec), plan_dir)
     monkeypatch.setenv("LCC_DUMP_GRADS", str(tmp_path))
     launch(plan_dir, STEPS, tmp_path / "metrics.jsonl", quiet=True)
-    losses = [m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl")]
-    ref_losses, ref_grads = reference(spec.model_copy(update={"parallelism": spec.parallelism}))
-    assert losses == pytest.approx(ref_losses, rel=1e-8, abs=0)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    ref_losses, ref_grads, ref_loads = reference(spec)
+    assert [m["loss"] for m in records] == pytest.approx(ref_losses, rel=1e-8, abs=0)
+    # routing decisions: every expert's load, every layer, every step
+    assert [{site: r["load_per_expert"] for site, r in m["router"].items()} for m in records] == ref_loads
     # step-1 gradients, reassembled from every rank's shards, per parameter
     par = spec.parallelism
     import json
@@ -86,3 +90,15 @@ def test_layout_equals_reference(layout, tmp_path, reference, monkeypatch):
             error = (local - part).norm() / part.norm().clamp(min=1e-300)
             assert error <= 1e-9 or (local - part).norm() == 0, (p["name"], rank, float(error))
     assert os.path.exists(tmp_path / "grads_rank0.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_float32_step_one(tmp_path):
+    overrides = [o for o in SMALL if "dtype" not in o] + LAYOUTS["dp2_tp2_ep4"]
+    spec = load_spec(SPECS / "tiny-moe.yaml", overrides)
+    plan_dir = tmp_path / "plan"
+    write(compile_plan(spec), plan_dir)
+    launch(plan_dir, 1, tmp_path / "metrics.jsonl", quiet=True)
+    loss = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
+    assert loss == pytest.approx(ReferenceTrainer(spec).train_step(0)["loss"], rel=1e-5)
