@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lcc report specs/longcat-2.0.yaml
 	$(BIN)/lcc compile specs/longcat-2.0.yaml
+	$(BIN)/lcc run train specs/tiny-moe.yaml --steps 30 --metrics runs/tiny-moe-demo.jsonl
 
 # Refresh every golden plan in generated/ on purpose (CI checks them with lcc compile --check).
 golden: $(STAMP)

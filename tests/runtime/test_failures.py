@@ -33,7 +33,8 @@ def plan(tmp_path: Path, *extra: str) -> Path:
 def test_a_rank_that_raises_ends_the_run(tmp_path):
     folder = plan(tmp_path)
     program = folder / "programs" / "stage1.py"
-    program.write_text(program.read_text().replace('    """P: this', '    raise RuntimeError("boom in stage 1")\n    """P: this'))
+    broken = program.read_text().replace('    """P: this', '    raise RuntimeError("boom in stage 1")\n    """P: this')
+    program.write_text(broken)
     start = time.monotonic()
     with pytest.raises(RunError) as err:
         launch(folder, 3, quiet=True)
