@@ -122,6 +122,9 @@ def run_train(
     set_: SetOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default train.steps).")] = None,
     metrics: Annotated[Path | None, typer.Option("--metrics", help="Write one JSON object per step here.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Save checkpoints here (at the "
+                                                        "end and every train.checkpoint_every steps).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
 ) -> None:
     """Train on local ranks (gloo on CPU), one process per rank of the plan."""
     import json as _json
@@ -149,8 +152,11 @@ def run_train(
                 raise typer.Exit(2) from None
     spec = _json.loads((plan_dir / "spec.json").read_text())
     total = steps if steps is not None else spec["train"]["steps"]
+    if resume and checkpoint_dir is None:
+        typer.echo("--resume needs --checkpoint-dir", err=True)
+        raise typer.Exit(2)
     try:
-        launch(plan_dir, total, metrics)
+        launch(plan_dir, total, metrics, checkpoints=checkpoint_dir, resume=resume)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(1) from None

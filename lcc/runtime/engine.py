@@ -23,6 +23,8 @@ from lcc.model.shaping import token_count_factors
 from lcc.model.stats import imbalance
 from lcc.model.trainer import lr_at, make_optimizer
 from lcc.ops import vocab_parallel_cross_entropy
+from lcc.runtime import checkpoint
+from lcc.runtime.checkpoint import shard_key
 from lcc.runtime.mesh import Mesh, build_mesh
 from lcc.runtime.shards import counts_once, local_parameters
 from lcc.runtime.support import check_supported
@@ -90,6 +92,42 @@ class RankEngine:
         self.optimizer = make_optimizer(spec, torch.nn.ParameterList(self.params.values()))
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir))
         self.stream = TokenStream(train, spec.train.seq_len)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state(self, step: int) -> dict[str, torch.Tensor]:
+        """Everything a resume needs, keyed by shard: parameters, AdamW moments and counts, load biases,
+        and the number of optimizer steps taken (the data position and the schedule follow from it)."""
+        out: dict[str, torch.Tensor] = {"meta/step": torch.tensor(step, dtype=torch.int64)}
+        c, sizes = self.mesh.coords, self.mesh.sizes
+        for name, p in self.params.items():
+            key = shard_key(self.meta[name], c, sizes)
+            out[f"param/{key}"] = p.data
+            st = self.optimizer.state[p]
+            if not st:  # before the first step: create the moments so that a load has somewhere to go
+                st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                          exp_avg_sq=torch.zeros_like(p))
+            for field_name in ("exp_avg", "exp_avg_sq", "step"):
+                out[f"adam/{field_name}/{key}"] = st[field_name]
+        for name, b in self.bias.items():
+            if self._holds_layer(name):
+                out[f"bias/{name}"] = b
+        return out
+
+    def _holds_layer(self, name: str) -> bool:
+        layer = int(name.split(".")[1])
+        return any(a <= layer < b for a, b in (self.plan["partition"]["stage_layers"][s] for s in self.stages))
+
+    def save(self, directory: Path, step: int) -> Path:
+        return checkpoint.save(directory, step, self.state(step), self.mesh.rank)
+
+    def resume(self, directory: Path) -> int:
+        """Load the latest checkpoint in `directory`; returns the number of steps it had taken (0 if none)."""
+        path = checkpoint.latest(directory)
+        if path is None:
+            return 0
+        state = self.state(0)
+        checkpoint.load(path, state)
+        return int(state["meta/step"])
 
     # ------------------------------------------------------------------------------------ helpers
     def _all_reduce(self, t: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:

@@ -29,7 +29,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
-            timeout_s: float, quiet: bool, init: bool = True) -> None:
+            timeout_s: float, quiet: bool, checkpoints: str | None = None, resume: bool = False,
+            init: bool = True) -> None:
     from lcc.runtime.engine import RankEngine
 
     torch.set_num_threads(threads)
@@ -40,9 +41,12 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
     try:
         dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
         engine = RankEngine(Path(plan_dir), rank, keep_grads=bool(dump))
-        out = open(metrics, "w") if metrics and rank == 0 else None  # noqa: SIM115 - closed below
+        first = engine.resume(Path(checkpoints)) if resume and checkpoints else 0
+        every = engine.spec.train.checkpoint_every
+        mode = "a" if first else "w"
+        out = open(metrics, mode) if metrics and rank == 0 else None  # noqa: SIM115 - closed below
         try:
-            for step in range(steps):
+            for step in range(first, steps):
                 start = time.perf_counter()
                 record = engine.train_step(step)
                 if dump and step == 0:
@@ -57,6 +61,9 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
                         worst = max((r["imbalance_expert"] for r in record["router"].values()), default=1.0)
                         print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  "
                               f"{record['tokens_per_second']:.0f} tokens/s  router imbalance {worst:.2f}", flush=True)
+                done = step + 1
+                if checkpoints and (done == steps or (every and done % every == 0)):
+                    engine.save(Path(checkpoints), done)
         finally:
             if out is not None:
                 out.close()
@@ -65,7 +72,8 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
             dist.destroy_process_group()
 
 
-def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False) -> None:
+def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False,
+           checkpoints: Path | None = None, resume: bool = False) -> None:
     plan = json.loads((Path(plan_dir) / "plan.json").read_text())
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
     check_supported(spec)
@@ -73,11 +81,13 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
         if int(os.environ["WORLD_SIZE"]) != world:
             raise RunError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; the plan needs {world}")
-        _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]))
+        _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]), checkpoints,
+                         resume)
         return
     timeout_s = float(spec["train"]["collective_timeout_s"])
     threads = max(1, (os.cpu_count() or 1) // world)
-    args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet)
+    args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
+            str(checkpoints) if checkpoints else None, resume)
     if world == 1:
         _worker(0, *args)
         return
@@ -97,12 +107,13 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
                 p.kill()
 
 
-def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bool, timeout_s: float) -> None:
+def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bool, timeout_s: float,
+                     checkpoints: Path | None, resume: bool) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(rank, world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
-            threads, timeout_s, quiet, init=False)
+            threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
