@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lcc.runtime.progress import StepProgress
 from lcc.runtime.support import RunError, check_supported
 
 
@@ -45,6 +46,7 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
         every = engine.spec.train.checkpoint_every
         mode = "a" if first else "w"
         out = open(metrics, mode) if metrics and rank == 0 else None  # noqa: SIM115 - closed below
+        progress = StepProgress(first, steps, enabled=rank == 0 and not quiet)
         try:
             for step in range(first, steps):
                 start = time.perf_counter()
@@ -57,14 +59,12 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
                     if out is not None:
                         out.write(json.dumps(record, sort_keys=True) + "\n")
                         out.flush()
-                    if not quiet:
-                        worst = max((r["imbalance_expert"] for r in record["router"].values()), default=1.0)
-                        print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  "
-                              f"{record['tokens_per_second']:.0f} tokens/s  router imbalance {worst:.2f}", flush=True)
+                    progress.update(record)
                 done = step + 1
                 if checkpoints and (done == steps or (every and done % every == 0)):
                     engine.save(Path(checkpoints), done)
         finally:
+            progress.close()
             if out is not None:
                 out.close()
     finally:
