@@ -13,23 +13,10 @@ from lcc.compiler.plan import compile_plan
 from lcc.model import build_model
 from lcc.spec import SpecError, load_spec
 from tests.conftest import ROOT, SHIPPED, SPECS
+from tests.layouts import LAYOUTS
 
-TINY_LAYOUTS = {
-    "world1": ["parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
-               "parallelism.pipeline.microbatches=1"],
-    "tp2": ["parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",
-            "cluster.gpus_per_node=2", "parallelism.pipeline.microbatches=1"],
-    "pp2": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2"],
-    "dp2_ep2": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],
-    "pp2_tp2": ["parallelism.pp=2", "parallelism.tp=2", "parallelism.dp=1", "parallelism.ep=1",
-                "cluster.gpus_per_node=4"],
-    "pp2_dp2_ep2": ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=4"],
-    "dp2_tp2_ep4": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.tp=2", "parallelism.ep=4",
-                    "cluster.gpus_per_node=4"],
-    "tp4_kv_replicated": ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=8"],
-    "interleaved": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2",
-                    "parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2"],
-}
+TINY_LAYOUTS = {**LAYOUTS, "tp4_kv_replicated": ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=2",
+                                                  "parallelism.ep=8"]}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

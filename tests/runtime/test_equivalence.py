@@ -15,23 +15,9 @@ from lcc.runtime.launch import launch, read_metrics
 from lcc.runtime.shards import part_index
 from lcc.spec import load_spec
 from tests.conftest import SPECS
+from tests.layouts import LAYOUTS
 
 SMALL = ["train.dtype=float64", "train.seq_len=32", "train.global_batch=16", "train.optimizer.warmup_steps=2"]
-LAYOUTS = {
-    "world1": ["parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1"],
-    "tp2": ["parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",
-            "cluster.gpus_per_node=2"],
-    "pp2": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2"],
-    "dp2": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=1", "cluster.gpus_per_node=2"],
-    "dp2_ep2": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],
-    "pp2_tp2": ["parallelism.pp=2", "parallelism.tp=2", "parallelism.dp=1", "parallelism.ep=1",
-                "cluster.gpus_per_node=4"],
-    "pp2_dp2_ep2": ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=4"],
-    "dp2_tp2_ep4": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.tp=2", "parallelism.ep=4",
-                    "cluster.gpus_per_node=4"],
-    "interleaved": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2",
-                    "parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2"],
-}
 STEPS = 20
 
 
