@@ -10,8 +10,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _secondary(exc: BaseException) -> bool:
+    """A rank that fails only because a peer went away: not the error to show."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(s in text for s in ("Connection closed by peer",
+                                                                      "Connection reset", "Broken pipe"))
+
+
 def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
             timeout_s: float, quiet: bool, checkpoints: str | None = None, resume: bool = False,
-            init: bool = True) -> None:
+            init: bool = True, errors: str | None = None) -> None:
+    try:
+        _run_rank(rank, world, port, plan_dir, steps, metrics, threads, timeout_s, quiet, checkpoints, resume, init)
+    except Exception as exc:
+        if errors:
+            record = {"rank": rank, "secondary": _secondary(exc), "error": traceback.format_exc()}
+            Path(errors, f"rank{rank}.json").write_text(json.dumps(record))
+            if record["secondary"]:
+                time.sleep(5)  # let the rank that caused it be the one reported
+        raise
+
+
+def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
+              timeout_s: float, quiet: bool, checkpoints: str | None, resume: bool, init: bool) -> None:
     from lcc.runtime.engine import RankEngine
 
     torch.set_num_threads(threads)
@@ -86,25 +109,29 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
         return
     timeout_s = float(spec["train"]["collective_timeout_s"])
     threads = max(1, (os.cpu_count() or 1) // world)
-    args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
-            str(checkpoints) if checkpoints else None, resume)
     if world == 1:
-        _worker(0, *args)
+        _worker(0, world, 0, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
+                str(checkpoints) if checkpoints else None, resume)
         return
+    errors = tempfile.mkdtemp(prefix="lcc-errors-")
+    args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
+            str(checkpoints) if checkpoints else None, resume, True, errors)
     context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s * (steps + 2)
+    start = time.monotonic()
+    watchdog = timeout_s * (steps + 2)
     try:
         while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise RunError(f"the run did not finish within {deadline:.0f} s of watchdog time")
+            if time.monotonic() - start > watchdog:
+                raise RunError(f"the run did not finish within its watchdog time ({watchdog:.0f} s)")
     except mp.ProcessRaisedException as exc:
-        raise RunError(f"rank {exc.error_index} failed:\n{exc}") from None
+        raise RunError(_first_error(errors) or f"rank {exc.error_index} failed:\n{exc}") from None
     except mp.ProcessExitedException as exc:
         raise RunError(f"rank {exc.error_index} exited with code {exc.exit_code} ({exc})") from None
     finally:
         for p in context.processes:
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bool, timeout_s: float,
@@ -114,6 +141,16 @@ def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bo
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(rank, world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
             threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False)
+
+
+def _first_error(errors: str) -> str | None:
+    """The error of the lowest rank that failed on its own (not because a peer went away)."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(errors).glob("rank*.json"))]
+    primary = sorted((r for r in records if not r["secondary"]), key=lambda r: r["rank"])
+    chosen = primary or sorted(records, key=lambda r: r["rank"])
+    if not chosen:
+        return None
+    return f"rank {chosen[0]['rank']} failed:\n{chosen[0]['error']}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
