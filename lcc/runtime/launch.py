@@ -68,6 +68,8 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
         first = engine.resume(Path(checkpoints)) if resume and checkpoints else 0
         every = engine.spec.train.checkpoint_every
         mode = "a" if first else "w"
+        if metrics and rank == 0:
+            Path(metrics).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics, mode) if metrics and rank == 0 else None  # noqa: SIM115 - closed below
         progress = StepProgress(first, steps, enabled=rank == 0 and not quiet)
         try:
