@@ -173,6 +173,11 @@ class CostModel:
             per_token += 3 * head_forward_flops(self.spec)
         return per_token * self.tokens * self.m / self.par.tp
 
+    def dense_share(self, role: Role) -> float:
+        """Share of this role's local parameters that are dense (their gradients travel over dp, not edp)."""
+        local = P.local_params(self.spec, role.layers, role.first, role.last)
+        return local.dense / max(local.dense + local.experts, 1)
+
     def role_comm(self, role: Role) -> dict[str, float]:
         """Bytes one rank of this pipeline rank sends per step, by collective kind."""
         spec, par, m = self.spec, self.par, self.m
@@ -198,8 +203,7 @@ class CostModel:
             elif par.zero >= 1:  # updated shards gathered once after the optimizer step
                 gather += all_gather(count * w, ways)
         return {"tensor_parallel": tp, "expert_alltoall": ep, "pipeline_p2p": m * sends * activation,
-                "grad_reduce": grads, "param_gather": gather,
-                "_dense_share": local.dense / max(local.dense + local.experts, 1)}
+                "grad_reduce": grads, "param_gather": gather}
 
     def comm(self) -> dict[str, Any]:
         per_pp = self.par.dp * self.par.tp
@@ -208,7 +212,7 @@ class CostModel:
         inter = 0.0
         for role in self.roles:
             c = self.role_comm(role)
-            share = c.pop("_dense_share")
+            share = self.dense_share(role)
             for kind, nbytes in c.items():
                 kinds[kind] += per_pp * nbytes
                 inter += per_pp * nbytes * self._inter_share(kind, share)
@@ -234,7 +238,7 @@ class CostModel:
     def role_seconds(self, role: Role) -> tuple[float, float, float]:
         """(compute, communication inside the pipeline, communication after it) for one step."""
         c = self.role_comm(role)
-        share = c["_dense_share"]
+        share = self.dense_share(role)
         inside = (self._ring_seconds("tp", c["tensor_parallel"]) + self._a2a_seconds(c["expert_alltoall"])
                   + self._ring_seconds("pp", c["pipeline_p2p"]))
         sync = 0.0
