@@ -35,6 +35,6 @@ def read_actions(text: str) -> list[list[Action]]:
         body = line.split("#", 1)[0].strip()
         if body.startswith("pp_rank "):
             ranks.append([])
-        elif body and not body.startswith("REDUCE_GRAD") and ranks:
+        elif body and not body.startswith(("REDUCE_GRAD", "GATHER_PARAMS")) and ranks:
             ranks[-1].append(Action.parse(body))
     return ranks

@@ -125,6 +125,9 @@ def run_train(
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Save checkpoints here (at the "
                                                         "end and every train.checkpoint_every steps).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    track_memory: Annotated[bool, typer.Option("--track-memory", help="On CPU, measure peak memory as the bytes "
+                                               "of live tensors (exact; slows steps) instead of the peak resident "
+                                               "size.")] = False,
 ) -> None:
     """Train on local ranks (gloo on CPU), one process per rank of the plan."""
     import json as _json
@@ -156,7 +159,7 @@ def run_train(
         typer.echo("--resume needs --checkpoint-dir", err=True)
         raise typer.Exit(2)
     try:
-        launch(plan_dir, total, metrics, checkpoints=checkpoint_dir, resume=resume)
+        launch(plan_dir, total, metrics, checkpoints=checkpoint_dir, resume=resume, track_memory=track_memory)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -1,14 +1,19 @@
 """Per-role programs: the traced graph of one stage, lowered with the plan's decisions, as readable Python.
 
 Each fx node of the stage becomes one line calling an lcc op (or a plain tensor expression); the passes'
-collectives become lines of their own, so the program shows every communication its rank issues.
-Rendered by lcc's own template, so the text does not change with the torch version.
+collectives become lines of their own, so the program shows every communication its rank issues. Lines
+are grouped into one function per layer (and the embedding and the head); with selective activation
+checkpointing the recomputed parts of a layer are functions of their own, and with ZeRO-3 each function
+starts by all-gathering the parameters it uses. Rendered by lcc's own template, so the text does not
+change with the torch version.
 """
 
 from __future__ import annotations
 
+import ast
 import operator
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,8 @@ ROW = ("attn.wo", "ffn.w2", "ffn.shared.w2")
 class Line:
     code: str
     comment: str = ""
+    segment: str | None = None  # embedding, layer_<i> or lm_head
+    region: str | None = None  # attention, routing: what selective checkpointing recomputes
 
 
 class _Emitter:
@@ -40,9 +47,11 @@ class _Emitter:
         self.lines: list[Line] = []
         self.entered: dict[str, str] = {}  # value -> its copy entering the TP region
         self.subst: dict[str, str] = {}  # inside an MoE block with tp: the full tokens -> this rank's share
+        self.segment: str | None = None
+        self.region: str | None = None
 
     def emit(self, code: str, comment: str = "") -> None:
-        self.lines.append(Line(code, comment))
+        self.lines.append(Line(code, comment, self.segment, self.region))
 
     def tp_input(self, value: str) -> str:
         """A column-parallel layer's input: identity forward, all-reduce of its gradient backward."""
@@ -57,6 +66,8 @@ class _Emitter:
     def node(self, n: fx.Node) -> None:
         name, args = n.name, [self.subst.get(r, r) for r in (_ref(a) for a in n.args)]
         if n.op == "call_module":
+            layer = layer_of(str(n.target))
+            self.segment = "embedding" if n.target == "embed" else "lm_head" if layer is None else f"layer_{layer}"
             self.module(n, name, args)
         elif n.op == "call_function":
             if n.target is operator.add:
@@ -98,16 +109,20 @@ class _Emitter:
                 self.emit(f"{name} = ops.all_reduce({name}, G.tp)", "row-parallel: sum partial results")
         elif target.endswith("attn.core"):
             att = spec.model.attention
+            self.region = "attention"
             self.emit(f"{name} = ops.attention({args[0]}, {args[1]}, {args[2]}, head_dim={att.head_dim}, "
                       f"theta={att.rope_theta!r})")
+            self.region = None
         elif target.endswith("ffn.router"):
             tokens = args[0]
             if self.tp > 1 and not self.sp:
                 self.emit(f"{tokens}_mine = ops.split_tokens({tokens}, G.tp)", "this rank's 1/tp of the tokens")
                 self.subst[tokens] = f"{tokens}_mine"
                 tokens = f"{tokens}_mine"
+            self.region = "routing"  # through the dispatch all-to-all
+            share = ", group=G.tp" if self.tp > 1 else ""  # the balance loss counts the unit's tokens
             self.emit(f'{name} = ops.route({tokens}, P["{target}.centroids_GD"], P["{target}.weight_ED"], '
-                      f'B["{target}.bias_E"], ctx.routing)')
+                      f'B["{target}.bias_E"], ctx.routing{share})')
             self.emit(f'ctx.observe("{target.rsplit(".", 1)[0]}", {name})', "loads, k per token, losses")
         elif target.endswith("ffn.dispatch"):
             self.emit(f"{name} = ops.moe_plan({args[0]}, n_experts={spec.model.moe.n_experts}, group=G.ep)",
@@ -118,6 +133,7 @@ class _Emitter:
             if self.ep > 1:
                 self.emit(f"{gathered} = ops.all_to_all({gathered}, {plan}.send, {plan}.recv, G.ep)", "dispatch")
                 self.emit(f"{gathered} = {gathered}.index_select(0, {plan}.order)", "group rows by local expert")
+            self.region = None
             if self.state.mode == "serve" and any(p.serve for p in self.state.params.values()):
                 self.emit(f'{name} = ops.grouped_swiglu_int4({gathered}, {plan}.local_counts, P["{target}.w1_EFD"], '
                           f'P["{target}.w3_EFD"], P["{target}.w2_EDF"])', "packed int4 experts")
@@ -165,6 +181,124 @@ def stage_of_node(state: CompileState) -> dict[fx.Node, int]:
     return out
 
 
+CONTEXT_NAMES = {"ops", "F", "P", "W", "B", "G", "ctx"}
+PARAM_REF = re.compile(r'P\["([^"]+)"\]')
+
+
+@dataclass
+class Function:
+    name: str
+    doc: str
+    lines: list[Line]
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    gather: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # ZeRO-3
+    prefetch: str | None = None  # ZeRO-3: the function whose parameters to start gathering
+    nested: bool = False  # a recomputed part of a layer
+
+
+def _names(code: str) -> tuple[list[str], list[str]]:
+    """(names a line assigns, names it reads), each in order of appearance."""
+    stores, loads = [], []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name) and node.id not in CONTEXT_NAMES:
+            (stores if isinstance(node.ctx, ast.Store) else loads).append(node.id)
+    return stores, loads
+
+
+def _interface(lines: list[Line], used_later: set[str]) -> tuple[list[str], list[str]]:
+    """A group of lines as a function: the values it reads from before it, the values read after it."""
+    defined: list[str] = []
+    inputs: list[str] = []
+    for line in lines:
+        stores, loads = _names(line.code)
+        inputs += [n for n in loads if n not in defined and n not in inputs]
+        defined += [n for n in stores if n not in defined]
+    return inputs, [n for n in defined if n in used_later]
+
+
+def _reads(lines: list[Line]) -> set[str]:
+    return {n for line in lines for n in _names(line.code)[1]}
+
+
+def _runs(lines: list[Line], key: str) -> list[tuple[str | None, list[Line]]]:
+    """Consecutive lines with the same `key` attribute."""
+    out: list[tuple[str | None, list[Line]]] = []
+    for line in lines:
+        value = getattr(line, key)
+        if out and out[-1][0] == value:
+            out[-1][1].append(line)
+        else:
+            out.append((value, [line]))
+    return out
+
+
+def _call(fn: Function, recompute: bool) -> str:
+    args = ", ".join(["P", "B", *fn.inputs, "G", "ctx"])
+    call = f"ops.recompute(ctx, {fn.name}, {args})" if recompute else f"{fn.name}({args})"
+    return f"{', '.join(fn.outputs)} = {call}"
+
+
+SEGMENT_DOC = {"embedding": "The token embedding.", "lm_head": "The final norm and the LM head."}
+REGION_DOC = {"attention": "The attention core of layer {i}", "routing": "Routing and dispatch of layer {i}"}
+
+
+def _functions(state: CompileState, lines: list[Line], result: str) -> tuple[list[Line], list[Function]]:
+    """Group a stage's lines into functions; returns the lines of `forward` and the functions."""
+    mode = state.spec.parallelism.activation_checkpointing if state.mode == "train" else "none"
+    for i, line in enumerate(lines):  # lines before the stage's first call site belong to its first function
+        if line.segment is None:
+            line.segment = next(x.segment for x in lines[i:] if x.segment is not None)
+    segments = _runs(lines, "segment")
+    values = {n for line in lines for n in _names(line.code)[0]}
+    clash = values & {f"{name}{suffix}" for name, _ in segments for suffix in ("", "_attention", "_routing")}
+    if clash:
+        raise ValueError(f"program values {sorted(clash)} would shadow the program's functions")
+    forward: list[Line] = []
+    functions: list[Function] = []
+    for k, (name, body) in enumerate(segments):
+        later = _reads([x for _, rest in segments[k + 1:] for x in rest]) | {result}
+        layer = name.split("_")[1] if name.startswith("layer_") else None
+        doc = SEGMENT_DOC.get(name)
+        if doc is None:
+            ffn = "the MoE block" if state.spec.model.is_moe(int(layer)) else "the SwiGLU FFN"
+            doc = f"Layer {layer}: attention, then {ffn}."
+        fn_lines: list[Line] = []
+        regions: list[Function] = []
+        runs = _runs(body, "region") if mode == "selective" else [(None, body)]
+        for j, (region, run) in enumerate(runs):
+            if region is None:
+                fn_lines += run
+                continue
+            inner = Function(f"{name}_{region}", REGION_DOC[region].format(i=layer) + ": recomputed in backward "
+                             "(selective activation checkpointing).", run, nested=True)
+            inner.inputs, inner.outputs = _interface(run, _reads([x for _, r in runs[j + 1:] for x in r]) | later)
+            fn_lines.append(Line(_call(inner, recompute=True), "keeps only the inputs; reruns in backward"))
+            regions.append(inner)
+        fn = Function(name, doc, fn_lines)
+        fn.inputs, fn.outputs = _interface(body, later)
+        full = mode == "full" and layer is not None
+        forward.append(Line(_call(fn, recompute=full),
+                            "activation checkpointing: keeps only the layer's input" if full else ""))
+        functions += [fn, *regions]
+    return forward, functions
+
+
+def _zero_gathers(state: CompileState, functions: list[Function]) -> None:
+    """ZeRO-3: each function gathers the parameters its own lines use and prefetches the next layer's."""
+    for fn in functions:
+        names = [n for line in fn.lines for n in PARAM_REF.findall(line.code)]
+        for n in dict.fromkeys(names):
+            info = state.params[n]
+            fn.gather[n] = (info.zero["axis"], _local_shape(info) if info.shard else list(info.shape))
+        for line in fn.lines:
+            line.code = line.code.replace('P["', 'W["')
+    top = [fn for fn in functions if not fn.nested]
+    for a, b in zip(top, top[1:], strict=False):
+        if b.gather:
+            a.prefetch = b.name
+
+
 def render_programs(state: CompileState) -> dict[str, str]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
@@ -173,6 +307,7 @@ def render_programs(state: CompileState) -> dict[str, str]:
     stages = stage_of_node(state)
     nodes = [n for n in state.graph.graph.nodes if n.op not in ("placeholder", "output")]
     output = next(n for n in state.graph.graph.nodes if n.op == "output")
+    zero3 = state.plan["memory"]["zero"] >= 3
     programs = {}
     for s, (a, b) in enumerate(state.stage_bounds):
         mine = [n for n in nodes if stages[n] == s]
@@ -186,10 +321,14 @@ def render_programs(state: CompileState) -> dict[str, str]:
         result = output.args[0].name if s == len(state.stage_bounds) - 1 else mine[-1].name
         placeholder = next(n for n in state.graph.graph.nodes if n.op == "placeholder").name
         params = [p for p in state.params.values() if s in p.stages]
+        forward, functions = _functions(state, emitter.lines, result)
+        if zero3:
+            _zero_gathers(state, functions)
         programs[f"programs/stage{s}.py"] = template.render(
             spec=state.spec.name, stage=s, n_stages=len(state.stage_bounds), pp_rank=s % state.spec.parallelism.pp,
             layers=[a, b], passes=[p["name"] for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
-            first=s == 0, result=result, lines=emitter.lines, params=params,
+            first=s == 0, result=result, forward=forward, functions=functions, params=params, zero3=zero3,
+            memory=state.plan["memory"],
             buffers=[f"layers.{i}.ffn.router.bias_E" for i in range(a, b) if state.spec.model.is_moe(i)],
         )
     return programs

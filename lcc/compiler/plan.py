@@ -13,7 +13,15 @@ from typing import Any
 from lcc.compiler.codegen import render_programs
 from lcc.compiler.cost import cost_report
 from lcc.compiler.layout import coords
-from lcc.compiler.passes import data_parallel, expert_placement, moe_lowering, partition, quantize, tensor_parallel
+from lcc.compiler.passes import (
+    data_parallel,
+    expert_placement,
+    memory,
+    moe_lowering,
+    partition,
+    quantize,
+    tensor_parallel,
+)
 from lcc.compiler.schedule import COST, add_p2p, generate, simulate, to_csv
 from lcc.compiler.state import CompileState
 from lcc.compiler.trace import trace
@@ -21,7 +29,7 @@ from lcc.spec import Problem, SpecError, locate, resolved, spec_hash
 from lcc.spec.models import Spec
 
 PLAN_VERSION = 1
-PASSES = [partition, expert_placement, tensor_parallel, moe_lowering, data_parallel, quantize]
+PASSES = [partition, expert_placement, tensor_parallel, moe_lowering, memory, data_parallel, quantize]
 BACKWARD = {"all_reduce": "all_reduce of the block input's gradient (column-parallel input)",
             "reduce_scatter": "all_gather", "all_gather": "reduce_scatter", "all_to_all": "all_to_all",
             "split_tokens": "all_gather of the token gradients"}
@@ -75,7 +83,7 @@ def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
         "experts": state.plan.get("experts"),
         "partition": state.plan["partition"],
         "grad_buckets": state.plan["grad_buckets"],
-        "memory_features": state.plan["zero"],
+        "memory": state.plan["memory"],
         "schedule": {"kind": par.pipeline.schedule, "microbatches": par.pipeline.microbatches,
                      "virtual_stages": par.pipeline.virtual_stages, "n_stages": n_stages,
                      "files": {"compute_only_csv": "schedule.csv", "full": "actions.txt"},
@@ -105,12 +113,16 @@ def _order_collectives(state: CompileState) -> None:
         exact = position.get(site)
         if exact is None:  # a block-level site: where the block's first call is
             exact = min((i for t, i in position.items() if t.startswith(site + ".")), default=len(position))
-            if c["op"] == "all_gather":
+            if c["op"] == "all_gather" and not c.get("zero"):
                 exact = max((i for t, i in position.items() if t.startswith(site + ".")), default=exact)
-        return exact, split_first.get(c["op"], 1)
+        return exact, -1 if c.get("zero") else split_first.get(c["op"], 1)
 
     for stage, ops in state.collectives.items():
         state.collectives[stage] = sorted(ops, key=key)
+
+
+def _identity_backward(c: dict[str, Any]) -> bool:
+    return c["site"] == "embed" and c["op"] == "all_reduce"
 
 
 def _dump(plan: dict[str, Any]) -> str:
@@ -138,7 +150,7 @@ def _param(p) -> dict[str, Any]:
     if p.shard is not None:
         local[p.shard["dim"]] //= p.shard["parts"]
     return {"name": p.name, "global_shape": list(p.shape), "local_shape": local, "stages": p.stages,
-            "shard": p.shard, "expert": p.expert, "grad_reduce": p.grad_reduce, "serve": p.serve}
+            "shard": p.shard, "expert": p.expert, "grad_reduce": p.grad_reduce, "serve": p.serve, "zero": p.zero}
 
 
 def _roles(state: CompileState) -> list[dict[str, Any]]:
@@ -149,7 +161,7 @@ def _roles(state: CompileState) -> list[dict[str, Any]]:
         forward = state.collectives.get(s, [])
         # the vocab-parallel embedding's all-reduce has an identity backward; every other forward
         # collective has the conjugate BACKWARD names
-        backward = [dict(c, op=BACKWARD[c["op"]]) for c in reversed(forward) if c["site"] != "embed"]
+        backward = [dict(c, op=BACKWARD[c["op"]]) for c in reversed(forward) if not _identity_backward(c)]
         for bucket in state.plan["grad_buckets"].get(str(s), []):
             backward.append({"site": "gradients", "op": bucket["op"], "axis": "+".join(bucket["axes"]),
                              "what": f"{len(bucket['params'])} parameters, {bucket['elements']} elements"})
@@ -164,6 +176,9 @@ def _actions_text(state: CompileState, lowered) -> str:
     lines = [f"# lcc per-rank schedule for {state.spec.name}: torch.distributed.pipelining actions, then",
              "# the collectives each compute action issues (forward F, backward B) and the step's gradient",
              "# reductions. Stage s runs on pipeline rank s mod pp."]
+    recomputed = {"none": "", "selective": "attention cores, routing and dispatch",
+                  "full": "every layer (its forward collectives again)"}
+    recomputed = recomputed[state.plan["memory"]["activation_checkpointing"]]
     for r, actions in enumerate(lowered):
         lines.append(f"pp_rank {r}:")
         for a in actions:
@@ -171,15 +186,26 @@ def _actions_text(state: CompileState, lowered) -> str:
             if a.kind in ("F", "B"):
                 counts: dict[str, int] = {}
                 for c in state.collectives.get(a.stage, []):
-                    if a.kind == "B" and c["site"] == "embed":
+                    if a.kind == "B" and _identity_backward(c):
                         continue
-                    op = c["op"] if a.kind == "F" else BACKWARD[c["op"]].split(" ")[0]
-                    counts[f"{op}({c['axis']})"] = counts.get(f"{op}({c['axis']})", 0) + 1
+                    ops = [c["op"]] if a.kind == "F" else [BACKWARD[c["op"]].split(" ")[0]]
+                    if a.kind == "B" and c.get("zero"):
+                        ops.insert(0, "all_gather")  # ZeRO-3 gathers again what backward needs
+                    for op in ops:
+                        counts[f"{op}({c['axis']})"] = counts.get(f"{op}({c['axis']})", 0) + c.get("calls", 1)
                 if counts:
                     extra = "  # " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+                if a.kind == "B" and recomputed:
+                    extra += ("; " if extra else "  # ") + f"recomputes {recomputed}"
             lines.append(f"  {a}{extra}")
         for s in range(r, len(state.stage_bounds), len(lowered)):
             for bucket in state.plan["grad_buckets"].get(str(s), []):
                 lines.append(f"  REDUCE_GRAD stage {s}: {bucket['op']}({'+'.join(bucket['axes'])}) "
                              f"{len(bucket['params'])} parameters, {bucket['elements']} elements")
+            if state.plan["memory"]["after_step"]:
+                par = state.spec.parallelism
+                for axis, parts in (("dp", par.dp), ("edp", par.edp)):
+                    n = sum(1 for p in state.params.values() if s in p.stages and p.zero["axis"] == axis)
+                    if n and parts > 1:
+                        lines.append(f"  GATHER_PARAMS stage {s}: all_gather({axis}) {n} updated parameter shards")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ class ParamInfo:
     expert: bool = False
     grad_reduce: list[str] = field(default_factory=list)  # mesh axes its gradient is summed over
     serve: dict[str, Any] | None = None  # serve plans: stored format of the weight
+    zero: dict[str, Any] | None = None  # ZeRO: {"axis": "dp" | "edp", "parts"}; None without ZeRO
 
 
 @dataclass

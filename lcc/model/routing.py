@@ -7,6 +7,7 @@ candidates per token, K = k.max static slots.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,12 @@ class RouterMath:
     """The routing arithmetic on given tensors: what `Router` runs on its own parameters, and what
     compiled programs call (`route`) on their local copies."""
 
-    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing):
+    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing,
+                 sum_shares: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`sum_shares`: when the unit's tokens are split over ranks (tensor parallelism), sums a tensor
+        of counts over those ranks, so the balance loss is the unit's."""
         self.centroids_GD, self.weight_ED, self.bias_E, self.cfg = centroids_GD, weight_ED, bias_E, cfg
+        self.sum_shares = sum_shares
         self.n_groups, self.n_experts = centroids_GD.shape[0], weight_ED.shape[0]
         self.per_group = self.n_experts // self.n_groups
 
@@ -150,11 +155,16 @@ class RouterMath:
 
     def balance_loss(self, pi_TC: torch.Tensor, cand_TC: torch.Tensor, experts_TK: torch.Tensor,
                      mask_TK: torch.Tensor) -> torch.Tensor:
-        """Switch: E * sum_e f_e P_e, f the share of routed slots, P the mean joint probability."""
+        """Switch: E * sum_e f_e P_e, f the share of routed slots, P the mean joint probability. With the
+        unit's tokens split over ranks, f and the token count are the unit's and P sums this rank's
+        tokens only: the ranks' losses add up to the unit's loss, and so do their gradients."""
         E = self.n_experts
-        T = pi_TC.shape[0]
-        slots = mask_TK.sum().clamp(min=1)
-        f_E = torch.bincount(experts_TK[mask_TK], minlength=E).to(pi_TC.dtype) / slots
+        counts = torch.cat([torch.bincount(experts_TK[mask_TK], minlength=E).to(pi_TC.dtype),
+                            torch.tensor([float(mask_TK.sum()), float(pi_TC.shape[0])], dtype=pi_TC.dtype)])
+        if self.sum_shares is not None:
+            counts = self.sum_shares(counts)
+        slots, T = counts[E].clamp(min=1), counts[E + 1]
+        f_E = counts[:E] / slots
         P_E = torch.zeros(E, dtype=pi_TC.dtype, device=pi_TC.device).index_add_(0, cand_TC.reshape(-1),
                                                                                pi_TC.reshape(-1)) / T
         return E * (f_E * P_E).sum()
@@ -162,8 +172,8 @@ class RouterMath:
 
 
 def route(x_TD: torch.Tensor, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor,
-          cfg: Routing) -> RouteResult:
-    return RouterMath(centroids_GD, weight_ED, bias_E, cfg).route(x_TD)
+          cfg: Routing, sum_shares: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RouteResult:
+    return RouterMath(centroids_GD, weight_ED, bias_E, cfg, sum_shares).route(x_TD)
 
 
 @torch.no_grad()

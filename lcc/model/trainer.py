@@ -41,10 +41,13 @@ def lr_at(spec: Spec, step: int) -> float:
 
 
 def make_optimizer(spec: Spec, model: torch.nn.Module) -> torch.optim.AdamW:
-    opt = spec.train.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
+    return adamw(spec, [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2])
+
+
+def adamw(spec: Spec, decay: list[torch.Tensor], rest: list[torch.Tensor]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (`decay`) and none on vectors (`rest`: norms)."""
+    opt = spec.train.optimizer
     return torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
                               {"params": rest, "weight_decay": 0.0}],
                              lr=opt.lr, betas=opt.betas, eps=opt.eps)

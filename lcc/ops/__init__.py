@@ -6,6 +6,7 @@ rank every collective is the identity.
 """
 
 from lcc.ops.collectives import all_reduce, all_to_all, copy_to_tp, gather_tokens, split_tokens
+from lcc.ops.context import ProgramContext
 from lcc.ops.layers import attention, embedding_shard, linear, rms_norm
 from lcc.ops.loss import vocab_parallel_cross_entropy
 from lcc.ops.moe import (
@@ -16,7 +17,10 @@ from lcc.ops.moe import (
     moe_plan,
     route,
 )
+from lcc.ops.recompute import recompute
+from lcc.ops.zero import offload_gathered, zero_gather, zero_prefetch
 
-__all__ = ["MoEPlan", "all_reduce", "all_to_all", "attention", "combine_tokens", "copy_to_tp", "embedding_shard",
-           "gather_tokens", "grouped_swiglu", "grouped_swiglu_int4", "linear", "moe_plan", "rms_norm", "route",
-           "split_tokens", "vocab_parallel_cross_entropy"]
+__all__ = ["MoEPlan", "ProgramContext", "all_reduce", "all_to_all", "attention", "combine_tokens", "copy_to_tp",
+           "embedding_shard", "gather_tokens", "grouped_swiglu", "grouped_swiglu_int4", "linear", "moe_plan",
+           "offload_gathered", "recompute", "rms_norm", "route", "split_tokens", "vocab_parallel_cross_entropy",
+           "zero_gather", "zero_prefetch"]

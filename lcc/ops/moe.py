@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
+from lcc.model import routing
 from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
-from lcc.model.routing import RouteResult, route
-from lcc.ops.collectives import Group, _size, exchange_counts
+from lcc.model.routing import RouteResult
+from lcc.ops.collectives import Group, _all_reduce, _size, exchange_counts
 
 __all__ = ["MoEPlan", "combine_tokens", "grouped_swiglu", "grouped_swiglu_int4", "moe_plan", "route"]
 
@@ -28,6 +29,14 @@ class MoEPlan:
     @property
     def token_S(self) -> torch.Tensor:
         return self.local.token_S
+
+
+def route(x_TD: torch.Tensor, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor,
+          cfg: routing.Routing, group: Group = None) -> RouteResult:
+    """Hierarchical routing of this rank's tokens. When a unit's tokens are split over `group` (tp), the
+    balance loss uses the unit's expert counts (an all-reduce of counts, no gradient)."""
+    shares = None if _size(group) == 1 else (lambda counts: _all_reduce(counts, group))
+    return routing.route(x_TD, centroids_GD, weight_ED, bias_E, cfg, shares)
 
 
 def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:

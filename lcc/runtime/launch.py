@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lcc.runtime.progress import StepProgress
-from lcc.runtime.support import RunError, check_supported
+from lcc.runtime.support import RunError
 
 
 def _free_port() -> int:
@@ -41,9 +41,10 @@ def _secondary(exc: BaseException) -> bool:
 
 def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
             timeout_s: float, quiet: bool, checkpoints: str | None = None, resume: bool = False,
-            init: bool = True, errors: str | None = None) -> None:
+            init: bool = True, errors: str | None = None, track_memory: bool = False) -> None:
     try:
-        _run_rank(rank, world, port, plan_dir, steps, metrics, threads, timeout_s, quiet, checkpoints, resume, init)
+        _run_rank(rank, world, port, plan_dir, steps, metrics, threads, timeout_s, quiet, checkpoints, resume, init,
+                  track_memory)
     except Exception as exc:
         if errors:
             record = {"rank": rank, "secondary": _secondary(exc), "error": traceback.format_exc()}
@@ -54,7 +55,8 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
 
 
 def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
-              timeout_s: float, quiet: bool, checkpoints: str | None, resume: bool, init: bool) -> None:
+              timeout_s: float, quiet: bool, checkpoints: str | None, resume: bool, init: bool,
+              track_memory: bool) -> None:
     from lcc.runtime.engine import RankEngine
 
     torch.set_num_threads(threads)
@@ -64,7 +66,7 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
-        engine = RankEngine(Path(plan_dir), rank, keep_grads=bool(dump))
+        engine = RankEngine(Path(plan_dir), rank, keep_grads=bool(dump), track_memory=track_memory)
         first = engine.resume(Path(checkpoints)) if resume and checkpoints else 0
         every = engine.spec.train.checkpoint_every
         mode = "a" if first else "w"
@@ -98,26 +100,27 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
 
 
 def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False,
-           checkpoints: Path | None = None, resume: bool = False) -> None:
+           checkpoints: Path | None = None, resume: bool = False, track_memory: bool = False) -> None:
+    """Run `steps` optimizer steps of a compiled plan. `track_memory`: on CPU, count the bytes of live
+    tensors for the metrics' peak memory (exact, but slows each step; otherwise the peak resident size)."""
     plan = json.loads((Path(plan_dir) / "plan.json").read_text())
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
-    check_supported(spec)
     world = plan["world_size"]
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
         if int(os.environ["WORLD_SIZE"]) != world:
             raise RunError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; the plan needs {world}")
         _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]), checkpoints,
-                         resume)
+                         resume, track_memory)
         return
     timeout_s = float(spec["train"]["collective_timeout_s"])
     threads = max(1, (os.cpu_count() or 1) // world)
     if world == 1:
         _worker(0, world, 0, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
-                str(checkpoints) if checkpoints else None, resume)
+                str(checkpoints) if checkpoints else None, resume, track_memory=track_memory)
         return
     errors = tempfile.mkdtemp(prefix="lcc-errors-")
     args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
-            str(checkpoints) if checkpoints else None, resume, True, errors)
+            str(checkpoints) if checkpoints else None, resume, True, errors, track_memory)
     context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
     start = time.monotonic()
     watchdog = timeout_s * (steps + 2)
@@ -137,12 +140,13 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
 
 
 def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bool, timeout_s: float,
-                     checkpoints: Path | None, resume: bool) -> None:
+                     checkpoints: Path | None, resume: bool, track_memory: bool) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(rank, world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
-            threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False)
+            threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,
+            track_memory=track_memory)
 
 
 def _first_error(errors: str) -> str | None:

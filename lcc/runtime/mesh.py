@@ -1,4 +1,9 @@
-"""Process groups from the plan's rank table (every rank creates every group, in the same order)."""
+"""Process groups from the plan's mesh: torch DeviceMeshes over the plan's rank order.
+
+Dense parameters use the mesh (pp, dp, tp); experts the same ranks viewed as (pp, edp, ep) (the plan's
+`f = dp * tp_size + tp; ep = f % ep_size; edp = f // ep_size`); a pipeline stage's ranks are (pp, dp x tp).
+Every rank builds every mesh, in the same order; the rank table is checked against the mesh.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 AXES = ("tp", "dp", "ep", "edp")
 
@@ -20,6 +27,7 @@ class Mesh:
     groups: types.SimpleNamespace  # tp, dp, ep, edp: this rank's groups (None in a world of one)
     stage_group: Any  # every rank of this rank's pipeline stage (dp x tp)
     rank_of: dict[tuple[int, int, int], int]  # (pp, dp, tp) -> rank
+    device_meshes: dict[str, DeviceMesh] | None = None  # dense (pp, dp, tp), experts (pp, edp, ep), stages
 
     def peer(self, pp: int) -> int:
         """The rank with the same dp and tp coordinates on pipeline rank `pp`."""
@@ -35,20 +43,22 @@ def build_mesh(plan: dict[str, Any], rank: int) -> Mesh:
     distributed = dist.is_available() and dist.is_initialized() and len(rows) > 1
     mine: dict[str, Any] = {axis: None for axis in AXES}
     stage_group = None
+    meshes = None
     if distributed:
-        for axis in AXES:
-            others = [a for a in ("pp", *AXES) if a != axis and not (axis in ("ep", "edp") and a in ("dp", "tp"))
-                      and not (axis in ("dp", "tp") and a in ("ep", "edp"))]
-            for key in sorted({tuple(r[a] for a in others) for r in rows}):
-                members = [r["rank"] for r in rows if tuple(r[a] for a in others) == key]
-                group = dist.new_group(members)
-                if rank in members:
-                    mine[axis] = group
-        for pp in range(sizes["pp"]):
-            members = [r["rank"] for r in rows if r["pp"] == pp]
-            group = dist.new_group(members)
-            if me["pp"] == pp:
-                stage_group = group
+        ranks = torch.arange(len(rows))
+        shapes = {"dense": ("pp", "dp", "tp"), "experts": ("pp", "edp", "ep")}
+        for name, axes in shapes.items():
+            expected = ranks.view(*(sizes[a] for a in axes))
+            for r in rows:
+                if int(expected[tuple(r[a] for a in axes)]) != r["rank"]:
+                    raise ValueError(f"plan rank table: rank {r['rank']} is not at {dict((a, r[a]) for a in axes)} "
+                                     f"of the {name} mesh {axes}")
+        meshes = {name: DeviceMesh("cpu", ranks.view(*(sizes[a] for a in axes)), mesh_dim_names=axes)
+                  for name, axes in shapes.items()}
+        meshes["stages"] = DeviceMesh("cpu", ranks.view(sizes["pp"], -1), mesh_dim_names=("pp", "stage"))
+        mine = {"dp": meshes["dense"].get_group("dp"), "tp": meshes["dense"].get_group("tp"),
+                "edp": meshes["experts"].get_group("edp"), "ep": meshes["experts"].get_group("ep")}
+        stage_group = meshes["stages"].get_group("stage")
     return Mesh(rank, len(rows), {k: me[k] for k in ("pp", "dp", "tp", "ep", "edp", "node")}, sizes,
                 types.SimpleNamespace(**mine), stage_group,
-                {(r["pp"], r["dp"], r["tp"]): r["rank"] for r in rows})
+                {(r["pp"], r["dp"], r["tp"]): r["rank"] for r in rows}, meshes)

@@ -41,9 +41,11 @@ def local_parameters(spec: Spec, plan: dict[str, Any], coords: dict[str, int], s
 
 
 def counts_once(p: dict[str, Any], coords: dict[str, int], sizes: dict[str, int]) -> bool:
-    """True on exactly one of the ranks holding each element of parameter p (for the global norm)."""
+    """True on exactly one of the ranks holding each element of parameter p's gradient (for the global
+    norm). With ZeRO the ranks along the ZeRO axis (edp for experts, dp for the rest) hold different pieces."""
+    sharded = p.get("zero") is not None
     if p["expert"]:
-        return coords["edp"] == 0
+        return sharded or coords["edp"] == 0
     shard = p["shard"]
     tp_ok = coords["tp"] == 0 if shard is None else coords["tp"] % (sizes["tp"] // shard["parts"]) == 0
-    return coords["dp"] == 0 and tp_ok
+    return (sharded or coords["dp"] == 0) and tp_ok

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
 
 import torch
 
-from lcc.model.routing import RouteResult
-
-
-@dataclass
-class Ctx:
-    routing: object
-    tp_rank: int = 0
-    routes: dict[str, RouteResult] = field(default_factory=dict)
-
-    def observe(self, site: str, route: RouteResult) -> None:
-        self.routes[site] = route
+from lcc.ops import ProgramContext as Ctx
 
 
 def load(text: str) -> types.ModuleType:

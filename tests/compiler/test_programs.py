@@ -18,10 +18,18 @@ ONE_RANK_PER_STAGE = {
 }
 
 
-@pytest.mark.parametrize("layout", list(ONE_RANK_PER_STAGE))
-@pytest.mark.parametrize("spec_name", ["tiny-moe", "small-moe"])
-def test_programs_compute_the_reference_forward_and_backward(layout, spec_name):
-    overrides = list(ONE_RANK_PER_STAGE[layout])
+MEMORY = {"plain": [], "selective": ["parallelism.activation_checkpointing=selective"],
+          "zero3_full": ["parallelism.zero=3", "parallelism.activation_checkpointing=full"]}
+
+
+CASES = [(layout, "tiny-moe", memory) for layout in ONE_RANK_PER_STAGE for memory in MEMORY]
+CASES += [("world1", "small-moe", "plain"), ("pp2", "small-moe", "plain")]  # tied embedding in one / two stages
+
+
+@pytest.mark.parametrize(("layout", "spec_name", "memory"), CASES)
+def test_programs_compute_the_reference_forward_and_backward(layout, spec_name, memory):
+    """Bitwise, including recomputation in backward; every router call is recorded once."""
+    overrides = list(ONE_RANK_PER_STAGE[layout]) + MEMORY[memory]
     if spec_name == "small-moe":
         overrides = [o for o in overrides if "microbatches=1" not in o] + ["parallelism.pipeline.microbatches=2",
                                                                         "cluster.device.memory_gib=64"]
@@ -29,7 +37,10 @@ def test_programs_compute_the_reference_forward_and_backward(layout, spec_name):
     files = compile_plan(spec)
     model = build_model(spec)
     tokens = torch.randint(0, spec.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits, ctx = run_pipeline(files, model, spec, tokens)
+    params = dict(model.named_parameters())
+    if spec.parallelism.zero >= 3:  # one rank per ZeRO group: a rank's piece is the whole flattened tensor
+        params = {n: p.reshape(-1) for n, p in params.items()}
+    logits, ctx = run_pipeline(files, model, spec, tokens, params=params)
     reference = model(tokens)
     assert torch.equal(logits, reference)
     grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()), allow_unused=True)
@@ -37,7 +48,8 @@ def test_programs_compute_the_reference_forward_and_backward(layout, spec_name):
     reference_grads = torch.autograd.grad(model(tokens).square().sum(), list(model.parameters()), allow_unused=True)
     for a, b in zip(grads, reference_grads, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
-    assert set(ctx.routes) == {f"layers.{i}.ffn" for i in spec.model.moe_layers}
+    assert {site: len(routes) for site, routes in ctx.routes.items()} == {f"layers.{i}.ffn": 1
+                                                                          for i in spec.model.moe_layers}
 
 
 def test_program_shows_every_collective():

@@ -73,8 +73,3 @@ def test_a_killed_rank_ends_the_run(tmp_path):
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 1
     assert "exited with code -9" in stderr and "Traceback" not in stderr
-
-
-def test_unsupported_features_are_refused_before_starting(tmp_path):
-    with pytest.raises(RunError, match="does not implement them yet"):
-        launch(plan(tmp_path, "parallelism.activation_checkpointing=full"), 1, quiet=True)

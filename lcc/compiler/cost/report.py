@@ -138,6 +138,7 @@ class CostModel:
             "weights_bytes": round(weights),
             "weights_gathered_bytes": round(gathered),
             "grads_bytes": round(grads),
+            "grads_gathered_bytes": round(gathered_grads),
             "optimizer_bytes": round(states.optimizer),
             "activations_bytes": round(activations),
             "total_bytes": round(total),

@@ -1,0 +1,24 @@
+"""What generated programs receive as `ctx`: the rank's TP index, the routing settings, where router
+results go, and the state of recomputation and ZeRO-3 prefetching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lcc.model.routing import RouteResult
+
+
+@dataclass
+class ProgramContext:
+    routing: Any
+    tp_rank: int = 0
+    routes: dict[str, list[RouteResult]] = field(default_factory=dict)
+    recomputing: bool = False  # true while activation checkpointing reruns a function in backward
+    prefetched: dict[str, Any] = field(default_factory=dict)  # ZeRO-3: parameter -> (buffer, pending gather)
+
+    def observe(self, site: str, route: RouteResult) -> None:
+        """Record a router call's result (loads, k per token, losses); a recomputation records nothing,
+        so every token counts once in the load-bias update and the statistics."""
+        if not self.recomputing:
+            self.routes.setdefault(site, []).append(route)

@@ -1,0 +1,106 @@
+"""ZeRO in the runtime: which flat piece of each parameter a rank owns, and the step's collectives.
+
+A parameter's piece is `lcc.ops.zero`'s: its local tensor (after tp/ep splitting) flattened and cut into
+`parts` pieces along its ZeRO axis (dp for dense parameters, edp for experts), the last zero-padded.
+
+- ZeRO 1: ranks keep their whole local parameters; the optimizer updates only this rank's piece (a view
+  into the parameter, unpadded) and holds states for it; gradients are all-reduced and sliced; the
+  updated pieces are all-gathered.
+- ZeRO 2: as 1, but each parameter's gradient is reduce-scattered as soon as backward has produced it
+  (every micro-batch), so a rank holds whole gradients only for a moment.
+- ZeRO 3: the parameters are the pieces (programs all-gather them when they run); their gradients
+  arrive reduce-scattered from backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lcc.ops.collectives import _size
+from lcc.ops.zero import chunk_size, shard_flat
+
+
+class ZeroLayout:
+    def __init__(self, meta: dict[str, dict[str, Any]], coords: dict[str, int], groups: Any):
+        self.meta, self.coords, self.groups = meta, coords, groups
+
+    def axis(self, name: str) -> str:
+        return self.meta[name]["zero"]["axis"]
+
+    def parts(self, name: str) -> int:
+        return self.meta[name]["zero"]["parts"]
+
+    def index(self, name: str) -> int:
+        return self.coords[self.axis(name)]
+
+    def group(self, name: str) -> Any:
+        return getattr(self.groups, self.axis(name))
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.meta[name]["local_shape"])
+
+    def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a full local tensor, zero-padded to the common size (a new tensor)."""
+        return shard_flat(full, self.parts(name), self.index(name))
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        """The flat element range of this rank's piece (without the padding)."""
+        n = self.numel(name)
+        chunk = chunk_size(n, self.parts(name))
+        return min(self.index(name) * chunk, n), min((self.index(name) + 1) * chunk, n)
+
+    def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a full local tensor, unpadded: a view into it."""
+        lo, hi = self.bounds(name)
+        return full.reshape(-1)[lo:hi]
+
+    def key(self, name: str) -> str:
+        """What tells this rank's piece from the others' in a checkpoint key."""
+        return f"#z{self.index(name)}of{self.parts(name)}"
+
+    def unshard(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+        """The full local tensor from every rank's piece, padded or not (an all-gather)."""
+        full = self._gather(name, self._padded(name, piece))
+        return full[:self.numel(name)].view(self.meta[name]["local_shape"])
+
+    def gather_into(self, name: str, piece: torch.Tensor, full: torch.Tensor) -> None:
+        """After the optimizer step (ZeRO 1 and 2): every rank's updated piece into the whole parameter."""
+        with torch.no_grad():
+            full.view(-1).copy_(self._gather(name, self._padded(name, piece))[:full.numel()])
+
+    def reduce_scatter(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """ZeRO 2: the sum over the ZeRO axis of this rank's piece of a full local gradient."""
+        group, parts = self.group(name), self.parts(name)
+        if _size(group) == 1:
+            return grad.reshape(-1).clone()
+        chunk = chunk_size(grad.numel(), parts)
+        padded = grad.new_zeros(chunk * parts)
+        padded[:grad.numel()] = grad.reshape(-1)
+        out = grad.new_empty(chunk)
+        dist.reduce_scatter_single(out, padded, group=group)
+        return out
+
+    def expert_factors(self, name: str, factors: torch.Tensor, numel: int) -> torch.Tensor:
+        """Per-expert factors (this rank's experts) over the first `numel` elements of its piece of `name`."""
+        per_expert = self.numel(name) // factors.numel()
+        return self.shard(name, factors.repeat_interleave(per_expert))[:numel]
+
+    def _padded(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+        chunk = chunk_size(self.numel(name), self.parts(name))
+        if piece.numel() == chunk:
+            return piece
+        out = piece.new_zeros(chunk)
+        out[:piece.numel()] = piece.reshape(-1)
+        return out
+
+    def _gather(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+        group = self.group(name)
+        if _size(group) == 1:
+            return piece.detach()
+        full = piece.new_empty(piece.numel() * _size(group))
+        dist.all_gather_single(full, piece.detach().contiguous(), group=group)
+        return full
