@@ -47,10 +47,12 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     counts = torch.tensor(local.counts_E, dtype=torch.int64).view(ep, per)
     received = exchange_counts(counts, group)  # row s: what source s sends to my experts
     send, recv = counts.sum(1).tolist(), received.sum(1).tolist()
+    # received rows are source-major (source s, then its experts); order lists them expert-major
     starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(ep, per)
-    pieces = [torch.arange(int(starts[s, e]), int(starts[s, e] + received[s, e]))
-              for e in range(per) for s in range(ep)]
-    order = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+    sizes, firsts = received.t().reshape(-1), starts.t().reshape(-1)  # blocks (e, s) in expert-major order
+    block = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    block_start = torch.cumsum(sizes, 0) - sizes
+    order = firsts[block] + torch.arange(block.numel()) - block_start[block]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
     return MoEPlan(local, send, recv, order, inverse, received.sum(0).tolist())
