@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -41,7 +42,10 @@ def _secondary(exc: BaseException) -> bool:
 
 def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
             timeout_s: float, quiet: bool, checkpoints: str | None = None, resume: bool = False,
-            init: bool = True, errors: str | None = None, track_memory: bool = False) -> None:
+            init: bool = True, errors: str | None = None, track_memory: bool = False,
+            env: dict[str, str] | None = None) -> None:
+    if env is not None:  # forked from the server: take the launching process's environment of now
+        os.environ.update(env)
     try:
         _run_rank(rank, world, port, plan_dir, steps, metrics, threads, timeout_s, quiet, checkpoints, resume, init,
                   track_memory)
@@ -120,8 +124,11 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
         return
     errors = tempfile.mkdtemp(prefix="lcc-errors-")
     args = (world, _free_port(), str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s, quiet,
-            str(checkpoints) if checkpoints else None, resume, True, errors, track_memory)
-    context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
+            str(checkpoints) if checkpoints else None, resume, True, errors, track_memory, dict(os.environ))
+    # ranks fork from a server process that has imported torch and the runtime once (per parent process):
+    # starting 8 ranks then costs a fork each instead of 8 fresh interpreters importing torch
+    multiprocessing.set_forkserver_preload(["torch", "lcc.runtime.engine"])
+    context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="forkserver")
     start = time.monotonic()
     watchdog = timeout_s * (steps + 2)
     try:

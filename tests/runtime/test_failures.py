@@ -67,7 +67,9 @@ def test_a_killed_rank_ends_the_run(tmp_path):
     while not (metrics.exists() and metrics.read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
         time.sleep(0.5)
-    ranks = [p for p in _children(proc.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+    # ranks are forked by the launcher's fork server (a child of the lcc process)
+    servers = [p for p in _children(proc.pid) if "forkserver" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+    ranks = [r for server in servers for r in _children(server)]
     assert ranks
     os.kill(ranks[-1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=90)
