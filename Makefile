@@ -32,9 +32,10 @@ test: $(STAMP)
 	$(BIN)/ruff check lcc backends tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# The quick benchmarks (about a minute); the others: python -m benchmarks.<name> (docs/benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/report_speed.py
-	$(BIN)/python benchmarks/compile_speed.py
+	$(BIN)/python -m benchmarks.report_speed
+	$(BIN)/python -m benchmarks.compile_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
+
 from benchmarks.common import machine, write
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,11 @@ Usage: python -m benchmarks.memory [--steps 2]
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
 
 from benchmarks.common import machine, write
 from lcc.compiler.cost.report import CostModel, cost_report

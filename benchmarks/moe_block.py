@@ -10,8 +10,11 @@ Usage: python benchmarks/moe_block.py [--repeats 15] [--threads 2]
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
 
 from benchmarks.common import interleaved, machine, matmul_flops_per_second, timing_args, write
 from lcc.model.moe import MoEBlock

@@ -12,9 +12,12 @@ Usage: python benchmarks/routing.py [--repeats 9] [--threads 2]
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
 
 from benchmarks.common import interleaved, machine, timing_args, write
 from lcc.model.moe import swiglu_segments

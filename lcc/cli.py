@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from lcc.spec import SpecError, load_spec
+from lcc.spec import Location, Spec, SpecError, load_spec
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -94,6 +97,7 @@ def compile(  # noqa: A001 - the command is called compile
         raise typer.Exit(2)
     from lcc.compiler.output import first_difference, write
     from lcc.compiler.plan import compile_plan
+    from lcc.plan.program_check import ProgramMismatch
 
     target = out or Path("generated") / loaded.name / ("serve" if mode == "serve" else "")
     try:
@@ -101,6 +105,9 @@ def compile(  # noqa: A001 - the command is called compile
     except SpecError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    except ProgramMismatch as exc:  # a compiler bug: nothing is written
+        typer.echo(f"lcc compile: the rendered programs do not match the plan, nothing written: {exc}", err=True)
+        raise typer.Exit(3) from None
     if check:
         diff = first_difference(files, target)
         if diff:
@@ -108,8 +115,10 @@ def compile(  # noqa: A001 - the command is called compile
             raise typer.Exit(1)
         typer.echo(f"{target}: up to date ({len(files)} files)")
         return
-    write(files, target)
+    removed = write(files, target)
     typer.echo(f"wrote {target}/ ({', '.join(sorted(files))})")
+    if removed:
+        typer.echo(f"removed stale {', '.join(str(p.relative_to(target)) for p in removed)}")
 
 
 run_app = typer.Typer(no_args_is_help=True, help="Execute compiled plans on torch.distributed.")
@@ -128,41 +137,62 @@ def run_train(
     track_memory: Annotated[bool, typer.Option("--track-memory", help="On CPU, measure peak memory as the bytes "
                                                "of live tensors (exact; slows steps) instead of the peak resident "
                                                "size.")] = False,
+    transcript: Annotated[Path | None, typer.Option("--transcript", help="Write every collective each rank issues "
+                                                    "in its steps here (JSON lines: rank, step, op, axis, shape, "
+                                                    "dtype).")] = None,
 ) -> None:
     """Train on local ranks (gloo on CPU), one process per rank of the plan."""
-    import json as _json
-
     from lcc.runtime.launch import launch
     from lcc.runtime.support import RunError
+    from lcc.spec.data import check_data, spec_folder
 
+    if resume and checkpoint_dir is None:
+        typer.echo("--resume needs --checkpoint-dir", err=True)
+        raise typer.Exit(2)
     if target.is_dir():
         if set_:
             typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
             raise typer.Exit(2)
+        loaded, spec_dir = _plan_spec(target), None
+        _exit_on_spec_error(check_data, loaded, None, Location(str(target / "spec.json")))
         plan_dir = target
     else:
+        from lcc.cache import run_dir
         from lcc.compiler.output import write
         from lcc.compiler.plan import compile_plan
-        from lcc.spec import spec_hash
 
         loaded = _load(target, set_)
-        plan_dir = Path(".lcc-cache") / f"{loaded.name}-{spec_hash(loaded)[:16]}"
+        spec_dir = spec_folder(loaded)
+        _exit_on_spec_error(check_data, loaded)
+        plan_dir = run_dir(loaded)  # keyed by the resolved spec, the plan version and lcc's own source
         if not (plan_dir / "plan.json").is_file():
-            try:
-                write(compile_plan(loaded), plan_dir)
-            except SpecError as exc:
-                typer.echo(str(exc), err=True)
-                raise typer.Exit(2) from None
-    spec = _json.loads((plan_dir / "spec.json").read_text())
-    total = steps if steps is not None else spec["train"]["steps"]
-    if resume and checkpoint_dir is None:
-        typer.echo("--resume needs --checkpoint-dir", err=True)
-        raise typer.Exit(2)
-    try:
-        launch(plan_dir, total, metrics, checkpoints=checkpoint_dir, resume=resume, track_memory=track_memory)
+            write(_exit_on_spec_error(compile_plan, loaded), plan_dir)
+    try:  # spec_dir: the ranks read a relative train.data.path from it, which a plan does not record
+        launch(plan_dir, steps if steps is not None else loaded.train.steps, metrics, checkpoints=checkpoint_dir,
+               resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _exit_on_spec_error(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, or exit 2 with the SpecError's located text."""
+    try:
+        return fn(*args)
+    except SpecError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _plan_spec(plan_dir: Path) -> Spec:
+    """The resolved spec a compiled plan folder carries (spec.json)."""
+    path = plan_dir / "spec.json"
+    try:
+        return Spec.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:  # json's and pydantic's errors are ValueErrors
+        typer.echo(f"{path}: not a plan folder this lcc can run ({type(exc).__name__}); compile the spec again",
+                   err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

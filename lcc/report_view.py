@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -35,6 +36,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{report['spec']}[/bold]: world {report['world_size']} = pp {lay['pp']} x dp {lay['dp']}"
                   f" x tp {lay['tp']}; ep {lay['ep']} (edp {lay['edp']}); ZeRO-{lay['zero']}, checkpointing "
                   f"{lay['activation_checkpointing']}; {lay['schedule']} x {lay['microbatches']} micro-batches")
+    dev = report["device"]
+    console.print(f"devices: {dev['count']} x {escape(dev['name'])} ({dev['kind']}): {dev['peak_tflops']:g} TFLOP/s, "
+                  f"{dev['memory_tbps']:g} TB/s, {dev['memory_gib']:g} GiB each")
 
     t = _table("Parameters", "", "count")
     for key in ("total", "embedding", "head", "attention", "dense_ffn", "router", "shared_experts", "routed_experts"):
@@ -80,6 +84,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     t.add_row("all-to-all bytes crossing nodes", f"{report['comm']['expert_alltoall_inter_node_share']:.1%}")
     t.add_row("pipeline bubble", f"{report['pipeline']['bubble_fraction']:.1%}")
     t.add_row("stage imbalance (slowest / mean)", f"{lay['stage_imbalance']:.3f}")
+    t.add_row("compute: arithmetic / weight reads (busiest rank)",
+              f"{time['arithmetic_seconds']:.3f} s / {time['weight_read_seconds']:.3f} s")
     t.add_row("step time (estimate)", f"{time['step_seconds_estimate']:.3f} s")
     t.add_row("tokens / s", human(time["tokens_per_second"]))
     t.add_row("model FLOPs utilisation", f"{time['utilization']:.1%}")

@@ -31,6 +31,20 @@ def test_validate_error_has_location_and_no_traceback(tmp_path, tiny_text):
     assert "Traceback" not in out.stderr + out.stdout
 
 
+def test_compile_refuses_a_spec_named_dot_dot(tmp_path, tiny_text):
+    # generated/../ is the working directory: the plan must not land there
+    text = tiny_text.replace("name: tiny-moe", "name: '..'")
+    path = write(tmp_path, text)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run([sys.executable, "-m", "lcc", "compile", str(path)], capture_output=True, text=True,
+                         cwd=work, timeout=120)
+    assert out.returncode == 2
+    assert f"{path}:{line_of(text, 'name:')}:1: name: '..' is not a plain folder name" in out.stderr
+    assert "hint:" in out.stderr and "Traceback" not in out.stderr
+    assert list(work.iterdir()) == []
+
+
 def test_bad_override_exits_2():
     out = lcc("report", "specs/tiny-moe.yaml", "--set", "parallelism.zeroo=2")
     assert out.returncode == 2 and "did you mean 'zero'" in out.stderr and "Traceback" not in out.stderr

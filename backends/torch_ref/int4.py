@@ -72,9 +72,12 @@ def dequantize(q: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return w.reshape(q.shape).to(dtype)
 
 
-def int4_swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: Int4Weight, w3: Int4Weight,
+def int4_swiglu_segments(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Weight, w3: Int4Weight,
                          w2: Int4Weight) -> torch.Tensor:
-    """Grouped SwiGLU from packed weights: each expert's weights are unpacked only when it has tokens."""
+    """Grouped SwiGLU from packed weights: each expert's weights are unpacked only when it has tokens
+    (a loop on the host: counts given as a tensor are read there)."""
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:

@@ -20,13 +20,12 @@ from typing import Any
 import jinja2
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
-from lcc.compiler.state import CompileState
+from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, Comm, CompileState
 from lcc.compiler.trace import layer_of
 
 TEMPLATES = Path(__file__).parent / "templates"
-COLUMN = ("attn.wq", "attn.wk", "attn.wv", "ffn.w1", "ffn.w3", "ffn.shared.w1", "ffn.shared.w3", "head")
-ROW = ("attn.wo", "ffn.w2", "ffn.shared.w2")
 
 
 @dataclass
@@ -38,12 +37,16 @@ class Line:
 
 
 class _Emitter:
+    """Renders one stage's graph nodes as lines; every communicating line comes from a plan comm at its
+    call site (before the call, replacing it, or after it), and tensor-parallel placement from the
+    parameters' shards."""
+
     def __init__(self, state: CompileState, stage: int):
         self.state, self.stage = state, stage
-        spec = state.spec
-        self.tp = spec.parallelism.tp
-        self.ep = spec.parallelism.ep
-        self.sp = spec.parallelism.sequence_parallel
+        self.comms: dict[tuple[int, int], list[Comm]] = {}
+        for c in state.stage_comms(stage):
+            if c.line not in ("zero_gather", "zero_prefetch"):
+                self.comms.setdefault(c.key[:2], []).append(c)
         self.lines: list[Line] = []
         self.entered: dict[str, str] = {}  # value -> its copy entering the TP region
         self.subst: dict[str, str] = {}  # inside an MoE block with tp: the full tokens -> this rank's share
@@ -53,15 +56,13 @@ class _Emitter:
     def emit(self, code: str, comment: str = "") -> None:
         self.lines.append(Line(code, comment, self.segment, self.region))
 
-    def tp_input(self, value: str) -> str:
-        """A column-parallel layer's input: identity forward, all-reduce of its gradient backward."""
-        if self.tp == 1:
-            return value
-        if value not in self.entered:
-            name = f"{value}_tp"
-            self.emit(f"{name} = ops.copy_to_tp({value}, G.tp)", "backward: all-reduce over tp")
-            self.entered[value] = name
-        return self.entered[value]
+    def take(self, site: str, phase: int, line: str) -> Comm | None:
+        """The plan's comm of kind `line` at this call site and phase, if any (each is used once)."""
+        found = self.comms.get((self.state.position(site), phase), [])
+        for i, c in enumerate(found):
+            if c.line == line:
+                return found.pop(i)
+        return None
 
     def node(self, n: fx.Node) -> None:
         name, args = n.name, [self.subst.get(r, r) for r in (_ref(a) for a in n.args)]
@@ -89,24 +90,34 @@ class _Emitter:
         else:
             raise NotImplementedError(f"no lowering for {n.op} node {name}")
 
+    def after(self, site: str, name: str, line: str = "all_reduce") -> None:
+        c = self.take(site, AFTER, line)
+        if c is not None:
+            self.emit(f"{name} = ops.{line}({name}, G.{c.forward[0].axis})", c.forward[0].what)
+
     def module(self, n: fx.Node, name: str, args: list[str]) -> None:
         target = str(n.target)
         spec = self.state.spec
+        params = self.state.params
         if target == "embed":
-            width = spec.model.vocab_size // self.tp
-            self.emit(f'{name} = ops.embedding_shard({args[0]}, P["embed.weight"], vocab_start=ctx.tp_rank * {width})')
-            if self.tp > 1:
-                self.emit(f"{name} = ops.all_reduce({name}, G.tp)", "vocab-parallel embedding: sum over tp")
+            w = params["embed.weight"]
+            width = w.local_shape[0]
+            start = f"ctx.tp_rank * {width}" if w.shard is not None else "0"
+            self.emit(f'{name} = ops.embedding_shard({args[0]}, P["embed.weight"], vocab_start={start})')
+            self.after(target, name)
         elif target.endswith("norm"):
             self.emit(f'{name} = ops.rms_norm({args[0]}, P["{target}.weight"], eps={spec.model.norm_eps!r})')
-        elif target.endswith(COLUMN):
+        elif isinstance(self.state.graph.get_submodule(target), nn.Linear):
             weight = "embed.weight" if target == "head" and spec.model.tie_embeddings else f"{target}.weight"
-            self.emit(f'{name} = ops.linear({self.tp_input(args[0])}, P["{weight}"])',
-                      "vocab-parallel logits" if target == "head" else "")
-        elif target.endswith(ROW):
-            self.emit(f'{name} = ops.linear({args[0]}, P["{target}.weight"])')
-            if self.tp > 1:
-                self.emit(f"{name} = ops.all_reduce({name}, G.tp)", "row-parallel: sum partial results")
+            x = args[0]
+            copy = self.take(target, BEFORE, "copy_to_tp")
+            if copy is not None:
+                self.entered[x] = f"{x}_tp"
+                self.emit(f"{x}_tp = ops.copy_to_tp({x}, G.tp)", "backward: all-reduce over tp")
+            shard = params[weight].shard
+            comment = "vocab-parallel logits" if target == "head" and shard is not None else ""
+            self.emit(f'{name} = ops.linear({self.entered.get(x, x)}, P["{weight}"])', comment)
+            self.after(target, name)
         elif target.endswith("attn.core"):
             att = spec.model.attention
             self.region = "attention"
@@ -115,41 +126,50 @@ class _Emitter:
             self.region = None
         elif target.endswith("ffn.router"):
             tokens = args[0]
-            if self.tp > 1 and not self.sp:
+            split = self.take(target, BEFORE, "split_tokens")
+            if split is not None:
                 self.emit(f"{tokens}_mine = ops.split_tokens({tokens}, G.tp)", "this rank's 1/tp of the tokens")
                 self.subst[tokens] = f"{tokens}_mine"
                 tokens = f"{tokens}_mine"
             self.region = "routing"  # through the dispatch all-to-all
-            share = ", group=G.tp" if self.tp > 1 else ""  # the balance loss counts the unit's tokens
             self.emit(f'{name} = ops.route({tokens}, P["{target}.centroids_GD"], P["{target}.weight_ED"], '
-                      f'B["{target}.bias_E"], ctx.routing{share})')
+                      f'B["{target}.bias_E"], ctx.routing)')
+            self.after(target, name, "unit_balance")
             self.emit(f'ctx.observe("{target.rsplit(".", 1)[0]}", {name})', "loads, k per token, losses")
         elif target.endswith("ffn.dispatch"):
+            counts = self.take(target, AT, "moe_plan")
             self.emit(f"{name} = ops.moe_plan({args[0]}, n_experts={spec.model.moe.n_experts}, group=G.ep)",
-                      "exchanges per-expert counts over ep" if self.ep > 1 else "")
+                      "exchanges per-expert counts over ep" if counts is not None else "")
         elif target.endswith("ffn.experts"):
             gathered = args[0]
             plan = _ref(n.args[1].args[0])  # counts_E's getattr source: the MoE plan
-            if self.ep > 1:
+            dispatch = self.take(target, BEFORE, "all_to_all")
+            if dispatch is not None:
                 self.emit(f"{gathered} = ops.all_to_all({gathered}, {plan}.send, {plan}.recv, G.ep)", "dispatch")
                 self.emit(f"{gathered} = {gathered}.index_select(0, {plan}.order)", "group rows by local expert")
             self.region = None
-            if self.state.mode == "serve" and any(p.serve for p in self.state.params.values()):
-                self.emit(f'{name} = ops.grouped_swiglu_int4({gathered}, {plan}.local_counts, P["{target}.w1_EFD"], '
-                          f'P["{target}.w3_EFD"], P["{target}.w2_EDF"])', "packed int4 experts")
+            w = [f'P["{target}.{p}"]' for p in ("w1_EFD", "w3_EFD", "w2_EDF")]
+            if any(params[f"{target}.{p}"].serve for p in ("w1_EFD", "w3_EFD", "w2_EDF")):
+                self.emit(f"{name} = ops.grouped_swiglu_int4({gathered}, {plan}.local_counts, {', '.join(w)})",
+                          "packed int4 experts")
             else:
-                self.emit(f'{name} = ops.grouped_swiglu({gathered}, {plan}.local_counts, P["{target}.w1_EFD"], '
-                          f'P["{target}.w3_EFD"], P["{target}.w2_EDF"])')
-            if self.ep > 1:
+                self.emit(f"{name} = ops.grouped_swiglu({gathered}, {plan}.local_counts_E, {', '.join(w)})",
+                          "counts on the device: no host read")
+            combine = self.take(target, AFTER, "all_to_all")
+            if combine is not None:
                 self.emit(f"{name} = {name}.index_select(0, {plan}.inverse)")
                 self.emit(f"{name} = ops.all_to_all({name}, {plan}.recv, {plan}.send, G.ep)", "combine")
         elif target.endswith("ffn.combine"):
             self.emit(f"{name} = ops.combine_tokens({args[0]}, {args[1]}, {args[2]})")
-            if self.subst:
+            gather = self.take(target, AFTER, "gather_tokens")
+            if gather is not None:
                 self.emit(f"{name} = ops.gather_tokens({name}, G.tp)", "the TP group's tokens")
-                self.subst = {}
+            self.subst = {}
         else:
             raise NotImplementedError(f"no lowering for module {target}")
+
+    def leftover(self) -> list[Comm]:
+        return [c for found in self.comms.values() for c in found if c.key[0] != LOSS_POSITION]
 
 
 def _ref(a: Any) -> str:
@@ -158,12 +178,6 @@ def _ref(a: Any) -> str:
     if isinstance(a, (tuple, list)):
         return "(" + ", ".join(_ref(x) for x in a) + ("," if len(a) == 1 else "") + ")"
     return repr(a)
-
-
-def _local_shape(p) -> list[int]:
-    shape = list(p.shape)
-    shape[p.shard["dim"]] //= p.shard["parts"]
-    return shape
 
 
 def stage_of_node(state: CompileState) -> dict[fx.Node, int]:
@@ -290,7 +304,7 @@ def _zero_gathers(state: CompileState, functions: list[Function]) -> None:
         names = [n for line in fn.lines for n in PARAM_REF.findall(line.code)]
         for n in dict.fromkeys(names):
             info = state.params[n]
-            fn.gather[n] = (info.zero["axis"], _local_shape(info) if info.shard else list(info.shape))
+            fn.gather[n] = (info.zero.axis, info.local_shape)
         for line in fn.lines:
             line.code = line.code.replace('P["', 'W["')
     top = [fn for fn in functions if not fn.nested]
@@ -299,15 +313,30 @@ def _zero_gathers(state: CompileState, functions: list[Function]) -> None:
             a.prefetch = b.name
 
 
+def _loss_lines(state: CompileState) -> list[Line]:
+    """The cross-entropy of vocab-parallel logits as lines: the maximum and two sums over tp."""
+    head = state.params["embed.weight" if state.spec.model.tie_embeddings else "head.weight"]
+    start = f"ctx.tp_rank * {head.local_shape[0]}" if head.shard is not None else "0"
+    what = {c.forward[0].what.split(": ", 1)[-1] for c in state.comms.get(state.last_stage, [])
+            if c.key[0] == LOSS_POSITION}
+    comments = [("vocab-parallel cross-entropy: " + w) if w in what else "" for w in
+                ("the logits' maximum over the vocabulary", "the sum of exponentials", "the target's logit")]
+    return [Line("logits_TV, targets_T = ops.flatten_logits(logits, targets)", "float32 or wider"),
+            Line("peak_T = ops.all_reduce_max(ops.row_max(logits_TV), G.tp)", comments[0]),
+            Line("sum_exp_T = ops.all_reduce(ops.sum_exp(logits_TV, peak_T), G.tp)", comments[1]),
+            Line(f"target_T = ops.all_reduce(ops.target_logit(logits_TV, peak_T, targets_T, vocab_start={start}), "
+                 "G.tp)", comments[2]),
+            Line("ce = ops.cross_entropy(sum_exp_T, target_T)")]
+
+
 def render_programs(state: CompileState) -> dict[str, str]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    env.globals["local_shape"] = _local_shape
     template = env.get_template("program.py.j2")
     stages = stage_of_node(state)
     nodes = [n for n in state.graph.graph.nodes if n.op not in ("placeholder", "output")]
     output = next(n for n in state.graph.graph.nodes if n.op == "output")
-    zero3 = state.plan["memory"]["zero"] >= 3
+    zero3 = state.memory.zero >= 3
     programs = {}
     for s, (a, b) in enumerate(state.stage_bounds):
         mine = [n for n in nodes if stages[n] == s]
@@ -318,6 +347,11 @@ def render_programs(state: CompileState) -> dict[str, str]:
         emitter = _Emitter(state, s)
         for n in mine:
             emitter.node(n)
+        unused = emitter.leftover()
+        if unused:
+            raise ValueError(f"stage {s}: the plan's {unused[0].line} at graph position {unused[0].key[0]} has no "
+                             "program line")
+        loss = _loss_lines(state) if s == state.last_stage and state.mode == "train" else None
         result = output.args[0].name if s == len(state.stage_bounds) - 1 else mine[-1].name
         placeholder = next(n for n in state.graph.graph.nodes if n.op == "placeholder").name
         params = [p for p in state.params.values() if s in p.stages]
@@ -326,9 +360,9 @@ def render_programs(state: CompileState) -> dict[str, str]:
             _zero_gathers(state, functions)
         programs[f"programs/stage{s}.py"] = template.render(
             spec=state.spec.name, stage=s, n_stages=len(state.stage_bounds), pp_rank=s % state.spec.parallelism.pp,
-            layers=[a, b], passes=[p["name"] for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
+            layers=[a, b], passes=[p.name for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
             first=s == 0, result=result, forward=forward, functions=functions, params=params, zero3=zero3,
-            memory=state.plan["memory"],
-            buffers=[f"layers.{i}.ffn.router.bias_E" for i in range(a, b) if state.spec.model.is_moe(i)],
+            memory=state.memory, loss=loss,
+            buffers=[b.name for b in state.buffers if s in b.stages],
         )
     return programs

@@ -14,21 +14,28 @@ from pathlib import Path
 import torch
 
 from lcc.data.corpus import builtin_corpus
+from lcc.spec.data import data_file
 from lcc.spec.models import Spec
 
 HELD_OUT = 0.05
 
 
+class DataError(RuntimeError):
+    """The training data cannot be read; the message names the spec field and the file."""
+
+
 def corpus_tokens(spec: Spec, spec_dir: Path | None = None) -> torch.Tensor:
-    """The whole corpus as token ids (int64)."""
+    """The whole corpus as token ids (int64). A relative `train.data.path` is read from `spec_dir` when given,
+    else from the folder the spec was loaded from (lcc.spec.data.data_file)."""
     data = spec.train.data
     if data.kind == "builtin":
         raw = builtin_corpus()
     elif data.kind == "text":
-        path = Path(data.path)
-        if not path.is_absolute() and spec_dir is not None:
-            path = spec_dir / path
-        raw = path.read_bytes()
+        path = data_file(spec, spec_dir)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"train.data.path: cannot read data file {path}: {exc.strerror or exc}") from None
     else:  # synthetic: a seeded first-order Markov chain over the vocabulary, 1M tokens
         return _markov(spec.model.vocab_size, spec.seed, 1 << 20)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
@@ -68,6 +75,9 @@ def split_corpus(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def step_units(stream: TokenStream, spec: Spec, step: int) -> list[torch.Tensor]:
     """The dp * microbatches units of optimizer step `step`, in order; each (B / units) x (seq_len + 1)."""
     par = spec.parallelism
-    n_units = par.dp * par.pipeline.microbatches
-    batch = stream.sequences(step * spec.train.global_batch, spec.train.global_batch)
-    return list(batch.chunk(n_units))
+    return units_of_step(stream, spec.train.global_batch, par.dp * par.pipeline.microbatches, step)
+
+
+def units_of_step(stream: TokenStream, global_batch: int, n_units: int, step: int) -> list[torch.Tensor]:
+    """Step `step`'s sequences [step B, (step + 1) B) cut in order into `n_units` units."""
+    return list(stream.sequences(step * global_batch, global_batch).chunk(n_units))

@@ -3,6 +3,10 @@
 Dispatch permutes the used (token, slot) pairs into contiguous per-expert segments; the experts run a
 SwiGLU per segment on stacked weights (`w1_EFD`, `w3_EFD`, `w2_EDF`); combine scatters the weighted
 outputs back. `ExpertFFN` is the seam where the compiler swaps in fused kernels or int4 weights.
+
+Per-expert counts stay on the device: grouped matmul takes them as a tensor. The host needs a count where
+a shape depends on it (the number of used slots, in `dispatch`) and where a Python loop runs over the
+experts (`swiglu_loop`: float64 and other dtypes grouped matmul does not take).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcc.model.routing import Router, RouteResult
+from lcc.model.grouped import contiguous_grad, group_ends, grouped_mm_ok
+from lcc.model.routing import Router, RouteResult, slot_counts
 from lcc.spec.models import MoE, Routing
 
 
@@ -23,18 +28,20 @@ class Dispatch:
 
     token_S: torch.Tensor  # source token of each slot, in segment order
     gate_S: torch.Tensor  # gate of each slot, in segment order
-    counts_E: list[int]  # slots per expert
+    counts_E: torch.Tensor  # slots per expert (int64, on the device)
 
 
-def dispatch(route: RouteResult, n_experts: int) -> Dispatch:
-    T, K = route.experts_TK.shape
-    flat_mask = route.mask_TK.reshape(-1)
-    expert_S = route.experts_TK.reshape(-1)[flat_mask]
-    token_S = torch.arange(T, device=expert_S.device).repeat_interleave(K)[flat_mask]
-    gate_S = route.gates_TK.reshape(-1)[flat_mask]
-    order = torch.argsort(expert_S, stable=True)
-    counts = torch.bincount(expert_S, minlength=n_experts).tolist()
-    return Dispatch(token_S[order], gate_S[order], counts)
+def dispatch(route: RouteResult, n_experts: int, n_slots: int | None = None) -> Dispatch:
+    """`n_slots`: the number of used slots, when the caller already has it on the host (`ops.moe_plan`);
+    otherwise it is read here, the reference block's one host synchronisation (it sizes the segments)."""
+    K = route.experts_TK.shape[1]
+    # unused slots sort after every expert; the sort is stable, so tokens keep their order in a segment
+    key_S = torch.where(route.mask_TK, route.experts_TK, n_experts).reshape(-1)
+    if n_slots is None:
+        n_slots = int(route.mask_TK.sum())  # host sync: the segments' total length is a shape
+    order = torch.argsort(key_S, stable=True)[:n_slots]
+    gate_S = route.gates_TK.reshape(-1).index_select(0, order)
+    return Dispatch(order // K, gate_S, slot_counts(route.experts_TK, route.mask_TK, n_experts))
 
 
 def combine(y_SD: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
@@ -43,38 +50,24 @@ def combine(y_SD: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
     return out.index_add(0, plan.token_S, weighted)
 
 
-def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                    w2_EDF: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of each expert over its contiguous segment of x (segments in expert order)."""
+def swiglu_segments(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor,
+                    w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each expert over its contiguous segment of x (segments in expert order). Counts on the
+    device cost no host sync where grouped matmul runs; the loop reads them on the host."""
     if grouped_mm_ok(x_SD, w1_EFD, w2_EDF):
         return swiglu_grouped(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
-    return swiglu_loop(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
+    host = counts.tolist() if isinstance(counts, torch.Tensor) else counts  # host sync (loop path only)
+    return swiglu_loop(x_SD, host, w1_EFD, w3_EFD, w2_EDF)
 
 
-def grouped_mm_ok(x_SD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> bool:
-    """torch's grouped matmul takes float32 / bfloat16 / float16 with rows aligned to 16 bytes."""
-    if x_SD.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not hasattr(F, "grouped_mm"):
-        return False
-    if w1_EFD.dtype != x_SD.dtype or w2_EDF.dtype != x_SD.dtype:
-        return False
-    align = 16 // x_SD.element_size()
-    return x_SD.shape[-1] % align == 0 and w1_EFD.shape[1] % align == 0
-
-
-def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
-    if t.requires_grad:  # the grouped matmul's backward needs a dense incoming gradient
-        t.register_hook(lambda g: g.contiguous())
-    return t
-
-
-def swiglu_grouped(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                   w2_EDF: torch.Tensor) -> torch.Tensor:
+def swiglu_grouped(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor,
+                   w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
     """Three grouped matmuls over all experts at once; segment ends are the cumulative counts."""
-    offs = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
+    offs = group_ends(counts, x_SD.device)
     x_SD = x_SD.contiguous()
-    a = _contiguous_grad(F.grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs))
-    b = _contiguous_grad(F.grouped_mm(x_SD, w3_EFD.transpose(1, 2), offs=offs))
-    return _contiguous_grad(F.grouped_mm(F.silu(a) * b, w2_EDF.transpose(1, 2), offs=offs))
+    a = contiguous_grad(F.grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs))
+    b = contiguous_grad(F.grouped_mm(x_SD, w3_EFD.transpose(1, 2), offs=offs))
+    return contiguous_grad(F.grouped_mm(F.silu(a) * b, w2_EDF.transpose(1, 2), offs=offs))
 
 
 def swiglu_loop(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
@@ -107,7 +100,7 @@ class ExpertFFN(nn.Module):
         self.w3_EFD = nn.Parameter(torch.empty(n_experts, d_ff, d_model, device=device, dtype=dtype))
         self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, d_ff, device=device, dtype=dtype))
 
-    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_SD: torch.Tensor, counts: torch.Tensor | list[int]) -> torch.Tensor:
         return swiglu_segments(x_SD, counts, self.w1_EFD, self.w3_EFD, self.w2_EDF)
 
 
@@ -126,7 +119,7 @@ class SwiGLU(nn.Module):
 class MoEStats:
     load_E: torch.Tensor
     k_T: torch.Tensor
-    dropped: int
+    dropped: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
 

@@ -25,7 +25,7 @@ class Int4ExpertFFN(nn.Module):
     def nbytes(self) -> int:
         return self.w1.nbytes + self.w3.nbytes + self.w2.nbytes
 
-    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_SD: torch.Tensor, counts: torch.Tensor | list[int]) -> torch.Tensor:
         return int4_swiglu_segments(x_SD, counts, self.w1, self.w3, self.w2)
 
 

@@ -2,18 +2,21 @@
 
 Shapes: T tokens, D model dim, G groups, Gk kept groups per token, P experts per group, C = Gk * P
 candidates per token, K = k.max static slots.
+
+Routing issues no host synchronisation (no `.item()`, `.tolist()`, data-dependent shapes) where grouped
+matmul runs; counts stay tensors. The exception is the group-major logits in float64 (verification on a
+CPU) or with rows grouped_mm cannot take: a loop over the groups, which needs their sizes on the host.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lcc.model.grouped import contiguous_grad, group_ends, grouped_mm_ok
 from lcc.spec.models import MoE, Routing
 
 
@@ -24,9 +27,13 @@ class RouteResult:
     mask_TK: torch.Tensor  # bool: slot is used (k(x) slots, minus capacity drops)
     k_T: torch.Tensor  # experts chosen per token before capacity drops
     load_E: torch.Tensor  # routed slots per expert (after drops), float64 counts
-    dropped: int  # slots dropped by capacity
+    dropped: torch.Tensor  # slots dropped by capacity (0-d int64 tensor: reading it is a host sync)
     aux_loss: torch.Tensor  # Switch load-balancing loss (unscaled)
     z_loss: torch.Tensor  # router z-loss (unscaled)
+    # what the Switch loss is made of, when it is used: routed slots per expert, used slots and tokens
+    # (no gradient), and the per-expert sum of pi over the tokens (differentiable)
+    balance_counts: torch.Tensor | None = None
+    pi_sum_E: torch.Tensor | None = None
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +42,20 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values[..., :k], index[..., :k]
 
 
+def slot_counts(experts_TK: torch.Tensor, mask_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Used slots per expert (int64, on the slots' device). A scatter-add into E + 1 bins (the last one
+    takes the unused slots): unlike bincount or boolean indexing, it needs no host synchronisation."""
+    ids = torch.where(mask_TK, experts_TK, n_experts).reshape(-1)
+    bins = torch.zeros(n_experts + 1, dtype=torch.int64, device=ids.device)
+    return bins.scatter_add_(0, ids, torch.ones_like(ids))[:n_experts]
+
+
 class RouterMath:
     """The routing arithmetic on given tensors: what `Router` runs on its own parameters, and what
     compiled programs call (`route`) on their local copies."""
 
-    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing,
-                 sum_shares: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """`sum_shares`: when the unit's tokens are split over ranks (tensor parallelism), sums a tensor
-        of counts over those ranks, so the balance loss is the unit's."""
+    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing):
         self.centroids_GD, self.weight_ED, self.bias_E, self.cfg = centroids_GD, weight_ED, bias_E, cfg
-        self.sum_shares = sum_shares
         self.n_groups, self.n_experts = centroids_GD.shape[0], weight_ED.shape[0]
         self.per_group = self.n_experts // self.n_groups
 
@@ -64,15 +75,23 @@ class RouterMath:
 
         The (token, group) pairs are sorted by group and gathered once, so each group's tokens are one
         contiguous slice. At LongCat shapes this streams the router weights once and is bound by memory
-        bandwidth; a padded bmm is no faster on CPU and allocates a buffer per call."""
+        bandwidth; a padded bmm is no faster on CPU and allocates a buffer per call. One grouped matmul
+        takes the group sizes as a device tensor; where it cannot run (float64, or P or D not a multiple of
+        16 bytes, such as LongCat's 125 experts per group in float32), a loop over the groups needs them
+        on the host: the router's only host synchronisation, and only in that case."""
         T, Gk = kept_TGk.shape
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         flat = kept_TGk.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_groups)
+        counts_G = torch.zeros(self.n_groups, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         w_GPD = self.weight_ED.view(self.n_groups, self.per_group, -1).to(dtype)
         x_SD = x_TD.index_select(0, order // Gk).to(dtype)  # index_select: several times faster than x[idx]
-        z_SP = self._logits_looped(x_SD, counts.tolist(), w_GPD)
+        if grouped_mm_ok(x_SD, w_GPD, w_GPD):
+            offs = group_ends(counts_G, x_SD.device)
+            z_SP = contiguous_grad(F.grouped_mm(x_SD.contiguous(), w_GPD.transpose(1, 2), offs=offs))
+        else:
+            z_SP = self._logits_looped(x_SD, counts_G.tolist(), w_GPD)  # host sync: see the docstring
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return z_SP.index_select(0, inverse).view(T, Gk, self.per_group)
@@ -127,53 +146,66 @@ class RouterMath:
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
         gates_TK = cfg.gate_scale * gates_TK
         # step 10: capacity per unit (this call), before dispatch
-        dropped = 0
+        dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         if cfg.capacity_factor is not None:
             mask_TK, dropped = self.apply_capacity(experts_TK, mask_TK)
             gates_TK = gates_TK * mask_TK
-        load_E = torch.bincount(experts_TK[mask_TK], minlength=self.n_experts).to(torch.float64)
+        load_E = slot_counts(experts_TK, mask_TK, self.n_experts).to(torch.float64)
         # step 9: losses per unit, computed only when they are used
         zero = pi_TC.new_zeros(())
         balance = cfg.balance
-        aux = self.balance_loss(pi_TC, cand_TC, experts_TK, mask_TK) if balance.aux_loss_coef else zero
+        counts, pi_sum_E, aux = None, None, zero
+        if balance.aux_loss_coef:
+            counts, pi_sum_E = self.balance_terms(pi_TC, cand_TC, experts_TK, mask_TK)
+            aux = balance_loss_from(counts, pi_sum_E, self.n_experts)
         z_loss = torch.logsumexp(z_TGkP.reshape(T, C), dim=-1).pow(2).mean() if balance.z_loss_coef else zero
-        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, dropped, aux, z_loss)
+        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, dropped, aux, z_loss, counts, pi_sum_E)
 
-    def apply_capacity(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def apply_capacity(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep at most ceil(capacity_factor * used slots / E) slots per expert; priority by slot rank,
-        then token order (every token's first choice before anyone's second)."""
-        used = int(mask_TK.sum())
-        capacity = math.ceil(self.cfg.capacity_factor * used / self.n_experts)
-        order_KT = experts_TK.T.reshape(-1)
+        then token order (every token's first choice before anyone's second). Returns the kept slots and
+        the number dropped; the capacity stays a tensor (float64, as Python's float), so no host sync."""
+        used = mask_TK.sum().to(torch.float64)
+        capacity = torch.ceil(used * self.cfg.capacity_factor / self.n_experts)
+        order_KT = experts_TK.T.reshape(-1)  # priority order: every token's first slot, then second, ...
         live = mask_TK.T.reshape(-1)
-        ids = torch.where(live, order_KT, torch.full_like(order_KT, self.n_experts))
-        onehot = F.one_hot(ids, self.n_experts + 1)
-        position = (torch.cumsum(onehot, 0) * onehot).sum(-1)  # 1-based arrival order at its expert
+        ids = torch.where(live, order_KT, self.n_experts)  # unused slots: a bin of their own
+        # 1-based arrival order of each slot at its expert: its rank among the slots of the same id in a
+        # stable sort by id (no (slots x E) one-hot)
+        by_id = torch.argsort(ids, stable=True)
+        per_id = torch.zeros(self.n_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(
+            0, ids, torch.ones_like(ids))
+        first = torch.cumsum(per_id, 0) - per_id  # where each id's run starts in the sorted order
+        position = torch.empty_like(ids)
+        position[by_id] = torch.arange(1, ids.numel() + 1, device=ids.device) - first[ids[by_id]]
         keep = live & (position <= capacity)
         keep_TK = keep.view(experts_TK.shape[1], -1).T
-        return keep_TK, int(live.sum() - keep.sum())
+        return keep_TK, live.sum() - keep.sum()
 
-    def balance_loss(self, pi_TC: torch.Tensor, cand_TC: torch.Tensor, experts_TK: torch.Tensor,
-                     mask_TK: torch.Tensor) -> torch.Tensor:
-        """Switch: E * sum_e f_e P_e, f the share of routed slots, P the mean joint probability. With the
-        unit's tokens split over ranks, f and the token count are the unit's and P sums this rank's
-        tokens only: the ranks' losses add up to the unit's loss, and so do their gradients."""
+    def balance_terms(self, pi_TC: torch.Tensor, cand_TC: torch.Tensor, experts_TK: torch.Tensor,
+                      mask_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts: routed slots per expert, used slots, tokens; pi summed per expert over the tokens).
+        When a unit's tokens are split over ranks, summing the counts over them (ops.unit_balance) makes
+        each rank's Switch loss its share of the unit's: the shares add up to the unit's loss."""
         E = self.n_experts
-        counts = torch.cat([torch.bincount(experts_TK[mask_TK], minlength=E).to(pi_TC.dtype),
-                            torch.tensor([float(mask_TK.sum()), float(pi_TC.shape[0])], dtype=pi_TC.dtype)])
-        if self.sum_shares is not None:
-            counts = self.sum_shares(counts)
-        slots, T = counts[E].clamp(min=1), counts[E + 1]
-        f_E = counts[:E] / slots
-        P_E = torch.zeros(E, dtype=pi_TC.dtype, device=pi_TC.device).index_add_(0, cand_TC.reshape(-1),
-                                                                               pi_TC.reshape(-1)) / T
-        return E * (f_E * P_E).sum()
+        slots = mask_TK.sum().to(pi_TC.dtype).reshape(1)
+        tokens = torch.full((1,), float(pi_TC.shape[0]), dtype=pi_TC.dtype, device=pi_TC.device)
+        counts = torch.cat([slot_counts(experts_TK, mask_TK, E).to(pi_TC.dtype), slots, tokens])
+        pi_sum_E = torch.zeros(E, dtype=pi_TC.dtype, device=pi_TC.device).index_add_(0, cand_TC.reshape(-1),
+                                                                                    pi_TC.reshape(-1))
+        return counts, pi_sum_E
 
+
+def balance_loss_from(counts: torch.Tensor, pi_sum_E: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch: E * sum_e f_e P_e, f the share of routed slots, P the mean joint probability over tokens."""
+    E = n_experts
+    slots, T = counts[E].clamp(min=1), counts[E + 1]
+    return E * (counts[:E] / slots * (pi_sum_E / T)).sum()
 
 
 def route(x_TD: torch.Tensor, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor,
-          cfg: Routing, sum_shares: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RouteResult:
-    return RouterMath(centroids_GD, weight_ED, bias_E, cfg, sum_shares).route(x_TD)
+          cfg: Routing) -> RouteResult:
+    return RouterMath(centroids_GD, weight_ED, bias_E, cfg).route(x_TD)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ class LayerRouting:
     def add(self, stats: MoEStats) -> None:
         self.load_E += stats.load_E.detach().cpu()
         self.k_hist += torch.bincount(stats.k_T.detach().cpu(), minlength=self.k_max + 1)
-        self.dropped += stats.dropped
+        self.dropped += int(stats.dropped)
 
     def summary(self, ep: int = 1) -> dict[str, Any]:
         tokens = int(self.k_hist.sum())

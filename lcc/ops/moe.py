@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
 from lcc.model.routing import RouteResult
 from lcc.ops.collectives import Group, _all_reduce, _size, exchange_counts
 
-__all__ = ["MoEPlan", "combine_tokens", "grouped_swiglu", "grouped_swiglu_int4", "moe_plan", "route"]
+__all__ = ["MoEPlan", "combine_tokens", "grouped_swiglu", "grouped_swiglu_int4", "moe_plan", "route", "unit_balance"]
 
 
 @dataclass
@@ -25,6 +26,7 @@ class MoEPlan:
     order: torch.Tensor  # received rows (source-major) -> local-expert-major
     inverse: torch.Tensor  # and back
     local_counts: list[int]  # rows per local expert
+    local_counts_E: torch.Tensor  # the same on the device: what grouped matmul takes without a host sync
 
     @property
     def token_S(self) -> torch.Tensor:
@@ -32,38 +34,53 @@ class MoEPlan:
 
 
 def route(x_TD: torch.Tensor, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor,
-          cfg: routing.Routing, group: Group = None) -> RouteResult:
-    """Hierarchical routing of this rank's tokens. When a unit's tokens are split over `group` (tp), the
-    balance loss uses the unit's expert counts (an all-reduce of counts, no gradient)."""
-    shares = None if _size(group) == 1 else (lambda counts: _all_reduce(counts, group))
-    return routing.route(x_TD, centroids_GD, weight_ED, bias_E, cfg, shares)
+          cfg: routing.Routing) -> RouteResult:
+    """Hierarchical routing of this rank's tokens."""
+    return routing.route(x_TD, centroids_GD, weight_ED, bias_E, cfg)
+
+
+def unit_balance(route: RouteResult, group: Group) -> RouteResult:
+    """When a unit's tokens are split over `group` (tp): the Switch loss from the unit's expert counts
+    (an all-reduce of counts, no gradient), so the ranks' losses add up to the unit's."""
+    if _size(group) == 1 or route.pi_sum_E is None:
+        return route
+    counts = _all_reduce(route.balance_counts, group)
+    aux = routing.balance_loss_from(counts, route.pi_sum_E, route.pi_sum_E.shape[0])
+    return dataclasses.replace(route, balance_counts=counts, aux_loss=aux)
 
 
 def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
-    """Sort the slots by expert and exchange per-expert counts with the EP group (a small all-to-all)."""
-    local = dispatch(routed, n_experts)
+    """Sort the slots by expert and exchange per-expert counts with the EP group (a small all-to-all).
+    Everything stays on the device except one small tensor read once on the host (see below)."""
     ep = _size(group)
     per = n_experts // ep
-    counts = torch.tensor(local.counts_E, dtype=torch.int64).view(ep, per)
+    counts = routing.slot_counts(routed.experts_TK, routed.mask_TK, n_experts).view(ep, per)
     received = exchange_counts(counts, group)  # row s: what source s sends to my experts
-    send, recv = counts.sum(1).tolist(), received.sum(1).tolist()
+    # The MoE layer's one host synchronisation: the all-to-all's split sizes (rows to and from each EP
+    # rank) are host ints, and so are the shapes that follow from them; one read brings all of it.
+    host = torch.cat([counts.sum(1), received.sum(1), received.sum(0)]).tolist()
+    send, recv, local_counts = host[:ep], host[ep:2 * ep], host[2 * ep:]
+    local = dispatch(routed, n_experts, n_slots=sum(send))
     # received rows are source-major (source s, then its experts); order lists them expert-major
+    device, rows = received.device, sum(recv)
     starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(ep, per)
     sizes, firsts = received.t().reshape(-1), starts.t().reshape(-1)  # blocks (e, s) in expert-major order
-    block = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=rows)
     block_start = torch.cumsum(sizes, 0) - sizes
-    order = firsts[block] + torch.arange(block.numel()) - block_start[block]
+    order = firsts[block] + torch.arange(rows, device=device) - block_start[block]
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel())
-    return MoEPlan(local, send, recv, order, inverse, received.sum(0).tolist())
+    inverse[order] = torch.arange(rows, device=device)
+    return MoEPlan(local, send, recv, order, inverse, local_counts, received.sum(0))
 
 
-def grouped_swiglu(x_SD: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                   w2_EDF: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor,
+                   w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """The experts over their segments; pass `plan.local_counts_E` (device) so that grouped matmul needs no
+    host sync: a list is copied to the device, which on a GPU waits for the stream."""
     return swiglu_segments(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
 
 
-def grouped_swiglu_int4(x_SD: torch.Tensor, counts: list[int], w1: Int4Weight, w3: Int4Weight,
+def grouped_swiglu_int4(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Weight, w3: Int4Weight,
                         w2: Int4Weight) -> torch.Tensor:
     """Serve plans: the same experts from packed int4 weights."""
     return int4_swiglu_segments(x_SD, counts, w1, w3, w2)

@@ -24,13 +24,9 @@ import torch
 import torch.distributed as dist
 
 from lcc.ops.collectives import Group, _size
+from lcc.plan.types import chunk_size
 
 __all__ = ["chunk_size", "live_gathered", "offload_gathered", "shard_flat", "zero_gather", "zero_prefetch"]
-
-
-def chunk_size(numel: int, parts: int) -> int:
-    """Elements per shard: the last shard is padded up to this size."""
-    return math.ceil(numel / parts) if numel else 0
 
 
 def shard_flat(t: torch.Tensor, parts: int, index: int) -> torch.Tensor:

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from lcc.plan.types import Parameter
+
 LATEST = "latest"
 
 
-def shard_key(meta: dict[str, Any], coords: dict[str, int], sizes: dict[str, int]) -> str:
-    shard = meta["shard"]
+def shard_key(meta: Parameter, coords: dict[str, int], sizes: dict[str, int]) -> str:
+    shard = meta.shard
     if shard is None:
-        return meta["name"]
-    part = coords[shard["axis"]] * shard["parts"] // sizes[shard["axis"]]
-    return f"{meta['name']}#{shard['axis']}{part}of{shard['parts']}"
+        return meta.name
+    return f"{meta.name}#{shard.axis}{shard.part(coords, sizes)}of{shard.parts}"
 
 
 def _distributed() -> bool:

@@ -1,8 +1,9 @@
-"""One rank's training: run its pipeline actions, then reduce, shape, clip and step (a plain loop).
+"""One rank's training: run its pipeline actions, then its step actions (a plain loop over the plan).
 
-Reads only the plan folder (plan.json, spec.json, actions.txt, programs/). Numerics follow the reference
-trainer (docs/model.md): the same units, the same loss normalisation, the same order of gradient
-shaping, clipping, AdamW and load-bias update, so every layout computes what the reference computes.
+Reads only the plan folder: plan.json (the typed plan: mesh, shards, schedule, step actions, precision)
+and the programs it names; spec.json only for what is not layout (the model's sizes, routing settings,
+initialisation, optimizer, data). Numerics follow the reference trainer (docs/model.md): the same units,
+loss normalisation, and order of gradient shaping, clipping, AdamW and load-bias update.
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lcc.actions import read_actions
-from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, step_units
+from lcc.actions import Action
+from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, units_of_step
 from lcc.model.routing import update_bias
 from lcc.model.shaping import token_count_factors
 from lcc.model.stats import imbalance
 from lcc.model.trainer import adamw, lr_at
-from lcc.ops import ProgramContext, offload_gathered, vocab_parallel_cross_entropy
+from lcc.ops import ProgramContext, offload_gathered
+from lcc.ops.zero import _Bucket
+from lcc.plan import read_plan
+from lcc.plan.types import StepAction
 from lcc.runtime import checkpoint
 from lcc.runtime.checkpoint import shard_key
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
 from lcc.runtime.mesh import Mesh, build_mesh
 from lcc.runtime.shards import counts_once, local_parameters
+from lcc.runtime.transcript import Transcript
 from lcc.runtime.zero import ZeroLayout
 from lcc.spec import Spec
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def router_summary(load: torch.Tensor, k_hist: torch.Tensor, ep: int) -> dict[str, Any]:
@@ -51,19 +56,20 @@ def load_program(path: Path) -> types.ModuleType:
 
 class RankEngine:
     def __init__(self, plan_dir: Path, rank: int, spec_dir: Path | None = None, keep_grads: bool = False,
-                 track_memory: bool = False):
+                 track_memory: bool = False, transcript: Path | None = None):
         self.dir = Path(plan_dir)
-        self.keep_grads = keep_grads  # keep each step's final local gradients (reduced, shaped) for tests
+        self.keep_grads = keep_grads  # keep step 1's final local gradients (reduced, shaped) for tests
         self.last_grads: dict[str, torch.Tensor] = {}
-        self.plan = json.loads((self.dir / "plan.json").read_text())
-        resolved = json.loads((self.dir / "spec.json").read_text())
-        self.spec = spec = Spec.model_validate(resolved)
-        self.mesh: Mesh = build_mesh(self.plan, rank)
+        self.plan = plan = read_plan(self.dir)
+        self.spec = spec = Spec.model_validate(json.loads((self.dir / "spec.json").read_text()))
+        self.mesh: Mesh = build_mesh(plan, rank)
         c = self.mesh.coords
-        self.dtype = DTYPES[spec.train.dtype]
-        full = local_parameters(spec, self.plan, c, self.mesh.sizes, self.dtype)
-        self.meta = {p["name"]: p for p in self.plan["parameters"] if p["name"] in full}
-        self.zero = self.plan["memory"]["zero"]
+        self.dtype = DTYPES[plan.precision.params]
+        self.compute = DTYPES[plan.precision.compute]
+        self.roles = {r.stage: r for r in plan.roles_of(c["pp"])}
+        full = local_parameters(spec, plan, c, self.mesh.sizes, self.dtype)
+        self.meta = {n: plan.parameter(n) for n in full}
+        self.zero = plan.memory.zero
         self.layout = ZeroLayout(self.meta, c, self.mesh.groups)
         if self.zero >= 3:  # the rank holds only its piece of each parameter
             self.params = {n: torch.nn.Parameter(self.layout.shard(n, p.data)) for n, p in full.items()}
@@ -74,16 +80,18 @@ class RankEngine:
         self.masters = ({n: torch.nn.Parameter(self.layout.piece(n, p.data)) for n, p in self.params.items()}
                         if self.zero in (1, 2) else self.params)
         self.grad_pieces: dict[str, torch.Tensor] = {}  # ZeRO 2: reduce-scattered gradients of the step
-        if self.zero == 2:
-            for name, p in self.params.items():
-                p.register_post_accumulate_grad_hook(self._reduce_scatter_hook(name))
-        self.bias = {f"layers.{i}.ffn.router.bias_E": torch.zeros(spec.model.moe.n_experts, dtype=torch.float64)
-                     for i in spec.model.moe_layers} if spec.model.moe else {}
-        self.stages = sorted(int(s[5:]) for s in self.plan["ranks"]["roles_of_pp_rank"][str(c["pp"])])
-        self.programs = {s: load_program(self.dir / "programs" / f"stage{s}.py") for s in self.stages}
-        self.actions = read_actions((self.dir / "actions.txt").read_text())[c["pp"]]
-        self.n_stages = self.plan["schedule"]["n_stages"]
-        matrices = {n for n, m in self.meta.items() if len(m["global_shape"]) >= 2}
+        for role in self.roles.values():
+            for bucket in role.grad_buckets:
+                if bucket.when == "backward":  # ZeRO 2: reduce-scatter each gradient as backward produces it
+                    for name in bucket.params:
+                        self.params[name].register_post_accumulate_grad_hook(self._reduce_scatter_hook(name))
+        self.bias = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype]) for b in plan.buffers
+                     if set(b.stages) & set(self.roles)}
+        self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
+        self.actions = [Action.parse(a) for a in plan.schedule.actions[c["pp"]]]
+        self.step_actions: list[StepAction] = plan.schedule.step[c["pp"]]
+        self.n_stages = plan.schedule.n_stages
+        matrices = {n for n, m in self.meta.items() if len(m.global_shape) >= 2}
         self.optimizer = adamw(spec, [p for n, p in self.masters.items() if n in matrices],
                                [p for n, p in self.masters.items() if n not in matrices])
         self.memory = LiveTensorBytes() if track_memory and not torch.cuda.is_available() else None
@@ -91,8 +99,9 @@ class RankEngine:
             self.memory.track(self.model_states())
             for p in self.params.values():  # a gradient is a model state from the moment it is accumulated
                 p.register_post_accumulate_grad_hook(self._mark_gradient)
+        self.transcript = Transcript(transcript, rank, self.mesh.axis_of()) if transcript else None
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir))
-        self.stream = TokenStream(train, spec.train.seq_len)
+        self.stream = TokenStream(train, plan.data.seq_len)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state(self, step: int) -> dict[str, torch.Tensor]:
@@ -112,13 +121,8 @@ class RankEngine:
             for field_name in ("exp_avg", "exp_avg_sq", "step"):
                 out[f"adam/{field_name}/{key}{piece}"] = st[field_name]
         for name, b in self.bias.items():
-            if self._holds_layer(name):
-                out[f"bias/{name}"] = b
+            out[f"bias/{name}"] = b
         return out
-
-    def _holds_layer(self, name: str) -> bool:
-        layer = int(name.split(".")[1])
-        return any(a <= layer < b for a, b in (self.plan["partition"]["stage_layers"][s] for s in self.stages))
 
     def save(self, directory: Path, step: int) -> Path:
         return checkpoint.save(directory, step, self.state(step), self.mesh.rank)
@@ -133,20 +137,25 @@ class RankEngine:
         return int(state["meta/step"])
 
     # ------------------------------------------------------------------------------------ helpers
-    def _all_reduce(self, t: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
+    def _group(self, axis: str) -> Any:
+        if axis == "world":
+            return None if self.mesh.world == 1 else dist.group.WORLD
+        if axis == "stage":
+            return self.mesh.stage_group
+        return getattr(self.mesh.groups, axis)
+
+    def _all_reduce(self, t: torch.Tensor, axis: str, op: Any = None) -> torch.Tensor:
+        group = self._group(axis)
         if self.mesh.world > 1 and group is not None:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
         return t
 
-    def _group(self, axis: str) -> Any:
-        return getattr(self.mesh.groups, axis)
-
     def _my_units(self, step: int) -> list[torch.Tensor]:
-        m = self.spec.parallelism.pipeline.microbatches
-        units = step_units(self.stream, self.spec, step)
-        return units[self.mesh.coords["dp"] * m:(self.mesh.coords["dp"] + 1) * m]
+        data = self.plan.data
+        units = units_of_step(self.stream, data.global_batch, data.units_per_step, step)
+        dp = self.mesh.coords["dp"]
+        return units[dp * data.microbatches:(dp + 1) * data.microbatches]
 
-    # ---------------------------------------------------------------------------------- one step
     def model_states(self) -> list[torch.Tensor]:
         """Parameters, optimizer states, gradients (as backward leaves them) and load biases."""
         out = [*self.params.values(), *self.masters.values(), *self.bias.values(), *self.grad_pieces.values()]
@@ -154,35 +163,45 @@ class RankEngine:
         out += [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
         return out
 
+    # ---------------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer step (tracking the bytes of live tensors when asked to)."""
-        if self.memory is None:
-            return self._train_step(step)
-        self.memory.mark_states(self.model_states())
-        self.memory.reset_peak()
-        with self.memory:
-            return self._train_step(step)
+        """One optimizer step (tracking the bytes of live tensors, and recording collectives, when asked to)."""
+        recording = self.transcript.recording(step) if self.transcript else contextlib.nullcontext()
+        with recording:
+            if self.memory is None:
+                return self._train_step(step)
+            self.memory.mark_states(self.model_states())
+            self.memory.reset_peak()
+            with self.memory:
+                return self._train_step(step)
+
+    def _compute(self) -> contextlib.AbstractContextManager:
+        """The plan's precision: autocast to the compute dtype when it differs from the parameters'."""
+        if self.plan.precision.autocast:
+            return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=self.compute)
+        return contextlib.nullcontext()
 
     def _train_step(self, step: int) -> dict[str, Any]:
-        spec, par, c = self.spec, self.spec.parallelism, self.mesh.coords
+        c = self.mesh.coords
+        pp = self.mesh.sizes["pp"]
         units = self._my_units(step)
-        n_units = par.dp * par.pipeline.microbatches
-        step_tokens = spec.train.global_batch * spec.train.seq_len
-        ctx = ProgramContext(spec.routing, c["tp"])
+        data = self.plan.data
+        step_tokens = data.global_batch * data.seq_len
+        ctx = ProgramContext(self.spec.routing, c["tp"])
         saving = offload_gathered if self.zero >= 3 else contextlib.nullcontext
         groups = self.mesh.groups
         inputs: dict[tuple[int, int], torch.Tensor] = {}
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[Any, torch.Tensor] = {}
         grads_in: dict[tuple[int, int], torch.Tensor] = {}
         pending: list[Any] = []
         ce_sum = torch.zeros((), dtype=torch.float64)
-        mb_shape = (units[0].shape[0], spec.train.seq_len, spec.model.d_model)
+        mb_shape = (data.sequences_per_unit, data.seq_len, self.spec.model.d_model)
         self.optimizer.zero_grad(set_to_none=True)
         for a in self.actions:
             key = (a.stage, a.mb)
             if a.kind == "RECV_F":
                 buf = torch.empty(mb_shape, dtype=self.dtype)
-                dist.recv(buf, src=self.mesh.peer((a.stage - 1) % par.pp))
+                dist.recv(buf, src=self.mesh.peer((a.stage - 1) % pp))
                 inputs[key] = buf.requires_grad_()
             elif a.kind == "F":
                 if a.stage == 0:
@@ -193,22 +212,23 @@ class RankEngine:
                 else:
                     x = inputs[key]
                 routes_before = {k: len(v) for k, v in ctx.routes.items()}
-                with saving():
-                    out = self.programs[a.stage].forward(self.params, self.bias, x, groups, ctx)
-                router_losses = self._router_losses(ctx, routes_before, n_units)
+                program = self.programs[a.stage]
+                with saving(), self._compute():
+                    out = program.forward(self.params, self.bias, x, groups, ctx)
+                router_losses = self._router_losses(ctx, routes_before, data.units_per_step)
                 if a.stage == self.n_stages - 1:
-                    ce = vocab_parallel_cross_entropy(out, units[a.mb][:, 1:], groups.tp, c["tp"] * out.shape[-1])
+                    with saving(), self._compute():
+                        ce = program.loss(self.params, self.bias, out, units[a.mb][:, 1:], groups, ctx)
                     ce_sum += ce.detach().double()
                     outputs[key] = ce / step_tokens + router_losses
                 else:
-                    outputs[key] = out
+                    outputs[key] = out.to(self.dtype)
                     outputs[(key, "aux")] = router_losses
             elif a.kind == "SEND_F":
-                pending.append(dist.isend(outputs[key].detach().contiguous(),
-                                          dst=self.mesh.peer((a.stage + 1) % par.pp)))
+                pending.append(dist.isend(outputs[key].detach().contiguous(), dst=self.mesh.peer((a.stage + 1) % pp)))
             elif a.kind == "RECV_B":
                 buf = torch.empty(mb_shape, dtype=self.dtype)
-                dist.recv(buf, src=self.mesh.peer((a.stage + 1) % par.pp))
+                dist.recv(buf, src=self.mesh.peer((a.stage + 1) % pp))
                 grads_in[key] = buf
             elif a.kind == "B":
                 out = outputs.pop(key)
@@ -220,80 +240,186 @@ class RankEngine:
                         grad = inputs[(a.stage + 1, a.mb)].grad
                     torch.autograd.backward([out, outputs.pop((key, "aux"))], [grad, torch.ones(())])
             elif a.kind == "SEND_B":
-                pending.append(dist.isend(inputs[key].grad.contiguous(), dst=self.mesh.peer((a.stage - 1) % par.pp)))
+                pending.append(dist.isend(inputs[key].grad.contiguous(), dst=self.mesh.peer((a.stage - 1) % pp)))
         for work in pending:
             work.wait()
         self.states_bytes = storage_bytes(self.model_states())  # weights, optimizer states, gradients
         return self._finish_step(step, ctx, ce_sum, step_tokens)
 
     def _router_losses(self, ctx: ProgramContext, before: dict[str, int], n_units: int) -> torch.Tensor:
-        """z-loss (and Switch loss at tp 1) of the router calls this forward made, per unit. With tp > 1
-        each rank saw 1/tp of the unit's tokens, so its z-loss mean counts 1/tp."""
+        """z-loss (and Switch loss) of the router calls this forward made, per unit. With tp > 1 each rank
+        saw 1/tp of the unit's tokens, so its z-loss mean counts 1/tp (its Switch loss is already its
+        share: ops.unit_balance)."""
         balance = self.spec.routing.balance if self.spec.routing is not None else None
         total = torch.zeros((), dtype=self.dtype)
         if balance is None:
             return total
-        tp = self.spec.parallelism.tp
+        tp = self.mesh.sizes["tp"]
         for site, routes in ctx.routes.items():
             for r in routes[before.get(site, 0):]:
                 total = total + (balance.aux_loss_coef * r.aux_loss + balance.z_loss_coef * r.z_loss / tp) / n_units
         return total
 
+    # ----------------------------------------------------------------------------- step actions
     def _finish_step(self, step: int, ctx: ProgramContext, ce_sum: torch.Tensor, step_tokens: int) -> dict[str, Any]:
-        spec, c, sizes = self.spec, self.mesh.coords, self.mesh.sizes
-        grads = self._reduce_gradients()
-        self._sum_tied_embedding(grads)
-        # router loads of the step, summed over every rank of this pipeline stage
-        loads: dict[str, torch.Tensor] = {}
-        k_hist: dict[str, torch.Tensor] = {}
-        for site, routes in sorted(ctx.routes.items()):
-            loads[site] = self._all_reduce(sum(r.load_E for r in routes), self.mesh.stage_group)
-            k_max = spec.routing.k.max
-            hist = sum(torch.bincount(r.k_T, minlength=k_max + 1) for r in routes).to(torch.float64)
-            k_hist[site] = self._all_reduce(hist, self.mesh.stage_group)
-        if spec.train.gradient_shaping.experts == "token_count":
-            for site, load in loads.items():
-                factors = token_count_factors(load, step_tokens)
-                per = spec.model.moe.n_experts // sizes["ep"]
-                mine = factors[c["ep"] * per:(c["ep"] + 1) * per] if sizes["ep"] > 1 else factors
+        """The plan's step actions for this pipeline rank, in order; each issues exactly its collectives."""
+        self.grads = self._held_gradients()
+        self.in_pieces = False
+        self.stats: dict[str, torch.Tensor] = {}
+        self.ctx, self.step_tokens, self.grad_norm, self.record = ctx, step_tokens, 0.0, {}
+        self.ce_sum, self.lr, self.step = ce_sum, lr_at(self.spec, step), step
+        for action in self.step_actions:
+            getattr(self, f"_do_{action.kind.lower()}")(action)
+        self.grads = {}
+        return {"step": step, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": step_tokens, **self.record}
+
+    def _held_gradients(self) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient as backward left it: whole local tensors, or (ZeRO 2, reduce-scattered
+        in backward; ZeRO 3, from the programs' gathers) this rank's padded piece."""
+        grads = {}
+        for name, p in self.params.items():
+            if self.zero == 2:  # reduce-scattered in backward; over a ZeRO axis of one rank, the whole piece
+                g = self.grad_pieces.pop(name, None)
+                if g is None:
+                    g = self.layout.shard(name, p.grad if p.grad is not None else torch.zeros_like(p))
+            else:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = None
+            grads[name] = g
+        return grads
+
+    def _do_reduce_grad(self, action: StepAction) -> None:
+        """One bucket: its gradients flattened into one tensor, reduced over each axis, copied back."""
+        names = self.plan.roles[action.stage].grad_buckets[action.bucket].params
+        flat = torch.cat([self.grads[n].reshape(-1) for n in names])
+        for c in action.collectives:
+            self._all_reduce(flat, c.axis)
+        for n, part in zip(names, flat.split([self.grads[n].numel() for n in names]), strict=True):
+            self.grads[n].view(-1).copy_(part)
+
+    def _do_sum_tied_grad(self, action: StepAction) -> None:
+        """A tied head on the last stage holds a copy of the embedding: the two gradients are summed."""
+        grad = self.grads["embed.weight"]
+        peer = self.mesh.peer((self.n_stages - 1) % self.mesh.sizes["pp"] if action.stage == 0 else 0)
+        other = torch.empty_like(grad)
+        works = [dist.isend(grad.clone().contiguous(), peer), dist.irecv(other, peer)]
+        for work in works:
+            work.wait()
+        grad.add_(other)
+
+    def _sites(self) -> list[str]:
+        return sorted({name.rsplit(".router.", 1)[0] for name in self.bias}, key=lambda s: int(s.split(".")[1]))
+
+    def _do_reduce_router_stats(self, action: StepAction) -> None:
+        """Loads and k histograms of the step, summed over every rank of this pipeline stage."""
+        k_max = self.spec.routing.k.max
+        rows = []
+        for site in self._sites():
+            routes = self.ctx.routes.get(site, [])
+            n = self.spec.model.moe.n_experts
+            load = sum((r.load_E for r in routes), torch.zeros(n, dtype=torch.float64))
+            hist = sum((torch.bincount(r.k_T, minlength=k_max + 1) for r in routes),
+                       torch.zeros(k_max + 1, dtype=torch.int64)).to(torch.float64)
+            rows.append(torch.cat([load, hist]))
+        table = torch.stack(rows)
+        for c in action.collectives:
+            self._all_reduce(table, c.axis)
+        self.stats = dict(zip(self._sites(), table.unbind(0), strict=True))
+
+    def _optimizer_pieces(self) -> None:
+        """The gradients in the layout the optimizer updates: whole local tensors, or with ZeRO 1 and 2
+        this rank's piece, unpadded."""
+        if self.in_pieces:
+            return
+        self.in_pieces = True
+        if self.zero in (1, 2):
+            for name, g in self.grads.items():
+                lo, hi = self.layout.bounds(name)
+                self.grads[name] = g[:hi - lo] if self.zero == 2 else self.layout.piece(name, g).clone()
+
+    def _do_clip_grad_norm(self, action: StepAction) -> None:
+        """Token-count shaping of the expert gradients (before clipping, as the reference), then clipping
+        to the global norm, each element counted once."""
+        self._optimizer_pieces()
+        grads, c, sizes = self.grads, self.mesh.coords, self.mesh.sizes
+        if self.spec.train.gradient_shaping.experts == "token_count":
+            per = self.plan.experts.experts_per_rank if self.plan.experts else 0
+            for site, row in self.stats.items():
+                factors = token_count_factors(row[:self.spec.model.moe.n_experts], self.step_tokens)
+                mine = factors[c["ep"] * per:(c["ep"] + 1) * per]
                 for w in ("w1_EFD", "w3_EFD", "w2_EDF"):
                     name = f"{site}.experts.{w}"
                     scale = (self.layout.expert_factors(name, mine, grads[name].numel()) if self.zero
                              else mine.view(-1, 1, 1))
                     grads[name].mul_(scale.to(grads[name].dtype))
-        if self.keep_grads:  # whole local gradients, as with no ZeRO
+        if self.keep_grads and self.step == 0:  # step 1's whole local gradients, as with no ZeRO (tests)
             self.last_grads = {n: (self.layout.unshard(n, g) if self.zero else g).detach().clone()
                                for n, g in grads.items()}
-        grad_norm = self._clip(grads, spec.train.optimizer.grad_clip)
+        square = torch.zeros((), dtype=torch.float64)
         for name, g in grads.items():
+            tied_copy = name == "embed.weight" and c["pp"] != 0
+            if counts_once(self.meta[name], c, sizes) and not tied_copy:
+                square += g.double().square().sum()
+        for col in action.collectives:
+            self._all_reduce(square, col.axis)
+        norm = float(square.sqrt())
+        max_norm = self.spec.train.optimizer.grad_clip
+        scale = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if max_norm > 0 and scale < 1:
+            for g in grads.values():
+                g.mul_(scale)
+        self.grad_norm = norm
+
+    def _do_optimizer_step(self, action: StepAction) -> None:
+        self._optimizer_pieces()
+        for name, g in self.grads.items():
             self.masters[name].grad = g
-        lr = lr_at(spec, step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr
         self.optimizer.step()
-        if self.zero in (1, 2):
-            for name, p in self.params.items():
-                self.layout.gather_into(name, self.masters[name].data, p.data)
-        for site, load in loads.items():
-            update_bias(self.bias[f"{site}.router.bias_E"], load, spec.routing)
-        world = None if self.mesh.world == 1 else dist.group.WORLD
-        loss = ce_sum if c["tp"] == 0 else torch.zeros((), dtype=torch.float64)
-        loss = self._all_reduce(loss, world)
+
+    def _do_gather_params(self, action: StepAction) -> None:
+        """ZeRO 1/2: every rank's updated pieces of a stage's parameters into whole parameters, one
+        all-gather per ZeRO axis."""
+        (c,) = action.collectives
+        names = action.params
+        pieces = [self.layout._padded(n, self.masters[n].data) for n in names]
+        bucket = _Bucket(names, pieces, [self.meta[n].local_shape for n in names], self._group(c.axis))
+        buffer, _ = bucket.start()
+        with torch.no_grad():
+            for name, full in zip(names, bucket.split(buffer), strict=True):
+                self.params[name].data.copy_(full)
+
+    def _do_update_bias(self, action: StepAction) -> None:
+        n = self.spec.model.moe.n_experts
+        for site, row in self.stats.items():
+            update_bias(self.bias[f"{site}.router.bias_E"], row[:n], self.spec.routing)
+
+    def _do_reduce_metrics(self, action: StepAction) -> None:
+        c, sizes = self.mesh.coords, self.mesh.sizes
+        loss = self.ce_sum if c["tp"] == 0 else torch.zeros((), dtype=torch.float64)
         other = self.memory.other_peak if self.memory is not None else -1.0
         memory = torch.tensor([float(self._peak_bytes()), float(self.states_bytes), float(other)],
                               dtype=torch.float64)
-        self._all_reduce(memory, world, dist.ReduceOp.MAX)
-        router = {site: router_summary(load, k_hist[site], sizes["ep"]) for site, load in loads.items()}
-        if world is not None and self.mesh.sizes["pp"] > 1:  # every stage's layers, in the record of each rank
-            mine = router if c["dp"] == 0 and c["tp"] == 0 else {}
-            parts: list[Any] = [None] * self.mesh.world
-            dist.all_gather_object(parts, mine)
-            router = {site: r for part in parts for site, r in part.items()}
-        return {"step": step, "loss": float(loss) / step_tokens, "lr": lr, "grad_norm": grad_norm,
-                "tokens": step_tokens, "peak_memory_bytes": int(memory[0]),
-                "state_memory_bytes": int(memory[1]),
-                "activation_memory_bytes": int(memory[2]) if memory[2] >= 0 else None,
-                "router": dict(sorted(router.items(), key=lambda kv: int(kv[0].split(".")[1])))}
+        n = self.spec.model.moe.n_experts if self.spec.model.moe else 0
+        stats = dict(self.stats)
+        collectives = list(action.collectives)
+        for col in collectives[:2]:
+            self._all_reduce(loss if col.op == "all_reduce" else memory, col.axis,
+                             dist.ReduceOp.MAX if col.op == "all_reduce_max" else None)
+        if len(collectives) > 2:  # every stage's router statistics, in the record of each rank
+            layers = list(self.spec.model.moe_layers)
+            table = torch.zeros(len(layers), n + self.spec.routing.k.max + 1, dtype=torch.float64)
+            if c["dp"] == 0 and c["tp"] == 0:
+                for site, row in stats.items():
+                    table[layers.index(int(site.split(".")[1]))] = row
+            self._all_reduce(table, collectives[2].axis)
+            stats = {f"layers.{i}.ffn": row for i, row in zip(layers, table.unbind(0), strict=True)}
+        router = {site: router_summary(row[:n], row[n:], sizes["ep"]) for site, row in stats.items()}
+        self.record = {"loss": float(loss) / self.step_tokens, "peak_memory_bytes": int(memory[0]),
+                       "state_memory_bytes": int(memory[1]),
+                       "activation_memory_bytes": int(memory[2]) if memory[2] >= 0 else None,
+                       "router": dict(sorted(router.items(), key=lambda kv: int(kv[0].split(".")[1])))}
 
     def _peak_bytes(self) -> int:
         """This step's peak: live tensors when tracked; the CUDA allocator's peak; else the peak RSS."""
@@ -304,27 +430,6 @@ class RankEngine:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-    def _reduce_gradients(self) -> dict[str, torch.Tensor]:
-        """Each parameter's gradient summed over the axes the plan names (data-parallel replicas, tp for
-        partial routers), in the layout the optimizer updates: whole local tensors, or with ZeRO this
-        rank's piece (reduce-scattered by ZeRO 2 here, by ZeRO 3 already in backward)."""
-        grads = {}
-        for name, p in self.params.items():
-            if self.zero == 2:
-                g = self.grad_pieces.pop(name, None)
-                g = self.layout.shard(name, torch.zeros_like(p)) if g is None else g
-            else:
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.grad = None
-            for axis in self.meta[name]["grad_reduce"]:
-                if not (self.zero >= 2 and axis == self.layout.axis(name)):
-                    self._all_reduce(g, self._group(axis))
-            if self.zero in (1, 2):  # the optimizer's piece: unpadded
-                lo, hi = self.layout.bounds(name)
-                g = g[:hi - lo] if self.zero == 2 else self.layout.piece(name, g).clone()
-            grads[name] = g
-        return grads
 
     def _mark_gradient(self, p: torch.Tensor) -> None:
         if p.grad is not None:  # (ZeRO 2 has already reduce-scattered it into a piece)
@@ -345,33 +450,3 @@ class RankEngine:
                     self.memory.mark_states([piece])
 
         return hook
-
-    def _sum_tied_embedding(self, grads: dict[str, torch.Tensor]) -> None:
-        """A tied head on the last stage holds a copy of the embedding: the two gradients are summed."""
-        spec, par = self.spec, self.spec.parallelism
-        if not (spec.model.tie_embeddings and par.pp > 1 and "embed.weight" in self.params):
-            return
-        grad = grads["embed.weight"]
-        first, last = self.mesh.peer(0), self.mesh.peer((self.n_stages - 1) % par.pp)
-        if first == last:
-            return
-        other = torch.empty_like(grad)
-        peer = last if self.mesh.rank == first else first
-        ops = [dist.P2POp(dist.isend, grad.clone(), peer), dist.P2POp(dist.irecv, other, peer)]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        grad.add_(other)
-
-    def _clip(self, grads: dict[str, torch.Tensor], max_norm: float) -> float:
-        c, sizes = self.mesh.coords, self.mesh.sizes
-        square = torch.zeros((), dtype=torch.float64)
-        for name, g in grads.items():
-            tied_copy = name == "embed.weight" and c["pp"] != 0
-            if counts_once(self.meta[name], c, sizes) and not tied_copy:
-                square += g.double().square().sum()
-        norm = float(self._all_reduce(square, None if self.mesh.world == 1 else dist.group.WORLD).sqrt())
-        scale = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if max_norm > 0 and scale < 1:
-            for g in grads.values():
-                g.mul_(scale)
-        return norm

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from lcc.plan.types import Plan
+
 AXES = ("tp", "dp", "ep", "edp")
 
 
@@ -29,17 +31,27 @@ class Mesh:
     rank_of: dict[tuple[int, int, int], int]  # (pp, dp, tp) -> rank
     device_meshes: dict[str, DeviceMesh] | None = None  # dense (pp, dp, tp), experts (pp, edp, ep), stages
 
+    def axis_of(self) -> dict[Any, str]:
+        """This rank's process groups -> the mesh axes they are (for transcripts). One group can be several
+        axes (tp of a world of tp ranks is also the stage and the world): `tp|stage|world`."""
+        named = {axis: getattr(self.groups, axis) for axis in AXES}
+        named["stage"] = self.stage_group
+        named["world"] = dist.group.WORLD if self.world > 1 else None
+        out: dict[Any, list[str]] = {}
+        for axis, g in named.items():
+            if g is not None:
+                out.setdefault(g, []).append(axis)
+        return {g: "|".join(axes) for g, axes in out.items()}
+
     def peer(self, pp: int) -> int:
         """The rank with the same dp and tp coordinates on pipeline rank `pp`."""
         return self.rank_of[(pp, self.coords["dp"], self.coords["tp"])]
 
 
-def build_mesh(plan: dict[str, Any], rank: int) -> Mesh:
-    columns = plan["ranks"]["columns"]
-    rows = [dict(zip(columns, row, strict=True)) for row in plan["ranks"]["rows"]]
+def build_mesh(plan: Plan, rank: int) -> Mesh:
+    rows = [plan.ranks.coords(r) for r in range(len(plan.ranks.rows))]
     me = rows[rank]
-    mesh = plan["mesh"]
-    sizes = dict(zip(mesh["axes"], mesh["sizes"], strict=True)) | {"ep": mesh["ep"], "edp": mesh["edp"]}
+    sizes = {axis: plan.mesh.size(axis) for axis in ("pp", "dp", "tp", "ep", "edp")}
     distributed = dist.is_available() and dist.is_initialized() and len(rows) > 1
     mine: dict[str, Any] = {axis: None for axis in AXES}
     stage_group = None

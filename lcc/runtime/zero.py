@@ -22,17 +22,18 @@ import torch.distributed as dist
 
 from lcc.ops.collectives import _size
 from lcc.ops.zero import chunk_size, shard_flat
+from lcc.plan.types import Parameter
 
 
 class ZeroLayout:
-    def __init__(self, meta: dict[str, dict[str, Any]], coords: dict[str, int], groups: Any):
+    def __init__(self, meta: dict[str, Parameter], coords: dict[str, int], groups: Any):
         self.meta, self.coords, self.groups = meta, coords, groups
 
     def axis(self, name: str) -> str:
-        return self.meta[name]["zero"]["axis"]
+        return self.meta[name].zero.axis
 
     def parts(self, name: str) -> int:
-        return self.meta[name]["zero"]["parts"]
+        return self.meta[name].zero.parts
 
     def index(self, name: str) -> int:
         return self.coords[self.axis(name)]
@@ -41,7 +42,7 @@ class ZeroLayout:
         return getattr(self.groups, self.axis(name))
 
     def numel(self, name: str) -> int:
-        return math.prod(self.meta[name]["local_shape"])
+        return math.prod(self.meta[name].local_shape)
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece of a full local tensor, zero-padded to the common size (a new tensor)."""
@@ -65,7 +66,7 @@ class ZeroLayout:
     def unshard(self, name: str, piece: torch.Tensor) -> torch.Tensor:
         """The full local tensor from every rank's piece, padded or not (an all-gather)."""
         full = self._gather(name, self._padded(name, piece))
-        return full[:self.numel(name)].view(self.meta[name]["local_shape"])
+        return full[:self.numel(name)].view(self.meta[name].local_shape)
 
     def gather_into(self, name: str, piece: torch.Tensor, full: torch.Tensor) -> None:
         """After the optimizer step (ZeRO 1 and 2): every rank's updated piece into the whole parameter."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,8 +34,19 @@ def _data_path(data: Any, loc: tuple[Any, ...], missing: bool) -> Path:
     return tuple(path)
 
 
+def _plain_name(text: str) -> str:
+    """A valid spec name close to `text` ('' when nothing usable is left): lowercase, other characters as '-'."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower())
+    return re.sub(r"^[^a-z0-9]+", "", name)[:100]
+
+
 def _describe(error: dict[str, Any], path: Path) -> tuple[str, str | None]:
     kind = error["type"]
+    if kind == "string_pattern_mismatch" and path == ("name",):
+        suggestion = _plain_name(str(error.get("input")))
+        return (f"{error.get('input')!r} is not a plain folder name: use lowercase letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit",
+                f"the name is also the output folder generated/<name>/; try name: {suggestion or 'my-model'}")
     if kind == "extra_forbidden":
         name = str(path[-1])
         return f"unknown field {name!r}", suggest(name, model_at(path[:-1]))
@@ -92,7 +105,9 @@ def load_spec(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ..
             raw = f.read(MAX_BYTES + 1)  # enough to tell that it is too large
     except OSError as exc:
         raise SpecError([Problem(Location(name), (), f"cannot read spec: {exc.strerror}")]) from None
-    return validate(apply_overrides(load_yaml(raw, name), overrides))
+    spec = validate(apply_overrides(load_yaml(raw, name), overrides))
+    spec._folder = pathlib.Path(name).parent  # train.data.path is relative to it (lcc.spec.data)
+    return spec
 
 
 def locate(spec: Spec, path: Path) -> Location:

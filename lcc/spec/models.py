@@ -7,6 +7,7 @@ contradict itself. Cross-field rules live in `checks.py`, where they can name ev
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -21,6 +22,9 @@ Rate = Annotated[float, Field(ge=1e-6, le=MAX_FLOAT, allow_inf_nan=False)]  # a 
 DType = Literal["float32", "bfloat16", "float64"]
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+# A spec's name is a plain folder name (generated/<name>/, .lcc-cache/<name>-<key>/): it starts with a letter or a
+# digit, so it is never `.` or `..` (a plan written into generated/ itself, or into the working directory), nor hidden.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
 
 class _Section(BaseModel):
@@ -238,8 +242,9 @@ class Serve(_Section):
 class Spec(_Section):
     """A whole lcc spec: one MoE (or dense) model, its parallel layout and the cluster it runs on."""
 
-    name: Annotated[str, Field(pattern=r"^[a-z0-9._-]+$", max_length=100)] = Field(
-        description="[a-z0-9._-]+; also the default output folder generated/<name>/."
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)] = Field(
+        description="Lowercase letters, digits, '.', '_' and '-', starting with a letter or digit; also the "
+        "default output folder generated/<name>/."
     )
     seed: NonNeg = Field(0, description="Seeds initialisation and data order.")
     model: Model
@@ -251,6 +256,7 @@ class Spec(_Section):
     serve: Serve | None = None
 
     _source: object = PrivateAttr(default=None)
+    _folder: Path | None = PrivateAttr(default=None)  # the spec file's folder, when loaded from a file
 
     @property
     def has_moe(self) -> bool:

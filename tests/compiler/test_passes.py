@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from lcc.compiler.passes import data_parallel, expert_placement, moe_lowering, partition, quantize, tensor_parallel
+import pytest
+
+from lcc.compiler.passes import (
+    data_parallel,
+    expert_placement,
+    memory,
+    moe_lowering,
+    partition,
+    quantize,
+    tensor_parallel,
+)
+from lcc.compiler.plan import compile_plan
 from lcc.compiler.state import CompileState
 from lcc.compiler.trace import trace
-from lcc.spec import load_spec
+from lcc.spec import SpecError, load_spec
 from tests.conftest import SPECS
 
 
@@ -38,22 +49,37 @@ def test_partition_places_every_parameter():
     assert "head.weight" not in tied.params
 
 
-def test_sequence_parallel_collectives():
-    st = run(state("parallelism.tp=2", "parallelism.dp=2", "parallelism.sequence_parallel=true"),
-             partition, expert_placement, tensor_parallel, moe_lowering)
-    ops = {(c["op"], c["axis"]) for c in st.collectives[0]}
-    assert ("reduce_scatter", "tp") in ops and ("all_gather", "tp") in ops
-    assert ("split_tokens", "tp") not in ops  # tokens are already split along the sequence
-    assert st.params["layers.0.attn_norm.weight"].grad_reduce == ["dp", "tp"]
+def test_sequence_parallelism_is_refused_before_any_plan():
+    """Until programs run it exactly, a plan with sequence parallelism would say one thing and run another."""
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["parallelism.tp=2", "parallelism.dp=2",
+                                               "parallelism.sequence_parallel=true"])
+    with pytest.raises(SpecError) as err:
+        compile_plan(spec)
+    assert err.value.first.path == ("parallelism", "sequence_parallel")
+    assert "not implemented" in err.value.first.message
+
+
+def test_tp_collectives_follow_the_shards():
+    st = run(state("parallelism.tp=2", "parallelism.dp=2"), partition, expert_placement, tensor_parallel,
+             moe_lowering)
+    lines = [(c.line, c.forward[0].site if c.forward else c.backward[0].site) for c in st.stage_comms(0)]
+    assert lines[:4] == [("all_reduce", "embed"), ("copy_to_tp", "layers.0.attn.wq"),
+                         ("all_reduce", "layers.0.attn.wo"), ("split_tokens", "layers.0.ffn.router")]
+    assert st.params["layers.0.attn_norm.weight"].grad_reduce == ["dp"]
+    assert st.params["layers.0.ffn.router.weight_ED"].grad_reduce == ["dp", "tp"]  # a router sees 1/tp of the tokens
 
 
 def test_gradient_buckets_cover_each_parameter_once():
-    st = run(state(), partition, expert_placement, tensor_parallel, moe_lowering, data_parallel)
+    st = run(state("parallelism.ep=2"), partition, expert_placement, tensor_parallel, moe_lowering, memory,
+             data_parallel)  # dp 4, edp 2
     for stage in (0, 1):
-        names = [n for b in st.plan["grad_buckets"][str(stage)] for n in b["params"]]
+        names = [n for b in st.buckets[stage] for n in b.params]
         expected = [n for n, p in st.params.items() if stage in p.stages]
         assert sorted(names) == sorted(expected)
-        assert {tuple(b["axes"]) for b in st.plan["grad_buckets"][str(stage)]} == {("dp",), ("edp",)}
+        assert {tuple(b.axes) for b in st.buckets[stage]} == {("dp",), ("edp",)}
+    # an axis of one rank needs no reduction: with ep 4 of dp 4 every expert has one replica
+    st = run(state(), partition, expert_placement, tensor_parallel, moe_lowering, memory, data_parallel)
+    assert {tuple(b.axes) for b in st.buckets[0]} == {("dp",)}
 
 
 def test_quantize_only_in_serve_plans():
@@ -61,4 +87,4 @@ def test_quantize_only_in_serve_plans():
     assert all(p.serve is None for p in train.params.values())
     serve = run(state(mode="serve"), partition, expert_placement, quantize)
     w2 = serve.params["layers.0.ffn.experts.w2_EDF"]
-    assert w2.serve["packed"] == [64, 128, 32] and w2.serve["scales"] == [64, 128, 2]
+    assert w2.serve.packed == [64, 128, 32] and w2.serve.scales == [64, 128, 2]

@@ -110,3 +110,56 @@ def test_interleaved_roles_list_each_stage():
                                                          "parallelism.pipeline.microbatches=2"]))
     roles = r["memory"]["by_role"]
     assert roles[0]["stages"] == [0, 2] and roles[0]["layers"] == [[0, 2], [4, 6]]
+
+
+def test_weights_are_read_forward_and_backward_and_again_when_recomputed():
+    from lcc.compiler.cost.params import local_layer_params
+    from lcc.compiler.cost.work import layer_weight_reads
+
+    world1 = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
+              "parallelism.pipeline.microbatches=1"]
+    spec = load_spec(SPECS / "tiny-moe.yaml", world1)  # 16 sequences of 128 tokens reach every expert
+    dense, experts = local_layer_params(spec, 0)
+    assert layer_weight_reads(spec, 0) == 2 * (dense + experts) * 4  # float32
+    full = load_spec(SPECS / "tiny-moe.yaml", [*world1, "parallelism.activation_checkpointing=full"])
+    assert layer_weight_reads(full, 0) == 3 * (dense + experts) * 4
+    few = load_spec(SPECS / "tiny-moe.yaml", [*world1, "train.global_batch=1", "train.seq_len=8"])
+    # 8 tokens x k.expected 2 = 16 routed slots: at most 16 of the 64 experts are read
+    assert layer_weight_reads(few, 0) == 2 * (dense + experts * 16 / 64) * 4
+
+
+def test_slower_memory_raises_the_step_time_of_a_memory_bound_layout():
+    # one 16-token sequence per micro-batch: far more weight bytes per step than arithmetic
+    small_batch = ["train.global_batch=8", "parallelism.pipeline.microbatches=2", "train.seq_len=16"]
+
+    def time(*overrides):
+        return cost_report(load_spec(SPECS / "tiny-moe.yaml", [*small_batch, *overrides]))["time"]
+
+    fast, slow = time("cluster.device.memory_tbps=20"), time("cluster.device.memory_tbps=0.002")
+    assert slow["weight_read_seconds"] > slow["arithmetic_seconds"]  # memory-bound
+    assert slow["step_seconds_estimate"] > fast["step_seconds_estimate"]
+    assert slow["compute_seconds"] == pytest.approx(slow["weight_read_seconds"])
+    assert fast["compute_seconds"] == pytest.approx(fast["arithmetic_seconds"])
+
+
+def test_memory_bandwidth_does_not_slow_a_compute_bound_layout():
+    def step(tbps):
+        r = cost_report(load_spec(SPECS / "longcat-2.0.yaml", [f"cluster.device.memory_tbps={tbps}"]))
+        return r["time"]["step_seconds_estimate"]
+
+    assert step(3.35) == step(1000)  # the roofline: weight reads hide behind the arithmetic
+
+
+def test_device_is_in_the_json_and_the_human_report():
+    import io
+
+    from rich.console import Console
+
+    from lcc.report_view import render
+
+    report = cost_report(load_spec(SPECS / "longcat-2.0.yaml"))
+    assert report["device"] == {"name": "H800-80GB", "kind": "cuda", "count": 2048, "memory_gib": 80,
+                                "peak_tflops": 989, "memory_tbps": 3.35}
+    out = io.StringIO()
+    render(report, Console(file=out, width=120))
+    assert "2048 x H800-80GB (cuda): 989 TFLOP/s, 3.35 TB/s, 80 GiB each" in out.getvalue()

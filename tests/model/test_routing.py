@@ -129,3 +129,48 @@ def test_group_major_paths_equal_direct_scoring(skewed):
         for j in range(2):
             gid = int(kept[t, j])
             torch.testing.assert_close(z[t, j], r.weight_ED[gid * 3:(gid + 1) * 3] @ x[t])
+
+
+def test_split_unit_balance_losses_add_up_to_the_unit():
+    """A unit's tokens split over two ranks (tp): with the counts summed over the halves (what
+    ops.unit_balance all-reduces), the halves' Switch losses and their gradients add up to the unit's."""
+    from lcc.model.routing import balance_loss_from, route
+    from lcc.ops.moe import unit_balance
+
+    moe = MoE(n_experts=12, n_groups=3, expert_d_ff=4)
+    cfg = Routing(groups={"top": 2, "temperature": 0.5}, k={"min": 1, "max": 3, "threshold": 0.6},
+                  balance={"aux_loss_coef": 0.01})
+    r = Router(8, moe, cfg, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        r.centroids_GD.normal_(generator=g)
+        r.weight_ED.normal_(generator=g)
+        r.bias_E.normal_(generator=g).mul_(0.01)
+    x = torch.randn(40, 8, dtype=torch.float64, generator=g)
+    params = [r.centroids_GD, r.weight_ED]
+
+    def run(x_TD):
+        return route(x_TD, r.centroids_GD, r.weight_ED, r.bias_E, cfg)
+
+    whole = run(x)
+    halves = [run(x[:20]), run(x[20:])]
+    counts = halves[0].balance_counts + halves[1].balance_counts  # the all-reduce, without a process group
+    assert torch.equal(counts, whole.balance_counts)
+    assert counts[-1] == 40 and counts[-2] == whole.mask_TK.sum() and counts[:-2].sum() == counts[-2]
+    assert not counts.requires_grad and whole.pi_sum_E.requires_grad
+    shares = [balance_loss_from(counts, h.pi_sum_E, 12) for h in halves]
+    torch.testing.assert_close(shares[0] + shares[1], whole.aux_loss, rtol=1e-13, atol=0)
+    own = halves[0].aux_loss.detach() + halves[1].aux_loss.detach()  # each half with its own counts
+    assert abs(float(own - whole.aux_loss.detach())) > 1e-6  # is not the unit's loss
+    grads_whole = torch.autograd.grad(whole.aux_loss, params)
+    grads_split = torch.autograd.grad(shares[0] + shares[1], params)
+    for a, b in zip(grads_split, grads_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # a single rank (or no process group) leaves the result as it is
+    assert unit_balance(whole, None) is whole
+
+
+def test_balance_terms_only_when_the_loss_is_used():
+    r = router(groups=2, per_group=2)
+    out = r(torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert out.balance_counts is None and out.pi_sum_E is None and out.aux_loss == 0

@@ -12,9 +12,10 @@ from lcc.compiler.layout import coords
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.model.trainer import ReferenceTrainer
+from lcc.runtime import transcript
 from lcc.runtime.launch import launch, read_metrics
-from lcc.runtime.shards import part_index
 from lcc.spec import Spec
+from tests.runtime.transcript_oracle import check_rank
 
 # float64, short sequences, 16 experts in 4 groups (4 per EP rank at ep 4)
 SMALL = ["train.dtype=float64", "train.seq_len=32", "train.global_batch=16", "train.optimizer.warmup_steps=2",
@@ -49,12 +50,13 @@ class References:
 
 
 def assert_run_matches_reference(spec: Spec, tmp_path: Path, reference: References, monkeypatch) -> None:
-    """20-step losses within 1e-8, identical expert loads every layer and step, and every rank's step-1
-    gradients (whole local tensors) within 1e-9 of the reference's, per parameter."""
+    """20-step losses within 1e-8, identical expert loads every layer and step, every rank's step-1
+    gradients (whole local tensors) within 1e-9 of the reference's, per parameter, and every rank's
+    collectives in a step as the plan lists them."""
     plan_dir = tmp_path / "plan"
     write(compile_plan(spec), plan_dir)
     monkeypatch.setenv("LCC_DUMP_GRADS", str(tmp_path))
-    launch(plan_dir, STEPS, tmp_path / "metrics.jsonl", quiet=True)
+    launch(plan_dir, STEPS, tmp_path / "metrics.jsonl", quiet=True, transcript=tmp_path / "transcript.jsonl")
     records = read_metrics(tmp_path / "metrics.jsonl")
     ref_losses, ref_grads, ref_loads = reference(spec)
     assert [m["loss"] for m in records] == pytest.approx(ref_losses, rel=1e-8, abs=0)
@@ -72,9 +74,14 @@ def assert_run_matches_reference(spec: Spec, tmp_path: Path, reference: Referenc
                 continue
             part = ref_grads[p["name"]]
             if p["shard"] is not None:
-                index = part_index(p["shard"], {"tp": c.tp, "ep": c.ep}, sizes)
+                index = {"tp": c.tp, "ep": c.ep}[p["shard"]["axis"]] * p["shard"]["parts"] // sizes[p["shard"]["axis"]]
                 part = part.chunk(p["shard"]["parts"], dim=p["shard"]["dim"])[index]
             error = (local - part).norm() / part.norm().clamp(min=1e-300)
             assert error <= 1e-9 or (local - part).norm() == 0, (p["name"], rank, float(error))
             checked += 1
     assert checked >= len(plan["parameters"])
+    # and the collectives of step 2 (step 1 also gathers whole gradients for the comparison above) are
+    # exactly what the plan lists, on every rank
+    issued = transcript.read(tmp_path / "transcript.jsonl")
+    for rank in range(par.world_size):
+        check_rank(plan, issued, rank, step=1)

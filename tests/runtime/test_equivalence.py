@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lcc.compiler.output import write
@@ -45,3 +47,22 @@ def test_float32_step_one(tmp_path):
     launch(plan_dir, 1, tmp_path / "metrics.jsonl", quiet=True)
     loss = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
     assert loss == pytest.approx(ReferenceTrainer(spec).train_step(0)["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_runtime_reads_no_layout_from_the_spec(tmp_path, reference):
+    """The plan is the truth: a spec.json that describes another layout (one rank) changes nothing."""
+    spec = load_spec(SPECS / "tiny-moe.yaml", [*LIGHT, *LAYOUTS["pp2_dp2_ep2"]])
+    plan_dir = tmp_path / "plan"
+    write(compile_plan(spec), plan_dir)
+    resolved = json.loads((plan_dir / "spec.json").read_text())
+    resolved["parallelism"].update(pp=1, dp=1, tp=1, ep=1, zero=0)
+    resolved["parallelism"]["pipeline"].update(schedule="gpipe", microbatches=1)
+    resolved["cluster"]["gpus_per_node"] = 1
+    (plan_dir / "spec.json").write_text(json.dumps(resolved))
+    launch(plan_dir, 3, tmp_path / "metrics.jsonl", quiet=True)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    ref_losses, _, ref_loads = reference(spec)
+    assert [m["loss"] for m in records] == pytest.approx(ref_losses[:3], rel=1e-8, abs=0)
+    assert [{site: r["load_per_expert"] for site, r in m["router"].items()} for m in records] == ref_loads[:3]

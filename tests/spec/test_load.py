@@ -112,3 +112,29 @@ def test_dense_model_is_valid(tmp_path, tiny_text):
     text = text.replace(quant, "").replace("  ep: 4 ", "  ep: 1 ")
     spec = load_spec(write(tmp_path, text))
     assert not spec.has_moe and spec.model.moe_layers == ()
+
+
+@pytest.mark.parametrize("name", [".", "..", "...", ".hidden", "-x", "a/b", ""])
+def test_name_must_be_a_plain_folder_name(tmp_path, tiny_text, name):
+    # the name is the output folder generated/<name>/: `..` would write the plan into the working directory
+    text = tiny_text.replace("name: tiny-moe", f"name: '{name}'")
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, text))
+    problem = err.value.first
+    assert problem.path == ("name",)
+    assert (problem.location.line, problem.location.column) == (line_of(text, "name: '"), 1)
+    assert "folder name" in problem.message and "try name:" in problem.hint
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, tiny_text), [f"name={name}"])
+    assert err.value.first.location.source == f"--set name={name}"
+
+
+@pytest.mark.parametrize("name", ["123", "v1.0_x-y", "a..b"])
+def test_plain_names_are_accepted(tmp_path, tiny_text, name):
+    assert load_spec(write(tmp_path, tiny_text), [f"name={name}"]).name == name
+
+
+def test_name_hint_proposes_a_valid_name(tmp_path, tiny_text):
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, tiny_text), ["name=.My Model"])
+    assert err.value.first.hint.endswith("try name: my-model")

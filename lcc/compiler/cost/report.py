@@ -16,9 +16,11 @@ from lcc.compiler.cost.traffic import Links, all_gather, all_reduce, links
 from lcc.compiler.cost.work import (
     act_bytes,
     head_forward_flops,
+    head_weight_reads,
     layer_activations,
     layer_comm,
     layer_forward_flops,
+    layer_weight_reads,
     microbatch_tokens,
     recompute_flops,
 )
@@ -45,6 +47,19 @@ class Role:
     last: bool  # holds the final norm and LM head
 
 
+@dataclass(frozen=True)
+class Work:
+    """Time of some work on one rank: arithmetic at peak FLOP/s, and weight reads at memory bandwidth. Each
+    layer is a roofline: it takes whichever is longer (the two overlap)."""
+
+    arithmetic: float
+    memory: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.arithmetic, self.memory)
+
+
 class CostModel:
     def __init__(self, spec: Spec):
         self.spec = spec
@@ -65,19 +80,32 @@ class CostModel:
         net = self.spec.cluster.network
         return self.links["ep"].seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=False)
 
+    def layer_work(self, layer: int) -> Work:
+        """Arithmetic and weight-traffic time of one layer for one micro-batch on one rank."""
+        flops = 3 * layer_forward_flops(self.spec, layer) + recompute_flops(self.spec, layer)
+        return Work(flops * self.tokens / self.par.tp / self.peak,
+                    layer_weight_reads(self.spec, layer) / self.bandwidth)
+
+    def head_work(self) -> Work:
+        return Work(3 * head_forward_flops(self.spec) * self.tokens / self.par.tp / self.peak,
+                    head_weight_reads(self.spec) / self.bandwidth)
+
     def layer_seconds(self, layer: int) -> float:
-        """Compute + communication time of one layer for one micro-batch on one rank."""
-        flops = (3 * layer_forward_flops(self.spec, layer) + recompute_flops(self.spec, layer))
+        """Compute (roofline) + communication time of one layer for one micro-batch on one rank."""
         comm = layer_comm(self.spec, layer)
-        compute = flops * self.tokens / self.par.tp / self.peak
-        return compute + self._ring_seconds("tp", comm.tp) + self._a2a_seconds(comm.ep)
+        return self.layer_work(layer).seconds + self._ring_seconds("tp", comm.tp) + self._a2a_seconds(comm.ep)
 
     @property
     def peak(self) -> float:
         return self.spec.cluster.device.peak_tflops * 1e12
 
+    @property
+    def bandwidth(self) -> float:
+        """Device memory bandwidth, bytes/s."""
+        return self.spec.cluster.device.memory_tbps * 1e12
+
     def head_seconds(self) -> float:
-        return 3 * head_forward_flops(self.spec) * self.tokens / self.par.tp / self.peak
+        return self.head_work().seconds
 
     @cached_property
     def stage_bounds(self) -> list[tuple[int, int]]:
@@ -167,13 +195,6 @@ class CostModel:
         }
 
     # --------------------------------------------------------------------------- flops, comm
-    def role_flops(self, role: Role, with_recompute: bool) -> float:
-        per_token = sum(3 * layer_forward_flops(self.spec, i) + (recompute_flops(self.spec, i) if with_recompute
-                                                                   else 0.0) for i in role.layers)
-        if role.last:
-            per_token += 3 * head_forward_flops(self.spec)
-        return per_token * self.tokens * self.m / self.par.tp
-
     def dense_share(self, role: Role) -> float:
         """Share of this role's local parameters that are dense (their gradients travel over dp, not edp)."""
         local = P.local_params(self.spec, role.layers, role.first, role.last)
@@ -236,6 +257,13 @@ class CostModel:
             return self.links["pp"].inter_share
         return dense_share * self.links["dp"].inter_share + (1 - dense_share) * self.links["edp"].inter_share
 
+    def role_work(self, role: Role) -> tuple[float, float, float]:
+        """(compute, arithmetic, weight reads) seconds of one step on this pipeline rank: compute sums each layer's
+        roofline over the micro-batches; the other two are the sums of its parts, for the report."""
+        parts = [self.layer_work(i) for i in role.layers] + ([self.head_work()] if role.last else [])
+        return (self.m * sum(w.seconds for w in parts), self.m * sum(w.arithmetic for w in parts),
+                self.m * sum(w.memory for w in parts))
+
     def role_seconds(self, role: Role) -> tuple[float, float, float]:
         """(compute, communication inside the pipeline, communication after it) for one step."""
         c = self.role_comm(role)
@@ -247,7 +275,7 @@ class CostModel:
             sync += (self._ring_seconds("dp", c[kind] * share) + self._ring_seconds("edp", c[kind] * (1 - share)))
         if self.par.zero >= 2:  # per-micro-batch reductions and gathers happen inside the pipeline
             inside, sync = inside + sync, 0.0
-        return self.role_flops(role, with_recompute=True) / self.peak, inside, sync
+        return self.role_work(role)[0], inside, sync
 
 
 def cost_report(spec: Spec) -> dict[str, Any]:
@@ -255,11 +283,13 @@ def cost_report(spec: Spec) -> dict[str, Any]:
     par, moe = spec.parallelism, spec.model.moe
     k = spec.routing.k if spec.routing is not None else None
     n_layers = spec.model.n_layers
+    device = spec.cluster.device
     layers = [P.layer_params(spec, i) for i in range(n_layers)]
     routed = sum(p.experts for p in layers)
 
     bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
     seconds = [cm.role_seconds(r) for r in cm.roles]
+    busiest = max((cm.role_work(r) for r in cm.roles), key=lambda w: w[0])
     pipe = max(c + i for c, i, _ in seconds) / (1 - bubble)
     step = pipe + max(s for _, _, s in seconds)
     tokens_per_step = spec.train.global_batch * spec.train.seq_len
@@ -271,6 +301,9 @@ def cost_report(spec: Spec) -> dict[str, Any]:
         "schema": SCHEMA,
         "spec": spec.name,
         "world_size": par.world_size,
+        "device": {"name": device.name, "kind": device.kind, "count": spec.cluster.n_devices,
+                   "memory_gib": device.memory_gib, "peak_tflops": device.peak_tflops,
+                   "memory_tbps": device.memory_tbps},
         "layout": {
             "pp": par.pp, "dp": par.dp, "tp": par.tp, "ep": par.ep, "edp": par.edp, "zero": par.zero,
             "activation_checkpointing": par.activation_checkpointing,
@@ -307,7 +340,9 @@ def cost_report(spec: Spec) -> dict[str, Any]:
         "pipeline": {"bubble_fraction": bubble, "schedule": par.pipeline.schedule},
         "time": {
             "step_seconds_estimate": step,
-            "compute_seconds": max(c for c, _, _ in seconds),
+            "compute_seconds": busiest[0],
+            "arithmetic_seconds": busiest[1],
+            "weight_read_seconds": busiest[2],
             "tokens_per_second": tokens_per_step / step,
             "utilization": model_flops / (step * par.world_size * cm.peak),
         },

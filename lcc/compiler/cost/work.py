@@ -1,16 +1,17 @@
-"""Work per layer: FLOPs, activation bytes and collective bytes, per micro-batch on one rank.
+"""Work per layer: FLOPs, weight bytes read, activation bytes and collective bytes, per micro-batch on one rank.
 
 Everything here is per layer so that the pipeline partition can balance stages by it and the report can
 sum it per pipeline rank. Conventions (docs/cost-model.md): a multiply-add is 2 FLOPs; causal attention
-counts half of the s x s scores; backward costs twice the forward; routed experts use k.expected.
+counts half of the s x s scores; backward costs twice the forward; routed experts use k.expected; forward
+and backward each read a layer's weights from device memory once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lcc.compiler.cost.memory import LayerShape, MoEShape, dense_layer_activations, moe_activations
-from lcc.compiler.cost.params import layer_params, local_kv_heads
+from lcc.compiler.cost.memory import STATE_BYTES, LayerShape, MoEShape, dense_layer_activations, moe_activations
+from lcc.compiler.cost.params import embedding_params, layer_params, local_kv_heads, local_layer_params
 from lcc.compiler.cost.traffic import all_gather, all_reduce, all_to_all
 from lcc.spec.models import DTYPE_BYTES, Spec
 
@@ -66,6 +67,27 @@ def recompute_flops(spec: Spec, layer: int) -> float:
 
 def head_forward_flops(spec: Spec) -> float:
     return 2 * spec.model.vocab_size * spec.model.d_model
+
+
+def layer_weight_reads(spec: Spec, layer: int) -> float:
+    """Bytes of weights one rank reads from device memory for one layer and one micro-batch.
+
+    Forward and backward each read the rank's weights of the layer once (full checkpointing reads them once
+    more, to recompute the forward); of the routed experts only those that tokens reach, at most one per
+    routed slot: `tokens / tp * k.expected` slots arrive on each EP rank under uniform routing.
+    """
+    dense, experts = local_layer_params(spec, layer)
+    if experts:
+        local_experts = spec.model.moe.n_experts // spec.parallelism.ep
+        slots = microbatch_tokens(spec) / spec.parallelism.tp * spec.routing.k.planned
+        experts *= min(1.0, slots / local_experts)
+    passes = 3 if spec.parallelism.activation_checkpointing == "full" else 2
+    return passes * (dense + experts) * STATE_BYTES[spec.train.dtype].weights
+
+
+def head_weight_reads(spec: Spec) -> float:
+    """Bytes of LM-head weights one rank reads per micro-batch (its vocabulary slice, forward and backward)."""
+    return 2 * embedding_params(spec) / spec.parallelism.tp * STATE_BYTES[spec.train.dtype].weights
 
 
 def layer_shape(spec: Spec, layer: int) -> LayerShape:

@@ -1,8 +1,16 @@
-"""Data parallelism: gradient reduction over dp (dense) and edp (experts), in buckets, per stage."""
+"""Data parallelism: which reductions make each gradient whole, in buckets, per stage.
+
+Dense parameters are summed over dp (and over tp when each TP rank saw only its share of the tokens:
+the routers), experts over edp. Without ZeRO, and with ZeRO 1, a bucket is all-reduced once per step
+after the last backward. ZeRO 2 reduce-scatters each parameter's gradient over its ZeRO axis as soon as
+backward has produced it (every micro-batch); ZeRO 3's programs do that in backward themselves. What
+remains (tp for the routers) is all-reduced once per step on the rank's pieces.
+"""
 
 from __future__ import annotations
 
 from lcc.compiler.state import CompileState
+from lcc.plan.types import GradBucket, Parameter, chunk_size
 
 NAME = "data_parallel"
 DESCRIPTION = "bucketed gradient reduction: dense parameters over dp, expert parameters over edp"
@@ -10,39 +18,38 @@ DESCRIPTION = "bucketed gradient reduction: dense parameters over dp, expert par
 BUCKET_ELEMENTS = 25_000_000  # per-rank elements per bucket (shards, not global sizes)
 
 
-def local_numel(shape: tuple[int, ...], shard: dict | None) -> int:
-    n = 1
-    for i, size in enumerate(shape):
-        n *= size // shard["parts"] if shard is not None and shard["dim"] == i else size
-    return n
+def _elements(p: Parameter, zero: int) -> int:
+    """What the rank holds of the gradient when the step's reduction runs."""
+    return chunk_size(p.local_numel, p.zero.parts) if zero >= 2 else p.local_numel
 
 
 def run(state: CompileState) -> None:
     par = state.spec.parallelism
-    zero = par.zero if state.mode == "train" else 0
-    op = "reduce_scatter" if zero >= 2 else "all_reduce"
-    buckets: dict[int, list[dict]] = {}
+    zero = state.memory.zero if state.memory is not None else 0
+    sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp}
     for stage in range(len(state.stage_bounds)):
-        for axes, expert in ((("edp",), True), (("dp",), False), (("dp", "tp"), False)):
-            names = [n for n, p in state.params.items()
-                     if stage in p.stages and p.expert == expert and tuple(p.grad_reduce) == axes]
-            if zero >= 3:  # the programs reduce-scatter over dp / edp in backward; what is left is tp
-                axes = tuple(a for a in axes if a not in ("dp", "edp"))
-                if not axes:
-                    continue
-            current: list[str] = []
-            size = 0
-            for name in reversed(names):  # backward produces gradients from the last layer first
-                current.append(name)
-                size += local_numel(state.params[name].shape, state.params[name].shard)
-                if size >= BUCKET_ELEMENTS:
-                    buckets.setdefault(stage, []).append(_bucket(op, axes, current, size))
-                    current, size = [], 0
+        buckets: list[GradBucket] = []
+        mine = [p for p in state.params.values() if stage in p.stages]
+        for axes in (("edp",), ("dp",), ("dp", "tp")):
+            group = [p for p in mine if tuple(p.grad_reduce) == axes]
+            zero_axis = "edp" if axes == ("edp",) else "dp"
+            if zero == 2 and sizes[zero_axis] > 1 and group:
+                buckets.append(GradBucket("reduce_scatter", [zero_axis], [p.name for p in reversed(group)],
+                                          sum(p.local_numel for p in group), "backward"))
+            step_axes = [a for a in axes if sizes[a] > 1 and not (zero >= 2 and a == zero_axis)]
+            if not step_axes:
+                continue
+            current: list[Parameter] = []
+            for p in reversed(group):  # backward produces gradients from the last layer first
+                current.append(p)
+                if sum(_elements(q, zero) for q in current) >= BUCKET_ELEMENTS:
+                    buckets.append(_bucket(step_axes, current, zero))
+                    current = []
             if current:
-                buckets.setdefault(stage, []).append(_bucket(op, axes, current, size))
-    state.plan["grad_buckets"] = {str(s): b for s, b in sorted(buckets.items())}
+                buckets.append(_bucket(step_axes, current, zero))
+        if buckets:
+            state.buckets[stage] = buckets
 
 
-def _bucket(op: str, axes: tuple[str, ...], params: list[str], elements: int) -> dict:
-    return {"op": op if "dp" in axes or "edp" in axes else "all_reduce", "axes": list(axes), "params": params,
-            "elements": elements}
+def _bucket(axes: list[str], params: list[Parameter], zero: int) -> GradBucket:
+    return GradBucket("all_reduce", axes, [p.name for p in params], sum(_elements(p, zero) for p in params))

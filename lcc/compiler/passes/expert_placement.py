@@ -5,6 +5,8 @@ from __future__ import annotations
 from lcc.compiler.cost.traffic import links
 from lcc.compiler.layout import experts_per_rank, group_ep_ranks
 from lcc.compiler.state import CompileState
+from lcc.model.moe import ExpertFFN
+from lcc.plan.types import Experts, Shard
 
 NAME = "expert_placement"
 DESCRIPTION = "expert groups onto EP ranks in order; expert e on EP rank e div (E/ep), slot e mod (E/ep)"
@@ -14,18 +16,20 @@ def run(state: CompileState) -> None:
     spec, moe = state.spec, state.spec.model.moe
     par = spec.parallelism
     if moe is None:
-        state.plan["experts"] = None
         return
-    for info in state.params.values():
-        if info.name.endswith(("w1_EFD", "w3_EFD", "w2_EDF")):
+    for n in state.graph.graph.nodes:  # the experts are the parameters of ExpertFFN call sites
+        if n.op != "call_module" or not isinstance(state.graph.get_submodule(str(n.target)), ExpertFFN):
+            continue
+        for local, _ in state.graph.get_submodule(str(n.target)).named_parameters():
+            info = state.params[f"{n.target}.{local}"]
             info.expert = True
-            info.shard = {"dim": 0, "axis": "ep", "parts": par.ep} if par.ep > 1 else None
             info.grad_reduce = ["edp"]
-    state.plan["experts"] = {
-        "n_experts": moe.n_experts, "n_groups": moe.n_groups, "ep": par.ep, "edp": par.edp,
-        "experts_per_rank": experts_per_rank(moe.n_experts, par.ep),
-        "rule": "expert e -> (EP rank e // experts_per_rank, slot e % experts_per_rank)",
-        "group_ep_ranks": [[r.start, r.stop] for r in
-                           (group_ep_ranks(moe.n_experts, moe.n_groups, par.ep, g) for g in range(moe.n_groups))],
-        "alltoall_inter_node_share": links(spec, "ep").inter_share,
-    }
+            if par.ep > 1:
+                info.shard = Shard(0, "ep", par.ep)
+                info.local_shape = [info.global_shape[0] // par.ep, *info.global_shape[1:]]
+    state.experts = Experts(
+        moe.n_experts, moe.n_groups, par.ep, par.edp, experts_per_rank(moe.n_experts, par.ep),
+        "expert e -> (EP rank e // experts_per_rank, slot e % experts_per_rank)",
+        [[r.start, r.stop] for r in (group_ep_ranks(moe.n_experts, moe.n_groups, par.ep, g)
+                                     for g in range(moe.n_groups))],
+        links(spec, "ep").inter_share)

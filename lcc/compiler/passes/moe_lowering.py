@@ -1,28 +1,48 @@
-"""MoE lowering: route -> dispatch all-to-all -> local grouped experts -> combine all-to-all, with the
-tokens of a TP group split over its ranks before dispatch and gathered after (parallel folding)."""
+"""MoE lowering: split(tp) -> route -> [unit balance counts over tp] -> expert counts exchange over ep ->
+dispatch all-to-all -> local experts -> combine all-to-all -> gather(tp) (parallel folding: the tokens of
+a TP group are split over its ranks before routing and gathered after combining)."""
 
 from __future__ import annotations
 
-from lcc.compiler.state import CompileState
+from lcc.compiler.dims import dims
+from lcc.compiler.state import AFTER, AT, BEFORE, CompileState
+from lcc.plan.types import Collective
 
 NAME = "moe_lowering"
-DESCRIPTION = "MoE calls become split(tp) -> route -> all-to-all(ep) -> local experts -> all-to-all(ep) -> gather(tp)"
+DESCRIPTION = ("MoE calls become split(tp) -> route -> counts all-to-all(ep) -> all-to-all(ep) -> local experts -> "
+               "all-to-all(ep) -> gather(tp)")
 
 
 def run(state: CompileState) -> None:
     spec = state.spec
     par = spec.parallelism
-    if spec.model.moe is None:
+    moe = spec.model.moe
+    if moe is None:
         return
-    stage_of_layer = {i: s for s, (a, b) in enumerate(state.stage_bounds) for i in range(a, b)}
+    d = dims(spec, state.mode)
+    stage_of = state.stage_of_layer()
+    balance = spec.routing.balance
+    unit_balance = state.mode == "train" and par.tp > 1 and balance.aux_loss_coef > 0
     for layer in spec.model.moe_layers:
-        site = f"layers.{layer}.ffn"
-        ops = []
-        if par.tp > 1 and not par.sequence_parallel:
-            ops.append({"site": site, "op": "split_tokens", "axis": "tp", "what": "this rank's 1/tp of the tokens"})
+        site, s = f"layers.{layer}.ffn", stage_of[layer]
+        router, dispatch, experts, combine = (f"{site}.{p}" for p in ("router", "dispatch", "experts", "combine"))
+        if par.tp > 1:
+            state.add(s, router, BEFORE, "split_tokens", [], [Collective(
+                "all_gather", "tp", router, "gradients of the TP group's tokens", [d.T_moe, d.D], d.params)])
+        if unit_balance:
+            state.add(s, router, AFTER, "unit_balance", [Collective(
+                "all_reduce", "tp", router, "expert counts of the unit, for the balance loss", [moe.n_experts + 2],
+                d.wide)], region="routing")
         if par.ep > 1:
-            ops.append({"site": f"{site}.dispatch", "op": "all_to_all", "axis": "ep", "what": "dispatch"})
-            ops.append({"site": f"{site}.combine", "op": "all_to_all", "axis": "ep", "what": "combine"})
-        if par.tp > 1 and not par.sequence_parallel:
-            ops.append({"site": site, "op": "all_gather", "axis": "tp", "what": "tokens of the TP group"})
-        state.collectives.setdefault(stage_of_layer[layer], []).extend(ops)
+            state.add(s, dispatch, AT, "moe_plan", [Collective(
+                "all_to_all", "ep", dispatch, "rows per (source, expert)", [par.ep, moe.n_experts // par.ep],
+                "int64")], region="routing")
+            rows = Collective("all_to_all", "ep", experts, "dispatch", [-1, d.D], d.params)
+            state.add(s, experts, BEFORE, "all_to_all", [rows], [rows], region="routing")
+            # the experts' grouped matmul is outside autocast's op list: under bfloat16 autocast it computes
+            # in the parameters' dtype, as in the reference model
+            back = Collective("all_to_all", "ep", experts, "combine", [-1, d.D], d.params)
+            state.add(s, experts, AFTER, "all_to_all", [back], [back])
+        if par.tp > 1:
+            state.add(s, combine, AFTER, "gather_tokens", [Collective(
+                "all_gather", "tp", combine, "the TP group's tokens", [d.T_moe, d.D], d.params)])

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from lcc.compiler.cost import CostModel
-from lcc.compiler.state import CompileState, ParamInfo
+from lcc.compiler.layout import partition
+from lcc.compiler.state import CompileState
 from lcc.compiler.trace import layer_of
+from lcc.plan.types import Buffer, Parameter, Partition
 
 NAME = "partition"
 DESCRIPTION = "split layers into pipeline stages balanced by estimated time (embedding first, head last)"
 
 
 def run(state: CompileState) -> None:
-    cm = CostModel(state.spec)
-    bounds = cm.stage_bounds
+    spec = state.spec
+    cm = CostModel(spec)
+    costs = [cm.layer_seconds(i) for i in range(spec.model.n_layers)]
+    costs[-1] += cm.head_seconds()
+    bounds = partition(costs, spec.parallelism.n_stages)
     state.stage_bounds = list(bounds)
+    times = [sum(costs[a:b]) for a, b in bounds]
     last = len(bounds) - 1
-    stage_of_layer = {i: s for s, (a, b) in enumerate(bounds) for i in range(a, b)}
-    tied = state.spec.model.tie_embeddings
+    stage_of_layer = state.stage_of_layer()
+    tied = spec.model.tie_embeddings
     for name, p in state.graph.named_parameters(remove_duplicate=True):
         layer = layer_of(name)
         if layer is not None:
@@ -25,6 +31,8 @@ def run(state: CompileState) -> None:
             stages = [0] if not tied or last == 0 else [0, last]  # a tied head on another stage keeps a copy
         else:  # final norm, LM head
             stages = [last]
-        state.params[name] = ParamInfo(name, tuple(p.shape), stages)
-    state.plan["partition"] = {"stage_layers": [list(b) for b in bounds],
-                               "stage_imbalance": cm.stage_imbalance()}
+        state.params[name] = Parameter(name, list(p.shape), list(p.shape), stages)
+    for name, b in state.graph.named_buffers():
+        state.buffers.append(Buffer(name, list(b.shape), str(b.dtype).removeprefix("torch."),
+                                    [stage_of_layer[layer_of(name)]]))
+    state.partition = Partition([list(b) for b in bounds], max(times) / (sum(times) / len(times)))

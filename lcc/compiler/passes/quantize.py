@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lcc.compiler.state import CompileState
+from lcc.plan.types import ServeFormat
 
 NAME = "quantize"
 DESCRIPTION = "serve plans: expert weights become int4 (two per byte) + fp16 scales (+ uint8 zero-points)"
@@ -15,8 +16,7 @@ def run(state: CompileState) -> None:
     for info in state.params.values():
         if not info.expert:
             continue
-        *lead, n_in = info.shape
+        *lead, n_in = info.global_shape
         groups = n_in // quant.group_size
-        info.serve = {"format": f"int{quant.bits}", "packed": [*lead, n_in // 2], "packed_dtype": "uint8",
-                      "scales": [*lead, groups], "scales_dtype": "float16",
-                      "zeros": None if quant.symmetric else [*lead, groups]}
+        info.serve = ServeFormat(f"int{quant.bits}", [*lead, n_in // 2], "uint8", [*lead, groups], "float16",
+                                 None if quant.symmetric else [*lead, groups])

@@ -1,0 +1,36 @@
+"""The sizes and dtypes of what a program's collectives carry, per micro-batch (for the plan's
+`Collective.shape` / `dtype`): b sequences of s tokens (T = b s) of width D; inside an MoE block with
+tp > 1 each TP rank routes T / tp of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcc.spec.models import Spec
+
+
+@dataclass(frozen=True)
+class Dims:
+    b: int
+    s: int
+    D: int
+    T: int
+    T_moe: int  # tokens a rank routes in an MoE layer
+    params: str  # dtype of parameters, gradients and the residual stream
+    compute: str  # dtype programs compute matmuls in
+    wide: str  # cross-entropy and routing: float32 or wider
+
+
+def precision(spec: Spec, mode: str) -> tuple[str, str]:
+    """(parameter dtype, compute dtype): bfloat16 trains from float32 master weights under autocast."""
+    dtype = spec.train.dtype if mode == "train" else (spec.serve.dtype if spec.serve else "bfloat16")
+    return ("float32", "bfloat16") if dtype == "bfloat16" else (dtype, dtype)
+
+
+def dims(spec: Spec, mode: str) -> Dims:
+    par, train = spec.parallelism, spec.train
+    b = train.global_batch // (par.dp * par.pipeline.microbatches)
+    s = train.seq_len
+    params, compute = precision(spec, mode)
+    return Dims(b, s, spec.model.d_model, b * s, b * s // par.tp, params, compute,
+                "float64" if params == "float64" else "float32")

@@ -1,0 +1,203 @@
+"""Programs against the plan: read each role's rendered program (its Python AST, not the data it was
+rendered from), list the collectives it issues, and compare with what the plan says the role issues.
+
+Forward collectives must match the plan's in order, op and mesh axis (and size, for ZeRO-3 gathers,
+whose sizes the program's GATHER table states); backward collectives as a multiset (autograd orders
+them). A collective on an axis of one rank is the identity and is not counted. `lcc compile` runs this
+on every plan it writes, and the runtime on every plan folder it is asked to run.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lcc.plan.types import Plan, Role
+
+# lcc.ops functions that communicate: (forward collectives, backward collectives), on the group argument's axis
+OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"], []),
+       "copy_to_tp": ([], ["all_reduce"]), "split_tokens": ([], ["all_gather"]),
+       "gather_tokens": (["all_gather"], []), "all_to_all": (["all_to_all"], ["all_to_all"]),
+       "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], [])}
+ZERO = ("zero_gather", "zero_prefetch")
+
+
+class ProgramMismatch(ValueError):
+    """A program that does not issue what its plan says: the plan cannot be trusted, so nothing runs."""
+
+
+@dataclass
+class Issued:
+    forward: list[tuple[str, str, int | None]] = field(default_factory=list)  # (op, axis, elements or None)
+    backward: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, plan: Plan, path: str, source: str):
+        self.plan, self.path = plan, path
+        tree = ast.parse(source, filename=path)
+        self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        self.gather: dict = {}
+        for n in tree.body:
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "GATHER" for t in n.targets):
+                self.gather = ast.literal_eval(n.value)
+        self.out = Issued()
+        self.prefetched: set[str] = set()
+
+    def size(self, axis: str) -> int:
+        return self.plan.mesh.size(axis)
+
+    def run(self, name: str, recomputing: bool = False) -> None:
+        fn = self.functions.get(name)
+        if fn is None:
+            raise ProgramMismatch(f"{self.path}: calls {name}(), which the program does not define")
+        for stmt in fn.body:
+            self._visit(stmt, recomputing)
+
+    def _visit(self, node: ast.AST, recomputing: bool) -> None:
+        """Calls in evaluation order: arguments before the call that takes them."""
+        for child in ast.iter_child_nodes(node):
+            self._visit(child, recomputing)
+        if isinstance(node, ast.Call):
+            self._call(node, recomputing)
+
+    def _axis(self, call: ast.Call) -> str:
+        for arg in [*call.args, *(k.value for k in call.keywords)]:
+            if isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name) and arg.value.id == "G":
+                return arg.attr
+        raise ProgramMismatch(f"{self.path}:{call.lineno}: a collective without a G.<axis> group")
+
+    def _call(self, call: ast.Call, recomputing: bool) -> None:
+        func = call.func
+        if isinstance(func, ast.Name) and func.id in self.functions:
+            self.run(func.id, recomputing)
+            return
+        if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "ops"):
+            return
+        name = func.attr
+        if name == "recompute":  # ops.recompute(ctx, fn, ...): forward once, again in backward
+            target = call.args[1].id
+            self.run(target, recomputing)
+            rerun = _Reader.__new__(_Reader)
+            rerun.__dict__.update(self.__dict__, out=Issued(), prefetched=set())
+            rerun.run(target, recomputing=True)
+            self.out.backward += [(op, axis) for op, axis, _ in rerun.out.forward]
+            return
+        if name in ZERO:
+            self._zero(call, name, recomputing)
+            return
+        if name not in OPS:
+            return
+        axis = self._axis(call)
+        if self.size(axis) == 1:
+            return
+        forward, backward = OPS[name]
+        if not recomputing:
+            self.out.forward += [(op, axis, None) for op in forward]
+            self.out.backward += [(op, axis) for op in backward]
+        else:  # a rerun in backward: its forward collectives are what backward issues again
+            self.out.forward += [(op, axis, None) for op in forward]
+
+    def _zero(self, call: ast.Call, name: str, recomputing: bool) -> None:
+        key = call.args[1]
+        if not (isinstance(key, ast.Subscript) and isinstance(key.slice, ast.Constant)):
+            raise ProgramMismatch(f"{self.path}:{call.lineno}: ops.{name} without GATHER[\"function\"]")
+        fn = key.slice.value
+        chunks: dict[str, int] = {}
+        for axis, shape in self.gather.get(fn, {}).values():
+            parts = self.size(axis)
+            chunks[axis] = chunks.get(axis, 0) + math.ceil(math.prod(shape) / parts)
+        live = [(axis, chunk) for axis, chunk in chunks.items() if self.size(axis) > 1]
+        if recomputing:
+            return  # a rerun's gather is counted with the gather's own backward below
+        if name == "zero_prefetch":
+            self.out.forward += [("all_gather", axis, chunk) for axis, chunk in live]
+            self.prefetched.add(fn)
+            return
+        if fn in self.prefetched:
+            self.prefetched.discard(fn)
+        else:
+            self.out.forward += [("all_gather", axis, chunk) for axis, chunk in live]
+        again = self._saves_weights(fn)
+        for axis, _ in live:  # backward: reduce-scatter the gradients; gather again what backward uses
+            self.out.backward += [("reduce_scatter", axis)] + ([("all_gather", axis)] if again else [])
+
+    def _saves_weights(self, fn: str) -> bool:
+        """Whether an op of function `fn` keeps a gathered weight for backward (an embedding lookup does not)."""
+        for node in ast.walk(self.functions[fn]):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr not in ("embedding_shard", "zero_gather", "zero_prefetch"):
+                uses = [a for a in node.args if isinstance(a, ast.Subscript) and isinstance(a.value, ast.Name)
+                        and a.value.id == "W"]
+                if uses:
+                    return True
+        return False
+
+
+def issued(plan: Plan, path: str, source: str, with_loss: bool) -> Issued:
+    reader = _Reader(plan, path, source)
+    reader.run("forward")
+    if with_loss:
+        reader.run("loss")
+    return reader.out
+
+
+def _check_tables(plan: Plan, role: Role, source: str) -> None:
+    """The program's PARAMETERS and BUFFERS tables state exactly the role's parameters (local shape, global
+    shape, shard) and buffers."""
+    tables = {}
+    for n in ast.parse(source).body:
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name) and \
+                n.targets[0].id in ("PARAMETERS", "BUFFERS"):
+            tables[n.targets[0].id] = ast.literal_eval(n.value)
+    params = tables.get("PARAMETERS", {})
+    if sorted(params) != sorted(role.parameters):
+        raise ProgramMismatch(f"{role.program}: PARAMETERS lists {sorted(set(params) ^ set(role.parameters))[:3]} "
+                              "unlike the plan's role")
+    for name, entry in params.items():
+        p = plan.parameter(name)
+        shard = None if p.shard is None else (p.shard.dim, p.shard.axis, p.shard.parts)
+        if (list(entry[0]), list(entry[1]), entry[2]) != (p.local_shape, p.global_shape, shard):
+            raise ProgramMismatch(f"{role.program}: PARAMETERS[{name!r}] is {entry[:3]}, the plan says "
+                                  f"({p.local_shape}, {p.global_shape}, {shard})")
+    if sorted(tables.get("BUFFERS", [])) != sorted(role.buffers):
+        raise ProgramMismatch(f"{role.program}: BUFFERS differ from the plan's role")
+
+
+def check_role(plan: Plan, role: Role, source: str) -> None:
+    path = role.program
+    _check_tables(plan, role, source)
+    got = issued(plan, path, source, role.head and plan.mode == "train")
+    want = [(c.op, c.axis, c.shape[0] if c.site.startswith(("layer_", "embedding", "lm_head")) and c.shape
+             else None) for c in role.forward]
+    for i in range(max(len(got.forward), len(want))):
+        g = got.forward[i] if i < len(got.forward) else None
+        w = want[i] if i < len(want) else None
+        same = g is not None and w is not None and g[:2] == w[:2] and (g[2] is None or w[2] is None or g[2] == w[2])
+        if not same:
+            site = role.forward[i].site if i < len(role.forward) else "(nothing)"
+            raise ProgramMismatch(
+                f"{path}: forward collective {i + 1} is {_say(g)} in the program but {_say(w)} in the plan "
+                f"(site {site}); the program and plan.json disagree: compile again (lcc compile)")
+    got_back = Counter(got.backward)
+    want_back = Counter((c.op, c.axis) for c in role.backward)
+    if got_back != want_back:
+        extra, missing = got_back - want_back, want_back - got_back
+        raise ProgramMismatch(f"{path}: backward collectives differ from the plan: the program adds "
+                              f"{dict(extra) or 'nothing'} and lacks {dict(missing) or 'nothing'}")
+
+
+def check_programs(plan: Plan, files: dict[str, str]) -> None:
+    """Every role's program (given as {relative path: source}) against the plan; raises ProgramMismatch."""
+    for role in plan.roles:
+        if role.program not in files:
+            raise ProgramMismatch(f"{role.program}: missing (the plan's role {role.name} has no program)")
+        check_role(plan, role, files[role.program])
+
+
+def _say(c: tuple | None) -> str:
+    if c is None:
+        return "nothing"
+    return f"{c[0]}({c[1]})" + (f" of {c[2]} elements" if c[2] is not None else "")

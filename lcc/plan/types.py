@@ -1,0 +1,281 @@
+"""The plan's types. Every field is data the runtime executes or a user reads; nothing travels as an
+untyped dict except `Plan.cost`, the `lcc.report/1` document shown to users (docs/cost-model.md), which
+the runtime never reads.
+
+Mesh axes: `pp`, `dp`, `tp` (the rank grid), `ep` and `edp` (the same ranks folded for experts), and
+two derived groups: `stage` (every rank of a pipeline stage, dp x tp) and `world`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A tensor split into `parts` equal slices along `dim`; part = axis index * parts // axis size."""
+
+    dim: int
+    axis: str
+    parts: int
+
+    def part(self, coords: dict[str, int], sizes: dict[str, int]) -> int:
+        return coords[self.axis] * self.parts // sizes[self.axis]
+
+
+def chunk_size(numel: int, parts: int) -> int:
+    """Elements of each ZeRO piece of a tensor of `numel` elements: the last piece is padded to it."""
+    return math.ceil(numel / parts) if numel else 0
+
+
+@dataclass(frozen=True)
+class Zero:
+    """ZeRO: the local tensor flattened and cut into `parts` pieces along `axis` (dp or edp)."""
+
+    axis: str
+    parts: int
+
+
+@dataclass(frozen=True)
+class ServeFormat:
+    format: str
+    packed: list[int]
+    packed_dtype: str
+    scales: list[int]
+    scales_dtype: str
+    zeros: list[int] | None
+
+
+@dataclass
+class Parameter:
+    name: str
+    global_shape: list[int]
+    local_shape: list[int]
+    stages: list[int]  # global stages holding it (a tied head on another stage: two)
+    shard: Shard | None = None  # None: replicated
+    expert: bool = False
+    grad_reduce: list[str] = field(default_factory=list)  # mesh axes its gradient is summed over
+    zero: Zero | None = None
+    serve: ServeFormat | None = None
+
+    @property
+    def local_numel(self) -> int:
+        return math.prod(self.local_shape)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """State that is not trained by gradients (the routers' load biases)."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    stages: list[int]
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective call. `shape` is the tensor a rank contributes (-1: rows that vary per call, as in
+    an all-to-all); `dtype` names a dtype or `compute` / `params` (the plan's precision)."""
+
+    op: str  # all_reduce | all_reduce_max | all_gather | reduce_scatter | all_to_all | send | recv
+    axis: str  # tp | dp | ep | edp | stage | world | pp
+    site: str  # where: a call site of the traced graph, `loss`, `gradients`, ...
+    what: str = ""
+    shape: list[int] | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class GradBucket:
+    """Gradients reduced together. `when`: `step` (once, after the last backward of the step) or
+    `backward` (ZeRO 2: each parameter's gradient reduce-scattered as soon as backward has produced it,
+    every micro-batch)."""
+
+    op: str  # all_reduce | reduce_scatter
+    axes: list[str]
+    params: list[str]
+    elements: int  # local elements (the rank's pieces under ZeRO 3)
+    when: str = "step"
+
+
+@dataclass
+class StepAction:
+    """What a pipeline rank does after its last backward, in order. Kinds:
+    REDUCE_GRAD (a `step` bucket of `stage`), SUM_TIED_GRAD (the tied embedding's two copies, first and
+    last stage), REDUCE_ROUTER_STATS (loads and k histograms of the rank's MoE layers over their stage),
+    CLIP_GRAD_NORM, OPTIMIZER_STEP, GATHER_PARAMS (ZeRO 1/2: updated pieces of `stage`), UPDATE_BIAS,
+    REDUCE_METRICS. `collectives` are exactly what the action issues, in order."""
+
+    kind: str
+    stage: int | None = None
+    bucket: int | None = None  # REDUCE_GRAD: index into the role's grad_buckets
+    params: list[str] = field(default_factory=list)
+    collectives: list[Collective] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        where = "" if self.stage is None else f" stage {self.stage}"
+        which = "" if self.bucket is None else f" bucket {self.bucket}"
+        comm = ", ".join(f"{c.op}({c.axis}) {c.shape}" for c in self.collectives)
+        return f"{self.kind}{where}{which}" + (f": {comm}" if comm else "")
+
+
+@dataclass
+class Role:
+    """A pipeline stage (or virtual stage): one program, run by every rank of that stage."""
+
+    name: str
+    stage: int
+    pp_rank: int
+    layers: list[int]  # [first, end)
+    embedding: bool
+    head: bool
+    program: str  # path inside the plan folder
+    parameters: list[str]
+    buffers: list[str]
+    forward: list[Collective]  # per micro-batch, in issue order (the loss's, on the last stage, last)
+    backward: list[Collective]  # per micro-batch, as the ops' autograd rules imply (order follows autograd)
+    grad_buckets: list[GradBucket]
+
+
+@dataclass
+class Mesh:
+    axes: list[str]
+    sizes: list[int]
+    ep: int
+    edp: int
+    gpus_per_node: int
+    rank_order: str
+
+    def size(self, axis: str) -> int:
+        sizes = dict(zip(self.axes, self.sizes, strict=True))
+        sizes.update(ep=self.ep, edp=self.edp, stage=sizes["dp"] * sizes["tp"], world=math.prod(self.sizes))
+        return sizes[axis]
+
+
+@dataclass
+class RankTable:
+    columns: list[str]
+    rows: list[list[int]]
+    roles_of_pp_rank: dict[str, list[str]]
+
+    def coords(self, rank: int) -> dict[str, int]:
+        return dict(zip(self.columns, self.rows[rank], strict=True))
+
+
+@dataclass(frozen=True)
+class Simulation:
+    makespan: int
+    busy: list[int]
+    bubble_fraction: float
+    cost_units: dict[str, int]
+
+
+@dataclass
+class Schedule:
+    kind: str
+    microbatches: int
+    virtual_stages: int
+    n_stages: int
+    simulation: Simulation
+    actions: list[list[str]]  # per pipeline rank: torch.distributed.pipelining actions with send/recv
+    step: list[list[StepAction]]  # per pipeline rank: after the last backward
+    files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Data:
+    """The data order (docs/model.md): each step's global batch cut into dp x microbatches units."""
+
+    seq_len: int
+    global_batch: int
+    units_per_step: int
+    microbatches: int  # units per data-parallel rank
+    sequences_per_unit: int
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Parameters and optimizer states in `params`; programs compute in `compute` (autocast when they
+    differ); cross-entropy, routing and gradient-norm reductions in at least float32."""
+
+    params: str
+    compute: str
+    autocast: bool
+
+
+@dataclass(frozen=True)
+class Experts:
+    n_experts: int
+    n_groups: int
+    ep: int
+    edp: int
+    experts_per_rank: int
+    rule: str
+    group_ep_ranks: list[list[int]]
+    alltoall_inter_node_share: float
+
+
+@dataclass(frozen=True)
+class Partition:
+    stage_layers: list[list[int]]
+    stage_imbalance: float
+
+
+@dataclass(frozen=True)
+class Memory:
+    zero: int
+    activation_checkpointing: str
+    recomputed: list[str]
+    sharded: list[str]
+    after_step: str | None
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    description: str
+
+
+@dataclass
+class Plan:
+    version: int
+    spec_name: str
+    spec_hash: str
+    mode: str  # train | serve
+    world_size: int
+    backend: str  # the kernel backend the programs' ops use
+    device: str  # cpu | cuda (cluster.device.kind)
+    dtype: str
+    precision: Precision
+    mesh: Mesh
+    ranks: RankTable
+    passes: list[Pass]
+    roles: list[Role]
+    parameters: list[Parameter]
+    buffers: list[Buffer]
+    experts: Experts | None
+    partition: Partition
+    memory: Memory
+    data: Data
+    schedule: Schedule
+    cost: dict[str, Any]  # the lcc.report/1 document, for display
+
+    def parameter(self, name: str) -> Parameter:
+        return self._params()[name]
+
+    def _params(self) -> dict[str, Parameter]:
+        cache = self.__dict__.get("_by_name")
+        if cache is None:
+            cache = self.__dict__["_by_name"] = {p.name: p for p in self.parameters}
+        return cache
+
+    def roles_of(self, pp_rank: int) -> list[Role]:
+        return [r for r in self.roles if r.pp_rank == pp_rank]
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {a: self.mesh.size(a) for a in ("pp", "dp", "tp", "ep", "edp", "stage", "world")}

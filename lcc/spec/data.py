@@ -1,0 +1,56 @@
+"""Where a spec's training data lives: `train.data.path` is relative to the spec file's folder.
+
+The spec keeps the path as written (plans and their spec.json stay free of absolute paths, so compiling
+is deterministic); the folder is known only where the spec file is, so it travels beside the spec, never in it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lcc.spec.errors import Location, Problem, SpecError
+from lcc.spec.load import locate
+from lcc.spec.models import Spec
+
+FIELD = ("train", "data", "path")
+
+
+def spec_folder(spec: Spec) -> Path | None:
+    """The folder of the file a spec was loaded from; None for a spec built from data (a plan's spec.json)."""
+    return spec._folder
+
+
+def data_file(spec: Spec, spec_dir: Path | None = None) -> Path | None:
+    """The text corpus that `train.data.path` names; None unless `train.data.kind` is text.
+
+    An absolute path is used as is. A relative one is relative to the spec file's folder: `spec_dir` when
+    given (a plan's spec.json does not know where its spec was, so whoever runs the plan passes the folder),
+    else the folder the spec was loaded from, else (a plan folder run on its own) the working directory.
+    """
+    data = spec.train.data
+    if data.kind != "text" or not data.path:
+        return None
+    path = Path(data.path)
+    folder = spec_dir if spec_dir is not None else spec_folder(spec)
+    return path if path.is_absolute() or folder is None else folder / path
+
+
+def check_data(spec: Spec, spec_dir: Path | None = None, where: Location | None = None) -> None:
+    """Raise a SpecError at `train.data.path` when its file cannot be read, before any rank starts (a rank
+    would fail with a traceback). `where` names the source of a spec that did not come from a file."""
+    path = data_file(spec, spec_dir)
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        folder = spec_dir if spec_dir is not None else spec_folder(spec)
+        if Path(spec.train.data.path).is_absolute():
+            hint = None
+        elif folder is not None:
+            hint = f"a relative path is read from the spec file's folder, {folder}"
+        else:
+            hint = "a compiled plan folder run on its own reads a relative path from the working directory"
+        raise SpecError([Problem(where or locate(spec, FIELD), FIELD,
+                                 f"cannot read data file {path}: {exc.strerror or exc}", hint)]) from None

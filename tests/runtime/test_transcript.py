@@ -1,0 +1,41 @@
+"""What each rank issues in a training step is exactly what its plan says (`lcc run train --transcript`),
+in layouts the equivalence runs (which check their transcripts too) do not cover."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lcc.compiler.output import write
+from lcc.compiler.plan import compile_plan
+from lcc.runtime import transcript
+from lcc.runtime.launch import launch
+from lcc.spec import load_spec
+from tests.conftest import SPECS
+from tests.runtime.equivalence import LIGHT
+from tests.runtime.transcript_oracle import check_rank
+
+CASES = {  # interleaved virtual stages with tp and full recomputation
+    "interleaved_tp2_ep2_full": ["parallelism.pp=2", "parallelism.tp=2", "parallelism.dp=1", "parallelism.ep=2",
+                                 "cluster.gpus_per_node=4", "parallelism.pipeline.schedule=interleaved_1f1b",
+                                 "parallelism.pipeline.virtual_stages=2", "parallelism.activation_checkpointing=full",
+                                 "routing.balance.aux_loss_coef=0.01"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_transcript_equals_plan(case, tmp_path):
+    spec = load_spec(SPECS / "tiny-moe.yaml", [*LIGHT, *CASES[case]])
+    plan_dir = tmp_path / "plan"
+    write(compile_plan(spec), plan_dir)
+    path = tmp_path / "transcript.jsonl"
+    launch(plan_dir, 1, quiet=True, transcript=path)
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    records = transcript.read(path)
+    total = sum(check_rank(plan, records, rank) for rank in range(plan["world_size"]))
+    assert total > 0
+    assert not list(Path(tmp_path).glob("transcript.jsonl.rank*"))  # parts merged

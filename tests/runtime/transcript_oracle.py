@@ -1,0 +1,104 @@
+"""The transcript oracle: what each rank must issue in a step, read from plan.json alone.
+
+For each pipeline action of a rank: the role's forward collectives in order (F), its backward
+collectives as a multiset (B: autograd orders them; with ZeRO 2 also each gradient's reduce-scatter), a
+send or a receive, then the step actions' collectives in order. Static shapes must match exactly;
+all-to-alls by op, axis, dtype and feature size, with their row splits equal to the expert counts
+exchanged just before in the same forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+
+def _key(c: dict) -> tuple:
+    shape = c["shape"]
+    if shape is not None and -1 in shape:  # rows vary: the feature size must match
+        shape = ["rows", *shape[1:]]
+    return c["op"], c["axis"], tuple(shape) if shape is not None else None, c["dtype"]
+
+
+def _padded(p: dict) -> int:
+    numel, parts = math.prod(p["local_shape"]), p["zero"]["parts"]
+    return math.ceil(numel / parts) * parts
+
+
+def expected(plan: dict, pp_rank: int) -> list[tuple[str, list[tuple]]]:
+    """Segments of one step: ("ordered" | "set", collectives), from the plan alone."""
+    roles = {r["stage"]: r for r in plan["roles"]}
+    params_of = {p["name"]: p for p in plan["parameters"]}
+    params = plan["precision"]["params"]
+    out: list[tuple[str, list[tuple]]] = []
+    for text in plan["schedule"]["actions"][pp_rank]:
+        stage = int(text[:len(text) - len(text.lstrip("0123456789"))])
+        kind = text[len(str(stage)):].rstrip("0123456789")
+        role = roles[stage]
+        if kind == "F":
+            out.append(("forward", [_key(c) for c in role["forward"]]))
+        elif kind == "B":
+            # ZeRO 2: each gradient reduce-scattered (padded to whole pieces) as backward produces it
+            hooks = [("reduce_scatter", b["axes"][0], (_padded(params_of[n]),), params)
+                     for b in role["grad_buckets"] if b["when"] == "backward" for n in b["params"]]
+            out.append(("set", [_key(c) for c in role["backward"]] + hooks))
+        else:
+            op = "send" if kind.startswith("SEND") else "recv"
+            out.append(("ordered", [(op, "pp", ("mb",), params)]))
+    for action in plan["schedule"]["step"][pp_rank]:
+        out.append(("ordered", [_key(c) for c in action["collectives"]]))
+    return out
+
+
+def _planned_axis(have: tuple, want: tuple) -> tuple:
+    """A group that is several axes at once (`tp|stage|world`) matches any of them."""
+    return (have[0], want[1], *have[2:]) if want[1] in have[1].split("|") else have
+
+
+def _match_axes(have: list[tuple], want: list[tuple]) -> list[tuple]:
+    """Each issued collective on a group that is several axes takes the axis the plan has for it."""
+    left = Counter(want)
+    out = []
+    for h in have:
+        choice = next((a for a in h[1].split("|") if left[(h[0], a, *h[2:])] > 0), h[1])
+        left[(h[0], choice, *h[2:])] -= 1
+        out.append((h[0], choice, *h[2:]))
+    return out
+
+
+def check_rank(plan: dict, records: list[dict], rank: int, step: int = 0) -> int:
+    pp_rank = plan["ranks"]["rows"][rank][1]
+    got = [r for r in records if r["rank"] == rank and r["step"] == step]
+    actual = [(r["op"], r["axis"], tuple(["rows", *r["shape"][1:]]) if r["op"] == "all_to_all" and r["dtype"] != "int64"
+               else tuple(r["shape"]),
+               r["dtype"]) for r in got]
+    mb_shape = (plan["data"]["sequences_per_unit"], plan["data"]["seq_len"])
+    i = 0
+    for mode, want in expected(plan, pp_rank):
+        have = actual[i:i + len(want)]
+        if want and want[0][2] == ("mb",):  # a send or receive: (b, s, d_model)
+            assert have[0][:2] == want[0][:2] and have[0][2][:2] == mb_shape and have[0][3] == want[0][3], (rank, i)
+        elif mode in ("ordered", "forward"):
+            have = [_planned_axis(h, w) for h, w in zip(have, want, strict=False)]
+            assert have == want, f"rank {rank}, collectives {i}..: issued {have}, plan says {want}"
+            if mode == "forward":
+                _check_splits(got[i:i + len(want)], rank)
+        else:
+            have = _match_axes(have, want)
+            extra, missing = Counter(have) - Counter(want), Counter(want) - Counter(have)
+            assert not extra and not missing, f"rank {rank}, backward at {i}: issued {extra} beyond the plan, " \
+                                              f"missing {missing}"
+        i += len(want)
+    assert i == len(actual), f"rank {rank} issued {len(actual) - i} collectives the plan does not list: {actual[i:]}"
+    return len(actual)
+
+
+def _check_splits(forward: list[dict], rank: int) -> None:
+    """In a forward, the dispatch all-to-all moves the rows the expert counts just exchanged announce, and
+    the combine all-to-all moves them back."""
+    counts = None
+    for r in forward:
+        if r["op"] == "all_to_all" and r["dtype"] == "int64":
+            counts = ([sum(row) for row in r["sent"]], [sum(row) for row in r["received"]])
+        elif r["op"] == "all_to_all":
+            assert counts is not None and (r["in_splits"], r["out_splits"]) in (counts, counts[::-1]), (rank, r)
