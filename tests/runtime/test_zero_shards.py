@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from lcc.ops import ProgramContext, offload_gathered, zero_gather, zero_prefetch
 from lcc.ops.zero import chunk_size, shard_flat
+from lcc.plan.types import Parameter, Zero
 from lcc.runtime.zero import ZeroLayout
 
 SHAPES = {"v": [7], "m": [5, 3], "tiny": [2]}  # 7 and 15 elements over 3 ranks; 2 elements: one rank gets none
@@ -50,7 +51,7 @@ def _rank(rank: int, port: int, errors: str) -> None:
             for n, t in full.items():
                 expected = shard_flat(2 * t * (1 + 2 + 3), 3, rank)  # d/dW of sum_r (r+1) W^2
                 assert torch.equal(P[n].grad, expected), (n, P[n].grad, expected)
-        meta = {n: {"zero": {"axis": "dp", "parts": 3}, "local_shape": s} for n, s in SHAPES.items()}
+        meta = {n: Parameter(n, list(s), list(s), [0], zero=Zero("dp", 3)) for n, s in SHAPES.items()}
         layout = ZeroLayout(meta, {"dp": rank}, G)
         for n, t in full.items():
             assert torch.equal(layout.reduce_scatter(n, t * (rank + 1)), shard_flat(t * 6, 3, rank))
