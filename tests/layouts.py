@@ -14,4 +14,11 @@ LAYOUTS = {
                     "cluster.gpus_per_node=4"],
     "interleaved": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=2",
                     "parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2"],
+    # a tied head on the second virtual stage of the same pipeline rank: one tensor, one reduction (ZeRO 2)
+    "tied_pp1_v2_zero2": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
+                          "parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2",
+                          "model.tie_embeddings=true", "parallelism.zero=2"],
+    # a first stage without routers
+    "dense_first_pp2": ["model.moe.layers=[3]", "parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1",
+                        "cluster.gpus_per_node=2"],
 }

@@ -66,6 +66,14 @@ def check_fits(spec: Spec, report: dict) -> None:
 
 def check_runnable(spec: Spec) -> None:
     """Layouts the programs cannot express exactly are refused here, before any plan exists."""
+    n_kv, tp = spec.model.attention.n_kv_heads, spec.parallelism.tp
+    if n_kv < tp:
+        path = ("model", "attention", "n_kv_heads")
+        raise SpecError([Problem(locate(spec, path), path,
+                                 f"{n_kv} kv heads on tp {tp}: each kv head would be copied on {tp // n_kv} tensor-"
+                                 "parallel ranks, whose key/value gradients lcc does not sum yet; the run would "
+                                 "train something else",
+                                 f"use tp <= {n_kv} (or n_kv_heads >= tp)", ("parallelism.tp",))])
     if spec.parallelism.sequence_parallel:
         path = ("parallelism", "sequence_parallel")
         raise SpecError([Problem(locate(spec, path), path,

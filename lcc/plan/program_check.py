@@ -22,6 +22,13 @@ OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"]
        "gather_tokens": (["all_gather"], []), "all_to_all": (["all_to_all"], ["all_to_all"]),
        "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], [])}
 ZERO = ("zero_gather", "zero_prefetch")
+COMPUTE = {"embedding_shard", "rms_norm", "linear", "attention", "route", "grouped_swiglu", "grouped_swiglu_int4",
+           "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit", "cross_entropy"}
+TABLES = ("PARAMETERS", "BUFFERS", "GATHER")
+# a program is straight-line code: what could repeat, skip or hide a line is not a program lcc renders
+FORBIDDEN = (ast.For, ast.AsyncFor, ast.While, ast.If, ast.IfExp, ast.Try, ast.With, ast.AsyncWith, ast.ListComp,
+             ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda, ast.Global, ast.Nonlocal, ast.ClassDef,
+             ast.Import, ast.ImportFrom, ast.Delete, ast.Await)
 
 
 class ProgramMismatch(ValueError):
@@ -37,14 +44,12 @@ class Issued:
 class _Reader:
     def __init__(self, plan: Plan, path: str, source: str):
         self.plan, self.path = plan, path
-        tree = ast.parse(source, filename=path)
+        tree = _parse(path, source)
         self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-        self.gather: dict = {}
-        for n in tree.body:
-            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "GATHER" for t in n.targets):
-                self.gather = ast.literal_eval(n.value)
+        self.gather: dict = _tables(path, tree).get("GATHER", {})
         self.out = Issued()
         self.prefetched: set[str] = set()
+        self.running: list[str] = []
 
     def size(self, axis: str) -> int:
         return self.plan.mesh.size(axis)
@@ -53,8 +58,12 @@ class _Reader:
         fn = self.functions.get(name)
         if fn is None:
             raise ProgramMismatch(f"{self.path}: calls {name}(), which the program does not define")
+        if name in self.running:
+            raise ProgramMismatch(f"{self.path}: {name}() calls itself")
+        self.running.append(name)
         for stmt in fn.body:
             self._visit(stmt, recomputing)
+        self.running.pop()
 
     def _visit(self, node: ast.AST, recomputing: bool) -> None:
         """Calls in evaluation order: arguments before the call that takes them."""
@@ -78,6 +87,8 @@ class _Reader:
             return
         name = func.attr
         if name == "recompute":  # ops.recompute(ctx, fn, ...): forward once, again in backward
+            if len(call.args) < 2 or not isinstance(call.args[1], ast.Name):
+                raise ProgramMismatch(f"{self.path}:{call.lineno}: ops.recompute without a program function")
             target = call.args[1].id
             self.run(target, recomputing)
             rerun = _Reader.__new__(_Reader)
@@ -136,6 +147,53 @@ class _Reader:
         return False
 
 
+def _parse(path: str, source: str) -> ast.Module:
+    """The program's AST, refused unless it is straight-line code over lcc.ops, as lcc renders it."""
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as exc:
+        raise ProgramMismatch(f"{path}:{exc.lineno}: not valid Python ({exc.msg}); compile again") from None
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(getattr(node, "module", None), a.name, a.asname) for a in node.names]
+            if names not in ([(None, "torch.nn.functional", "F")], [("lcc", "ops", None)]):
+                raise ProgramMismatch(f"{path}:{node.lineno}: imports something other than lcc.ops and F")
+            continue
+        if isinstance(node, ast.FunctionDef):
+            _straight(path, node)
+            continue
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in TABLES:
+            continue
+        raise ProgramMismatch(f"{path}:{node.lineno}: a module-level statement lcc does not render")
+    return tree
+
+
+def _straight(path: str, fn: ast.FunctionDef) -> None:
+    for node in ast.walk(fn):
+        if node is not fn and isinstance(node, (*FORBIDDEN, ast.FunctionDef, ast.AsyncFunctionDef)):
+            raise ProgramMismatch(f"{path}:{node.lineno}: {type(node).__name__} in {fn.name}(): programs are "
+                                  "straight-line code")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ops" and \
+                node.attr not in (*OPS, *ZERO, *COMPUTE):
+            raise ProgramMismatch(f"{path}:{node.lineno}: ops.{node.attr} is not an op of lcc's programs")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise ProgramMismatch(f"{path}:{node.lineno}: a private name ({node.attr}) in {fn.name}()")
+
+
+def _tables(path: str, tree: ast.Module) -> dict:
+    out = {}
+    for n in tree.body:
+        if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in TABLES:
+            try:
+                out[n.targets[0].id] = ast.literal_eval(n.value)
+            except ValueError:
+                raise ProgramMismatch(f"{path}:{n.lineno}: {n.targets[0].id} is not a literal table") from None
+    return out
+
+
 def issued(plan: Plan, path: str, source: str, with_loss: bool) -> Issued:
     reader = _Reader(plan, path, source)
     reader.run("forward")
@@ -147,11 +205,7 @@ def issued(plan: Plan, path: str, source: str, with_loss: bool) -> Issued:
 def _check_tables(plan: Plan, role: Role, source: str) -> None:
     """The program's PARAMETERS and BUFFERS tables state exactly the role's parameters (local shape, global
     shape, shard) and buffers."""
-    tables = {}
-    for n in ast.parse(source).body:
-        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name) and \
-                n.targets[0].id in ("PARAMETERS", "BUFFERS"):
-            tables[n.targets[0].id] = ast.literal_eval(n.value)
+    tables = _tables(role.program, _parse(role.program, source))
     params = tables.get("PARAMETERS", {})
     if sorted(params) != sorted(role.parameters):
         raise ProgramMismatch(f"{role.program}: PARAMETERS lists {sorted(set(params) ^ set(role.parameters))[:3]} "
@@ -159,7 +213,8 @@ def _check_tables(plan: Plan, role: Role, source: str) -> None:
     for name, entry in params.items():
         p = plan.parameter(name)
         shard = None if p.shard is None else (p.shard.dim, p.shard.axis, p.shard.parts)
-        if (list(entry[0]), list(entry[1]), entry[2]) != (p.local_shape, p.global_shape, shard):
+        if not isinstance(entry, tuple) or len(entry) < 3 or \
+                (list(entry[0]), list(entry[1]), entry[2]) != (p.local_shape, p.global_shape, shard):
             raise ProgramMismatch(f"{role.program}: PARAMETERS[{name!r}] is {entry[:3]}, the plan says "
                                   f"({p.local_shape}, {p.global_shape}, {shard})")
     if sorted(tables.get("BUFFERS", [])) != sorted(role.buffers):

@@ -80,11 +80,10 @@ class RankEngine:
         self.masters = ({n: torch.nn.Parameter(self.layout.piece(n, p.data)) for n, p in self.params.items()}
                         if self.zero in (1, 2) else self.params)
         self.grad_pieces: dict[str, torch.Tensor] = {}  # ZeRO 2: reduce-scattered gradients of the step
-        for role in self.roles.values():
-            for bucket in role.grad_buckets:
-                if bucket.when == "backward":  # ZeRO 2: reduce-scatter each gradient as backward produces it
-                    for name in bucket.params:
-                        self.params[name].register_post_accumulate_grad_hook(self._reduce_scatter_hook(name))
+        hooked = {n for role in self.roles.values() for b in role.grad_buckets if b.when == "backward"
+                  for n in b.params}  # ZeRO 2: reduce-scatter each gradient as backward produces it
+        for name in sorted(hooked):
+            self.params[name].register_post_accumulate_grad_hook(self._reduce_scatter_hook(name))
         self.bias = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype]) for b in plan.buffers
                      if set(b.stages) & set(self.roles)}
         self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
@@ -238,7 +237,9 @@ class RankEngine:
                     grad = grads_in.pop(key, None)
                     if grad is None:  # the next stage ran on this rank
                         grad = inputs[(a.stage + 1, a.mb)].grad
-                    torch.autograd.backward([out, outputs.pop((key, "aux"))], [grad, torch.ones(())])
+                    aux = outputs.pop((key, "aux"))  # a stage without routers has no router loss
+                    ends, grads = ([out, aux], [grad, torch.ones(())]) if aux.requires_grad else ([out], [grad])
+                    torch.autograd.backward(ends, grads)
             elif a.kind == "SEND_B":
                 pending.append(dist.isend(inputs[key].grad.contiguous(), dst=self.mesh.peer((a.stage - 1) % pp)))
         for work in pending:

@@ -114,6 +114,8 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
 def check_plan(plan_dir: Path) -> Plan:
     """What must hold before any rank starts: a plan of this lcc's version, programs that issue exactly
     the collectives the plan lists, and a device this runtime drives."""
+    if not (Path(plan_dir) / "spec.json").is_file():
+        raise RunError(f"{Path(plan_dir) / 'spec.json'}: missing (not a compiled plan folder)")
     try:
         plan = read_plan(Path(plan_dir))
         programs = {}

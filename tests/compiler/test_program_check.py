@@ -32,6 +32,11 @@ CORRUPTIONS = {
     "an extra collective": ("    return ce\n", "    ce = ops.all_reduce(ce, G.dp)\n    return ce\n"),
     "prefetch removed": ('    ops.zero_prefetch(P, GATHER["layer_2"], G, ctx)', "    pass"),
     "split tokens never gathered back in backward": ("ops.split_tokens(", "ops.gather_tokens("),
+    "a loop": ("    layers_1_attn_wo = ops.all_reduce(",
+               "    for _ in range(2):\n        layers_1_attn_wo = ops.all_reduce("),
+    "a hidden private collective": ("ops.all_reduce(layers_1_attn_wo, G.tp)",
+                                    "ops.collectives._all_reduce(layers_1_attn_wo, G.tp)"),
+    "not Python": ("def forward(", "def forward(("),
     "a shard table that lies": ('"layers.0.attn.wo.weight": ([128, 64], [128, 128], (1, \'tp\', 2)',
                                 '"layers.0.attn.wo.weight": ([64, 128], [128, 128], (0, \'tp\', 2)'),
 }

@@ -23,19 +23,29 @@ def _elements(p: Parameter, zero: int) -> int:
     return chunk_size(p.local_numel, p.zero.parts) if zero >= 2 else p.local_numel
 
 
+def owner(p: Parameter, stage: int, pp: int) -> int | None:
+    """The stage whose buckets hold `p` on the pipeline rank of `stage`: its first stage there (a tied
+    embedding on two stages of one pipeline rank is one tensor, with one gradient to reduce)."""
+    here = [s for s in p.stages if s % pp == stage % pp]
+    return min(here) if here else None
+
+
 def run(state: CompileState) -> None:
     par = state.spec.parallelism
     zero = state.memory.zero if state.memory is not None else 0
     sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp}
     for stage in range(len(state.stage_bounds)):
         buckets: list[GradBucket] = []
-        mine = [p for p in state.params.values() if stage in p.stages]
+        held = [p for p in state.params.values() if stage in p.stages]
         for axes in (("edp",), ("dp",), ("dp", "tp")):
-            group = [p for p in mine if tuple(p.grad_reduce) == axes]
             zero_axis = "edp" if axes == ("edp",) else "dp"
-            if zero == 2 and sizes[zero_axis] > 1 and group:
-                buckets.append(GradBucket("reduce_scatter", [zero_axis], [p.name for p in reversed(group)],
-                                          sum(p.local_numel for p in group), "backward"))
+            # ZeRO 2: a gradient is reduce-scattered each time this stage's backward produces it (a tied
+            # embedding by both of its stages)
+            produced = [p for p in held if tuple(p.grad_reduce) == axes]
+            if zero == 2 and sizes[zero_axis] > 1 and produced:
+                buckets.append(GradBucket("reduce_scatter", [zero_axis], [p.name for p in reversed(produced)],
+                                          sum(p.local_numel for p in produced), "backward"))
+            group = [p for p in produced if owner(p, stage, par.pp) == stage]
             step_axes = [a for a in axes if sizes[a] > 1 and not (zero >= 2 and a == zero_axis)]
             if not step_axes:
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from lcc.compiler.dims import dims
 from lcc.compiler.layout import stage_ranks
+from lcc.compiler.passes.data_parallel import owner
 from lcc.compiler.state import CompileState
 from lcc.plan.types import Collective, StepAction, chunk_size
 
@@ -59,7 +60,8 @@ def run(state: CompileState) -> None:
         if zero in (1, 2):
             for s in stages:
                 for axis in ("dp", "edp"):
-                    names = [n for n, p in state.params.items() if s in p.stages and p.zero.axis == axis]
+                    names = [n for n, p in state.params.items()
+                             if owner(p, s, par.pp) == s and p.zero.axis == axis]
                     if names and sizes[axis] > 1:
                         chunk = sum(chunk_size(state.params[n].local_numel, sizes[axis]) for n in names)
                         actions.append(StepAction("GATHER_PARAMS", s, params=names, collectives=[Collective(
