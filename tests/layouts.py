@@ -18,6 +18,9 @@ LAYOUTS = {
     "tied_pp1_v2_zero2": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
                           "parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2",
                           "model.tie_embeddings=true", "parallelism.zero=2"],
+    # 2 kv heads on 4 tp ranks: each kv head on two ranks, whose gradients are summed
+    "tp4_kv2": ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",
+                "cluster.gpus_per_node=4"],
     # a first stage without routers
     "dense_first_pp2": ["model.moe.layers=[3]", "parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1",
                         "cluster.gpus_per_node=2"],

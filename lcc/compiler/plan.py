@@ -66,14 +66,6 @@ def check_fits(spec: Spec, report: dict) -> None:
 
 def check_runnable(spec: Spec) -> None:
     """Layouts the programs cannot express exactly are refused here, before any plan exists."""
-    n_kv, tp = spec.model.attention.n_kv_heads, spec.parallelism.tp
-    if n_kv < tp:
-        path = ("model", "attention", "n_kv_heads")
-        raise SpecError([Problem(locate(spec, path), path,
-                                 f"{n_kv} kv heads on tp {tp}: each kv head would be copied on {tp // n_kv} tensor-"
-                                 "parallel ranks, whose key/value gradients lcc does not sum yet; the run would "
-                                 "train something else",
-                                 f"use tp <= {n_kv} (or n_kv_heads >= tp)", ("parallelism.tp",))])
     if spec.parallelism.sequence_parallel:
         path = ("parallelism", "sequence_parallel")
         raise SpecError([Problem(locate(spec, path), path,
@@ -104,7 +96,8 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
         precision=Precision(params_dtype, compute_dtype, params_dtype != compute_dtype),
         mesh=Mesh(["pp", "dp", "tp"], [par.pp, par.dp, par.tp], par.ep, par.edp, spec.cluster.gpus_per_node,
                   "rank = (pp * dp_size + dp) * tp_size + tp; f = dp * tp_size + tp; ep = f % ep_size; "
-                  "edp = f // ep_size; node = rank // gpus_per_node"),
+                  "edp = f // ep_size; node = rank // gpus_per_node",
+                  max(1, par.tp // spec.model.attention.n_kv_heads)),
         ranks=_ranks(spec), passes=state.applied, roles=_roles(state), parameters=list(state.params.values()),
         buffers=state.buffers, experts=state.experts, partition=state.partition, memory=state.memory,
         data=Data(spec.train.seq_len, spec.train.global_batch, par.dp * par.pipeline.microbatches,

@@ -3,7 +3,8 @@ untyped dict except `Plan.cost`, the `lcc.report/1` document shown to users (doc
 the runtime never reads.
 
 Mesh axes: `pp`, `dp`, `tp` (the rank grid), `ep` and `edp` (the same ranks folded for experts), and
-two derived groups: `stage` (every rank of a pipeline stage, dp x tp) and `world`.
+derived groups: `kv` (consecutive tp ranks that hold the same key/value heads when there are fewer kv
+heads than tp ranks), `stage` (every rank of a pipeline stage, dp x tp) and `world`.
 """
 
 from __future__ import annotations
@@ -150,10 +151,12 @@ class Mesh:
     edp: int
     gpus_per_node: int
     rank_order: str
+    kv: int = 1  # tp ranks holding the same key/value heads (fewer kv heads than tp): their gradients add
 
     def size(self, axis: str) -> int:
         sizes = dict(zip(self.axes, self.sizes, strict=True))
-        sizes.update(ep=self.ep, edp=self.edp, stage=sizes["dp"] * sizes["tp"], world=math.prod(self.sizes))
+        sizes.update(ep=self.ep, edp=self.edp, stage=sizes["dp"] * sizes["tp"], world=math.prod(self.sizes),
+                     kv=self.kv)
         return sizes[axis]
 
 

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lcc.plan.types import Plan
 
-AXES = ("tp", "dp", "ep", "edp")
+AXES = ("tp", "dp", "ep", "edp", "kv")
 
 
 @dataclass
@@ -69,7 +69,12 @@ def build_mesh(plan: Plan, rank: int) -> Mesh:
                   for name, axes in shapes.items()}
         meshes["stages"] = DeviceMesh("cpu", ranks.view(sizes["pp"], -1), mesh_dim_names=("pp", "stage"))
         mine = {"dp": meshes["dense"].get_group("dp"), "tp": meshes["dense"].get_group("tp"),
-                "edp": meshes["experts"].get_group("edp"), "ep": meshes["experts"].get_group("ep")}
+                "edp": meshes["experts"].get_group("edp"), "ep": meshes["experts"].get_group("ep"), "kv": None}
+        if plan.mesh.kv > 1:  # consecutive tp ranks holding the same kv heads
+            kv = plan.mesh.kv
+            meshes["kv"] = DeviceMesh("cpu", ranks.view(sizes["pp"], sizes["dp"], sizes["tp"] // kv, kv),
+                                      mesh_dim_names=("pp", "dp", "kv_heads", "kv"))
+            mine["kv"] = meshes["kv"].get_group("kv")
         stage_group = meshes["stages"].get_group("stage")
     return Mesh(rank, len(rows), {k: me[k] for k in ("pp", "dp", "tp", "ep", "edp", "node")}, sizes,
                 types.SimpleNamespace(**mine), stage_group,

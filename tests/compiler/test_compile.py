@@ -15,8 +15,8 @@ from lcc.spec import SpecError, load_spec
 from tests.conftest import ROOT, SHIPPED, SPECS
 from tests.layouts import LAYOUTS
 
-TINY_LAYOUTS = {**LAYOUTS, "tp4_dp2_ep8": ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=2",
-                                            "parallelism.ep=8", "model.attention.n_kv_heads=4"]}
+TINY_LAYOUTS = {**LAYOUTS, "tp4_kv_replicated": ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=2",
+                                                  "parallelism.ep=8"]}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -69,11 +69,13 @@ def test_shards_reassemble_the_reference_parameters(layout):
 
 
 def test_expert_and_tp_rules_in_plan():
-    spec = load_spec(SPECS / "tiny-moe.yaml", TINY_LAYOUTS["tp4_dp2_ep8"])
+    spec = load_spec(SPECS / "tiny-moe.yaml", TINY_LAYOUTS["tp4_kv_replicated"])
     plan = json.loads(compile_plan(spec)["plan.json"])
     params = {p["name"]: p for p in plan["parameters"]}
     assert params["layers.0.attn.wq.weight"]["shard"] == {"axis": "tp", "dim": 0, "parts": 4}
-    assert params["layers.0.attn.wk.weight"]["shard"] == {"axis": "tp", "dim": 0, "parts": 4}
+    assert params["layers.0.attn.wk.weight"]["shard"] == {"axis": "tp", "dim": 0, "parts": 2}  # 2 kv heads
+    # each kv head's two copies see their own query heads: their gradients are summed over kv
+    assert params["layers.0.attn.wk.weight"]["grad_reduce"] == ["dp", "kv"] and plan["mesh"]["kv"] == 2
     assert params["layers.0.attn.wo.weight"]["shard"] == {"axis": "tp", "dim": 1, "parts": 4}
     assert params["layers.0.ffn.experts.w1_EFD"]["shard"] == {"axis": "ep", "dim": 0, "parts": 8}
     assert params["layers.0.ffn.experts.w1_EFD"]["grad_reduce"] == ["edp"]
@@ -91,15 +93,6 @@ def test_expert_and_tp_rules_in_plan():
                          ("all_reduce", "vocab-parallel cross-entropy: the sum of exponentials"),
                          ("all_reduce", "vocab-parallel cross-entropy: the target's logit"))]
     assert plan["experts"]["experts_per_rank"] == 8
-
-
-def test_fewer_kv_heads_than_tp_is_refused():
-    """Copies of a kv head on several TP ranks would need their gradients summed: refused, not run wrongly."""
-    spec = load_spec(SPECS / "tiny-moe.yaml", ["parallelism.tp=4", "parallelism.pp=1", "parallelism.dp=2",
-                                               "parallelism.ep=8"])  # 2 kv heads
-    with pytest.raises(SpecError) as err:
-        compile_plan(spec)
-    assert err.value.first.path == ("model", "attention", "n_kv_heads") and "tp <= 2" in err.value.first.hint
 
 
 def test_serve_plan_quantizes_experts():

@@ -33,11 +33,12 @@ def owner(p: Parameter, stage: int, pp: int) -> int | None:
 def run(state: CompileState) -> None:
     par = state.spec.parallelism
     zero = state.memory.zero if state.memory is not None else 0
-    sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp}
+    sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp,
+             "kv": max(1, par.tp // state.spec.model.attention.n_kv_heads)}
     for stage in range(len(state.stage_bounds)):
         buckets: list[GradBucket] = []
         held = [p for p in state.params.values() if stage in p.stages]
-        for axes in (("edp",), ("dp",), ("dp", "tp")):
+        for axes in dict.fromkeys(tuple(p.grad_reduce) for p in held):  # edp; dp; dp, tp; dp, kv
             zero_axis = "edp" if axes == ("edp",) else "dp"
             # ZeRO 2: a gradient is reduce-scattered each time this stage's backward produces it (a tied
             # embedding by both of its stages)

@@ -20,7 +20,8 @@ def run(state: CompileState) -> None:
         return
     spec, par = state.spec, state.spec.parallelism
     d = dims(spec, state.mode)
-    sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp, "stage": par.dp * par.tp, "world": par.world_size}
+    sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp, "stage": par.dp * par.tp, "world": par.world_size,
+             "kv": max(1, par.tp // spec.model.attention.n_kv_heads)}
     zero = state.memory.zero
     moe = spec.model.moe
     stats = (moe.n_experts + spec.routing.k.max + 1) if moe else 0

@@ -37,7 +37,9 @@ def run(state: CompileState) -> None:
             info.local_shape[shard.dim] //= shard.parts
         # norms and routers stay replicated over tp. A router sees only its tp rank's share of the tokens
         # (MoE layers split them): its gradient is summed over tp too
-        info.grad_reduce = ["dp"] + (["tp"] if ".ffn.router." in name and tp > 1 else [])
+        # copies of a kv head on tp / n_kv ranks each see their own query heads' share: summed over kv
+        info.grad_reduce = ["dp"] + (["tp"] if ".ffn.router." in name and tp > 1 else []) + (
+            ["kv"] if shard is not None and shard.parts < tp else [])
     if tp > 1:
         _collectives(state)
 
