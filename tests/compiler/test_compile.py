@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -111,17 +109,22 @@ def test_layout_over_memory_names_the_field():
     assert "needs" in err.value.first.message
 
 
-def test_cli_compile_rules(tmp_path):
+def test_cli_compile_rules(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lcc.cli import app
+
+    monkeypatch.chdir(ROOT)
+
     def lcc(*args):
-        return subprocess.run([sys.executable, "-m", "lcc", *args], capture_output=True, text=True, cwd=ROOT,
-                              timeout=120)
+        return CliRunner().invoke(app, list(args))
 
     out = lcc("compile", "specs/tiny-moe.yaml", "--set", "parallelism.zero=1")
-    assert out.returncode == 2 and "needs --out" in out.stderr
+    assert out.exit_code == 2 and "needs --out" in out.stderr
     out = lcc("compile", "specs/tiny-moe.yaml", "--set", "parallelism.zero=1", "--out", str(tmp_path))
-    assert out.returncode == 0, out.stderr
+    assert out.exit_code == 0, out.stderr
     (tmp_path / "actions.txt").write_text("changed\n")
     out = lcc("compile", "specs/tiny-moe.yaml", "--set", "parallelism.zero=1", "--out", str(tmp_path), "--check")
-    assert out.returncode == 1 and "actions.txt:1: differs" in out.stderr
+    assert out.exit_code == 1 and "actions.txt:1: differs" in out.stderr
     out = lcc("compile", "specs/tiny-moe.yaml", "--check")
-    assert out.returncode == 0, out.stderr
+    assert out.exit_code == 0, out.stderr

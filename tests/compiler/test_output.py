@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from lcc.compiler.output import first_difference, write
 from tests.conftest import ROOT
 
@@ -55,19 +52,24 @@ def test_check_names_a_stale_program(tmp_path):
     assert diff is not None and diff.startswith(f"{out / 'programs' / 'stage2.py'}: not produced by the compiler")
 
 
-def test_cli_check_reports_and_compile_removes_a_stale_program(tmp_path):
+def test_cli_check_reports_and_compile_removes_a_stale_program(tmp_path, monkeypatch):
+    """In process (the CLI's own app), so that three compiles cost no interpreter starts."""
+    from typer.testing import CliRunner
+
+    from lcc.cli import app
+
+    monkeypatch.chdir(ROOT)
     world1 = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1"]
+    sets = [a for s in world1 for a in ("--set", s)]
 
-    def lcc(*args: str) -> subprocess.CompletedProcess[str]:
-        sets = [a for s in world1 for a in ("--set", s)]
-        return subprocess.run([sys.executable, "-m", "lcc", "compile", "specs/tiny-moe.yaml", *sets, "--out",
-                               str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    def lcc(*args: str):
+        return CliRunner().invoke(app, ["compile", "specs/tiny-moe.yaml", *sets, "--out", str(tmp_path), *args])
 
-    assert lcc().returncode == 0
+    assert lcc().exit_code == 0
     stale = tmp_path / "programs" / "stage1.py"  # left by an earlier compile with pp 2
     stale.write_text("# stage 1\n")
     out = lcc("--check")
-    assert out.returncode == 1 and f"{stale}: not produced by the compiler" in out.stderr
+    assert out.exit_code == 1 and f"{stale}: not produced by the compiler" in out.stderr
     out = lcc()
-    assert out.returncode == 0 and "removed stale programs/stage1.py" in out.stdout
+    assert out.exit_code == 0 and "removed stale programs/stage1.py" in out.stdout
     assert not stale.exists() and (tmp_path / "programs" / "stage0.py").is_file()
