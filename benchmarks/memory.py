@@ -1,4 +1,5 @@
-"""Measured peak memory per rank next to the cost model's prediction, for ZeRO and activation checkpointing.
+"""Measured peak memory per rank next to the cost model's prediction, for ZeRO, activation checkpointing
+and sequence parallelism.
 
 small-moe as shipped (dp 4, ep 2: 4 ranks, float32), one run per setting with live-tensor tracking
 (`lcc run train --track-memory`); the figures are those of the last step (optimizer states exist from the
@@ -7,7 +8,8 @@ first step on), the highest over ranks. Measured:
 - activations: the step's peak of every other live tensor (saved activations, temporaries, ZeRO-3's
   gathered parameters and whole gradients before their reduce-scatter).
 Predicted (the cost model's worst role for the same spec): weights + gradients + optimizer states without
-ZeRO-3's gathered copies; activations plus those copies.
+ZeRO-3's gathered copies; activations plus those copies. Sequence parallelism is measured at tp 2 (dp 2,
+ep 2: the same 4 ranks), with and without it.
 Usage: python -m benchmarks.memory [--steps 2]
 """
 
@@ -28,8 +30,12 @@ from lcc.runtime.launch import launch, read_metrics
 from lcc.spec import load_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
-SETTINGS = {"zero 0, no checkpointing": (0, "none"), "zero 1": (1, "none"), "zero 2": (2, "none"),
-            "zero 3": (3, "none"), "zero 3 + selective": (3, "selective"), "zero 3 + full checkpointing": (3, "full")}
+TP2 = ["parallelism.tp=2", "parallelism.dp=2"]
+SETTINGS = {"zero 0, no checkpointing": [], "zero 1": ["parallelism.zero=1"], "zero 2": ["parallelism.zero=2"],
+            "zero 3": ["parallelism.zero=3"],
+            "zero 3 + selective": ["parallelism.zero=3", "parallelism.activation_checkpointing=selective"],
+            "zero 3 + full checkpointing": ["parallelism.zero=3", "parallelism.activation_checkpointing=full"],
+            "tp 2": TP2, "tp 2 + sequence parallelism": [*TP2, "parallelism.sequence_parallel=true"]}
 
 
 def predicted(spec) -> dict[str, float]:
@@ -41,17 +47,18 @@ def predicted(spec) -> dict[str, float]:
             "total_bytes": worst["total_bytes"]}
 
 
-def measure(name: str, zero: int, checkpointing: str, steps: int, work: Path) -> dict[str, object]:
-    spec = load_spec(SPECS / "small-moe.yaml", [f"parallelism.zero={zero}",
-                                                 f"parallelism.activation_checkpointing={checkpointing}"])
-    plan = work / f"zero{zero}-{checkpointing}"
+def measure(name: str, overrides: list[str], steps: int, work: Path) -> dict[str, object]:
+    spec = load_spec(SPECS / "small-moe.yaml", overrides)
+    plan = work / name.replace(" ", "-").replace(",", "").replace("+", "and")
     write_plan(compile_plan(spec), plan)
     launch(plan, steps, plan / "metrics.jsonl", quiet=True, track_memory=True)
     last = read_metrics(plan / "metrics.jsonl")[-1]
     measured = {"states_bytes": last["state_memory_bytes"], "activations_bytes": last["activation_memory_bytes"],
                 "peak_bytes": last["peak_memory_bytes"]}
     model = predicted(spec)
-    row = {"zero": zero, "activation_checkpointing": checkpointing, "measured": measured, "predicted": model,
+    par = spec.parallelism
+    row = {"zero": par.zero, "activation_checkpointing": par.activation_checkpointing, "tp": par.tp,
+           "sequence_parallel": par.sequence_parallel, "measured": measured, "predicted": model,
            "states_error": measured["states_bytes"] / model["states_bytes"] - 1,
            "activations_error": measured["activations_bytes"] / model["activations_bytes"] - 1,
            "seconds_per_step": last["seconds"]}
@@ -68,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {name: measure(name, z, ck, args.steps, Path(tmp)) for name, (z, ck) in SETTINGS.items()}
+        rows = {name: measure(name, overrides, args.steps, Path(tmp)) for name, overrides in SETTINGS.items()}
     plain, sharded = rows["zero 0, no checkpointing"], rows["zero 3 + full checkpointing"]
     claim = {"measured_small_moe": 1 - sharded["measured"]["peak_bytes"] / plain["measured"]["peak_bytes"],
              "model_small_moe": 1 - sharded["predicted"]["total_bytes"] / plain["predicted"]["total_bytes"],
@@ -77,6 +84,14 @@ def main() -> None:
     print("peak-memory reduction of ZeRO-3 + full checkpointing vs plain data parallelism: "
           f"measured (small-moe) {claim['measured_small_moe']:.1%}, model (small-moe) {claim['model_small_moe']:.1%}, "
           f"model (longcat-2.0) {claim['model_longcat_2_0']:.1%}")
+    tp, sp = rows["tp 2"], rows["tp 2 + sequence parallelism"]
+    claim["sequence_parallel_activations_measured"] = (sp["measured"]["activations_bytes"]
+                                                       / tp["measured"]["activations_bytes"])
+    claim["sequence_parallel_activations_model"] = (sp["predicted"]["activations_bytes"]
+                                                    / tp["predicted"]["activations_bytes"])
+    print(f"activations with sequence parallelism / without, at tp 2: measured "
+          f"{claim['sequence_parallel_activations_measured']:.3f}, model "
+          f"{claim['sequence_parallel_activations_model']:.3f}")
     write("memory", {"spec": "small-moe", "steps": args.steps, "settings": rows, "reduction": claim,
                      "machine": machine()}, args.out)
 

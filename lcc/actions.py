@@ -1,40 +1,44 @@
 """The pipeline action notation shared by the compiler (which writes schedules) and the runtime (which
-reads them): `{stage}{kind}{microbatch}`, as torch.distributed.pipelining writes it (`0F3`, `1SEND_B2`)."""
+reads them): `{stage}{kind}{microbatch}`, as torch.distributed.pipelining writes it (`0F3`, `1SEND_B2`),
+and `{stage}REDUCE_GRAD` (no micro-batch): the stage's gradient buckets are complete after its last
+backward."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-KINDS = ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
-_PATTERN = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)$")
+KINDS = ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "REDUCE_GRAD")
+_PATTERN = re.compile(r"^(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)|(REDUCE_GRAD))$")
 
 
 @dataclass(frozen=True, order=True)
 class Action:
     stage: int
     kind: str
-    mb: int
+    mb: int | None
 
     def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.mb}"
+        return f"{self.stage}{self.kind}{'' if self.mb is None else self.mb}"
 
     @classmethod
     def parse(cls, text: str) -> Action:
         m = _PATTERN.match(text.strip())
         if not m:
-            raise ValueError(f"not an action: {text!r} (expected e.g. 0F3, 1B2, 0SEND_F3, 1RECV_B2)")
+            raise ValueError(f"not an action: {text!r} (expected e.g. 0F3, 1B2, 0SEND_F3, 1RECV_B2, 0REDUCE_GRAD)")
+        if m.group(4):
+            return cls(int(m.group(1)), m.group(4), None)
         return cls(int(m.group(1)), m.group(2), int(m.group(3)))
 
 
 def read_actions(text: str) -> list[list[Action]]:
-    """Per pipeline rank action lists from an `actions.txt` (annotations after `#` and gradient-reduction
-    lines are ignored)."""
+    """Per pipeline rank action lists from an `actions.txt` (annotations after `#` and the step actions
+    after the pipeline are ignored)."""
     ranks: list[list[Action]] = []
     for line in text.splitlines():
         body = line.split("#", 1)[0].strip()
         if body.startswith("pp_rank "):
             ranks.append([])
-        elif body and not body.startswith(("REDUCE_GRAD", "GATHER_PARAMS")) and ranks:
+        elif body and body[0].isdigit() and ranks:
             ranks[-1].append(Action.parse(body))
     return ranks

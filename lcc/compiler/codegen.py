@@ -90,10 +90,12 @@ class _Emitter:
         else:
             raise NotImplementedError(f"no lowering for {n.op} node {name}")
 
-    def after(self, site: str, name: str, line: str = "all_reduce") -> None:
-        c = self.take(site, AFTER, line)
-        if c is not None:
-            self.emit(f"{name} = ops.{line}({name}, G.{c.forward[0].axis})", c.forward[0].what)
+    def after(self, site: str, name: str, lines: tuple[str, ...] = ("all_reduce", "reduce_scatter_sequence")) -> None:
+        for line in lines:
+            c = self.take(site, AFTER, line)
+            if c is not None:
+                dim = f", dim={c.dim}" if c.dim is not None else ""
+                self.emit(f"{name} = ops.{line}({name}, G.{c.forward[0].axis}{dim})", c.forward[0].what)
 
     def module(self, n: fx.Node, name: str, args: list[str]) -> None:
         target = str(n.target)
@@ -114,6 +116,11 @@ class _Emitter:
             if copy is not None:
                 self.entered[x] = f"{x}_tp"
                 self.emit(f"{x}_tp = ops.copy_to_tp({x}, G.tp)", "backward: all-reduce over tp")
+            gather = self.take(target, BEFORE, "gather_sequence")
+            if gather is not None:
+                self.entered[x] = f"{x}_tp"
+                self.emit(f"{x}_tp = ops.gather_sequence({x}, G.tp, dim={gather.dim})",
+                          "every rank's positions; backward: reduce-scatter")
             shard = params[weight].shard
             comment = "vocab-parallel logits" if target == "head" and shard is not None else ""
             self.emit(f'{name} = ops.linear({self.entered.get(x, x)}, P["{weight}"])', comment)
@@ -134,7 +141,7 @@ class _Emitter:
             self.region = "routing"  # through the dispatch all-to-all
             self.emit(f'{name} = ops.route({tokens}, P["{target}.centroids_GD"], P["{target}.weight_ED"], '
                       f'B["{target}.bias_E"], ctx.routing)')
-            self.after(target, name, "unit_balance")
+            self.after(target, name, ("unit_balance",))
             self.emit(f'ctx.observe("{target.rsplit(".", 1)[0]}", {name})', "loads, k per token, losses")
         elif target.endswith("ffn.dispatch"):
             counts = self.take(target, AT, "moe_plan")

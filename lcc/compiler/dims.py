@@ -1,6 +1,7 @@
 """The sizes and dtypes of what a program's collectives carry, per micro-batch (for the plan's
 `Collective.shape` / `dtype`): b sequences of s tokens (T = b s) of width D; inside an MoE block with
-tp > 1 each TP rank routes T / tp of them."""
+tp > 1 each TP rank routes T / tp of them. With sequence parallelism a rank holds s / tp positions of
+each sequence outside the TP regions (s_local)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Dims:
     D: int
     T: int
     T_moe: int  # tokens a rank routes in an MoE layer
+    s_local: int  # positions of each sequence a rank holds between TP regions (s / tp with sequence parallelism)
     params: str  # dtype of parameters, gradients and the residual stream
     compute: str  # dtype programs compute matmuls in
     wide: str  # cross-entropy and routing: float32 or wider
@@ -32,5 +34,6 @@ def dims(spec: Spec, mode: str) -> Dims:
     b = train.global_batch // (par.dp * par.pipeline.microbatches)
     s = train.seq_len
     params, compute = precision(spec, mode)
-    return Dims(b, s, spec.model.d_model, b * s, b * s // par.tp, params, compute,
+    s_local = s // par.tp if par.sequence_parallel else s
+    return Dims(b, s, spec.model.d_model, b * s, b * s // par.tp, s_local, params, compute,
                 "float64" if params == "float64" else "float32")

@@ -64,18 +64,7 @@ def check_fits(spec: Spec, report: dict) -> None:
                              ("parallelism.zero", "parallelism.activation_checkpointing"))])
 
 
-def check_runnable(spec: Spec) -> None:
-    """Layouts the programs cannot express exactly are refused here, before any plan exists."""
-    if spec.parallelism.sequence_parallel:
-        path = ("parallelism", "sequence_parallel")
-        raise SpecError([Problem(locate(spec, path), path,
-                                 "sequence parallelism is not implemented by lcc's programs and runtime yet; a plan "
-                                 "with it would not compute what it says",
-                                 "set parallelism.sequence_parallel: false (lcc report still estimates its memory)")])
-
-
 def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
-    check_runnable(spec)
     report = cost_report(spec)
     if mode == "train":
         check_fits(spec, report)
@@ -88,7 +77,8 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
     lowered = add_p2p(compute, par.n_stages)
     sim = simulate(lowered, par.n_stages, par.pipeline.microbatches)
     params_dtype, compute_dtype = precision(spec, mode)
-    b = dims(spec, mode).b
+    d = dims(spec, mode)
+    b = d.b
     plan = Plan(
         version=PLAN_VERSION, spec_name=spec.name, spec_hash=spec_hash(spec), mode=mode, world_size=par.world_size,
         backend=BACKENDS[spec.cluster.device.kind], device=spec.cluster.device.kind,
@@ -104,11 +94,27 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
                   par.pipeline.microbatches, b),
         schedule=Schedule(par.pipeline.schedule, par.pipeline.microbatches, par.pipeline.virtual_stages,
                           par.n_stages, Simulation(sim.makespan, sim.busy, sim.bubble_fraction, dict(COST)),
-                          [[str(a) for a in actions] for actions in lowered], state.step,
-                          {"compute_only_csv": "schedule.csv", "full": "actions.txt"}),
+                          [[str(a) for a in actions] for actions in with_reductions(lowered, state)], state.step,
+                          {"compute_only_csv": "schedule.csv", "full": "actions.txt"}, [b, d.s_local, d.D]),
         cost=report,
     )
     return plan, state
+
+
+def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:
+    """Each pipeline rank's actions with `{stage}REDUCE_GRAD` after the last backward of every stage that
+    has gradient buckets."""
+    out = []
+    for actions in lowered:
+        last = {a.stage: i for i, a in enumerate(actions) if a.kind == "B"}
+        after = {i: s for s, i in last.items() if state.buckets.get(s)}
+        mine: list[Action] = []
+        for i, a in enumerate(actions):
+            mine.append(a)
+            if i in after:
+                mine.append(Action(after[i], "REDUCE_GRAD", None))
+        out.append(mine)
+    return out
 
 
 def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
@@ -181,6 +187,13 @@ def actions_text(plan: Plan) -> str:
             extra = ""
             action = Action.parse(text)
             kind = action.kind
+            if kind == "REDUCE_GRAD":
+                buckets = by_stage[action.stage].grad_buckets
+                ops = [f"{b.op if i == 0 else 'all_reduce'}({axis})" for b in buckets for i, axis in enumerate(b.axes)]
+                when = sorted({b.when for b in buckets})
+                n = len(buckets)
+                extra = (f"  # {n} bucket{'s' * (n != 1)} ({', '.join(when)}), issued as backward completes them: "
+                         + ", ".join(f"{k} x{ops.count(k)}" for k in dict.fromkeys(ops)))
             if kind in ("F", "B"):
                 role = by_stage[action.stage]
                 counts: dict[str, int] = {}

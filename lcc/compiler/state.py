@@ -32,6 +32,7 @@ class Comm:
     backward: list[Collective] = field(default_factory=list)
     region: str | None = None  # what selective checkpointing recomputes: "routing"
     function: str | None = None  # ZeRO-3: the program function whose parameters it gathers
+    dim: int | None = None  # sequence parallelism: the dimension it gathers or scatters
 
 
 @dataclass
@@ -66,11 +67,11 @@ class CompileState:
 
     def add(self, stage: int, site: str, phase: int, line: str, forward: list[Collective],
             backward: list[Collective] | None = None, region: str | None = None, function: str | None = None,
-            position: int | None = None) -> None:
+            position: int | None = None, dim: int | None = None) -> None:
         comms = self.comms.setdefault(stage, [])
         pos = self.position(site) if position is None else position
         order = sum(1 for c in comms if c.key[:2] == (pos, phase))
-        comms.append(Comm((pos, phase, order), line, forward, backward or [], region, function))
+        comms.append(Comm((pos, phase, order), line, forward, backward or [], region, function, dim))
 
     def stage_comms(self, stage: int) -> list[Comm]:
         return sorted(self.comms.get(stage, []), key=lambda c: c.key)

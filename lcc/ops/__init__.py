@@ -5,7 +5,15 @@ with explicit autograd rules. A program receives its process groups per mesh axi
 rank every collective is the identity.
 """
 
-from lcc.ops.collectives import all_reduce, all_to_all, copy_to_tp, gather_tokens, split_tokens
+from lcc.ops.collectives import (
+    all_reduce,
+    all_to_all,
+    copy_to_tp,
+    gather_sequence,
+    gather_tokens,
+    reduce_scatter_sequence,
+    split_tokens,
+)
 from lcc.ops.context import ProgramContext
 from lcc.ops.layers import attention, embedding_shard, linear, rms_norm
 from lcc.ops.loss import all_reduce_max, cross_entropy, flatten_logits, row_max, sum_exp, target_logit
@@ -22,6 +30,7 @@ from lcc.ops.recompute import recompute
 from lcc.ops.zero import offload_gathered, zero_gather, zero_prefetch
 
 __all__ = ["MoEPlan", "ProgramContext", "all_reduce", "all_reduce_max", "all_to_all", "attention", "combine_tokens",
-           "copy_to_tp", "cross_entropy", "embedding_shard", "flatten_logits", "gather_tokens", "grouped_swiglu",
-           "grouped_swiglu_int4", "linear", "moe_plan", "offload_gathered", "recompute", "rms_norm", "route",
-           "row_max", "split_tokens", "sum_exp", "target_logit", "unit_balance", "zero_gather", "zero_prefetch"]
+           "copy_to_tp", "cross_entropy", "embedding_shard", "flatten_logits", "gather_sequence", "gather_tokens",
+           "grouped_swiglu", "grouped_swiglu_int4", "linear", "moe_plan", "offload_gathered", "recompute",
+           "reduce_scatter_sequence", "rms_norm", "route", "row_max", "split_tokens", "sum_exp", "target_logit",
+           "unit_balance", "zero_gather", "zero_prefetch"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lcc.ops.regather import register
+
 Group = dist.ProcessGroup | None
 
 
@@ -87,6 +89,74 @@ class _GatherFromRegion(torch.autograd.Function):
         return _slice(grad, ctx.group, ctx.dim), None, None
 
 
+def _gather_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """All ranks' slices of `dim` in rank order: one all-gather of the slices moved to dim 0."""
+    local = x.movedim(dim, 0).contiguous()
+    out = local.new_empty((local.shape[0] * _size(group), *local.shape[1:]))
+    dist.all_gather_single(out, local, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """The sum over the group of this rank's slice of `dim`: one reduce-scatter with `dim` moved to dim 0."""
+    full = x.movedim(dim, 0).contiguous()
+    out = full.new_empty((full.shape[0] // _size(group), *full.shape[1:]))
+    dist.reduce_scatter_single(out, full, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+class _Slices:
+    """A sequence-parallel all-gather's source for `lcc.ops.regather`: this rank's slice, gathered again
+    in backward for the column-parallel layers' weight gradients."""
+
+    names = ["sequence-parallel input"]
+
+    def __init__(self, local: torch.Tensor, group: Group, dim: int):
+        self.local, self.group, self.dim = local, group, dim
+        self.pending = 0
+        self.full: torch.Tensor | None = None
+
+    def unpack(self, index: int, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
+        if self.full is None:
+            self.full = _gather_along(self.local, self.group, self.dim).contiguous()
+        out = self.full.as_strided(size, stride, offset)
+        self.pending -= 1
+        if self.pending == 0:
+            self.full = None
+        return out
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward: all-gather the sequence slices (registered, so that autograd keeps the slice and backward
+    gathers again). Backward: reduce-scatter the gradient into the slices (each rank's copy of the
+    gathered tensor fed its own part of the column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        full = _gather_along(x, group, dim).contiguous()
+        register([full], _Slices(x.detach(), group, dim))
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_along(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Forward: sum partial results over the group, keeping this rank's slice of the sequence. Backward:
+    all-gather the slices' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along(grad, ctx.group, ctx.dim), None, None
+
+
 class _AllToAll(torch.autograd.Function):
     """Forward: rows [sum send[:i], ...) go to rank i. Backward: the reverse exchange."""
 
@@ -122,6 +192,18 @@ def split_tokens(x: torch.Tensor, group: Group) -> torch.Tensor:
 def gather_tokens(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All ranks' tokens (dim 0) in rank order; backward: this rank's slice."""
     return x if _size(group) == 1 else _GatherFromRegion.apply(x, group, 0)
+
+
+def gather_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """Sequence parallelism, entering a column-parallel region: every rank's slice of the sequence (`dim`);
+    backward: reduce-scatter."""
+    return x if _size(group) == 1 else _GatherSequence.apply(x, group, dim)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """Sequence parallelism, after a row-parallel layer: the summed partial results, this rank's slice of
+    the sequence (`dim`); backward: all-gather."""
+    return x if _size(group) == 1 else _ReduceScatterSequence.apply(x, group, dim)
 
 
 def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: Group) -> torch.Tensor:

@@ -8,22 +8,20 @@ with coordinate i along the parameter's ZeRO axis (dp for dense parameters, edp 
 `zero_gather` all-gathers a function's parameters (an all-gather whose backward is a reduce-scatter into
 the shards); `zero_prefetch` starts the next function's all-gathers in the background. While a forward
 runs under `offload_gathered()`, autograd keeps a small handle in place of each gathered parameter it
-saves for backward and all-gathers the parameter again when backward needs it, so a gathered copy lives
-only as long as the function that uses it.
+saves for backward and all-gathers the parameter again when backward needs it (`lcc.ops.regather`), so a
+gathered copy lives only as long as the function that uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lcc.ops.collectives import Group, _size
+from lcc.ops.regather import live_gathered, offload_gathered, register
 from lcc.plan.types import chunk_size
 
 __all__ = ["chunk_size", "live_gathered", "offload_gathered", "shard_flat", "zero_gather", "zero_prefetch"]
@@ -39,6 +37,21 @@ def shard_flat(t: torch.Tensor, parts: int, index: int) -> torch.Tensor:
     return out
 
 
+def piece_grid(grads: list[torch.Tensor | None], chunks: list[int], parts: int) -> torch.Tensor:
+    """Gradients laid out for one reduce-scatter into pieces: row r holds piece r of every gradient
+    (`chunks` elements each, zero-padded; None counts as zeros)."""
+    like = next(g for g in grads if g is not None)
+    grid = like.new_zeros(parts, sum(chunks))
+    offset = 0
+    for chunk, g in zip(chunks, grads, strict=True):
+        if g is not None:
+            padded = g.new_zeros(parts * chunk)
+            padded[:g.numel()] = g.reshape(-1)
+            grid[:, offset:offset + chunk] = padded.view(parts, chunk)
+        offset += chunk
+    return grid
+
+
 def _buckets(params: dict[str, tuple[str, list[int]]]) -> dict[str, list[tuple[str, list[int]]]]:
     """A function's parameters by ZeRO axis: each axis's are gathered in one collective."""
     out: dict[str, list[tuple[str, list[int]]]] = {}
@@ -48,7 +61,8 @@ def _buckets(params: dict[str, tuple[str, list[int]]]) -> dict[str, list[tuple[s
 
 
 class _Bucket:
-    """Parameters all-gathered together: rank r contributes the concatenation of its pieces."""
+    """Parameters all-gathered together: rank r contributes the concatenation of its pieces. A source of
+    gathered tensors for `lcc.ops.regather` (names, pending, unpack)."""
 
     def __init__(self, names: list[str], shards: list[torch.Tensor], shapes: list[list[int]], group: Group):
         self.names, self.shards, self.shapes, self.group = names, shards, shapes, group
@@ -73,17 +87,8 @@ class _Bucket:
 
     def reduce_scatter(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """This rank's piece of the sum over the group of each parameter's gradient."""
-        total = sum(self.chunks)
-        like = next(g for g in grads if g is not None)
-        grid = like.new_zeros(self.parts, total)
-        offset = 0
-        for chunk, g in zip(self.chunks, grads, strict=True):
-            if g is not None:
-                padded = g.new_zeros(self.parts * chunk)
-                padded[:g.numel()] = g.reshape(-1)
-                grid[:, offset:offset + chunk] = padded.view(self.parts, chunk)
-            offset += chunk
-        out = like.new_empty(total)
+        grid = piece_grid(grads, self.chunks, self.parts)
+        out = grid.new_empty(sum(self.chunks))
         dist.reduce_scatter_single(out, grid.view(-1), group=self.group)
         return list(out.split(self.chunks))
 
@@ -96,22 +101,6 @@ class _Bucket:
         if self.pending == 0:
             self.fulls = None
         return out
-
-
-_GATHERED: dict[int, tuple[weakref.ref, _Bucket, int, int]] = {}  # storage -> (ref, bucket, index, bytes)
-
-
-def _register(fulls: list[torch.Tensor], bucket: _Bucket) -> None:
-    for index, full in enumerate(fulls):
-        storage = full.untyped_storage()
-        key = storage._cdata
-        _GATHERED[key] = (weakref.ref(storage), bucket, index, storage.nbytes())
-        weakref.finalize(storage, _GATHERED.pop, key, None)
-
-
-def live_gathered() -> dict[str, int]:
-    """The gathered parameter copies alive on this rank: name -> bytes (empty when only shards remain)."""
-    return {entry[1].names[entry[2]]: entry[3] for entry in list(_GATHERED.values()) if entry[0]() is not None}
 
 
 class _GatherBucket(torch.autograd.Function):
@@ -147,7 +136,7 @@ def zero_gather(P: dict[str, torch.Tensor], params: dict[str, tuple[str, list[in
             buffer, work = pending
             work.wait()
         fulls = _GatherBucket.apply(bucket, buffer, *bucket.shards)
-        _register(list(fulls), bucket)
+        register(list(fulls), bucket)
         out.update(zip(names, fulls, strict=True))
     return out
 
@@ -162,27 +151,3 @@ def zero_prefetch(P: dict[str, torch.Tensor], params: dict[str, tuple[str, list[
         if _size(group) > 1 and names not in ctx.prefetched:
             bucket = _Bucket(list(names), [P[n] for n in names], [shape for _, shape in members], group)
             ctx.prefetched[names] = bucket.start(async_op=True)
-
-
-def _pack(t: torch.Tensor) -> Any:
-    entry = _GATHERED.get(t.untyped_storage()._cdata)
-    if entry is None or entry[0]() is None:
-        return t
-    bucket, index = entry[1], entry[2]
-    bucket.pending += 1
-    return bucket, index, t.size(), t.stride(), t.storage_offset()
-
-
-def _unpack(packed: Any) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    bucket, index, size, stride, offset = packed
-    return bucket.unpack(index, size, stride, offset)
-
-
-@contextlib.contextmanager
-def offload_gathered() -> Iterator[None]:
-    """Within this block, tensors autograd saves that are gathered parameters (or views of them) are
-    kept as handles and all-gathered again in backward."""
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        yield

@@ -20,7 +20,9 @@ from lcc.plan.types import Plan, Role
 OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"], []),
        "copy_to_tp": ([], ["all_reduce"]), "split_tokens": ([], ["all_gather"]),
        "gather_tokens": (["all_gather"], []), "all_to_all": (["all_to_all"], ["all_to_all"]),
-       "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], [])}
+       "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], []),
+       "gather_sequence": (["all_gather"], ["reduce_scatter", "all_gather"]),
+       "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"])}
 ZERO = ("zero_gather", "zero_prefetch")
 COMPUTE = {"embedding_shard", "rms_norm", "linear", "attention", "route", "grouped_swiglu", "grouped_swiglu_int4",
            "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit", "cross_entropy"}
@@ -50,6 +52,7 @@ class _Reader:
         self.out = Issued()
         self.prefetched: set[str] = set()
         self.running: list[str] = []
+        self.checkpointed = 0  # inside a function activation checkpointing reruns: what it saves is not regathered
 
     def size(self, axis: str) -> int:
         return self.plan.mesh.size(axis)
@@ -90,7 +93,9 @@ class _Reader:
             if len(call.args) < 2 or not isinstance(call.args[1], ast.Name):
                 raise ProgramMismatch(f"{self.path}:{call.lineno}: ops.recompute without a program function")
             target = call.args[1].id
+            self.checkpointed += 1
             self.run(target, recomputing)
+            self.checkpointed -= 1
             rerun = _Reader.__new__(_Reader)
             rerun.__dict__.update(self.__dict__, out=Issued(), prefetched=set())
             rerun.run(target, recomputing=True)
@@ -105,6 +110,8 @@ class _Reader:
         if self.size(axis) == 1:
             return
         forward, backward = OPS[name]
+        if name == "gather_sequence" and (self.checkpointed or recomputing):
+            backward = backward[:1]  # the checkpoint keeps its gathered input: no second all-gather
         if not recomputing:
             self.out.forward += [(op, axis, None) for op in forward]
             self.out.backward += [(op, axis) for op in backward]

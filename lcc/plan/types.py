@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -93,36 +93,43 @@ class Collective:
 
 @dataclass
 class GradBucket:
-    """Gradients reduced together. `when`: `step` (once, after the last backward of the step) or
-    `backward` (ZeRO 2: each parameter's gradient reduce-scattered as soon as backward has produced it,
-    every micro-batch)."""
+    """Gradients reduced together, issued as soon as backward has produced all of them: `op` over
+    `axes[0]` (all_reduce; ZeRO 2: reduce_scatter into this rank's pieces), then an all_reduce over each
+    further axis of the result. `when`: `step` (once per optimizer step, in the stage's last backward:
+    gradients accumulate whole over the micro-batches) or `microbatch` (ZeRO 2 where the whole gradients
+    would not fit: in every backward of the stage, the pieces accumulated)."""
 
     op: str  # all_reduce | reduce_scatter
     axes: list[str]
     params: list[str]
-    elements: int  # local elements (the rank's pieces under ZeRO 3)
+    elements: int  # what a rank contributes to the first collective (reduce_scatter: every piece, padded)
     when: str = "step"
+
+    def collectives(self, piece: int, dtype: str) -> list[Collective]:
+        """What reducing the bucket issues, in order (`piece`: elements of this rank's pieces)."""
+        what = f"{len(self.params)} parameters"
+        return [Collective(self.op if i == 0 else "all_reduce", axis, "gradients", what,
+                           [self.elements if i == 0 else piece if self.op == "reduce_scatter" else self.elements],
+                           dtype) for i, axis in enumerate(self.axes)]
 
 
 @dataclass
 class StepAction:
-    """What a pipeline rank does after its last backward, in order. Kinds:
-    REDUCE_GRAD (a `step` bucket of `stage`), SUM_TIED_GRAD (the tied embedding's two copies, first and
-    last stage), REDUCE_ROUTER_STATS (loads and k histograms of the rank's MoE layers over their stage),
-    CLIP_GRAD_NORM, OPTIMIZER_STEP, GATHER_PARAMS (ZeRO 1/2: updated pieces of `stage`), UPDATE_BIAS,
+    """What a pipeline rank does after its last backward (and its stages' REDUCE_GRAD), in order. Kinds:
+    SUM_TIED_GRAD (the tied embedding's two copies, first and last stage), REDUCE_ROUTER_STATS (loads and
+    k histograms of the rank's MoE layers over their stage), CLIP_GRAD_NORM, OPTIMIZER_STEP, UNSHARD
+    (ZeRO 1/2: the updated pieces of `stage` all-gathered into whole parameters), UPDATE_BIAS,
     REDUCE_METRICS. `collectives` are exactly what the action issues, in order."""
 
     kind: str
     stage: int | None = None
-    bucket: int | None = None  # REDUCE_GRAD: index into the role's grad_buckets
     params: list[str] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
 
     def __str__(self) -> str:
         where = "" if self.stage is None else f" stage {self.stage}"
-        which = "" if self.bucket is None else f" bucket {self.bucket}"
         comm = ", ".join(f"{c.op}({c.axis}) {c.shape}" for c in self.collectives)
-        return f"{self.kind}{where}{which}" + (f": {comm}" if comm else "")
+        return f"{self.kind}{where}" + (f": {comm}" if comm else "")
 
 
 @dataclass
@@ -188,6 +195,7 @@ class Schedule:
     actions: list[list[str]]  # per pipeline rank: torch.distributed.pipelining actions with send/recv
     step: list[list[StepAction]]  # per pipeline rank: after the last backward
     files: dict[str, str]
+    boundary_shape: list[int]  # the activation a stage sends the next per micro-batch, as a rank holds it
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,7 @@ class Memory:
     recomputed: list[str]
     sharded: list[str]
     after_step: str | None
+    regathered: list[str]  # gathered tensors backward gathers again instead of keeping (lcc.ops.regather)
 
 
 @dataclass(frozen=True)

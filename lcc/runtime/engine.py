@@ -28,7 +28,8 @@ from lcc.ops.zero import _Bucket
 from lcc.plan import read_plan
 from lcc.plan.types import StepAction
 from lcc.runtime import checkpoint
-from lcc.runtime.checkpoint import shard_key
+from lcc.runtime.checkpoint_layout import rank_state
+from lcc.runtime.grad_sync import GradSync
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
 from lcc.runtime.mesh import Mesh, build_mesh
 from lcc.runtime.shards import counts_once, local_parameters
@@ -79,15 +80,12 @@ class RankEngine:
         # what the optimizer updates: the parameters, or with ZeRO 1 and 2 this rank's piece of each
         self.masters = ({n: torch.nn.Parameter(self.layout.piece(n, p.data)) for n, p in self.params.items()}
                         if self.zero in (1, 2) else self.params)
-        self.grad_pieces: dict[str, torch.Tensor] = {}  # ZeRO 2: reduce-scattered gradients of the step
-        hooked = {n for role in self.roles.values() for b in role.grad_buckets if b.when == "backward"
-                  for n in b.params}  # ZeRO 2: reduce-scatter each gradient as backward produces it
-        for name in sorted(hooked):
-            self.params[name].register_post_accumulate_grad_hook(self._reduce_scatter_hook(name))
+        self.sync = GradSync(self.roles, self.params, self._group, self.layout.parts)
         self.bias = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype]) for b in plan.buffers
                      if set(b.stages) & set(self.roles)}
         self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
         self.actions = [Action.parse(a) for a in plan.schedule.actions[c["pp"]]]
+        self.last_backward = {a.stage: i for i, a in enumerate(self.actions) if a.kind == "B"}
         self.step_actions: list[StepAction] = plan.schedule.step[c["pp"]]
         self.n_stages = plan.schedule.n_stages
         matrices = {n for n, m in self.meta.items() if len(m.global_shape) >= 2}
@@ -103,36 +101,27 @@ class RankEngine:
         self.stream = TokenStream(train, plan.data.seq_len)
 
     # ------------------------------------------------------------------------------ checkpoints
-    def state(self, step: int) -> dict[str, torch.Tensor]:
-        """Everything a resume needs, keyed by shard: parameters, AdamW moments and counts, load biases,
-        and the number of optimizer steps taken (the data position and the schedule follow from it)."""
-        out: dict[str, torch.Tensor] = {"meta/step": torch.tensor(step, dtype=torch.int64)}
-        c, sizes = self.mesh.coords, self.mesh.sizes
-        for name, p in self.params.items():
-            key = shard_key(self.meta[name], c, sizes)
-            piece = self.layout.key(name) if self.zero else ""
-            out[f"param/{key}{piece if self.zero >= 3 else ''}"] = p.data
-            master = self.masters[name]
-            st = self.optimizer.state[master]
-            if not st:  # before the first step: create the moments so that a load has somewhere to go
-                st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(master),
-                          exp_avg_sq=torch.zeros_like(master))
-            for field_name in ("exp_avg", "exp_avg_sq", "step"):
-                out[f"adam/{field_name}/{key}{piece}"] = st[field_name]
-        for name, b in self.bias.items():
-            out[f"bias/{name}"] = b
-        return out
+    def state(self, step: int) -> dict[str, Any]:
+        """Everything a resume needs, under layout-free keys (lcc.runtime.checkpoint_layout): the blocks
+        this rank holds of the parameters and AdamW moments, AdamW's step counts, load biases, the number of
+        optimizer steps taken (the data position and the schedule follow from it) and the RNG state."""
+        bounds = self.layout.bounds if self.zero else None
+        return rank_state(step, self.meta, self.params, self.masters, self.optimizer.state, self.bias, self.zero,
+                          bounds, self.mesh.coords, self.mesh.sizes)
 
     def save(self, directory: Path, step: int) -> Path:
-        return checkpoint.save(directory, step, self.state(step), self.mesh.rank)
+        spec = json.loads((self.dir / "spec.json").read_text())
+        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, checkpoint.identity(spec, step))
 
     def resume(self, directory: Path) -> int:
-        """Load the latest checkpoint in `directory`; returns the number of steps it had taken (0 if none)."""
+        """Load the latest checkpoint in `directory`, whatever layout saved it; returns the number of steps
+        it had taken (0 if none)."""
         path = checkpoint.latest(directory)
         if path is None:
             return 0
         state = self.state(0)
         checkpoint.load(path, state)
+        torch.set_rng_state(state["meta/rng"])
         return int(state["meta/step"])
 
     # ------------------------------------------------------------------------------------ helpers
@@ -157,7 +146,7 @@ class RankEngine:
 
     def model_states(self) -> list[torch.Tensor]:
         """Parameters, optimizer states, gradients (as backward leaves them) and load biases."""
-        out = [*self.params.values(), *self.masters.values(), *self.bias.values(), *self.grad_pieces.values()]
+        out = [*self.params.values(), *self.masters.values(), *self.bias.values(), *self.sync.held()]
         out += [p.grad for p in (*self.params.values(), *self.masters.values()) if p.grad is not None]
         out += [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
         return out
@@ -187,16 +176,16 @@ class RankEngine:
         data = self.plan.data
         step_tokens = data.global_batch * data.seq_len
         ctx = ProgramContext(self.spec.routing, c["tp"])
-        saving = offload_gathered if self.zero >= 3 else contextlib.nullcontext
+        saving = offload_gathered if self.plan.memory.regathered else contextlib.nullcontext
         groups = self.mesh.groups
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[Any, torch.Tensor] = {}
         grads_in: dict[tuple[int, int], torch.Tensor] = {}
         pending: list[Any] = []
         ce_sum = torch.zeros((), dtype=torch.float64)
-        mb_shape = (data.sequences_per_unit, data.seq_len, self.spec.model.d_model)
+        mb_shape = tuple(self.plan.schedule.boundary_shape)
         self.optimizer.zero_grad(set_to_none=True)
-        for a in self.actions:
+        for index, a in enumerate(self.actions):
             key = (a.stage, a.mb)
             if a.kind == "RECV_F":
                 buf = torch.empty(mb_shape, dtype=self.dtype)
@@ -231,6 +220,7 @@ class RankEngine:
                 grads_in[key] = buf
             elif a.kind == "B":
                 out = outputs.pop(key)
+                self.sync.begin(a.stage, final=index == self.last_backward[a.stage])
                 if a.stage == self.n_stages - 1:
                     out.backward()
                 else:
@@ -240,6 +230,9 @@ class RankEngine:
                     aux = outputs.pop((key, "aux"))  # a stage without routers has no router loss
                     ends, grads = ([out, aux], [grad, torch.ones(())]) if aux.requires_grad else ([out], [grad])
                     torch.autograd.backward(ends, grads)
+                self.sync.after_backward()
+            elif a.kind == "REDUCE_GRAD":
+                self.sync.reduce_grad(a.stage)
             elif a.kind == "SEND_B":
                 pending.append(dist.isend(inputs[key].grad.contiguous(), dst=self.mesh.peer((a.stage - 1) % pp)))
         for work in pending:
@@ -275,28 +268,21 @@ class RankEngine:
         return {"step": step, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": step_tokens, **self.record}
 
     def _held_gradients(self) -> dict[str, torch.Tensor]:
-        """Each parameter's gradient as backward left it: whole local tensors, or (ZeRO 2, reduce-scattered
-        in backward; ZeRO 3, from the programs' gathers) this rank's padded piece."""
+        """Each parameter's gradient as its bucket left it: whole local tensors, or (ZeRO 2, reduce-scattered;
+        ZeRO 3, from the programs' gathers) this rank's padded piece."""
+        reduced = self.sync.take()
+        pieces = {n for role in self.roles.values() for b in role.grad_buckets if b.op == "reduce_scatter"
+                  for n in b.params}
         grads = {}
         for name, p in self.params.items():
-            if self.zero == 2:  # reduce-scattered in backward; over a ZeRO axis of one rank, the whole piece
-                g = self.grad_pieces.pop(name, None)
-                if g is None:
-                    g = self.layout.shard(name, p.grad if p.grad is not None else torch.zeros_like(p))
-            else:
+            g = reduced.get(name)
+            if g is None:  # in no bucket: nothing to reduce it over
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if self.zero == 2 and name not in pieces:  # over a ZeRO axis of one rank: the whole piece
+                g = self.layout.shard(name, g)
             p.grad = None
             grads[name] = g
         return grads
-
-    def _do_reduce_grad(self, action: StepAction) -> None:
-        """One bucket: its gradients flattened into one tensor, reduced over each axis, copied back."""
-        names = self.plan.roles[action.stage].grad_buckets[action.bucket].params
-        flat = torch.cat([self.grads[n].reshape(-1) for n in names])
-        for c in action.collectives:
-            self._all_reduce(flat, c.axis)
-        for n, part in zip(names, flat.split([self.grads[n].numel() for n in names]), strict=True):
-            self.grads[n].view(-1).copy_(part)
 
     def _do_sum_tied_grad(self, action: StepAction) -> None:
         """A tied head on the last stage holds a copy of the embedding: the two gradients are summed."""
@@ -379,7 +365,7 @@ class RankEngine:
             group["lr"] = self.lr
         self.optimizer.step()
 
-    def _do_gather_params(self, action: StepAction) -> None:
+    def _do_unshard(self, action: StepAction) -> None:
         """ZeRO 1/2: every rank's updated pieces of a stage's parameters into whole parameters, one
         all-gather per ZeRO axis."""
         (c,) = action.collectives
@@ -435,19 +421,3 @@ class RankEngine:
     def _mark_gradient(self, p: torch.Tensor) -> None:
         if p.grad is not None:  # (ZeRO 2 has already reduce-scattered it into a piece)
             self.memory.mark_states([p.grad])
-
-    def _reduce_scatter_hook(self, name: str) -> Any:
-        """ZeRO 2: once backward has accumulated a parameter's gradient, reduce-scatter it over the ZeRO
-        axis into this rank's piece and drop the whole gradient."""
-
-        def hook(p: torch.Tensor) -> None:
-            piece = self.layout.reduce_scatter(name, p.grad)
-            p.grad = None
-            if name in self.grad_pieces:
-                self.grad_pieces[name] += piece
-            else:
-                self.grad_pieces[name] = piece
-                if self.memory is not None:
-                    self.memory.mark_states([piece])
-
-        return hook

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from lcc.plan import PlanFormatError, read_plan
 from lcc.plan.program_check import ProgramMismatch, check_programs
 from lcc.plan.types import Plan
+from lcc.runtime.checkpoint import check_resume
 from lcc.runtime.progress import StepProgress
 from lcc.runtime.support import RunError
 from lcc.runtime.transcript import merge, part_path
@@ -141,9 +142,12 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     """Run `steps` optimizer steps of a compiled plan. `track_memory`: on CPU, count the bytes of live
     tensors for the metrics' peak memory (exact, but slows each step; otherwise the peak resident size).
     `transcript`: write every collective each rank issues there (JSON lines). `spec_dir`: where a
-    relative `train.data.path` is read from."""
+    relative `train.data.path` is read from. `resume`: continue from the latest checkpoint in
+    `checkpoints`, saved under any layout of the same spec (checked here, before any rank starts)."""
     plan = check_plan(Path(plan_dir))
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
+    if resume and checkpoints is not None:  # the same spec up to the layout, before any rank starts
+        check_resume(Path(checkpoints), spec)
     world = plan.world_size
     try:
         _launch(plan_dir, world, steps, metrics, quiet, checkpoints, resume, track_memory, transcript, spec_dir, spec)

@@ -6,8 +6,7 @@ A parameter's piece is `lcc.ops.zero`'s: its local tensor (after tp/ep splitting
 - ZeRO 1: ranks keep their whole local parameters; the optimizer updates only this rank's piece (a view
   into the parameter, unpadded) and holds states for it; gradients are all-reduced and sliced; the
   updated pieces are all-gathered.
-- ZeRO 2: as 1, but each parameter's gradient is reduce-scattered as soon as backward has produced it
-  (every micro-batch), so a rank holds whole gradients only for a moment.
+- ZeRO 2: as 1, but gradients are reduce-scattered into the pieces by bucket (lcc.runtime.grad_sync).
 - ZeRO 3: the parameters are the pieces (programs all-gather them when they run); their gradients
   arrive reduce-scattered from backward.
 """
@@ -59,31 +58,10 @@ class ZeroLayout:
         lo, hi = self.bounds(name)
         return full.reshape(-1)[lo:hi]
 
-    def key(self, name: str) -> str:
-        """What tells this rank's piece from the others' in a checkpoint key."""
-        return f"#z{self.index(name)}of{self.parts(name)}"
-
     def unshard(self, name: str, piece: torch.Tensor) -> torch.Tensor:
         """The full local tensor from every rank's piece, padded or not (an all-gather)."""
         full = self._gather(name, self._padded(name, piece))
         return full[:self.numel(name)].view(self.meta[name].local_shape)
-
-    def gather_into(self, name: str, piece: torch.Tensor, full: torch.Tensor) -> None:
-        """After the optimizer step (ZeRO 1 and 2): every rank's updated piece into the whole parameter."""
-        with torch.no_grad():
-            full.view(-1).copy_(self._gather(name, self._padded(name, piece))[:full.numel()])
-
-    def reduce_scatter(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """ZeRO 2: the sum over the ZeRO axis of this rank's piece of a full local gradient."""
-        group, parts = self.group(name), self.parts(name)
-        if _size(group) == 1:
-            return grad.reshape(-1).clone()
-        chunk = chunk_size(grad.numel(), parts)
-        padded = grad.new_zeros(chunk * parts)
-        padded[:grad.numel()] = grad.reshape(-1)
-        out = grad.new_empty(chunk)
-        dist.reduce_scatter_single(out, padded, group=group)
-        return out
 
     def expert_factors(self, name: str, factors: torch.Tensor, numel: int) -> torch.Tensor:
         """Per-expert factors (this rank's experts) over the first `numel` elements of its piece of `name`."""

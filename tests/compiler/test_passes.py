@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
 from lcc.compiler.passes import (
     data_parallel,
@@ -16,7 +16,7 @@ from lcc.compiler.passes import (
 from lcc.compiler.plan import compile_plan
 from lcc.compiler.state import CompileState
 from lcc.compiler.trace import trace
-from lcc.spec import SpecError, load_spec
+from lcc.spec import load_spec
 from tests.conftest import SPECS
 
 
@@ -49,15 +49,36 @@ def test_partition_places_every_parameter():
     assert "head.weight" not in tied.params
 
 
-def test_sequence_parallelism_is_refused_before_any_plan():
-    """Until programs run it exactly, a plan with sequence parallelism would say one thing and run another."""
-    spec = load_spec(SPECS / "tiny-moe.yaml", ["parallelism.tp=2", "parallelism.dp=2",
-                                               "parallelism.sequence_parallel=true"])
-    with pytest.raises(SpecError) as err:
-        compile_plan(spec)
-    assert err.value.first.path == ("parallelism", "sequence_parallel")
-    assert "not implemented" in err.value.first.message
+def test_sequence_parallelism_splits_the_sequence_between_tp_regions():
+    """With sequence parallelism the residual stream holds s / tp positions: an all-gather enters each
+    column-parallel region, a reduce-scatter leaves each row-parallel one, MoE layers route the rank's
+    own positions (no split or gather of tokens), and the norms' gradients are summed over tp too."""
+    st = run(state("parallelism.tp=2", "parallelism.dp=2", "parallelism.ep=2", "parallelism.sequence_parallel=true"),
+             partition, expert_placement, tensor_parallel, moe_lowering, memory, data_parallel)
+    lines = [(c.line, c.dim) for c in st.stage_comms(0)]
+    assert ("gather_sequence", 1) in lines and ("reduce_scatter_sequence", 1) in lines
+    assert not {"copy_to_tp", "split_tokens", "gather_tokens"} & {line for line, _ in lines}
+    embed = next(c for c in st.stage_comms(0) if c.key[0] == st.position("embed"))
+    assert embed.line == "reduce_scatter_sequence"
+    assert [c.op for c in embed.forward] == ["reduce_scatter"] and [c.op for c in embed.backward] == ["all_gather"]
+    assert embed.forward[0].shape == [128, 4, 128]  # (s, b, D) with the sequence first, as issued
+    assert embed.backward[0].shape == [64, 4, 128]  # this rank's s / tp positions
+    assert st.params["layers.0.attn_norm.weight"].grad_reduce == ["dp", "tp"]
+    assert st.params["layers.0.attn.wq.weight"].grad_reduce == ["dp"]
+    norms = next(b for b in st.buckets[0] if "layers.1.attn_norm.weight" in b.params)
+    assert norms.axes == ["stage"]  # dp and tp at once
+    plain = run(state("parallelism.tp=2", "parallelism.dp=2", "parallelism.ep=2"), partition, expert_placement,
+                tensor_parallel)
+    assert plain.params["layers.0.attn_norm.weight"].grad_reduce == ["dp"]
 
+
+def test_plan_boundary_shape_is_what_a_rank_sends():
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["parallelism.tp=2", "parallelism.pp=2", "parallelism.dp=1",
+                                               "parallelism.ep=1", "cluster.gpus_per_node=4",
+                                               "parallelism.sequence_parallel=true"])
+    plan = json.loads(compile_plan(spec)["plan.json"])
+    b = spec.train.global_batch // spec.parallelism.pipeline.microbatches
+    assert plan["schedule"]["boundary_shape"] == [b, spec.train.seq_len // 2, spec.model.d_model]
 
 def test_tp_collectives_follow_the_shards():
     st = run(state("parallelism.tp=2", "parallelism.dp=2"), partition, expert_placement, tensor_parallel,

@@ -1,5 +1,6 @@
 """What each rank issues in a training step is exactly what its plan says (`lcc run train --transcript`),
-in layouts the equivalence runs (which check their transcripts too) do not cover."""
+in layouts the equivalence runs (which check their transcripts too) do not cover; and its loss is the
+reference's."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
+from lcc.model.trainer import ReferenceTrainer
 from lcc.runtime import transcript
-from lcc.runtime.launch import launch
+from lcc.runtime.launch import launch, read_metrics
 from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.runtime.equivalence import LIGHT
@@ -22,6 +24,12 @@ CASES = {  # interleaved virtual stages with tp and full recomputation
                                  "cluster.gpus_per_node=4", "parallelism.pipeline.schedule=interleaved_1f1b",
                                  "parallelism.pipeline.virtual_stages=2", "parallelism.activation_checkpointing=full",
                                  "routing.balance.aux_loss_coef=0.01"],
+    # sequence parallelism with full recomputation, and ZeRO 2 reduce-scattering every micro-batch (the whole
+    # gradients would not fit the device memory given here: the plan says `microbatch`)
+    "sp_zero2_microbatch_full": ["parallelism.pp=1", "parallelism.tp=2", "parallelism.dp=2", "parallelism.ep=2",
+                                 "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true",
+                                 "parallelism.zero=2", "parallelism.activation_checkpointing=full",
+                                 "cluster.device.memory_gib=0.021"],
 }
 
 
@@ -33,8 +41,13 @@ def test_step_transcript_equals_plan(case, tmp_path):
     plan_dir = tmp_path / "plan"
     write(compile_plan(spec), plan_dir)
     path = tmp_path / "transcript.jsonl"
-    launch(plan_dir, 1, quiet=True, transcript=path)
+    launch(plan_dir, 1, tmp_path / "metrics.jsonl", quiet=True, transcript=path)
     plan = json.loads((plan_dir / "plan.json").read_text())
+    if "microbatch" in case:
+        assert {b["when"] for r in plan["roles"] for b in r["grad_buckets"] if b["op"] == "reduce_scatter"} == {
+            "microbatch"}
+    loss = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
+    assert loss == pytest.approx(ReferenceTrainer(spec).train_step(0)["loss"], rel=1e-9)
     records = transcript.read(path)
     total = sum(check_rank(plan, records, rank) for rank in range(plan["world_size"]))
     assert total > 0

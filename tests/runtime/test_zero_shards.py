@@ -1,4 +1,5 @@
-"""ZeRO pieces of uneven size: gathered, prefetched and reduce-scattered correctly on three gloo ranks."""
+"""ZeRO pieces of uneven size: gathered, prefetched and reduce-scattered correctly on three gloo ranks,
+by the programs' gathers and by the runtime's gradient buckets."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch.multiprocessing as mp
 
 from lcc.ops import ProgramContext, offload_gathered, zero_gather, zero_prefetch
 from lcc.ops.zero import chunk_size, shard_flat
-from lcc.plan.types import Parameter, Zero
+from lcc.plan.types import GradBucket, Parameter, Zero
+from lcc.runtime.grad_sync import GradSync
 from lcc.runtime.zero import ZeroLayout
 
 SHAPES = {"v": [7], "m": [5, 3], "tiny": [2]}  # 7 and 15 elements over 3 ranks; 2 elements: one rank gets none
@@ -54,10 +56,24 @@ def _rank(rank: int, port: int, errors: str) -> None:
         meta = {n: Parameter(n, list(s), list(s), [0], zero=Zero("dp", 3)) for n, s in SHAPES.items()}
         layout = ZeroLayout(meta, {"dp": rank}, G)
         for n, t in full.items():
-            assert torch.equal(layout.reduce_scatter(n, t * (rank + 1)), shard_flat(t * 6, 3, rank))
-            target = torch.zeros_like(t)
-            layout.gather_into(n, shard_flat(t, 3, rank), target)
-            assert torch.equal(target, t) and torch.equal(layout.unshard(n, shard_flat(t, 3, rank)), t)
+            assert torch.equal(layout.unshard(n, shard_flat(t, 3, rank)), t)
+        # the gradient buckets: reduce-scattered into uneven pieces (in each of two backwards, or once after
+        # both), or all-reduced whole; d/dW of sum_r (r + 1) W^2 twice is 2 W x 6 x 2
+        names = list(SHAPES)
+        for op, when in (("reduce_scatter", "microbatch"), ("reduce_scatter", "step"), ("all_reduce", "step")):
+            W = {n: torch.nn.Parameter(t.clone()) for n, t in full.items()}
+            role = types.SimpleNamespace(grad_buckets=[GradBucket(op, ["dp"], names, 0, when)])
+            sync = GradSync({0: role}, W, lambda axis: G.dp, lambda n: 3)
+            for final in (False, True):
+                sync.begin(0, final)
+                sum(((rank + 1) * W[n] * W[n]).sum() for n in names).backward()
+                sync.after_backward()
+            sync.reduce_grad(0)
+            reduced = sync.take()
+            for n, t in full.items():
+                want = 2 * t * 6 * 2
+                assert torch.equal(reduced[n], shard_flat(want, 3, rank) if op == "reduce_scatter" else want), (
+                    op, when, n)
     except Exception:
         import traceback
 

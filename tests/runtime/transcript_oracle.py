@@ -1,8 +1,9 @@
 """The transcript oracle: what each rank must issue in a step, read from plan.json alone.
 
 For each pipeline action of a rank: the role's forward collectives in order (F), its backward
-collectives as a multiset (B: autograd orders them; with ZeRO 2 also each gradient's reduce-scatter), a
-send or a receive, then the step actions' collectives in order. Static shapes must match exactly;
+collectives as a multiset (B: autograd orders them; with the gradient buckets issued during it), a send
+or a receive, a stage's REDUCE_GRAD (its buckets' further axes, in order), then the step actions'
+collectives in order. Static shapes must match exactly;
 all-to-alls by op, axis, dtype and feature size, with their row splits equal to the expert counts
 exchanged just before in the same forward.
 """
@@ -20,9 +21,10 @@ def _key(c: dict) -> tuple:
     return c["op"], c["axis"], tuple(shape) if shape is not None else None, c["dtype"]
 
 
-def _padded(p: dict) -> int:
-    numel, parts = math.prod(p["local_shape"]), p["zero"]["parts"]
-    return math.ceil(numel / parts) * parts
+def _piece(bucket: dict, params_of: dict) -> int:
+    """Elements of this rank's pieces of a reduce-scattered bucket."""
+    return sum(math.ceil(math.prod(params_of[n]["local_shape"]) / params_of[n]["zero"]["parts"])
+               for n in bucket["params"])
 
 
 def expected(plan: dict, pp_rank: int) -> list[tuple[str, list[tuple]]]:
@@ -31,17 +33,24 @@ def expected(plan: dict, pp_rank: int) -> list[tuple[str, list[tuple]]]:
     params_of = {p["name"]: p for p in plan["parameters"]}
     params = plan["precision"]["params"]
     out: list[tuple[str, list[tuple]]] = []
-    for text in plan["schedule"]["actions"][pp_rank]:
+    actions = plan["schedule"]["actions"][pp_rank]
+    for index, text in enumerate(actions):
         stage = int(text[:len(text) - len(text.lstrip("0123456789"))])
         kind = text[len(str(stage)):].rstrip("0123456789")
         role = roles[stage]
         if kind == "F":
             out.append(("forward", [_key(c) for c in role["forward"]]))
         elif kind == "B":
-            # ZeRO 2: each gradient reduce-scattered (padded to whole pieces) as backward produces it
-            hooks = [("reduce_scatter", b["axes"][0], (_padded(params_of[n]),), params)
-                     for b in role["grad_buckets"] if b["when"] == "backward" for n in b["params"]]
-            out.append(("set", [_key(c) for c in role["backward"]] + hooks))
+            # buckets issued as backward completes them: `microbatch` ones in every backward of the stage,
+            # all of them in its last (the REDUCE_GRAD action right after it issues what was left)
+            final = index + 1 < len(actions) and actions[index + 1] == f"{stage}REDUCE_GRAD"
+            buckets = [("reduce_scatter" if b["op"] == "reduce_scatter" else "all_reduce", b["axes"][0],
+                        (b["elements"],), params) for b in role["grad_buckets"] if final or b["when"] == "microbatch"]
+            out.append(("set", [_key(c) for c in role["backward"]] + buckets))
+        elif kind == "REDUCE_GRAD":  # then each bucket's further axes, in order, on the reduced result
+            out.append(("ordered", [("all_reduce", axis, (_piece(b, params_of) if b["op"] == "reduce_scatter"
+                                                           else b["elements"],), params)
+                                    for b in role["grad_buckets"] for axis in b["axes"][1:]]))
         else:
             op = "send" if kind.startswith("SEND") else "recv"
             out.append(("ordered", [(op, "pp", ("mb",), params)]))
@@ -72,11 +81,11 @@ def check_rank(plan: dict, records: list[dict], rank: int, step: int = 0) -> int
     actual = [(r["op"], r["axis"], tuple(["rows", *r["shape"][1:]]) if r["op"] == "all_to_all" and r["dtype"] != "int64"
                else tuple(r["shape"]),
                r["dtype"]) for r in got]
-    mb_shape = (plan["data"]["sequences_per_unit"], plan["data"]["seq_len"])
+    mb_shape = tuple(plan["schedule"]["boundary_shape"][:2])
     i = 0
     for mode, want in expected(plan, pp_rank):
         have = actual[i:i + len(want)]
-        if want and want[0][2] == ("mb",):  # a send or receive: (b, s, d_model)
+        if want and want[0][2] == ("mb",):  # a send or receive: (b, s or s / tp, d_model)
             assert have[0][:2] == want[0][:2] and have[0][2][:2] == mb_shape and have[0][3] == want[0][3], (rank, i)
         elif mode in ("ordered", "forward"):
             have = [_planned_axis(h, w) for h, w in zip(have, want, strict=False)]

@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Any
 
 from lcc.compiler.cost import params as P
-from lcc.compiler.cost.memory import STATE_BYTES, model_states
+from lcc.compiler.cost.memory import STATE_BYTES, ModelStates, model_states
 from lcc.compiler.cost.traffic import Links, all_gather, all_reduce, links
 from lcc.compiler.cost.work import (
     act_bytes,
@@ -133,13 +133,30 @@ class CostModel:
         return max(times) / (sum(times) / len(times))
 
     # ------------------------------------------------------------------------------ memory
-    def role_memory(self, role: Role, zero: int | None = None, recompute: str | None = None) -> dict[str, Any]:
+    @cached_property
+    def grad_reduce_when(self) -> str:
+        """ZeRO 2 reduce-scatters gradients once per step (`step`), accumulating them whole over the
+        micro-batches, when every rank's memory with whole gradients fits the device; otherwise in every
+        micro-batch's backward (`microbatch`). With one micro-batch the two are the same."""
+        if self.par.zero != 2 or self.m == 1:
+            return "step"
+        device = self.spec.cluster.device.memory_gib * GIB
+        whole = max(self.role_memory(r, whole_grads=True)["total_bytes"] for r in self.roles)
+        return "step" if whole <= device else "microbatch"
+
+    def role_memory(self, role: Role, zero: int | None = None, recompute: str | None = None,
+                    whole_grads: bool | None = None) -> dict[str, Any]:
         spec, par = self.spec, self.par
         zero = par.zero if zero is None else zero
         policy = recompute or par.activation_checkpointing
         local = P.local_params(spec, role.layers, role.first, role.last)
         dtype = spec.train.dtype
         states = model_states(local.dense, dtype, zero, par.dp) + model_states(local.experts, dtype, zero, par.edp)
+        if zero == 2 and (whole_grads if whole_grads is not None else
+                          zero == par.zero and self.grad_reduce_when == "step" and self.m > 1):
+            # gradients accumulate whole over the micro-batches, then leave as pieces
+            states = ModelStates(states.weights, STATE_BYTES[dtype].grads * (local.dense + local.experts),
+                                 states.optimizer)
         gathered = gathered_grads = 0.0
         if zero >= 3:  # the layer in use and the prefetched next one, unsharded; one layer's full grads
             b = STATE_BYTES[dtype]
@@ -184,6 +201,7 @@ class CostModel:
         return {
             "device_bytes": device,
             "fits": worst["total_bytes"] <= device,
+            "gradient_reduction": self.grad_reduce_when,
             "worst_rank": worst,
             "by_role": by_role,
             "comparison": {
@@ -214,8 +232,9 @@ class CostModel:
         w = STATE_BYTES[spec.train.dtype].weights
         grads = gather = 0.0
         for count, ways in ((local.dense, par.dp), (local.experts, par.edp)):
-            if par.zero >= 2:  # gradients leave each micro-batch's backward as a reduce-scatter
-                grads += m * all_gather(count * g, ways)
+            if par.zero >= 2:  # reduce-scattered once per step, or in each micro-batch's backward
+                once = par.zero == 2 and self.grad_reduce_when == "step"
+                grads += (1 if once else m) * all_gather(count * g, ways)
             elif par.zero == 1:  # full gradients accumulate; only the owner of a shard needs its sum
                 grads += all_gather(count * g, ways)
             else:

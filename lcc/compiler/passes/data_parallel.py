@@ -1,26 +1,30 @@
 """Data parallelism: which reductions make each gradient whole, in buckets, per stage.
 
 Dense parameters are summed over dp (and over tp when each TP rank saw only its share of the tokens:
-the routers), experts over edp. Without ZeRO, and with ZeRO 1, a bucket is all-reduced once per step
-after the last backward. ZeRO 2 reduce-scatters each parameter's gradient over its ZeRO axis as soon as
-backward has produced it (every micro-batch); ZeRO 3's programs do that in backward themselves. What
-remains (tp for the routers) is all-reduced once per step on the rank's pieces.
+the routers, and the norms under sequence parallelism; over dp and tp at once, one all-reduce over the
+stage's ranks), experts over edp. A bucket is issued by the runtime as soon as backward has produced all
+of its gradients, so that it overlaps the rest of backward, in the order listed (the reverse of the
+forward's, as backward produces them):
+
+- without ZeRO and with ZeRO 1: all-reduced once per step, in the stage's last backward;
+- ZeRO 2: reduce-scattered over the ZeRO axis into this rank's pieces (any further axis all-reduced on
+  the pieces) once per step when the whole gradients fit in the device memory next to everything else
+  (the cost model decides: `step`), otherwise in every backward (`microbatch`);
+- ZeRO 3: the programs reduce-scatter in backward; what remains (tp for the routers) is all-reduced on
+  the pieces once per step.
 """
 
 from __future__ import annotations
 
+from lcc.compiler.cost.report import CostModel
 from lcc.compiler.state import CompileState
 from lcc.plan.types import GradBucket, Parameter, chunk_size
 
 NAME = "data_parallel"
-DESCRIPTION = "bucketed gradient reduction: dense parameters over dp, expert parameters over edp"
+DESCRIPTION = ("bucketed gradient reduction issued during backward: dense parameters over dp, expert parameters "
+               "over edp")
 
 BUCKET_ELEMENTS = 25_000_000  # per-rank elements per bucket (shards, not global sizes)
-
-
-def _elements(p: Parameter, zero: int) -> int:
-    """What the rank holds of the gradient when the step's reduction runs."""
-    return chunk_size(p.local_numel, p.zero.parts) if zero >= 2 else p.local_numel
 
 
 def owner(p: Parameter, stage: int, pp: int) -> int | None:
@@ -35,32 +39,34 @@ def run(state: CompileState) -> None:
     zero = state.memory.zero if state.memory is not None else 0
     sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp,
              "kv": max(1, par.tp // state.spec.model.attention.n_kv_heads)}
+    when = CostModel(state.spec).grad_reduce_when if zero == 2 else "step"
     for stage in range(len(state.stage_bounds)):
         buckets: list[GradBucket] = []
-        held = [p for p in state.params.values() if stage in p.stages]
-        for axes in dict.fromkeys(tuple(p.grad_reduce) for p in held):  # edp; dp; dp, tp; dp, kv
-            zero_axis = "edp" if axes == ("edp",) else "dp"
-            # ZeRO 2: a gradient is reduce-scattered each time this stage's backward produces it (a tied
-            # embedding by both of its stages)
-            produced = [p for p in held if tuple(p.grad_reduce) == axes]
-            if zero == 2 and sizes[zero_axis] > 1 and produced:
-                buckets.append(GradBucket("reduce_scatter", [zero_axis], [p.name for p in reversed(produced)],
-                                          sum(p.local_numel for p in produced), "backward"))
-            group = [p for p in produced if owner(p, stage, par.pp) == stage]
-            step_axes = [a for a in axes if sizes[a] > 1 and not (zero >= 2 and a == zero_axis)]
-            if not step_axes:
+        held = [p for p in state.params.values() if owner(p, stage, par.pp) == stage]
+        for reduce in dict.fromkeys(tuple(p.grad_reduce) for p in held):  # edp; dp; dp, tp; dp, kv
+            zero_axis = "edp" if reduce == ("edp",) else "dp"
+            axes = [a for a in reduce if sizes[a] > 1 and not (zero >= 3 and a == zero_axis)]
+            if not axes:
                 continue
+            scatter = zero == 2 and axes[0] == zero_axis
+            if not scatter and axes == ["dp", "tp"]:
+                axes = ["stage"]  # one all-reduce over the stage's ranks
+            group = [p for p in held if tuple(p.grad_reduce) == reduce]
             current: list[Parameter] = []
             for p in reversed(group):  # backward produces gradients from the last layer first
                 current.append(p)
-                if sum(_elements(q, zero) for q in current) >= BUCKET_ELEMENTS:
-                    buckets.append(_bucket(step_axes, current, zero))
+                if sum(p.local_numel for p in current) >= BUCKET_ELEMENTS:
+                    buckets.append(_bucket(axes, current, zero, scatter, when))
                     current = []
             if current:
-                buckets.append(_bucket(step_axes, current, zero))
+                buckets.append(_bucket(axes, current, zero, scatter, when))
         if buckets:
             state.buckets[stage] = buckets
 
 
-def _bucket(axes: list[str], params: list[Parameter], zero: int) -> GradBucket:
-    return GradBucket("all_reduce", axes, [p.name for p in params], sum(_elements(p, zero) for p in params))
+def _bucket(axes: list[str], params: list[Parameter], zero: int, scatter: bool, when: str) -> GradBucket:
+    if scatter:  # every rank contributes every piece, padded
+        padded = sum(chunk_size(p.local_numel, p.zero.parts) * p.zero.parts for p in params)
+        return GradBucket("reduce_scatter", axes, [p.name for p in params], padded, when)
+    elements = sum(chunk_size(p.local_numel, p.zero.parts) if zero >= 3 else p.local_numel for p in params)
+    return GradBucket("all_reduce", axes, [p.name for p in params], elements)

@@ -56,8 +56,10 @@ def run(state: CompileState) -> None:
         for stage in range(len(state.stage_bounds)):
             _gathers(state, stage, recompute == "selective")
     sharded = ["optimizer states", "gradients", "parameters"][:zero]
+    regathered = (["ZeRO-3 parameters"] if zero >= 3 else []) + (
+        ["sequence-parallel inputs of column-parallel layers"] if par.sequence_parallel and par.tp > 1 else [])
     state.memory = Memory(zero, recompute, RECOMPUTED[recompute], sharded,
-                          "all_gather of the updated parameter shards" if zero in (1, 2) else None)
+                          "all_gather of the updated parameter shards" if zero in (1, 2) else None, regathered)
 
 
 def _gathers(state: CompileState, stage: int, selective: bool) -> None:

@@ -1,6 +1,7 @@
 """MoE lowering: split(tp) -> route -> [unit balance counts over tp] -> expert counts exchange over ep ->
 dispatch all-to-all -> local experts -> combine all-to-all -> gather(tp) (parallel folding: the tokens of
-a TP group are split over its ranks before routing and gathered after combining)."""
+a TP group are split over its ranks before routing and gathered after combining). With sequence
+parallelism each TP rank already holds its share of the tokens: nothing to split or gather."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def run(state: CompileState) -> None:
     for layer in spec.model.moe_layers:
         site, s = f"layers.{layer}.ffn", stage_of[layer]
         router, dispatch, experts, combine = (f"{site}.{p}" for p in ("router", "dispatch", "experts", "combine"))
-        if par.tp > 1:
+        folding = par.tp > 1 and not par.sequence_parallel
+        if folding:
             state.add(s, router, BEFORE, "split_tokens", [], [Collective(
                 "all_gather", "tp", router, "gradients of the TP group's tokens", [d.T_moe, d.D], d.params)])
         if unit_balance:
@@ -43,6 +45,6 @@ def run(state: CompileState) -> None:
             # in the parameters' dtype, as in the reference model
             back = Collective("all_to_all", "ep", experts, "combine", [-1, d.D], d.params)
             state.add(s, experts, AFTER, "all_to_all", [back], [back])
-        if par.tp > 1:
+        if folding:
             state.add(s, combine, AFTER, "gather_tokens", [Collective(
                 "all_gather", "tp", combine, "the TP group's tokens", [d.T_moe, d.D], d.params)])

@@ -11,8 +11,8 @@ from lcc.compiler.state import CompileState
 from lcc.plan.types import Collective, StepAction, chunk_size
 
 NAME = "step_actions"
-DESCRIPTION = ("after the pipeline: gradient buckets, the tied embedding's sum, router statistics, clipping, "
-               "AdamW, ZeRO 1/2 parameter gathers, load biases, metrics")
+DESCRIPTION = ("after the pipeline: the tied embedding's sum, router statistics, clipping, AdamW, ZeRO 1/2 "
+               "parameter gathers (UNSHARD), load biases, metrics")
 
 
 def run(state: CompileState) -> None:
@@ -35,12 +35,6 @@ def run(state: CompileState) -> None:
     for pp_rank in range(par.pp):
         stages = stage_ranks(par.pp, par.pipeline.virtual_stages, pp_rank)
         actions: list[StepAction] = []
-        for s in stages:
-            for i, b in enumerate(state.buckets.get(s, [])):
-                if b.when == "step":
-                    actions.append(StepAction("REDUCE_GRAD", s, i, list(b.params), live(*(
-                        Collective(b.op, axis, "gradients", f"{len(b.params)} parameters", [b.elements], d.params)
-                        for axis in b.axes))))
         if tied:
             mine = [s for s in (0, last) if s in stages]
             if len(mine) == 1:  # the first and the last stage are on different pipeline ranks
@@ -65,7 +59,7 @@ def run(state: CompileState) -> None:
                              if owner(p, s, par.pp) == s and p.zero.axis == axis]
                     if names and sizes[axis] > 1:
                         chunk = sum(chunk_size(state.params[n].local_numel, sizes[axis]) for n in names)
-                        actions.append(StepAction("GATHER_PARAMS", s, params=names, collectives=[Collective(
+                        actions.append(StepAction("UNSHARD", s, params=names, collectives=[Collective(
                             "all_gather", axis, "parameters", f"{len(names)} updated pieces", [chunk], d.params)]))
         if sites:
             actions.append(StepAction("UPDATE_BIAS"))

@@ -1,11 +1,20 @@
 """Tensor parallelism: Megatron column/row splits, vocab-parallel embedding, head and cross-entropy, and
 the collectives they need: `copy_to_tp` before a column-parallel region (its backward all-reduces the
 input's gradient), an all-reduce after a row-parallel layer and after the vocab-parallel embedding, and
-the cross-entropy's max and sums over the vocabulary slices."""
+the cross-entropy's max and sums over the vocabulary slices.
+
+With sequence parallelism the residual stream, norms and routers hold s / tp positions of each sequence
+(dimension 1; the shared experts' flattened tokens, dimension 0). `gather_sequence` (an all-gather,
+backward a reduce-scatter; autograd keeps only the rank's slice, and backward gathers it again for the
+weight gradients unless the whole layer is recomputed) replaces copy_to_tp; `reduce_scatter_sequence`
+(backward an all-gather) replaces the all-reduces after the row-parallel layers and the embedding. Norm
+weights then see only their rank's positions: their gradients are summed over tp, as the routers' are."""
 
 from __future__ import annotations
 
-from lcc.compiler.dims import dims
+import dataclasses
+
+from lcc.compiler.dims import Dims, dims
 from lcc.compiler.state import AFTER, BEFORE, LOSS_POSITION, CompileState
 from lcc.plan.types import Collective, Shard
 
@@ -21,6 +30,7 @@ def run(state: CompileState) -> None:
     spec = state.spec
     tp = spec.parallelism.tp
     n_kv = spec.model.attention.n_kv_heads
+    sequence_parallel = spec.parallelism.sequence_parallel
     for name, info in state.params.items():
         if info.expert:
             continue
@@ -36,16 +46,29 @@ def run(state: CompileState) -> None:
             info.local_shape = list(info.global_shape)
             info.local_shape[shard.dim] //= shard.parts
         # norms and routers stay replicated over tp. A router sees only its tp rank's share of the tokens
-        # (MoE layers split them): its gradient is summed over tp too
-        # copies of a kv head on tp / n_kv ranks each see their own query heads' share: summed over kv
-        info.grad_reduce = ["dp"] + (["tp"] if ".ffn.router." in name and tp > 1 else []) + (
+        # (MoE layers split them), and with sequence parallelism so does a norm: their gradients are summed
+        # over tp too. Copies of a kv head on tp / n_kv ranks each see their own query heads' share: summed
+        # over kv
+        partial = ".ffn.router." in name or (sequence_parallel and name.endswith("norm.weight"))
+        info.grad_reduce = ["dp"] + (["tp"] if partial and tp > 1 else []) + (
             ["kv"] if shard is not None and shard.parts < tp else [])
     if tp > 1:
         _collectives(state)
 
 
+def _sequence(d: Dims, tp: int, shared: bool, dtype: str, site: str) -> tuple[Collective, Collective]:
+    """Sequence parallelism's pair at a call site, as issued: (all-gather of this rank's slice, reduce-scatter
+    of the whole), the sliced dimension moved first; for the shared experts the tokens (dimension 0)."""
+    local, whole = ([d.T // tp, d.D], [d.T, d.D]) if shared else ([d.s_local, d.b, d.D], [d.s, d.b, d.D])
+    return (Collective("all_gather", "tp", site, "", local, dtype),
+            Collective("reduce_scatter", "tp", site, "", whole, dtype))
+
+
 def _collectives(state: CompileState) -> None:
     d = dims(state.spec, state.mode)
+    tp = state.spec.parallelism.tp
+    sp = state.spec.parallelism.sequence_parallel
+    full = state.mode == "train" and state.spec.parallelism.activation_checkpointing == "full"
     tied = state.spec.model.tie_embeddings
     stage_of = state.stage_of_layer()
     entered: set[str] = set()  # inputs already copied into a TP region (q, k and v share one)
@@ -58,17 +81,38 @@ def _collectives(state: CompileState) -> None:
         rows = [d.T, d.D] if ".ffn.shared." in site else [d.b, d.s, d.D]
         weight = "embed.weight" if site == "head" and tied else f"{site}.weight"
         info = state.params.get(weight)
-        if site == "embed":
+        shared = ".ffn.shared." in site
+        dim = 0 if shared else 1
+        if site == "embed" and sp:
+            gather, scatter = _sequence(d, tp, shared, d.params, site)
+            state.add(0, site, AFTER, "reduce_scatter_sequence",
+                      [_what(scatter, "vocab-parallel embedding: sum over tp, this rank's positions")],
+                      [_what(gather, "gradients of every rank's positions")], dim=dim)
+        elif site == "embed":
             state.add(0, site, AFTER, "all_reduce", [Collective("all_reduce", "tp", site, "vocab-parallel embedding: "
                                                                 "sum over tp", rows, d.params)])
         elif info is None or info.shard is None or info.shard.axis != "tp":
             continue
         elif info.shard.dim == 0:  # column-parallel: the input enters the TP region once
             source = f"{stage}:{n.args[0]}"
-            if source not in entered:
-                entered.add(source)
+            if source in entered:
+                continue
+            entered.add(source)
+            if sp:
+                gather, scatter = _sequence(d, tp, shared, d.params, site)
+                backward = [_what(scatter, "gradient of the column-parallel input, this rank's positions")]
+                if not (full and layer is not None):  # kept as this rank's slice, gathered again for backward
+                    backward.append(_what(gather, "every rank's positions again, for the weight gradients"))
+                state.add(stage, site, BEFORE, "gather_sequence", [_what(gather, "every rank's positions")],
+                          backward, dim=dim)
+            else:
                 state.add(stage, site, BEFORE, "copy_to_tp", [], [Collective(
                     "all_reduce", "tp", site, "gradient of the column-parallel input", rows, d.params)])
+        elif sp:
+            gather, scatter = _sequence(d, tp, shared, d.compute, site)
+            state.add(stage, site, AFTER, "reduce_scatter_sequence",
+                      [_what(scatter, "row-parallel: sum partial results, this rank's positions")],
+                      [_what(gather, "gradients of every rank's positions")], dim=dim)
         else:
             state.add(stage, site, AFTER, "all_reduce", [Collective("all_reduce", "tp", site,
                                                                     "row-parallel: sum partial results", rows,
@@ -79,3 +123,7 @@ def _collectives(state: CompileState) -> None:
                          ("all_reduce", "the sum of exponentials"), ("all_reduce", "the target's logit")):
             state.add(last, "loss", AFTER, op, [Collective(op, "tp", "loss", f"vocab-parallel cross-entropy: {what}",
                                                            [d.T], d.wide)], position=LOSS_POSITION)
+
+
+def _what(c: Collective, what: str) -> Collective:
+    return dataclasses.replace(c, what=what)

@@ -1,0 +1,138 @@
+"""The plan's gradient buckets, executed: each issued as soon as backward has produced all of its
+gradients, so that it overlaps the rest of backward.
+
+A bucket of stage s is live in the stage's last backward of the step (`when: step`) or in each of its
+backwards (`microbatch`). A hook on each parameter notes when its gradient for the running backward is
+accumulated; buckets are issued strictly in the plan's order (every rank of a group issues the same
+collectives in the same order), a bucket as soon as it and the ones before it are complete. The stage's
+`REDUCE_GRAD` action issues what is left (gradients a backward did not reach count as zeros), waits, and
+runs the bucket's further axes on the result.
+
+- all_reduce: the gradients flattened into one tensor, reduced in place; each parameter's reduced
+  gradient is a view of it.
+- reduce_scatter (ZeRO 2): every parameter's gradient padded and cut into the ZeRO axis's pieces, one
+  reduce-scatter for the bucket; the whole gradients are freed at once and this rank's pieces accumulate
+  over the micro-batches (`microbatch`) or arrive once (`step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lcc.ops.collectives import _size
+from lcc.ops.zero import piece_grid
+from lcc.plan.types import GradBucket, Role, chunk_size
+
+
+class GradSync:
+    def __init__(self, roles: dict[int, Role], params: dict[str, torch.nn.Parameter], group: Callable[[str], Any],
+                 parts: Callable[[str], int]):
+        self.buckets: dict[int, list[GradBucket]] = {s: list(r.grad_buckets) for s, r in roles.items()}
+        self.params, self.group, self.parts = params, group, parts
+        self.where: dict[str, tuple[int, int]] = {}
+        for s, buckets in self.buckets.items():
+            for i, b in enumerate(buckets):
+                for name in b.params:
+                    self.where[name] = (s, i)
+                    params[name].register_post_accumulate_grad_hook(self._hook(name))
+        self.stage: int | None = None
+        self.final = False
+        self.ready: dict[int, set[str]] = {}
+        self.next = 0
+        self.pending: list[tuple[int, Any, torch.Tensor]] = []  # (bucket, work, its flat tensor)
+        self.flat: dict[tuple[int, int], torch.Tensor] = {}  # reduced (or accumulated pieces) per bucket
+        self.reduced: dict[str, torch.Tensor] = {}  # the step's result per parameter: whole, or a padded piece
+
+    # ------------------------------------------------------------------------------ backward
+    def begin(self, stage: int, final: bool) -> None:
+        """Before a backward of `stage`; `final`: its last in this step."""
+        self.stage, self.final, self.ready, self.next = stage, final, {}, 0
+
+    def _live(self, b: GradBucket) -> bool:
+        return self.final or b.when == "microbatch"
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            s, i = self.where[name]
+            if s == self.stage and self._live(self.buckets[s][i]):
+                self.ready.setdefault(i, set()).add(name)
+                self._issue(complete_only=True)
+
+        return hook
+
+    def _issue(self, complete_only: bool) -> None:
+        buckets = self.buckets.get(self.stage, [])
+        while self.next < len(buckets):
+            b = buckets[self.next]
+            if self._live(b):
+                if complete_only and len(self.ready.get(self.next, ())) < len(b.params):
+                    return
+                self._start(self.next, b)
+            self.next += 1
+
+    def _start(self, i: int, b: GradBucket) -> None:
+        grads = [self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])
+                 for n in b.params]
+        group = self.group(b.axes[0])
+        if b.op == "all_reduce":
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.pending.append((i, dist.all_reduce(flat, group=group, async_op=True), flat))
+            return
+        parts = self.parts(b.params[0])
+        chunks = [chunk_size(g.numel(), parts) for g in grads]
+        grid = piece_grid(grads, chunks, parts)
+        for n in b.params:  # the whole gradients are in the grid: free them now
+            self.params[n].grad = None
+        out = grid.new_empty(sum(chunks))
+        self.pending.append((i, dist.reduce_scatter_single(out, grid.view(-1), group=group, async_op=True), out))
+
+    def _wait(self) -> None:
+        for i, work, flat in self.pending:
+            work.wait()
+            key = (self.stage, i)
+            if key in self.flat:  # pieces of an earlier micro-batch
+                self.flat[key] += flat
+            else:
+                self.flat[key] = flat
+        self.pending = []
+
+    def after_backward(self) -> None:
+        """After a backward that is not the stage's last: its `microbatch` buckets issued and accumulated."""
+        if not self.final:
+            self._issue(complete_only=False)
+            self._wait()
+
+    # ------------------------------------------------------------------------------- REDUCE_GRAD
+    def reduce_grad(self, stage: int) -> None:
+        """The stage's buckets complete: what is left issued, everything waited for, further axes reduced."""
+        self._issue(complete_only=False)
+        self._wait()
+        for i, b in enumerate(self.buckets.get(stage, [])):
+            flat = self.flat.pop((stage, i))
+            for axis in b.axes[1:]:
+                group = self.group(axis)
+                if _size(group) > 1:
+                    dist.all_reduce(flat, group=group)
+            if b.op == "all_reduce":
+                sizes = [self.params[n].numel() for n in b.params]
+                for n, part in zip(b.params, flat.split(sizes), strict=True):
+                    self.reduced[n] = part.view(self.params[n].shape)
+                    self.params[n].grad = None
+            else:
+                parts = self.parts(b.params[0])
+                sizes = [chunk_size(self.params[n].numel(), parts) for n in b.params]
+                self.reduced.update(zip(b.params, flat.split(sizes), strict=True))
+        self.stage = None
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The step's reduced gradients (parameters in no bucket are not in it); cleared for the next step."""
+        out, self.reduced = self.reduced, {}
+        return out
+
+    def held(self) -> list[torch.Tensor]:
+        """What the buckets hold between backward and the step's end (for memory accounting)."""
+        return [*self.flat.values(), *self.reduced.values()]
