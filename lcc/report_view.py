@@ -69,7 +69,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     if ex["serve_vs_bf16"] is not None:
         t.add_row("serving / bf16", f"{ex['serve_vs_bf16']:.1%}")
     t.add_row("peak, plain DP without checkpointing", gib(cmp["plain_dp_no_checkpointing_bytes"]))
-    t.add_row("peak, ZeRO-3 + full checkpointing", gib(cmp["zero3_full_checkpointing_bytes"]))
+    t.add_row("peak, ZeRO-3 + full checkpointing (gradients reduced per micro-batch)",
+              gib(cmp["zero3_full_checkpointing_bytes"]))
     t.add_row("reduction", f"{cmp['zero3_full_checkpointing_reduction']:.1%}")
     console.print(t)
 

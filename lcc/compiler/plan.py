@@ -41,6 +41,7 @@ from lcc.plan.types import (
     Role,
     Schedule,
     Simulation,
+    is_zero3_scatter,
 )
 from lcc.spec import Problem, SpecError, locate, resolved, spec_hash
 from lcc.spec.models import Spec
@@ -103,11 +104,11 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:
     """Each pipeline rank's actions with `{stage}REDUCE_GRAD` after the last backward of every stage that
-    has gradient buckets."""
+    reduces gradients: gradient buckets, or ZeRO-3's reduce-scatters."""
     out = []
     for actions in lowered:
         last = {a.stage: i for i, a in enumerate(actions) if a.kind == "B"}
-        after = {i: s for s, i in last.items() if state.buckets.get(s)}
+        after = {i: s for s, i in last.items() if state.buckets.get(s) or _zero3_scatters(state, s)}
         mine: list[Action] = []
         for i, a in enumerate(actions):
             mine.append(a)
@@ -115,6 +116,11 @@ def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[li
                 mine.append(Action(after[i], "REDUCE_GRAD", None))
         out.append(mine)
     return out
+
+
+def _zero3_scatters(state: CompileState, stage: int) -> list[Collective]:
+    """The reduce-scatters of ZeRO-3's gathers in a stage's backward."""
+    return [c for comm in state.stage_comms(stage) for c in comm.backward if is_zero3_scatter(c)]
 
 
 def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
@@ -176,33 +182,40 @@ def _roles(state: CompileState) -> list[Role]:
 
 def actions_text(plan: Plan) -> str:
     lines = [f"# lcc per-rank schedule for {plan.spec_name}: torch.distributed.pipelining actions, the",
-             "# collectives each compute action issues per micro-batch (forward F, backward B), then the step's",
-             "# actions after the last backward. Stage s runs on pipeline rank s mod pp."]
+             "# collectives each compute action issues per micro-batch (forward F, backward B, with the gradient",
+             "# buckets issued during it), then the step's actions after the last backward. Stage s runs on",
+             "# pipeline rank s mod pp."]
     recompute = {"none": "", "selective": "attention cores, routing and dispatch",
                  "full": "every layer (its forward collectives again)"}[plan.memory.activation_checkpointing]
+    once = plan.memory.zero >= 3 and plan.memory.grad_reduce == "step"
     by_stage = {r.stage: r for r in plan.roles}
     for r, actions in enumerate(plan.schedule.actions):
         lines.append(f"pp_rank {r}:")
-        for text in actions:
+        for index, text in enumerate(actions):
             extra = ""
             action = Action.parse(text)
             kind = action.kind
+            role = by_stage[action.stage]
+            final = index + 1 < len(actions) and actions[index + 1] == f"{action.stage}REDUCE_GRAD"
             if kind == "REDUCE_GRAD":
-                buckets = by_stage[action.stage].grad_buckets
-                ops = [f"{b.op if i == 0 else 'all_reduce'}({axis})" for b in buckets for i, axis in enumerate(b.axes)]
-                when = sorted({b.when for b in buckets})
-                n = len(buckets)
-                extra = (f"  # {n} bucket{'s' * (n != 1)} ({', '.join(when)}), issued as backward completes them: "
-                         + ", ".join(f"{k} x{ops.count(k)}" for k in dict.fromkeys(ops)))
+                buckets = role.grad_buckets
+                further = [f"all_reduce({axis})" for b in buckets for axis in b.axes[1:]]
+                extra = "  # the stage's gradients complete" + (
+                    ("; then " + _counted(further)) if further else "")
             if kind in ("F", "B"):
-                role = by_stage[action.stage]
-                counts: dict[str, int] = {}
-                for c in role.forward if kind == "F" else role.backward:
-                    counts[f"{c.op}({c.axis})"] = counts.get(f"{c.op}({c.axis})", 0) + 1
-                extra = "  # " + ", ".join(f"{k} x{v}" for k, v in counts.items()) if counts else ""
+                issued = [c for c in (role.forward if kind == "F" else role.backward)
+                          if not (kind == "B" and once and not final and is_zero3_scatter(c))]
+                issued += [c for b in role.grad_buckets if kind == "B" and (final or b.when == "microbatch")
+                           for c in b.collectives(0, "")[:1]]
+                ops = [f"{c.op}({c.axis})" for c in issued]
+                extra = "  # " + _counted(ops) if ops else ""
                 if kind == "B" and recompute:
                     extra += ("; " if extra else "  # ") + f"recomputes {recompute}"
             lines.append(f"  {text}{extra}")
         for action in plan.schedule.step[r] if plan.schedule.step else []:
             lines.append(f"  {action}")
     return "\n".join(lines) + "\n"
+
+
+def _counted(ops: list[str]) -> str:
+    return ", ".join(f"{k} x{ops.count(k)}" for k in dict.fromkeys(ops))

@@ -16,6 +16,10 @@ class ProgramContext:
     routes: dict[str, list[RouteResult]] = field(default_factory=dict)
     recomputing: bool = False  # true while activation checkpointing reruns a function in backward
     prefetched: dict[str, Any] = field(default_factory=dict)  # ZeRO-3: parameter -> (buffer, pending gather)
+    # ZeRO-3 reducing once per step: true in a stage's backwards before its last, whose gathers' gradients
+    # accumulate whole (by gathered parameters) instead of being reduce-scattered
+    accumulating: bool = False
+    held_grads: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
     def observe(self, site: str, route: RouteResult) -> None:
         """Record a router call's result (loads, k per token, losses); a recomputation records nothing,

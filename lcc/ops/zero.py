@@ -64,8 +64,9 @@ class _Bucket:
     """Parameters all-gathered together: rank r contributes the concatenation of its pieces. A source of
     gathered tensors for `lcc.ops.regather` (names, pending, unpack)."""
 
-    def __init__(self, names: list[str], shards: list[torch.Tensor], shapes: list[list[int]], group: Group):
-        self.names, self.shards, self.shapes, self.group = names, shards, shapes, group
+    def __init__(self, names: list[str], shards: list[torch.Tensor], shapes: list[list[int]], group: Group,
+                 ctx: Any = None):
+        self.names, self.shards, self.shapes, self.group, self.ctx = names, shards, shapes, group, ctx
         self.parts = _size(group)
         self.chunks = [s.numel() for s in shards]
         self.pending = 0
@@ -85,9 +86,18 @@ class _Bucket:
             offset += chunk
         return out
 
-    def reduce_scatter(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """This rank's piece of the sum over the group of each parameter's gradient."""
+    def reduce_scatter(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """This rank's piece of the sum over the group of each parameter's gradient; while the program
+        context accumulates (a backward before the stage's last, reducing once per step), the gradients are
+        added to what earlier backwards held instead, and no piece is produced yet."""
         grid = piece_grid(grads, self.chunks, self.parts)
+        held = self.ctx.held_grads if self.ctx is not None else {}
+        key = tuple(self.names)
+        if key in held:
+            grid += held.pop(key)
+        if self.ctx is not None and self.ctx.accumulating:
+            held[key] = grid
+            return [None] * len(grads)
         out = grid.new_empty(sum(self.chunks))
         dist.reduce_scatter_single(out, grid.view(-1), group=self.group)
         return list(out.split(self.chunks))
@@ -129,7 +139,7 @@ def zero_gather(P: dict[str, torch.Tensor], params: dict[str, tuple[str, list[in
             out.update({n: P[n][:math.prod(shape)].view(shape) for n, shape in members})
             continue
         pending = ctx.prefetched.pop(tuple(names), None)
-        bucket = _Bucket(list(names), [P[n] for n in names], [shape for _, shape in members], group)
+        bucket = _Bucket(list(names), [P[n] for n in names], [shape for _, shape in members], group, ctx)
         if pending is None:
             buffer, _ = bucket.start()
         else:

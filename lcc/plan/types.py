@@ -91,6 +91,12 @@ class Collective:
     dtype: str | None = None
 
 
+def is_zero3_scatter(c: Collective) -> bool:
+    """A ZeRO-3 gradient reduce-scatter in a program's backward (the only reduce-scatters over dp or edp
+    there): once per step, in the stage's last backward, when the plan's memory says `grad_reduce: step`."""
+    return c.op == "reduce_scatter" and c.axis in ("dp", "edp")
+
+
 @dataclass
 class GradBucket:
     """Gradients reduced together, issued as soon as backward has produced all of them: `op` over
@@ -245,6 +251,7 @@ class Memory:
     sharded: list[str]
     after_step: str | None
     regathered: list[str]  # gathered tensors backward gathers again instead of keeping (lcc.ops.regather)
+    grad_reduce: str  # ZeRO 2/3: reduce-scatter once per `step` (gradients accumulate whole) or per `microbatch`
 
 
 @dataclass(frozen=True)

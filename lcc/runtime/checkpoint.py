@@ -29,8 +29,10 @@ from lcc.runtime.support import RunError
 LATEST = "latest"
 IDENTITY = "lcc-checkpoint.json"
 SCHEMA = "lcc.checkpoint/1"
-# top-level spec sections that are layout, or that do not change what training computes
+# spec fields that are layout, or that do not change what training computes (top-level sections, and
+# how often to save and how long to wait on a collective)
 LAYOUT_SECTIONS = ("name", "parallelism", "cluster", "serve")
+OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s")
 KINDS = ("model", "optim", "bias", "meta")
 
 
@@ -152,9 +154,9 @@ def spec_differences(saved: Any, current: Any, path: str = "") -> list[tuple[str
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
-            if not path and key in LAYOUT_SECTIONS:
-                continue
             sub = f"{path}.{key}" if path else str(key)
+            if (not path and key in LAYOUT_SECTIONS) or sub in OPERATIONAL:
+                continue
             out += spec_differences(saved.get(key, _ABSENT), current.get(key, _ABSENT), sub)
         return out
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
@@ -188,7 +190,8 @@ def check_resume(directory: Path, spec: dict[str, Any]) -> Path | None:
         of = f"a checkpoint of {was}, not of {now}" if was != now else "a checkpoint of another run"
         lines = [f"  {p}: {_value(a)} in the checkpoint, {_value(b)} in this run" for p, a, b in diffs]
         raise CheckpointError(f"{path}: cannot resume from {of}: its spec differs in more than the layout "
-                              "(parallelism, cluster):\n" + "\n".join(lines))
+                              "(parallelism, cluster; train.checkpoint_every and collective_timeout_s may change "
+                              "too):\n" + "\n".join(lines))
     return path
 
 

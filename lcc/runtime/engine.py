@@ -220,7 +220,9 @@ class RankEngine:
                 grads_in[key] = buf
             elif a.kind == "B":
                 out = outputs.pop(key)
-                self.sync.begin(a.stage, final=index == self.last_backward[a.stage])
+                final = index == self.last_backward[a.stage]
+                self.sync.begin(a.stage, final)
+                ctx.accumulating = self.zero >= 3 and self.plan.memory.grad_reduce == "step" and not final
                 if a.stage == self.n_stages - 1:
                     out.backward()
                 else:

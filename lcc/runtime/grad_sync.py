@@ -8,8 +8,8 @@ collectives in the same order), a bucket as soon as it and the ones before it ar
 `REDUCE_GRAD` action issues what is left (gradients a backward did not reach count as zeros), waits, and
 runs the bucket's further axes on the result.
 
-- all_reduce: the gradients flattened into one tensor, reduced in place; each parameter's reduced
-  gradient is a view of it.
+- all_reduce: the gradients flattened into one tensor (the parameters' own dropped at once), reduced in
+  place; each parameter's reduced gradient is a view of it.
 - reduce_scatter (ZeRO 2): every parameter's gradient padded and cut into the ZeRO axis's pieces, one
   reduce-scatter for the bucket; the whole gradients are freed at once and this rank's pieces accumulate
   over the micro-batches (`microbatch`) or arrive once (`step`).
@@ -80,15 +80,20 @@ class GradSync:
         group = self.group(b.axes[0])
         if b.op == "all_reduce":
             flat = torch.cat([g.reshape(-1) for g in grads])
+            self._free(b)
             self.pending.append((i, dist.all_reduce(flat, group=group, async_op=True), flat))
             return
         parts = self.parts(b.params[0])
         chunks = [chunk_size(g.numel(), parts) for g in grads]
         grid = piece_grid(grads, chunks, parts)
-        for n in b.params:  # the whole gradients are in the grid: free them now
-            self.params[n].grad = None
+        self._free(b)
         out = grid.new_empty(sum(chunks))
         self.pending.append((i, dist.reduce_scatter_single(out, grid.view(-1), group=group, async_op=True), out))
+
+    def _free(self, b: GradBucket) -> None:
+        """The bucket's gradients are in its flat tensor: the parameters' own are dropped at once."""
+        for n in b.params:
+            self.params[n].grad = None
 
     def _wait(self) -> None:
         for i, work, flat in self.pending:
@@ -121,7 +126,6 @@ class GradSync:
                 sizes = [self.params[n].numel() for n in b.params]
                 for n, part in zip(b.params, flat.split(sizes), strict=True):
                     self.reduced[n] = part.view(self.params[n].shape)
-                    self.params[n].grad = None
             else:
                 parts = self.parts(b.params[0])
                 sizes = [chunk_size(self.params[n].numel(), parts) for n in b.params]

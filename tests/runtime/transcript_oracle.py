@@ -46,7 +46,11 @@ def expected(plan: dict, pp_rank: int) -> list[tuple[str, list[tuple]]]:
             final = index + 1 < len(actions) and actions[index + 1] == f"{stage}REDUCE_GRAD"
             buckets = [("reduce_scatter" if b["op"] == "reduce_scatter" else "all_reduce", b["axes"][0],
                         (b["elements"],), params) for b in role["grad_buckets"] if final or b["when"] == "microbatch"]
-            out.append(("set", [_key(c) for c in role["backward"]] + buckets))
+            # ZeRO 3 reducing once per step: the programs' reduce-scatters over dp / edp in the last backward only
+            once = plan["memory"]["zero"] >= 3 and plan["memory"]["grad_reduce"] == "step"
+            backward = [c for c in role["backward"] if final or not once
+                        or not (c["op"] == "reduce_scatter" and c["axis"] in ("dp", "edp"))]
+            out.append(("set", [_key(c) for c in backward] + buckets))
         elif kind == "REDUCE_GRAD":  # then each bucket's further axes, in order, on the reduced result
             out.append(("ordered", [("all_reduce", axis, (_piece(b, params_of) if b["op"] == "reduce_scatter"
                                                            else b["elements"],), params)

@@ -135,10 +135,10 @@ class CostModel:
     # ------------------------------------------------------------------------------ memory
     @cached_property
     def grad_reduce_when(self) -> str:
-        """ZeRO 2 reduce-scatters gradients once per step (`step`), accumulating them whole over the
+        """ZeRO 2 and 3 reduce-scatter gradients once per step (`step`), accumulating them whole over the
         micro-batches, when every rank's memory with whole gradients fits the device; otherwise in every
         micro-batch's backward (`microbatch`). With one micro-batch the two are the same."""
-        if self.par.zero != 2 or self.m == 1:
+        if self.par.zero < 2 or self.m == 1:
             return "step"
         device = self.spec.cluster.device.memory_gib * GIB
         whole = max(self.role_memory(r, whole_grads=True)["total_bytes"] for r in self.roles)
@@ -152,7 +152,7 @@ class CostModel:
         local = P.local_params(spec, role.layers, role.first, role.last)
         dtype = spec.train.dtype
         states = model_states(local.dense, dtype, zero, par.dp) + model_states(local.experts, dtype, zero, par.edp)
-        if zero == 2 and (whole_grads if whole_grads is not None else
+        if zero >= 2 and (whole_grads if whole_grads is not None else
                           zero == par.zero and self.grad_reduce_when == "step" and self.m > 1):
             # gradients accumulate whole over the micro-batches, then leave as pieces
             states = ModelStates(states.weights, STATE_BYTES[dtype].grads * (local.dense + local.experts),
@@ -195,7 +195,7 @@ class CostModel:
         device = round(self.spec.cluster.device.memory_gib * GIB)
 
         def peak(zero: int, policy: str) -> int:
-            return max(self.role_memory(r, zero, policy)["total_bytes"] for r in self.roles)
+            return max(self.role_memory(r, zero, policy, whole_grads=False)["total_bytes"] for r in self.roles)
 
         plain, sharded = peak(0, "none"), peak(3, "full")
         return {
@@ -233,7 +233,7 @@ class CostModel:
         grads = gather = 0.0
         for count, ways in ((local.dense, par.dp), (local.experts, par.edp)):
             if par.zero >= 2:  # reduce-scattered once per step, or in each micro-batch's backward
-                once = par.zero == 2 and self.grad_reduce_when == "step"
+                once = self.grad_reduce_when == "step"
                 grads += (1 if once else m) * all_gather(count * g, ways)
             elif par.zero == 1:  # full gradients accumulate; only the owner of a shard needs its sum
                 grads += all_gather(count * g, ways)

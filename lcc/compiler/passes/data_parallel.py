@@ -10,13 +10,12 @@ forward's, as backward produces them):
 - ZeRO 2: reduce-scattered over the ZeRO axis into this rank's pieces (any further axis all-reduced on
   the pieces) once per step when the whole gradients fit in the device memory next to everything else
   (the cost model decides: `step`), otherwise in every backward (`microbatch`);
-- ZeRO 3: the programs reduce-scatter in backward; what remains (tp for the routers) is all-reduced on
-  the pieces once per step.
+- ZeRO 3: the programs reduce-scatter in backward (in the last backward of the step, or in every one, as
+  for ZeRO 2); what remains (tp for the routers) is all-reduced on the pieces once per step.
 """
 
 from __future__ import annotations
 
-from lcc.compiler.cost.report import CostModel
 from lcc.compiler.state import CompileState
 from lcc.plan.types import GradBucket, Parameter, chunk_size
 
@@ -39,7 +38,7 @@ def run(state: CompileState) -> None:
     zero = state.memory.zero if state.memory is not None else 0
     sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp,
              "kv": max(1, par.tp // state.spec.model.attention.n_kv_heads)}
-    when = CostModel(state.spec).grad_reduce_when if zero == 2 else "step"
+    when = state.memory.grad_reduce if state.memory is not None else "step"
     for stage in range(len(state.stage_bounds)):
         buckets: list[GradBucket] = []
         held = [p for p in state.params.values() if owner(p, stage, par.pp) == stage]

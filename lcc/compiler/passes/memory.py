@@ -2,13 +2,16 @@
 
 ZeRO 1 shards the optimizer states, 2 also the gradients (reduce-scattered instead of all-reduced), 3
 also the parameters: each function of a program all-gathers its parameters just before use (an all-gather
-whose backward reduce-scatters the gradient), prefetching the next function's. Activation checkpointing
-`selective` recomputes each layer's attention core and its routing and dispatch in backward; `full`
-keeps only each layer's input and recomputes the layer. Serve plans use neither.
+whose backward reduce-scatters the gradient), prefetching the next function's. ZeRO 2 and 3
+reduce-scatter once per step, the gradients accumulating whole over the micro-batches, when the cost
+model finds every rank fits with them (`grad_reduce: step`), else in every micro-batch's backward.
+Activation checkpointing `selective` recomputes each layer's attention core and its routing and dispatch
+in backward; `full` keeps only each layer's input and recomputes the layer. Serve plans use neither.
 """
 
 from __future__ import annotations
 
+from lcc.compiler.cost.report import CostModel
 from lcc.compiler.dims import dims
 from lcc.compiler.state import FUNCTION_START, REGION_START, CompileState
 from lcc.compiler.trace import layer_of
@@ -58,8 +61,9 @@ def run(state: CompileState) -> None:
     sharded = ["optimizer states", "gradients", "parameters"][:zero]
     regathered = (["ZeRO-3 parameters"] if zero >= 3 else []) + (
         ["sequence-parallel inputs of column-parallel layers"] if par.sequence_parallel and par.tp > 1 else [])
+    when = CostModel(state.spec).grad_reduce_when if zero >= 2 else "step"
     state.memory = Memory(zero, recompute, RECOMPUTED[recompute], sharded,
-                          "all_gather of the updated parameter shards" if zero in (1, 2) else None, regathered)
+                          "all_gather of the updated parameter shards" if zero in (1, 2) else None, regathered, when)
 
 
 def _gathers(state: CompileState, stage: int, selective: bool) -> None:
