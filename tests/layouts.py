@@ -24,14 +24,17 @@ LAYOUTS = {
     # a first stage without routers
     "dense_first_pp2": ["model.moe.layers=[3]", "parallelism.pp=2", "parallelism.dp=1", "parallelism.ep=1",
                         "cluster.gpus_per_node=2"],
-    # sequence parallelism: norms, residuals and routers split over tp along the sequence
+    # sequence parallelism: norms, residuals and routers split over tp along the sequence (2 micro-batches)
     "sp_tp2": ["parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",
-               "cluster.gpus_per_node=2", "parallelism.sequence_parallel=true"],
+               "cluster.gpus_per_node=2", "parallelism.sequence_parallel=true", "parallelism.pipeline.microbatches=2"],
     "sp_pp2_tp2": ["parallelism.pp=2", "parallelism.tp=2", "parallelism.dp=1", "parallelism.ep=1",
-                   "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true"],
+                   "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true",
+                   "parallelism.pipeline.microbatches=2"],
     "sp_dp2_tp2_ep4": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.tp=2", "parallelism.ep=4",
-                       "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true"],
+                       "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true",
+                       "parallelism.pipeline.microbatches=2"],
     "sp_dp2_tp2_ep4_zero3_selective": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.tp=2", "parallelism.ep=4",
                                        "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true",
-                                       "parallelism.zero=3", "parallelism.activation_checkpointing=selective"],
+                                       "parallelism.zero=3", "parallelism.activation_checkpointing=selective",
+                                       "parallelism.pipeline.microbatches=2"],
 }

@@ -28,12 +28,6 @@ def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x
 
 
-def _all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 def _slice(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     return x.chunk(_size(group), dim=dim)[_rank(group)].contiguous()
 
@@ -73,7 +67,7 @@ class _SplitToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+        return _gather_along(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
@@ -82,7 +76,7 @@ class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return _gather_along(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):

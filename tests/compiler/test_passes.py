@@ -109,3 +109,23 @@ def test_quantize_only_in_serve_plans():
     serve = run(state(mode="serve"), partition, expert_placement, quantize)
     w2 = serve.params["layers.0.ffn.experts.w2_EDF"]
     assert w2.serve.packed == [64, 128, 32] and w2.serve.scales == [64, 128, 2]
+
+
+def test_reduce_grad_follows_each_stages_last_backward():
+    """torch.distributed.pipelining's REDUCE_GRAD, once per stage, right after the stage's last backward:
+    with interleaved stages, stage 1's buckets complete while stage 0's backwards still run."""
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2",
+                                               "cluster.gpus_per_node=4", "parallelism.pipeline.microbatches=2",
+                                               "parallelism.pipeline.schedule=interleaved_1f1b",
+                                               "parallelism.pipeline.virtual_stages=2"])
+    plan = json.loads(compile_plan(spec)["plan.json"])
+    for pp_rank, actions in enumerate(plan["schedule"]["actions"]):
+        stages = {r["stage"] for r in plan["roles"] if r["pp_rank"] == pp_rank}
+        reductions = [a for a in actions if a.endswith("REDUCE_GRAD")]
+        assert sorted(reductions) == [f"{s}REDUCE_GRAD" for s in sorted(stages)]
+        for s in stages:
+            i = actions.index(f"{s}REDUCE_GRAD")
+            last_b = max(j for j, a in enumerate(actions) if a.startswith(f"{s}B"))
+            assert i == last_b + 1
+        assert actions.index(f"{max(stages)}REDUCE_GRAD") < actions.index(f"{min(stages)}REDUCE_GRAD")
+    assert all(a["kind"] != "REDUCE_GRAD" for step in plan["schedule"]["step"] for a in step)

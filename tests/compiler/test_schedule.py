@@ -24,10 +24,19 @@ def acts(text: str) -> list[Action]:
 
 
 def test_action_strings_round_trip():
-    for text in ("0F3", "1B3", "0SEND_F3", "1RECV_B2", "12F105"):
+    for text in ("0F3", "1B3", "0SEND_F3", "1RECV_B2", "12F105", "0REDUCE_GRAD", "12REDUCE_GRAD"):
         assert str(Action.parse(text)) == text
-    with pytest.raises(ValueError, match="not an action"):
-        Action.parse("0X3")
+    assert Action.parse("1REDUCE_GRAD").mb is None
+    for bad in ("0X3", "0REDUCE_GRAD3", "REDUCE_GRAD", "0B"):
+        with pytest.raises(ValueError, match="not an action"):
+            Action.parse(bad)
+
+
+def test_reduce_grad_is_torch_pipelinings_action():
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    theirs = schedules._Action.from_str("1REDUCE_GRAD")
+    assert theirs.computation_type == schedules._ComputationType.REDUCE_GRAD and theirs.microbatch_index is None
+    assert str(theirs) == str(Action.parse("1REDUCE_GRAD"))
 
 
 def test_one_f_one_b_order():

