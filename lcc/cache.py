@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -65,3 +67,24 @@ def run_key(spec: Spec, source: str | None = None) -> str:
 def run_dir(spec: Spec, base: Path = CACHE) -> Path:
     """The cached plan folder of a spec: `.lcc-cache/<name>-<first 16 hex digits of run_key>`."""
     return base / f"{spec.name}-{run_key(spec)[:16]}"
+
+
+def write_atomically(files: dict[str, str], folder: Path) -> None:
+    """Write a compiled plan into the cache so that a folder is either complete or absent: written next to
+    it under a temporary name, then renamed (a run killed while compiling leaves only the temporary folder,
+    which the next run replaces)."""
+    from lcc.compiler.output import write
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(files, tmp)
+    if folder.is_dir() and not (folder / "plan.json").is_file():  # not written by this function: replace it
+        shutil.rmtree(folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another run finished the same plan first: it is the same plan
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "plan.json").is_file():
+            raise

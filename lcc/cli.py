@@ -15,17 +15,36 @@ from lcc.spec import Location, Spec, SpecError, load_spec
 
 T = TypeVar("T")
 
+# plain help (click's layout): typer's rich panels print `<bool>` after flags that take no value
 app = typer.Typer(
+    rich_markup_mode=None,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Compile Mixture-of-Experts model specs into parallel plans, and report what they cost.",
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from lcc import __version__
+
+        typer.echo(f"lcc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print lcc's version and exit.")] = False,
+) -> None:
+    """Compile Mixture-of-Experts model specs into parallel plans, and report what they cost."""
+
+
 SpecArg = Annotated[Path, typer.Argument(help="The spec file (YAML).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,  # noqa: UP007 - typer needs Optional here
-    typer.Option("--set", help="Override a field before validation: --set parallelism.dp=8 (repeatable)."),
+    typer.Option("--set", metavar="FIELD=VALUE",
+                 help="Override a field before validation: --set parallelism.dp=8 (repeatable)."),
 ]
 
 
@@ -60,19 +79,22 @@ def report(
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema lcc.report/1).")] = False,
 ) -> None:
-    """Parameters, per-rank memory, FLOPs, communication, bubble and step time of a spec (no torch)."""
+    """Parameters, per-rank memory, FLOPs, communication, bubble and step time of a spec (no torch). Exit 1
+    when the worst rank does not fit the device memory."""
     from lcc.compiler.cost import cost_report
 
     loaded = _load(spec, set_)
     data = cost_report(loaded)
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
-        return
-    from rich.console import Console
+    else:
+        from rich.console import Console
 
-    from lcc.report_view import render
+        from lcc.report_view import render
 
-    render(data, Console(width=120))
+        render(data, Console(width=120))
+    if not data["memory"]["fits"]:  # the report is printed; the exit code says the layout cannot train
+        raise typer.Exit(1)
 
 
 ModeOpt = Annotated[str, typer.Option("--mode", help="train (default) or serve (int4 experts, routing tables).")]
@@ -98,8 +120,11 @@ def compile(  # noqa: A001 - the command is called compile
     from lcc.compiler.output import first_difference, write
     from lcc.compiler.plan import compile_plan
     from lcc.plan.program_check import ProgramMismatch
+    from lcc.runtime.preflight import check_writable
 
     target = out or Path("generated") / loaded.name / ("serve" if mode == "serve" else "")
+    if not check:
+        _exit_on_run_error(check_writable, target, "--out", True)
     try:
         files = compile_plan(loaded, mode)
     except SpecError as exc:
@@ -121,7 +146,7 @@ def compile(  # noqa: A001 - the command is called compile
         typer.echo(f"removed stale {', '.join(str(p.relative_to(target)) for p in removed)}")
 
 
-run_app = typer.Typer(no_args_is_help=True, help="Execute compiled plans on torch.distributed.")
+run_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Execute compiled plans on torch.distributed.")
 app.add_typer(run_app, name="run")
 
 
@@ -133,21 +158,39 @@ def run_train(
     metrics: Annotated[Path | None, typer.Option("--metrics", help="Write one JSON object per step here.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Save checkpoints here (at the "
                                                         "end and every train.checkpoint_every steps).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --checkpoint-dir "
+                                         "(an error if there is none, or if it fails its checks).")] = False,
+    resume_if_any: Annotated[bool, typer.Option("--resume-if-any", help="Continue from the latest checkpoint if "
+                                                "there is one, else start at step 0 (for a job that is restarted "
+                                                "as it was first started).")] = False,
+    fallback: Annotated[bool, typer.Option("--fallback", help="With --resume or --resume-if-any: if the latest "
+                                           "checkpoint fails its checks (a missing, truncated or corrupt file), "
+                                           "resume from the newest older one that passes, saying which.")] = False,
+    keep: Annotated[int, typer.Option("--keep", min=0, metavar="N", help="Keep the newest N checkpoints, removing "
+                                      "older ones after each save; 0 keeps all.")] = 3,
     track_memory: Annotated[bool, typer.Option("--track-memory", help="On CPU, measure peak memory as the bytes "
                                                "of live tensors (exact; slows steps) instead of the peak resident "
                                                "size.")] = False,
     transcript: Annotated[Path | None, typer.Option("--transcript", help="Write every collective each rank issues "
                                                     "in its steps here (JSON lines: rank, step, op, axis, shape, "
                                                     "dtype).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the ranks even where this machine looks too small "
+                                        "for them (more than 16 ranks per core, or more memory than is "
+                                        "available).")] = False,
 ) -> None:
     """Train on local ranks (gloo on CPU), one process per rank of the plan."""
     from lcc.runtime.launch import launch
     from lcc.runtime.support import RunError
     from lcc.spec.data import check_data, spec_folder
 
-    if resume and checkpoint_dir is None:
-        typer.echo("--resume needs --checkpoint-dir", err=True)
+    if resume and resume_if_any:
+        typer.echo("--resume and --resume-if-any exclude each other", err=True)
+        raise typer.Exit(2)
+    if fallback and not (resume or resume_if_any):
+        typer.echo("--fallback applies with --resume or --resume-if-any", err=True)
+        raise typer.Exit(2)
+    if (resume or resume_if_any) and checkpoint_dir is None:
+        typer.echo(f"{'--resume' if resume else '--resume-if-any'} needs --checkpoint-dir", err=True)
         raise typer.Exit(2)
     if target.is_dir():
         if set_:
@@ -157,25 +200,29 @@ def run_train(
         _exit_on_spec_error(check_data, loaded, None, Location(str(target / "spec.json")))
         plan_dir = target
     else:
-        from lcc.cache import run_dir
-        from lcc.compiler.output import write
+        from lcc.cache import run_dir, write_atomically
         from lcc.compiler.plan import compile_plan
+        from lcc.runtime.preflight import check_steps, check_writable
 
         loaded = _load(target, set_)
         spec_dir = spec_folder(loaded)
         _exit_on_spec_error(check_data, loaded)
         plan_dir = run_dir(loaded)  # keyed by the resolved spec, the plan version and lcc's own source
+        _exit_on_run_error(check_steps, steps if steps is not None else loaded.train.steps)
         if not (plan_dir / "plan.json").is_file():
-            write(_exit_on_spec_error(compile_plan, loaded), plan_dir)
+            _exit_on_run_error(check_writable, plan_dir, "the run cache", True)
+            write_atomically(_exit_on_spec_error(compile_plan, loaded), plan_dir)
     try:  # spec_dir: the ranks read a relative train.data.path from it, which a plan does not record
         launch(plan_dir, steps if steps is not None else loaded.train.steps, metrics, checkpoints=checkpoint_dir,
-               resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript)
+               resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript,
+               resume_if_any=resume_if_any, fallback=fallback, keep=keep, force=force)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exc.exit_code) from None  # 1; a stop by SIGINT or SIGTERM: 130 or 143
 
 
-checkpoint_app = typer.Typer(no_args_is_help=True, help="Inspect checkpoints saved by lcc run train.")
+checkpoint_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                             help="Inspect checkpoints saved by lcc run train.")
 app.add_typer(checkpoint_app, name="checkpoint")
 
 
@@ -238,6 +285,17 @@ def _checkpoint_lines(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _exit_on_run_error(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, or exit with the RunError's code (2 for a refusal before launch) and its text."""
+    from lcc.runtime.support import RunError
+
+    try:
+        return fn(*args)
+    except RunError as exc:
+        typer.echo(f"lcc: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
 def _exit_on_spec_error(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)`, or exit 2 with the SpecError's located text."""
     try:
@@ -250,6 +308,10 @@ def _exit_on_spec_error(fn: Callable[..., T], *args: Any) -> T:
 def _plan_spec(plan_dir: Path) -> Spec:
     """The resolved spec a compiled plan folder carries (spec.json)."""
     path = plan_dir / "spec.json"
+    for name in ("plan.json", "spec.json"):
+        if not (plan_dir / name).is_file():
+            typer.echo(f"{plan_dir / name}: missing (not a compiled plan folder: lcc compile writes one)", err=True)
+            raise typer.Exit(2)
     try:
         return Spec.model_validate(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:  # json's and pydantic's errors are ValueErrors

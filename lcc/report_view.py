@@ -59,6 +59,12 @@ def render(report: dict[str, Any], console: Console) -> None:
     fits = "[green]fits[/green]" if mem["fits"] else "[red]does NOT fit[/red]"
     console.print(f"worst rank {mem['worst_rank']['rank']} ({mem['worst_rank']['role']}): "
                   f"{gib(mem['worst_rank']['total_bytes'])} of {gib(mem['device_bytes'])}: {fits}")
+    layout = report["layout"]
+    if layout["zero"] >= 2 and layout["microbatches"] > 1:
+        once = mem["gradient_reduction"] == "step"
+        console.print("gradients reduce-scattered " + ("once per step (whole gradients over the micro-batches fit)"
+                                                       if once else "every micro-batch (whole gradients would not "
+                                                       "fit)"))
 
     cmp = mem["comparison"]
     ex = report["experts"]

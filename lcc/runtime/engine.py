@@ -109,16 +109,15 @@ class RankEngine:
         return rank_state(step, self.meta, self.params, self.masters, self.optimizer.state, self.bias, self.zero,
                           bounds, self.mesh.coords, self.mesh.sizes)
 
-    def save(self, directory: Path, step: int) -> Path:
+    def save(self, directory: Path, step: int, keep: int = 0) -> Path:
+        """Save the checkpoint after `step` steps in `directory`; then keep only the newest `keep` (0: all)."""
         spec = json.loads((self.dir / "spec.json").read_text())
-        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, checkpoint.identity(spec, step))
+        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, checkpoint.identity(spec, step),
+                               keep)
 
-    def resume(self, directory: Path) -> int:
-        """Load the latest checkpoint in `directory`, whatever layout saved it; returns the number of steps
-        it had taken (0 if none)."""
-        path = checkpoint.latest(directory)
-        if path is None:
-            return 0
+    def resume(self, path: Path) -> int:
+        """Load checkpoint folder `path` (the launcher chose and checked it: checkpoint.prepare), whatever
+        layout saved it; returns the number of steps it had taken."""
         state = self.state(0)
         checkpoint.load(path, state)
         torch.set_rng_state(state["meta/rng"])

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import stat
 from typing import Any
 
 from pydantic import ValidationError
@@ -100,6 +101,13 @@ def validate(source: SourceMap) -> Spec:
 def load_spec(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Spec:
     """Read, override and validate a spec file. Raises SpecError (never another exception) on bad input."""
     name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode
+    except OSError as exc:
+        raise SpecError([Problem(Location(name), (), f"cannot read spec: {exc.strerror}")]) from None
+    if not stat.S_ISREG(mode):  # a folder, a FIFO or a device would hang or fail later
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise SpecError([Problem(Location(name), (), f"cannot read spec: {kind} (a spec is a YAML file)")])
     try:
         with open(name, "rb") as f:
             raw = f.read(MAX_BYTES + 1)  # enough to tell that it is too large

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+import lcc
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.plan.types import Parameter, Shard
-from lcc.runtime.checkpoint import IDENTITY, SCHEMA, check_resume, describe, latest
+from lcc.runtime.checkpoint import IDENTITY, SCHEMA, check_resume, describe, latest, locked, prune, spec_hash, verify
 from lcc.runtime.checkpoint_layout import Blocks, flat_boxes, local_blocks
 from lcc.runtime.launch import launch, read_metrics
 from lcc.runtime.support import RunError
 from lcc.spec import load_spec, resolved
-from tests.conftest import SPECS
+from tests.conftest import ROOT, SPECS
 from tests.runtime.equivalence import SMALL
 
 # the layout saved in, and two others: units per step stay 4 (dp x micro-batches)
@@ -70,7 +76,7 @@ def test_resume_under_other_layouts_continues_the_run(tmp_path):
         shutil.copy(tmp_path / "first.jsonl", metrics)
         launch(plan, 12, metrics, quiet=True, checkpoints=checkpoints, resume=True)
         records = read_metrics(metrics)
-        assert [m["step"] for m in records] == list(range(12))
+        assert [m["step"] for m in records] == list(range(1, 13))
         losses = [m["loss"] for m in records]
         if name == "same":
             assert losses == straight  # bitwise: the same blocks, moments, biases, data position
@@ -144,6 +150,22 @@ def test_identity_names_the_spec_and_the_layout(saved):
     assert data["schema"] == SCHEMA and data["step"] == 1
     assert data["spec"] == json.loads((plan / "spec.json").read_text())
     assert data["layout"]["world_size"] == 1 and data["layout"]["zero"] == 0
+    assert data["lcc_version"] == lcc.__version__ and data["spec_hash"] == spec_hash(data["spec"])
+    folder = checkpoints / "step-000001"
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(data["files"]) == [name for name in on_disk if name != IDENTITY]  # every file DCP wrote
+    assert ".metadata" in data["files"] and all(f["bytes"] == (folder / n).stat().st_size
+                                                for n, f in data["files"].items())
+    verify(folder)
+
+
+def test_spec_hash_covers_the_model_and_training_but_not_the_layout(saved):
+    spec = json.loads((saved[0] / "spec.json").read_text())
+    other_layout = resolved(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *DP2_EP2_TP2_ZERO3_SP, "model.n_layers=2",
+                                                                "train.checkpoint_every=5"]))
+    assert spec_hash(other_layout) == spec_hash(spec)
+    other_lr = resolved(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *WORLD1, "train.optimizer.lr=0.002"]))
+    assert spec_hash(other_lr) != spec_hash(spec)
 
 
 def test_resume_refuses_another_spec_naming_each_field(saved, tmp_path):
@@ -174,6 +196,8 @@ def test_resume_accepts_a_pure_layout_change(saved):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda data: data.update(schema="lcc.checkpoint/0"), "checkpoint format 'lcc.checkpoint/0'; this lcc reads"),
+    (lambda data: data.update(schema="lcc.checkpoint/1"), "checkpoint format 'lcc.checkpoint/1'; this lcc reads "
+                                                          "'lcc.checkpoint/2' (saved by an earlier lcc, without"),
     (None, "not an lcc checkpoint (lcc-checkpoint.json is missing)"),
 ])
 def test_resume_refuses_a_checkpoint_it_cannot_identify(saved, tmp_path, edit, message):
@@ -226,3 +250,209 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     (tmp_path / "step-000004.tmp").mkdir()  # a save that crashed before its rename
     assert latest(tmp_path) == tmp_path / "step-000002"
     assert latest(tmp_path / "missing") is None
+
+
+# ------------------------------------------------------------------------------ checkpoints you can trust
+def _data_file(checkpoints, step=1):
+    """The largest file DCP wrote into a checkpoint: the tensors."""
+    folder = checkpoints / f"step-{step:06d}"
+    files = json.loads((folder / IDENTITY).read_text())["files"]
+    return folder / max(files, key=lambda name: files[name]["bytes"])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage, why", [(_flip, "corrupt: its sha256 differs from the one recorded when it was saved"),
+                                         (_truncate, "truncated: "), (os.remove, "missing")])
+def test_resume_refuses_a_damaged_file_naming_it(saved, tmp_path, damage, why):
+    checkpoints = _copy(saved, tmp_path)
+    data = _data_file(checkpoints)
+    damage(data)
+    with pytest.raises(RunError) as err:  # before any rank starts
+        launch(saved[0], 2, quiet=True, checkpoints=checkpoints, resume=True)
+    assert str(err.value).startswith(f"{data}: {why}")
+    assert "--fallback" not in str(err.value)  # no older checkpoint to fall back to
+
+
+def test_resume_refuses_a_dangling_latest(saved, tmp_path):
+    checkpoints = _copy(saved, tmp_path)
+    (checkpoints / "latest").write_text("step-000007\n")
+    with pytest.raises(RunError, match=r"latest: names 'step-000007', which is missing\n  \(--fallback resumes from "
+                                       r"the newest older checkpoint that passes this check: step-000001"):
+        launch(saved[0], 8, quiet=True, checkpoints=checkpoints, resume=True)
+
+
+def test_resume_without_a_checkpoint_is_an_error(saved, tmp_path):
+    mistyped = tmp_path / "ckpt-typo"
+    with pytest.raises(RunError, match=f"^{mistyped}: no checkpoint to resume from \\(no such directory\\)"):
+        launch(saved[0], 1, quiet=True, checkpoints=mistyped, resume=True)
+    assert not mistyped.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match=r"empty: no checkpoint to resume from \(no latest file in it\); "
+                                       r"--resume-if-any starts at step 0"):
+        launch(saved[0], 1, quiet=True, checkpoints=tmp_path / "empty", resume=True)
+
+
+@pytest.fixture(scope="module")
+def every_step(saved):
+    """The saved run's plan, saving after every step (not part of what a resume compares)."""
+    plan = saved[0].parent / "plan-every-step"
+    write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *WORLD1, "train.checkpoint_every=1"])), plan)
+    return plan
+
+
+def test_resume_if_any_starts_fresh_then_continues_keeping_the_newest(every_step, tmp_path):
+    checkpoints, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    launch(every_step, 3, metrics, quiet=True, checkpoints=checkpoints, resume_if_any=True, keep=2)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "latest", "step-000002", "step-000003"]
+    launch(every_step, 4, metrics, quiet=True, checkpoints=checkpoints, resume_if_any=True, keep=2)
+    assert [m["step"] for m in read_metrics(metrics)] == [1, 2, 3, 4]  # the second run went on after step 3
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000003", "step-000004"]
+
+
+def test_prune_keeps_the_newest_up_to_the_step_saved(tmp_path):
+    for name in ["step-000001", "step-000002", "step-000003", "step-000004.tmp", "step-000009"]:
+        (tmp_path / name).mkdir()
+    assert prune(tmp_path, 0, 3) == []  # 0 keeps all
+    assert prune(tmp_path, 2, 3) == [tmp_path / "step-000001"]
+    # step 9 is of a run that went further before this one resumed from an earlier checkpoint: a save replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003", "step-000004.tmp",
+                                                          "step-000009"]
+
+
+def test_fallback_resumes_from_the_previous_checkpoint(saved, tmp_path, capsys):
+    checkpoints = _copy(saved, tmp_path)
+    shutil.copytree(checkpoints / "step-000001", checkpoints / "step-000002")
+    (checkpoints / "latest").write_text("step-000002\n")
+    _flip(_data_file(checkpoints, 2))
+    with pytest.raises(RunError, match=r"corrupt(.|\n)*--fallback resumes from the newest older checkpoint that "
+                                       r"passes this check: step-000001 is the newest older one"):
+        launch(saved[0], 2, quiet=True, checkpoints=checkpoints, resume=True)
+    metrics = tmp_path / "m.jsonl"
+    launch(saved[0], 2, metrics, quiet=True, checkpoints=checkpoints, resume=True, fallback=True)
+    err = capsys.readouterr().err
+    assert f"{_data_file(checkpoints, 2)}: corrupt" in err
+    assert f"resuming from {checkpoints / 'step-000001'} instead (--fallback)" in err
+    assert [m["step"] for m in read_metrics(metrics)] == [2]
+    assert latest(checkpoints).name == "step-000002"
+    verify(checkpoints / "step-000002")  # saved again, over the corrupt one
+
+
+def test_a_partial_save_is_removed_on_the_next_start(saved, tmp_path, capsys):
+    checkpoints = _copy(saved, tmp_path)
+    (checkpoints / "step-000002.tmp").mkdir()
+    (checkpoints / "step-000002.tmp" / "__0_0.distcp").write_bytes(b"half")
+    (checkpoints / "latest.tmp").write_text("step-000002\n")
+    launch(saved[0], 1, quiet=True, checkpoints=checkpoints, resume=True)  # resumes at step 1: nothing to run
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "latest", "step-000001"]
+    assert f"removed {checkpoints / 'step-000002.tmp'} (an interrupted save)" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_locked_directory_is_refused(saved, tmp_path):
+    from typer.testing import CliRunner
+
+    from lcc.cli import app
+
+    checkpoints = _copy(saved, tmp_path)
+    with locked(checkpoints):  # as a run in another process holds it
+        out = CliRunner().invoke(app, ["run", "train", str(saved[0]), "--checkpoint-dir", str(checkpoints),
+                                       "--resume", "--steps", "1"])
+    assert out.exit_code == 1, out.output
+    assert out.stderr.startswith(f"lcc run train: {checkpoints} is in use by pid {os.getpid()} (started ")
+    with locked(checkpoints):  # released with the run that held it
+        pass
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "--resume-if-any"], "--resume and --resume-if-any exclude each other"),
+    (["--fallback"], "--fallback applies with --resume or --resume-if-any"),
+    (["--resume-if-any"], "--resume-if-any needs --checkpoint-dir"),
+])
+def test_resume_options_are_checked(saved, args, message):
+    from typer.testing import CliRunner
+
+    from lcc.cli import app
+
+    out = CliRunner().invoke(app, ["run", "train", str(saved[0]), *args])
+    assert out.exit_code == 2 and out.stderr == message + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_non_finite_loss_stops_every_rank(tmp_path):
+    """dp 2: both ranks see the reduced loss and stop after the same step; the checkpoint of step 1, which
+    both wrote, lists and checks each rank's file."""
+    plan = tmp_path / "plan"
+    # in float32 a learning rate of 1e12 makes step 2's activations overflow
+    write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [
+        *SMALL, *WORLD1, "parallelism.dp=2", "cluster.gpus_per_node=2", "train.dtype=float32",
+        "train.optimizer.warmup_steps=0", "train.optimizer.lr=1e12", "train.checkpoint_every=1"])), plan)
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(RunError) as err:
+        launch(plan, 4, tmp_path / "m.jsonl", quiet=True, checkpoints=checkpoints)
+    assert f"loss is nan at step 2; last good checkpoint: {checkpoints / 'step-000001'}" in str(err.value)
+    assert [m["step"] for m in read_metrics(tmp_path / "m.jsonl")] == [1, 2]  # the bad step's record is written
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000001"]  # and it is not saved
+    assert sorted(json.loads((checkpoints / "step-000001" / IDENTITY).read_text())["files"]) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    verify(checkpoints / "step-000001")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(saved, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp_files, "_write_item", full)
+    checkpoints = _copy(saved, tmp_path)
+    with pytest.raises(RunError, match=r"step-000002.tmp: saving the checkpoint of step 2 failed \(.*latest still "
+                                       r"names step-000001\):\n  rank 0: OSError: \[Errno 28\] No space left"):
+        launch(saved[0], 2, quiet=True, checkpoints=checkpoints, resume=True)
+    assert latest(checkpoints).name == "step-000001"
+    verify(checkpoints / "step-000001")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_full_disk_leaves_the_previous_checkpoint(saved, tmp_path):
+    """On a tmpfs with room for one checkpoint, mounted in a mount namespace of its own (unshare)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs {mount}"]
+    try:
+        subprocess.run(probe, check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a small tmpfs here ({type(exc).__name__}): needs unshare and user namespaces")
+    size = sum(p.stat().st_size for p in saved[1].rglob("*") if p.is_file())
+    script = (f"mount -t tmpfs -o size={size * 3 // 2} tmpfs {mount} && cp -r {saved[1]}/. {mount} && "
+              f"{sys.executable} -m lcc.cli run train {saved[0]} --checkpoint-dir {mount} --resume --steps 2; "
+              f"echo rc=$?; cat {mount}/latest; diff -r {saved[1]}/step-000001 {mount}/step-000001 && echo intact")
+    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                         capture_output=True, text=True, timeout=100)
+    assert "lcc run train: " in out.stderr and "No space left on device" in out.stderr, out.stderr
+    assert out.stdout.split()[-3:] == ["rc=1", "step-000001", "intact"], out.stdout  # after the progress line
+
+
+def test_a_resumed_run_says_from_where_and_how_it_ended(saved, tmp_path, capfd):
+    plan, source = saved
+    checkpoints = tmp_path / "ckpt"
+    shutil.copytree(source, checkpoints)
+    launch(plan, 1, checkpoints=checkpoints, resume=True)  # the checkpoint has taken 1 step already
+    out = capfd.readouterr().out
+    assert f"resuming from step 1 ({checkpoints / 'step-000001'})" in out
+    assert f"nothing to run: {checkpoints / 'step-000001'} has taken 1 step, and --steps is 1" in out
+    launch(plan, 2, tmp_path / "m.jsonl", checkpoints=checkpoints, resume=True)
+    out = capfd.readouterr().out
+    assert "step 2/2  loss " in out
+    loss = read_metrics(tmp_path / "m.jsonl")[-1]["loss"]
+    assert re.search(rf"done: steps 2-2 of 2, [\d,]+ tokens in [\d.]+ s \([\d,]+ tokens/s\), final loss {loss:.4f}; "
+                     rf"checkpoint: {re.escape(str(checkpoints / 'step-000002'))}", out), out

@@ -1,0 +1,121 @@
+"""What `lcc run train` refuses before any rank starts: one message, exit code 2, nothing started."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from lcc.cache import write_atomically
+from lcc.cli import app
+from lcc.plan import read_plan
+from lcc.runtime.preflight import GIB, RANK_BASE_BYTES, LaunchRefused, check_machine, rank_bytes
+from tests.conftest import ROOT, SPECS
+
+GENERATED = ROOT / "generated"
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_steps_must_be_positive(steps):
+    result = run("run", "train", str(SPECS / "tiny-moe.yaml"), "--steps", steps)
+    assert result.exit_code == 2
+    assert f"--steps {steps}: the number of optimizer steps to run must be at least 1" in result.output
+
+
+def test_a_cuda_plan_of_2048_ranks_is_refused_at_once():
+    result = run("run", "train", str(GENERATED / "longcat-2.0"), "--steps", "1")
+    assert result.exit_code == 2
+    assert "a cuda plan (cluster.device.kind)" in result.output
+
+
+def test_a_serve_plan_is_not_trained():
+    result = run("run", "train", str(GENERATED / "tiny-moe" / "serve"), "--steps", "1")
+    assert result.exit_code == 2
+    assert "a serve plan; lcc run train executes train plans" in result.output
+
+
+def test_a_folder_that_is_not_a_plan(tmp_path):
+    result = run("run", "train", str(tmp_path), "--steps", "1")
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'plan.json'}: missing (not a compiled plan folder" in result.output
+
+
+def test_a_fifo_is_not_read_as_a_spec(tmp_path):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    for command in (["validate"], ["report"], ["run", "train"]):
+        result = run(*command, str(fifo))
+        assert result.exit_code == 2, command
+        assert f"{fifo}: cannot read spec: not a regular file" in result.output
+
+
+@pytest.mark.parametrize(("option", "message"), [("--metrics", "is not a folder"),
+                                                 ("--checkpoint-dir", "exists and is not a folder")])
+def test_unwritable_outputs_are_found_before_training(tmp_path, option, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = blocker / "metrics.jsonl" if option == "--metrics" else blocker
+    result = run("run", "train", str(GENERATED / "tiny-moe"), "--steps", "1", option, str(path))
+    assert result.exit_code == 2
+    assert f"{option} {path}: " in result.output and message in result.output
+
+
+def test_compile_out_must_be_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("compile", str(SPECS / "tiny-moe.yaml"), "--set", "train.steps=5", "--out", str(blocker))
+    assert result.exit_code == 2
+    assert f"--out {blocker}: exists and is not a folder" in result.output
+
+
+def test_the_machine_must_hold_the_ranks():
+    plan = read_plan(GENERATED / "tiny-moe")  # 8 ranks
+    need = sum(rank_bytes(plan))
+    assert need >= 8 * RANK_BASE_BYTES
+    check_machine(plan, force=False, cores=2, memory=need + 1)
+    with pytest.raises(LaunchRefused, match=r"the plan's 8 ranks need about .* GiB here .* more than the 1.0 GiB"):
+        check_machine(plan, force=False, cores=2, memory=GIB)
+    with pytest.raises(LaunchRefused, match="the plan has 8 ranks .* more than 16 per core on this machine's 0"):
+        check_machine(plan, force=False, cores=0.25, memory=need + 1)
+    check_machine(plan, force=True, cores=1, memory=1)  # --force
+
+
+def test_a_model_this_machine_cannot_hold_is_refused(tmp_path):
+    """10^12 experts on a device said to have 10^9 GiB: the cost model's per-rank bytes against this
+    machine's memory, before any rank allocates them."""
+    result = run("run", "train", str(SPECS / "tiny-moe.yaml"), "--steps", "1",
+                 "--set", "model.moe.n_experts=1000000000000", "--set", "model.moe.n_groups=8",
+                 "--set", "cluster.device.memory_gib=1000000000")
+    assert result.exit_code == 2, result.output
+    assert "the plan's 8 ranks need about" in result.output and "available on this machine" in result.output
+
+
+def test_report_exits_1_when_the_layout_does_not_fit():
+    result = run("report", str(SPECS / "longcat-2.0.yaml"), "--set", "cluster.device.memory_gib=8")
+    assert result.exit_code == 1
+    assert "does NOT fit" in result.output
+    assert run("report", str(SPECS / "tiny-moe.yaml")).exit_code == 0
+
+
+def test_version_and_help():
+    from lcc import __version__
+
+    assert run("--version").output.strip() == f"lcc {__version__}"
+    assert "<bool>" not in run("run", "train", "--help").output
+    assert "--force" in run("run", "train", "--help").output
+
+
+def test_the_run_cache_is_written_whole(tmp_path):
+    folder = tmp_path / "tiny-moe-0123"
+    folder.mkdir()  # a partly written folder (no plan.json) is replaced, not trusted
+    (folder / "programs").mkdir()
+    write_atomically({"plan.json": "{}\n", "programs/stage0.py": "x = 1\n"}, folder)
+    assert sorted(p.name for p in folder.rglob("*")) == ["plan.json", "programs", "stage0.py"]
+    assert not list(tmp_path.glob("*.tmp*"))
