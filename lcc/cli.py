@@ -78,22 +78,31 @@ def report(
     spec: SpecArg,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema lcc.report/1).")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="train (default) or serve: weights and KV cache per rank, KV "
+                                      "tokens that fit, a memory-bound decode step.")] = "train",
 ) -> None:
-    """Parameters, per-rank memory, FLOPs, communication, bubble and step time of a spec (no torch). Exit 1
-    when the worst rank does not fit the device memory."""
+    """Parameters, per-rank memory, FLOPs, communication, bubble and step time of a spec (no torch); with
+    --mode serve, what serving it takes. Exit 1 when the worst rank does not fit the device memory."""
     from lcc.compiler.cost import cost_report
 
+    if mode not in ("train", "serve"):
+        typer.echo(f"--mode must be train or serve, not {mode!r}", err=True)
+        raise typer.Exit(2)
     loaded = _load(spec, set_)
+    if mode == "serve" and loaded.serve is None:
+        typer.echo(f"{spec}: no serve section (serve.max_seq_len at least): nothing to report for serving", err=True)
+        raise typer.Exit(2)
     data = cost_report(loaded)
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         from rich.console import Console
 
-        from lcc.report_view import render
+        from lcc.report_view import render, render_serve
 
-        render(data, Console(width=120))
-    if not data["memory"]["fits"]:  # the report is printed; the exit code says the layout cannot train
+        (render_serve if mode == "serve" else render)(data, Console(width=120))
+    fits = data["serve"]["fits"] if mode == "serve" else data["memory"]["fits"]
+    if not fits:  # the report is printed; the exit code says the layout cannot train (or serve)
         raise typer.Exit(1)
 
 

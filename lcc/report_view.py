@@ -31,14 +31,41 @@ def _table(title: str, *columns: str) -> Table:
     return table
 
 
-def render(report: dict[str, Any], console: Console) -> None:
-    lay, params, mem = report["layout"], report["params"], report["memory"]
+def _header(report: dict[str, Any], console: Console) -> None:
+    lay = report["layout"]
     console.print(f"[bold]{report['spec']}[/bold]: world {report['world_size']} = pp {lay['pp']} x dp {lay['dp']}"
                   f" x tp {lay['tp']}; ep {lay['ep']} (edp {lay['edp']}); ZeRO-{lay['zero']}, checkpointing "
                   f"{lay['activation_checkpointing']}; {lay['schedule']} x {lay['microbatches']} micro-batches")
     dev = report["device"]
     console.print(f"devices: {dev['count']} x {escape(dev['name'])} ({dev['kind']}): {dev['peak_tflops']:g} TFLOP/s, "
                   f"{dev['memory_tbps']:g} TB/s, {dev['memory_gib']:g} GiB each")
+
+
+def render_serve(report: dict[str, Any], console: Console) -> None:
+    """`lcc report --mode serve`: per role its weights and KV cache, how many tokens of KV cache fit, and
+    the memory-bound decode step."""
+    _header(report, console)
+    serve, ex = report["serve"], report["experts"]
+    console.print(f"serving: {serve['dtype']} weights, experts {ex['serve_format']}; batch {serve['max_batch']} "
+                  f"sequences per dp rank of up to {serve['max_seq_len']} tokens")
+    t = _table("Memory per rank (serving)", "role", "weights", "KV / token", "KV at max batch", "total",
+               "KV tokens that fit", "decode reads", "decode step")
+    for r in serve["by_role"]:
+        fit = f"{r['kv_tokens_fit']:,}" if r["kv_tokens_fit"] is not None else "-"
+        t.add_row(r["role"], gib(r["weights_bytes"]), gib(r["kv_bytes_per_token"]), gib(r["kv_cache_bytes"]),
+                  gib(r["total_bytes"]), fit, gib(r["decode_read_bytes"]), f"{r['decode_seconds'] * 1e3:.3f} ms")
+    console.print(t)
+    fits = "[green]fits[/green]" if serve["fits"] else "[red]does NOT fit[/red]"
+    console.print(f"worst rank {gib(serve['worst_rank_bytes'])} of {gib(report['memory']['device_bytes'])} "
+                  f"(weights + KV cache at max batch): {fits}")
+    step = serve["decode_step"]
+    console.print(f"decode step (memory-bound): {step['seconds'] * 1e3:.3f} ms, {human(step['tokens_per_second'])} "
+                  f"tokens/s; stages in turn, full context, {step['experts_touched_share']:.0%} of experts reached")
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    lay, params, mem = report["layout"], report["params"], report["memory"]
+    _header(report, console)
 
     t = _table("Parameters", "", "count")
     for key in ("total", "embedding", "head", "attention", "dense_ffn", "router", "shared_experts", "routed_experts"):
@@ -102,4 +129,4 @@ def render(report: dict[str, Any], console: Console) -> None:
     if serve is not None:
         fits = "fits" if serve["fits"] else "does NOT fit"
         console.print(f"serving ({serve['dtype']}, batch {serve['max_batch']} x {serve['max_seq_len']} tokens): "
-                      f"worst rank {gib(serve['worst_rank_bytes'])} (weights + KV cache): {fits}")
+                      f"worst rank {gib(serve['worst_rank_bytes'])} (weights + KV cache): {fits} (--mode serve: more)")

@@ -163,3 +163,46 @@ def test_device_is_in_the_json_and_the_human_report():
     out = io.StringIO()
     render(report, Console(file=out, width=120))
     assert "2048 x H800-80GB (cuda): 989 TFLOP/s, 3.35 TB/s, 80 GiB each" in out.getvalue()
+
+
+def test_serve_report_kv_cache_and_decode_step():
+    """tiny-moe served on its layout (pp 2 x dp 4, ep 4): each stage holds 2 layers of 2 kv heads of 32 in
+    bfloat16: 2 x 2 x 64 x 2 = 512 bytes of KV cache per token; a decode step of 16 sequences per dp rank
+    (64 tokens, 2 experts each of 64) reaches 1 - (1 - 2/64)^64 of each rank's experts, and reads them, the
+    dense weights and the batch's KV cache at full context at the device's bandwidth, stage after stage."""
+    spec = load_spec(SPECS / "tiny-moe.yaml")
+    serve = cost_report(spec)["serve"]
+    device = spec.cluster.device.memory_gib * 2**30
+    bandwidth = spec.cluster.device.memory_tbps * 1e12
+    touched = 1 - (1 - 2 / 64) ** 64
+    assert serve["decode_step"]["experts_touched_share"] == pytest.approx(touched)
+    for role in serve["by_role"]:
+        assert role["kv_bytes_per_token"] == 512
+        assert role["kv_cache_bytes"] == 16 * 256 * 512
+        assert role["kv_tokens_fit"] == (device - role["weights_bytes"]) // 512
+        assert role["decode_seconds"] == pytest.approx(role["decode_read_bytes"] / bandwidth)
+        assert role["kv_cache_bytes"] < role["decode_read_bytes"] < role["kv_cache_bytes"] + role["weights_bytes"]
+    step = serve["decode_step"]
+    assert step["seconds"] == pytest.approx(sum(r["decode_seconds"] for r in serve["by_role"]))
+    assert step["tokens_per_second"] == pytest.approx(16 * 4 / step["seconds"])
+    # a longer context: more KV cache to read each step, fewer tokens per second
+    longer = cost_report(load_spec(SPECS / "tiny-moe.yaml", ["serve.max_seq_len=1024", "model.max_seq_len=1024"]))
+    assert longer["serve"]["decode_step"]["tokens_per_second"] < step["tokens_per_second"]
+
+
+def test_report_mode_serve_from_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from lcc.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(SPECS / "longcat-2.0.yaml"), "--mode", "serve"])
+    assert result.exit_code == 0, result.output
+    assert "Memory per rank (serving)" in result.output and "decode step (memory-bound): " in result.output
+    assert "KV tokens that fit" in result.output
+    tight = CliRunner().invoke(app, ["report", str(SPECS / "longcat-2.0.yaml"), "--mode", "serve", "--set",
+                                     "serve.max_batch=4096"])
+    assert tight.exit_code == 1 and "does NOT fit" in tight.output
+    bad = CliRunner().invoke(app, ["report", str(SPECS / "tiny-moe.yaml"), "--mode", "infer"])
+    assert bad.exit_code == 2 and "--mode must be train or serve" in bad.output
+    none = CliRunner().invoke(app, ["report", str(SPECS / "tiny-moe.yaml"), "--mode", "serve", "--set", "serve=null"])
+    assert none.exit_code == 2 and "no serve section" in none.output

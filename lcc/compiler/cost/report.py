@@ -395,20 +395,41 @@ def _experts(spec: Spec, routed: int) -> dict[str, Any]:
 
 
 def _serve(spec: Spec, cm: CostModel) -> dict[str, Any]:
+    """Serving on the spec's layout: per role its weights (experts int4 when quantized, the rest in
+    `serve.dtype`), the KV cache per token and at `max_batch x max_seq_len`, how many tokens of KV cache fit
+    next to the weights, and a memory-bound decode step: every rank reads its weights that the batch uses
+    (all dense weights, the routed experts its tokens reach) and the batch's KV cache at full context, at
+    the device's memory bandwidth; pipeline stages run one after the other in a step."""
     serve, quant = spec.serve, spec.quantization.experts if spec.quantization is not None else None
     wb = DTYPE_BYTES[serve.dtype]
     att = spec.model.attention
     kv_local = P.local_kv_heads(spec) * att.head_dim
+    device = spec.cluster.device.memory_gib * GIB
+    moe = spec.model.moe
+    batch = serve.max_batch
+    touched = 1.0
+    if moe is not None and spec.routing is not None:  # expected share of a rank's experts a step's tokens reach
+        k = spec.routing.k.expected if spec.routing.k.expected is not None else spec.routing.k.max
+        tokens = batch * spec.parallelism.dp  # every dp rank's sequences reach the ep ranks' experts
+        touched = 1 - (1 - min(k, moe.n_experts) / moe.n_experts) ** tokens
     by_role = []
     for role in cm.roles:
         local = P.local_params(spec, role.layers, role.first, role.last)
         experts = (expert_bytes_quantized(local.experts, quant.bits, quant.group_size, quant.symmetric) if quant
                    else wb * local.experts)
-        kv = serve.max_batch * serve.max_seq_len * len(role.layers) * 2 * kv_local * wb
+        per_token = len(role.layers) * 2 * kv_local * wb
+        kv = batch * serve.max_seq_len * per_token
         weights = wb * local.dense + experts
+        read = wb * local.dense + touched * experts + kv
         by_role.append({"role": f"pp{role.pp_rank}", "weights_bytes": weights, "kv_cache_bytes": kv,
-                        "total_bytes": weights + kv})
+                        "total_bytes": weights + kv, "kv_bytes_per_token": per_token,
+                        "kv_tokens_fit": max(0, int((device - weights) // per_token)) if per_token else None,
+                        "decode_read_bytes": read, "decode_seconds": read / cm.bandwidth})
     worst = max(by_role, key=lambda r: r["total_bytes"])
-    return {"dtype": serve.dtype, "max_batch": serve.max_batch, "max_seq_len": serve.max_seq_len,
+    step = sum(r["decode_seconds"] for r in by_role)
+    return {"dtype": serve.dtype, "max_batch": batch, "max_seq_len": serve.max_seq_len,
             "by_role": by_role, "worst_rank_bytes": worst["total_bytes"],
-            "fits": worst["total_bytes"] <= spec.cluster.device.memory_gib * GIB}
+            "fits": worst["total_bytes"] <= device,
+            "decode_step": {"batch_per_dp_rank": batch, "context": serve.max_seq_len,
+                            "experts_touched_share": touched, "seconds": step,
+                            "tokens_per_second": batch * spec.parallelism.dp / step if step else None}}
