@@ -29,11 +29,17 @@ def precision(spec: Spec, mode: str) -> tuple[str, str]:
     return ("float32", "bfloat16") if dtype == "bfloat16" else (dtype, dtype)
 
 
+def sequence_parallel(spec: Spec, mode: str) -> bool:
+    """Training plans split the sequence over tp when the spec asks; serve plans never do (a decode step
+    has one position per sequence)."""
+    return mode == "train" and spec.parallelism.sequence_parallel and spec.parallelism.tp > 1
+
+
 def dims(spec: Spec, mode: str) -> Dims:
     par, train = spec.parallelism, spec.train
     b = train.global_batch // (par.dp * par.pipeline.microbatches)
     s = train.seq_len
     params, compute = precision(spec, mode)
-    s_local = s // par.tp if par.sequence_parallel else s
+    s_local = s // par.tp if sequence_parallel(spec, mode) else s
     return Dims(b, s, spec.model.d_model, b * s, b * s // par.tp, s_local, params, compute,
                 "float64" if params == "float64" else "float32")

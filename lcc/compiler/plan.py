@@ -104,11 +104,16 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:
     """Each pipeline rank's actions with `{stage}REDUCE_GRAD` after the last backward of every stage that
-    reduces gradients: gradient buckets, or ZeRO-3's reduce-scatters."""
+    reduces gradients (gradient buckets, or ZeRO-3's reduce-scatters), and after that backward's send to
+    the previous stage, which then need not wait for the reduction."""
     out = []
     for actions in lowered:
         last = {a.stage: i for i, a in enumerate(actions) if a.kind == "B"}
-        after = {i: s for s, i in last.items() if state.buckets.get(s) or _zero3_scatters(state, s)}
+        after = {}
+        for s, i in last.items():
+            if state.buckets.get(s) or _zero3_scatters(state, s):
+                sends = i + 1 < len(actions) and actions[i + 1] == Action(s, "SEND_B", actions[i].mb)
+                after[i + 1 if sends else i] = s  # the gradient goes to the previous stage first
         mine: list[Action] = []
         for i, a in enumerate(actions):
             mine.append(a)
@@ -191,12 +196,13 @@ def actions_text(plan: Plan) -> str:
     by_stage = {r.stage: r for r in plan.roles}
     for r, actions in enumerate(plan.schedule.actions):
         lines.append(f"pp_rank {r}:")
+        last_b = {Action.parse(a).stage: i for i, a in enumerate(actions) if Action.parse(a).kind == "B"}
         for index, text in enumerate(actions):
             extra = ""
             action = Action.parse(text)
             kind = action.kind
             role = by_stage[action.stage]
-            final = index + 1 < len(actions) and actions[index + 1] == f"{action.stage}REDUCE_GRAD"
+            final = index == last_b.get(action.stage)
             if kind == "REDUCE_GRAD":
                 buckets = role.grad_buckets
                 further = [f"all_reduce({axis})" for b in buckets for axis in b.axes[1:]]

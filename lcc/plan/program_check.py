@@ -110,8 +110,8 @@ class _Reader:
         if self.size(axis) == 1:
             return
         forward, backward = OPS[name]
-        if name == "gather_sequence" and (self.checkpointed or recomputing):
-            backward = backward[:1]  # the checkpoint keeps its gathered input: no second all-gather
+        if name == "gather_sequence" and (self.checkpointed or recomputing or self.plan.precision.autocast):
+            backward = backward[:1]  # the checkpoint (or autocast's copy) keeps the gathered input: no re-gather
         if not recomputing:
             self.out.forward += [(op, axis, None) for op in forward]
             self.out.backward += [(op, axis) for op in backward]

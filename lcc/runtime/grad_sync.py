@@ -3,8 +3,10 @@ gradients, so that it overlaps the rest of backward.
 
 A bucket of stage s is live in the stage's last backward of the step (`when: step`) or in each of its
 backwards (`microbatch`). A hook on each parameter notes when its gradient for the running backward is
-accumulated; buckets are issued strictly in the plan's order (every rank of a group issues the same
-collectives in the same order), a bucket as soon as it and the ones before it are complete. The stage's
+accumulated; a bucket is issued as soon as it and the buckets before it on the same process group are
+complete (every rank of a group then issues the same collectives in the same order, while buckets of
+different groups, such as the dense parameters' over dp and the experts' over edp, do not wait for each
+other); a bucket on a group that the program's own collectives use is issued after backward. The stage's
 `REDUCE_GRAD` action issues what is left (gradients a backward did not reach count as zeros), waits, and
 runs the bucket's further axes on the result.
 
@@ -39,10 +41,12 @@ class GradSync:
                 for name in b.params:
                     self.where[name] = (s, i)
                     params[name].register_post_accumulate_grad_hook(self._hook(name))
+        # the process groups each stage's program uses (forward collectives rerun in backward when recomputed)
+        self.busy = {s: {id(group(c.axis)) for c in (*r.forward, *r.backward)} for s, r in roles.items()}
         self.stage: int | None = None
         self.final = False
         self.ready: dict[int, set[str]] = {}
-        self.next = 0
+        self.issued: set[int] = set()  # buckets of the running backward issued (or not live in it)
         self.pending: list[tuple[int, Any, torch.Tensor]] = []  # (bucket, work, its flat tensor)
         self.flat: dict[tuple[int, int], torch.Tensor] = {}  # reduced (or accumulated pieces) per bucket
         self.reduced: dict[str, torch.Tensor] = {}  # the step's result per parameter: whole, or a padded piece
@@ -50,7 +54,7 @@ class GradSync:
     # ------------------------------------------------------------------------------ backward
     def begin(self, stage: int, final: bool) -> None:
         """Before a backward of `stage`; `final`: its last in this step."""
-        self.stage, self.final, self.ready, self.next = stage, final, {}, 0
+        self.stage, self.final, self.ready, self.issued = stage, final, {}, set()
 
     def _live(self, b: GradBucket) -> bool:
         return self.final or b.when == "microbatch"
@@ -65,14 +69,27 @@ class GradSync:
         return hook
 
     def _issue(self, complete_only: bool) -> None:
+        """Issue, on each process group, the buckets that are complete and come next in the plan's order of
+        that group's buckets (only the order within a group must be the same on every rank). During
+        backward (`complete_only`), a bucket whose group the program's own collectives also use waits for
+        the end of backward: where it would fall among them depends on autograd's order, which may differ
+        between ranks."""
         buckets = self.buckets.get(self.stage, [])
-        while self.next < len(buckets):
-            b = buckets[self.next]
-            if self._live(b):
-                if complete_only and len(self.ready.get(self.next, ())) < len(b.params):
-                    return
-                self._start(self.next, b)
-            self.next += 1
+        by_group: dict[int, list[int]] = {}
+        for i, b in enumerate(buckets):
+            by_group.setdefault(id(self.group(b.axes[0])), []).append(i)
+        for key, members in by_group.items():
+            if complete_only and key in self.busy.get(self.stage, set()):
+                continue
+            for i in members:
+                if i in self.issued:
+                    continue
+                b = buckets[i]
+                if self._live(b):
+                    if complete_only and len(self.ready.get(i, ())) < len(b.params):
+                        break
+                    self._start(i, b)
+                self.issued.add(i)
 
     def _start(self, i: int, b: GradBucket) -> None:
         grads = [self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])

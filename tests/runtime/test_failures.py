@@ -144,7 +144,9 @@ class _Cli:
         """Wait until it has trained a step."""
         metrics, deadline = self.folder / "metrics.jsonl", time.monotonic() + 60
         while not (metrics.exists() and metrics.read_text().strip()):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended with {self.proc.returncode}: {self.proc.communicate()[1]}")
+            assert time.monotonic() < deadline, "the run did not start"
             time.sleep(0.05)
         assert len(_group(self.proc.pid)) >= 4  # the launcher, the fork server, two ranks, the resource tracker
 

@@ -62,7 +62,7 @@ def _rank(rank: int, port: int, errors: str) -> None:
         names = list(SHAPES)
         for op, when in (("reduce_scatter", "microbatch"), ("reduce_scatter", "step"), ("all_reduce", "step")):
             W = {n: torch.nn.Parameter(t.clone()) for n, t in full.items()}
-            role = types.SimpleNamespace(grad_buckets=[GradBucket(op, ["dp"], names, 0, when)])
+            role = types.SimpleNamespace(grad_buckets=[GradBucket(op, ["dp"], names, 0, when)], forward=[], backward=[])
             sync = GradSync({0: role}, W, lambda axis: G.dp, lambda n: 3)
             for final in (False, True):
                 sync.begin(0, final)
@@ -96,3 +96,25 @@ def test_uneven_pieces_on_three_ranks(tmp_path):
             pass
     except mp.ProcessRaisedException:
         pytest.fail("\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))))
+
+
+def test_buckets_wait_only_for_earlier_buckets_of_their_own_group(monkeypatch):
+    """Buckets are issued in the plan's order per process group as their gradients complete; a bucket of
+    another group does not wait for them; one on a group the program itself uses waits for the end of
+    backward (REDUCE_GRAD)."""
+    x, y, tp = object(), object(), object()
+    groups = {"dp": x, "edp": y, "tp": tp}
+    W = {n: torch.nn.Parameter(torch.ones(3)) for n in ("a", "b", "c", "d")}
+    buckets = [GradBucket("all_reduce", ["dp"], ["a"], 3), GradBucket("all_reduce", ["dp"], ["b"], 3),
+               GradBucket("all_reduce", ["edp"], ["c"], 3), GradBucket("all_reduce", ["tp"], ["d"], 3)]
+    uses_tp = [types.SimpleNamespace(axis="tp")]
+    role = types.SimpleNamespace(grad_buckets=buckets, forward=uses_tp, backward=[])
+    sync = GradSync({0: role}, W, groups.get, lambda n: 1)
+    issued = []
+    monkeypatch.setattr(sync, "_start", lambda i, b: issued.append(i))
+    sync.begin(0, final=True)
+    for name, after in (("c", [2]), ("b", [2]), ("d", [2]), ("a", [2, 0, 1])):
+        W[name].sum().backward()  # one gradient completes
+        assert issued == after, name
+    sync._issue(complete_only=False)  # REDUCE_GRAD: what is left
+    assert issued == [2, 0, 1, 3]

@@ -12,7 +12,7 @@ in backward; `full` keeps only each layer's input and recomputes the layer. Serv
 from __future__ import annotations
 
 from lcc.compiler.cost.report import CostModel
-from lcc.compiler.dims import dims
+from lcc.compiler.dims import dims, precision
 from lcc.compiler.state import FUNCTION_START, REGION_START, CompileState
 from lcc.compiler.trace import layer_of
 from lcc.plan.types import Collective, Memory, Zero, chunk_size
@@ -59,8 +59,10 @@ def run(state: CompileState) -> None:
         for stage in range(len(state.stage_bounds)):
             _gathers(state, stage, recompute == "selective")
     sharded = ["optimizer states", "gradients", "parameters"][:zero]
+    params_dtype, compute_dtype = precision(state.spec, state.mode)
     regathered = (["ZeRO-3 parameters"] if zero >= 3 else []) + (
-        ["sequence-parallel inputs of column-parallel layers"] if par.sequence_parallel and par.tp > 1 else [])
+        ["sequence-parallel inputs of column-parallel layers"]
+        if par.sequence_parallel and par.tp > 1 and train and params_dtype == compute_dtype else [])
     when = CostModel(state.spec).grad_reduce_when if zero >= 2 else "step"
     state.memory = Memory(zero, recompute, RECOMPUTED[recompute], sharded,
                           "all_gather of the updated parameter shards" if zero in (1, 2) else None, regathered, when)

@@ -5,7 +5,7 @@ parallelism each TP rank already holds its share of the tokens: nothing to split
 
 from __future__ import annotations
 
-from lcc.compiler.dims import dims
+from lcc.compiler.dims import dims, sequence_parallel
 from lcc.compiler.state import AFTER, AT, BEFORE, CompileState
 from lcc.plan.types import Collective
 
@@ -27,7 +27,7 @@ def run(state: CompileState) -> None:
     for layer in spec.model.moe_layers:
         site, s = f"layers.{layer}.ffn", stage_of[layer]
         router, dispatch, experts, combine = (f"{site}.{p}" for p in ("router", "dispatch", "experts", "combine"))
-        folding = par.tp > 1 and not par.sequence_parallel
+        folding = par.tp > 1 and not sequence_parallel(spec, state.mode)
         if folding:
             state.add(s, router, BEFORE, "split_tokens", [], [Collective(
                 "all_gather", "tp", router, "gradients of the TP group's tokens", [d.T_moe, d.D], d.params)])

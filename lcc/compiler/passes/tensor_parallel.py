@@ -6,7 +6,8 @@ the cross-entropy's max and sums over the vocabulary slices.
 With sequence parallelism the residual stream, norms and routers hold s / tp positions of each sequence
 (dimension 1; the shared experts' flattened tokens, dimension 0). `gather_sequence` (an all-gather,
 backward a reduce-scatter; autograd keeps only the rank's slice, and backward gathers it again for the
-weight gradients unless the whole layer is recomputed) replaces copy_to_tp; `reduce_scatter_sequence`
+weight gradients unless the whole layer is recomputed or autocast keeps a low-precision copy of its
+own) replaces copy_to_tp; `reduce_scatter_sequence`
 (backward an all-gather) replaces the all-reduces after the row-parallel layers and the embedding. Norm
 weights then see only their rank's positions: their gradients are summed over tp, as the routers' are."""
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lcc.compiler.dims import Dims, dims
+from lcc.compiler.dims import Dims, dims, sequence_parallel
 from lcc.compiler.state import AFTER, BEFORE, LOSS_POSITION, CompileState
 from lcc.plan.types import Collective, Shard
 
@@ -30,7 +31,7 @@ def run(state: CompileState) -> None:
     spec = state.spec
     tp = spec.parallelism.tp
     n_kv = spec.model.attention.n_kv_heads
-    sequence_parallel = spec.parallelism.sequence_parallel
+    sp = sequence_parallel(spec, state.mode)
     for name, info in state.params.items():
         if info.expert:
             continue
@@ -49,7 +50,7 @@ def run(state: CompileState) -> None:
         # (MoE layers split them), and with sequence parallelism so does a norm: their gradients are summed
         # over tp too. Copies of a kv head on tp / n_kv ranks each see their own query heads' share: summed
         # over kv
-        partial = ".ffn.router." in name or (sequence_parallel and name.endswith("norm.weight"))
+        partial = ".ffn.router." in name or (sp and name.endswith("norm.weight"))
         info.grad_reduce = ["dp"] + (["tp"] if partial and tp > 1 else []) + (
             ["kv"] if shard is not None and shard.parts < tp else [])
     if tp > 1:
@@ -67,8 +68,10 @@ def _sequence(d: Dims, tp: int, shared: bool, dtype: str, site: str) -> tuple[Co
 def _collectives(state: CompileState) -> None:
     d = dims(state.spec, state.mode)
     tp = state.spec.parallelism.tp
-    sp = state.spec.parallelism.sequence_parallel
+    sp = sequence_parallel(state.spec, state.mode)
     full = state.mode == "train" and state.spec.parallelism.activation_checkpointing == "full"
+    # under autocast the column-parallel layers keep their own low-precision copy of the gathered input
+    autocast = d.params != d.compute
     tied = state.spec.model.tie_embeddings
     stage_of = state.stage_of_layer()
     entered: set[str] = set()  # inputs already copied into a TP region (q, k and v share one)
@@ -101,7 +104,7 @@ def _collectives(state: CompileState) -> None:
             if sp:
                 gather, scatter = _sequence(d, tp, shared, d.params, site)
                 backward = [_what(scatter, "gradient of the column-parallel input, this rank's positions")]
-                if not (full and layer is not None):  # kept as this rank's slice, gathered again for backward
+                if not (full and layer is not None) and not autocast:  # kept as a slice, gathered again
                     backward.append(_what(gather, "every rank's positions again, for the weight gradients"))
                 state.add(stage, site, BEFORE, "gather_sequence", [_what(gather, "every rank's positions")],
                           backward, dim=dim)

@@ -123,36 +123,38 @@ def forward(P, B, tokens_bs, G, ctx):
 def embedding(P, B, tokens_bs, G, ctx):
     """The token embedding."""
     embed = ops.embedding_shard(tokens_bs, P["embed.weight"], vocab_start=ctx.tp_rank * 16384)
-    embed = ops.reduce_scatter_sequence(embed, G.tp, dim=1)  # vocab-parallel embedding: sum over tp, this rank's positions
+    embed = ops.all_reduce(embed, G.tp)  # vocab-parallel embedding: sum over tp
     return embed
 
 
 def layer_0(P, B, embed, G, ctx):
     """Layer 0: attention, then the MoE block."""
     layers_0_attn_norm = ops.rms_norm(embed, P["layers.0.attn_norm.weight"], eps=1e-05)
-    layers_0_attn_norm_tp = ops.gather_sequence(layers_0_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_0_attn_norm_tp = ops.copy_to_tp(layers_0_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_0_attn_wq = ops.linear(layers_0_attn_norm_tp, P["layers.0.attn.wq.weight"])
     layers_0_attn_wk = ops.linear(layers_0_attn_norm_tp, P["layers.0.attn.wk.weight"])
     layers_0_attn_wv = ops.linear(layers_0_attn_norm_tp, P["layers.0.attn.wv.weight"])
     layers_0_attn_core = ops.attention(layers_0_attn_wq, layers_0_attn_wk, layers_0_attn_wv, head_dim=128, theta=1000000.0)
     layers_0_attn_wo = ops.linear(layers_0_attn_core, P["layers.0.attn.wo.weight"])
-    layers_0_attn_wo = ops.reduce_scatter_sequence(layers_0_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_0_attn_wo = ops.all_reduce(layers_0_attn_wo, G.tp)  # row-parallel: sum partial results
     add = embed + layers_0_attn_wo
     layers_0_ffn_norm = ops.rms_norm(add, P["layers.0.ffn_norm.weight"], eps=1e-05)
     getattr_1 = layers_0_ffn_norm.shape
     getitem = getattr_1[-1]
     reshape = layers_0_ffn_norm.reshape(-1, getitem)
-    layers_0_ffn_router = ops.route(reshape, P["layers.0.ffn.router.centroids_GD"], P["layers.0.ffn.router.weight_ED"], B["layers.0.ffn.router.bias_E"], ctx.routing)
+    reshape_mine = ops.split_tokens(reshape, G.tp)  # this rank's 1/tp of the tokens
+    layers_0_ffn_router = ops.route(reshape_mine, P["layers.0.ffn.router.centroids_GD"], P["layers.0.ffn.router.weight_ED"], B["layers.0.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.0.ffn", layers_0_ffn_router)  # loads, k per token, losses
     layers_0_ffn_dispatch = ops.moe_plan(layers_0_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_2 = layers_0_ffn_dispatch.token_S
-    index_select = reshape.index_select(0, getattr_2)
+    index_select = reshape_mine.index_select(0, getattr_2)
     index_select = ops.all_to_all(index_select, layers_0_ffn_dispatch.send, layers_0_ffn_dispatch.recv, G.ep)  # dispatch
     index_select = index_select.index_select(0, layers_0_ffn_dispatch.order)  # group rows by local expert
     layers_0_ffn_experts = ops.grouped_swiglu_int4(index_select, layers_0_ffn_dispatch.local_counts, P["layers.0.ffn.experts.w1_EFD"], P["layers.0.ffn.experts.w3_EFD"], P["layers.0.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_0_ffn_experts = layers_0_ffn_experts.index_select(0, layers_0_ffn_dispatch.inverse)
     layers_0_ffn_experts = ops.all_to_all(layers_0_ffn_experts, layers_0_ffn_dispatch.recv, layers_0_ffn_dispatch.send, G.ep)  # combine
-    layers_0_ffn_combine = ops.combine_tokens(layers_0_ffn_experts, layers_0_ffn_dispatch, reshape)
+    layers_0_ffn_combine = ops.combine_tokens(layers_0_ffn_experts, layers_0_ffn_dispatch, reshape_mine)
+    layers_0_ffn_combine = ops.gather_tokens(layers_0_ffn_combine, G.tp)  # the TP group's tokens
     view = layers_0_ffn_combine.view(getattr_1)
     add_1 = add + view
     return add_1
@@ -161,29 +163,31 @@ def layer_0(P, B, embed, G, ctx):
 def layer_1(P, B, add_1, G, ctx):
     """Layer 1: attention, then the MoE block."""
     layers_1_attn_norm = ops.rms_norm(add_1, P["layers.1.attn_norm.weight"], eps=1e-05)
-    layers_1_attn_norm_tp = ops.gather_sequence(layers_1_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_1_attn_norm_tp = ops.copy_to_tp(layers_1_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_1_attn_wq = ops.linear(layers_1_attn_norm_tp, P["layers.1.attn.wq.weight"])
     layers_1_attn_wk = ops.linear(layers_1_attn_norm_tp, P["layers.1.attn.wk.weight"])
     layers_1_attn_wv = ops.linear(layers_1_attn_norm_tp, P["layers.1.attn.wv.weight"])
     layers_1_attn_core = ops.attention(layers_1_attn_wq, layers_1_attn_wk, layers_1_attn_wv, head_dim=128, theta=1000000.0)
     layers_1_attn_wo = ops.linear(layers_1_attn_core, P["layers.1.attn.wo.weight"])
-    layers_1_attn_wo = ops.reduce_scatter_sequence(layers_1_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_1_attn_wo = ops.all_reduce(layers_1_attn_wo, G.tp)  # row-parallel: sum partial results
     add_2 = add_1 + layers_1_attn_wo
     layers_1_ffn_norm = ops.rms_norm(add_2, P["layers.1.ffn_norm.weight"], eps=1e-05)
     getattr_4 = layers_1_ffn_norm.shape
     getitem_1 = getattr_4[-1]
     reshape_1 = layers_1_ffn_norm.reshape(-1, getitem_1)
-    layers_1_ffn_router = ops.route(reshape_1, P["layers.1.ffn.router.centroids_GD"], P["layers.1.ffn.router.weight_ED"], B["layers.1.ffn.router.bias_E"], ctx.routing)
+    reshape_1_mine = ops.split_tokens(reshape_1, G.tp)  # this rank's 1/tp of the tokens
+    layers_1_ffn_router = ops.route(reshape_1_mine, P["layers.1.ffn.router.centroids_GD"], P["layers.1.ffn.router.weight_ED"], B["layers.1.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.1.ffn", layers_1_ffn_router)  # loads, k per token, losses
     layers_1_ffn_dispatch = ops.moe_plan(layers_1_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_5 = layers_1_ffn_dispatch.token_S
-    index_select_1 = reshape_1.index_select(0, getattr_5)
+    index_select_1 = reshape_1_mine.index_select(0, getattr_5)
     index_select_1 = ops.all_to_all(index_select_1, layers_1_ffn_dispatch.send, layers_1_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_1 = index_select_1.index_select(0, layers_1_ffn_dispatch.order)  # group rows by local expert
     layers_1_ffn_experts = ops.grouped_swiglu_int4(index_select_1, layers_1_ffn_dispatch.local_counts, P["layers.1.ffn.experts.w1_EFD"], P["layers.1.ffn.experts.w3_EFD"], P["layers.1.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_1_ffn_experts = layers_1_ffn_experts.index_select(0, layers_1_ffn_dispatch.inverse)
     layers_1_ffn_experts = ops.all_to_all(layers_1_ffn_experts, layers_1_ffn_dispatch.recv, layers_1_ffn_dispatch.send, G.ep)  # combine
-    layers_1_ffn_combine = ops.combine_tokens(layers_1_ffn_experts, layers_1_ffn_dispatch, reshape_1)
+    layers_1_ffn_combine = ops.combine_tokens(layers_1_ffn_experts, layers_1_ffn_dispatch, reshape_1_mine)
+    layers_1_ffn_combine = ops.gather_tokens(layers_1_ffn_combine, G.tp)  # the TP group's tokens
     view_1 = layers_1_ffn_combine.view(getattr_4)
     add_3 = add_2 + view_1
     return add_3
@@ -192,29 +196,31 @@ def layer_1(P, B, add_1, G, ctx):
 def layer_2(P, B, add_3, G, ctx):
     """Layer 2: attention, then the MoE block."""
     layers_2_attn_norm = ops.rms_norm(add_3, P["layers.2.attn_norm.weight"], eps=1e-05)
-    layers_2_attn_norm_tp = ops.gather_sequence(layers_2_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_2_attn_norm_tp = ops.copy_to_tp(layers_2_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_2_attn_wq = ops.linear(layers_2_attn_norm_tp, P["layers.2.attn.wq.weight"])
     layers_2_attn_wk = ops.linear(layers_2_attn_norm_tp, P["layers.2.attn.wk.weight"])
     layers_2_attn_wv = ops.linear(layers_2_attn_norm_tp, P["layers.2.attn.wv.weight"])
     layers_2_attn_core = ops.attention(layers_2_attn_wq, layers_2_attn_wk, layers_2_attn_wv, head_dim=128, theta=1000000.0)
     layers_2_attn_wo = ops.linear(layers_2_attn_core, P["layers.2.attn.wo.weight"])
-    layers_2_attn_wo = ops.reduce_scatter_sequence(layers_2_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_2_attn_wo = ops.all_reduce(layers_2_attn_wo, G.tp)  # row-parallel: sum partial results
     add_4 = add_3 + layers_2_attn_wo
     layers_2_ffn_norm = ops.rms_norm(add_4, P["layers.2.ffn_norm.weight"], eps=1e-05)
     getattr_7 = layers_2_ffn_norm.shape
     getitem_2 = getattr_7[-1]
     reshape_2 = layers_2_ffn_norm.reshape(-1, getitem_2)
-    layers_2_ffn_router = ops.route(reshape_2, P["layers.2.ffn.router.centroids_GD"], P["layers.2.ffn.router.weight_ED"], B["layers.2.ffn.router.bias_E"], ctx.routing)
+    reshape_2_mine = ops.split_tokens(reshape_2, G.tp)  # this rank's 1/tp of the tokens
+    layers_2_ffn_router = ops.route(reshape_2_mine, P["layers.2.ffn.router.centroids_GD"], P["layers.2.ffn.router.weight_ED"], B["layers.2.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.2.ffn", layers_2_ffn_router)  # loads, k per token, losses
     layers_2_ffn_dispatch = ops.moe_plan(layers_2_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_8 = layers_2_ffn_dispatch.token_S
-    index_select_2 = reshape_2.index_select(0, getattr_8)
+    index_select_2 = reshape_2_mine.index_select(0, getattr_8)
     index_select_2 = ops.all_to_all(index_select_2, layers_2_ffn_dispatch.send, layers_2_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_2 = index_select_2.index_select(0, layers_2_ffn_dispatch.order)  # group rows by local expert
     layers_2_ffn_experts = ops.grouped_swiglu_int4(index_select_2, layers_2_ffn_dispatch.local_counts, P["layers.2.ffn.experts.w1_EFD"], P["layers.2.ffn.experts.w3_EFD"], P["layers.2.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_2_ffn_experts = layers_2_ffn_experts.index_select(0, layers_2_ffn_dispatch.inverse)
     layers_2_ffn_experts = ops.all_to_all(layers_2_ffn_experts, layers_2_ffn_dispatch.recv, layers_2_ffn_dispatch.send, G.ep)  # combine
-    layers_2_ffn_combine = ops.combine_tokens(layers_2_ffn_experts, layers_2_ffn_dispatch, reshape_2)
+    layers_2_ffn_combine = ops.combine_tokens(layers_2_ffn_experts, layers_2_ffn_dispatch, reshape_2_mine)
+    layers_2_ffn_combine = ops.gather_tokens(layers_2_ffn_combine, G.tp)  # the TP group's tokens
     view_2 = layers_2_ffn_combine.view(getattr_7)
     add_5 = add_4 + view_2
     return add_5
@@ -223,29 +229,31 @@ def layer_2(P, B, add_3, G, ctx):
 def layer_3(P, B, add_5, G, ctx):
     """Layer 3: attention, then the MoE block."""
     layers_3_attn_norm = ops.rms_norm(add_5, P["layers.3.attn_norm.weight"], eps=1e-05)
-    layers_3_attn_norm_tp = ops.gather_sequence(layers_3_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_3_attn_norm_tp = ops.copy_to_tp(layers_3_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_3_attn_wq = ops.linear(layers_3_attn_norm_tp, P["layers.3.attn.wq.weight"])
     layers_3_attn_wk = ops.linear(layers_3_attn_norm_tp, P["layers.3.attn.wk.weight"])
     layers_3_attn_wv = ops.linear(layers_3_attn_norm_tp, P["layers.3.attn.wv.weight"])
     layers_3_attn_core = ops.attention(layers_3_attn_wq, layers_3_attn_wk, layers_3_attn_wv, head_dim=128, theta=1000000.0)
     layers_3_attn_wo = ops.linear(layers_3_attn_core, P["layers.3.attn.wo.weight"])
-    layers_3_attn_wo = ops.reduce_scatter_sequence(layers_3_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_3_attn_wo = ops.all_reduce(layers_3_attn_wo, G.tp)  # row-parallel: sum partial results
     add_6 = add_5 + layers_3_attn_wo
     layers_3_ffn_norm = ops.rms_norm(add_6, P["layers.3.ffn_norm.weight"], eps=1e-05)
     getattr_10 = layers_3_ffn_norm.shape
     getitem_3 = getattr_10[-1]
     reshape_3 = layers_3_ffn_norm.reshape(-1, getitem_3)
-    layers_3_ffn_router = ops.route(reshape_3, P["layers.3.ffn.router.centroids_GD"], P["layers.3.ffn.router.weight_ED"], B["layers.3.ffn.router.bias_E"], ctx.routing)
+    reshape_3_mine = ops.split_tokens(reshape_3, G.tp)  # this rank's 1/tp of the tokens
+    layers_3_ffn_router = ops.route(reshape_3_mine, P["layers.3.ffn.router.centroids_GD"], P["layers.3.ffn.router.weight_ED"], B["layers.3.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.3.ffn", layers_3_ffn_router)  # loads, k per token, losses
     layers_3_ffn_dispatch = ops.moe_plan(layers_3_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_11 = layers_3_ffn_dispatch.token_S
-    index_select_3 = reshape_3.index_select(0, getattr_11)
+    index_select_3 = reshape_3_mine.index_select(0, getattr_11)
     index_select_3 = ops.all_to_all(index_select_3, layers_3_ffn_dispatch.send, layers_3_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_3 = index_select_3.index_select(0, layers_3_ffn_dispatch.order)  # group rows by local expert
     layers_3_ffn_experts = ops.grouped_swiglu_int4(index_select_3, layers_3_ffn_dispatch.local_counts, P["layers.3.ffn.experts.w1_EFD"], P["layers.3.ffn.experts.w3_EFD"], P["layers.3.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_3_ffn_experts = layers_3_ffn_experts.index_select(0, layers_3_ffn_dispatch.inverse)
     layers_3_ffn_experts = ops.all_to_all(layers_3_ffn_experts, layers_3_ffn_dispatch.recv, layers_3_ffn_dispatch.send, G.ep)  # combine
-    layers_3_ffn_combine = ops.combine_tokens(layers_3_ffn_experts, layers_3_ffn_dispatch, reshape_3)
+    layers_3_ffn_combine = ops.combine_tokens(layers_3_ffn_experts, layers_3_ffn_dispatch, reshape_3_mine)
+    layers_3_ffn_combine = ops.gather_tokens(layers_3_ffn_combine, G.tp)  # the TP group's tokens
     view_3 = layers_3_ffn_combine.view(getattr_10)
     add_7 = add_6 + view_3
     return add_7
@@ -254,29 +262,31 @@ def layer_3(P, B, add_5, G, ctx):
 def layer_4(P, B, add_7, G, ctx):
     """Layer 4: attention, then the MoE block."""
     layers_4_attn_norm = ops.rms_norm(add_7, P["layers.4.attn_norm.weight"], eps=1e-05)
-    layers_4_attn_norm_tp = ops.gather_sequence(layers_4_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_4_attn_norm_tp = ops.copy_to_tp(layers_4_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_4_attn_wq = ops.linear(layers_4_attn_norm_tp, P["layers.4.attn.wq.weight"])
     layers_4_attn_wk = ops.linear(layers_4_attn_norm_tp, P["layers.4.attn.wk.weight"])
     layers_4_attn_wv = ops.linear(layers_4_attn_norm_tp, P["layers.4.attn.wv.weight"])
     layers_4_attn_core = ops.attention(layers_4_attn_wq, layers_4_attn_wk, layers_4_attn_wv, head_dim=128, theta=1000000.0)
     layers_4_attn_wo = ops.linear(layers_4_attn_core, P["layers.4.attn.wo.weight"])
-    layers_4_attn_wo = ops.reduce_scatter_sequence(layers_4_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_4_attn_wo = ops.all_reduce(layers_4_attn_wo, G.tp)  # row-parallel: sum partial results
     add_8 = add_7 + layers_4_attn_wo
     layers_4_ffn_norm = ops.rms_norm(add_8, P["layers.4.ffn_norm.weight"], eps=1e-05)
     getattr_13 = layers_4_ffn_norm.shape
     getitem_4 = getattr_13[-1]
     reshape_4 = layers_4_ffn_norm.reshape(-1, getitem_4)
-    layers_4_ffn_router = ops.route(reshape_4, P["layers.4.ffn.router.centroids_GD"], P["layers.4.ffn.router.weight_ED"], B["layers.4.ffn.router.bias_E"], ctx.routing)
+    reshape_4_mine = ops.split_tokens(reshape_4, G.tp)  # this rank's 1/tp of the tokens
+    layers_4_ffn_router = ops.route(reshape_4_mine, P["layers.4.ffn.router.centroids_GD"], P["layers.4.ffn.router.weight_ED"], B["layers.4.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.4.ffn", layers_4_ffn_router)  # loads, k per token, losses
     layers_4_ffn_dispatch = ops.moe_plan(layers_4_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_14 = layers_4_ffn_dispatch.token_S
-    index_select_4 = reshape_4.index_select(0, getattr_14)
+    index_select_4 = reshape_4_mine.index_select(0, getattr_14)
     index_select_4 = ops.all_to_all(index_select_4, layers_4_ffn_dispatch.send, layers_4_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_4 = index_select_4.index_select(0, layers_4_ffn_dispatch.order)  # group rows by local expert
     layers_4_ffn_experts = ops.grouped_swiglu_int4(index_select_4, layers_4_ffn_dispatch.local_counts, P["layers.4.ffn.experts.w1_EFD"], P["layers.4.ffn.experts.w3_EFD"], P["layers.4.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_4_ffn_experts = layers_4_ffn_experts.index_select(0, layers_4_ffn_dispatch.inverse)
     layers_4_ffn_experts = ops.all_to_all(layers_4_ffn_experts, layers_4_ffn_dispatch.recv, layers_4_ffn_dispatch.send, G.ep)  # combine
-    layers_4_ffn_combine = ops.combine_tokens(layers_4_ffn_experts, layers_4_ffn_dispatch, reshape_4)
+    layers_4_ffn_combine = ops.combine_tokens(layers_4_ffn_experts, layers_4_ffn_dispatch, reshape_4_mine)
+    layers_4_ffn_combine = ops.gather_tokens(layers_4_ffn_combine, G.tp)  # the TP group's tokens
     view_4 = layers_4_ffn_combine.view(getattr_13)
     add_9 = add_8 + view_4
     return add_9
@@ -285,29 +295,31 @@ def layer_4(P, B, add_7, G, ctx):
 def layer_5(P, B, add_9, G, ctx):
     """Layer 5: attention, then the MoE block."""
     layers_5_attn_norm = ops.rms_norm(add_9, P["layers.5.attn_norm.weight"], eps=1e-05)
-    layers_5_attn_norm_tp = ops.gather_sequence(layers_5_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_5_attn_norm_tp = ops.copy_to_tp(layers_5_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_5_attn_wq = ops.linear(layers_5_attn_norm_tp, P["layers.5.attn.wq.weight"])
     layers_5_attn_wk = ops.linear(layers_5_attn_norm_tp, P["layers.5.attn.wk.weight"])
     layers_5_attn_wv = ops.linear(layers_5_attn_norm_tp, P["layers.5.attn.wv.weight"])
     layers_5_attn_core = ops.attention(layers_5_attn_wq, layers_5_attn_wk, layers_5_attn_wv, head_dim=128, theta=1000000.0)
     layers_5_attn_wo = ops.linear(layers_5_attn_core, P["layers.5.attn.wo.weight"])
-    layers_5_attn_wo = ops.reduce_scatter_sequence(layers_5_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_5_attn_wo = ops.all_reduce(layers_5_attn_wo, G.tp)  # row-parallel: sum partial results
     add_10 = add_9 + layers_5_attn_wo
     layers_5_ffn_norm = ops.rms_norm(add_10, P["layers.5.ffn_norm.weight"], eps=1e-05)
     getattr_16 = layers_5_ffn_norm.shape
     getitem_5 = getattr_16[-1]
     reshape_5 = layers_5_ffn_norm.reshape(-1, getitem_5)
-    layers_5_ffn_router = ops.route(reshape_5, P["layers.5.ffn.router.centroids_GD"], P["layers.5.ffn.router.weight_ED"], B["layers.5.ffn.router.bias_E"], ctx.routing)
+    reshape_5_mine = ops.split_tokens(reshape_5, G.tp)  # this rank's 1/tp of the tokens
+    layers_5_ffn_router = ops.route(reshape_5_mine, P["layers.5.ffn.router.centroids_GD"], P["layers.5.ffn.router.weight_ED"], B["layers.5.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.5.ffn", layers_5_ffn_router)  # loads, k per token, losses
     layers_5_ffn_dispatch = ops.moe_plan(layers_5_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_17 = layers_5_ffn_dispatch.token_S
-    index_select_5 = reshape_5.index_select(0, getattr_17)
+    index_select_5 = reshape_5_mine.index_select(0, getattr_17)
     index_select_5 = ops.all_to_all(index_select_5, layers_5_ffn_dispatch.send, layers_5_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_5 = index_select_5.index_select(0, layers_5_ffn_dispatch.order)  # group rows by local expert
     layers_5_ffn_experts = ops.grouped_swiglu_int4(index_select_5, layers_5_ffn_dispatch.local_counts, P["layers.5.ffn.experts.w1_EFD"], P["layers.5.ffn.experts.w3_EFD"], P["layers.5.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_5_ffn_experts = layers_5_ffn_experts.index_select(0, layers_5_ffn_dispatch.inverse)
     layers_5_ffn_experts = ops.all_to_all(layers_5_ffn_experts, layers_5_ffn_dispatch.recv, layers_5_ffn_dispatch.send, G.ep)  # combine
-    layers_5_ffn_combine = ops.combine_tokens(layers_5_ffn_experts, layers_5_ffn_dispatch, reshape_5)
+    layers_5_ffn_combine = ops.combine_tokens(layers_5_ffn_experts, layers_5_ffn_dispatch, reshape_5_mine)
+    layers_5_ffn_combine = ops.gather_tokens(layers_5_ffn_combine, G.tp)  # the TP group's tokens
     view_5 = layers_5_ffn_combine.view(getattr_16)
     add_11 = add_10 + view_5
     return add_11
@@ -316,29 +328,31 @@ def layer_5(P, B, add_9, G, ctx):
 def layer_6(P, B, add_11, G, ctx):
     """Layer 6: attention, then the MoE block."""
     layers_6_attn_norm = ops.rms_norm(add_11, P["layers.6.attn_norm.weight"], eps=1e-05)
-    layers_6_attn_norm_tp = ops.gather_sequence(layers_6_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_6_attn_norm_tp = ops.copy_to_tp(layers_6_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_6_attn_wq = ops.linear(layers_6_attn_norm_tp, P["layers.6.attn.wq.weight"])
     layers_6_attn_wk = ops.linear(layers_6_attn_norm_tp, P["layers.6.attn.wk.weight"])
     layers_6_attn_wv = ops.linear(layers_6_attn_norm_tp, P["layers.6.attn.wv.weight"])
     layers_6_attn_core = ops.attention(layers_6_attn_wq, layers_6_attn_wk, layers_6_attn_wv, head_dim=128, theta=1000000.0)
     layers_6_attn_wo = ops.linear(layers_6_attn_core, P["layers.6.attn.wo.weight"])
-    layers_6_attn_wo = ops.reduce_scatter_sequence(layers_6_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_6_attn_wo = ops.all_reduce(layers_6_attn_wo, G.tp)  # row-parallel: sum partial results
     add_12 = add_11 + layers_6_attn_wo
     layers_6_ffn_norm = ops.rms_norm(add_12, P["layers.6.ffn_norm.weight"], eps=1e-05)
     getattr_19 = layers_6_ffn_norm.shape
     getitem_6 = getattr_19[-1]
     reshape_6 = layers_6_ffn_norm.reshape(-1, getitem_6)
-    layers_6_ffn_router = ops.route(reshape_6, P["layers.6.ffn.router.centroids_GD"], P["layers.6.ffn.router.weight_ED"], B["layers.6.ffn.router.bias_E"], ctx.routing)
+    reshape_6_mine = ops.split_tokens(reshape_6, G.tp)  # this rank's 1/tp of the tokens
+    layers_6_ffn_router = ops.route(reshape_6_mine, P["layers.6.ffn.router.centroids_GD"], P["layers.6.ffn.router.weight_ED"], B["layers.6.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.6.ffn", layers_6_ffn_router)  # loads, k per token, losses
     layers_6_ffn_dispatch = ops.moe_plan(layers_6_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_20 = layers_6_ffn_dispatch.token_S
-    index_select_6 = reshape_6.index_select(0, getattr_20)
+    index_select_6 = reshape_6_mine.index_select(0, getattr_20)
     index_select_6 = ops.all_to_all(index_select_6, layers_6_ffn_dispatch.send, layers_6_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_6 = index_select_6.index_select(0, layers_6_ffn_dispatch.order)  # group rows by local expert
     layers_6_ffn_experts = ops.grouped_swiglu_int4(index_select_6, layers_6_ffn_dispatch.local_counts, P["layers.6.ffn.experts.w1_EFD"], P["layers.6.ffn.experts.w3_EFD"], P["layers.6.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_6_ffn_experts = layers_6_ffn_experts.index_select(0, layers_6_ffn_dispatch.inverse)
     layers_6_ffn_experts = ops.all_to_all(layers_6_ffn_experts, layers_6_ffn_dispatch.recv, layers_6_ffn_dispatch.send, G.ep)  # combine
-    layers_6_ffn_combine = ops.combine_tokens(layers_6_ffn_experts, layers_6_ffn_dispatch, reshape_6)
+    layers_6_ffn_combine = ops.combine_tokens(layers_6_ffn_experts, layers_6_ffn_dispatch, reshape_6_mine)
+    layers_6_ffn_combine = ops.gather_tokens(layers_6_ffn_combine, G.tp)  # the TP group's tokens
     view_6 = layers_6_ffn_combine.view(getattr_19)
     add_13 = add_12 + view_6
     return add_13
@@ -347,29 +361,31 @@ def layer_6(P, B, add_11, G, ctx):
 def layer_7(P, B, add_13, G, ctx):
     """Layer 7: attention, then the MoE block."""
     layers_7_attn_norm = ops.rms_norm(add_13, P["layers.7.attn_norm.weight"], eps=1e-05)
-    layers_7_attn_norm_tp = ops.gather_sequence(layers_7_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_7_attn_norm_tp = ops.copy_to_tp(layers_7_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_7_attn_wq = ops.linear(layers_7_attn_norm_tp, P["layers.7.attn.wq.weight"])
     layers_7_attn_wk = ops.linear(layers_7_attn_norm_tp, P["layers.7.attn.wk.weight"])
     layers_7_attn_wv = ops.linear(layers_7_attn_norm_tp, P["layers.7.attn.wv.weight"])
     layers_7_attn_core = ops.attention(layers_7_attn_wq, layers_7_attn_wk, layers_7_attn_wv, head_dim=128, theta=1000000.0)
     layers_7_attn_wo = ops.linear(layers_7_attn_core, P["layers.7.attn.wo.weight"])
-    layers_7_attn_wo = ops.reduce_scatter_sequence(layers_7_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_7_attn_wo = ops.all_reduce(layers_7_attn_wo, G.tp)  # row-parallel: sum partial results
     add_14 = add_13 + layers_7_attn_wo
     layers_7_ffn_norm = ops.rms_norm(add_14, P["layers.7.ffn_norm.weight"], eps=1e-05)
     getattr_22 = layers_7_ffn_norm.shape
     getitem_7 = getattr_22[-1]
     reshape_7 = layers_7_ffn_norm.reshape(-1, getitem_7)
-    layers_7_ffn_router = ops.route(reshape_7, P["layers.7.ffn.router.centroids_GD"], P["layers.7.ffn.router.weight_ED"], B["layers.7.ffn.router.bias_E"], ctx.routing)
+    reshape_7_mine = ops.split_tokens(reshape_7, G.tp)  # this rank's 1/tp of the tokens
+    layers_7_ffn_router = ops.route(reshape_7_mine, P["layers.7.ffn.router.centroids_GD"], P["layers.7.ffn.router.weight_ED"], B["layers.7.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.7.ffn", layers_7_ffn_router)  # loads, k per token, losses
     layers_7_ffn_dispatch = ops.moe_plan(layers_7_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_23 = layers_7_ffn_dispatch.token_S
-    index_select_7 = reshape_7.index_select(0, getattr_23)
+    index_select_7 = reshape_7_mine.index_select(0, getattr_23)
     index_select_7 = ops.all_to_all(index_select_7, layers_7_ffn_dispatch.send, layers_7_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_7 = index_select_7.index_select(0, layers_7_ffn_dispatch.order)  # group rows by local expert
     layers_7_ffn_experts = ops.grouped_swiglu_int4(index_select_7, layers_7_ffn_dispatch.local_counts, P["layers.7.ffn.experts.w1_EFD"], P["layers.7.ffn.experts.w3_EFD"], P["layers.7.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_7_ffn_experts = layers_7_ffn_experts.index_select(0, layers_7_ffn_dispatch.inverse)
     layers_7_ffn_experts = ops.all_to_all(layers_7_ffn_experts, layers_7_ffn_dispatch.recv, layers_7_ffn_dispatch.send, G.ep)  # combine
-    layers_7_ffn_combine = ops.combine_tokens(layers_7_ffn_experts, layers_7_ffn_dispatch, reshape_7)
+    layers_7_ffn_combine = ops.combine_tokens(layers_7_ffn_experts, layers_7_ffn_dispatch, reshape_7_mine)
+    layers_7_ffn_combine = ops.gather_tokens(layers_7_ffn_combine, G.tp)  # the TP group's tokens
     view_7 = layers_7_ffn_combine.view(getattr_22)
     add_15 = add_14 + view_7
     return add_15

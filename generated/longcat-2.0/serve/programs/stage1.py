@@ -121,29 +121,31 @@ def forward(P, B, add_15, G, ctx):
 def layer_8(P, B, add_15, G, ctx):
     """Layer 8: attention, then the MoE block."""
     layers_8_attn_norm = ops.rms_norm(add_15, P["layers.8.attn_norm.weight"], eps=1e-05)
-    layers_8_attn_norm_tp = ops.gather_sequence(layers_8_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_8_attn_norm_tp = ops.copy_to_tp(layers_8_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_8_attn_wq = ops.linear(layers_8_attn_norm_tp, P["layers.8.attn.wq.weight"])
     layers_8_attn_wk = ops.linear(layers_8_attn_norm_tp, P["layers.8.attn.wk.weight"])
     layers_8_attn_wv = ops.linear(layers_8_attn_norm_tp, P["layers.8.attn.wv.weight"])
     layers_8_attn_core = ops.attention(layers_8_attn_wq, layers_8_attn_wk, layers_8_attn_wv, head_dim=128, theta=1000000.0)
     layers_8_attn_wo = ops.linear(layers_8_attn_core, P["layers.8.attn.wo.weight"])
-    layers_8_attn_wo = ops.reduce_scatter_sequence(layers_8_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_8_attn_wo = ops.all_reduce(layers_8_attn_wo, G.tp)  # row-parallel: sum partial results
     add_16 = add_15 + layers_8_attn_wo
     layers_8_ffn_norm = ops.rms_norm(add_16, P["layers.8.ffn_norm.weight"], eps=1e-05)
     getattr_25 = layers_8_ffn_norm.shape
     getitem_8 = getattr_25[-1]
     reshape_8 = layers_8_ffn_norm.reshape(-1, getitem_8)
-    layers_8_ffn_router = ops.route(reshape_8, P["layers.8.ffn.router.centroids_GD"], P["layers.8.ffn.router.weight_ED"], B["layers.8.ffn.router.bias_E"], ctx.routing)
+    reshape_8_mine = ops.split_tokens(reshape_8, G.tp)  # this rank's 1/tp of the tokens
+    layers_8_ffn_router = ops.route(reshape_8_mine, P["layers.8.ffn.router.centroids_GD"], P["layers.8.ffn.router.weight_ED"], B["layers.8.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.8.ffn", layers_8_ffn_router)  # loads, k per token, losses
     layers_8_ffn_dispatch = ops.moe_plan(layers_8_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_26 = layers_8_ffn_dispatch.token_S
-    index_select_8 = reshape_8.index_select(0, getattr_26)
+    index_select_8 = reshape_8_mine.index_select(0, getattr_26)
     index_select_8 = ops.all_to_all(index_select_8, layers_8_ffn_dispatch.send, layers_8_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_8 = index_select_8.index_select(0, layers_8_ffn_dispatch.order)  # group rows by local expert
     layers_8_ffn_experts = ops.grouped_swiglu_int4(index_select_8, layers_8_ffn_dispatch.local_counts, P["layers.8.ffn.experts.w1_EFD"], P["layers.8.ffn.experts.w3_EFD"], P["layers.8.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_8_ffn_experts = layers_8_ffn_experts.index_select(0, layers_8_ffn_dispatch.inverse)
     layers_8_ffn_experts = ops.all_to_all(layers_8_ffn_experts, layers_8_ffn_dispatch.recv, layers_8_ffn_dispatch.send, G.ep)  # combine
-    layers_8_ffn_combine = ops.combine_tokens(layers_8_ffn_experts, layers_8_ffn_dispatch, reshape_8)
+    layers_8_ffn_combine = ops.combine_tokens(layers_8_ffn_experts, layers_8_ffn_dispatch, reshape_8_mine)
+    layers_8_ffn_combine = ops.gather_tokens(layers_8_ffn_combine, G.tp)  # the TP group's tokens
     view_8 = layers_8_ffn_combine.view(getattr_25)
     add_17 = add_16 + view_8
     return add_17
@@ -152,29 +154,31 @@ def layer_8(P, B, add_15, G, ctx):
 def layer_9(P, B, add_17, G, ctx):
     """Layer 9: attention, then the MoE block."""
     layers_9_attn_norm = ops.rms_norm(add_17, P["layers.9.attn_norm.weight"], eps=1e-05)
-    layers_9_attn_norm_tp = ops.gather_sequence(layers_9_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_9_attn_norm_tp = ops.copy_to_tp(layers_9_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_9_attn_wq = ops.linear(layers_9_attn_norm_tp, P["layers.9.attn.wq.weight"])
     layers_9_attn_wk = ops.linear(layers_9_attn_norm_tp, P["layers.9.attn.wk.weight"])
     layers_9_attn_wv = ops.linear(layers_9_attn_norm_tp, P["layers.9.attn.wv.weight"])
     layers_9_attn_core = ops.attention(layers_9_attn_wq, layers_9_attn_wk, layers_9_attn_wv, head_dim=128, theta=1000000.0)
     layers_9_attn_wo = ops.linear(layers_9_attn_core, P["layers.9.attn.wo.weight"])
-    layers_9_attn_wo = ops.reduce_scatter_sequence(layers_9_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_9_attn_wo = ops.all_reduce(layers_9_attn_wo, G.tp)  # row-parallel: sum partial results
     add_18 = add_17 + layers_9_attn_wo
     layers_9_ffn_norm = ops.rms_norm(add_18, P["layers.9.ffn_norm.weight"], eps=1e-05)
     getattr_28 = layers_9_ffn_norm.shape
     getitem_9 = getattr_28[-1]
     reshape_9 = layers_9_ffn_norm.reshape(-1, getitem_9)
-    layers_9_ffn_router = ops.route(reshape_9, P["layers.9.ffn.router.centroids_GD"], P["layers.9.ffn.router.weight_ED"], B["layers.9.ffn.router.bias_E"], ctx.routing)
+    reshape_9_mine = ops.split_tokens(reshape_9, G.tp)  # this rank's 1/tp of the tokens
+    layers_9_ffn_router = ops.route(reshape_9_mine, P["layers.9.ffn.router.centroids_GD"], P["layers.9.ffn.router.weight_ED"], B["layers.9.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.9.ffn", layers_9_ffn_router)  # loads, k per token, losses
     layers_9_ffn_dispatch = ops.moe_plan(layers_9_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_29 = layers_9_ffn_dispatch.token_S
-    index_select_9 = reshape_9.index_select(0, getattr_29)
+    index_select_9 = reshape_9_mine.index_select(0, getattr_29)
     index_select_9 = ops.all_to_all(index_select_9, layers_9_ffn_dispatch.send, layers_9_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_9 = index_select_9.index_select(0, layers_9_ffn_dispatch.order)  # group rows by local expert
     layers_9_ffn_experts = ops.grouped_swiglu_int4(index_select_9, layers_9_ffn_dispatch.local_counts, P["layers.9.ffn.experts.w1_EFD"], P["layers.9.ffn.experts.w3_EFD"], P["layers.9.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_9_ffn_experts = layers_9_ffn_experts.index_select(0, layers_9_ffn_dispatch.inverse)
     layers_9_ffn_experts = ops.all_to_all(layers_9_ffn_experts, layers_9_ffn_dispatch.recv, layers_9_ffn_dispatch.send, G.ep)  # combine
-    layers_9_ffn_combine = ops.combine_tokens(layers_9_ffn_experts, layers_9_ffn_dispatch, reshape_9)
+    layers_9_ffn_combine = ops.combine_tokens(layers_9_ffn_experts, layers_9_ffn_dispatch, reshape_9_mine)
+    layers_9_ffn_combine = ops.gather_tokens(layers_9_ffn_combine, G.tp)  # the TP group's tokens
     view_9 = layers_9_ffn_combine.view(getattr_28)
     add_19 = add_18 + view_9
     return add_19
@@ -183,29 +187,31 @@ def layer_9(P, B, add_17, G, ctx):
 def layer_10(P, B, add_19, G, ctx):
     """Layer 10: attention, then the MoE block."""
     layers_10_attn_norm = ops.rms_norm(add_19, P["layers.10.attn_norm.weight"], eps=1e-05)
-    layers_10_attn_norm_tp = ops.gather_sequence(layers_10_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_10_attn_norm_tp = ops.copy_to_tp(layers_10_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_10_attn_wq = ops.linear(layers_10_attn_norm_tp, P["layers.10.attn.wq.weight"])
     layers_10_attn_wk = ops.linear(layers_10_attn_norm_tp, P["layers.10.attn.wk.weight"])
     layers_10_attn_wv = ops.linear(layers_10_attn_norm_tp, P["layers.10.attn.wv.weight"])
     layers_10_attn_core = ops.attention(layers_10_attn_wq, layers_10_attn_wk, layers_10_attn_wv, head_dim=128, theta=1000000.0)
     layers_10_attn_wo = ops.linear(layers_10_attn_core, P["layers.10.attn.wo.weight"])
-    layers_10_attn_wo = ops.reduce_scatter_sequence(layers_10_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_10_attn_wo = ops.all_reduce(layers_10_attn_wo, G.tp)  # row-parallel: sum partial results
     add_20 = add_19 + layers_10_attn_wo
     layers_10_ffn_norm = ops.rms_norm(add_20, P["layers.10.ffn_norm.weight"], eps=1e-05)
     getattr_31 = layers_10_ffn_norm.shape
     getitem_10 = getattr_31[-1]
     reshape_10 = layers_10_ffn_norm.reshape(-1, getitem_10)
-    layers_10_ffn_router = ops.route(reshape_10, P["layers.10.ffn.router.centroids_GD"], P["layers.10.ffn.router.weight_ED"], B["layers.10.ffn.router.bias_E"], ctx.routing)
+    reshape_10_mine = ops.split_tokens(reshape_10, G.tp)  # this rank's 1/tp of the tokens
+    layers_10_ffn_router = ops.route(reshape_10_mine, P["layers.10.ffn.router.centroids_GD"], P["layers.10.ffn.router.weight_ED"], B["layers.10.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.10.ffn", layers_10_ffn_router)  # loads, k per token, losses
     layers_10_ffn_dispatch = ops.moe_plan(layers_10_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_32 = layers_10_ffn_dispatch.token_S
-    index_select_10 = reshape_10.index_select(0, getattr_32)
+    index_select_10 = reshape_10_mine.index_select(0, getattr_32)
     index_select_10 = ops.all_to_all(index_select_10, layers_10_ffn_dispatch.send, layers_10_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_10 = index_select_10.index_select(0, layers_10_ffn_dispatch.order)  # group rows by local expert
     layers_10_ffn_experts = ops.grouped_swiglu_int4(index_select_10, layers_10_ffn_dispatch.local_counts, P["layers.10.ffn.experts.w1_EFD"], P["layers.10.ffn.experts.w3_EFD"], P["layers.10.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_10_ffn_experts = layers_10_ffn_experts.index_select(0, layers_10_ffn_dispatch.inverse)
     layers_10_ffn_experts = ops.all_to_all(layers_10_ffn_experts, layers_10_ffn_dispatch.recv, layers_10_ffn_dispatch.send, G.ep)  # combine
-    layers_10_ffn_combine = ops.combine_tokens(layers_10_ffn_experts, layers_10_ffn_dispatch, reshape_10)
+    layers_10_ffn_combine = ops.combine_tokens(layers_10_ffn_experts, layers_10_ffn_dispatch, reshape_10_mine)
+    layers_10_ffn_combine = ops.gather_tokens(layers_10_ffn_combine, G.tp)  # the TP group's tokens
     view_10 = layers_10_ffn_combine.view(getattr_31)
     add_21 = add_20 + view_10
     return add_21
@@ -214,29 +220,31 @@ def layer_10(P, B, add_19, G, ctx):
 def layer_11(P, B, add_21, G, ctx):
     """Layer 11: attention, then the MoE block."""
     layers_11_attn_norm = ops.rms_norm(add_21, P["layers.11.attn_norm.weight"], eps=1e-05)
-    layers_11_attn_norm_tp = ops.gather_sequence(layers_11_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_11_attn_norm_tp = ops.copy_to_tp(layers_11_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_11_attn_wq = ops.linear(layers_11_attn_norm_tp, P["layers.11.attn.wq.weight"])
     layers_11_attn_wk = ops.linear(layers_11_attn_norm_tp, P["layers.11.attn.wk.weight"])
     layers_11_attn_wv = ops.linear(layers_11_attn_norm_tp, P["layers.11.attn.wv.weight"])
     layers_11_attn_core = ops.attention(layers_11_attn_wq, layers_11_attn_wk, layers_11_attn_wv, head_dim=128, theta=1000000.0)
     layers_11_attn_wo = ops.linear(layers_11_attn_core, P["layers.11.attn.wo.weight"])
-    layers_11_attn_wo = ops.reduce_scatter_sequence(layers_11_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_11_attn_wo = ops.all_reduce(layers_11_attn_wo, G.tp)  # row-parallel: sum partial results
     add_22 = add_21 + layers_11_attn_wo
     layers_11_ffn_norm = ops.rms_norm(add_22, P["layers.11.ffn_norm.weight"], eps=1e-05)
     getattr_34 = layers_11_ffn_norm.shape
     getitem_11 = getattr_34[-1]
     reshape_11 = layers_11_ffn_norm.reshape(-1, getitem_11)
-    layers_11_ffn_router = ops.route(reshape_11, P["layers.11.ffn.router.centroids_GD"], P["layers.11.ffn.router.weight_ED"], B["layers.11.ffn.router.bias_E"], ctx.routing)
+    reshape_11_mine = ops.split_tokens(reshape_11, G.tp)  # this rank's 1/tp of the tokens
+    layers_11_ffn_router = ops.route(reshape_11_mine, P["layers.11.ffn.router.centroids_GD"], P["layers.11.ffn.router.weight_ED"], B["layers.11.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.11.ffn", layers_11_ffn_router)  # loads, k per token, losses
     layers_11_ffn_dispatch = ops.moe_plan(layers_11_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_35 = layers_11_ffn_dispatch.token_S
-    index_select_11 = reshape_11.index_select(0, getattr_35)
+    index_select_11 = reshape_11_mine.index_select(0, getattr_35)
     index_select_11 = ops.all_to_all(index_select_11, layers_11_ffn_dispatch.send, layers_11_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_11 = index_select_11.index_select(0, layers_11_ffn_dispatch.order)  # group rows by local expert
     layers_11_ffn_experts = ops.grouped_swiglu_int4(index_select_11, layers_11_ffn_dispatch.local_counts, P["layers.11.ffn.experts.w1_EFD"], P["layers.11.ffn.experts.w3_EFD"], P["layers.11.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_11_ffn_experts = layers_11_ffn_experts.index_select(0, layers_11_ffn_dispatch.inverse)
     layers_11_ffn_experts = ops.all_to_all(layers_11_ffn_experts, layers_11_ffn_dispatch.recv, layers_11_ffn_dispatch.send, G.ep)  # combine
-    layers_11_ffn_combine = ops.combine_tokens(layers_11_ffn_experts, layers_11_ffn_dispatch, reshape_11)
+    layers_11_ffn_combine = ops.combine_tokens(layers_11_ffn_experts, layers_11_ffn_dispatch, reshape_11_mine)
+    layers_11_ffn_combine = ops.gather_tokens(layers_11_ffn_combine, G.tp)  # the TP group's tokens
     view_11 = layers_11_ffn_combine.view(getattr_34)
     add_23 = add_22 + view_11
     return add_23
@@ -245,29 +253,31 @@ def layer_11(P, B, add_21, G, ctx):
 def layer_12(P, B, add_23, G, ctx):
     """Layer 12: attention, then the MoE block."""
     layers_12_attn_norm = ops.rms_norm(add_23, P["layers.12.attn_norm.weight"], eps=1e-05)
-    layers_12_attn_norm_tp = ops.gather_sequence(layers_12_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_12_attn_norm_tp = ops.copy_to_tp(layers_12_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_12_attn_wq = ops.linear(layers_12_attn_norm_tp, P["layers.12.attn.wq.weight"])
     layers_12_attn_wk = ops.linear(layers_12_attn_norm_tp, P["layers.12.attn.wk.weight"])
     layers_12_attn_wv = ops.linear(layers_12_attn_norm_tp, P["layers.12.attn.wv.weight"])
     layers_12_attn_core = ops.attention(layers_12_attn_wq, layers_12_attn_wk, layers_12_attn_wv, head_dim=128, theta=1000000.0)
     layers_12_attn_wo = ops.linear(layers_12_attn_core, P["layers.12.attn.wo.weight"])
-    layers_12_attn_wo = ops.reduce_scatter_sequence(layers_12_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_12_attn_wo = ops.all_reduce(layers_12_attn_wo, G.tp)  # row-parallel: sum partial results
     add_24 = add_23 + layers_12_attn_wo
     layers_12_ffn_norm = ops.rms_norm(add_24, P["layers.12.ffn_norm.weight"], eps=1e-05)
     getattr_37 = layers_12_ffn_norm.shape
     getitem_12 = getattr_37[-1]
     reshape_12 = layers_12_ffn_norm.reshape(-1, getitem_12)
-    layers_12_ffn_router = ops.route(reshape_12, P["layers.12.ffn.router.centroids_GD"], P["layers.12.ffn.router.weight_ED"], B["layers.12.ffn.router.bias_E"], ctx.routing)
+    reshape_12_mine = ops.split_tokens(reshape_12, G.tp)  # this rank's 1/tp of the tokens
+    layers_12_ffn_router = ops.route(reshape_12_mine, P["layers.12.ffn.router.centroids_GD"], P["layers.12.ffn.router.weight_ED"], B["layers.12.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.12.ffn", layers_12_ffn_router)  # loads, k per token, losses
     layers_12_ffn_dispatch = ops.moe_plan(layers_12_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_38 = layers_12_ffn_dispatch.token_S
-    index_select_12 = reshape_12.index_select(0, getattr_38)
+    index_select_12 = reshape_12_mine.index_select(0, getattr_38)
     index_select_12 = ops.all_to_all(index_select_12, layers_12_ffn_dispatch.send, layers_12_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_12 = index_select_12.index_select(0, layers_12_ffn_dispatch.order)  # group rows by local expert
     layers_12_ffn_experts = ops.grouped_swiglu_int4(index_select_12, layers_12_ffn_dispatch.local_counts, P["layers.12.ffn.experts.w1_EFD"], P["layers.12.ffn.experts.w3_EFD"], P["layers.12.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_12_ffn_experts = layers_12_ffn_experts.index_select(0, layers_12_ffn_dispatch.inverse)
     layers_12_ffn_experts = ops.all_to_all(layers_12_ffn_experts, layers_12_ffn_dispatch.recv, layers_12_ffn_dispatch.send, G.ep)  # combine
-    layers_12_ffn_combine = ops.combine_tokens(layers_12_ffn_experts, layers_12_ffn_dispatch, reshape_12)
+    layers_12_ffn_combine = ops.combine_tokens(layers_12_ffn_experts, layers_12_ffn_dispatch, reshape_12_mine)
+    layers_12_ffn_combine = ops.gather_tokens(layers_12_ffn_combine, G.tp)  # the TP group's tokens
     view_12 = layers_12_ffn_combine.view(getattr_37)
     add_25 = add_24 + view_12
     return add_25
@@ -276,29 +286,31 @@ def layer_12(P, B, add_23, G, ctx):
 def layer_13(P, B, add_25, G, ctx):
     """Layer 13: attention, then the MoE block."""
     layers_13_attn_norm = ops.rms_norm(add_25, P["layers.13.attn_norm.weight"], eps=1e-05)
-    layers_13_attn_norm_tp = ops.gather_sequence(layers_13_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_13_attn_norm_tp = ops.copy_to_tp(layers_13_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_13_attn_wq = ops.linear(layers_13_attn_norm_tp, P["layers.13.attn.wq.weight"])
     layers_13_attn_wk = ops.linear(layers_13_attn_norm_tp, P["layers.13.attn.wk.weight"])
     layers_13_attn_wv = ops.linear(layers_13_attn_norm_tp, P["layers.13.attn.wv.weight"])
     layers_13_attn_core = ops.attention(layers_13_attn_wq, layers_13_attn_wk, layers_13_attn_wv, head_dim=128, theta=1000000.0)
     layers_13_attn_wo = ops.linear(layers_13_attn_core, P["layers.13.attn.wo.weight"])
-    layers_13_attn_wo = ops.reduce_scatter_sequence(layers_13_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_13_attn_wo = ops.all_reduce(layers_13_attn_wo, G.tp)  # row-parallel: sum partial results
     add_26 = add_25 + layers_13_attn_wo
     layers_13_ffn_norm = ops.rms_norm(add_26, P["layers.13.ffn_norm.weight"], eps=1e-05)
     getattr_40 = layers_13_ffn_norm.shape
     getitem_13 = getattr_40[-1]
     reshape_13 = layers_13_ffn_norm.reshape(-1, getitem_13)
-    layers_13_ffn_router = ops.route(reshape_13, P["layers.13.ffn.router.centroids_GD"], P["layers.13.ffn.router.weight_ED"], B["layers.13.ffn.router.bias_E"], ctx.routing)
+    reshape_13_mine = ops.split_tokens(reshape_13, G.tp)  # this rank's 1/tp of the tokens
+    layers_13_ffn_router = ops.route(reshape_13_mine, P["layers.13.ffn.router.centroids_GD"], P["layers.13.ffn.router.weight_ED"], B["layers.13.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.13.ffn", layers_13_ffn_router)  # loads, k per token, losses
     layers_13_ffn_dispatch = ops.moe_plan(layers_13_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_41 = layers_13_ffn_dispatch.token_S
-    index_select_13 = reshape_13.index_select(0, getattr_41)
+    index_select_13 = reshape_13_mine.index_select(0, getattr_41)
     index_select_13 = ops.all_to_all(index_select_13, layers_13_ffn_dispatch.send, layers_13_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_13 = index_select_13.index_select(0, layers_13_ffn_dispatch.order)  # group rows by local expert
     layers_13_ffn_experts = ops.grouped_swiglu_int4(index_select_13, layers_13_ffn_dispatch.local_counts, P["layers.13.ffn.experts.w1_EFD"], P["layers.13.ffn.experts.w3_EFD"], P["layers.13.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_13_ffn_experts = layers_13_ffn_experts.index_select(0, layers_13_ffn_dispatch.inverse)
     layers_13_ffn_experts = ops.all_to_all(layers_13_ffn_experts, layers_13_ffn_dispatch.recv, layers_13_ffn_dispatch.send, G.ep)  # combine
-    layers_13_ffn_combine = ops.combine_tokens(layers_13_ffn_experts, layers_13_ffn_dispatch, reshape_13)
+    layers_13_ffn_combine = ops.combine_tokens(layers_13_ffn_experts, layers_13_ffn_dispatch, reshape_13_mine)
+    layers_13_ffn_combine = ops.gather_tokens(layers_13_ffn_combine, G.tp)  # the TP group's tokens
     view_13 = layers_13_ffn_combine.view(getattr_40)
     add_27 = add_26 + view_13
     return add_27
@@ -307,29 +319,31 @@ def layer_13(P, B, add_25, G, ctx):
 def layer_14(P, B, add_27, G, ctx):
     """Layer 14: attention, then the MoE block."""
     layers_14_attn_norm = ops.rms_norm(add_27, P["layers.14.attn_norm.weight"], eps=1e-05)
-    layers_14_attn_norm_tp = ops.gather_sequence(layers_14_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_14_attn_norm_tp = ops.copy_to_tp(layers_14_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_14_attn_wq = ops.linear(layers_14_attn_norm_tp, P["layers.14.attn.wq.weight"])
     layers_14_attn_wk = ops.linear(layers_14_attn_norm_tp, P["layers.14.attn.wk.weight"])
     layers_14_attn_wv = ops.linear(layers_14_attn_norm_tp, P["layers.14.attn.wv.weight"])
     layers_14_attn_core = ops.attention(layers_14_attn_wq, layers_14_attn_wk, layers_14_attn_wv, head_dim=128, theta=1000000.0)
     layers_14_attn_wo = ops.linear(layers_14_attn_core, P["layers.14.attn.wo.weight"])
-    layers_14_attn_wo = ops.reduce_scatter_sequence(layers_14_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_14_attn_wo = ops.all_reduce(layers_14_attn_wo, G.tp)  # row-parallel: sum partial results
     add_28 = add_27 + layers_14_attn_wo
     layers_14_ffn_norm = ops.rms_norm(add_28, P["layers.14.ffn_norm.weight"], eps=1e-05)
     getattr_43 = layers_14_ffn_norm.shape
     getitem_14 = getattr_43[-1]
     reshape_14 = layers_14_ffn_norm.reshape(-1, getitem_14)
-    layers_14_ffn_router = ops.route(reshape_14, P["layers.14.ffn.router.centroids_GD"], P["layers.14.ffn.router.weight_ED"], B["layers.14.ffn.router.bias_E"], ctx.routing)
+    reshape_14_mine = ops.split_tokens(reshape_14, G.tp)  # this rank's 1/tp of the tokens
+    layers_14_ffn_router = ops.route(reshape_14_mine, P["layers.14.ffn.router.centroids_GD"], P["layers.14.ffn.router.weight_ED"], B["layers.14.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.14.ffn", layers_14_ffn_router)  # loads, k per token, losses
     layers_14_ffn_dispatch = ops.moe_plan(layers_14_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_44 = layers_14_ffn_dispatch.token_S
-    index_select_14 = reshape_14.index_select(0, getattr_44)
+    index_select_14 = reshape_14_mine.index_select(0, getattr_44)
     index_select_14 = ops.all_to_all(index_select_14, layers_14_ffn_dispatch.send, layers_14_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_14 = index_select_14.index_select(0, layers_14_ffn_dispatch.order)  # group rows by local expert
     layers_14_ffn_experts = ops.grouped_swiglu_int4(index_select_14, layers_14_ffn_dispatch.local_counts, P["layers.14.ffn.experts.w1_EFD"], P["layers.14.ffn.experts.w3_EFD"], P["layers.14.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_14_ffn_experts = layers_14_ffn_experts.index_select(0, layers_14_ffn_dispatch.inverse)
     layers_14_ffn_experts = ops.all_to_all(layers_14_ffn_experts, layers_14_ffn_dispatch.recv, layers_14_ffn_dispatch.send, G.ep)  # combine
-    layers_14_ffn_combine = ops.combine_tokens(layers_14_ffn_experts, layers_14_ffn_dispatch, reshape_14)
+    layers_14_ffn_combine = ops.combine_tokens(layers_14_ffn_experts, layers_14_ffn_dispatch, reshape_14_mine)
+    layers_14_ffn_combine = ops.gather_tokens(layers_14_ffn_combine, G.tp)  # the TP group's tokens
     view_14 = layers_14_ffn_combine.view(getattr_43)
     add_29 = add_28 + view_14
     return add_29
@@ -338,29 +352,31 @@ def layer_14(P, B, add_27, G, ctx):
 def layer_15(P, B, add_29, G, ctx):
     """Layer 15: attention, then the MoE block."""
     layers_15_attn_norm = ops.rms_norm(add_29, P["layers.15.attn_norm.weight"], eps=1e-05)
-    layers_15_attn_norm_tp = ops.gather_sequence(layers_15_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_15_attn_norm_tp = ops.copy_to_tp(layers_15_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_15_attn_wq = ops.linear(layers_15_attn_norm_tp, P["layers.15.attn.wq.weight"])
     layers_15_attn_wk = ops.linear(layers_15_attn_norm_tp, P["layers.15.attn.wk.weight"])
     layers_15_attn_wv = ops.linear(layers_15_attn_norm_tp, P["layers.15.attn.wv.weight"])
     layers_15_attn_core = ops.attention(layers_15_attn_wq, layers_15_attn_wk, layers_15_attn_wv, head_dim=128, theta=1000000.0)
     layers_15_attn_wo = ops.linear(layers_15_attn_core, P["layers.15.attn.wo.weight"])
-    layers_15_attn_wo = ops.reduce_scatter_sequence(layers_15_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_15_attn_wo = ops.all_reduce(layers_15_attn_wo, G.tp)  # row-parallel: sum partial results
     add_30 = add_29 + layers_15_attn_wo
     layers_15_ffn_norm = ops.rms_norm(add_30, P["layers.15.ffn_norm.weight"], eps=1e-05)
     getattr_46 = layers_15_ffn_norm.shape
     getitem_15 = getattr_46[-1]
     reshape_15 = layers_15_ffn_norm.reshape(-1, getitem_15)
-    layers_15_ffn_router = ops.route(reshape_15, P["layers.15.ffn.router.centroids_GD"], P["layers.15.ffn.router.weight_ED"], B["layers.15.ffn.router.bias_E"], ctx.routing)
+    reshape_15_mine = ops.split_tokens(reshape_15, G.tp)  # this rank's 1/tp of the tokens
+    layers_15_ffn_router = ops.route(reshape_15_mine, P["layers.15.ffn.router.centroids_GD"], P["layers.15.ffn.router.weight_ED"], B["layers.15.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.15.ffn", layers_15_ffn_router)  # loads, k per token, losses
     layers_15_ffn_dispatch = ops.moe_plan(layers_15_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_47 = layers_15_ffn_dispatch.token_S
-    index_select_15 = reshape_15.index_select(0, getattr_47)
+    index_select_15 = reshape_15_mine.index_select(0, getattr_47)
     index_select_15 = ops.all_to_all(index_select_15, layers_15_ffn_dispatch.send, layers_15_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_15 = index_select_15.index_select(0, layers_15_ffn_dispatch.order)  # group rows by local expert
     layers_15_ffn_experts = ops.grouped_swiglu_int4(index_select_15, layers_15_ffn_dispatch.local_counts, P["layers.15.ffn.experts.w1_EFD"], P["layers.15.ffn.experts.w3_EFD"], P["layers.15.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_15_ffn_experts = layers_15_ffn_experts.index_select(0, layers_15_ffn_dispatch.inverse)
     layers_15_ffn_experts = ops.all_to_all(layers_15_ffn_experts, layers_15_ffn_dispatch.recv, layers_15_ffn_dispatch.send, G.ep)  # combine
-    layers_15_ffn_combine = ops.combine_tokens(layers_15_ffn_experts, layers_15_ffn_dispatch, reshape_15)
+    layers_15_ffn_combine = ops.combine_tokens(layers_15_ffn_experts, layers_15_ffn_dispatch, reshape_15_mine)
+    layers_15_ffn_combine = ops.gather_tokens(layers_15_ffn_combine, G.tp)  # the TP group's tokens
     view_15 = layers_15_ffn_combine.view(getattr_46)
     add_31 = add_30 + view_15
     return add_31

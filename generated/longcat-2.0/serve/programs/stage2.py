@@ -121,29 +121,31 @@ def forward(P, B, add_31, G, ctx):
 def layer_16(P, B, add_31, G, ctx):
     """Layer 16: attention, then the MoE block."""
     layers_16_attn_norm = ops.rms_norm(add_31, P["layers.16.attn_norm.weight"], eps=1e-05)
-    layers_16_attn_norm_tp = ops.gather_sequence(layers_16_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_16_attn_norm_tp = ops.copy_to_tp(layers_16_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_16_attn_wq = ops.linear(layers_16_attn_norm_tp, P["layers.16.attn.wq.weight"])
     layers_16_attn_wk = ops.linear(layers_16_attn_norm_tp, P["layers.16.attn.wk.weight"])
     layers_16_attn_wv = ops.linear(layers_16_attn_norm_tp, P["layers.16.attn.wv.weight"])
     layers_16_attn_core = ops.attention(layers_16_attn_wq, layers_16_attn_wk, layers_16_attn_wv, head_dim=128, theta=1000000.0)
     layers_16_attn_wo = ops.linear(layers_16_attn_core, P["layers.16.attn.wo.weight"])
-    layers_16_attn_wo = ops.reduce_scatter_sequence(layers_16_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_16_attn_wo = ops.all_reduce(layers_16_attn_wo, G.tp)  # row-parallel: sum partial results
     add_32 = add_31 + layers_16_attn_wo
     layers_16_ffn_norm = ops.rms_norm(add_32, P["layers.16.ffn_norm.weight"], eps=1e-05)
     getattr_49 = layers_16_ffn_norm.shape
     getitem_16 = getattr_49[-1]
     reshape_16 = layers_16_ffn_norm.reshape(-1, getitem_16)
-    layers_16_ffn_router = ops.route(reshape_16, P["layers.16.ffn.router.centroids_GD"], P["layers.16.ffn.router.weight_ED"], B["layers.16.ffn.router.bias_E"], ctx.routing)
+    reshape_16_mine = ops.split_tokens(reshape_16, G.tp)  # this rank's 1/tp of the tokens
+    layers_16_ffn_router = ops.route(reshape_16_mine, P["layers.16.ffn.router.centroids_GD"], P["layers.16.ffn.router.weight_ED"], B["layers.16.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.16.ffn", layers_16_ffn_router)  # loads, k per token, losses
     layers_16_ffn_dispatch = ops.moe_plan(layers_16_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_50 = layers_16_ffn_dispatch.token_S
-    index_select_16 = reshape_16.index_select(0, getattr_50)
+    index_select_16 = reshape_16_mine.index_select(0, getattr_50)
     index_select_16 = ops.all_to_all(index_select_16, layers_16_ffn_dispatch.send, layers_16_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_16 = index_select_16.index_select(0, layers_16_ffn_dispatch.order)  # group rows by local expert
     layers_16_ffn_experts = ops.grouped_swiglu_int4(index_select_16, layers_16_ffn_dispatch.local_counts, P["layers.16.ffn.experts.w1_EFD"], P["layers.16.ffn.experts.w3_EFD"], P["layers.16.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_16_ffn_experts = layers_16_ffn_experts.index_select(0, layers_16_ffn_dispatch.inverse)
     layers_16_ffn_experts = ops.all_to_all(layers_16_ffn_experts, layers_16_ffn_dispatch.recv, layers_16_ffn_dispatch.send, G.ep)  # combine
-    layers_16_ffn_combine = ops.combine_tokens(layers_16_ffn_experts, layers_16_ffn_dispatch, reshape_16)
+    layers_16_ffn_combine = ops.combine_tokens(layers_16_ffn_experts, layers_16_ffn_dispatch, reshape_16_mine)
+    layers_16_ffn_combine = ops.gather_tokens(layers_16_ffn_combine, G.tp)  # the TP group's tokens
     view_16 = layers_16_ffn_combine.view(getattr_49)
     add_33 = add_32 + view_16
     return add_33
@@ -152,29 +154,31 @@ def layer_16(P, B, add_31, G, ctx):
 def layer_17(P, B, add_33, G, ctx):
     """Layer 17: attention, then the MoE block."""
     layers_17_attn_norm = ops.rms_norm(add_33, P["layers.17.attn_norm.weight"], eps=1e-05)
-    layers_17_attn_norm_tp = ops.gather_sequence(layers_17_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_17_attn_norm_tp = ops.copy_to_tp(layers_17_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_17_attn_wq = ops.linear(layers_17_attn_norm_tp, P["layers.17.attn.wq.weight"])
     layers_17_attn_wk = ops.linear(layers_17_attn_norm_tp, P["layers.17.attn.wk.weight"])
     layers_17_attn_wv = ops.linear(layers_17_attn_norm_tp, P["layers.17.attn.wv.weight"])
     layers_17_attn_core = ops.attention(layers_17_attn_wq, layers_17_attn_wk, layers_17_attn_wv, head_dim=128, theta=1000000.0)
     layers_17_attn_wo = ops.linear(layers_17_attn_core, P["layers.17.attn.wo.weight"])
-    layers_17_attn_wo = ops.reduce_scatter_sequence(layers_17_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_17_attn_wo = ops.all_reduce(layers_17_attn_wo, G.tp)  # row-parallel: sum partial results
     add_34 = add_33 + layers_17_attn_wo
     layers_17_ffn_norm = ops.rms_norm(add_34, P["layers.17.ffn_norm.weight"], eps=1e-05)
     getattr_52 = layers_17_ffn_norm.shape
     getitem_17 = getattr_52[-1]
     reshape_17 = layers_17_ffn_norm.reshape(-1, getitem_17)
-    layers_17_ffn_router = ops.route(reshape_17, P["layers.17.ffn.router.centroids_GD"], P["layers.17.ffn.router.weight_ED"], B["layers.17.ffn.router.bias_E"], ctx.routing)
+    reshape_17_mine = ops.split_tokens(reshape_17, G.tp)  # this rank's 1/tp of the tokens
+    layers_17_ffn_router = ops.route(reshape_17_mine, P["layers.17.ffn.router.centroids_GD"], P["layers.17.ffn.router.weight_ED"], B["layers.17.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.17.ffn", layers_17_ffn_router)  # loads, k per token, losses
     layers_17_ffn_dispatch = ops.moe_plan(layers_17_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_53 = layers_17_ffn_dispatch.token_S
-    index_select_17 = reshape_17.index_select(0, getattr_53)
+    index_select_17 = reshape_17_mine.index_select(0, getattr_53)
     index_select_17 = ops.all_to_all(index_select_17, layers_17_ffn_dispatch.send, layers_17_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_17 = index_select_17.index_select(0, layers_17_ffn_dispatch.order)  # group rows by local expert
     layers_17_ffn_experts = ops.grouped_swiglu_int4(index_select_17, layers_17_ffn_dispatch.local_counts, P["layers.17.ffn.experts.w1_EFD"], P["layers.17.ffn.experts.w3_EFD"], P["layers.17.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_17_ffn_experts = layers_17_ffn_experts.index_select(0, layers_17_ffn_dispatch.inverse)
     layers_17_ffn_experts = ops.all_to_all(layers_17_ffn_experts, layers_17_ffn_dispatch.recv, layers_17_ffn_dispatch.send, G.ep)  # combine
-    layers_17_ffn_combine = ops.combine_tokens(layers_17_ffn_experts, layers_17_ffn_dispatch, reshape_17)
+    layers_17_ffn_combine = ops.combine_tokens(layers_17_ffn_experts, layers_17_ffn_dispatch, reshape_17_mine)
+    layers_17_ffn_combine = ops.gather_tokens(layers_17_ffn_combine, G.tp)  # the TP group's tokens
     view_17 = layers_17_ffn_combine.view(getattr_52)
     add_35 = add_34 + view_17
     return add_35
@@ -183,29 +187,31 @@ def layer_17(P, B, add_33, G, ctx):
 def layer_18(P, B, add_35, G, ctx):
     """Layer 18: attention, then the MoE block."""
     layers_18_attn_norm = ops.rms_norm(add_35, P["layers.18.attn_norm.weight"], eps=1e-05)
-    layers_18_attn_norm_tp = ops.gather_sequence(layers_18_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_18_attn_norm_tp = ops.copy_to_tp(layers_18_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_18_attn_wq = ops.linear(layers_18_attn_norm_tp, P["layers.18.attn.wq.weight"])
     layers_18_attn_wk = ops.linear(layers_18_attn_norm_tp, P["layers.18.attn.wk.weight"])
     layers_18_attn_wv = ops.linear(layers_18_attn_norm_tp, P["layers.18.attn.wv.weight"])
     layers_18_attn_core = ops.attention(layers_18_attn_wq, layers_18_attn_wk, layers_18_attn_wv, head_dim=128, theta=1000000.0)
     layers_18_attn_wo = ops.linear(layers_18_attn_core, P["layers.18.attn.wo.weight"])
-    layers_18_attn_wo = ops.reduce_scatter_sequence(layers_18_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_18_attn_wo = ops.all_reduce(layers_18_attn_wo, G.tp)  # row-parallel: sum partial results
     add_36 = add_35 + layers_18_attn_wo
     layers_18_ffn_norm = ops.rms_norm(add_36, P["layers.18.ffn_norm.weight"], eps=1e-05)
     getattr_55 = layers_18_ffn_norm.shape
     getitem_18 = getattr_55[-1]
     reshape_18 = layers_18_ffn_norm.reshape(-1, getitem_18)
-    layers_18_ffn_router = ops.route(reshape_18, P["layers.18.ffn.router.centroids_GD"], P["layers.18.ffn.router.weight_ED"], B["layers.18.ffn.router.bias_E"], ctx.routing)
+    reshape_18_mine = ops.split_tokens(reshape_18, G.tp)  # this rank's 1/tp of the tokens
+    layers_18_ffn_router = ops.route(reshape_18_mine, P["layers.18.ffn.router.centroids_GD"], P["layers.18.ffn.router.weight_ED"], B["layers.18.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.18.ffn", layers_18_ffn_router)  # loads, k per token, losses
     layers_18_ffn_dispatch = ops.moe_plan(layers_18_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_56 = layers_18_ffn_dispatch.token_S
-    index_select_18 = reshape_18.index_select(0, getattr_56)
+    index_select_18 = reshape_18_mine.index_select(0, getattr_56)
     index_select_18 = ops.all_to_all(index_select_18, layers_18_ffn_dispatch.send, layers_18_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_18 = index_select_18.index_select(0, layers_18_ffn_dispatch.order)  # group rows by local expert
     layers_18_ffn_experts = ops.grouped_swiglu_int4(index_select_18, layers_18_ffn_dispatch.local_counts, P["layers.18.ffn.experts.w1_EFD"], P["layers.18.ffn.experts.w3_EFD"], P["layers.18.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_18_ffn_experts = layers_18_ffn_experts.index_select(0, layers_18_ffn_dispatch.inverse)
     layers_18_ffn_experts = ops.all_to_all(layers_18_ffn_experts, layers_18_ffn_dispatch.recv, layers_18_ffn_dispatch.send, G.ep)  # combine
-    layers_18_ffn_combine = ops.combine_tokens(layers_18_ffn_experts, layers_18_ffn_dispatch, reshape_18)
+    layers_18_ffn_combine = ops.combine_tokens(layers_18_ffn_experts, layers_18_ffn_dispatch, reshape_18_mine)
+    layers_18_ffn_combine = ops.gather_tokens(layers_18_ffn_combine, G.tp)  # the TP group's tokens
     view_18 = layers_18_ffn_combine.view(getattr_55)
     add_37 = add_36 + view_18
     return add_37
@@ -214,29 +220,31 @@ def layer_18(P, B, add_35, G, ctx):
 def layer_19(P, B, add_37, G, ctx):
     """Layer 19: attention, then the MoE block."""
     layers_19_attn_norm = ops.rms_norm(add_37, P["layers.19.attn_norm.weight"], eps=1e-05)
-    layers_19_attn_norm_tp = ops.gather_sequence(layers_19_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_19_attn_norm_tp = ops.copy_to_tp(layers_19_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_19_attn_wq = ops.linear(layers_19_attn_norm_tp, P["layers.19.attn.wq.weight"])
     layers_19_attn_wk = ops.linear(layers_19_attn_norm_tp, P["layers.19.attn.wk.weight"])
     layers_19_attn_wv = ops.linear(layers_19_attn_norm_tp, P["layers.19.attn.wv.weight"])
     layers_19_attn_core = ops.attention(layers_19_attn_wq, layers_19_attn_wk, layers_19_attn_wv, head_dim=128, theta=1000000.0)
     layers_19_attn_wo = ops.linear(layers_19_attn_core, P["layers.19.attn.wo.weight"])
-    layers_19_attn_wo = ops.reduce_scatter_sequence(layers_19_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_19_attn_wo = ops.all_reduce(layers_19_attn_wo, G.tp)  # row-parallel: sum partial results
     add_38 = add_37 + layers_19_attn_wo
     layers_19_ffn_norm = ops.rms_norm(add_38, P["layers.19.ffn_norm.weight"], eps=1e-05)
     getattr_58 = layers_19_ffn_norm.shape
     getitem_19 = getattr_58[-1]
     reshape_19 = layers_19_ffn_norm.reshape(-1, getitem_19)
-    layers_19_ffn_router = ops.route(reshape_19, P["layers.19.ffn.router.centroids_GD"], P["layers.19.ffn.router.weight_ED"], B["layers.19.ffn.router.bias_E"], ctx.routing)
+    reshape_19_mine = ops.split_tokens(reshape_19, G.tp)  # this rank's 1/tp of the tokens
+    layers_19_ffn_router = ops.route(reshape_19_mine, P["layers.19.ffn.router.centroids_GD"], P["layers.19.ffn.router.weight_ED"], B["layers.19.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.19.ffn", layers_19_ffn_router)  # loads, k per token, losses
     layers_19_ffn_dispatch = ops.moe_plan(layers_19_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_59 = layers_19_ffn_dispatch.token_S
-    index_select_19 = reshape_19.index_select(0, getattr_59)
+    index_select_19 = reshape_19_mine.index_select(0, getattr_59)
     index_select_19 = ops.all_to_all(index_select_19, layers_19_ffn_dispatch.send, layers_19_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_19 = index_select_19.index_select(0, layers_19_ffn_dispatch.order)  # group rows by local expert
     layers_19_ffn_experts = ops.grouped_swiglu_int4(index_select_19, layers_19_ffn_dispatch.local_counts, P["layers.19.ffn.experts.w1_EFD"], P["layers.19.ffn.experts.w3_EFD"], P["layers.19.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_19_ffn_experts = layers_19_ffn_experts.index_select(0, layers_19_ffn_dispatch.inverse)
     layers_19_ffn_experts = ops.all_to_all(layers_19_ffn_experts, layers_19_ffn_dispatch.recv, layers_19_ffn_dispatch.send, G.ep)  # combine
-    layers_19_ffn_combine = ops.combine_tokens(layers_19_ffn_experts, layers_19_ffn_dispatch, reshape_19)
+    layers_19_ffn_combine = ops.combine_tokens(layers_19_ffn_experts, layers_19_ffn_dispatch, reshape_19_mine)
+    layers_19_ffn_combine = ops.gather_tokens(layers_19_ffn_combine, G.tp)  # the TP group's tokens
     view_19 = layers_19_ffn_combine.view(getattr_58)
     add_39 = add_38 + view_19
     return add_39
@@ -245,29 +253,31 @@ def layer_19(P, B, add_37, G, ctx):
 def layer_20(P, B, add_39, G, ctx):
     """Layer 20: attention, then the MoE block."""
     layers_20_attn_norm = ops.rms_norm(add_39, P["layers.20.attn_norm.weight"], eps=1e-05)
-    layers_20_attn_norm_tp = ops.gather_sequence(layers_20_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_20_attn_norm_tp = ops.copy_to_tp(layers_20_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_20_attn_wq = ops.linear(layers_20_attn_norm_tp, P["layers.20.attn.wq.weight"])
     layers_20_attn_wk = ops.linear(layers_20_attn_norm_tp, P["layers.20.attn.wk.weight"])
     layers_20_attn_wv = ops.linear(layers_20_attn_norm_tp, P["layers.20.attn.wv.weight"])
     layers_20_attn_core = ops.attention(layers_20_attn_wq, layers_20_attn_wk, layers_20_attn_wv, head_dim=128, theta=1000000.0)
     layers_20_attn_wo = ops.linear(layers_20_attn_core, P["layers.20.attn.wo.weight"])
-    layers_20_attn_wo = ops.reduce_scatter_sequence(layers_20_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_20_attn_wo = ops.all_reduce(layers_20_attn_wo, G.tp)  # row-parallel: sum partial results
     add_40 = add_39 + layers_20_attn_wo
     layers_20_ffn_norm = ops.rms_norm(add_40, P["layers.20.ffn_norm.weight"], eps=1e-05)
     getattr_61 = layers_20_ffn_norm.shape
     getitem_20 = getattr_61[-1]
     reshape_20 = layers_20_ffn_norm.reshape(-1, getitem_20)
-    layers_20_ffn_router = ops.route(reshape_20, P["layers.20.ffn.router.centroids_GD"], P["layers.20.ffn.router.weight_ED"], B["layers.20.ffn.router.bias_E"], ctx.routing)
+    reshape_20_mine = ops.split_tokens(reshape_20, G.tp)  # this rank's 1/tp of the tokens
+    layers_20_ffn_router = ops.route(reshape_20_mine, P["layers.20.ffn.router.centroids_GD"], P["layers.20.ffn.router.weight_ED"], B["layers.20.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.20.ffn", layers_20_ffn_router)  # loads, k per token, losses
     layers_20_ffn_dispatch = ops.moe_plan(layers_20_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_62 = layers_20_ffn_dispatch.token_S
-    index_select_20 = reshape_20.index_select(0, getattr_62)
+    index_select_20 = reshape_20_mine.index_select(0, getattr_62)
     index_select_20 = ops.all_to_all(index_select_20, layers_20_ffn_dispatch.send, layers_20_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_20 = index_select_20.index_select(0, layers_20_ffn_dispatch.order)  # group rows by local expert
     layers_20_ffn_experts = ops.grouped_swiglu_int4(index_select_20, layers_20_ffn_dispatch.local_counts, P["layers.20.ffn.experts.w1_EFD"], P["layers.20.ffn.experts.w3_EFD"], P["layers.20.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_20_ffn_experts = layers_20_ffn_experts.index_select(0, layers_20_ffn_dispatch.inverse)
     layers_20_ffn_experts = ops.all_to_all(layers_20_ffn_experts, layers_20_ffn_dispatch.recv, layers_20_ffn_dispatch.send, G.ep)  # combine
-    layers_20_ffn_combine = ops.combine_tokens(layers_20_ffn_experts, layers_20_ffn_dispatch, reshape_20)
+    layers_20_ffn_combine = ops.combine_tokens(layers_20_ffn_experts, layers_20_ffn_dispatch, reshape_20_mine)
+    layers_20_ffn_combine = ops.gather_tokens(layers_20_ffn_combine, G.tp)  # the TP group's tokens
     view_20 = layers_20_ffn_combine.view(getattr_61)
     add_41 = add_40 + view_20
     return add_41
@@ -276,29 +286,31 @@ def layer_20(P, B, add_39, G, ctx):
 def layer_21(P, B, add_41, G, ctx):
     """Layer 21: attention, then the MoE block."""
     layers_21_attn_norm = ops.rms_norm(add_41, P["layers.21.attn_norm.weight"], eps=1e-05)
-    layers_21_attn_norm_tp = ops.gather_sequence(layers_21_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_21_attn_norm_tp = ops.copy_to_tp(layers_21_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_21_attn_wq = ops.linear(layers_21_attn_norm_tp, P["layers.21.attn.wq.weight"])
     layers_21_attn_wk = ops.linear(layers_21_attn_norm_tp, P["layers.21.attn.wk.weight"])
     layers_21_attn_wv = ops.linear(layers_21_attn_norm_tp, P["layers.21.attn.wv.weight"])
     layers_21_attn_core = ops.attention(layers_21_attn_wq, layers_21_attn_wk, layers_21_attn_wv, head_dim=128, theta=1000000.0)
     layers_21_attn_wo = ops.linear(layers_21_attn_core, P["layers.21.attn.wo.weight"])
-    layers_21_attn_wo = ops.reduce_scatter_sequence(layers_21_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_21_attn_wo = ops.all_reduce(layers_21_attn_wo, G.tp)  # row-parallel: sum partial results
     add_42 = add_41 + layers_21_attn_wo
     layers_21_ffn_norm = ops.rms_norm(add_42, P["layers.21.ffn_norm.weight"], eps=1e-05)
     getattr_64 = layers_21_ffn_norm.shape
     getitem_21 = getattr_64[-1]
     reshape_21 = layers_21_ffn_norm.reshape(-1, getitem_21)
-    layers_21_ffn_router = ops.route(reshape_21, P["layers.21.ffn.router.centroids_GD"], P["layers.21.ffn.router.weight_ED"], B["layers.21.ffn.router.bias_E"], ctx.routing)
+    reshape_21_mine = ops.split_tokens(reshape_21, G.tp)  # this rank's 1/tp of the tokens
+    layers_21_ffn_router = ops.route(reshape_21_mine, P["layers.21.ffn.router.centroids_GD"], P["layers.21.ffn.router.weight_ED"], B["layers.21.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.21.ffn", layers_21_ffn_router)  # loads, k per token, losses
     layers_21_ffn_dispatch = ops.moe_plan(layers_21_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_65 = layers_21_ffn_dispatch.token_S
-    index_select_21 = reshape_21.index_select(0, getattr_65)
+    index_select_21 = reshape_21_mine.index_select(0, getattr_65)
     index_select_21 = ops.all_to_all(index_select_21, layers_21_ffn_dispatch.send, layers_21_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_21 = index_select_21.index_select(0, layers_21_ffn_dispatch.order)  # group rows by local expert
     layers_21_ffn_experts = ops.grouped_swiglu_int4(index_select_21, layers_21_ffn_dispatch.local_counts, P["layers.21.ffn.experts.w1_EFD"], P["layers.21.ffn.experts.w3_EFD"], P["layers.21.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_21_ffn_experts = layers_21_ffn_experts.index_select(0, layers_21_ffn_dispatch.inverse)
     layers_21_ffn_experts = ops.all_to_all(layers_21_ffn_experts, layers_21_ffn_dispatch.recv, layers_21_ffn_dispatch.send, G.ep)  # combine
-    layers_21_ffn_combine = ops.combine_tokens(layers_21_ffn_experts, layers_21_ffn_dispatch, reshape_21)
+    layers_21_ffn_combine = ops.combine_tokens(layers_21_ffn_experts, layers_21_ffn_dispatch, reshape_21_mine)
+    layers_21_ffn_combine = ops.gather_tokens(layers_21_ffn_combine, G.tp)  # the TP group's tokens
     view_21 = layers_21_ffn_combine.view(getattr_64)
     add_43 = add_42 + view_21
     return add_43
@@ -307,29 +319,31 @@ def layer_21(P, B, add_41, G, ctx):
 def layer_22(P, B, add_43, G, ctx):
     """Layer 22: attention, then the MoE block."""
     layers_22_attn_norm = ops.rms_norm(add_43, P["layers.22.attn_norm.weight"], eps=1e-05)
-    layers_22_attn_norm_tp = ops.gather_sequence(layers_22_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_22_attn_norm_tp = ops.copy_to_tp(layers_22_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_22_attn_wq = ops.linear(layers_22_attn_norm_tp, P["layers.22.attn.wq.weight"])
     layers_22_attn_wk = ops.linear(layers_22_attn_norm_tp, P["layers.22.attn.wk.weight"])
     layers_22_attn_wv = ops.linear(layers_22_attn_norm_tp, P["layers.22.attn.wv.weight"])
     layers_22_attn_core = ops.attention(layers_22_attn_wq, layers_22_attn_wk, layers_22_attn_wv, head_dim=128, theta=1000000.0)
     layers_22_attn_wo = ops.linear(layers_22_attn_core, P["layers.22.attn.wo.weight"])
-    layers_22_attn_wo = ops.reduce_scatter_sequence(layers_22_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_22_attn_wo = ops.all_reduce(layers_22_attn_wo, G.tp)  # row-parallel: sum partial results
     add_44 = add_43 + layers_22_attn_wo
     layers_22_ffn_norm = ops.rms_norm(add_44, P["layers.22.ffn_norm.weight"], eps=1e-05)
     getattr_67 = layers_22_ffn_norm.shape
     getitem_22 = getattr_67[-1]
     reshape_22 = layers_22_ffn_norm.reshape(-1, getitem_22)
-    layers_22_ffn_router = ops.route(reshape_22, P["layers.22.ffn.router.centroids_GD"], P["layers.22.ffn.router.weight_ED"], B["layers.22.ffn.router.bias_E"], ctx.routing)
+    reshape_22_mine = ops.split_tokens(reshape_22, G.tp)  # this rank's 1/tp of the tokens
+    layers_22_ffn_router = ops.route(reshape_22_mine, P["layers.22.ffn.router.centroids_GD"], P["layers.22.ffn.router.weight_ED"], B["layers.22.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.22.ffn", layers_22_ffn_router)  # loads, k per token, losses
     layers_22_ffn_dispatch = ops.moe_plan(layers_22_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_68 = layers_22_ffn_dispatch.token_S
-    index_select_22 = reshape_22.index_select(0, getattr_68)
+    index_select_22 = reshape_22_mine.index_select(0, getattr_68)
     index_select_22 = ops.all_to_all(index_select_22, layers_22_ffn_dispatch.send, layers_22_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_22 = index_select_22.index_select(0, layers_22_ffn_dispatch.order)  # group rows by local expert
     layers_22_ffn_experts = ops.grouped_swiglu_int4(index_select_22, layers_22_ffn_dispatch.local_counts, P["layers.22.ffn.experts.w1_EFD"], P["layers.22.ffn.experts.w3_EFD"], P["layers.22.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_22_ffn_experts = layers_22_ffn_experts.index_select(0, layers_22_ffn_dispatch.inverse)
     layers_22_ffn_experts = ops.all_to_all(layers_22_ffn_experts, layers_22_ffn_dispatch.recv, layers_22_ffn_dispatch.send, G.ep)  # combine
-    layers_22_ffn_combine = ops.combine_tokens(layers_22_ffn_experts, layers_22_ffn_dispatch, reshape_22)
+    layers_22_ffn_combine = ops.combine_tokens(layers_22_ffn_experts, layers_22_ffn_dispatch, reshape_22_mine)
+    layers_22_ffn_combine = ops.gather_tokens(layers_22_ffn_combine, G.tp)  # the TP group's tokens
     view_22 = layers_22_ffn_combine.view(getattr_67)
     add_45 = add_44 + view_22
     return add_45
@@ -338,29 +352,31 @@ def layer_22(P, B, add_43, G, ctx):
 def layer_23(P, B, add_45, G, ctx):
     """Layer 23: attention, then the MoE block."""
     layers_23_attn_norm = ops.rms_norm(add_45, P["layers.23.attn_norm.weight"], eps=1e-05)
-    layers_23_attn_norm_tp = ops.gather_sequence(layers_23_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_23_attn_norm_tp = ops.copy_to_tp(layers_23_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_23_attn_wq = ops.linear(layers_23_attn_norm_tp, P["layers.23.attn.wq.weight"])
     layers_23_attn_wk = ops.linear(layers_23_attn_norm_tp, P["layers.23.attn.wk.weight"])
     layers_23_attn_wv = ops.linear(layers_23_attn_norm_tp, P["layers.23.attn.wv.weight"])
     layers_23_attn_core = ops.attention(layers_23_attn_wq, layers_23_attn_wk, layers_23_attn_wv, head_dim=128, theta=1000000.0)
     layers_23_attn_wo = ops.linear(layers_23_attn_core, P["layers.23.attn.wo.weight"])
-    layers_23_attn_wo = ops.reduce_scatter_sequence(layers_23_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_23_attn_wo = ops.all_reduce(layers_23_attn_wo, G.tp)  # row-parallel: sum partial results
     add_46 = add_45 + layers_23_attn_wo
     layers_23_ffn_norm = ops.rms_norm(add_46, P["layers.23.ffn_norm.weight"], eps=1e-05)
     getattr_70 = layers_23_ffn_norm.shape
     getitem_23 = getattr_70[-1]
     reshape_23 = layers_23_ffn_norm.reshape(-1, getitem_23)
-    layers_23_ffn_router = ops.route(reshape_23, P["layers.23.ffn.router.centroids_GD"], P["layers.23.ffn.router.weight_ED"], B["layers.23.ffn.router.bias_E"], ctx.routing)
+    reshape_23_mine = ops.split_tokens(reshape_23, G.tp)  # this rank's 1/tp of the tokens
+    layers_23_ffn_router = ops.route(reshape_23_mine, P["layers.23.ffn.router.centroids_GD"], P["layers.23.ffn.router.weight_ED"], B["layers.23.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.23.ffn", layers_23_ffn_router)  # loads, k per token, losses
     layers_23_ffn_dispatch = ops.moe_plan(layers_23_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_71 = layers_23_ffn_dispatch.token_S
-    index_select_23 = reshape_23.index_select(0, getattr_71)
+    index_select_23 = reshape_23_mine.index_select(0, getattr_71)
     index_select_23 = ops.all_to_all(index_select_23, layers_23_ffn_dispatch.send, layers_23_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_23 = index_select_23.index_select(0, layers_23_ffn_dispatch.order)  # group rows by local expert
     layers_23_ffn_experts = ops.grouped_swiglu_int4(index_select_23, layers_23_ffn_dispatch.local_counts, P["layers.23.ffn.experts.w1_EFD"], P["layers.23.ffn.experts.w3_EFD"], P["layers.23.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_23_ffn_experts = layers_23_ffn_experts.index_select(0, layers_23_ffn_dispatch.inverse)
     layers_23_ffn_experts = ops.all_to_all(layers_23_ffn_experts, layers_23_ffn_dispatch.recv, layers_23_ffn_dispatch.send, G.ep)  # combine
-    layers_23_ffn_combine = ops.combine_tokens(layers_23_ffn_experts, layers_23_ffn_dispatch, reshape_23)
+    layers_23_ffn_combine = ops.combine_tokens(layers_23_ffn_experts, layers_23_ffn_dispatch, reshape_23_mine)
+    layers_23_ffn_combine = ops.gather_tokens(layers_23_ffn_combine, G.tp)  # the TP group's tokens
     view_23 = layers_23_ffn_combine.view(getattr_70)
     add_47 = add_46 + view_23
     return add_47

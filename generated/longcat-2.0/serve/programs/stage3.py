@@ -124,29 +124,31 @@ def forward(P, B, add_47, G, ctx):
 def layer_24(P, B, add_47, G, ctx):
     """Layer 24: attention, then the MoE block."""
     layers_24_attn_norm = ops.rms_norm(add_47, P["layers.24.attn_norm.weight"], eps=1e-05)
-    layers_24_attn_norm_tp = ops.gather_sequence(layers_24_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_24_attn_norm_tp = ops.copy_to_tp(layers_24_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_24_attn_wq = ops.linear(layers_24_attn_norm_tp, P["layers.24.attn.wq.weight"])
     layers_24_attn_wk = ops.linear(layers_24_attn_norm_tp, P["layers.24.attn.wk.weight"])
     layers_24_attn_wv = ops.linear(layers_24_attn_norm_tp, P["layers.24.attn.wv.weight"])
     layers_24_attn_core = ops.attention(layers_24_attn_wq, layers_24_attn_wk, layers_24_attn_wv, head_dim=128, theta=1000000.0)
     layers_24_attn_wo = ops.linear(layers_24_attn_core, P["layers.24.attn.wo.weight"])
-    layers_24_attn_wo = ops.reduce_scatter_sequence(layers_24_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_24_attn_wo = ops.all_reduce(layers_24_attn_wo, G.tp)  # row-parallel: sum partial results
     add_48 = add_47 + layers_24_attn_wo
     layers_24_ffn_norm = ops.rms_norm(add_48, P["layers.24.ffn_norm.weight"], eps=1e-05)
     getattr_73 = layers_24_ffn_norm.shape
     getitem_24 = getattr_73[-1]
     reshape_24 = layers_24_ffn_norm.reshape(-1, getitem_24)
-    layers_24_ffn_router = ops.route(reshape_24, P["layers.24.ffn.router.centroids_GD"], P["layers.24.ffn.router.weight_ED"], B["layers.24.ffn.router.bias_E"], ctx.routing)
+    reshape_24_mine = ops.split_tokens(reshape_24, G.tp)  # this rank's 1/tp of the tokens
+    layers_24_ffn_router = ops.route(reshape_24_mine, P["layers.24.ffn.router.centroids_GD"], P["layers.24.ffn.router.weight_ED"], B["layers.24.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.24.ffn", layers_24_ffn_router)  # loads, k per token, losses
     layers_24_ffn_dispatch = ops.moe_plan(layers_24_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_74 = layers_24_ffn_dispatch.token_S
-    index_select_24 = reshape_24.index_select(0, getattr_74)
+    index_select_24 = reshape_24_mine.index_select(0, getattr_74)
     index_select_24 = ops.all_to_all(index_select_24, layers_24_ffn_dispatch.send, layers_24_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_24 = index_select_24.index_select(0, layers_24_ffn_dispatch.order)  # group rows by local expert
     layers_24_ffn_experts = ops.grouped_swiglu_int4(index_select_24, layers_24_ffn_dispatch.local_counts, P["layers.24.ffn.experts.w1_EFD"], P["layers.24.ffn.experts.w3_EFD"], P["layers.24.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_24_ffn_experts = layers_24_ffn_experts.index_select(0, layers_24_ffn_dispatch.inverse)
     layers_24_ffn_experts = ops.all_to_all(layers_24_ffn_experts, layers_24_ffn_dispatch.recv, layers_24_ffn_dispatch.send, G.ep)  # combine
-    layers_24_ffn_combine = ops.combine_tokens(layers_24_ffn_experts, layers_24_ffn_dispatch, reshape_24)
+    layers_24_ffn_combine = ops.combine_tokens(layers_24_ffn_experts, layers_24_ffn_dispatch, reshape_24_mine)
+    layers_24_ffn_combine = ops.gather_tokens(layers_24_ffn_combine, G.tp)  # the TP group's tokens
     view_24 = layers_24_ffn_combine.view(getattr_73)
     add_49 = add_48 + view_24
     return add_49
@@ -155,29 +157,31 @@ def layer_24(P, B, add_47, G, ctx):
 def layer_25(P, B, add_49, G, ctx):
     """Layer 25: attention, then the MoE block."""
     layers_25_attn_norm = ops.rms_norm(add_49, P["layers.25.attn_norm.weight"], eps=1e-05)
-    layers_25_attn_norm_tp = ops.gather_sequence(layers_25_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_25_attn_norm_tp = ops.copy_to_tp(layers_25_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_25_attn_wq = ops.linear(layers_25_attn_norm_tp, P["layers.25.attn.wq.weight"])
     layers_25_attn_wk = ops.linear(layers_25_attn_norm_tp, P["layers.25.attn.wk.weight"])
     layers_25_attn_wv = ops.linear(layers_25_attn_norm_tp, P["layers.25.attn.wv.weight"])
     layers_25_attn_core = ops.attention(layers_25_attn_wq, layers_25_attn_wk, layers_25_attn_wv, head_dim=128, theta=1000000.0)
     layers_25_attn_wo = ops.linear(layers_25_attn_core, P["layers.25.attn.wo.weight"])
-    layers_25_attn_wo = ops.reduce_scatter_sequence(layers_25_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_25_attn_wo = ops.all_reduce(layers_25_attn_wo, G.tp)  # row-parallel: sum partial results
     add_50 = add_49 + layers_25_attn_wo
     layers_25_ffn_norm = ops.rms_norm(add_50, P["layers.25.ffn_norm.weight"], eps=1e-05)
     getattr_76 = layers_25_ffn_norm.shape
     getitem_25 = getattr_76[-1]
     reshape_25 = layers_25_ffn_norm.reshape(-1, getitem_25)
-    layers_25_ffn_router = ops.route(reshape_25, P["layers.25.ffn.router.centroids_GD"], P["layers.25.ffn.router.weight_ED"], B["layers.25.ffn.router.bias_E"], ctx.routing)
+    reshape_25_mine = ops.split_tokens(reshape_25, G.tp)  # this rank's 1/tp of the tokens
+    layers_25_ffn_router = ops.route(reshape_25_mine, P["layers.25.ffn.router.centroids_GD"], P["layers.25.ffn.router.weight_ED"], B["layers.25.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.25.ffn", layers_25_ffn_router)  # loads, k per token, losses
     layers_25_ffn_dispatch = ops.moe_plan(layers_25_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_77 = layers_25_ffn_dispatch.token_S
-    index_select_25 = reshape_25.index_select(0, getattr_77)
+    index_select_25 = reshape_25_mine.index_select(0, getattr_77)
     index_select_25 = ops.all_to_all(index_select_25, layers_25_ffn_dispatch.send, layers_25_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_25 = index_select_25.index_select(0, layers_25_ffn_dispatch.order)  # group rows by local expert
     layers_25_ffn_experts = ops.grouped_swiglu_int4(index_select_25, layers_25_ffn_dispatch.local_counts, P["layers.25.ffn.experts.w1_EFD"], P["layers.25.ffn.experts.w3_EFD"], P["layers.25.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_25_ffn_experts = layers_25_ffn_experts.index_select(0, layers_25_ffn_dispatch.inverse)
     layers_25_ffn_experts = ops.all_to_all(layers_25_ffn_experts, layers_25_ffn_dispatch.recv, layers_25_ffn_dispatch.send, G.ep)  # combine
-    layers_25_ffn_combine = ops.combine_tokens(layers_25_ffn_experts, layers_25_ffn_dispatch, reshape_25)
+    layers_25_ffn_combine = ops.combine_tokens(layers_25_ffn_experts, layers_25_ffn_dispatch, reshape_25_mine)
+    layers_25_ffn_combine = ops.gather_tokens(layers_25_ffn_combine, G.tp)  # the TP group's tokens
     view_25 = layers_25_ffn_combine.view(getattr_76)
     add_51 = add_50 + view_25
     return add_51
@@ -186,29 +190,31 @@ def layer_25(P, B, add_49, G, ctx):
 def layer_26(P, B, add_51, G, ctx):
     """Layer 26: attention, then the MoE block."""
     layers_26_attn_norm = ops.rms_norm(add_51, P["layers.26.attn_norm.weight"], eps=1e-05)
-    layers_26_attn_norm_tp = ops.gather_sequence(layers_26_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_26_attn_norm_tp = ops.copy_to_tp(layers_26_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_26_attn_wq = ops.linear(layers_26_attn_norm_tp, P["layers.26.attn.wq.weight"])
     layers_26_attn_wk = ops.linear(layers_26_attn_norm_tp, P["layers.26.attn.wk.weight"])
     layers_26_attn_wv = ops.linear(layers_26_attn_norm_tp, P["layers.26.attn.wv.weight"])
     layers_26_attn_core = ops.attention(layers_26_attn_wq, layers_26_attn_wk, layers_26_attn_wv, head_dim=128, theta=1000000.0)
     layers_26_attn_wo = ops.linear(layers_26_attn_core, P["layers.26.attn.wo.weight"])
-    layers_26_attn_wo = ops.reduce_scatter_sequence(layers_26_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_26_attn_wo = ops.all_reduce(layers_26_attn_wo, G.tp)  # row-parallel: sum partial results
     add_52 = add_51 + layers_26_attn_wo
     layers_26_ffn_norm = ops.rms_norm(add_52, P["layers.26.ffn_norm.weight"], eps=1e-05)
     getattr_79 = layers_26_ffn_norm.shape
     getitem_26 = getattr_79[-1]
     reshape_26 = layers_26_ffn_norm.reshape(-1, getitem_26)
-    layers_26_ffn_router = ops.route(reshape_26, P["layers.26.ffn.router.centroids_GD"], P["layers.26.ffn.router.weight_ED"], B["layers.26.ffn.router.bias_E"], ctx.routing)
+    reshape_26_mine = ops.split_tokens(reshape_26, G.tp)  # this rank's 1/tp of the tokens
+    layers_26_ffn_router = ops.route(reshape_26_mine, P["layers.26.ffn.router.centroids_GD"], P["layers.26.ffn.router.weight_ED"], B["layers.26.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.26.ffn", layers_26_ffn_router)  # loads, k per token, losses
     layers_26_ffn_dispatch = ops.moe_plan(layers_26_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_80 = layers_26_ffn_dispatch.token_S
-    index_select_26 = reshape_26.index_select(0, getattr_80)
+    index_select_26 = reshape_26_mine.index_select(0, getattr_80)
     index_select_26 = ops.all_to_all(index_select_26, layers_26_ffn_dispatch.send, layers_26_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_26 = index_select_26.index_select(0, layers_26_ffn_dispatch.order)  # group rows by local expert
     layers_26_ffn_experts = ops.grouped_swiglu_int4(index_select_26, layers_26_ffn_dispatch.local_counts, P["layers.26.ffn.experts.w1_EFD"], P["layers.26.ffn.experts.w3_EFD"], P["layers.26.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_26_ffn_experts = layers_26_ffn_experts.index_select(0, layers_26_ffn_dispatch.inverse)
     layers_26_ffn_experts = ops.all_to_all(layers_26_ffn_experts, layers_26_ffn_dispatch.recv, layers_26_ffn_dispatch.send, G.ep)  # combine
-    layers_26_ffn_combine = ops.combine_tokens(layers_26_ffn_experts, layers_26_ffn_dispatch, reshape_26)
+    layers_26_ffn_combine = ops.combine_tokens(layers_26_ffn_experts, layers_26_ffn_dispatch, reshape_26_mine)
+    layers_26_ffn_combine = ops.gather_tokens(layers_26_ffn_combine, G.tp)  # the TP group's tokens
     view_26 = layers_26_ffn_combine.view(getattr_79)
     add_53 = add_52 + view_26
     return add_53
@@ -217,29 +223,31 @@ def layer_26(P, B, add_51, G, ctx):
 def layer_27(P, B, add_53, G, ctx):
     """Layer 27: attention, then the MoE block."""
     layers_27_attn_norm = ops.rms_norm(add_53, P["layers.27.attn_norm.weight"], eps=1e-05)
-    layers_27_attn_norm_tp = ops.gather_sequence(layers_27_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_27_attn_norm_tp = ops.copy_to_tp(layers_27_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_27_attn_wq = ops.linear(layers_27_attn_norm_tp, P["layers.27.attn.wq.weight"])
     layers_27_attn_wk = ops.linear(layers_27_attn_norm_tp, P["layers.27.attn.wk.weight"])
     layers_27_attn_wv = ops.linear(layers_27_attn_norm_tp, P["layers.27.attn.wv.weight"])
     layers_27_attn_core = ops.attention(layers_27_attn_wq, layers_27_attn_wk, layers_27_attn_wv, head_dim=128, theta=1000000.0)
     layers_27_attn_wo = ops.linear(layers_27_attn_core, P["layers.27.attn.wo.weight"])
-    layers_27_attn_wo = ops.reduce_scatter_sequence(layers_27_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_27_attn_wo = ops.all_reduce(layers_27_attn_wo, G.tp)  # row-parallel: sum partial results
     add_54 = add_53 + layers_27_attn_wo
     layers_27_ffn_norm = ops.rms_norm(add_54, P["layers.27.ffn_norm.weight"], eps=1e-05)
     getattr_82 = layers_27_ffn_norm.shape
     getitem_27 = getattr_82[-1]
     reshape_27 = layers_27_ffn_norm.reshape(-1, getitem_27)
-    layers_27_ffn_router = ops.route(reshape_27, P["layers.27.ffn.router.centroids_GD"], P["layers.27.ffn.router.weight_ED"], B["layers.27.ffn.router.bias_E"], ctx.routing)
+    reshape_27_mine = ops.split_tokens(reshape_27, G.tp)  # this rank's 1/tp of the tokens
+    layers_27_ffn_router = ops.route(reshape_27_mine, P["layers.27.ffn.router.centroids_GD"], P["layers.27.ffn.router.weight_ED"], B["layers.27.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.27.ffn", layers_27_ffn_router)  # loads, k per token, losses
     layers_27_ffn_dispatch = ops.moe_plan(layers_27_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_83 = layers_27_ffn_dispatch.token_S
-    index_select_27 = reshape_27.index_select(0, getattr_83)
+    index_select_27 = reshape_27_mine.index_select(0, getattr_83)
     index_select_27 = ops.all_to_all(index_select_27, layers_27_ffn_dispatch.send, layers_27_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_27 = index_select_27.index_select(0, layers_27_ffn_dispatch.order)  # group rows by local expert
     layers_27_ffn_experts = ops.grouped_swiglu_int4(index_select_27, layers_27_ffn_dispatch.local_counts, P["layers.27.ffn.experts.w1_EFD"], P["layers.27.ffn.experts.w3_EFD"], P["layers.27.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_27_ffn_experts = layers_27_ffn_experts.index_select(0, layers_27_ffn_dispatch.inverse)
     layers_27_ffn_experts = ops.all_to_all(layers_27_ffn_experts, layers_27_ffn_dispatch.recv, layers_27_ffn_dispatch.send, G.ep)  # combine
-    layers_27_ffn_combine = ops.combine_tokens(layers_27_ffn_experts, layers_27_ffn_dispatch, reshape_27)
+    layers_27_ffn_combine = ops.combine_tokens(layers_27_ffn_experts, layers_27_ffn_dispatch, reshape_27_mine)
+    layers_27_ffn_combine = ops.gather_tokens(layers_27_ffn_combine, G.tp)  # the TP group's tokens
     view_27 = layers_27_ffn_combine.view(getattr_82)
     add_55 = add_54 + view_27
     return add_55
@@ -248,29 +256,31 @@ def layer_27(P, B, add_53, G, ctx):
 def layer_28(P, B, add_55, G, ctx):
     """Layer 28: attention, then the MoE block."""
     layers_28_attn_norm = ops.rms_norm(add_55, P["layers.28.attn_norm.weight"], eps=1e-05)
-    layers_28_attn_norm_tp = ops.gather_sequence(layers_28_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_28_attn_norm_tp = ops.copy_to_tp(layers_28_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_28_attn_wq = ops.linear(layers_28_attn_norm_tp, P["layers.28.attn.wq.weight"])
     layers_28_attn_wk = ops.linear(layers_28_attn_norm_tp, P["layers.28.attn.wk.weight"])
     layers_28_attn_wv = ops.linear(layers_28_attn_norm_tp, P["layers.28.attn.wv.weight"])
     layers_28_attn_core = ops.attention(layers_28_attn_wq, layers_28_attn_wk, layers_28_attn_wv, head_dim=128, theta=1000000.0)
     layers_28_attn_wo = ops.linear(layers_28_attn_core, P["layers.28.attn.wo.weight"])
-    layers_28_attn_wo = ops.reduce_scatter_sequence(layers_28_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_28_attn_wo = ops.all_reduce(layers_28_attn_wo, G.tp)  # row-parallel: sum partial results
     add_56 = add_55 + layers_28_attn_wo
     layers_28_ffn_norm = ops.rms_norm(add_56, P["layers.28.ffn_norm.weight"], eps=1e-05)
     getattr_85 = layers_28_ffn_norm.shape
     getitem_28 = getattr_85[-1]
     reshape_28 = layers_28_ffn_norm.reshape(-1, getitem_28)
-    layers_28_ffn_router = ops.route(reshape_28, P["layers.28.ffn.router.centroids_GD"], P["layers.28.ffn.router.weight_ED"], B["layers.28.ffn.router.bias_E"], ctx.routing)
+    reshape_28_mine = ops.split_tokens(reshape_28, G.tp)  # this rank's 1/tp of the tokens
+    layers_28_ffn_router = ops.route(reshape_28_mine, P["layers.28.ffn.router.centroids_GD"], P["layers.28.ffn.router.weight_ED"], B["layers.28.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.28.ffn", layers_28_ffn_router)  # loads, k per token, losses
     layers_28_ffn_dispatch = ops.moe_plan(layers_28_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_86 = layers_28_ffn_dispatch.token_S
-    index_select_28 = reshape_28.index_select(0, getattr_86)
+    index_select_28 = reshape_28_mine.index_select(0, getattr_86)
     index_select_28 = ops.all_to_all(index_select_28, layers_28_ffn_dispatch.send, layers_28_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_28 = index_select_28.index_select(0, layers_28_ffn_dispatch.order)  # group rows by local expert
     layers_28_ffn_experts = ops.grouped_swiglu_int4(index_select_28, layers_28_ffn_dispatch.local_counts, P["layers.28.ffn.experts.w1_EFD"], P["layers.28.ffn.experts.w3_EFD"], P["layers.28.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_28_ffn_experts = layers_28_ffn_experts.index_select(0, layers_28_ffn_dispatch.inverse)
     layers_28_ffn_experts = ops.all_to_all(layers_28_ffn_experts, layers_28_ffn_dispatch.recv, layers_28_ffn_dispatch.send, G.ep)  # combine
-    layers_28_ffn_combine = ops.combine_tokens(layers_28_ffn_experts, layers_28_ffn_dispatch, reshape_28)
+    layers_28_ffn_combine = ops.combine_tokens(layers_28_ffn_experts, layers_28_ffn_dispatch, reshape_28_mine)
+    layers_28_ffn_combine = ops.gather_tokens(layers_28_ffn_combine, G.tp)  # the TP group's tokens
     view_28 = layers_28_ffn_combine.view(getattr_85)
     add_57 = add_56 + view_28
     return add_57
@@ -279,29 +289,31 @@ def layer_28(P, B, add_55, G, ctx):
 def layer_29(P, B, add_57, G, ctx):
     """Layer 29: attention, then the MoE block."""
     layers_29_attn_norm = ops.rms_norm(add_57, P["layers.29.attn_norm.weight"], eps=1e-05)
-    layers_29_attn_norm_tp = ops.gather_sequence(layers_29_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_29_attn_norm_tp = ops.copy_to_tp(layers_29_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_29_attn_wq = ops.linear(layers_29_attn_norm_tp, P["layers.29.attn.wq.weight"])
     layers_29_attn_wk = ops.linear(layers_29_attn_norm_tp, P["layers.29.attn.wk.weight"])
     layers_29_attn_wv = ops.linear(layers_29_attn_norm_tp, P["layers.29.attn.wv.weight"])
     layers_29_attn_core = ops.attention(layers_29_attn_wq, layers_29_attn_wk, layers_29_attn_wv, head_dim=128, theta=1000000.0)
     layers_29_attn_wo = ops.linear(layers_29_attn_core, P["layers.29.attn.wo.weight"])
-    layers_29_attn_wo = ops.reduce_scatter_sequence(layers_29_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_29_attn_wo = ops.all_reduce(layers_29_attn_wo, G.tp)  # row-parallel: sum partial results
     add_58 = add_57 + layers_29_attn_wo
     layers_29_ffn_norm = ops.rms_norm(add_58, P["layers.29.ffn_norm.weight"], eps=1e-05)
     getattr_88 = layers_29_ffn_norm.shape
     getitem_29 = getattr_88[-1]
     reshape_29 = layers_29_ffn_norm.reshape(-1, getitem_29)
-    layers_29_ffn_router = ops.route(reshape_29, P["layers.29.ffn.router.centroids_GD"], P["layers.29.ffn.router.weight_ED"], B["layers.29.ffn.router.bias_E"], ctx.routing)
+    reshape_29_mine = ops.split_tokens(reshape_29, G.tp)  # this rank's 1/tp of the tokens
+    layers_29_ffn_router = ops.route(reshape_29_mine, P["layers.29.ffn.router.centroids_GD"], P["layers.29.ffn.router.weight_ED"], B["layers.29.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.29.ffn", layers_29_ffn_router)  # loads, k per token, losses
     layers_29_ffn_dispatch = ops.moe_plan(layers_29_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_89 = layers_29_ffn_dispatch.token_S
-    index_select_29 = reshape_29.index_select(0, getattr_89)
+    index_select_29 = reshape_29_mine.index_select(0, getattr_89)
     index_select_29 = ops.all_to_all(index_select_29, layers_29_ffn_dispatch.send, layers_29_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_29 = index_select_29.index_select(0, layers_29_ffn_dispatch.order)  # group rows by local expert
     layers_29_ffn_experts = ops.grouped_swiglu_int4(index_select_29, layers_29_ffn_dispatch.local_counts, P["layers.29.ffn.experts.w1_EFD"], P["layers.29.ffn.experts.w3_EFD"], P["layers.29.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_29_ffn_experts = layers_29_ffn_experts.index_select(0, layers_29_ffn_dispatch.inverse)
     layers_29_ffn_experts = ops.all_to_all(layers_29_ffn_experts, layers_29_ffn_dispatch.recv, layers_29_ffn_dispatch.send, G.ep)  # combine
-    layers_29_ffn_combine = ops.combine_tokens(layers_29_ffn_experts, layers_29_ffn_dispatch, reshape_29)
+    layers_29_ffn_combine = ops.combine_tokens(layers_29_ffn_experts, layers_29_ffn_dispatch, reshape_29_mine)
+    layers_29_ffn_combine = ops.gather_tokens(layers_29_ffn_combine, G.tp)  # the TP group's tokens
     view_29 = layers_29_ffn_combine.view(getattr_88)
     add_59 = add_58 + view_29
     return add_59
@@ -310,29 +322,31 @@ def layer_29(P, B, add_57, G, ctx):
 def layer_30(P, B, add_59, G, ctx):
     """Layer 30: attention, then the MoE block."""
     layers_30_attn_norm = ops.rms_norm(add_59, P["layers.30.attn_norm.weight"], eps=1e-05)
-    layers_30_attn_norm_tp = ops.gather_sequence(layers_30_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_30_attn_norm_tp = ops.copy_to_tp(layers_30_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_30_attn_wq = ops.linear(layers_30_attn_norm_tp, P["layers.30.attn.wq.weight"])
     layers_30_attn_wk = ops.linear(layers_30_attn_norm_tp, P["layers.30.attn.wk.weight"])
     layers_30_attn_wv = ops.linear(layers_30_attn_norm_tp, P["layers.30.attn.wv.weight"])
     layers_30_attn_core = ops.attention(layers_30_attn_wq, layers_30_attn_wk, layers_30_attn_wv, head_dim=128, theta=1000000.0)
     layers_30_attn_wo = ops.linear(layers_30_attn_core, P["layers.30.attn.wo.weight"])
-    layers_30_attn_wo = ops.reduce_scatter_sequence(layers_30_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_30_attn_wo = ops.all_reduce(layers_30_attn_wo, G.tp)  # row-parallel: sum partial results
     add_60 = add_59 + layers_30_attn_wo
     layers_30_ffn_norm = ops.rms_norm(add_60, P["layers.30.ffn_norm.weight"], eps=1e-05)
     getattr_91 = layers_30_ffn_norm.shape
     getitem_30 = getattr_91[-1]
     reshape_30 = layers_30_ffn_norm.reshape(-1, getitem_30)
-    layers_30_ffn_router = ops.route(reshape_30, P["layers.30.ffn.router.centroids_GD"], P["layers.30.ffn.router.weight_ED"], B["layers.30.ffn.router.bias_E"], ctx.routing)
+    reshape_30_mine = ops.split_tokens(reshape_30, G.tp)  # this rank's 1/tp of the tokens
+    layers_30_ffn_router = ops.route(reshape_30_mine, P["layers.30.ffn.router.centroids_GD"], P["layers.30.ffn.router.weight_ED"], B["layers.30.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.30.ffn", layers_30_ffn_router)  # loads, k per token, losses
     layers_30_ffn_dispatch = ops.moe_plan(layers_30_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_92 = layers_30_ffn_dispatch.token_S
-    index_select_30 = reshape_30.index_select(0, getattr_92)
+    index_select_30 = reshape_30_mine.index_select(0, getattr_92)
     index_select_30 = ops.all_to_all(index_select_30, layers_30_ffn_dispatch.send, layers_30_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_30 = index_select_30.index_select(0, layers_30_ffn_dispatch.order)  # group rows by local expert
     layers_30_ffn_experts = ops.grouped_swiglu_int4(index_select_30, layers_30_ffn_dispatch.local_counts, P["layers.30.ffn.experts.w1_EFD"], P["layers.30.ffn.experts.w3_EFD"], P["layers.30.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_30_ffn_experts = layers_30_ffn_experts.index_select(0, layers_30_ffn_dispatch.inverse)
     layers_30_ffn_experts = ops.all_to_all(layers_30_ffn_experts, layers_30_ffn_dispatch.recv, layers_30_ffn_dispatch.send, G.ep)  # combine
-    layers_30_ffn_combine = ops.combine_tokens(layers_30_ffn_experts, layers_30_ffn_dispatch, reshape_30)
+    layers_30_ffn_combine = ops.combine_tokens(layers_30_ffn_experts, layers_30_ffn_dispatch, reshape_30_mine)
+    layers_30_ffn_combine = ops.gather_tokens(layers_30_ffn_combine, G.tp)  # the TP group's tokens
     view_30 = layers_30_ffn_combine.view(getattr_91)
     add_61 = add_60 + view_30
     return add_61
@@ -341,29 +355,31 @@ def layer_30(P, B, add_59, G, ctx):
 def layer_31(P, B, add_61, G, ctx):
     """Layer 31: attention, then the MoE block."""
     layers_31_attn_norm = ops.rms_norm(add_61, P["layers.31.attn_norm.weight"], eps=1e-05)
-    layers_31_attn_norm_tp = ops.gather_sequence(layers_31_attn_norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    layers_31_attn_norm_tp = ops.copy_to_tp(layers_31_attn_norm, G.tp)  # backward: all-reduce over tp
     layers_31_attn_wq = ops.linear(layers_31_attn_norm_tp, P["layers.31.attn.wq.weight"])
     layers_31_attn_wk = ops.linear(layers_31_attn_norm_tp, P["layers.31.attn.wk.weight"])
     layers_31_attn_wv = ops.linear(layers_31_attn_norm_tp, P["layers.31.attn.wv.weight"])
     layers_31_attn_core = ops.attention(layers_31_attn_wq, layers_31_attn_wk, layers_31_attn_wv, head_dim=128, theta=1000000.0)
     layers_31_attn_wo = ops.linear(layers_31_attn_core, P["layers.31.attn.wo.weight"])
-    layers_31_attn_wo = ops.reduce_scatter_sequence(layers_31_attn_wo, G.tp, dim=1)  # row-parallel: sum partial results, this rank's positions
+    layers_31_attn_wo = ops.all_reduce(layers_31_attn_wo, G.tp)  # row-parallel: sum partial results
     add_62 = add_61 + layers_31_attn_wo
     layers_31_ffn_norm = ops.rms_norm(add_62, P["layers.31.ffn_norm.weight"], eps=1e-05)
     getattr_94 = layers_31_ffn_norm.shape
     getitem_31 = getattr_94[-1]
     reshape_31 = layers_31_ffn_norm.reshape(-1, getitem_31)
-    layers_31_ffn_router = ops.route(reshape_31, P["layers.31.ffn.router.centroids_GD"], P["layers.31.ffn.router.weight_ED"], B["layers.31.ffn.router.bias_E"], ctx.routing)
+    reshape_31_mine = ops.split_tokens(reshape_31, G.tp)  # this rank's 1/tp of the tokens
+    layers_31_ffn_router = ops.route(reshape_31_mine, P["layers.31.ffn.router.centroids_GD"], P["layers.31.ffn.router.weight_ED"], B["layers.31.ffn.router.bias_E"], ctx.routing)
     ctx.observe("layers.31.ffn", layers_31_ffn_router)  # loads, k per token, losses
     layers_31_ffn_dispatch = ops.moe_plan(layers_31_ffn_router, n_experts=16000, group=G.ep)  # exchanges per-expert counts over ep
     getattr_95 = layers_31_ffn_dispatch.token_S
-    index_select_31 = reshape_31.index_select(0, getattr_95)
+    index_select_31 = reshape_31_mine.index_select(0, getattr_95)
     index_select_31 = ops.all_to_all(index_select_31, layers_31_ffn_dispatch.send, layers_31_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_31 = index_select_31.index_select(0, layers_31_ffn_dispatch.order)  # group rows by local expert
     layers_31_ffn_experts = ops.grouped_swiglu_int4(index_select_31, layers_31_ffn_dispatch.local_counts, P["layers.31.ffn.experts.w1_EFD"], P["layers.31.ffn.experts.w3_EFD"], P["layers.31.ffn.experts.w2_EDF"])  # packed int4 experts
     layers_31_ffn_experts = layers_31_ffn_experts.index_select(0, layers_31_ffn_dispatch.inverse)
     layers_31_ffn_experts = ops.all_to_all(layers_31_ffn_experts, layers_31_ffn_dispatch.recv, layers_31_ffn_dispatch.send, G.ep)  # combine
-    layers_31_ffn_combine = ops.combine_tokens(layers_31_ffn_experts, layers_31_ffn_dispatch, reshape_31)
+    layers_31_ffn_combine = ops.combine_tokens(layers_31_ffn_experts, layers_31_ffn_dispatch, reshape_31_mine)
+    layers_31_ffn_combine = ops.gather_tokens(layers_31_ffn_combine, G.tp)  # the TP group's tokens
     view_31 = layers_31_ffn_combine.view(getattr_94)
     add_63 = add_62 + view_31
     return add_63
@@ -372,6 +388,6 @@ def layer_31(P, B, add_61, G, ctx):
 def lm_head(P, B, add_63, G, ctx):
     """The final norm and the LM head."""
     norm = ops.rms_norm(add_63, P["norm.weight"], eps=1e-05)
-    norm_tp = ops.gather_sequence(norm, G.tp, dim=1)  # every rank's positions; backward: reduce-scatter
+    norm_tp = ops.copy_to_tp(norm, G.tp)  # backward: all-reduce over tp
     head = ops.linear(norm_tp, P["head.weight"])  # vocab-parallel logits
     return head
