@@ -64,9 +64,10 @@ def run_key(spec: Spec, source: str | None = None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def run_dir(spec: Spec, base: Path = CACHE) -> Path:
-    """The cached plan folder of a spec: `.lcc-cache/<name>-<first 16 hex digits of run_key>`."""
-    return base / f"{spec.name}-{run_key(spec)[:16]}"
+def run_dir(spec: Spec, base: Path = CACHE, mode: str = "train") -> Path:
+    """The cached plan folder of a spec: `.lcc-cache/<name>-<first 16 hex digits of run_key>` (serve plans:
+    with `-serve`)."""
+    return base / f"{spec.name}-{run_key(spec)[:16]}{'-serve' if mode == 'serve' else ''}"
 
 
 def write_atomically(files: dict[str, str], folder: Path) -> None:

@@ -230,6 +230,94 @@ def run_train(
         raise typer.Exit(exc.exit_code) from None  # 1; a stop by SIGINT or SIGTERM: 130 or 143
 
 
+@run_app.command("generate")
+def run_generate(
+    target: Annotated[Path, typer.Argument(help="A spec (compiled into .lcc-cache/ as a serve plan) or a compiled "
+                                           "serve plan folder (lcc compile --mode serve).")],
+    set_: SetOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint of lcc run train (a "
+                                                    "step-NNNNNN folder, or a --checkpoint-dir: its latest), saved "
+                                                    "under any layout. Default: the deterministic initialisation.")]
+    = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Text to continue (repeat for several "
+                                                     "prompts, served together).")] = None,
+    prompt_ids: Annotated[list[str] | None, typer.Option("--prompt-ids", help="Token ids to continue, e.g. "
+                                                         "1,2,3 (repeatable).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to generate per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampler (with --temperature > 0).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End a completion where this text appears "
+                                                   "(repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt: {\"token_ids\": [the "
+                                          "generated ids], \"text\": ..., \"finish_reason\": ...}.")] = False,
+    max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", min=1, help="Sequences per step and dp rank "
+                                                     "(default and at most serve.max_batch).")] = None,
+    max_batched_tokens: Annotated[int | None, typer.Option("--max-batched-tokens", min=1, help="Tokens per step "
+                                                           "and dp rank (default serve.max_batched_tokens).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the ranks even where this machine looks too small "
+                                        "for them.")] = False,
+) -> None:
+    """Generate continuations of prompts with a serve plan on local ranks, printing them as they come."""
+    from lcc.runtime.support import RunError
+    from lcc.serve.launch import Job, generate
+    from lcc.serve.sampling import SamplingParams
+
+    prompts_ids: list[list[int]] = []
+    for text in prompt_ids or []:
+        try:
+            prompts_ids.append([int(t) for t in text.replace(" ", "").split(",") if t])
+        except ValueError:
+            typer.echo(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3", err=True)
+            raise typer.Exit(2) from None
+    if not prompt and not prompts_ids:
+        typer.echo("give --prompt TEXT or --prompt-ids 1,2,3", err=True)
+        raise typer.Exit(2)
+    plan_dir = _serve_plan(target, set_)
+    vocab = _plan_spec(plan_dir).model.vocab_size
+    for text in prompt or []:
+        ids = list(text.encode("utf-8"))
+        if any(i >= vocab for i in ids):
+            typer.echo(f"--prompt {text!r}: has bytes outside the model's vocabulary of {vocab}; use --prompt-ids",
+                       err=True)
+            raise typer.Exit(2)
+        prompts_ids.append(ids)
+    try:
+        params = SamplingParams(max_tokens, temperature, top_p, seed, list(stop or []))
+    except ValueError as exc:
+        typer.echo(f"lcc run generate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    job = Job(prompts_ids, params, str(checkpoint) if checkpoint else None, as_json=as_json,
+              max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
+    try:
+        generate(plan_dir, job, force=force)
+    except RunError as exc:
+        typer.echo(f"lcc run generate: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except ValueError as exc:  # a request the engine refuses (RequestError)
+        typer.echo(f"lcc run generate: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _serve_plan(target: Path, set_: list[str] | None) -> Path:
+    """A serve plan folder: the given one, or the spec compiled into the run cache."""
+    if target.is_dir():
+        if set_:
+            typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
+            raise typer.Exit(2)
+        return target
+    from lcc.cache import run_dir, write_atomically
+    from lcc.compiler.plan import compile_plan
+    from lcc.runtime.preflight import check_writable
+
+    loaded = _load(target, set_)
+    plan_dir = run_dir(loaded, mode="serve")
+    if not (plan_dir / "plan.json").is_file():
+        _exit_on_run_error(check_writable, plan_dir, "the run cache", True)
+        write_atomically(_exit_on_spec_error(compile_plan, loaded, "serve"), plan_dir)
+    return plan_dir
+
+
 checkpoint_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                              help="Inspect checkpoints saved by lcc run train.")
 app.add_typer(checkpoint_app, name="checkpoint")

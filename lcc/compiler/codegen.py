@@ -52,6 +52,7 @@ class _Emitter:
         self.subst: dict[str, str] = {}  # inside an MoE block with tp: the full tokens -> this rank's share
         self.segment: str | None = None
         self.region: str | None = None
+        self.serving = state.mode == "serve"
 
     def emit(self, code: str, comment: str = "") -> None:
         self.lines.append(Line(code, comment, self.segment, self.region))
@@ -90,7 +91,8 @@ class _Emitter:
         else:
             raise NotImplementedError(f"no lowering for {n.op} node {name}")
 
-    def after(self, site: str, name: str, lines: tuple[str, ...] = ("all_reduce", "reduce_scatter_sequence")) -> None:
+    def after(self, site: str, name: str,
+              lines: tuple[str, ...] = ("all_reduce", "reduce_scatter_sequence", "gather_vocab")) -> None:
         for line in lines:
             c = self.take(site, AFTER, line)
             if c is not None:
@@ -108,6 +110,10 @@ class _Emitter:
             self.emit(f'{name} = ops.embedding_shard({args[0]}, P["embed.weight"], vocab_start={start})')
             self.after(target, name)
         elif target.endswith("norm"):
+            if target == "norm" and self.serving:
+                self.emit(f"{args[0]}_last = ops.last_positions({args[0]}, ctx.batch)",
+                          "each sequence's last position: the logits sampling needs")
+                args = [f"{args[0]}_last"]
             self.emit(f'{name} = ops.rms_norm({args[0]}, P["{target}.weight"], eps={spec.model.norm_eps!r})')
         elif isinstance(self.state.graph.get_submodule(target), nn.Linear):
             weight = "embed.weight" if target == "head" and spec.model.tie_embeddings else f"{target}.weight"
@@ -128,8 +134,13 @@ class _Emitter:
         elif target.endswith("attn.core"):
             att = spec.model.attention
             self.region = "attention"
-            self.emit(f"{name} = ops.attention({args[0]}, {args[1]}, {args[2]}, head_dim={att.head_dim}, "
-                      f"theta={att.rope_theta!r})")
+            if self.serving:
+                self.emit(f"{name} = ops.paged_attention({args[0]}, {args[1]}, {args[2]}, ctx.batch, "
+                          f"layer={layer_of(target)}, head_dim={att.head_dim}, theta={att.rope_theta!r})",
+                          "writes this step's keys and values into the paged KV cache, reads the context")
+            else:
+                self.emit(f"{name} = ops.attention({args[0]}, {args[1]}, {args[2]}, head_dim={att.head_dim}, "
+                          f"theta={att.rope_theta!r})")
             self.region = None
         elif target.endswith("ffn.router"):
             tokens = args[0]
@@ -139,8 +150,12 @@ class _Emitter:
                 self.subst[tokens] = f"{tokens}_mine"
                 tokens = f"{tokens}_mine"
             self.region = "routing"  # through the dispatch all-to-all
-            self.emit(f'{name} = ops.route({tokens}, P["{target}.centroids_GD"], P["{target}.weight_ED"], '
-                      f'B["{target}.bias_E"], ctx.routing)')
+            if self.serving and spec.serve is not None and spec.serve.routing_tables:
+                self.emit(f'{name} = ops.route_tables({tokens}, ctx.tables["{target}"])',
+                          "precomputed at load: normalised centroids, router weights by group, load bias")
+            else:
+                self.emit(f'{name} = ops.route({tokens}, P["{target}.centroids_GD"], P["{target}.weight_ED"], '
+                          f'B["{target}.bias_E"], ctx.routing)')
             self.after(target, name, ("unit_balance",))
             self.emit(f'ctx.observe("{target.rsplit(".", 1)[0]}", {name})', "loads, k per token, losses")
         elif target.endswith("ffn.dispatch"):
@@ -169,7 +184,10 @@ class _Emitter:
         elif target.endswith("ffn.combine"):
             self.emit(f"{name} = ops.combine_tokens({args[0]}, {args[1]}, {args[2]})")
             gather = self.take(target, AFTER, "gather_tokens")
-            if gather is not None:
+            if gather is not None and self.serving:  # a step's tokens need not divide by tp
+                self.emit(f"{name} = ops.gather_tokens({name}, G.tp, rows={_ref(n.args[2])}.shape[0])",
+                          "the TP group's tokens")
+            elif gather is not None:
                 self.emit(f"{name} = ops.gather_tokens({name}, G.tp)", "the TP group's tokens")
             self.subst = {}
         else:
@@ -369,7 +387,7 @@ def render_programs(state: CompileState) -> dict[str, str]:
             spec=state.spec.name, stage=s, n_stages=len(state.stage_bounds), pp_rank=s % state.spec.parallelism.pp,
             layers=[a, b], passes=[p.name for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
             first=s == 0, result=result, forward=forward, functions=functions, params=params, zero3=zero3,
-            memory=state.memory, loss=loss,
+            memory=state.memory, loss=loss, serving=state.mode == "serve",
             buffers=[b.name for b in state.buffers if s in b.stages],
         )
     return programs

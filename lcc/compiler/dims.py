@@ -25,7 +25,10 @@ class Dims:
 
 def precision(spec: Spec, mode: str) -> tuple[str, str]:
     """(parameter dtype, compute dtype): bfloat16 trains from float32 master weights under autocast."""
-    dtype = spec.train.dtype if mode == "train" else (spec.serve.dtype if spec.serve else "bfloat16")
+    if mode == "serve":  # no master weights to keep: weights and activations in serve.dtype
+        dtype = spec.serve.dtype if spec.serve else "bfloat16"
+        return dtype, dtype
+    dtype = spec.train.dtype
     return ("float32", "bfloat16") if dtype == "bfloat16" else (dtype, dtype)
 
 
@@ -36,7 +39,13 @@ def sequence_parallel(spec: Spec, mode: str) -> bool:
 
 
 def dims(spec: Spec, mode: str) -> Dims:
+    """Serve plans: one flat batch of tokens per step whose count varies (b 1, s and T -1, as in the plan's
+    collective shapes: rows that vary per call)."""
     par, train = spec.parallelism, spec.train
+    if mode == "serve":
+        params, compute = precision(spec, mode)
+        return Dims(1, -1, spec.model.d_model, -1, -1, -1, params, compute,
+                    "float64" if params == "float64" else "float32")
     b = train.global_batch // (par.dp * par.pipeline.microbatches)
     s = train.seq_len
     params, compute = precision(spec, mode)

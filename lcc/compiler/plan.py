@@ -12,6 +12,7 @@ import json
 from lcc.actions import Action
 from lcc.compiler.codegen import render_programs
 from lcc.compiler.cost import cost_report
+from lcc.compiler.cost.params import local_kv_heads
 from lcc.compiler.dims import dims, precision
 from lcc.compiler.layout import coords
 from lcc.compiler.passes import (
@@ -40,11 +41,13 @@ from lcc.plan.types import (
     RankTable,
     Role,
     Schedule,
+    Serving,
     Simulation,
+    StepAction,
     is_zero3_scatter,
 )
 from lcc.spec import Problem, SpecError, locate, resolved, spec_hash
-from lcc.spec.models import Spec
+from lcc.spec.models import DTYPE_BYTES, Spec
 
 PASSES = [partition, expert_placement, tensor_parallel, moe_lowering, memory, data_parallel, step_actions, quantize]
 BACKENDS = {"cpu": "torch", "cuda": "torch"}  # kernel backends that exist, by cluster.device.kind
@@ -69,14 +72,20 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
     report = cost_report(spec)
     if mode == "train":
         check_fits(spec, report)
+    else:
+        check_servable(spec)
     state = CompileState(spec, mode, trace(spec))
     for p in PASSES:
         p.run(state)
         state.applied.append(Pass(p.NAME, p.DESCRIPTION))
     par = spec.parallelism
-    compute = _compute_only(spec)
+    compute = _compute_only(spec, mode)
     lowered = add_p2p(compute, par.n_stages)
-    sim = simulate(lowered, par.n_stages, par.pipeline.microbatches)
+    if mode == "train":
+        sim = simulate(lowered, par.n_stages, par.pipeline.microbatches)
+    else:  # one batch through the stages in order: each rank busy with its own stages, idle for the others
+        busy = [len(actions) for actions in compute]
+        sim = Simulation(par.n_stages, busy, 1 - sum(busy) / (par.pp * par.n_stages), {"F": COST["F"]})
     params_dtype, compute_dtype = precision(spec, mode)
     d = dims(spec, mode)
     b = d.b
@@ -94,12 +103,66 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
         data=Data(spec.train.seq_len, spec.train.global_batch, par.dp * par.pipeline.microbatches,
                   par.pipeline.microbatches, b),
         schedule=Schedule(par.pipeline.schedule, par.pipeline.microbatches, par.pipeline.virtual_stages,
-                          par.n_stages, Simulation(sim.makespan, sim.busy, sim.bubble_fraction, dict(COST)),
+                          par.n_stages, sim if mode == "serve" else
+                          Simulation(sim.makespan, sim.busy, sim.bubble_fraction, dict(COST)),
                           [[str(a) for a in actions] for actions in with_reductions(lowered, state)], state.step,
                           {"compute_only_csv": "schedule.csv", "full": "actions.txt"}, [b, d.s_local, d.D]),
-        cost=report,
+        cost=report, serving=_serving(spec, state) if mode == "serve" else None,
     )
+    if mode == "serve":
+        plan.schedule.kind = "serve"
+        plan.schedule.microbatches = 1
     return plan, state
+
+
+FAST_INT4_GROUPS = (32, 64, 128, 256)  # what PyTorch's CPU int4 matmul takes
+
+
+def check_servable(spec: Spec) -> None:
+    """What a serve plan needs of the spec: a serve section, and int4 experts the CPU kernel can run
+    (float64 serving uses the reference op, which takes any group size)."""
+    if spec.serve is None:
+        raise SpecError([Problem(locate(spec, ("serve",)), ("serve",), "a serve plan needs a serve section",
+                                 "add serve: {max_seq_len: ...}", ())])
+    quant = spec.quantization.experts if spec.quantization is not None else None
+    if quant is None or spec.model.moe is None or spec.serve.dtype == "float64" or spec.cluster.device.kind != "cpu":
+        return
+    path = ("quantization", "experts", "group_size")
+    if quant.group_size not in FAST_INT4_GROUPS:
+        raise SpecError([Problem(locate(spec, path), path, f"group_size {quant.group_size}: the CPU int4 kernel takes "
+                                 f"group sizes {', '.join(map(str, FAST_INT4_GROUPS))}",
+                                 "choose one of them, or serve.dtype float64 (the reference int4 op)",
+                                 ("serve.dtype",))])
+    for field, width in (("d_model", spec.model.d_model), ("moe.expert_d_ff", spec.model.moe.expert_d_ff)):
+        if width % 16:
+            where = ("model", *field.split("."))
+            raise SpecError([Problem(locate(spec, where), where, f"{field} {width}: the CPU int4 kernel needs output "
+                                     "widths divisible by 16", "serve.dtype float64 uses the reference int4 op",
+                                     ("serve.dtype",))])
+
+
+def _serving(spec: Spec, state: CompileState) -> Serving:
+    """The serve plan's runtime settings: KV cache, kernels, and the step's batch and logits exchange."""
+    serve, par, att = spec.serve, spec.parallelism, spec.model.attention
+    quant = spec.quantization.experts if spec.quantization is not None and spec.model.moe is not None else None
+    kernel = ("dense" if quant is None else "int4_reference" if serve.dtype == "float64" or spec.cluster.device.kind
+              != "cpu" else "int4_packed_cpu")
+    kv_heads = local_kv_heads(spec)
+    per_layer = 2 * kv_heads * att.head_dim * DTYPE_BYTES[serve.dtype]
+    per_rank = [per_layer * sum(b - a for s, (a, b) in enumerate(state.stage_bounds) if s % par.pp == r)
+                for r in range(par.pp)]
+    V = spec.model.vocab_size
+    before, after = [], []
+    if par.world_size > 1:
+        before.append(StepAction("BROADCAST_BATCH", collectives=[Collective(
+            "broadcast", "world", "batch", "rank 0's schedule of the step: every dp rank's tokens, positions and "
+            "block tables", None, "object")]))
+        after.append(StepAction("RETURN_LOGITS", state.last_stage, collectives=[Collective(
+            "send", "world", "logits", "each dp rank's last-position logits (last stage, tp rank 0) to rank 0",
+            [-1, V], serve.dtype)]))
+    return Serving(serve.dtype, serve.max_batch, serve.max_seq_len, serve.max_batched_tokens, serve.block_size,
+                   serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
+                   quant.group_size if quant is not None else None, before, after)
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:
@@ -136,13 +199,15 @@ def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
         **programs,
         "plan.json": codec.dumps(plan),
         "spec.json": json.dumps(resolved(spec), indent=1, sort_keys=True) + "\n",
-        "schedule.csv": to_csv(_compute_only(spec)),
+        "schedule.csv": to_csv(_compute_only(spec, mode)),
         "actions.txt": actions_text(plan),
     }
 
 
-def _compute_only(spec: Spec):
+def _compute_only(spec: Spec, mode: str = "train"):
     par = spec.parallelism
+    if mode == "serve":  # each step: the stages in order, one forward each
+        return [[Action(s, "F", 0) for s in range(r, par.n_stages, par.pp)] for r in range(par.pp)]
     return generate(par.pipeline.schedule, par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
 
 
@@ -194,8 +259,11 @@ def actions_text(plan: Plan) -> str:
                  "full": "every layer (its forward collectives again)"}[plan.memory.activation_checkpointing]
     once = plan.memory.zero >= 3 and plan.memory.grad_reduce == "step"
     by_stage = {r.stage: r for r in plan.roles}
+    serving = plan.serving
     for r, actions in enumerate(plan.schedule.actions):
         lines.append(f"pp_rank {r}:")
+        for action in serving.before if serving else []:
+            lines.append(f"  {action}")
         last_b = {Action.parse(a).stage: i for i, a in enumerate(actions) if Action.parse(a).kind == "B"}
         for index, text in enumerate(actions):
             extra = ""
@@ -220,8 +288,15 @@ def actions_text(plan: Plan) -> str:
             lines.append(f"  {text}{extra}")
         for action in plan.schedule.step[r] if plan.schedule.step else []:
             lines.append(f"  {action}")
+        for action in serving.after if serving and action_on(serving, r, plan) else []:
+            lines.append(f"  {action}")
     return "\n".join(lines) + "\n"
 
 
 def _counted(ops: list[str]) -> str:
     return ", ".join(f"{k} x{ops.count(k)}" for k in dict.fromkeys(ops))
+
+
+def action_on(serving: Serving, pp_rank: int, plan: Plan) -> bool:
+    """Whether the serve plan's after-step actions concern `pp_rank`: the last stage's, and rank 0's."""
+    return pp_rank in (0, (plan.schedule.n_stages - 1) % plan.mesh.size("pp"))

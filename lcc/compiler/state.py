@@ -69,6 +69,8 @@ class CompileState:
             backward: list[Collective] | None = None, region: str | None = None, function: str | None = None,
             position: int | None = None, dim: int | None = None) -> None:
         comms = self.comms.setdefault(stage, [])
+        if self.mode == "serve":  # inference: no backward
+            backward = []
         pos = self.position(site) if position is None else position
         order = sum(1 for c in comms if c.key[:2] == (pos, phase))
         comms.append(Comm((pos, phase, order), line, forward, backward or [], region, function, dim))

@@ -62,8 +62,7 @@ class RouterMath:
     def group_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-2: kept groups (ascending id) and their weights q (softmax over the kept affinities)."""
         cfg = self.cfg.groups
-        centroids_GD = self.centroids_GD.to(x_TD.dtype)
-        affinity_TG = F.normalize(x_TD, dim=-1) @ F.normalize(centroids_GD, dim=-1).T / cfg.temperature
+        affinity_TG = F.normalize(x_TD, dim=-1) @ self.unit_centroids(x_TD.dtype).T / cfg.temperature
         _, kept_TGk = stable_topk(affinity_TG.detach(), cfg.top)
         kept_TGk, _ = torch.sort(kept_TGk, dim=-1)  # ascending group id -> candidates in ascending expert id
         q_TGk = torch.softmax(affinity_TG.gather(1, kept_TGk), dim=-1)
@@ -85,7 +84,7 @@ class RouterMath:
         order = torch.argsort(flat, stable=True)
         counts_G = torch.zeros(self.n_groups, dtype=torch.int64, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        w_GPD = self.weight_ED.view(self.n_groups, self.per_group, -1).to(dtype)
+        w_GPD = self.group_weights(dtype)
         x_SD = x_TD.index_select(0, order // Gk).to(dtype)  # index_select: several times faster than x[idx]
         if grouped_mm_ok(x_SD, w_GPD, w_GPD):
             offs = group_ends(counts_G, x_SD.device)
@@ -95,6 +94,14 @@ class RouterMath:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return z_SP.index_select(0, inverse).view(T, Gk, self.per_group)
+
+    def unit_centroids(self, dtype: torch.dtype) -> torch.Tensor:
+        """The group centroids normalised, in `dtype`."""
+        return F.normalize(self.centroids_GD.to(dtype), dim=-1)
+
+    def group_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """The router weights as group-major blocks [groups, experts per group, D] in `dtype`."""
+        return self.weight_ED.view(self.n_groups, self.per_group, -1).to(dtype)
 
     @staticmethod
     def _logits_looped(x_SD: torch.Tensor, counts: list[int], w_GPD: torch.Tensor) -> torch.Tensor:

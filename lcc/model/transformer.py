@@ -22,8 +22,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(seq: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq, dtype=torch.float64, device=device), inv)
+    return rope_at(torch.arange(seq, device=device), head_dim, theta)
+
+
+def rope_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (float64, [len(positions), head_dim / 2]) of the rotary angles at the given positions."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = torch.outer(positions.to(torch.float64), inv)
     return angles.cos(), angles.sin()
 
 

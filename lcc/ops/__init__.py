@@ -11,6 +11,7 @@ from lcc.ops.collectives import (
     copy_to_tp,
     gather_sequence,
     gather_tokens,
+    gather_vocab,
     reduce_scatter_sequence,
     split_tokens,
 )
@@ -27,10 +28,41 @@ from lcc.ops.moe import (
     unit_balance,
 )
 from lcc.ops.recompute import recompute
+from lcc.ops.serve import last_positions, paged_attention, route_tables
 from lcc.ops.zero import offload_gathered, zero_gather, zero_prefetch
 
-__all__ = ["MoEPlan", "ProgramContext", "all_reduce", "all_reduce_max", "all_to_all", "attention", "combine_tokens",
-           "copy_to_tp", "cross_entropy", "embedding_shard", "flatten_logits", "gather_sequence", "gather_tokens",
-           "grouped_swiglu", "grouped_swiglu_int4", "linear", "moe_plan", "offload_gathered", "recompute",
-           "reduce_scatter_sequence", "rms_norm", "route", "row_max", "split_tokens", "sum_exp", "target_logit",
-           "unit_balance", "zero_gather", "zero_prefetch"]
+__all__ = [
+    "MoEPlan",
+    "ProgramContext",
+    "all_reduce",
+    "all_reduce_max",
+    "all_to_all",
+    "attention",
+    "combine_tokens",
+    "copy_to_tp",
+    "cross_entropy",
+    "embedding_shard",
+    "flatten_logits",
+    "gather_sequence",
+    "gather_tokens",
+    "gather_vocab",
+    "grouped_swiglu",
+    "grouped_swiglu_int4",
+    "last_positions",
+    "linear",
+    "moe_plan",
+    "offload_gathered",
+    "paged_attention",
+    "recompute",
+    "reduce_scatter_sequence",
+    "rms_norm",
+    "route",
+    "route_tables",
+    "row_max",
+    "split_tokens",
+    "sum_exp",
+    "target_logit",
+    "unit_balance",
+    "zero_gather",
+    "zero_prefetch",
+]

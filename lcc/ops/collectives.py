@@ -179,13 +179,30 @@ def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def split_tokens(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """This rank's 1/size of the tokens (dim 0); backward: all-gather."""
-    return x if _size(group) == 1 else _SplitToRegion.apply(x, group, 0)
+    """This rank's 1/size of the tokens (dim 0); backward: all-gather. Where the tokens do not divide by the
+    group's size (a serve step: no backward), the first `rows % size` ranks take one token more."""
+    size = _size(group)
+    if size == 1:
+        return x
+    if x.shape[0] % size:
+        return x.tensor_split(size)[_rank(group)]
+    return _SplitToRegion.apply(x, group, 0)
 
 
-def gather_tokens(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """All ranks' tokens (dim 0) in rank order; backward: this rank's slice."""
-    return x if _size(group) == 1 else _GatherFromRegion.apply(x, group, 0)
+def gather_tokens(x: torch.Tensor, group: Group, rows: int | None = None) -> torch.Tensor:
+    """All ranks' tokens (dim 0) in rank order; backward: this rank's slice. `rows`: the whole count, where
+    the ranks' shares may differ (split_tokens of a count that does not divide by the group's size)."""
+    size = _size(group)
+    if size == 1:
+        return x
+    if rows is None or rows % size == 0:
+        return _GatherFromRegion.apply(x, group, 0)
+    sizes = [rows // size + (i < rows % size) for i in range(size)]
+    padded = x.new_zeros((sizes[0], *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    out = x.new_empty((sizes[0] * size, *x.shape[1:]))
+    dist.all_gather_single(out, padded, group=group)
+    return torch.cat([piece[:n] for piece, n in zip(out.chunk(size), sizes, strict=True)])
 
 
 def gather_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
@@ -212,3 +229,8 @@ def exchange_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts.contiguous(), group=group)
     return out
+
+
+def gather_vocab(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Serve plans: every rank's slice of the vocabulary (the last dim) in rank order: whole logits."""
+    return x if _size(group) == 1 else _gather_along(x, group, x.dim() - 1).contiguous()

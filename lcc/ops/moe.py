@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lcc.backends.cpu import int4 as int4_cpu
+from lcc.backends.cpu.int4 import PackedInt4
 from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
 from lcc.model import routing
 from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
@@ -80,9 +82,13 @@ def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD:
     return swiglu_segments(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
 
 
-def grouped_swiglu_int4(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Weight, w3: Int4Weight,
-                        w2: Int4Weight) -> torch.Tensor:
-    """Serve plans: the same experts from packed int4 weights."""
+def grouped_swiglu_int4(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Weight | PackedInt4,
+                        w3: Int4Weight | PackedInt4, w2: Int4Weight | PackedInt4) -> torch.Tensor:
+    """Serve plans: the same experts from int4 weights, through the kernel the weights were prepared for
+    (the plan's `serving.expert_kernel`): PyTorch's packed CPU int4 matmul, or lcc's reference op."""
+    if isinstance(w1, PackedInt4):
+        host = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+        return int4_cpu.swiglu_segments(x_SD, host, w1, w3, w2)
     return int4_swiglu_segments(x_SD, counts, w1, w3, w2)
 
 

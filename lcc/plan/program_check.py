@@ -22,10 +22,11 @@ OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"]
        "gather_tokens": (["all_gather"], []), "all_to_all": (["all_to_all"], ["all_to_all"]),
        "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], []),
        "gather_sequence": (["all_gather"], ["reduce_scatter", "all_gather"]),
-       "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"])}
+       "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"]), "gather_vocab": (["all_gather"], [])}
 ZERO = ("zero_gather", "zero_prefetch")
 COMPUTE = {"embedding_shard", "rms_norm", "linear", "attention", "route", "grouped_swiglu", "grouped_swiglu_int4",
-           "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit", "cross_entropy"}
+           "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit", "cross_entropy",
+           "paged_attention", "last_positions", "route_tables"}
 TABLES = ("PARAMETERS", "BUFFERS", "GATHER")
 # a program is straight-line code: what could repeat, skip or hide a line is not a program lcc renders
 FORBIDDEN = (ast.For, ast.AsyncFor, ast.While, ast.If, ast.IfExp, ast.Try, ast.With, ast.AsyncWith, ast.ListComp,
@@ -243,7 +244,7 @@ def check_role(plan: Plan, role: Role, source: str) -> None:
             raise ProgramMismatch(
                 f"{path}: forward collective {i + 1} is {_say(g)} in the program but {_say(w)} in the plan "
                 f"(site {site}); the program and plan.json disagree: compile again (lcc compile)")
-    got_back = Counter(got.backward)
+    got_back = Counter(got.backward if plan.mode == "train" else [])  # serve plans run no backward
     want_back = Counter((c.op, c.axis) for c in role.backward)
     if got_back != want_back:
         extra, missing = got_back - want_back, want_back - got_back

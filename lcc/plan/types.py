@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,32 @@ class Memory:
     grad_reduce: str  # ZeRO 2/3: reduce-scatter once per `step` (gradients accumulate whole) or per `microbatch`
 
 
+@dataclass
+class Serving:
+    """What a serve plan's runtime executes besides the programs. Each step: rank 0's scheduler chooses
+    every dp rank's batch (`before`: broadcast to every rank), the stages run in order on it (the
+    schedule's actions), and the last stage returns each dp rank's next-token logits to rank 0 (`after`).
+    Every rank has a paged KV cache of `kv_blocks` blocks of `block_size` tokens for the layers of its
+    stages, of its `kv_heads` key/value heads. Experts run through `expert_kernel`: `int4_packed_cpu`
+    (packed weights, PyTorch's CPU int4 matmul), `int4_reference` (lcc's reference int4 op: float64), or
+    `dense` (unquantised)."""
+
+    dtype: str
+    max_batch: int  # sequences per dp rank and step
+    max_seq_len: int
+    max_batched_tokens: int  # tokens per dp rank and step
+    block_size: int
+    kv_blocks: int
+    kv_heads: int
+    head_dim: int
+    kv_bytes_per_token: list[int]  # per pipeline rank: all the layers of its stages
+    routing_tables: bool
+    expert_kernel: str
+    group_size: int | None
+    before: list[StepAction]
+    after: list[StepAction]
+
+
 @dataclass(frozen=True)
 class Pass:
     name: str
@@ -283,6 +309,7 @@ class Plan:
     data: Data
     schedule: Schedule
     cost: dict[str, Any]  # the lcc.report/1 document, for display
+    serving: Serving | None = None  # serve plans
 
     def parameter(self, name: str) -> Parameter:
         return self._params()[name]

@@ -123,10 +123,10 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
             dist.destroy_process_group()
 
 
-def check_plan(plan_dir: Path) -> Plan:
+def check_plan(plan_dir: Path, mode: str = "train") -> Plan:
     """What must hold before any rank starts: a plan folder of this lcc's version, programs that issue
-    exactly the collectives the plan lists, a train plan, and a device this runtime drives (LaunchRefused,
-    exit code 2, otherwise)."""
+    exactly the collectives the plan lists, a plan of `mode` (train or serve), and a device this runtime
+    drives (LaunchRefused, exit code 2, otherwise)."""
     plan_dir = Path(plan_dir)
     if not plan_dir.is_dir():
         raise LaunchRefused(f"{plan_dir}: not a folder (a compiled plan folder, or a spec file)")
@@ -147,8 +147,10 @@ def check_plan(plan_dir: Path) -> Plan:
     if plan.device != "cpu":
         raise LaunchRefused(f"{plan_dir}: a {plan.device} plan (cluster.device.kind); this runtime executes CPU "
                             "plans on gloo ranks only: the CUDA/NCCL path is not built yet")
-    if plan.mode != "train":
-        raise LaunchRefused(f"{plan_dir}: a {plan.mode} plan; lcc run train executes train plans")
+    if plan.mode != mode:
+        runs = "lcc run train executes train plans" if mode == "train" else \
+            "lcc run generate executes serve plans (lcc compile --mode serve)"
+        raise LaunchRefused(f"{plan_dir}: a {plan.mode} plan; {runs}")
     return plan
 
 

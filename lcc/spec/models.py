@@ -236,7 +236,20 @@ class Serve(_Section):
     max_batch: Pos = Field(16, description="Sequences batched together.")
     max_seq_len: Pos = Field(description="Longest sequence (prompt + generated) served.")
     routing_tables: bool = Field(True, description="Precompute static routing tables in serve plans.")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Precision of the non-expert weights.")
+    dtype: Literal["bfloat16", "float32", "float64"] = Field(
+        "bfloat16", description="Precision of the non-expert weights and activations; float64 is for verification.")
+    block_size: Pos = Field(16, description="Tokens per block of the paged KV cache.")
+    kv_blocks: Pos | None = Field(None, description="KV cache blocks per rank; null: enough for max_batch sequences "
+                                  "of max_seq_len tokens.")
+    max_batched_tokens: Pos = Field(256, description="Tokens per engine step (decodes first, then prefill chunks).")
+
+    @property
+    def blocks_per_sequence(self) -> int:
+        return -(-self.max_seq_len // self.block_size)
+
+    @property
+    def n_kv_blocks(self) -> int:
+        return self.kv_blocks if self.kv_blocks is not None else self.max_batch * self.blocks_per_sequence
 
 
 class Spec(_Section):

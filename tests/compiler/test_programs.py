@@ -58,22 +58,3 @@ def test_program_shows_every_collective():
                  "ops.gather_tokens(", "ops.all_reduce(layers_0_attn_wo, G.tp)"):
         assert line in text
     compile(text, "stage0.py", "exec")  # valid Python
-
-
-def test_serve_program_runs_int4_experts():
-    from lcc.model.quantized import quantize_experts
-
-    spec = load_spec(SPECS / "tiny-moe.yaml", ONE_RANK_PER_STAGE["pp2"])
-    files = compile_plan(spec, "serve")
-    assert "ops.grouped_swiglu_int4(" in files["programs/stage0.py"]
-    model = build_model(spec)
-    quantize_experts(model, spec.quantization.experts)
-    params = dict(model.named_parameters())
-    for i, block in model.moe_blocks():
-        for w in ("w1", "w3", "w2"):
-            suffix = {"w1": "w1_EFD", "w3": "w3_EFD", "w2": "w2_EDF"}[w]
-            params[f"layers.{i}.ffn.experts.{suffix}"] = getattr(block.experts, w)
-    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits, _ = run_pipeline(files, model, spec, tokens, params=params)
-        assert torch.equal(logits, model(tokens))

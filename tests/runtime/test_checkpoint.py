@@ -20,10 +20,22 @@ import lcc
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.plan.types import Parameter, Shard
-from lcc.runtime.checkpoint import IDENTITY, SCHEMA, check_resume, describe, latest, locked, prune, spec_hash, verify
+from lcc.runtime.checkpoint import (
+    IDENTITY,
+    SCHEMA,
+    CheckpointError,
+    check_resume,
+    describe,
+    latest,
+    locked,
+    prune,
+    spec_hash,
+    verify,
+)
 from lcc.runtime.checkpoint_layout import Blocks, flat_boxes, local_blocks
 from lcc.runtime.launch import launch, read_metrics
 from lcc.runtime.support import RunError
+from lcc.serve.weights import check_checkpoint
 from lcc.spec import load_spec, resolved
 from tests.conftest import ROOT, SPECS
 from tests.runtime.equivalence import SMALL
@@ -456,3 +468,15 @@ def test_a_resumed_run_says_from_where_and_how_it_ended(saved, tmp_path, capfd):
     loss = read_metrics(tmp_path / "m.jsonl")[-1]["loss"]
     assert re.search(rf"done: steps 2-2 of 2, [\d,]+ tokens in [\d.]+ s \([\d,]+ tokens/s\), final loss {loss:.4f}; "
                      rf"checkpoint: {re.escape(str(checkpoints / 'step-000002'))}", out), out
+
+
+def test_serving_takes_a_checkpoint_of_the_same_model_only(saved):
+    """lcc run generate --checkpoint: any layout and training settings, but the same model and routing."""
+    spec = json.loads((saved[0] / "spec.json").read_text())
+    other_layout = {**spec, "parallelism": {**spec["parallelism"], "tp": 2},
+                    "train": {**spec["train"], "steps": 7}, "routing": {**spec["routing"], "capacity_factor": 1.5}}
+    folder, _ = check_checkpoint(saved[1], other_layout)
+    assert folder.name == "step-000001"
+    other_model = {**spec, "model": {**spec["model"], "d_model": 64}}
+    with pytest.raises(CheckpointError, match="another model: model.d_model is 128 there, 64 in the spec"):
+        check_checkpoint(saved[1], other_model)

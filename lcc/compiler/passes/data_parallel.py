@@ -34,6 +34,8 @@ def owner(p: Parameter, stage: int, pp: int) -> int | None:
 
 
 def run(state: CompileState) -> None:
+    if state.mode != "train":  # serve plans compute no gradients
+        return
     par = state.spec.parallelism
     zero = state.memory.zero if state.memory is not None else 0
     sizes = {"dp": par.dp, "tp": par.tp, "edp": par.edp,

@@ -108,7 +108,7 @@ def _collectives(state: CompileState) -> None:
                     backward.append(_what(gather, "every rank's positions again, for the weight gradients"))
                 state.add(stage, site, BEFORE, "gather_sequence", [_what(gather, "every rank's positions")],
                           backward, dim=dim)
-            else:
+            elif state.mode == "train":  # (serve plans have no backward: the copy is the identity)
                 state.add(stage, site, BEFORE, "copy_to_tp", [], [Collective(
                     "all_reduce", "tp", site, "gradient of the column-parallel input", rows, d.params)])
         elif sp:
@@ -120,6 +120,11 @@ def _collectives(state: CompileState) -> None:
             state.add(stage, site, AFTER, "all_reduce", [Collective("all_reduce", "tp", site,
                                                                     "row-parallel: sum partial results", rows,
                                                                     d.compute)])
+    head = state.params["embed.weight" if tied else "head.weight"]
+    if state.mode == "serve" and head.shard is not None and head.shard.axis == "tp":
+        state.add(state.last_stage, "head", AFTER, "gather_vocab", [Collective(
+            "all_gather", "tp", "head", "every rank's slice of the vocabulary: whole logits for sampling",
+            [-1, head.local_shape[0]], d.compute)])
     if state.mode == "train":
         last = state.last_stage
         for op, what in (("all_reduce_max", "the logits' maximum over the vocabulary"),

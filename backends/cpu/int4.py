@@ -1,0 +1,64 @@
+"""Int4 expert matmuls on CPU through PyTorch's packed int4 kernel (`aten._weight_int4pack_mm_for_cpu`).
+
+The kernel takes activations in float32, bfloat16 or float16, group sizes 32 to 256 and output widths
+divisible by 16 (serve plans refuse others before launch), and computes `x @ w.T` with
+`w = (code - 8) * scale + zero` per (input group, output). lcc's int4 weights (lcc.backends.torch_ref.int4)
+convert once, at load: codes into the kernel's own packing, and per group `zero = (8 - zero_point) * scale`
+(0 when symmetric), scales in the activations' dtype (bfloat16 rounds lcc's float16 scales: a relative
+error of at most 2^-9 per group). Nothing is dequantised per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lcc.backends.torch_ref.int4 import Int4Weight, unpack_codes
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class PackedInt4:
+    """One stack of expert weights `[E, out, in]` in the kernel's format, per expert."""
+
+    packed: list[torch.Tensor]  # uint8 [out, in / 2], the kernel's packing
+    scales_zeros: list[torch.Tensor]  # [in / group_size, out, 2] in the activations' dtype
+    group_size: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.packed, *self.scales_zeros))
+
+
+def pack(q: Int4Weight, dtype: torch.dtype) -> PackedInt4:
+    if q.group_size not in GROUP_SIZES:
+        raise ValueError(f"group size {q.group_size}: the CPU int4 kernel takes {GROUP_SIZES}")
+    packed, sz = [], []
+    for e in range(q.shape[0]):
+        codes = unpack_codes(q.packed[e]).to(torch.int32)
+        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        scales = q.scales[e].to(torch.float32)
+        zero = torch.zeros_like(scales) if q.zeros is None else (8.0 - q.zeros[e].to(torch.float32)) * scales
+        sz.append(torch.stack([scales.t(), zero.t()], -1).to(dtype).contiguous())
+    return PackedInt4(packed, sz, q.group_size, tuple(q.shape))
+
+
+def matmul(x: torch.Tensor, w: PackedInt4, e: int) -> torch.Tensor:
+    """`x @ w[e].T` for x `[rows, in]`."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed[e], w.group_size, w.scales_zeros[e])
+
+
+def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: PackedInt4, w3: PackedInt4,
+                    w2: PackedInt4) -> torch.Tensor:
+    """Each expert's SwiGLU over its contiguous segment of x (segments in expert order)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xs = x_SD[start:start + n]
+        outs.append(matmul(F.silu(matmul(xs, w1, e)) * matmul(xs, w3, e), w2, e))
+        start += n
+    return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])

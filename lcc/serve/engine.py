@@ -1,0 +1,196 @@
+"""The engine on rank 0: requests in, tokens out, every rank stepping in lockstep on the plan.
+
+`Engine` is a library: `submit` a prompt (token ids) with its sampling parameters, call `step` (or
+iterate `run`) and read each request's new tokens and text from the updates, `abort` a request at any
+time between steps. Each step: the scheduler chooses every dp rank's tokens; with more than one rank the
+step's plan is broadcast to all (BROADCAST_BATCH); every rank runs its stages; the logits come back to
+rank 0 (RETURN_LOGITS), which samples. The other ranks run `follow` until `close`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+
+from lcc.plan.types import Serving
+from lcc.serve.rank import ServeRank, StepPlan
+from lcc.serve.sampling import SamplingParams, generator_for, sample
+from lcc.serve.scheduler import Scheduler, Sequence
+from lcc.serve.tokenizer import ByteTokenizer
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (said before it is queued)."""
+
+
+def check_request(serving: Serving, vocab: int, prompt: list[int], params: SamplingParams) -> None:
+    """RequestError unless the plan can serve this prompt: token ids in the vocabulary, room to generate
+    within serve.max_seq_len, and a KV cache that can hold the whole sequence."""
+    if not prompt:
+        raise RequestError("the prompt is empty")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if len(prompt) >= serving.max_seq_len:
+        raise RequestError(f"the prompt has {len(prompt)} tokens; serve.max_seq_len {serving.max_seq_len} leaves no "
+                           "room to generate")
+    longest = min(serving.max_seq_len, len(prompt) + params.max_tokens)
+    need = -(-longest // serving.block_size)
+    if need > serving.kv_blocks:
+        raise RequestError(f"the request needs up to {need} KV cache blocks; the cache has {serving.kv_blocks} "
+                           "(serve.kv_blocks)")
+
+
+@dataclass
+class Update:
+    request: int
+    token_ids: list[int]  # new tokens of this step
+    text: str  # new text of this step
+    finished: str | None = None  # stop | length | abort
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    step_tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, rank: ServeRank, max_num_seqs: int | None = None, max_batched_tokens: int | None = None,
+                 beat: Any = None):
+        if rank.mesh.rank != 0:
+            raise ValueError("the engine runs on rank 0; other ranks follow()")
+        self.rank = rank
+        serving = rank.plan.serving
+        self.serving = serving
+        self.max_num_seqs = min(max_num_seqs or serving.max_batch, serving.max_batch)
+        self.max_batched_tokens = max_batched_tokens or serving.max_batched_tokens
+        if self.max_num_seqs < 1 or self.max_batched_tokens < 1:
+            raise ValueError("--max-num-seqs and --max-batched-tokens must be positive")
+        self.scheduler = Scheduler(rank.mesh.sizes["dp"], serving.kv_blocks, serving.block_size, self.max_num_seqs,
+                                   self.max_batched_tokens)
+        self.tokenizer = ByteTokenizer(rank.spec.model.vocab_size)
+        self.sequences: dict[int, Sequence] = {}
+        self.ids = itertools.count()
+        self.stats = EngineStats()
+        self.closed = False
+        self.beat = beat  # the launcher's heartbeat of this rank (lcc.runtime.supervise), if any
+
+    # ------------------------------------------------------------------------------------- requests
+    def submit(self, prompt: list[int], params: SamplingParams) -> int:
+        """Queue a request; returns its id. RequestError when it cannot be served."""
+        check_request(self.serving, self.rank.spec.model.vocab_size, prompt, params)
+        rid = next(self.ids)
+        seq = Sequence(rid, list(prompt), params, self.scheduler.least_loaded(), generator_for(params),
+                       self.tokenizer.decoder(), tokens=list(prompt))
+        self.sequences[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request: int) -> Update | None:
+        """Stop a request now and free its blocks; its final update (None if it had finished)."""
+        seq = self.sequences.pop(request, None)
+        if seq is None or seq.finished:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return Update(request, [], "", "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---------------------------------------------------------------------------------------- steps
+    def step(self) -> list[Update]:
+        """One step of every rank; the updates of the requests it advanced."""
+        if not self.has_work:
+            return []
+        if self.beat is not None:
+            self.beat.step(self.stats.steps)
+        plan, chosen = self.scheduler.schedule()
+        if not chosen:
+            raise RuntimeError("the scheduler chose nothing although requests wait (the KV cache cannot hold any)")
+        logits = self._run(plan)
+        self.stats.steps += 1
+        self.stats.step_tokens.append(sum(n for _, n in chosen))
+        rows = {d: 0 for d in range(len(plan.parts))}
+        updates = []
+        for seq, n in chosen:
+            decode = n == 1 and seq.computed == len(seq.tokens) - 1 and len(seq.tokens) > len(seq.prompt)
+            seq.computed += n
+            if decode:
+                self.stats.decode_tokens += 1
+            else:
+                self.stats.prefill_tokens += n
+            if seq.computed < len(seq.tokens):
+                continue  # a prefill chunk short of the last token
+            row = logits[seq.dp][rows[seq.dp]]
+            rows[seq.dp] += 1
+            updates.append(self._advance(seq, sample(row, seq.params, seq.generator)))
+        self.stats.preemptions = sum(s.preemptions for s in self.sequences.values())
+        if self.beat is not None:
+            self.beat.completed(self.stats.steps)
+        for u in updates:
+            if u.finished:
+                self.sequences.pop(u.request, None)
+        return updates
+
+    def _run(self, plan: StepPlan) -> list:
+        if self.rank.mesh.world > 1:
+            dist.broadcast_object_list([plan], src=0)
+        local = self.rank.step(plan)
+        return self.rank.gather_logits(plan, local)
+
+    def _advance(self, seq: Sequence, token: int) -> Update:
+        seq.tokens.append(token)
+        params = seq.params
+        seq.text += seq.decoder.decode(bytes([token]) if token < 256 else b"")
+        reason = None
+        stop_at = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            seq.text, reason = seq.text[:stop_at], "stop"
+        elif len(seq.generated) >= params.max_tokens or len(seq.tokens) >= self.serving.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            if reason != "stop":
+                seq.text += seq.decoder.decode(b"", final=True)
+            safe = len(seq.text)
+            self.scheduler.finish(seq, reason)
+        else:  # hold back what could still become the start of a stop string
+            hold = max((len(s) - 1 for s in params.stop), default=0)
+            safe = max(seq.emitted, len(seq.text) - hold)
+        text, seq.emitted = seq.text[seq.emitted:safe], safe
+        return Update(seq.id, [token], text, reason)
+
+    def run(self) -> Iterator[Update]:
+        """Step until every submitted request has finished."""
+        while self.has_work:
+            yield from self.step()
+
+    def close(self) -> None:
+        """Release the other ranks from `follow`."""
+        if not self.closed and self.rank.mesh.world > 1:
+            dist.broadcast_object_list([None], src=0)
+        self.closed = True
+
+
+def follow(rank: ServeRank, beat: Any = None) -> None:
+    """Ranks other than 0: run the steps rank 0 broadcasts, until it closes the engine."""
+    steps = 0
+    while True:
+        box: list[StepPlan | None] = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        if beat is not None:
+            beat.step(steps)
+        rank.gather_logits(box[0], rank.step(box[0]))
+        steps += 1
+        if beat is not None:
+            beat.completed(steps)

@@ -1,0 +1,159 @@
+"""`lcc run generate`: start a serve plan's ranks on this machine (gloo on loopback), supervised as
+training runs are (lcc.runtime.supervise), run the engine on rank 0 over the given prompts, and print
+(or write) what it generates."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lcc.plan.types import Plan
+from lcc.runtime.launch import _free_port, check_plan
+from lcc.runtime.preflight import LaunchRefused, check_machine
+from lcc.runtime.supervise import Heartbeat, RankLink, Run, start_fork_server
+from lcc.serve.sampling import SamplingParams
+
+
+@dataclass
+class Job:
+    prompts: list[list[int]]  # token ids
+    params: SamplingParams
+    checkpoint: str | None = None
+    stream: bool = True  # print text as it is produced (one prompt) or each completion as it ends
+    as_json: bool = False  # one JSON object per prompt, at the end
+    out: str | None = None  # also write the results there (JSON: a list of objects)
+    max_num_seqs: int | None = None
+    max_batched_tokens: int | None = None
+
+
+def check_serve_plan(plan_dir: Path) -> Plan:
+    plan = check_plan(Path(plan_dir), mode="serve")
+    if plan.serving is None:
+        raise LaunchRefused(f"{plan_dir}: a serve plan without its serving section; compile it again")
+    return plan
+
+
+def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
+    """Run `job` on the plan's ranks; RunError (with the failing rank's error) if a rank fails."""
+    plan = check_serve_plan(Path(plan_dir))
+    from lcc.serve.engine import RequestError, check_request
+    from lcc.serve.weights import spec_of
+
+    vocab = spec_of(plan_dir)["model"]["vocab_size"]
+    for i, prompt in enumerate(job.prompts):
+        try:
+            check_request(plan.serving, vocab, prompt, job.params)
+        except RequestError as exc:
+            raise LaunchRefused(f"prompt {i + 1}: {exc}") from None
+    if job.checkpoint is not None:  # checked here, before any rank starts
+        from lcc.runtime.checkpoint import CheckpointError
+        from lcc.serve.weights import check_checkpoint
+
+        try:
+            check_checkpoint(Path(job.checkpoint), spec_of(plan_dir))
+        except CheckpointError as exc:
+            raise LaunchRefused(str(exc)) from None
+    else:
+        print(f"warning: no --checkpoint: serving the deterministic initialisation of {plan.spec_name} (random "
+              "weights)", file=sys.stderr, flush=True)
+    if "RANK" not in os.environ:
+        check_machine(plan, force)
+    world = plan.world_size
+    timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
+    threads = max(1, (os.cpu_count() or 1) // world)
+    context = multiprocessing.get_context("forkserver") if world > 1 else None
+    run = Run(world, timeout_s, Path(plan_dir), context=context)
+    try:
+        if world == 1:
+            with run.in_process() as link:
+                _worker(0, 1, 0, str(plan_dir), job, threads, timeout_s, link)
+            return
+        start_fork_server(context, ["torch", "lcc.serve.rank"])
+        port, env = _free_port(), dict(os.environ)
+        run.supervise(_worker, lambda rank, link: (rank, world, port, str(plan_dir), job, threads, timeout_s, link,
+                                                   env), watchdog_s=math.inf)
+    finally:
+        run.close()
+
+
+def _worker(rank: int, world: int, port: int, plan_dir: str, job: Job, threads: int, timeout_s: float,
+            link: RankLink, env: dict[str, str] | None = None) -> None:
+    if env is not None:
+        os.environ.update(env)
+    link.attach()
+    try:
+        _serve_rank(rank, world, port, plan_dir, job, threads, timeout_s, link.heartbeat)
+    except Exception as exc:
+        if world == 1 or not link.report(rank, exc, (Path(__file__).parents[1], Path(plan_dir))):
+            raise
+        sys.exit(1)
+
+
+def _serve_rank(rank: int, world: int, port: int, plan_dir: str, job: Job, threads: int, timeout_s: float,
+                beat: Heartbeat) -> None:
+    from lcc.serve.engine import Engine, follow
+    from lcc.serve.rank import ServeRank
+
+    torch.set_num_threads(threads)
+    beat.beat("joining the process group")
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        beat.beat("loading weights")
+        serve_rank = ServeRank(Path(plan_dir), rank, Path(job.checkpoint) if job.checkpoint else None)
+        beat.completed(0)
+        if rank != 0:
+            follow(serve_rank, beat)
+        else:
+            engine = Engine(serve_rank, job.max_num_seqs, job.max_batched_tokens, beat)
+            try:
+                results = run_job(engine, job)
+            finally:
+                engine.close()
+            if job.as_json:
+                for r in results:
+                    print(json.dumps(r), flush=True)
+            if job.out:
+                Path(job.out).write_text(json.dumps(results, indent=1) + "\n")
+        beat.finished()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
+    """Submit the job's prompts, step until all are done; print as asked; the results in prompt order."""
+    ids = [engine.submit(p, job.params) for p in job.prompts]
+    index = {rid: i for i, rid in enumerate(ids)}
+    tokens: dict[int, list[int]] = {rid: [] for rid in ids}
+    texts: dict[int, str] = {rid: "" for rid in ids}
+    reasons: dict[int, str] = {}
+    single = len(ids) == 1 and job.stream and not job.as_json
+    for u in engine.run():
+        tokens[u.request] += u.token_ids
+        texts[u.request] += u.text
+        if single and u.text:
+            sys.stdout.write(u.text)
+            sys.stdout.flush()
+        if u.finished:
+            reasons[u.request] = u.finished
+            if job.stream and not job.as_json and not single:
+                print(f"[{index[u.request]}] {texts[u.request]}", flush=True)
+    if single:
+        print(flush=True)
+    return [{"token_ids": tokens[rid], "text": texts[rid], "finish_reason": reasons.get(rid)} for rid in ids]
+
+
+def job_params(job: Job) -> dict[str, Any]:
+    return asdict(job)

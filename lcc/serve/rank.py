@@ -1,0 +1,162 @@
+"""One serving rank: its programs, weights, KV cache and routing tables, and one engine step on them.
+
+A step is a `StepPlan` from rank 0 (every dp rank's sequences: first position, tokens, block table,
+whether its logits are wanted). Each rank builds its dp rank's `StepBatch`, runs its stages' programs in
+the plan's order (receiving the previous stage's activations, sending its own to the next), and the last
+stage's tp rank 0 of each dp rank returns the logits to rank 0. Ranks with no tokens in a step still run
+their stages, so that the expert-parallel all-to-alls, which span dp ranks, line up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lcc.actions import Action
+from lcc.ops.serve import KVCache, RoutingTables, StepBatch, serving_routing
+from lcc.plan import read_plan
+from lcc.runtime.engine import load_program
+from lcc.runtime.mesh import build_mesh
+from lcc.serve.weights import DTYPES, check_checkpoint, load_shards, serving_weights, weight_bytes
+from lcc.spec import Spec
+
+
+@dataclass
+class SeqPart:
+    """A sequence's share of a step."""
+
+    seq: int
+    first: int  # position of its first token in this step
+    tokens: list[int]
+    table: list[int]  # its KV block table
+    wants_logits: bool
+
+
+@dataclass
+class StepPlan:
+    parts: list[list[SeqPart]]  # per dp rank
+
+
+@dataclass
+class ServeContext:
+    """What serve programs receive as `ctx`."""
+
+    routing: Any
+    tables: dict[str, RoutingTables]
+    batch: StepBatch | None = None
+    tp_rank: int = 0
+    loads: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: bool = False
+
+    def observe(self, site: str, route: Any) -> None:
+        """Routing statistics when asked for (expert loads per MoE layer)."""
+        if self.record:
+            load = route.load_E
+            self.loads[site] = self.loads[site] + load if site in self.loads else load.clone()
+
+
+class ServeRank:
+    def __init__(self, plan_dir: Path, rank: int, checkpoint_dir: Path | None = None):
+        self.dir = Path(plan_dir)
+        self.plan = plan = read_plan(self.dir)
+        spec_data = json.loads((self.dir / "spec.json").read_text())
+        self.spec = spec = Spec.model_validate(spec_data)
+        self.mesh = build_mesh(plan, rank)
+        c = self.mesh.coords
+        serving = plan.serving
+        self.dtype = DTYPES[serving.dtype]
+        folder, ident = check_checkpoint(checkpoint_dir, spec_data) if checkpoint_dir is not None else (None, None)
+        self.checkpoint = folder
+        dense, self.buffers = load_shards(spec, plan, c, self.mesh.sizes, folder, ident)
+        self.params = serving_weights(spec, plan, dense)
+        del dense
+        self.roles = {r.stage: r for r in plan.roles_of(c["pp"])}
+        self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
+        self.actions = [Action.parse(a) for a in plan.schedule.actions[c["pp"]]]
+        self.n_stages = plan.schedule.n_stages
+        layers = [i for r in self.roles.values() for i in range(*r.layers)]
+        self.cache = KVCache.allocate(layers, serving.kv_blocks, serving.block_size, serving.kv_heads,
+                                      serving.head_dim, self.dtype)
+        routing = serving_routing(spec.routing) if spec.routing is not None else None
+        self.tables = self._tables(routing) if serving.routing_tables else {}
+        self.ctx = ServeContext(routing, self.tables, tp_rank=c["tp"])
+        self.d_model = spec.model.d_model
+
+    def _tables(self, routing: Any) -> dict[str, RoutingTables]:
+        out = {}
+        for name in self.buffers:
+            site = name.rsplit(".", 1)[0]  # layers.i.ffn.router
+            out[site] = RoutingTables(self.params[f"{site}.centroids_GD"], self.params[f"{site}.weight_ED"],
+                                      self.buffers[name], routing)
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.params)
+
+    @property
+    def last_stage_here(self) -> bool:
+        return (self.n_stages - 1) in self.roles
+
+    def logits_source(self, dp: int) -> int:
+        """The rank that returns dp rank `dp`'s logits: the last stage's tp rank 0."""
+        return self.mesh.rank_of[((self.n_stages - 1) % self.mesh.sizes["pp"], dp, 0)]
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run this rank's stages on its dp rank's part of the step; returns the logits `[n, vocab]` on the
+        rank that returns them (rank 0 gathers them: `gather_logits`)."""
+        mine = plan.parts[self.mesh.coords["dp"]]
+        batch = StepBatch.build(self.cache, [(p.first, len(p.tokens), p.table, p.wants_logits) for p in mine])
+        self.ctx.batch = batch
+        T = batch.tokens
+        pp = self.mesh.sizes["pp"]
+        outputs: dict[int, torch.Tensor] = {}
+        received: dict[int, torch.Tensor] = {}
+        for a in self.actions:
+            if a.kind == "RECV_F":
+                buf = torch.empty((1, T, self.d_model), dtype=self.dtype)
+                if T:
+                    dist.recv(buf, src=self.mesh.peer((a.stage - 1) % pp))
+                received[a.stage] = buf
+            elif a.kind == "F":
+                if a.stage == 0:
+                    x = torch.tensor([t for p in mine for t in p.tokens], dtype=torch.int64).view(1, T)
+                else:
+                    x = received.pop(a.stage) if a.stage in received else outputs.pop(a.stage - 1)
+                outputs[a.stage] = self.programs[a.stage].forward(self.params, self.buffers, x, self.mesh.groups,
+                                                                  self.ctx)
+            elif a.kind == "SEND_F" and T:
+                dist.send(outputs[a.stage].contiguous(), dst=self.mesh.peer((a.stage + 1) % pp))
+        self.ctx.batch = None
+        if self.last_stage_here and self.mesh.coords["tp"] == 0:
+            return outputs[self.n_stages - 1]
+        return None
+
+    def gather_logits(self, plan: StepPlan, local: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """RETURN_LOGITS: each dp rank's logits at rank 0 (None for a dp rank that wants none); other ranks
+        send theirs and get an empty list."""
+        me = self.mesh.rank
+        wanted = [sum(p.wants_logits for p in parts) for parts in plan.parts]
+        V = self.spec.model.vocab_size
+        if me != 0:
+            if local is not None and wanted[self.mesh.coords["dp"]]:
+                dist.send(local.contiguous(), dst=0)
+            return []
+        out: list[torch.Tensor | None] = []
+        for dp, n in enumerate(wanted):
+            src = self.logits_source(dp)
+            if n == 0:
+                out.append(None)
+            elif src == 0:
+                out.append(local)
+            else:
+                buf = torch.empty((n, V), dtype=self.dtype)
+                dist.recv(buf, src=src)
+                out.append(buf)
+        return out

@@ -1,0 +1,89 @@
+"""A serving rank's weights: its shards of a `lcc run train` checkpoint saved under any layout (or the
+deterministic initialisation), experts quantised to int4 as the spec asks and prepared for the plan's
+expert kernel, everything else in `serve.dtype`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lcc.backends.cpu.int4 import pack
+from lcc.backends.torch_ref.int4 import quantize
+from lcc.plan.types import Plan
+from lcc.runtime import checkpoint
+from lcc.runtime.checkpoint_layout import local_blocks, origin
+from lcc.runtime.shards import local_parameters
+from lcc.spec.models import Spec
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+IGNORED = ("routing.balance", "routing.capacity_factor")  # training-only: serving has no losses and never drops
+
+
+def check_checkpoint(path: Path, spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder `path` names (or a checkpoint directory's latest), checked: complete, and of
+    the same model and routing as the served spec (any layout, any training settings)."""
+    folder = checkpoint.resolve(Path(path))
+    ident = checkpoint.read_identity(folder)
+    checkpoint.verify(folder, ident)
+    saved = {k: ident["spec"].get(k) for k in ("model", "routing")}
+    mine = {k: spec.get(k) for k in ("model", "routing")}
+    diffs = [d for d in checkpoint.spec_differences(saved, mine) if not d[0].startswith(IGNORED)]
+    if diffs:
+        field, a, b = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise checkpoint.CheckpointError(f"{folder}: the checkpoint is of another model: {field} is {a!r} there, "
+                                         f"{b!r} in the spec{more}")
+    return folder, ident
+
+
+def _saved_dtype(ident: dict[str, Any]) -> torch.dtype:
+    """Checkpoints hold float32 master weights for float32 and bfloat16 training, float64 for float64."""
+    return torch.float64 if ident["spec"]["train"]["dtype"] == "float64" else torch.float32
+
+
+Tensors = dict[str, torch.Tensor]
+
+
+def load_shards(spec: Spec, plan: Plan, coords: dict[str, int], sizes: dict[str, int],
+                folder: Path | None, ident: dict[str, Any] | None) -> tuple[Tensors, Tensors]:
+    """This rank's parameter shards and buffers in the dtype they were saved (or initialised) in."""
+    stages = {r.stage for r in plan.roles_of(coords["pp"])}
+    buffers = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype]) for b in plan.buffers if set(b.stages) & stages}
+    if folder is None:  # as lcc.build_model initialises in the serve dtype (float32 for bfloat16)
+        dtype = torch.float64 if plan.serving.dtype == "float64" else torch.float32
+        params = {n: p.detach() for n, p in local_parameters(spec, plan, coords, sizes, dtype).items()}
+        return params, buffers
+    dtype = _saved_dtype(ident)
+    params = {p.name: torch.empty(p.local_shape, dtype=dtype) for p in plan.parameters if stages & set(p.stages)}
+    state: dict[str, Any] = {f"model/{n}": local_blocks(plan.parameter(n), origin(plan.parameter(n), coords, sizes), t)
+                             for n, t in params.items()}
+    state.update({f"bias/{n}": b for n, b in buffers.items()})
+    checkpoint.load(folder, state)
+    return params, buffers
+
+
+def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The programs' P: dense weights in the serve dtype; experts int4 (packed for the CPU kernel, or as
+    lcc's reference int4 weights) or, unquantised, in the serve dtype."""
+    serving = plan.serving
+    dtype = DTYPES[serving.dtype]
+    quant = spec.quantization.experts if spec.quantization is not None else None
+    out: dict[str, Any] = {}
+    for name, t in params.items():
+        if not plan.parameter(name).expert or serving.expert_kernel == "dense":
+            out[name] = t.to(dtype)
+            continue
+        q = quantize(t, quant.group_size, quant.symmetric)
+        out[name] = pack(q, dtype) if serving.expert_kernel == "int4_packed_cpu" else q
+    return out
+
+
+def weight_bytes(weights: dict[str, Any]) -> int:
+    return sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes for w in weights.values())
+
+
+def spec_of(plan_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(plan_dir) / "spec.json").read_text())

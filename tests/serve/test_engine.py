@@ -1,0 +1,162 @@
+"""The engine at world 1, in float64 against the reference model's uncached greedy generation: exact
+tokens, whatever else is batched, however the prefill is chunked, through preemption; blocks freed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcc.serve.engine import Engine, RequestError
+from lcc.serve.rank import ServeRank
+from lcc.serve.sampling import SamplingParams
+from tests.serve.plans import PROMPTS, serve_plan, spec_of
+from tests.serve.reference import greedy, reference_model
+
+N = 64
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-plans")
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[tuple[int, ...], list[int]]:
+    model = reference_model(spec_of("world1"))
+    return {tuple(p): greedy(model, p, N, key=("tiny-init",)) for p in PROMPTS}
+
+
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    many = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.submit(p, s) for p, s in zip(prompts, many, strict=True)]
+    out = {i: [] for i in ids}
+    for u in engine.run():
+        out[u.request] += u.token_ids
+    return [out[i] for i in ids]
+
+
+def engine_for(plans: Path, extra: tuple[str, ...] = (), **kw) -> Engine:
+    return Engine(ServeRank(serve_plan(plans, "world1", extra), 0), **kw)
+
+
+def test_greedy_equals_the_reference_model(plans, expected):
+    engine = engine_for(plans)
+    got = run(engine, PROMPTS, SamplingParams(max_tokens=N))
+    for p, tokens in zip(PROMPTS, got, strict=True):
+        assert tokens == expected[tuple(p)], bytes(p)
+    assert engine.scheduler.used_blocks == 0  # every finished sequence freed its blocks
+    assert engine.stats.decode_tokens == len(PROMPTS) * (N - 1)
+
+
+def test_a_request_does_not_depend_on_its_batch(plans, expected):
+    """Alone, or arriving while others are mid-decode (and so batched with decodes and prefill chunks)."""
+    engine = engine_for(plans)
+    alone = run(engine, [PROMPTS[1]], SamplingParams(max_tokens=N))[0]
+    first = engine.submit(PROMPTS[0], SamplingParams(max_tokens=N))
+    for _ in range(5):
+        engine.step()
+    late = engine.submit(PROMPTS[1], SamplingParams(max_tokens=N))
+    other = engine.submit(PROMPTS[3], SamplingParams(max_tokens=N))
+    out = {first: [], late: [], other: []}
+    for u in engine.run():
+        out[u.request] += u.token_ids
+    assert alone == out[late] == expected[tuple(PROMPTS[1])]
+
+
+def test_chunked_prefill_equals_unchunked(plans, expected):
+    engine = engine_for(plans, max_batched_tokens=7)  # the 30-token prompt in 5 chunks, beside decodes
+    got = run(engine, PROMPTS, SamplingParams(max_tokens=N))
+    assert [g == expected[tuple(p)] for p, g in zip(PROMPTS, got, strict=True)] == [True] * len(PROMPTS)
+    assert max(engine.stats.step_tokens) == 7
+
+
+def test_preempted_sequences_continue_identically(plans, expected):
+    """A cache of 10 blocks of 16 tokens cannot hold four sequences of up to 94 tokens: the newest running
+    one is preempted and recomputed later."""
+    engine = engine_for(plans, ("serve.kv_blocks=10",))
+    got = run(engine, PROMPTS, SamplingParams(max_tokens=N))
+    assert engine.stats.preemptions > 0
+    for p, tokens in zip(PROMPTS, got, strict=True):
+        assert tokens == expected[tuple(p)], bytes(p)
+    assert engine.scheduler.used_blocks == 0
+
+
+def test_a_sequence_that_ends_frees_its_blocks(plans):
+    engine = engine_for(plans)
+    short = engine.submit(PROMPTS[1], SamplingParams(max_tokens=2))
+    long = engine.submit(PROMPTS[0], SamplingParams(max_tokens=40))
+    finished = []
+    while engine.has_work:
+        for u in engine.step():
+            if u.finished:
+                finished.append(u.request)
+                if u.request == short:  # only the long one's blocks are held now
+                    blocks = engine.scheduler.blocks[0]
+                    assert set(blocks.tables) == {long}
+                    assert blocks.used == blocks.blocks_for(len(PROMPTS[0]) + 2)
+    assert finished == [short, long]
+    assert engine.scheduler.used_blocks == 0
+
+
+def test_abort_frees_blocks_at_once(plans):
+    engine = engine_for(plans)
+    rid = engine.submit(PROMPTS[3], SamplingParams(max_tokens=30))
+    engine.step()
+    assert engine.scheduler.used_blocks > 0
+    assert engine.abort(rid).finished == "abort"
+    assert engine.scheduler.used_blocks == 0 and not engine.has_work
+    assert engine.abort(rid) is None
+
+
+def test_sampling_is_seeded_per_request(plans):
+    engine = engine_for(plans)
+    hot = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    alone = run(engine, [PROMPTS[0]], hot)[0]
+    batched = run(engine, [PROMPTS[2], PROMPTS[0]], [SamplingParams(max_tokens=20, temperature=0.7, seed=1), hot])[1]
+    assert alone == batched
+    other = run(engine, [PROMPTS[0]], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=8))[0]
+    assert other != alone
+
+
+def test_stop_strings_end_the_text_before_them(plans, expected):
+    engine = engine_for(plans)
+    full = bytes(expected[tuple(PROMPTS[2])]).decode("utf-8", errors="replace")
+    stop = full[10:12]
+    ids = engine.submit(PROMPTS[2], SamplingParams(max_tokens=N, stop=[stop]))
+    text, reason = "", None
+    for u in engine.run():
+        text += u.text
+        reason = u.finished or reason
+    assert reason == "stop"
+    assert text == full[:full.index(stop)]
+    assert ids == 0
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty"),
+    ([300], SamplingParams(), "outside the vocabulary"),
+    ([1] * 256, SamplingParams(), "no room to generate"),
+])
+def test_requests_it_cannot_serve_are_refused(plans, prompt, params, message):
+    engine = engine_for(plans)
+    with pytest.raises(RequestError, match=message):
+        engine.submit(prompt, params)
+    assert not engine.has_work
+
+
+def test_a_request_larger_than_the_cache_is_refused(plans):
+    engine = engine_for(plans, ("serve.kv_blocks=2",))
+    with pytest.raises(RequestError, match="needs up to 3 KV cache blocks; the cache has 2"):
+        engine.submit(PROMPTS[3], SamplingParams(max_tokens=10))
+
+
+def test_float32_and_bfloat16_serving_run_the_packed_int4_kernel(plans):
+    for dtype in ("float32", "bfloat16"):
+        rank = ServeRank(serve_plan(plans, "world1", (f"serve.dtype={dtype}",)), 0)
+        assert rank.plan.serving.expert_kernel == "int4_packed_cpu"
+        engine = Engine(rank)
+        got = run(engine, PROMPTS[:2], SamplingParams(max_tokens=8))
+        assert all(len(g) == 8 for g in got)
+        assert rank.cache.k[0].dtype == getattr(torch, dtype)
