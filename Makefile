@@ -18,10 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The demo trains tiny-moe on one rank (fastest on a small machine: no communication), then serves the
+# checkpoint under the spec's own layout (8 ranks: pp 2 x dp 4, experts over 4 ranks). Run again, it
+# finds the training done and only generates.
+DEMO_RUN   := runs/tiny-moe-demo
+ONE_RANK   := --set parallelism.pp=1 --set parallelism.dp=1 --set parallelism.ep=1 --set cluster.gpus_per_node=1 \
+              --set parallelism.pipeline.microbatches=1
+
 demo: $(STAMP)
 	$(BIN)/lcc report specs/longcat-2.0.yaml
 	$(BIN)/lcc compile specs/longcat-2.0.yaml
-	$(BIN)/lcc run train specs/tiny-moe.yaml --steps 30 --metrics runs/tiny-moe-demo.jsonl
+	$(BIN)/lcc run train specs/tiny-moe.yaml $(ONE_RANK) --steps 100 --metrics $(DEMO_RUN)/metrics.jsonl \
+	  --checkpoint-dir $(DEMO_RUN)/checkpoints --resume-if-any
+	$(BIN)/lcc run generate specs/tiny-moe.yaml --checkpoint $(DEMO_RUN)/checkpoints --prompt "The teacher" \
+	  --max-tokens 200 --temperature 0.5 --seed 1
 
 # Refresh every golden plan in generated/ on purpose (CI checks them with lcc compile --check).
 golden: $(STAMP)

@@ -21,12 +21,15 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 @dataclass
 class PackedInt4:
-    """One stack of expert weights `[E, out, in]` in the kernel's format, per expert."""
+    """One stack of expert weights `[E, out, in]` in the kernel's format, per expert. `gate_up`: the stack
+    holds an expert's gate (w1) and up (w3) projections one after the other along `out`, which one kernel
+    call then computes together."""
 
     packed: list[torch.Tensor]  # uint8 [out, in / 2], the kernel's packing
     scales_zeros: list[torch.Tensor]  # [in / group_size, out, 2] in the activations' dtype
     group_size: int
     shape: tuple[int, ...]
+    gate_up: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +49,16 @@ def pack(q: Int4Weight, dtype: torch.dtype) -> PackedInt4:
     return PackedInt4(packed, sz, q.group_size, tuple(q.shape))
 
 
+def pack_gate_up(w1: Int4Weight, w3: Int4Weight, dtype: torch.dtype) -> PackedInt4:
+    """w1 and w3 `[E, F, D]` as one packed stack `[E, 2F, D]`."""
+    both = Int4Weight(torch.cat([w1.packed, w3.packed], 1), torch.cat([w1.scales, w3.scales], 1),
+                      None if w1.zeros is None else torch.cat([w1.zeros, w3.zeros], 1), w1.group_size,
+                      (w1.shape[0], 2 * w1.shape[1], w1.shape[2]))
+    out = pack(both, dtype)
+    out.gate_up = True
+    return out
+
+
 def matmul(x: torch.Tensor, w: PackedInt4, e: int) -> torch.Tensor:
     """`x @ w[e].T` for x `[rows, in]`."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed[e], w.group_size, w.scales_zeros[e])
@@ -53,12 +66,17 @@ def matmul(x: torch.Tensor, w: PackedInt4, e: int) -> torch.Tensor:
 
 def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: PackedInt4, w3: PackedInt4,
                     w2: PackedInt4) -> torch.Tensor:
-    """Each expert's SwiGLU over its contiguous segment of x (segments in expert order)."""
+    """Each expert's SwiGLU over its contiguous segment of x (segments in expert order). With `w1.gate_up`
+    (`pack_gate_up`), w1 holds both projections and w3 is not read."""
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         xs = x_SD[start:start + n]
-        outs.append(matmul(F.silu(matmul(xs, w1, e)) * matmul(xs, w3, e), w2, e))
+        if w1.gate_up:
+            gate, up = matmul(xs, w1, e).chunk(2, dim=-1)
+        else:
+            gate, up = matmul(xs, w1, e), matmul(xs, w3, e)
+        outs.append(matmul(F.silu(gate) * up, w2, e))
         start += n
     return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])

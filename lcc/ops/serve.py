@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lcc.model.routing import RouteResult, RouterMath
+from lcc.model.routing import RouteResult, RouterMath, slot_counts
 from lcc.model.transformer import rope_at
 from lcc.spec.models import Routing
 
@@ -48,7 +48,17 @@ class SeqRows:
     start: int
     n: int
     context_slots: torch.Tensor  # int64 [context]: its slots, position order
-    mask: torch.Tensor | None  # bool [n, context] (None for one token: it sees its whole context)
+    mask: torch.Tensor  # bool [n, context]: causal
+
+
+@dataclass
+class Decodes:
+    """The step's single-token sequences, attended to together: their rows, and their context slots padded
+    to the longest context (`valid` marks the real ones)."""
+
+    rows: torch.Tensor  # int64 [n]
+    slots: torch.Tensor  # int64 [n, longest]
+    valid: torch.Tensor  # bool [n, 1, 1, longest]
 
 
 @dataclass
@@ -56,7 +66,8 @@ class StepBatch:
     cache: KVCache
     positions: torch.Tensor  # int64 [T]
     slots: torch.Tensor  # int64 [T]: where each token's key and value go
-    seqs: list[SeqRows]
+    seqs: list[SeqRows]  # sequences with several tokens in the step (prefill chunks), one by one
+    decodes: Decodes | None  # sequences with one token, together
     last_rows: torch.Tensor  # int64: the rows whose logits the step returns (a sequence's last token)
     _rope: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -64,42 +75,62 @@ class StepBatch:
     def build(cls, cache: KVCache, parts: list[tuple[int, int, list[int], bool]]) -> StepBatch:
         """`parts`: per sequence (first position, tokens, block table, wants logits)."""
         bs = cache.block_size
-        positions, slots, seqs, last = [], [], [], []
+        positions, slots, seqs, last, single = [], [], [], [], []
         row = 0
         for first, n, table, wants in parts:
             context = first + n
-            table_t = torch.tensor(table, dtype=torch.int64)
-            pos = torch.arange(context, dtype=torch.int64)
-            all_slots = table_t[pos // bs] * bs + pos % bs
-            positions.append(pos[first:])
-            slots.append(all_slots[first:])
-            mask = None
-            if n > 1:
-                mask = torch.arange(context).unsqueeze(0) <= torch.arange(first, context).unsqueeze(1)
-            seqs.append(SeqRows(row, n, all_slots, mask))
+            if n == 1:
+                single.append((row, first, table))
+                positions.append(first)
+                slots.append(table[first // bs] * bs + first % bs)
+            else:
+                table_t = torch.tensor(table, dtype=torch.int64)
+                pos = torch.arange(context, dtype=torch.int64)
+                all_slots = table_t[pos // bs] * bs + pos % bs
+                positions += range(first, context)
+                slots += all_slots[first:].tolist()
+                mask = pos.unsqueeze(0) <= torch.arange(first, context).unsqueeze(1)
+                seqs.append(SeqRows(row, n, all_slots, mask))
             if wants:
                 last.append(row + n - 1)
             row += n
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64))  # noqa: E731
-        return cls(cache, cat(positions), cat(slots), seqs, torch.tensor(last, dtype=torch.int64))
+        decodes = None
+        if single:  # slots of every position of each context, padded to the longest (slot 0, masked out)
+            longest = max(first for _, first, _ in single) + 1
+            tables = torch.zeros(len(single), -(-longest // bs), dtype=torch.int64)
+            for i, (_, _, table) in enumerate(single):
+                tables[i, :len(table)] = torch.tensor(table[:tables.shape[1]], dtype=torch.int64)
+            pos = torch.arange(longest)
+            context = torch.tensor([first + 1 for _, first, _ in single]).unsqueeze(1)
+            valid = pos.unsqueeze(0) < context
+            padded = torch.where(valid, tables[:, pos // bs] * bs + pos % bs, 0)
+            decodes = Decodes(torch.tensor([r for r, _, _ in single], dtype=torch.int64), padded,
+                              valid.view(len(single), 1, 1, longest))
+        as_tensor = (lambda xs: torch.tensor(xs, dtype=torch.int64))  # noqa: E731
+        return cls(cache, as_tensor(positions), as_tensor(slots), seqs, decodes, as_tensor(last))
 
     @property
     def tokens(self) -> int:
         return int(self.positions.numel())
 
     def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at the step's positions, `[T, 1, head_dim / 2]` in `dtype` (once per step)."""
+        """cos and sin at the step's positions, `[T, 1, head_dim]` in `dtype` (once per step)."""
         key = (head_dim, theta, dtype)
-        if key not in self._rope:
-            cos, sin = rope_at(self.positions, head_dim, theta)
-            self._rope[key] = (cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1))
+        if key not in self._rope:  # interleaved as _rotate takes them: (cos, cos), (-sin, sin) per pair
+            cos, sin = (t.to(dtype) for t in rope_at(self.positions, head_dim, theta))
+            both = torch.stack((cos, cos), -1).flatten(-2).unsqueeze(1)
+            signed = torch.stack((-sin, sin), -1).flatten(-2).unsqueeze(1)
+            self._rope[key] = (both, signed)
         return self._rope[key]
 
 
 def _rotate(x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The reference model's rotary embedding (lcc.model.transformer.apply_rope) on [T, heads, head_dim]."""
-    x1, x2 = x_THd[..., 0::2], x_THd[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """The reference model's rotary embedding (lcc.model.transformer.apply_rope) on [T, heads, head_dim],
+    bit for bit, in fewer kernels: with each pair (x1, x2) swapped, x * (cos, cos) + swap(x) * (-sin, sin)
+    gives x1 cos - x2 sin and x2 cos + x1 sin, the same products summed (negation and the order of an
+    addition are exact)."""
+    swapped = x_THd.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x_THd * cos + swapped * sin
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, layer: int, head_dim: int,
@@ -107,9 +138,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: St
     """RoPE at each token's position, the step's keys and values written into the layer's cache, then
     causal attention of each sequence's tokens over its context (this rank's heads: counts from widths)."""
     T = q.shape[1]
-    q = q.reshape(T, -1, head_dim)
-    k = k.reshape(T, -1, head_dim)
-    v = v.reshape(T, -1, head_dim)
+    q = q.reshape(T, q.shape[-1] // head_dim, head_dim)
+    k = k.reshape(T, k.shape[-1] // head_dim, head_dim)
+    v = v.reshape(T, v.shape[-1] // head_dim, head_dim)
     cos, sin = batch.rope(head_dim, theta, q.dtype)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     n_kv = k.shape[1]
@@ -119,13 +150,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: St
     v_cache.index_copy_(0, batch.slots, v.to(v_cache.dtype))
     out = q.new_empty(q.shape)
     gqa = q.shape[1] != n_kv
+    d = batch.decodes
+    if d is not None:  # one attention over every single-token sequence, contexts padded and masked
+        n, longest = d.slots.shape
+        ks = k_cache.index_select(0, d.slots.view(-1)).view(n, longest, n_kv, head_dim).transpose(1, 2)
+        vs = v_cache.index_select(0, d.slots.view(-1)).view(n, longest, n_kv, head_dim).transpose(1, 2)
+        qs = q.index_select(0, d.rows).unsqueeze(2)  # [n, heads, 1, d]
+        o = F.scaled_dot_product_attention(qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=d.valid, enable_gqa=gqa)
+        out.index_copy_(0, d.rows, o.squeeze(2))
     for seq in batch.seqs:
         qs = q[seq.start:seq.start + seq.n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
         ks = k_cache.index_select(0, seq.context_slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
         vs = v_cache.index_select(0, seq.context_slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask, enable_gqa=gqa)
         out[seq.start:seq.start + seq.n] = o[0].transpose(0, 1)
-    return out.reshape(1, T, -1)
+    return out.reshape(1, T, q.shape[1] * head_dim)
 
 
 def last_positions(x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -140,11 +179,19 @@ def serving_routing(cfg: Routing) -> Routing:
     return cfg.model_copy(update={"capacity_factor": None, "balance": balance})
 
 
+DENSE_ELEMENTS = 1 << 20  # router weights (experts x D) up to which every expert's logit costs less than choosing
+
+
 class RoutingTables(RouterMath):
     """A router's frozen weights prepared once at load (`serve.routing_tables`): centroids normalised, the
     router weights as group-major blocks `[groups, experts per group, D]` already in the routing dtype
-    (float32, or float64), the load bias as it will be gathered. The decisions equal `RouterMath`'s on the
-    same weights bit for bit: the same arithmetic, less of it per call."""
+    (float32, or float64), the load bias, and the index vectors each call would build.
+
+    `route` is the reference routing (lcc.model.routing, steps 1-7) without what serving does not use
+    (losses, capacity). The kept groups' logits come group-major, as in the reference; for a small router
+    (at most DENSE_ELEMENTS weights: small-moe's 16 x 512) one matmul over all experts costs less than
+    sorting tokens by group, and the kept groups' logits are read from it. The decisions are the
+    reference's up to the rounding of those dot products."""
 
     def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing):
         wide = torch.promote_types(weight_ED.dtype, torch.float32)
@@ -152,12 +199,47 @@ class RoutingTables(RouterMath):
         self.unit_centroids_GD = F.normalize(self.centroids_GD, dim=-1)
         self.w_GPD = self.weight_ED.view(self.n_groups, self.per_group, -1)
         self.dtype = wide
+        self.offsets_P = torch.arange(self.per_group)
+        self.slots_K = torch.arange(self.cfg.k.max)
+        self.least_loaded = self.cfg.experts.selection == "least_loaded"
 
     def unit_centroids(self, dtype: torch.dtype) -> torch.Tensor:
         return self.unit_centroids_GD if dtype == self.dtype else super().unit_centroids(dtype)
 
     def group_weights(self, dtype: torch.dtype) -> torch.Tensor:
         return self.w_GPD if dtype == self.dtype else super().group_weights(dtype)
+
+    def route(self, x_TD: torch.Tensor) -> RouteResult:
+        cfg = self.cfg
+        x = x_TD.to(self.dtype)
+        T, P, K = x.shape[0], self.per_group, cfg.k.max
+        kept_TGk, q_TGk = self.group_scores(x)
+        Gk = kept_TGk.shape[1]
+        if self.weight_ED.numel() <= DENSE_ELEMENTS:
+            z_TGP = (x @ self.weight_ED.T).view(T, self.n_groups, P)
+            z_TGkP = z_TGP.gather(1, kept_TGk.unsqueeze(-1).expand(T, Gk, P))
+        else:
+            z_TGkP = self.expert_logits(x, kept_TGk)
+        if cfg.score == "softmax":
+            p_TGkP = torch.softmax(z_TGkP, dim=-1)
+        else:
+            sig = torch.sigmoid(z_TGkP)
+            p_TGkP = sig / sig.sum(dim=-1, keepdim=True)
+        pi_TC = (q_TGk.unsqueeze(-1) * p_TGkP).reshape(T, Gk * P)
+        cand_TC = (kept_TGk.unsqueeze(-1) * P + self.offsets_P).reshape(T, Gk * P)
+        score = pi_TC.to(torch.float64) + self.bias_E[cand_TC] if self.least_loaded else pi_TC
+        slot_TK = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :K]
+        experts_TK, pi_TK = cand_TC.gather(1, slot_TK), pi_TC.gather(1, slot_TK)
+        reached = torch.cumsum(pi_TK, dim=-1) >= cfg.k.threshold
+        k_T = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, K).clamp(cfg.k.min, K)
+        mask_TK = self.slots_K < k_T.unsqueeze(1)
+        gates_TK = pi_TK * mask_TK
+        if cfg.renormalize:
+            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        gates_TK = cfg.gate_scale * gates_TK
+        zero = x.new_zeros(())
+        load_E = slot_counts(experts_TK, mask_TK, self.n_experts).to(torch.float64)
+        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, torch.zeros((), dtype=torch.int64), zero, zero)
 
 
 def route_tables(x_TD: torch.Tensor, tables: RoutingTables) -> RouteResult:

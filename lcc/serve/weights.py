@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lcc.backends.cpu.int4 import pack
+from lcc.backends.cpu.int4 import pack, pack_gate_up
 from lcc.backends.torch_ref.int4 import quantize
 from lcc.plan.types import Plan
 from lcc.runtime import checkpoint
@@ -75,14 +75,21 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor]) -> 
     for name, t in params.items():
         if not plan.parameter(name).expert or serving.expert_kernel == "dense":
             out[name] = t.to(dtype)
-            continue
-        q = quantize(t, quant.group_size, quant.symmetric)
-        out[name] = pack(q, dtype) if serving.expert_kernel == "int4_packed_cpu" else q
+        elif serving.expert_kernel == "int4_reference":
+            out[name] = quantize(t, quant.group_size, quant.symmetric)
+        elif name.endswith(".w2_EDF"):
+            out[name] = pack(quantize(t, quant.group_size, quant.symmetric), dtype)
+        elif name.endswith(".w1_EFD"):  # gate and up in one packed weight: one kernel call for both
+            w3 = name.replace(".w1_EFD", ".w3_EFD")
+            out[name] = out[w3] = pack_gate_up(quantize(t, quant.group_size, quant.symmetric),
+                                               quantize(params[w3], quant.group_size, quant.symmetric), dtype)
     return out
 
 
 def weight_bytes(weights: dict[str, Any]) -> int:
-    return sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes for w in weights.values())
+    """Bytes of the distinct tensors (w1 and w3 may share one packed weight)."""
+    distinct = {id(w): w for w in weights.values()}.values()
+    return sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes for w in distinct)
 
 
 def spec_of(plan_dir: Path) -> dict[str, Any]:

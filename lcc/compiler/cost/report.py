@@ -377,6 +377,19 @@ def expert_bytes_quantized(n_params: int, bits: int, group_size: int, symmetric:
     return n_params * bits // 8 + 2 * n_groups + (0 if symmetric else n_groups)
 
 
+def expert_bytes_served(spec: Spec, n_params: int) -> int:
+    """What a rank's experts take in memory when served: on CPU in float32 or bfloat16, PyTorch's packed
+    int4 kernel keeps two codes per byte and a (scale, offset) pair per group in the serve dtype; otherwise
+    lcc's int4 format (expert_bytes_quantized), or unquantised weights in the serve dtype."""
+    quant = spec.quantization.experts if spec.quantization is not None else None
+    dtype = spec.serve.dtype
+    if quant is None:
+        return DTYPE_BYTES[dtype] * n_params
+    if dtype != "float64" and spec.cluster.device.kind == "cpu":
+        return n_params * quant.bits // 8 + 2 * DTYPE_BYTES[dtype] * (n_params // quant.group_size)
+    return expert_bytes_quantized(n_params, quant.bits, quant.group_size, quant.symmetric)
+
+
 def _experts(spec: Spec, routed: int) -> dict[str, Any]:
     quant = spec.quantization.experts if spec.quantization is not None else None
     bf16 = 2 * routed
@@ -395,12 +408,13 @@ def _experts(spec: Spec, routed: int) -> dict[str, Any]:
 
 
 def _serve(spec: Spec, cm: CostModel) -> dict[str, Any]:
-    """Serving on the spec's layout: per role its weights (experts int4 when quantized, the rest in
-    `serve.dtype`), the KV cache per token and at `max_batch x max_seq_len`, how many tokens of KV cache fit
-    next to the weights, and a memory-bound decode step: every rank reads its weights that the batch uses
-    (all dense weights, the routed experts its tokens reach) and the batch's KV cache at full context, at
-    the device's memory bandwidth; pipeline stages run one after the other in a step."""
-    serve, quant = spec.serve, spec.quantization.experts if spec.quantization is not None else None
+    """Serving on the spec's layout: per role its weights (experts int4 when quantized, as the serving
+    kernel holds them: expert_bytes_served; the rest in `serve.dtype`), the KV cache per token and at
+    `max_batch x max_seq_len`, how many tokens of KV cache fit next to the weights, and a memory-bound
+    decode step: every rank reads its weights that the batch uses (all dense weights, the routed experts
+    its tokens reach) and the batch's KV cache at full context, at the device's memory bandwidth; pipeline
+    stages run one after the other in a step."""
+    serve = spec.serve
     wb = DTYPE_BYTES[serve.dtype]
     att = spec.model.attention
     kv_local = P.local_kv_heads(spec) * att.head_dim
@@ -415,8 +429,7 @@ def _serve(spec: Spec, cm: CostModel) -> dict[str, Any]:
     by_role = []
     for role in cm.roles:
         local = P.local_params(spec, role.layers, role.first, role.last)
-        experts = (expert_bytes_quantized(local.experts, quant.bits, quant.group_size, quant.symmetric) if quant
-                   else wb * local.experts)
+        experts = expert_bytes_served(spec, local.experts)
         per_token = len(role.layers) * 2 * kv_local * wb
         kv = batch * serve.max_seq_len * per_token
         weights = wb * local.dense + experts
