@@ -160,3 +160,12 @@ def test_float32_and_bfloat16_serving_run_the_packed_int4_kernel(plans):
         got = run(engine, PROMPTS[:2], SamplingParams(max_tokens=8))
         assert all(len(g) == 8 for g in got)
         assert rank.cache.k[0].dtype == getattr(torch, dtype)
+
+
+def test_unquantised_experts_when_the_spec_asks_for_none(plans):
+    extra = ("quantization.experts=null",)
+    rank = ServeRank(serve_plan(plans, "world1", extra), 0)
+    assert rank.plan.serving.expert_kernel == "dense"
+    model = reference_model(spec_of("world1", extra))
+    got = run(Engine(rank), PROMPTS[:2], SamplingParams(max_tokens=16))
+    assert got == [greedy(model, p, 16) for p in PROMPTS[:2]]
