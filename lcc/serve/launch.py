@@ -4,13 +4,15 @@ training runs are (lcc.runtime.supervise), run the engine on rank 0 over the giv
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
 import multiprocessing
 import os
 import sys
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,13 @@ import torch
 import torch.distributed as dist
 
 from lcc.plan.types import Plan
+from lcc.runtime.checkpoint import CheckpointError
 from lcc.runtime.launch import _free_port, check_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine
 from lcc.runtime.supervise import Heartbeat, RankLink, Run, start_fork_server
+from lcc.serve.engine import RequestError, check_request
 from lcc.serve.sampling import SamplingParams
+from lcc.serve.weights import check_checkpoint, spec_of
 
 
 @dataclass
@@ -30,8 +35,8 @@ class Job:
     params: SamplingParams
     checkpoint: str | None = None
     stream: bool = True  # print text as it is produced (one prompt) or each completion as it ends
-    as_json: bool = False  # one JSON object per prompt, at the end
-    out: str | None = None  # also write the results there (JSON: a list of objects)
+    as_json: bool = False  # print one JSON object per prompt, at the end (the launcher prints them)
+    out: str | None = None  # write the results there (JSON: a list of objects)
     max_num_seqs: int | None = None
     max_batched_tokens: int | None = None
 
@@ -46,9 +51,6 @@ def check_serve_plan(plan_dir: Path) -> Plan:
 def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
     """Run `job` on the plan's ranks; RunError (with the failing rank's error) if a rank fails."""
     plan = check_serve_plan(Path(plan_dir))
-    from lcc.serve.engine import RequestError, check_request
-    from lcc.serve.weights import spec_of
-
     vocab = spec_of(plan_dir)["model"]["vocab_size"]
     for i, prompt in enumerate(job.prompts):
         try:
@@ -56,9 +58,6 @@ def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
         except RequestError as exc:
             raise LaunchRefused(f"prompt {i + 1}: {exc}") from None
     if job.checkpoint is not None:  # checked here, before any rank starts
-        from lcc.runtime.checkpoint import CheckpointError
-        from lcc.serve.weights import check_checkpoint
-
         try:
             check_checkpoint(Path(job.checkpoint), spec_of(plan_dir))
         except CheckpointError as exc:
@@ -68,6 +67,23 @@ def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
               "weights)", file=sys.stderr, flush=True)
     if "RANK" not in os.environ:
         check_machine(plan, force)
+    temporary = None
+    if job.as_json and job.out is None:  # rank 0 writes the results, this process prints them
+        handle = tempfile.NamedTemporaryFile(prefix="lcc-generate-", suffix=".json", delete=False)  # noqa: SIM115
+        handle.close()
+        temporary = Path(handle.name)
+        job = dataclasses.replace(job, out=str(temporary))
+    try:
+        _generate(plan_dir, plan, job)
+        if job.as_json:
+            for r in json.loads(Path(job.out).read_text()):
+                print(json.dumps(r), flush=True)
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+
+
+def _generate(plan_dir: Path, plan: Plan, job: Job) -> None:
     world = plan.world_size
     timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
     threads = max(1, (os.cpu_count() or 1) // world)
@@ -121,9 +137,6 @@ def _serve_rank(rank: int, world: int, port: int, plan_dir: str, job: Job, threa
                 results = run_job(engine, job)
             finally:
                 engine.close()
-            if job.as_json:
-                for r in results:
-                    print(json.dumps(r), flush=True)
             if job.out:
                 Path(job.out).write_text(json.dumps(results, indent=1) + "\n")
         beat.finished()
@@ -153,7 +166,3 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
     if single:
         print(flush=True)
     return [{"token_ids": tokens[rid], "text": texts[rid], "finish_reason": reasons.get(rid)} for rid in ids]
-
-
-def job_params(job: Job) -> dict[str, Any]:
-    return asdict(job)
