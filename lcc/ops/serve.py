@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lcc.model.routing import RouteResult, RouterMath, slot_counts
+from lcc.model.routing import RouteResult, RouterMath
 from lcc.model.transformer import rope_at
 from lcc.spec.models import Routing
 
@@ -185,13 +185,13 @@ DENSE_ELEMENTS = 1 << 20  # router weights (experts x D) up to which every exper
 class RoutingTables(RouterMath):
     """A router's frozen weights prepared once at load (`serve.routing_tables`): centroids normalised, the
     router weights as group-major blocks `[groups, experts per group, D]` already in the routing dtype
-    (float32, or float64), the load bias, and the index vectors each call would build.
+    (float32, or float64), and the load bias.
 
-    `route` is the reference routing (lcc.model.routing, steps 1-7) without what serving does not use
-    (losses, capacity). The kept groups' logits come group-major, as in the reference; for a small router
-    (at most DENSE_ELEMENTS weights: small-moe's 16 x 512) one matmul over all experts costs less than
-    sorting tokens by group, and the kept groups' logits are read from it. The decisions are the
-    reference's up to the rounding of those dot products."""
+    `route` is the reference routing (lcc.model.routing) with serving's settings: no losses, no capacity.
+    The kept groups' logits come group-major, as in the reference; for a small router (at most
+    DENSE_ELEMENTS weights: small-moe's 16 x 512) one matmul over all experts costs less than sorting
+    tokens by group, and the kept groups' logits are read from it. The decisions are the reference's up
+    to the rounding of those dot products."""
 
     def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing):
         wide = torch.promote_types(weight_ED.dtype, torch.float32)
@@ -199,9 +199,6 @@ class RoutingTables(RouterMath):
         self.unit_centroids_GD = F.normalize(self.centroids_GD, dim=-1)
         self.w_GPD = self.weight_ED.view(self.n_groups, self.per_group, -1)
         self.dtype = wide
-        self.offsets_P = torch.arange(self.per_group)
-        self.slots_K = torch.arange(self.cfg.k.max)
-        self.least_loaded = self.cfg.experts.selection == "least_loaded"
 
     def unit_centroids(self, dtype: torch.dtype) -> torch.Tensor:
         return self.unit_centroids_GD if dtype == self.dtype else super().unit_centroids(dtype)
@@ -209,37 +206,12 @@ class RoutingTables(RouterMath):
     def group_weights(self, dtype: torch.dtype) -> torch.Tensor:
         return self.w_GPD if dtype == self.dtype else super().group_weights(dtype)
 
-    def route(self, x_TD: torch.Tensor) -> RouteResult:
-        cfg = self.cfg
-        x = x_TD.to(self.dtype)
-        T, P, K = x.shape[0], self.per_group, cfg.k.max
-        kept_TGk, q_TGk = self.group_scores(x)
-        Gk = kept_TGk.shape[1]
-        if self.weight_ED.numel() <= DENSE_ELEMENTS:
-            z_TGP = (x @ self.weight_ED.T).view(T, self.n_groups, P)
-            z_TGkP = z_TGP.gather(1, kept_TGk.unsqueeze(-1).expand(T, Gk, P))
-        else:
-            z_TGkP = self.expert_logits(x, kept_TGk)
-        if cfg.score == "softmax":
-            p_TGkP = torch.softmax(z_TGkP, dim=-1)
-        else:
-            sig = torch.sigmoid(z_TGkP)
-            p_TGkP = sig / sig.sum(dim=-1, keepdim=True)
-        pi_TC = (q_TGk.unsqueeze(-1) * p_TGkP).reshape(T, Gk * P)
-        cand_TC = (kept_TGk.unsqueeze(-1) * P + self.offsets_P).reshape(T, Gk * P)
-        score = pi_TC.to(torch.float64) + self.bias_E[cand_TC] if self.least_loaded else pi_TC
-        slot_TK = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :K]
-        experts_TK, pi_TK = cand_TC.gather(1, slot_TK), pi_TC.gather(1, slot_TK)
-        reached = torch.cumsum(pi_TK, dim=-1) >= cfg.k.threshold
-        k_T = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, K).clamp(cfg.k.min, K)
-        mask_TK = self.slots_K < k_T.unsqueeze(1)
-        gates_TK = pi_TK * mask_TK
-        if cfg.renormalize:
-            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
-        gates_TK = cfg.gate_scale * gates_TK
-        zero = x.new_zeros(())
-        load_E = slot_counts(experts_TK, mask_TK, self.n_experts).to(torch.float64)
-        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, torch.zeros((), dtype=torch.int64), zero, zero)
+    def expert_logits(self, x_TD: torch.Tensor, kept_TGk: torch.Tensor) -> torch.Tensor:
+        if self.weight_ED.numel() > DENSE_ELEMENTS or x_TD.dtype != self.dtype:
+            return super().expert_logits(x_TD, kept_TGk)
+        T, Gk = kept_TGk.shape
+        z_TGP = (x_TD @ self.weight_ED.T).view(T, self.n_groups, self.per_group)
+        return z_TGP.gather(1, kept_TGk.unsqueeze(-1).expand(T, Gk, self.per_group))
 
 
 def route_tables(x_TD: torch.Tensor, tables: RoutingTables) -> RouteResult:
