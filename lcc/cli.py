@@ -242,7 +242,8 @@ def run_generate(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Text to continue (repeat for several "
                                                      "prompts, served together).")] = None,
     prompt_ids: Annotated[list[str] | None, typer.Option("--prompt-ids", help="Token ids to continue, e.g. "
-                                                         "1,2,3 (repeatable).")] = None,
+                                                         "1,2,3 (repeatable; these prompts come before the "
+                                                         "--prompt ones).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to generate per prompt.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,

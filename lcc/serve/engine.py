@@ -81,6 +81,7 @@ class Engine:
         self.ids = itertools.count()
         self.stats = EngineStats()
         self.closed = False
+        self.interrupted = False  # a step's collectives began and did not end
         self.beat = beat  # the launcher's heartbeat of this rank (lcc.runtime.supervise), if any
 
     # ------------------------------------------------------------------------------------- requests
@@ -100,7 +101,8 @@ class Engine:
         if seq is None or seq.finished:
             return None
         self.scheduler.finish(seq, "abort")
-        return Update(request, [], "", "abort")
+        held = seq.text[seq.emitted:] + seq.decoder.decode(b"", final=True)  # what a stop string held back
+        return Update(request, [], held, "abort")
 
     @property
     def has_work(self) -> bool:
@@ -117,23 +119,26 @@ class Engine:
         if not chosen:
             raise RuntimeError("the scheduler chose nothing although requests wait (the KV cache cannot hold any)")
         logits = self._run(plan)
+        rows = {d: 0 for d in range(len(plan.parts))}
+        tokens: list[int | None] = []  # sampled before any state changes: a failure leaves the engine as it was
+        for seq, n in chosen:
+            if seq.computed + n < len(seq.tokens):
+                tokens.append(None)  # a prefill chunk short of the last token
+                continue
+            tokens.append(sample(logits[seq.dp][rows[seq.dp]], seq.params, seq.generator))
+            rows[seq.dp] += 1
         self.stats.steps += 1
         self.stats.step_tokens.append(sum(n for _, n in chosen))
-        rows = {d: 0 for d in range(len(plan.parts))}
         updates = []
-        for seq, n in chosen:
-            decode = n == 1 and seq.computed == len(seq.tokens) - 1 and len(seq.tokens) > len(seq.prompt)
-            seq.computed += n
-            if decode:
+        for (seq, n), token in zip(chosen, tokens, strict=True):
+            if n == 1 and seq.computed == len(seq.tokens) - 1 and len(seq.tokens) > len(seq.prompt):
                 self.stats.decode_tokens += 1
             else:
                 self.stats.prefill_tokens += n
-            if seq.computed < len(seq.tokens):
-                continue  # a prefill chunk short of the last token
-            row = logits[seq.dp][rows[seq.dp]]
-            rows[seq.dp] += 1
-            updates.append(self._advance(seq, sample(row, seq.params, seq.generator)))
-        self.stats.preemptions = sum(s.preemptions for s in self.sequences.values())
+            seq.computed += n
+            if token is not None:
+                updates.append(self._advance(seq, token))
+        self.stats.preemptions = self.scheduler.preemptions
         if self.beat is not None:
             self.beat.completed(self.stats.steps)
         for u in updates:
@@ -142,10 +147,15 @@ class Engine:
         return updates
 
     def _run(self, plan: StepPlan) -> list:
+        """The step on every rank. Cut short by an error here, the other ranks are inside the step's
+        collectives: `close` then must not broadcast (the launcher ends them, named by rank 0's error)."""
+        self.interrupted = True
         if self.rank.mesh.world > 1:
             dist.broadcast_object_list([plan], src=0)
         local = self.rank.step(plan)
-        return self.rank.gather_logits(plan, local)
+        logits = self.rank.gather_logits(plan, local)
+        self.interrupted = False
+        return logits
 
     def _advance(self, seq: Sequence, token: int) -> Update:
         seq.tokens.append(token)
@@ -175,7 +185,7 @@ class Engine:
 
     def close(self) -> None:
         """Release the other ranks from `follow`."""
-        if not self.closed and self.rank.mesh.world > 1:
+        if not self.closed and not self.interrupted and self.rank.mesh.world > 1:
             dist.broadcast_object_list([None], src=0)
         self.closed = True
 

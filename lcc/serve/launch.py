@@ -58,10 +58,11 @@ def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
         except RequestError as exc:
             raise LaunchRefused(f"prompt {i + 1}: {exc}") from None
     if job.checkpoint is not None:  # checked here, before any rank starts
-        try:
-            check_checkpoint(Path(job.checkpoint), spec_of(plan_dir))
+        try:  # one folder for every rank (a directory's latest could change while they start), verified once
+            folder, _ = check_checkpoint(Path(job.checkpoint), spec_of(plan_dir))
         except CheckpointError as exc:
             raise LaunchRefused(str(exc)) from None
+        job = dataclasses.replace(job, checkpoint=str(folder))
     else:
         print(f"warning: no --checkpoint: serving the deterministic initialisation of {plan.spec_name} (random "
               "weights)", file=sys.stderr, flush=True)
@@ -127,7 +128,7 @@ def _serve_rank(rank: int, world: int, port: int, plan_dir: str, job: Job, threa
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         beat.beat("loading weights")
-        serve_rank = ServeRank(Path(plan_dir), rank, Path(job.checkpoint) if job.checkpoint else None)
+        serve_rank = ServeRank(Path(plan_dir), rank, Path(job.checkpoint) if job.checkpoint else None, verify=False)
         beat.completed(0)
         if rank != 0:
             follow(serve_rank, beat)

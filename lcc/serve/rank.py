@@ -61,7 +61,9 @@ class ServeContext:
 
 
 class ServeRank:
-    def __init__(self, plan_dir: Path, rank: int, checkpoint_dir: Path | None = None):
+    def __init__(self, plan_dir: Path, rank: int, checkpoint_dir: Path | None = None, verify: bool = True):
+        """`checkpoint_dir`: a checkpoint folder, or a checkpoint directory (its latest); `verify`: check its
+        files' sizes and sha256 (the launcher does it once for every rank)."""
         self.dir = Path(plan_dir)
         self.plan = plan = read_plan(self.dir)
         spec_data = json.loads((self.dir / "spec.json").read_text())
@@ -70,7 +72,8 @@ class ServeRank:
         c = self.mesh.coords
         serving = plan.serving
         self.dtype = DTYPES[serving.dtype]
-        folder, ident = check_checkpoint(checkpoint_dir, spec_data) if checkpoint_dir is not None else (None, None)
+        folder, ident = (check_checkpoint(checkpoint_dir, spec_data, verify) if checkpoint_dir is not None
+                         else (None, None))
         self.checkpoint = folder
         dense, self.buffers = load_shards(spec, plan, c, self.mesh.sizes, folder, ident)
         self.params = serving_weights(spec, plan, dense)

@@ -42,7 +42,7 @@ def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gene
     logits = logits_V.to(torch.float64)
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # finite for any temperature > 0
     if params.top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True, stable=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # mass before each token below top_p

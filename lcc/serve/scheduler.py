@@ -52,6 +52,7 @@ class Scheduler:
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.waiting: list[collections.deque[Sequence]] = [collections.deque() for _ in range(dp)]
         self.running: list[list[Sequence]] = [[] for _ in range(dp)]
+        self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting[seq.dp].append(seq)
@@ -79,6 +80,7 @@ class Scheduler:
         blocks, running = self.blocks[d], self.running[d]
         budget = self.max_batched_tokens
         out: list[tuple[Sequence, int]] = []
+        preempted = self.preemptions
         order = sorted(running, key=lambda s: s.remaining != 1)  # decodes first (stable: oldest first)
         for seq in order:
             if seq not in running or budget == 0:
@@ -95,7 +97,8 @@ class Scheduler:
             out.append((seq, n))
             budget -= n
         waiting = self.waiting[d]
-        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+        while waiting and budget > 0 and len(running) < self.max_num_seqs and self.preemptions == preempted:
+            # (after a preemption the cache is full: nothing is admitted in this step)
             seq = waiting[0]
             n = min(seq.remaining, budget)
             if not blocks.can_hold(seq.id, seq.computed + n):
@@ -113,6 +116,7 @@ class Scheduler:
         self.running[seq.dp].remove(seq)
         seq.computed = 0
         seq.preemptions += 1
+        self.preemptions += 1
         self.waiting[seq.dp].appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

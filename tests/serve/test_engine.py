@@ -169,3 +169,20 @@ def test_unquantised_experts_when_the_spec_asks_for_none(plans):
     model = reference_model(spec_of("world1", extra))
     got = run(Engine(rank), PROMPTS[:2], SamplingParams(max_tokens=16))
     assert got == [greedy(model, p, 16) for p in PROMPTS[:2]]
+
+
+def test_abort_hands_out_the_text_a_stop_string_held_back(plans, expected):
+    engine = engine_for(plans)
+    rid = engine.submit(PROMPTS[2], SamplingParams(max_tokens=N, stop=["\x00\x01\x02\x03\x04"]))  # never appears
+    text = ""
+    for _ in range(10):
+        text += "".join(u.text for u in engine.step())
+    final = engine.abort(rid)
+    full = bytes(expected[tuple(PROMPTS[2])][:10]).decode("utf-8", errors="replace")
+    assert len(final.text) > 0 and text + final.text == full
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(plans, expected):
+    engine = engine_for(plans)
+    got = run(engine, [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=1e-300, seed=3))[0]
+    assert got == expected[tuple(PROMPTS[0])][:8]

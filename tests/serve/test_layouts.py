@@ -5,6 +5,8 @@ another layout. Each runs `lcc run generate`'s launcher: one process per rank, g
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.runtime.launch import launch
+from lcc.runtime.support import RunError
 from lcc.serve.launch import Job, generate
 from lcc.serve.sampling import SamplingParams
 from lcc.spec import load_spec
@@ -61,3 +64,20 @@ def test_generation_from_a_checkpoint_of_another_layout(plans, tmp_path):
     got = served(serve_plan(plans, "pp2_tp2_ep2"), tmp_path, tmp_path / "ckpt")
     for p, tokens in zip(PROMPTS, got, strict=True):
         assert tokens == greedy(model, p, N), bytes(p)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_failing_rank_0_ends_the_run_with_its_own_error(plans, tmp_path):
+    """Rank 0 fails inside a step, while rank 1 waits for its activations: the run ends at once, named by
+    rank 0's error (not after the collective timeout, nor by its peer's fallout)."""
+    folder = tmp_path / "plan"
+    shutil.copytree(serve_plan(plans, "pp2", ("train.collective_timeout_s=60",)), folder)
+    program = folder / "programs" / "stage0.py"
+    program.write_text(program.read_text().replace('    """P: this', '    raise RuntimeError("boom in stage 0")\n'
+                                                   '    """P: this', 1))
+    start = time.monotonic()
+    with pytest.raises(RunError) as err:
+        served(folder, tmp_path)
+    assert time.monotonic() - start < 30
+    assert str(err.value).startswith("rank 0 failed: RuntimeError: boom in stage 0"), str(err.value)
