@@ -251,10 +251,15 @@ def _roles(state: CompileState) -> list[Role]:
 
 
 def actions_text(plan: Plan) -> str:
-    lines = [f"# lcc per-rank schedule for {plan.spec_name}: torch.distributed.pipelining actions, the",
-             "# collectives each compute action issues per micro-batch (forward F, backward B, with the gradient",
-             "# buckets issued during it), then the step's actions after the last backward. Stage s runs on",
-             "# pipeline rank s mod pp."]
+    if plan.serving is not None:
+        lines = [f"# lcc per-rank serve step for {plan.spec_name}: rank 0's batch to every rank, the stages in order",
+                 "# (torch.distributed.pipelining actions, with the collectives each forward F issues), then each dp",
+                 "# rank's last-position logits to rank 0. Stage s runs on pipeline rank s mod pp."]
+    else:
+        lines = [f"# lcc per-rank schedule for {plan.spec_name}: torch.distributed.pipelining actions, the",
+                 "# collectives each compute action issues per micro-batch (forward F, backward B, with the gradient",
+                 "# buckets issued during it), then the step's actions after the last backward. Stage s runs on",
+                 "# pipeline rank s mod pp."]
     recompute = {"none": "", "selective": "attention cores, routing and dispatch",
                  "full": "every layer (its forward collectives again)"}[plan.memory.activation_checkpointing]
     once = plan.memory.zero >= 3 and plan.memory.grad_reduce == "step"

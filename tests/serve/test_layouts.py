@@ -53,6 +53,17 @@ def test_layout_generates_the_reference_tokens(plans, tmp_path, layout):
 
 
 @pytest.mark.slow
+def test_virtual_stages_and_a_tied_head(plans, tmp_path):
+    """Interleaved stages (pipeline rank 0 runs stages 0 and 2, rank 1 stages 1 and 3) and the LM head tied
+    to the embedding, on the last stage."""
+    extra = ("parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2",
+             "model.tie_embeddings=true")
+    model = reference_model(spec_of("pp2", extra))
+    got = served(serve_plan(plans, "pp2", extra), tmp_path, prompts=PROMPTS[:2])
+    assert got == [greedy(model, p, N) for p in PROMPTS[:2]]
+
+
+@pytest.mark.slow
 def test_generation_from_a_checkpoint_of_another_layout(plans, tmp_path):
     """Trained 2 steps at world 1 (float32), served at pp 2 x tp 2 x ep 2 (float64): equal to the reference
     model loaded from the same checkpoint."""
