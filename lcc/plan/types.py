@@ -278,6 +278,7 @@ class Serving:
     group_size: int | None
     before: list[StepAction]
     after: list[StepAction]
+    dropless: bool = True  # every routed token reaches its experts: routing.capacity_factor is training's
 
 
 @dataclass(frozen=True)
