@@ -300,6 +300,44 @@ def run_generate(
         raise typer.Exit(2) from None
 
 
+@run_app.command("serve")
+def run_serve(
+    target: Annotated[Path, typer.Argument(help="A spec (compiled into .lcc-cache/ as a serve plan) or a compiled "
+                                           "serve plan folder (lcc compile --mode serve).")],
+    set_: SetOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint of lcc run train (a "
+                                                    "step-NNNNNN folder, or a --checkpoint-dir: its latest), saved "
+                                                    "under any layout. Default: the deterministic initialisation.")]
+    = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    max_queued: Annotated[int, typer.Option("--max-queued", min=1, help="Requests waiting for their first step "
+                                            "beyond which new ones get 429.")] = 64,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="On SIGTERM or SIGINT, "
+                                                    "seconds to let running requests finish before aborting them.")]
+    = 30.0,
+    max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", min=1, help="Sequences per step and dp rank "
+                                                     "(default and at most serve.max_batch).")] = None,
+    max_batched_tokens: Annotated[int | None, typer.Option("--max-batched-tokens", min=1, help="Tokens per step "
+                                                           "and dp rank (default serve.max_batched_tokens).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the ranks even where this machine looks too small "
+                                        "for them.")] = False,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /health, /metrics)."""
+    from lcc.runtime.support import RunError
+    from lcc.serve.launch import ServeOptions, serve
+
+    plan_dir = _serve_plan(target, set_)
+    opts = ServeOptions(str(checkpoint) if checkpoint else None, host, port, max_queued, shutdown_timeout,
+                        max_num_seqs, max_batched_tokens)
+    try:
+        serve(plan_dir, opts, force=force)
+    except RunError as exc:
+        typer.echo(f"lcc run serve: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo("lcc run serve: stopped; every request finished or aborted, every rank ended")
+
+
 def _serve_plan(target: Path, set_: list[str] | None) -> Path:
     """A serve plan folder: the given one, or the spec compiled into the run cache."""
     if target.is_dir():

@@ -421,9 +421,11 @@ class Run:
 
     # ------------------------------------------------------------------------------- ranks of their own
     def supervise(self, target: Callable[..., None], args_of: Callable[[int, RankLink], tuple[Any, ...]],
-                  watchdog_s: float) -> None:
+                  watchdog_s: float, drain_s: float | None = None) -> None:
         """Start one process per rank (`target(*args_of(rank, link))`), watch them until they all finish or
-        one fails, hangs or dies, or a signal stops the run; end every one of them; raise the report."""
+        one fails, hangs or dies, or a signal stops the run; end every one of them; raise the report.
+        `drain_s` (a server): a signal goes to rank 0 alone, which ends the run itself (draining its
+        requests); the run is over when every rank has exited 0 within `drain_s` seconds and a grace."""
         procs: list[Any] = []
         self.watchdog_s = watchdog_s
         with _StopSignals(raising=False) as stop:
@@ -435,6 +437,9 @@ class Run:
                     proc.start()
                     procs.append(proc)
                 verdict = self._watch(procs, stop)
+                if verdict is not None and verdict.kind == "stopped" and drain_s is not None and \
+                        len(procs) == self.world and self._drained(procs, drain_s + STOP_GRACE_S + 5):
+                    verdict = None
             finally:
                 self._end(procs, gentle=stop.signum is not None)
         codes = [p.exitcode for p in procs]
@@ -527,6 +532,15 @@ class Run:
             return None
         _, t, rank, stopped = min(found)
         return _Verdict("hung", rank=rank, age=now - t, beat=beats[rank], stopped=stopped)
+
+    def _drained(self, procs: list[Any], within_s: float) -> bool:
+        """SIGTERM to rank 0, then wait for every rank to exit; True if they all exited 0 in time."""
+        if procs[0].exitcode is None:
+            procs[0].terminate()
+        deadline = time.monotonic() + within_s
+        while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+            multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=POLL_S)
+        return all(p.exitcode == 0 for p in procs)
 
     def _end(self, procs: list[Any], gentle: bool) -> None:
         """Every rank ends: SIGTERM first when the run was stopped, SIGKILL after a short grace (or at once)."""

@@ -190,14 +190,28 @@ class Engine:
         self.closed = True
 
 
+IDLE = "idle"  # broadcast instead of a step when there is nothing to do: keeps the other ranks' waits short
+
+
+def keep_alive(engine: Engine) -> None:
+    """Tell the other ranks, waiting for the next step, that rank 0 is still there (before their collective
+    timeout ends the wait)."""
+    if engine.rank.mesh.world > 1 and not engine.closed:
+        dist.broadcast_object_list([IDLE], src=0)
+
+
 def follow(rank: ServeRank, beat: Any = None) -> None:
     """Ranks other than 0: run the steps rank 0 broadcasts, until it closes the engine."""
     steps = 0
     while True:
-        box: list[StepPlan | None] = [None]
+        box: list[StepPlan | str | None] = [None]
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             return
+        if box[0] == IDLE:
+            if beat is not None:
+                beat.beat("idle")
+            continue
         if beat is not None:
             beat.step(steps)
         rank.gather_logits(box[0], rank.step(box[0]))

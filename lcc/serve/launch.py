@@ -10,6 +10,8 @@ import json
 import math
 import multiprocessing
 import os
+import signal
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -167,3 +169,112 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
     if single:
         print(flush=True)
     return [{"token_ids": tokens[rid], "text": texts[rid], "finish_reason": reasons.get(rid)} for rid in ids]
+
+
+# ------------------------------------------------------------------------------------ lcc run serve
+@dataclass
+class ServeOptions:
+    checkpoint: str | None
+    host: str
+    port: int
+    max_queued: int
+    shutdown_timeout: float
+    max_num_seqs: int | None = None
+    max_batched_tokens: int | None = None
+
+
+def serve(plan_dir: Path, opts: ServeOptions, force: bool = False) -> None:
+    """Serve the plan over HTTP until SIGTERM or SIGINT (then drain) or a rank fails (RunError)."""
+    plan = check_serve_plan(Path(plan_dir))
+    if opts.checkpoint is not None:
+        try:
+            folder, _ = check_checkpoint(Path(opts.checkpoint), spec_of(plan_dir))
+        except CheckpointError as exc:
+            raise LaunchRefused(str(exc)) from None
+        opts = dataclasses.replace(opts, checkpoint=str(folder))
+    else:
+        print(f"warning: no --checkpoint: serving the deterministic initialisation of {plan.spec_name} (random "
+              "weights)", file=sys.stderr, flush=True)
+    _check_port(opts.host, opts.port)
+    if "RANK" not in os.environ:
+        check_machine(plan, force)
+    world = plan.world_size
+    timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
+    threads = max(1, (os.cpu_count() or 1) // world)
+    context = multiprocessing.get_context("forkserver")  # rank 0 too: it takes SIGTERM from the launcher
+    run = Run(world, timeout_s, Path(plan_dir), context=context)
+    try:
+        start_fork_server(context, ["torch", "lcc.serve.rank", "lcc.serve.server"])
+        port, env = _free_port(), dict(os.environ)
+        run.supervise(_server_worker, lambda rank, link: (rank, world, port, str(plan_dir), opts, threads, timeout_s,
+                                                          link, env), watchdog_s=math.inf,
+                      drain_s=opts.shutdown_timeout)
+    finally:
+        run.close()
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise LaunchRefused(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
+                   timeout_s: float, link: RankLink, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    link.attach()
+    try:
+        _server_rank(rank, world, port, plan_dir, opts, threads, timeout_s, link.heartbeat)
+    except Exception as exc:
+        if not link.report(rank, exc, (Path(__file__).parents[1], Path(plan_dir))):
+            raise
+        sys.exit(1)
+
+
+def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
+                 timeout_s: float, beat: Heartbeat) -> None:
+    from lcc.serve.engine import Engine, follow
+    from lcc.serve.loop import EngineLoop
+    from lcc.serve.rank import ServeRank
+    from lcc.serve.server import Metrics, run_server
+
+    torch.set_num_threads(threads)
+    beat.beat("joining the process group")
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    checkpoint = Path(opts.checkpoint) if opts.checkpoint else None
+    try:
+        if rank != 0:
+            beat.beat("loading weights")
+            follow(ServeRank(Path(plan_dir), rank, checkpoint, verify=False), beat)
+            beat.finished()
+            return
+        plan = check_serve_plan(Path(plan_dir))
+        spec = spec_of(plan_dir)
+
+        def start() -> Engine:
+            return Engine(ServeRank(Path(plan_dir), 0, checkpoint, verify=False), opts.max_num_seqs,
+                          opts.max_batched_tokens, beat)
+
+        # SIGTERM and SIGINT: uvicorn's while it serves (drain, then stop); ignored after, when uvicorn hands the
+        # signal it took back to the process (the launcher waits for this rank to end the run)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        metrics = Metrics()
+        loop = EngineLoop(start, keep_alive_s=max(0.5, timeout_s / 4), metrics=metrics)
+        loop.begin()
+        print(f"serving {plan.spec_name} at http://{opts.host}:{opts.port}/v1 (world {world}); /health says when "
+              "it is ready", flush=True)
+        run_server(loop, metrics, plan.serving, plan.spec_name, spec["model"]["vocab_size"], opts.host, opts.port,
+                   opts.max_queued, opts.shutdown_timeout)
+        loop.drain()
+        if loop.failure is None:
+            loop.stop()  # aborts what is left, releases the other ranks
+        if loop.failure is not None:
+            raise loop.failure
+        beat.finished()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()

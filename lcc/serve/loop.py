@@ -1,0 +1,184 @@
+"""The engine in a thread of rank 0, for a server: requests come in from any thread, updates go back to
+each request's own callback, and idle ranks are kept in step.
+
+The engine (and every collective) runs on this loop's thread only. `submit` and `abort` queue work for it;
+each step's updates are handed to the request's `deliver` callback (a server passes one that puts them on
+its event loop). When there is nothing to do, the loop broadcasts a keep-alive to the other ranks before
+their collective timeout runs out. `drain` stops admission; `stop` aborts what is left and releases the
+other ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lcc.serve.engine import Engine, Update, keep_alive
+from lcc.serve.sampling import SamplingParams
+
+
+@dataclass
+class Tracked:
+    """A request as the server sees it: its engine id once submitted, its timings and counts."""
+
+    key: int
+    prompt: list[int]
+    params: SamplingParams
+    deliver: Callable[[Update], None]
+    arrived: float = field(default_factory=time.monotonic)
+    engine_id: int | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    generated: int = 0
+
+
+class EngineLoop:
+    def __init__(self, start: Callable[[], Engine], keep_alive_s: float, metrics: Any = None):
+        """`start()` builds the engine on the loop's thread (loading weights); `/health` says 503 until then."""
+        self.start, self.keep_alive_s, self.metrics = start, keep_alive_s, metrics
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.keys = itertools.count()
+        self.tracked: dict[int, Tracked] = {}
+        self.ready = threading.Event()
+        self.accepting = True
+        self.failure: BaseException | None = None
+        self.engine: Engine | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._main, name="lcc-engine", daemon=True)
+
+    # ------------------------------------------------------------------------- from any thread
+    def begin(self) -> None:
+        self.thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready.is_set() and self.accepting and self.failure is None and not self.stopped.is_set()
+
+    def queued(self) -> int:
+        """Requests accepted and not yet running: in the inbox, or waiting in the scheduler."""
+        engine = self.engine
+        waiting = sum(len(q) for q in engine.scheduler.waiting) if engine is not None else 0
+        return self.inbox.qsize() + waiting
+
+    def submit(self, prompt: list[int], params: SamplingParams, deliver: Callable[[Update], None]) -> int:
+        key = next(self.keys)
+        self.inbox.put(("submit", Tracked(key, prompt, params, deliver)))
+        return key
+
+    def abort(self, key: int) -> None:
+        self.inbox.put(("abort", key))
+
+    def drain(self) -> None:
+        """Admit nothing more; what runs goes on."""
+        self.accepting = False
+
+    def idle(self) -> bool:
+        return self.inbox.empty() and not self.tracked
+
+    def stop(self) -> None:
+        """Abort everything left, release the other ranks and end the thread (waits for it)."""
+        self.inbox.put(("stop", None))
+        self.thread.join()
+
+    # ------------------------------------------------------------------------------- the thread
+    def _main(self) -> None:
+        try:
+            self.engine = self.start()
+            self.ready.set()
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - the server reports it and ends
+            self.failure = exc
+            for t in list(self.tracked.values()):
+                t.deliver(Update(t.key, [], "", "abort"))
+            self.tracked.clear()
+        finally:
+            self.stopped.set()
+
+    def _serve(self) -> None:
+        engine = self.engine
+        last_step = time.monotonic()
+        while True:
+            timeout = 0.0 if engine.has_work else max(0.0, self.keep_alive_s - (time.monotonic() - last_step))
+            stop = self._take(timeout)
+            if stop:
+                for t in list(self.tracked.values()):
+                    self._finish_abort(t)
+                engine.close()
+                return
+            if engine.has_work:
+                updates = engine.step()
+                last_step = time.monotonic()
+                for u in updates:
+                    self._deliver(u)
+                self._gauges()
+            elif time.monotonic() - last_step >= self.keep_alive_s:
+                keep_alive(engine)
+                last_step = time.monotonic()
+
+    def _take(self, timeout: float) -> bool:
+        """Move queued submissions and aborts into the engine; True when asked to stop."""
+        try:
+            kind, item = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            if kind == "stop":
+                return True
+            if kind == "submit":
+                item.engine_id = self.engine.submit(item.prompt, item.params)
+                self.tracked[item.engine_id] = item
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(item.prompt))
+            elif kind == "abort":
+                t = next((t for t in self.tracked.values() if t.key == item), None)
+                if t is not None:
+                    self._finish_abort(t)
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                self._gauges()
+                return False
+
+    def _finish_abort(self, t: Tracked) -> None:
+        update = self.engine.abort(t.engine_id)
+        self._deliver(update if update is not None else Update(t.engine_id, [], "", "abort"))
+
+    def _deliver(self, u: Update) -> None:
+        t = self.tracked.get(u.request)
+        if t is None:
+            return
+        now = time.monotonic()
+        m = self.metrics
+        if u.token_ids:
+            if t.first_token is None:
+                t.first_token = now
+                if m is not None:
+                    m.time_to_first_token.observe(now - t.arrived)
+            elif m is not None:
+                m.inter_token_latency.observe((now - t.last_token) / len(u.token_ids))
+            t.last_token = now
+            t.generated += len(u.token_ids)
+            if m is not None:
+                m.generation_tokens.inc(len(u.token_ids))
+        if u.finished:
+            del self.tracked[u.request]
+            if m is not None:
+                m.e2e_latency.observe(now - t.arrived)
+                m.finished.labels(reason=u.finished).inc()
+        t.deliver(Update(t.key, u.token_ids, u.text, u.finished))
+
+    def _gauges(self) -> None:
+        m, engine = self.metrics, self.engine
+        if m is None or engine is None:
+            return
+        sched = engine.scheduler
+        m.running.set(sum(len(r) for r in sched.running))
+        m.waiting.set(sum(len(w) for w in sched.waiting))
+        total = sum(b.n_blocks for b in sched.blocks)
+        m.kv_blocks_used.set(sched.used_blocks)
+        m.kv_usage.set(sched.used_blocks / total if total else 0.0)
