@@ -19,7 +19,15 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from lcc.plan.types import Serving
 from lcc.serve import api
@@ -49,6 +57,7 @@ class Metrics:
         self.finished = Counter("lcc_requests_finished", "Finished requests by reason (stop, length, abort).",
                                 ["reason"], registry=r)
         self.rejected = Counter("lcc_requests_rejected", "Requests refused by status code.", ["status"], registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the like, of this rank (0)
 
 
 def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, vocab: int,
@@ -83,7 +92,7 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
         try:
             req = api.parse(await request.body(), api.ChatRequest if chat else api.CompletionRequest)
             if req.model != model:
-                raise api.ApiError(404, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
+                raise api.ApiError(400, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
                                    "model_not_found")
             if chat:
                 prompt = tokenizer.encode(api.chat_prompt(req.messages))
