@@ -94,9 +94,9 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
             if req.model != model:
                 raise api.ApiError(400, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
                                    "model_not_found")
-            if chat:
+            if chat:  # without a limit, a reply may fill the context
                 prompt = tokenizer.encode(api.chat_prompt(req.messages))
-                limit = req.max_completion_tokens or req.max_tokens
+                limit = req.max_completion_tokens or req.max_tokens or max(1, serving.max_seq_len - len(prompt))
             else:
                 try:
                     prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)

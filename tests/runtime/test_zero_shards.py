@@ -3,6 +3,7 @@ by the programs' gathers and by the runtime's gradient buckets."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -82,6 +83,8 @@ def _rank(rank: int, port: int, errors: str) -> None:
         raise
     finally:
         if dist.is_initialized():
+            with contextlib.suppress(Exception):  # every rank done with its collectives before any tears down
+                dist.barrier()
             dist.destroy_process_group()
 
 
