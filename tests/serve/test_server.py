@@ -198,9 +198,9 @@ def test_200_mixed_requests_leave_nothing_behind(servers):
                 body, message, _ = BAD[i % len(BAD)]
                 return server.post("/v1/completions", content=body,
                                    headers={"content-type": "application/json"}).status_code
-            return server.post("/v1/completions", json={"model": MODEL, "prompt": f"request {i}", "max_tokens": 3,
+            return server.post("/v1/completions", json={"model": MODEL, "prompt": f"request {i}", "max_tokens": 2,
                                                         "temperature": 0.5, "seed": i}).status_code
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(one, range(200)))
         assert codes.count(200) == 100 and codes.count(400) == 100, codes
 
