@@ -5,9 +5,10 @@ the engine loop (lcc.serve.loop), with Prometheus metrics.
     GET  /v1/models, /health (503 while loading, draining or failed), /metrics
 
 A bad request gets a 400 with OpenAI's error body and changes nothing; more than `max_queued` requests
-waiting get a 429 with Retry-After; a client that goes away mid-stream has its request aborted (its KV
-blocks freed at once). SIGTERM stops admission (503), lets running requests finish for up to
-`shutdown_timeout` seconds, aborts the rest and releases the other ranks.
+waiting get a 429 with Retry-After; a client that goes away has its request aborted and its KV blocks
+freed (mid-stream at once, a non-streamed one within a quarter of a second). SIGTERM stops admission (503),
+lets running requests finish for up to `shutdown_timeout` seconds, aborts the rest and releases the other
+ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lcc.serve.engine import RequestError, Update, check_request
 from lcc.serve.loop import EngineLoop
 from lcc.serve.tokenizer import ByteTokenizer
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request looks whether its client is still there
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -125,9 +127,20 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
             return StreamingResponse(_stream(loop, events, key, model, chat, created, len(prompt), usage),
                                      media_type="text/event-stream")
         text, n, reason = [], 0, None
+        checked = aio.time()
         try:
             while reason is None:
-                u = await events.get()
+                try:
+                    u = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    u = None
+                if aio.time() - checked >= DISCONNECT_POLL_S:
+                    checked = aio.time()
+                    if await request.is_disconnected():  # nobody to answer: free its blocks now
+                        loop.abort(key)
+                        return Response(status_code=499)
+                if u is None:
+                    continue
                 text.append(u.text)
                 n += len(u.token_ids)
                 reason = u.finished

@@ -170,6 +170,14 @@ def test_a_client_that_goes_away_has_its_request_aborted(servers):
         time.sleep(0.05)
     assert server.idle()
     assert server.metric('lcc_requests_finished_total{reason="abort"}') == aborted + 1
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 200},
+                   timeout=httpx.Timeout(30, read=0.3))
+    deadline = time.monotonic() + 10
+    while not server.idle() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.idle()
+    assert server.metric('lcc_requests_finished_total{reason="abort"}') == aborted + 2
 
 
 @pytest.mark.slow
