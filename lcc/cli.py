@@ -187,7 +187,7 @@ def run_train(
                                         "for them (more than 16 ranks per core, or more memory than is "
                                         "available).")] = False,
 ) -> None:
-    """Train on local ranks (gloo on CPU), one process per rank of the plan."""
+    """Train on local ranks (gloo on CPU, NCCL on CUDA GPUs), one process per rank of the plan."""
     from lcc.runtime.launch import launch
     from lcc.runtime.support import RunError
     from lcc.spec.data import check_data, spec_folder

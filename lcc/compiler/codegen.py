@@ -172,8 +172,8 @@ class _Emitter:
             self.region = None
             w = [f'P["{target}.{p}"]' for p in ("w1_EFD", "w3_EFD", "w2_EDF")]
             if any(params[f"{target}.{p}"].serve for p in ("w1_EFD", "w3_EFD", "w2_EDF")):
-                self.emit(f"{name} = ops.grouped_swiglu_int4({gathered}, {plan}.local_counts, {', '.join(w)})",
-                          "packed int4 experts")
+                self.emit(f"{name} = ops.grouped_swiglu_int4({gathered}, {plan}.local_counts_E, {', '.join(w)})",
+                          "int4 experts, through the plan's expert kernel")
             else:
                 self.emit(f"{name} = ops.grouped_swiglu({gathered}, {plan}.local_counts_E, {', '.join(w)})",
                           "counts on the device: no host read")

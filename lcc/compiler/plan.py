@@ -50,7 +50,18 @@ from lcc.spec import Problem, SpecError, locate, resolved, spec_hash
 from lcc.spec.models import DTYPE_BYTES, Spec
 
 PASSES = [partition, expert_placement, tensor_parallel, moe_lowering, memory, data_parallel, step_actions, quantize]
-BACKENDS = {"cpu": "torch", "cuda": "torch"}  # kernel backends that exist, by cluster.device.kind
+
+
+def backend(spec: Spec, mode: str) -> str:
+    """The kernel backend of the programs' ops: CUDA serve plans run their experts on lcc's Triton kernels
+    (lcc.backends.triton; float64 verification plans on the reference op); everything else on torch."""
+    if mode == "serve" and spec.cluster.device.kind == "cuda" and _serve_dtype(spec) != "float64" and spec.model.moe:
+        return "triton"
+    return "torch"
+
+
+def _serve_dtype(spec: Spec) -> str:
+    return spec.serve.dtype if spec.serve else "bfloat16"
 
 
 def check_fits(spec: Spec, report: dict) -> None:
@@ -91,7 +102,7 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
     b = d.b
     plan = Plan(
         version=PLAN_VERSION, spec_name=spec.name, spec_hash=spec_hash(spec), mode=mode, world_size=par.world_size,
-        backend=BACKENDS[spec.cluster.device.kind], device=spec.cluster.device.kind,
+        backend=backend(spec, mode), device=spec.cluster.device.kind,
         dtype=spec.train.dtype if mode == "train" else (spec.serve.dtype if spec.serve else "bfloat16"),
         precision=Precision(params_dtype, compute_dtype, params_dtype != compute_dtype),
         mesh=Mesh(["pp", "dp", "tp"], [par.pp, par.dp, par.tp], par.ep, par.edp, spec.cluster.gpus_per_node,
@@ -119,15 +130,23 @@ FAST_INT4_GROUPS = (32, 64, 128, 256)  # what PyTorch's CPU int4 matmul takes
 
 
 def check_servable(spec: Spec) -> None:
-    """What a serve plan needs of the spec: a serve section, and int4 experts the CPU kernel can run
-    (float64 serving uses the reference op, which takes any group size)."""
+    """What a serve plan needs of the spec: a serve section, and int4 experts the plan's kernel can run:
+    on CPU PyTorch's int4 matmul, on CUDA lcc's Triton kernels (float64 serving uses the reference op,
+    which takes any group size)."""
     if spec.serve is None:
         raise SpecError([Problem(locate(spec, ("serve",)), ("serve",), "a serve plan needs a serve section",
                                  "add serve: {max_seq_len: ...}", ())])
     quant = spec.quantization.experts if spec.quantization is not None else None
-    if quant is None or spec.model.moe is None or spec.serve.dtype == "float64" or spec.cluster.device.kind != "cpu":
+    if quant is None or spec.model.moe is None or spec.serve.dtype == "float64":
         return
     path = ("quantization", "experts", "group_size")
+    if spec.cluster.device.kind == "cuda":
+        if quant.group_size < 16 or quant.group_size & (quant.group_size - 1):
+            raise SpecError([Problem(locate(spec, path), path, f"group_size {quant.group_size}: lcc's Triton int4 "
+                                     "kernels take powers of two from 16 (a tile never straddles a scale group)",
+                                     "choose 32, 64, 128 or 256, or serve.dtype float64 (the reference int4 op)",
+                                     ("serve.dtype",))])
+        return
     if quant.group_size not in FAST_INT4_GROUPS:
         raise SpecError([Problem(locate(spec, path), path, f"group_size {quant.group_size}: the CPU int4 kernel takes "
                                  f"group sizes {', '.join(map(str, FAST_INT4_GROUPS))}",
@@ -141,12 +160,21 @@ def check_servable(spec: Spec) -> None:
                                      ("serve.dtype",))])
 
 
+def expert_kernel(spec: Spec) -> str:
+    """How a serve plan's experts run (plan.serving.expert_kernel)."""
+    quant = spec.quantization.experts if spec.quantization is not None and spec.model.moe is not None else None
+    if spec.serve.dtype == "float64" or spec.model.moe is None:
+        return "dense" if quant is None else "int4_reference"
+    if spec.cluster.device.kind == "cuda":
+        return "dense_triton" if quant is None else "int4_triton"
+    return "dense" if quant is None else "int4_packed_cpu"
+
+
 def _serving(spec: Spec, state: CompileState) -> Serving:
     """The serve plan's runtime settings: KV cache, kernels, and the step's batch and logits exchange."""
     serve, par, att = spec.serve, spec.parallelism, spec.model.attention
     quant = spec.quantization.experts if spec.quantization is not None and spec.model.moe is not None else None
-    kernel = ("dense" if quant is None else "int4_reference" if serve.dtype == "float64" or spec.cluster.device.kind
-              != "cpu" else "int4_packed_cpu")
+    kernel = expert_kernel(spec)
     kv_heads = local_kv_heads(spec)
     per_layer = 2 * kv_heads * att.head_dim * DTYPE_BYTES[serve.dtype]
     per_rank = [per_layer * sum(b - a for s, (a, b) in enumerate(state.stage_bounds) if s % par.pp == r)

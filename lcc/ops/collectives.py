@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lcc.ops import c10d
 from lcc.ops.regather import register
 
 Group = dist.ProcessGroup | None
@@ -87,7 +88,7 @@ def _gather_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """All ranks' slices of `dim` in rank order: one all-gather of the slices moved to dim 0."""
     local = x.movedim(dim, 0).contiguous()
     out = local.new_empty((local.shape[0] * _size(group), *local.shape[1:]))
-    dist.all_gather_single(out, local, group=group)
+    c10d.all_gather_single(out, local, group=group)
     return out.movedim(0, dim)
 
 
@@ -95,7 +96,7 @@ def _reduce_scatter_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tens
     """The sum over the group of this rank's slice of `dim`: one reduce-scatter with `dim` moved to dim 0."""
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // _size(group), *full.shape[1:]))
-    dist.reduce_scatter_single(out, full, group=group)
+    c10d.reduce_scatter_single(out, full, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -201,7 +202,7 @@ def gather_tokens(x: torch.Tensor, group: Group, rows: int | None = None) -> tor
     padded = x.new_zeros((sizes[0], *x.shape[1:]))
     padded[:x.shape[0]] = x
     out = x.new_empty((sizes[0] * size, *x.shape[1:]))
-    dist.all_gather_single(out, padded, group=group)
+    c10d.all_gather_single(out, padded, group=group)
     return torch.cat([piece[:n] for piece, n in zip(out.chunk(size), sizes, strict=True)])
 
 

@@ -10,6 +10,8 @@ import torch
 from lcc.backends.cpu import int4 as int4_cpu
 from lcc.backends.cpu.int4 import PackedInt4
 from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
+from lcc.backends.triton import experts as triton_experts
+from lcc.backends.triton.experts import ExpertStack
 from lcc.model import routing
 from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
 from lcc.model.routing import RouteResult
@@ -75,21 +77,34 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     return MoEPlan(local, send, recv, order, inverse, local_counts, received.sum(0))
 
 
-def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor,
-                   w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor | ExpertStack,
+                   w3_EFD: torch.Tensor | ExpertStack, w2_EDF: torch.Tensor | ExpertStack) -> torch.Tensor:
     """The experts over their segments; pass `plan.local_counts_E` (device) so that grouped matmul needs no
-    host sync: a list is copied to the device, which on a GPU waits for the stream."""
+    host sync: a list is copied to the device, which on a GPU waits for the stream. Weights prepared for
+    the Triton kernels (`ExpertStack`, CUDA serve plans) run there."""
+    if isinstance(w1_EFD, ExpertStack):
+        return triton_experts.swiglu_segments(x_SD, _on(counts, x_SD), w1_EFD, w3_EFD, w2_EDF)
     return swiglu_segments(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
 
 
-def grouped_swiglu_int4(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Weight | PackedInt4,
-                        w3: Int4Weight | PackedInt4, w2: Int4Weight | PackedInt4) -> torch.Tensor:
+Int4Experts = Int4Weight | PackedInt4 | ExpertStack
+
+
+def grouped_swiglu_int4(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Experts, w3: Int4Experts,
+                        w2: Int4Experts) -> torch.Tensor:
     """Serve plans: the same experts from int4 weights, through the kernel the weights were prepared for
-    (the plan's `serving.expert_kernel`): PyTorch's packed CPU int4 matmul, or lcc's reference op."""
+    (the plan's `serving.expert_kernel`): the Triton W4A16 kernels, PyTorch's packed CPU int4 matmul, or
+    lcc's reference op."""
+    if isinstance(w1, ExpertStack):
+        return triton_experts.swiglu_segments(x_SD, _on(counts, x_SD), w1, w3, w2)
     if isinstance(w1, PackedInt4):
         host = counts.tolist() if isinstance(counts, torch.Tensor) else counts
         return int4_cpu.swiglu_segments(x_SD, host, w1, w3, w2)
     return int4_swiglu_segments(x_SD, counts, w1, w3, w2)
+
+
+def _on(counts: torch.Tensor | list[int], x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(counts, device=x.device)
 
 
 def combine_tokens(y_SD: torch.Tensor, plan: MoEPlan, x_TD: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,10 @@ class KVCache:
 
     @classmethod
     def allocate(cls, layers: list[int], blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype) -> KVCache:
+                 dtype: torch.dtype, device: torch.device | None = None) -> KVCache:
         shape = (blocks, block_size, kv_heads, head_dim)
-        return cls({i: torch.zeros(shape, dtype=dtype) for i in layers},
-                   {i: torch.zeros(shape, dtype=dtype) for i in layers}, block_size)
+        return cls({i: torch.zeros(shape, dtype=dtype, device=device) for i in layers},
+                   {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}, block_size)
 
     @property
     def nbytes(self) -> int:
@@ -108,6 +108,19 @@ class StepBatch:
                               valid.view(len(single), 1, 1, longest))
         as_tensor = (lambda xs: torch.tensor(xs, dtype=torch.int64))  # noqa: E731
         return cls(cache, as_tensor(positions), as_tensor(slots), seqs, decodes, as_tensor(last))
+
+    def to(self, device: torch.device) -> StepBatch:
+        """The batch's index tensors on `device` (built on the host, moved in one go)."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        seqs = [SeqRows(s.start, s.n, move(s.context_slots), move(s.mask)) for s in self.seqs]
+        d = self.decodes
+        decodes = None if d is None else Decodes(move(d.rows), move(d.slots), move(d.valid))
+        return StepBatch(self.cache, move(self.positions), move(self.slots), seqs, decodes, move(self.last_rows))
 
     @property
     def tokens(self) -> int:

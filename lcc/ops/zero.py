@@ -18,8 +18,8 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from lcc.ops import c10d
 from lcc.ops.collectives import Group, _size
 from lcc.ops.regather import live_gathered, offload_gathered, register
 from lcc.plan.types import chunk_size
@@ -75,7 +75,7 @@ class _Bucket:
     def start(self, async_op: bool = False) -> tuple[torch.Tensor, Any]:
         local = torch.cat([s.detach().reshape(-1) for s in self.shards])
         buffer = local.new_empty(self.parts * local.numel())
-        return buffer, dist.all_gather_single(buffer, local, group=self.group, async_op=async_op)
+        return buffer, c10d.all_gather_single(buffer, local, group=self.group, async_op=async_op)
 
     def split(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's full local tensor from the gathered buffer (rank-major pieces)."""
@@ -99,7 +99,7 @@ class _Bucket:
             held[key] = grid
             return [None] * len(grads)
         out = grid.new_empty(sum(self.chunks))
-        dist.reduce_scatter_single(out, grid.view(-1), group=self.group)
+        c10d.reduce_scatter_single(out, grid.view(-1), group=self.group)
         return list(out.split(self.chunks))
 
     def unpack(self, index: int, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:

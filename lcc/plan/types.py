@@ -261,8 +261,9 @@ class Serving:
     schedule's actions), and the last stage returns each dp rank's next-token logits to rank 0 (`after`).
     Every rank has a paged KV cache of `kv_blocks` blocks of `block_size` tokens for the layers of its
     stages, of its `kv_heads` key/value heads. Experts run through `expert_kernel`: `int4_packed_cpu`
-    (packed weights, PyTorch's CPU int4 matmul), `int4_reference` (lcc's reference int4 op: float64), or
-    `dense` (unquantised)."""
+    (packed weights, PyTorch's CPU int4 matmul), `int4_triton` (CUDA: lcc's fused Triton kernels, int4
+    dequantised in the kernel), `int4_reference` (lcc's reference int4 op: float64), `dense_triton` (CUDA,
+    unquantised, the same Triton kernels) or `dense` (unquantised, torch)."""
 
     dtype: str
     max_batch: int  # sequences per dp rank and step
@@ -294,7 +295,7 @@ class Plan:
     spec_hash: str
     mode: str  # train | serve
     world_size: int
-    backend: str  # the kernel backend the programs' ops use
+    backend: str  # the kernel backend the programs' ops use: torch, or triton (CUDA serve plans' experts)
     device: str  # cpu | cuda (cluster.device.kind)
     dtype: str
     precision: Precision

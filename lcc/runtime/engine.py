@@ -29,6 +29,7 @@ from lcc.plan import read_plan
 from lcc.plan.types import StepAction
 from lcc.runtime import checkpoint
 from lcc.runtime.checkpoint_layout import rank_state
+from lcc.runtime.device import running_on
 from lcc.runtime.grad_sync import GradSync
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
 from lcc.runtime.mesh import Mesh, build_mesh
@@ -57,8 +58,11 @@ def load_program(path: Path) -> types.ModuleType:
 
 class RankEngine:
     def __init__(self, plan_dir: Path, rank: int, spec_dir: Path | None = None, keep_grads: bool = False,
-                 track_memory: bool = False, transcript: Path | None = None):
+                 track_memory: bool = False, transcript: Path | None = None, device: torch.device | None = None):
+        """`device`: where the rank's tensors live (lcc.runtime.device.join binds it); weights are built on
+        the CPU, the same bits on every device, and moved there once."""
         self.dir = Path(plan_dir)
+        self.device = device = device if device is not None else torch.device("cpu")
         self.keep_grads = keep_grads  # keep step 1's final local gradients (reduced, shaped) for tests
         self.last_grads: dict[str, torch.Tensor] = {}
         self.plan = plan = read_plan(self.dir)
@@ -69,6 +73,8 @@ class RankEngine:
         self.compute = DTYPES[plan.precision.compute]
         self.roles = {r.stage: r for r in plan.roles_of(c["pp"])}
         full = local_parameters(spec, plan, c, self.mesh.sizes, self.dtype)
+        if device.type != "cpu":
+            full = {n: torch.nn.Parameter(p.data.to(device)) for n, p in full.items()}
         self.meta = {n: plan.parameter(n) for n in full}
         self.zero = plan.memory.zero
         self.layout = ZeroLayout(self.meta, c, self.mesh.groups)
@@ -81,7 +87,7 @@ class RankEngine:
         self.masters = ({n: torch.nn.Parameter(self.layout.piece(n, p.data)) for n, p in self.params.items()}
                         if self.zero in (1, 2) else self.params)
         self.sync = GradSync(self.roles, self.params, self._group, self.layout.parts)
-        self.bias = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype]) for b in plan.buffers
+        self.bias = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype], device=device) for b in plan.buffers
                      if set(b.stages) & set(self.roles)}
         self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
         self.actions = [Action.parse(a) for a in plan.schedule.actions[c["pp"]]]
@@ -91,14 +97,14 @@ class RankEngine:
         matrices = {n for n, m in self.meta.items() if len(m.global_shape) >= 2}
         self.optimizer = adamw(spec, [p for n, p in self.masters.items() if n in matrices],
                                [p for n, p in self.masters.items() if n not in matrices])
-        self.memory = LiveTensorBytes() if track_memory and not torch.cuda.is_available() else None
+        self.memory = LiveTensorBytes() if track_memory and device.type == "cpu" else None
         if self.memory is not None:
             self.memory.track(self.model_states())
             for p in self.params.values():  # a gradient is a model state from the moment it is accumulated
                 p.register_post_accumulate_grad_hook(self._mark_gradient)
         self.transcript = Transcript(transcript, rank, self.mesh.axis_of()) if transcript else None
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir))
-        self.stream = TokenStream(train, plan.data.seq_len)
+        self.stream = TokenStream(train.to(device), plan.data.seq_len)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state(self, step: int) -> dict[str, Any]:
@@ -154,7 +160,9 @@ class RankEngine:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (tracking the bytes of live tensors, and recording collectives, when asked to)."""
         recording = self.transcript.recording(step) if self.transcript else contextlib.nullcontext()
-        with recording:
+        with recording, running_on(self.device):
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             if self.memory is None:
                 return self._train_step(step)
             self.memory.mark_states(self.model_states())
@@ -165,7 +173,7 @@ class RankEngine:
     def _compute(self) -> contextlib.AbstractContextManager:
         """The plan's precision: autocast to the compute dtype when it differs from the parameters'."""
         if self.plan.precision.autocast:
-            return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=self.compute)
+            return torch.autocast(self.device.type, dtype=self.compute)
         return contextlib.nullcontext()
 
     def _train_step(self, step: int) -> dict[str, Any]:
@@ -290,7 +298,8 @@ class RankEngine:
         grad = self.grads["embed.weight"]
         peer = self.mesh.peer((self.n_stages - 1) % self.mesh.sizes["pp"] if action.stage == 0 else 0)
         other = torch.empty_like(grad)
-        works = [dist.isend(grad.clone().contiguous(), peer), dist.irecv(other, peer)]
+        mine = grad.clone().contiguous()
+        works = [dist.isend(mine, peer) if c.op == "send" else dist.irecv(other, peer) for c in action.collectives]
         for work in works:
             work.wait()
         grad.add_(other)
@@ -413,8 +422,8 @@ class RankEngine:
         """This step's peak: live tensors when tracked; the CUDA allocator's peak; else the peak RSS."""
         if self.memory is not None:
             return self.memory.peak
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return torch.cuda.max_memory_allocated()
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lcc.ops import c10d
 from lcc.ops.collectives import _size
 from lcc.ops.zero import piece_grid
 from lcc.plan.types import GradBucket, Role, chunk_size
@@ -105,7 +106,7 @@ class GradSync:
         grid = piece_grid(grads, chunks, parts)
         self._free(b)
         out = grid.new_empty(sum(chunks))
-        self.pending.append((i, dist.reduce_scatter_single(out, grid.view(-1), group=group, async_op=True), out))
+        self.pending.append((i, c10d.reduce_scatter_single(out, grid.view(-1), group=group, async_op=True), out))
 
     def _free(self, b: GradBucket) -> None:
         """The bucket's gradients are in its flat tensor: the parameters' own are dropped at once."""

@@ -9,7 +9,6 @@ stop every rank and say at which step.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import multiprocessing
@@ -27,6 +26,7 @@ from lcc.plan import PlanFormatError, read_plan
 from lcc.plan.program_check import ProgramMismatch, check_programs
 from lcc.plan.types import Plan
 from lcc.runtime.checkpoint import Resume, prepare, read_identity
+from lcc.runtime.device import check_device, join_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine, check_steps, check_writable
 from lcc.runtime.progress import StepProgress
 from lcc.runtime.supervise import Beats, Heartbeat, RankLink, Run, start_fork_server, watch_engine
@@ -68,12 +68,11 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
     if init:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     beat.beat("joining the process group")
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    device = join_plan(plan_dir, rank, world, timeout_s)
     try:
         beat.beat("building the rank's engine")
         dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
-        engine = RankEngine(Path(plan_dir), rank, spec_dir=Path(spec_dir) if spec_dir else None,
+        engine = RankEngine(Path(plan_dir), rank, spec_dir=Path(spec_dir) if spec_dir else None, device=device,
                             keep_grads=bool(dump), track_memory=track_memory,
                             transcript=part_path(Path(transcript), rank) if transcript else None)
         watch_engine(engine, beat)
@@ -125,8 +124,8 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
 
 def check_plan(plan_dir: Path, mode: str = "train") -> Plan:
     """What must hold before any rank starts: a plan folder of this lcc's version, programs that issue
-    exactly the collectives the plan lists, a plan of `mode` (train or serve), and a device this runtime
-    drives (LaunchRefused, exit code 2, otherwise)."""
+    exactly the collectives the plan lists, a plan of `mode` (train or serve), and the devices the plan
+    runs on (lcc.runtime.device.check_device; LaunchRefused, exit code 2, otherwise)."""
     plan_dir = Path(plan_dir)
     if not plan_dir.is_dir():
         raise LaunchRefused(f"{plan_dir}: not a folder (a compiled plan folder, or a spec file)")
@@ -144,13 +143,11 @@ def check_plan(plan_dir: Path, mode: str = "train") -> Plan:
         check_programs(plan, programs)
     except (PlanFormatError, ProgramMismatch) as exc:
         raise LaunchRefused(str(exc)) from None
-    if plan.device != "cpu":
-        raise LaunchRefused(f"{plan_dir}: a {plan.device} plan (cluster.device.kind); this runtime executes CPU "
-                            "plans on gloo ranks only: the CUDA/NCCL path is not built yet")
     if plan.mode != mode:
         runs = "lcc run train executes train plans" if mode == "train" else \
             "lcc run generate executes serve plans (lcc compile --mode serve)"
         raise LaunchRefused(f"{plan_dir}: a {plan.mode} plan; {runs}")
+    check_device(plan)
     return plan
 
 

@@ -57,6 +57,7 @@ def build_mesh(plan: Plan, rank: int) -> Mesh:
     stage_group = None
     meshes = None
     if distributed:
+        kind = "cuda" if plan.device == "cuda" else "cpu"  # NCCL groups on CUDA plans (lcc.runtime.device)
         ranks = torch.arange(len(rows))
         shapes = {"dense": ("pp", "dp", "tp"), "experts": ("pp", "edp", "ep")}
         for name, axes in shapes.items():
@@ -65,14 +66,14 @@ def build_mesh(plan: Plan, rank: int) -> Mesh:
                 if int(expected[tuple(r[a] for a in axes)]) != r["rank"]:
                     raise ValueError(f"plan rank table: rank {r['rank']} is not at {dict((a, r[a]) for a in axes)} "
                                      f"of the {name} mesh {axes}")
-        meshes = {name: DeviceMesh("cpu", ranks.view(*(sizes[a] for a in axes)), mesh_dim_names=axes)
+        meshes = {name: DeviceMesh(kind, ranks.view(*(sizes[a] for a in axes)), mesh_dim_names=axes)
                   for name, axes in shapes.items()}
-        meshes["stages"] = DeviceMesh("cpu", ranks.view(sizes["pp"], -1), mesh_dim_names=("pp", "stage"))
+        meshes["stages"] = DeviceMesh(kind, ranks.view(sizes["pp"], -1), mesh_dim_names=("pp", "stage"))
         mine = {"dp": meshes["dense"].get_group("dp"), "tp": meshes["dense"].get_group("tp"),
                 "edp": meshes["experts"].get_group("edp"), "ep": meshes["experts"].get_group("ep"), "kv": None}
         if plan.mesh.kv > 1:  # consecutive tp ranks holding the same kv heads
             kv = plan.mesh.kv
-            meshes["kv"] = DeviceMesh("cpu", ranks.view(sizes["pp"], sizes["dp"], sizes["tp"] // kv, kv),
+            meshes["kv"] = DeviceMesh(kind, ranks.view(sizes["pp"], sizes["dp"], sizes["tp"] // kv, kv),
                                       mesh_dim_names=("pp", "dp", "kv_heads", "kv"))
             mine["kv"] = meshes["kv"].get_group("kv")
         stage_group = meshes["stages"].get_group("stage")

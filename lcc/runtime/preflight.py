@@ -69,9 +69,10 @@ def available_memory() -> int | None:
 
 
 def rank_bytes(plan: Plan) -> list[int]:
-    """What each rank of a CPU plan will hold in memory: the base process plus the cost model's total for
-    its pipeline rank's role (parameters, gradients, optimizer states, activations)."""
-    by_role = {row["role"]: row["total_bytes"] for row in plan.cost["memory"]["by_role"]}
+    """What each rank of a plan will hold in this machine's memory: the base process plus, on CPU plans, the
+    cost model's total for its pipeline rank's role (parameters, gradients, optimizer states, activations;
+    a CUDA plan holds them on its GPU)."""
+    by_role = {row["role"]: row["total_bytes"] if plan.device == "cpu" else 0 for row in plan.cost["memory"]["by_role"]}
     pp_of = plan.ranks.columns.index("pp")
     return [RANK_BASE_BYTES + int(by_role.get(f"pp{row[pp_of]}", 0)) for row in plan.ranks.rows]
 

@@ -17,8 +17,8 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from lcc.ops import c10d
 from lcc.ops.collectives import _size
 from lcc.ops.zero import chunk_size, shard_flat
 from lcc.plan.types import Parameter
@@ -81,5 +81,5 @@ class ZeroLayout:
         if _size(group) == 1:
             return piece.detach()
         full = piece.new_empty(piece.numel() * _size(group))
-        dist.all_gather_single(full, piece.detach().contiguous(), group=group)
+        c10d.all_gather_single(full, piece.detach().contiguous(), group=group)
         return full

@@ -5,7 +5,6 @@ training runs are (lcc.runtime.supervise), run the engine on rank 0 over the giv
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import multiprocessing
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 from lcc.plan.types import Plan
 from lcc.runtime.checkpoint import CheckpointError
+from lcc.runtime.device import join_plan
 from lcc.runtime.launch import _free_port, check_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine
 from lcc.runtime.supervise import Heartbeat, RankLink, Run, start_fork_server
@@ -127,10 +127,11 @@ def _serve_rank(rank: int, world: int, port: int, plan_dir: str, job: Job, threa
     beat.beat("joining the process group")
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    device = join_plan(plan_dir, rank, world, timeout_s)
     try:
         beat.beat("loading weights")
-        serve_rank = ServeRank(Path(plan_dir), rank, Path(job.checkpoint) if job.checkpoint else None, verify=False)
+        serve_rank = ServeRank(Path(plan_dir), rank, Path(job.checkpoint) if job.checkpoint else None, verify=False,
+                               device=device)
         beat.completed(0)
         if rank != 0:
             follow(serve_rank, beat)
@@ -244,19 +245,19 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
     beat.beat("joining the process group")
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    device = join_plan(plan_dir, rank, world, timeout_s)
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else None
     try:
         if rank != 0:
             beat.beat("loading weights")
-            follow(ServeRank(Path(plan_dir), rank, checkpoint, verify=False), beat)
+            follow(ServeRank(Path(plan_dir), rank, checkpoint, verify=False, device=device), beat)
             beat.finished()
             return
         plan = check_serve_plan(Path(plan_dir))
         spec = spec_of(plan_dir)
 
         def start() -> Engine:
-            return Engine(ServeRank(Path(plan_dir), 0, checkpoint, verify=False), opts.max_num_seqs,
+            return Engine(ServeRank(Path(plan_dir), 0, checkpoint, verify=False, device=device), opts.max_num_seqs,
                           opts.max_batched_tokens, beat)
 
         # SIGTERM and SIGINT: uvicorn's while it serves (drain, then stop); ignored after, when uvicorn hands the

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lcc.actions import Action
 from lcc.ops.serve import KVCache, RoutingTables, StepBatch, serving_routing
 from lcc.plan import read_plan
+from lcc.runtime.device import running_on
 from lcc.runtime.engine import load_program
 from lcc.runtime.mesh import build_mesh
 from lcc.serve.weights import DTYPES, check_checkpoint, load_shards, serving_weights, weight_bytes
@@ -61,9 +62,12 @@ class ServeContext:
 
 
 class ServeRank:
-    def __init__(self, plan_dir: Path, rank: int, checkpoint_dir: Path | None = None, verify: bool = True):
+    def __init__(self, plan_dir: Path, rank: int, checkpoint_dir: Path | None = None, verify: bool = True,
+                 device: torch.device | None = None):
         """`checkpoint_dir`: a checkpoint folder, or a checkpoint directory (its latest); `verify`: check its
-        files' sizes and sha256 (the launcher does it once for every rank)."""
+        files' sizes and sha256 (the launcher does it once for every rank); `device`: where the weights, the
+        KV cache and the steps live (lcc.runtime.device.join binds it)."""
+        self.device = device = device if device is not None else torch.device("cpu")
         self.dir = Path(plan_dir)
         self.plan = plan = read_plan(self.dir)
         spec_data = json.loads((self.dir / "spec.json").read_text())
@@ -75,8 +79,9 @@ class ServeRank:
         folder, ident = (check_checkpoint(checkpoint_dir, spec_data, verify) if checkpoint_dir is not None
                          else (None, None))
         self.checkpoint = folder
-        dense, self.buffers = load_shards(spec, plan, c, self.mesh.sizes, folder, ident)
-        self.params = serving_weights(spec, plan, dense)
+        dense, buffers = load_shards(spec, plan, c, self.mesh.sizes, folder, ident)
+        self.buffers = {n: b.to(device) for n, b in buffers.items()}
+        self.params = serving_weights(spec, plan, dense, device)
         del dense
         self.roles = {r.stage: r for r in plan.roles_of(c["pp"])}
         self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
@@ -84,7 +89,7 @@ class ServeRank:
         self.n_stages = plan.schedule.n_stages
         layers = [i for r in self.roles.values() for i in range(*r.layers)]
         self.cache = KVCache.allocate(layers, serving.kv_blocks, serving.block_size, serving.kv_heads,
-                                      serving.head_dim, self.dtype)
+                                      serving.head_dim, self.dtype, device)
         routing = serving_routing(spec.routing) if spec.routing is not None else None
         self.tables = self._tables(routing) if serving.routing_tables else {}
         self.ctx = ServeContext(routing, self.tables, tp_rank=c["tp"])
@@ -116,6 +121,10 @@ class ServeRank:
         rank that returns them (rank 0 gathers them: `gather_logits`)."""
         mine = plan.parts[self.mesh.coords["dp"]]
         batch = StepBatch.build(self.cache, [(p.first, len(p.tokens), p.table, p.wants_logits) for p in mine])
+        with running_on(self.device):
+            return self._step(mine, batch.to(self.device))
+
+    def _step(self, mine: list[SeqPart], batch: StepBatch) -> torch.Tensor | None:
         self.ctx.batch = batch
         T = batch.tokens
         pp = self.mesh.sizes["pp"]
@@ -142,8 +151,13 @@ class ServeRank:
         return None
 
     def gather_logits(self, plan: StepPlan, local: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """RETURN_LOGITS: each dp rank's logits at rank 0 (None for a dp rank that wants none); other ranks
-        send theirs and get an empty list."""
+        """RETURN_LOGITS: each dp rank's logits at rank 0, on the host where the engine samples (None for a
+        dp rank that wants none); other ranks send theirs and get an empty list."""
+        with running_on(self.device):
+            out = self._gather_logits(plan, local)
+        return [t if t is None else t.cpu() for t in out]
+
+    def _gather_logits(self, plan: StepPlan, local: torch.Tensor | None) -> list[torch.Tensor | None]:
         me = self.mesh.rank
         wanted = [sum(p.wants_logits for p in parts) for parts in plan.parts]
         V = self.spec.model.vocab_size

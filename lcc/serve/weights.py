@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from lcc.backends.cpu.int4 import pack, pack_gate_up
-from lcc.backends.torch_ref.int4 import quantize
+from lcc.backends.torch_ref.int4 import Int4Weight, quantize
+from lcc.backends.triton.experts import ExpertStack
 from lcc.plan.types import Plan
 from lcc.runtime import checkpoint
 from lcc.runtime.checkpoint_layout import local_blocks, origin
@@ -67,18 +68,30 @@ def load_shards(spec: Spec, plan: Plan, coords: dict[str, int], sizes: dict[str,
     return params, buffers
 
 
-def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The programs' P: dense weights in the serve dtype; experts int4 (packed for the CPU kernel, or as
-    lcc's reference int4 weights) or, unquantised, in the serve dtype."""
+def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor],
+                    device: torch.device | None = None) -> dict[str, Any]:
+    """The programs' P on `device`: dense weights in the serve dtype; experts int4 (packed for the CPU
+    kernel, as lcc's reference int4 weights, or those in stacks for the Triton kernels) or, unquantised, in
+    the serve dtype (in stacks for the Triton kernels)."""
     serving = plan.serving
     dtype = DTYPES[serving.dtype]
+    device = device if device is not None else torch.device("cpu")
     quant = spec.quantization.experts if spec.quantization is not None else None
+    kernel = serving.expert_kernel
+
+    def int4(t: torch.Tensor) -> Int4Weight:
+        return _to(quantize(t, quant.group_size, quant.symmetric), device)
+
     out: dict[str, Any] = {}
     for name, t in params.items():
-        if not plan.parameter(name).expert or serving.expert_kernel == "dense":
-            out[name] = t.to(dtype)
-        elif serving.expert_kernel == "int4_reference":
-            out[name] = quantize(t, quant.group_size, quant.symmetric)
+        if not plan.parameter(name).expert or kernel == "dense":
+            out[name] = t.to(device=device, dtype=dtype)
+        elif kernel == "dense_triton":
+            out[name] = ExpertStack(t.to(device=device, dtype=dtype).contiguous())
+        elif kernel == "int4_reference":
+            out[name] = int4(t)
+        elif kernel == "int4_triton":
+            out[name] = ExpertStack(int4(t))
         elif name.endswith(".w2_EDF"):
             out[name] = pack(quantize(t, quant.group_size, quant.symmetric), dtype)
         elif name.endswith(".w1_EFD"):  # gate and up in one packed weight: one kernel call for both
@@ -86,6 +99,13 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor]) -> 
             out[name] = out[w3] = pack_gate_up(quantize(t, quant.group_size, quant.symmetric),
                                                quantize(params[w3], quant.group_size, quant.symmetric), dtype)
     return out
+
+
+def _to(q: Int4Weight, device: torch.device) -> Int4Weight:
+    if device.type == "cpu":
+        return q
+    return Int4Weight(q.packed.to(device), q.scales.to(device), None if q.zeros is None else q.zeros.to(device),
+                      q.group_size, q.shape)
 
 
 def weight_bytes(weights: dict[str, Any]) -> int:

@@ -175,6 +175,7 @@ class Device(_Section):
     memory_gib: Rate = Field(description="Memory per device (GiB).")
     peak_tflops: Rate = Field(description="Peak dense matmul rate at the training dtype (TFLOP/s).")
     memory_tbps: Rate = Field(description="Memory bandwidth (TB/s).")
+    tf32: bool = Field(False, description="cuda: let float32 matmuls use TF32 (faster, about 1e-3 relative error).")
 
 
 class Network(_Section):

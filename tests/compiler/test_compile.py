@@ -97,8 +97,22 @@ def test_serve_plan_quantizes_experts():
     plan = json.loads(compile_plan(load_spec(SPECS / "longcat-2.0.yaml"), "serve")["plan.json"])
     w1 = next(p for p in plan["parameters"] if p["name"] == "layers.0.ffn.experts.w1_EFD")
     assert w1["serve"]["packed"] == [16000, 256, 2048] and w1["serve"]["scales"] == [16000, 256, 32]
-    # the backend is one that exists (no fused kernels yet), recorded from the spec's device kind
-    assert plan["backend"] == "torch" and plan["device"] == "cuda" and plan["mode"] == "serve"
+    # a CUDA serve plan's experts run on lcc's Triton kernels, int4 dequantised in the kernel
+    assert plan["backend"] == "triton" and plan["device"] == "cuda" and plan["mode"] == "serve"
+    assert plan["serving"]["expert_kernel"] == "int4_triton" and plan["serving"]["group_size"] == 128
+    train = json.loads(compile_plan(load_spec(SPECS / "longcat-2.0.yaml"), "train")["plan.json"])
+    assert train["backend"] == "torch"  # training runs the experts through torch's grouped matmul
+
+
+@pytest.mark.parametrize("group,width,ok", [(24, 384, False), (8, 512, False), (64, 512, True), (512, 512, True)])
+def test_cuda_serve_plans_take_the_group_sizes_of_the_triton_kernels(group, width, ok):
+    spec = load_spec(SPECS / "tiny-moe.yaml", ["cluster.device.kind=cuda", f"quantization.experts.group_size={group}",
+                                               f"model.d_model={width}", f"model.moe.expert_d_ff={width}"])
+    if ok:
+        assert json.loads(compile_plan(spec, "serve")["plan.json"])["serving"]["expert_kernel"] == "int4_triton"
+    else:
+        with pytest.raises(SpecError, match=f"group_size {group}: lcc's Triton int4 kernels take powers of two"):
+            compile_plan(spec, "serve")
 
 
 def test_layout_over_memory_names_the_field():

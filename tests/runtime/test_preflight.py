@@ -32,7 +32,7 @@ def test_steps_must_be_positive(steps):
 def test_a_cuda_plan_of_2048_ranks_is_refused_at_once():
     result = run("run", "train", str(GENERATED / "longcat-2.0"), "--steps", "1")
     assert result.exit_code == 2
-    assert "a cuda plan (cluster.device.kind)" in result.output
+    assert "the plan runs on CUDA GPUs (cluster.device.kind: cuda) and this machine has none" in result.output
 
 
 def test_a_serve_plan_is_not_trained():
@@ -119,3 +119,35 @@ def test_the_run_cache_is_written_whole(tmp_path):
     write_atomically({"plan.json": "{}\n", "programs/stage0.py": "x = 1\n"}, folder)
     assert sorted(p.name for p in folder.rglob("*")) == ["plan.json", "programs", "stage0.py"]
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_cuda_plan_needs_gpus_and_for_serving_triton(monkeypatch):
+    """The launcher's device check (lcc.runtime.device): no GPU, too few, or no Triton for a serve plan whose
+    experts run on the Triton kernels; each refused before any rank starts, never run on the CPU instead."""
+    import lcc.backends.triton as triton_backend
+    import torch
+
+    from lcc.runtime.device import check_device
+
+    serve = read_plan(GENERATED / "tiny-moe" / "serve")
+    serve.device, serve.backend = "cuda", "triton"
+    with pytest.raises(LaunchRefused, match="runs on CUDA GPUs .* this machine has none"):
+        check_device(serve, serve.world_size)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LaunchRefused, match="starts 8 ranks of one GPU each on this machine .* it has 2 GPUs"):
+        check_device(serve, serve.world_size)
+    monkeypatch.setattr(triton_backend, "available", lambda: "Triton is not installed (pip install 'lcc[gpu]')")
+    with pytest.raises(LaunchRefused, match="run on the Triton kernels .*: Triton is not installed"):
+        check_device(serve, 2)
+    serve.backend = "torch"  # float64 serving and training need no Triton
+    check_device(serve, 2)
+
+
+def test_generate_refuses_a_cuda_plan_here():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run("run", "generate", str(SPECS / "tiny-moe.yaml"), "--set", "cluster.device.kind=cuda",
+                 "--prompt", "a")
+    assert result.exit_code == 2
+    assert "the plan runs on CUDA GPUs (cluster.device.kind: cuda) and this machine has none" in result.output

@@ -41,9 +41,12 @@ def run(state: CompileState) -> None:
                 embed = state.params["embed.weight"]
                 shape = [chunk_size(embed.local_numel, embed.zero.parts)] if zero >= 2 else embed.local_shape
                 what = "the tied embedding's gradient, with the other copy's stage"
-                actions.append(StepAction("SUM_TIED_GRAD", mine[0], params=["embed.weight"], collectives=[
-                    Collective("send", "pp", "embed.weight", what, shape, d.params),
-                    Collective("recv", "pp", "embed.weight", what, shape, d.params)]))
+                pair = [Collective("send", "pp", "embed.weight", what, shape, d.params),
+                        Collective("recv", "pp", "embed.weight", what, shape, d.params)]
+                # the first stage sends first, the last receives first: each send meets its receive at once
+                # (two sends first can deadlock where a send waits for its receive, as NCCL's large ones do)
+                actions.append(StepAction("SUM_TIED_GRAD", mine[0], params=["embed.weight"],
+                                          collectives=pair if mine[0] == 0 else pair[::-1]))
         sites = [i for s in stages for i in range(*state.stage_bounds[s]) if spec.model.is_moe(i)]
         if sites:
             actions.append(StepAction("REDUCE_ROUTER_STATS", collectives=live(Collective(

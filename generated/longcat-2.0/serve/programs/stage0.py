@@ -152,7 +152,7 @@ def layer_0(P, B, embed, G, ctx):
     index_select = reshape_mine.index_select(0, getattr_2)
     index_select = ops.all_to_all(index_select, layers_0_ffn_dispatch.send, layers_0_ffn_dispatch.recv, G.ep)  # dispatch
     index_select = index_select.index_select(0, layers_0_ffn_dispatch.order)  # group rows by local expert
-    layers_0_ffn_experts = ops.grouped_swiglu_int4(index_select, layers_0_ffn_dispatch.local_counts, P["layers.0.ffn.experts.w1_EFD"], P["layers.0.ffn.experts.w3_EFD"], P["layers.0.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_0_ffn_experts = ops.grouped_swiglu_int4(index_select, layers_0_ffn_dispatch.local_counts_E, P["layers.0.ffn.experts.w1_EFD"], P["layers.0.ffn.experts.w3_EFD"], P["layers.0.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_0_ffn_experts = layers_0_ffn_experts.index_select(0, layers_0_ffn_dispatch.inverse)
     layers_0_ffn_experts = ops.all_to_all(layers_0_ffn_experts, layers_0_ffn_dispatch.recv, layers_0_ffn_dispatch.send, G.ep)  # combine
     layers_0_ffn_combine = ops.combine_tokens(layers_0_ffn_experts, layers_0_ffn_dispatch, reshape_mine)
@@ -184,7 +184,7 @@ def layer_1(P, B, add_1, G, ctx):
     index_select_1 = reshape_1_mine.index_select(0, getattr_5)
     index_select_1 = ops.all_to_all(index_select_1, layers_1_ffn_dispatch.send, layers_1_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_1 = index_select_1.index_select(0, layers_1_ffn_dispatch.order)  # group rows by local expert
-    layers_1_ffn_experts = ops.grouped_swiglu_int4(index_select_1, layers_1_ffn_dispatch.local_counts, P["layers.1.ffn.experts.w1_EFD"], P["layers.1.ffn.experts.w3_EFD"], P["layers.1.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_1_ffn_experts = ops.grouped_swiglu_int4(index_select_1, layers_1_ffn_dispatch.local_counts_E, P["layers.1.ffn.experts.w1_EFD"], P["layers.1.ffn.experts.w3_EFD"], P["layers.1.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_1_ffn_experts = layers_1_ffn_experts.index_select(0, layers_1_ffn_dispatch.inverse)
     layers_1_ffn_experts = ops.all_to_all(layers_1_ffn_experts, layers_1_ffn_dispatch.recv, layers_1_ffn_dispatch.send, G.ep)  # combine
     layers_1_ffn_combine = ops.combine_tokens(layers_1_ffn_experts, layers_1_ffn_dispatch, reshape_1_mine)
@@ -216,7 +216,7 @@ def layer_2(P, B, add_3, G, ctx):
     index_select_2 = reshape_2_mine.index_select(0, getattr_8)
     index_select_2 = ops.all_to_all(index_select_2, layers_2_ffn_dispatch.send, layers_2_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_2 = index_select_2.index_select(0, layers_2_ffn_dispatch.order)  # group rows by local expert
-    layers_2_ffn_experts = ops.grouped_swiglu_int4(index_select_2, layers_2_ffn_dispatch.local_counts, P["layers.2.ffn.experts.w1_EFD"], P["layers.2.ffn.experts.w3_EFD"], P["layers.2.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_2_ffn_experts = ops.grouped_swiglu_int4(index_select_2, layers_2_ffn_dispatch.local_counts_E, P["layers.2.ffn.experts.w1_EFD"], P["layers.2.ffn.experts.w3_EFD"], P["layers.2.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_2_ffn_experts = layers_2_ffn_experts.index_select(0, layers_2_ffn_dispatch.inverse)
     layers_2_ffn_experts = ops.all_to_all(layers_2_ffn_experts, layers_2_ffn_dispatch.recv, layers_2_ffn_dispatch.send, G.ep)  # combine
     layers_2_ffn_combine = ops.combine_tokens(layers_2_ffn_experts, layers_2_ffn_dispatch, reshape_2_mine)
@@ -248,7 +248,7 @@ def layer_3(P, B, add_5, G, ctx):
     index_select_3 = reshape_3_mine.index_select(0, getattr_11)
     index_select_3 = ops.all_to_all(index_select_3, layers_3_ffn_dispatch.send, layers_3_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_3 = index_select_3.index_select(0, layers_3_ffn_dispatch.order)  # group rows by local expert
-    layers_3_ffn_experts = ops.grouped_swiglu_int4(index_select_3, layers_3_ffn_dispatch.local_counts, P["layers.3.ffn.experts.w1_EFD"], P["layers.3.ffn.experts.w3_EFD"], P["layers.3.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_3_ffn_experts = ops.grouped_swiglu_int4(index_select_3, layers_3_ffn_dispatch.local_counts_E, P["layers.3.ffn.experts.w1_EFD"], P["layers.3.ffn.experts.w3_EFD"], P["layers.3.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_3_ffn_experts = layers_3_ffn_experts.index_select(0, layers_3_ffn_dispatch.inverse)
     layers_3_ffn_experts = ops.all_to_all(layers_3_ffn_experts, layers_3_ffn_dispatch.recv, layers_3_ffn_dispatch.send, G.ep)  # combine
     layers_3_ffn_combine = ops.combine_tokens(layers_3_ffn_experts, layers_3_ffn_dispatch, reshape_3_mine)
@@ -280,7 +280,7 @@ def layer_4(P, B, add_7, G, ctx):
     index_select_4 = reshape_4_mine.index_select(0, getattr_14)
     index_select_4 = ops.all_to_all(index_select_4, layers_4_ffn_dispatch.send, layers_4_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_4 = index_select_4.index_select(0, layers_4_ffn_dispatch.order)  # group rows by local expert
-    layers_4_ffn_experts = ops.grouped_swiglu_int4(index_select_4, layers_4_ffn_dispatch.local_counts, P["layers.4.ffn.experts.w1_EFD"], P["layers.4.ffn.experts.w3_EFD"], P["layers.4.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_4_ffn_experts = ops.grouped_swiglu_int4(index_select_4, layers_4_ffn_dispatch.local_counts_E, P["layers.4.ffn.experts.w1_EFD"], P["layers.4.ffn.experts.w3_EFD"], P["layers.4.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_4_ffn_experts = layers_4_ffn_experts.index_select(0, layers_4_ffn_dispatch.inverse)
     layers_4_ffn_experts = ops.all_to_all(layers_4_ffn_experts, layers_4_ffn_dispatch.recv, layers_4_ffn_dispatch.send, G.ep)  # combine
     layers_4_ffn_combine = ops.combine_tokens(layers_4_ffn_experts, layers_4_ffn_dispatch, reshape_4_mine)
@@ -312,7 +312,7 @@ def layer_5(P, B, add_9, G, ctx):
     index_select_5 = reshape_5_mine.index_select(0, getattr_17)
     index_select_5 = ops.all_to_all(index_select_5, layers_5_ffn_dispatch.send, layers_5_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_5 = index_select_5.index_select(0, layers_5_ffn_dispatch.order)  # group rows by local expert
-    layers_5_ffn_experts = ops.grouped_swiglu_int4(index_select_5, layers_5_ffn_dispatch.local_counts, P["layers.5.ffn.experts.w1_EFD"], P["layers.5.ffn.experts.w3_EFD"], P["layers.5.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_5_ffn_experts = ops.grouped_swiglu_int4(index_select_5, layers_5_ffn_dispatch.local_counts_E, P["layers.5.ffn.experts.w1_EFD"], P["layers.5.ffn.experts.w3_EFD"], P["layers.5.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_5_ffn_experts = layers_5_ffn_experts.index_select(0, layers_5_ffn_dispatch.inverse)
     layers_5_ffn_experts = ops.all_to_all(layers_5_ffn_experts, layers_5_ffn_dispatch.recv, layers_5_ffn_dispatch.send, G.ep)  # combine
     layers_5_ffn_combine = ops.combine_tokens(layers_5_ffn_experts, layers_5_ffn_dispatch, reshape_5_mine)
@@ -344,7 +344,7 @@ def layer_6(P, B, add_11, G, ctx):
     index_select_6 = reshape_6_mine.index_select(0, getattr_20)
     index_select_6 = ops.all_to_all(index_select_6, layers_6_ffn_dispatch.send, layers_6_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_6 = index_select_6.index_select(0, layers_6_ffn_dispatch.order)  # group rows by local expert
-    layers_6_ffn_experts = ops.grouped_swiglu_int4(index_select_6, layers_6_ffn_dispatch.local_counts, P["layers.6.ffn.experts.w1_EFD"], P["layers.6.ffn.experts.w3_EFD"], P["layers.6.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_6_ffn_experts = ops.grouped_swiglu_int4(index_select_6, layers_6_ffn_dispatch.local_counts_E, P["layers.6.ffn.experts.w1_EFD"], P["layers.6.ffn.experts.w3_EFD"], P["layers.6.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_6_ffn_experts = layers_6_ffn_experts.index_select(0, layers_6_ffn_dispatch.inverse)
     layers_6_ffn_experts = ops.all_to_all(layers_6_ffn_experts, layers_6_ffn_dispatch.recv, layers_6_ffn_dispatch.send, G.ep)  # combine
     layers_6_ffn_combine = ops.combine_tokens(layers_6_ffn_experts, layers_6_ffn_dispatch, reshape_6_mine)
@@ -376,7 +376,7 @@ def layer_7(P, B, add_13, G, ctx):
     index_select_7 = reshape_7_mine.index_select(0, getattr_23)
     index_select_7 = ops.all_to_all(index_select_7, layers_7_ffn_dispatch.send, layers_7_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_7 = index_select_7.index_select(0, layers_7_ffn_dispatch.order)  # group rows by local expert
-    layers_7_ffn_experts = ops.grouped_swiglu_int4(index_select_7, layers_7_ffn_dispatch.local_counts, P["layers.7.ffn.experts.w1_EFD"], P["layers.7.ffn.experts.w3_EFD"], P["layers.7.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_7_ffn_experts = ops.grouped_swiglu_int4(index_select_7, layers_7_ffn_dispatch.local_counts_E, P["layers.7.ffn.experts.w1_EFD"], P["layers.7.ffn.experts.w3_EFD"], P["layers.7.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_7_ffn_experts = layers_7_ffn_experts.index_select(0, layers_7_ffn_dispatch.inverse)
     layers_7_ffn_experts = ops.all_to_all(layers_7_ffn_experts, layers_7_ffn_dispatch.recv, layers_7_ffn_dispatch.send, G.ep)  # combine
     layers_7_ffn_combine = ops.combine_tokens(layers_7_ffn_experts, layers_7_ffn_dispatch, reshape_7_mine)

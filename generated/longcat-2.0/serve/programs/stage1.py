@@ -143,7 +143,7 @@ def layer_8(P, B, add_15, G, ctx):
     index_select_8 = reshape_8_mine.index_select(0, getattr_26)
     index_select_8 = ops.all_to_all(index_select_8, layers_8_ffn_dispatch.send, layers_8_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_8 = index_select_8.index_select(0, layers_8_ffn_dispatch.order)  # group rows by local expert
-    layers_8_ffn_experts = ops.grouped_swiglu_int4(index_select_8, layers_8_ffn_dispatch.local_counts, P["layers.8.ffn.experts.w1_EFD"], P["layers.8.ffn.experts.w3_EFD"], P["layers.8.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_8_ffn_experts = ops.grouped_swiglu_int4(index_select_8, layers_8_ffn_dispatch.local_counts_E, P["layers.8.ffn.experts.w1_EFD"], P["layers.8.ffn.experts.w3_EFD"], P["layers.8.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_8_ffn_experts = layers_8_ffn_experts.index_select(0, layers_8_ffn_dispatch.inverse)
     layers_8_ffn_experts = ops.all_to_all(layers_8_ffn_experts, layers_8_ffn_dispatch.recv, layers_8_ffn_dispatch.send, G.ep)  # combine
     layers_8_ffn_combine = ops.combine_tokens(layers_8_ffn_experts, layers_8_ffn_dispatch, reshape_8_mine)
@@ -175,7 +175,7 @@ def layer_9(P, B, add_17, G, ctx):
     index_select_9 = reshape_9_mine.index_select(0, getattr_29)
     index_select_9 = ops.all_to_all(index_select_9, layers_9_ffn_dispatch.send, layers_9_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_9 = index_select_9.index_select(0, layers_9_ffn_dispatch.order)  # group rows by local expert
-    layers_9_ffn_experts = ops.grouped_swiglu_int4(index_select_9, layers_9_ffn_dispatch.local_counts, P["layers.9.ffn.experts.w1_EFD"], P["layers.9.ffn.experts.w3_EFD"], P["layers.9.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_9_ffn_experts = ops.grouped_swiglu_int4(index_select_9, layers_9_ffn_dispatch.local_counts_E, P["layers.9.ffn.experts.w1_EFD"], P["layers.9.ffn.experts.w3_EFD"], P["layers.9.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_9_ffn_experts = layers_9_ffn_experts.index_select(0, layers_9_ffn_dispatch.inverse)
     layers_9_ffn_experts = ops.all_to_all(layers_9_ffn_experts, layers_9_ffn_dispatch.recv, layers_9_ffn_dispatch.send, G.ep)  # combine
     layers_9_ffn_combine = ops.combine_tokens(layers_9_ffn_experts, layers_9_ffn_dispatch, reshape_9_mine)
@@ -207,7 +207,7 @@ def layer_10(P, B, add_19, G, ctx):
     index_select_10 = reshape_10_mine.index_select(0, getattr_32)
     index_select_10 = ops.all_to_all(index_select_10, layers_10_ffn_dispatch.send, layers_10_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_10 = index_select_10.index_select(0, layers_10_ffn_dispatch.order)  # group rows by local expert
-    layers_10_ffn_experts = ops.grouped_swiglu_int4(index_select_10, layers_10_ffn_dispatch.local_counts, P["layers.10.ffn.experts.w1_EFD"], P["layers.10.ffn.experts.w3_EFD"], P["layers.10.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_10_ffn_experts = ops.grouped_swiglu_int4(index_select_10, layers_10_ffn_dispatch.local_counts_E, P["layers.10.ffn.experts.w1_EFD"], P["layers.10.ffn.experts.w3_EFD"], P["layers.10.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_10_ffn_experts = layers_10_ffn_experts.index_select(0, layers_10_ffn_dispatch.inverse)
     layers_10_ffn_experts = ops.all_to_all(layers_10_ffn_experts, layers_10_ffn_dispatch.recv, layers_10_ffn_dispatch.send, G.ep)  # combine
     layers_10_ffn_combine = ops.combine_tokens(layers_10_ffn_experts, layers_10_ffn_dispatch, reshape_10_mine)
@@ -239,7 +239,7 @@ def layer_11(P, B, add_21, G, ctx):
     index_select_11 = reshape_11_mine.index_select(0, getattr_35)
     index_select_11 = ops.all_to_all(index_select_11, layers_11_ffn_dispatch.send, layers_11_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_11 = index_select_11.index_select(0, layers_11_ffn_dispatch.order)  # group rows by local expert
-    layers_11_ffn_experts = ops.grouped_swiglu_int4(index_select_11, layers_11_ffn_dispatch.local_counts, P["layers.11.ffn.experts.w1_EFD"], P["layers.11.ffn.experts.w3_EFD"], P["layers.11.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_11_ffn_experts = ops.grouped_swiglu_int4(index_select_11, layers_11_ffn_dispatch.local_counts_E, P["layers.11.ffn.experts.w1_EFD"], P["layers.11.ffn.experts.w3_EFD"], P["layers.11.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_11_ffn_experts = layers_11_ffn_experts.index_select(0, layers_11_ffn_dispatch.inverse)
     layers_11_ffn_experts = ops.all_to_all(layers_11_ffn_experts, layers_11_ffn_dispatch.recv, layers_11_ffn_dispatch.send, G.ep)  # combine
     layers_11_ffn_combine = ops.combine_tokens(layers_11_ffn_experts, layers_11_ffn_dispatch, reshape_11_mine)
@@ -271,7 +271,7 @@ def layer_12(P, B, add_23, G, ctx):
     index_select_12 = reshape_12_mine.index_select(0, getattr_38)
     index_select_12 = ops.all_to_all(index_select_12, layers_12_ffn_dispatch.send, layers_12_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_12 = index_select_12.index_select(0, layers_12_ffn_dispatch.order)  # group rows by local expert
-    layers_12_ffn_experts = ops.grouped_swiglu_int4(index_select_12, layers_12_ffn_dispatch.local_counts, P["layers.12.ffn.experts.w1_EFD"], P["layers.12.ffn.experts.w3_EFD"], P["layers.12.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_12_ffn_experts = ops.grouped_swiglu_int4(index_select_12, layers_12_ffn_dispatch.local_counts_E, P["layers.12.ffn.experts.w1_EFD"], P["layers.12.ffn.experts.w3_EFD"], P["layers.12.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_12_ffn_experts = layers_12_ffn_experts.index_select(0, layers_12_ffn_dispatch.inverse)
     layers_12_ffn_experts = ops.all_to_all(layers_12_ffn_experts, layers_12_ffn_dispatch.recv, layers_12_ffn_dispatch.send, G.ep)  # combine
     layers_12_ffn_combine = ops.combine_tokens(layers_12_ffn_experts, layers_12_ffn_dispatch, reshape_12_mine)
@@ -303,7 +303,7 @@ def layer_13(P, B, add_25, G, ctx):
     index_select_13 = reshape_13_mine.index_select(0, getattr_41)
     index_select_13 = ops.all_to_all(index_select_13, layers_13_ffn_dispatch.send, layers_13_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_13 = index_select_13.index_select(0, layers_13_ffn_dispatch.order)  # group rows by local expert
-    layers_13_ffn_experts = ops.grouped_swiglu_int4(index_select_13, layers_13_ffn_dispatch.local_counts, P["layers.13.ffn.experts.w1_EFD"], P["layers.13.ffn.experts.w3_EFD"], P["layers.13.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_13_ffn_experts = ops.grouped_swiglu_int4(index_select_13, layers_13_ffn_dispatch.local_counts_E, P["layers.13.ffn.experts.w1_EFD"], P["layers.13.ffn.experts.w3_EFD"], P["layers.13.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_13_ffn_experts = layers_13_ffn_experts.index_select(0, layers_13_ffn_dispatch.inverse)
     layers_13_ffn_experts = ops.all_to_all(layers_13_ffn_experts, layers_13_ffn_dispatch.recv, layers_13_ffn_dispatch.send, G.ep)  # combine
     layers_13_ffn_combine = ops.combine_tokens(layers_13_ffn_experts, layers_13_ffn_dispatch, reshape_13_mine)
@@ -335,7 +335,7 @@ def layer_14(P, B, add_27, G, ctx):
     index_select_14 = reshape_14_mine.index_select(0, getattr_44)
     index_select_14 = ops.all_to_all(index_select_14, layers_14_ffn_dispatch.send, layers_14_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_14 = index_select_14.index_select(0, layers_14_ffn_dispatch.order)  # group rows by local expert
-    layers_14_ffn_experts = ops.grouped_swiglu_int4(index_select_14, layers_14_ffn_dispatch.local_counts, P["layers.14.ffn.experts.w1_EFD"], P["layers.14.ffn.experts.w3_EFD"], P["layers.14.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_14_ffn_experts = ops.grouped_swiglu_int4(index_select_14, layers_14_ffn_dispatch.local_counts_E, P["layers.14.ffn.experts.w1_EFD"], P["layers.14.ffn.experts.w3_EFD"], P["layers.14.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_14_ffn_experts = layers_14_ffn_experts.index_select(0, layers_14_ffn_dispatch.inverse)
     layers_14_ffn_experts = ops.all_to_all(layers_14_ffn_experts, layers_14_ffn_dispatch.recv, layers_14_ffn_dispatch.send, G.ep)  # combine
     layers_14_ffn_combine = ops.combine_tokens(layers_14_ffn_experts, layers_14_ffn_dispatch, reshape_14_mine)
@@ -367,7 +367,7 @@ def layer_15(P, B, add_29, G, ctx):
     index_select_15 = reshape_15_mine.index_select(0, getattr_47)
     index_select_15 = ops.all_to_all(index_select_15, layers_15_ffn_dispatch.send, layers_15_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_15 = index_select_15.index_select(0, layers_15_ffn_dispatch.order)  # group rows by local expert
-    layers_15_ffn_experts = ops.grouped_swiglu_int4(index_select_15, layers_15_ffn_dispatch.local_counts, P["layers.15.ffn.experts.w1_EFD"], P["layers.15.ffn.experts.w3_EFD"], P["layers.15.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_15_ffn_experts = ops.grouped_swiglu_int4(index_select_15, layers_15_ffn_dispatch.local_counts_E, P["layers.15.ffn.experts.w1_EFD"], P["layers.15.ffn.experts.w3_EFD"], P["layers.15.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_15_ffn_experts = layers_15_ffn_experts.index_select(0, layers_15_ffn_dispatch.inverse)
     layers_15_ffn_experts = ops.all_to_all(layers_15_ffn_experts, layers_15_ffn_dispatch.recv, layers_15_ffn_dispatch.send, G.ep)  # combine
     layers_15_ffn_combine = ops.combine_tokens(layers_15_ffn_experts, layers_15_ffn_dispatch, reshape_15_mine)

@@ -143,7 +143,7 @@ def layer_16(P, B, add_31, G, ctx):
     index_select_16 = reshape_16_mine.index_select(0, getattr_50)
     index_select_16 = ops.all_to_all(index_select_16, layers_16_ffn_dispatch.send, layers_16_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_16 = index_select_16.index_select(0, layers_16_ffn_dispatch.order)  # group rows by local expert
-    layers_16_ffn_experts = ops.grouped_swiglu_int4(index_select_16, layers_16_ffn_dispatch.local_counts, P["layers.16.ffn.experts.w1_EFD"], P["layers.16.ffn.experts.w3_EFD"], P["layers.16.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_16_ffn_experts = ops.grouped_swiglu_int4(index_select_16, layers_16_ffn_dispatch.local_counts_E, P["layers.16.ffn.experts.w1_EFD"], P["layers.16.ffn.experts.w3_EFD"], P["layers.16.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_16_ffn_experts = layers_16_ffn_experts.index_select(0, layers_16_ffn_dispatch.inverse)
     layers_16_ffn_experts = ops.all_to_all(layers_16_ffn_experts, layers_16_ffn_dispatch.recv, layers_16_ffn_dispatch.send, G.ep)  # combine
     layers_16_ffn_combine = ops.combine_tokens(layers_16_ffn_experts, layers_16_ffn_dispatch, reshape_16_mine)
@@ -175,7 +175,7 @@ def layer_17(P, B, add_33, G, ctx):
     index_select_17 = reshape_17_mine.index_select(0, getattr_53)
     index_select_17 = ops.all_to_all(index_select_17, layers_17_ffn_dispatch.send, layers_17_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_17 = index_select_17.index_select(0, layers_17_ffn_dispatch.order)  # group rows by local expert
-    layers_17_ffn_experts = ops.grouped_swiglu_int4(index_select_17, layers_17_ffn_dispatch.local_counts, P["layers.17.ffn.experts.w1_EFD"], P["layers.17.ffn.experts.w3_EFD"], P["layers.17.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_17_ffn_experts = ops.grouped_swiglu_int4(index_select_17, layers_17_ffn_dispatch.local_counts_E, P["layers.17.ffn.experts.w1_EFD"], P["layers.17.ffn.experts.w3_EFD"], P["layers.17.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_17_ffn_experts = layers_17_ffn_experts.index_select(0, layers_17_ffn_dispatch.inverse)
     layers_17_ffn_experts = ops.all_to_all(layers_17_ffn_experts, layers_17_ffn_dispatch.recv, layers_17_ffn_dispatch.send, G.ep)  # combine
     layers_17_ffn_combine = ops.combine_tokens(layers_17_ffn_experts, layers_17_ffn_dispatch, reshape_17_mine)
@@ -207,7 +207,7 @@ def layer_18(P, B, add_35, G, ctx):
     index_select_18 = reshape_18_mine.index_select(0, getattr_56)
     index_select_18 = ops.all_to_all(index_select_18, layers_18_ffn_dispatch.send, layers_18_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_18 = index_select_18.index_select(0, layers_18_ffn_dispatch.order)  # group rows by local expert
-    layers_18_ffn_experts = ops.grouped_swiglu_int4(index_select_18, layers_18_ffn_dispatch.local_counts, P["layers.18.ffn.experts.w1_EFD"], P["layers.18.ffn.experts.w3_EFD"], P["layers.18.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_18_ffn_experts = ops.grouped_swiglu_int4(index_select_18, layers_18_ffn_dispatch.local_counts_E, P["layers.18.ffn.experts.w1_EFD"], P["layers.18.ffn.experts.w3_EFD"], P["layers.18.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_18_ffn_experts = layers_18_ffn_experts.index_select(0, layers_18_ffn_dispatch.inverse)
     layers_18_ffn_experts = ops.all_to_all(layers_18_ffn_experts, layers_18_ffn_dispatch.recv, layers_18_ffn_dispatch.send, G.ep)  # combine
     layers_18_ffn_combine = ops.combine_tokens(layers_18_ffn_experts, layers_18_ffn_dispatch, reshape_18_mine)
@@ -239,7 +239,7 @@ def layer_19(P, B, add_37, G, ctx):
     index_select_19 = reshape_19_mine.index_select(0, getattr_59)
     index_select_19 = ops.all_to_all(index_select_19, layers_19_ffn_dispatch.send, layers_19_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_19 = index_select_19.index_select(0, layers_19_ffn_dispatch.order)  # group rows by local expert
-    layers_19_ffn_experts = ops.grouped_swiglu_int4(index_select_19, layers_19_ffn_dispatch.local_counts, P["layers.19.ffn.experts.w1_EFD"], P["layers.19.ffn.experts.w3_EFD"], P["layers.19.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_19_ffn_experts = ops.grouped_swiglu_int4(index_select_19, layers_19_ffn_dispatch.local_counts_E, P["layers.19.ffn.experts.w1_EFD"], P["layers.19.ffn.experts.w3_EFD"], P["layers.19.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_19_ffn_experts = layers_19_ffn_experts.index_select(0, layers_19_ffn_dispatch.inverse)
     layers_19_ffn_experts = ops.all_to_all(layers_19_ffn_experts, layers_19_ffn_dispatch.recv, layers_19_ffn_dispatch.send, G.ep)  # combine
     layers_19_ffn_combine = ops.combine_tokens(layers_19_ffn_experts, layers_19_ffn_dispatch, reshape_19_mine)
@@ -271,7 +271,7 @@ def layer_20(P, B, add_39, G, ctx):
     index_select_20 = reshape_20_mine.index_select(0, getattr_62)
     index_select_20 = ops.all_to_all(index_select_20, layers_20_ffn_dispatch.send, layers_20_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_20 = index_select_20.index_select(0, layers_20_ffn_dispatch.order)  # group rows by local expert
-    layers_20_ffn_experts = ops.grouped_swiglu_int4(index_select_20, layers_20_ffn_dispatch.local_counts, P["layers.20.ffn.experts.w1_EFD"], P["layers.20.ffn.experts.w3_EFD"], P["layers.20.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_20_ffn_experts = ops.grouped_swiglu_int4(index_select_20, layers_20_ffn_dispatch.local_counts_E, P["layers.20.ffn.experts.w1_EFD"], P["layers.20.ffn.experts.w3_EFD"], P["layers.20.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_20_ffn_experts = layers_20_ffn_experts.index_select(0, layers_20_ffn_dispatch.inverse)
     layers_20_ffn_experts = ops.all_to_all(layers_20_ffn_experts, layers_20_ffn_dispatch.recv, layers_20_ffn_dispatch.send, G.ep)  # combine
     layers_20_ffn_combine = ops.combine_tokens(layers_20_ffn_experts, layers_20_ffn_dispatch, reshape_20_mine)
@@ -303,7 +303,7 @@ def layer_21(P, B, add_41, G, ctx):
     index_select_21 = reshape_21_mine.index_select(0, getattr_65)
     index_select_21 = ops.all_to_all(index_select_21, layers_21_ffn_dispatch.send, layers_21_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_21 = index_select_21.index_select(0, layers_21_ffn_dispatch.order)  # group rows by local expert
-    layers_21_ffn_experts = ops.grouped_swiglu_int4(index_select_21, layers_21_ffn_dispatch.local_counts, P["layers.21.ffn.experts.w1_EFD"], P["layers.21.ffn.experts.w3_EFD"], P["layers.21.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_21_ffn_experts = ops.grouped_swiglu_int4(index_select_21, layers_21_ffn_dispatch.local_counts_E, P["layers.21.ffn.experts.w1_EFD"], P["layers.21.ffn.experts.w3_EFD"], P["layers.21.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_21_ffn_experts = layers_21_ffn_experts.index_select(0, layers_21_ffn_dispatch.inverse)
     layers_21_ffn_experts = ops.all_to_all(layers_21_ffn_experts, layers_21_ffn_dispatch.recv, layers_21_ffn_dispatch.send, G.ep)  # combine
     layers_21_ffn_combine = ops.combine_tokens(layers_21_ffn_experts, layers_21_ffn_dispatch, reshape_21_mine)
@@ -335,7 +335,7 @@ def layer_22(P, B, add_43, G, ctx):
     index_select_22 = reshape_22_mine.index_select(0, getattr_68)
     index_select_22 = ops.all_to_all(index_select_22, layers_22_ffn_dispatch.send, layers_22_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_22 = index_select_22.index_select(0, layers_22_ffn_dispatch.order)  # group rows by local expert
-    layers_22_ffn_experts = ops.grouped_swiglu_int4(index_select_22, layers_22_ffn_dispatch.local_counts, P["layers.22.ffn.experts.w1_EFD"], P["layers.22.ffn.experts.w3_EFD"], P["layers.22.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_22_ffn_experts = ops.grouped_swiglu_int4(index_select_22, layers_22_ffn_dispatch.local_counts_E, P["layers.22.ffn.experts.w1_EFD"], P["layers.22.ffn.experts.w3_EFD"], P["layers.22.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_22_ffn_experts = layers_22_ffn_experts.index_select(0, layers_22_ffn_dispatch.inverse)
     layers_22_ffn_experts = ops.all_to_all(layers_22_ffn_experts, layers_22_ffn_dispatch.recv, layers_22_ffn_dispatch.send, G.ep)  # combine
     layers_22_ffn_combine = ops.combine_tokens(layers_22_ffn_experts, layers_22_ffn_dispatch, reshape_22_mine)
@@ -367,7 +367,7 @@ def layer_23(P, B, add_45, G, ctx):
     index_select_23 = reshape_23_mine.index_select(0, getattr_71)
     index_select_23 = ops.all_to_all(index_select_23, layers_23_ffn_dispatch.send, layers_23_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_23 = index_select_23.index_select(0, layers_23_ffn_dispatch.order)  # group rows by local expert
-    layers_23_ffn_experts = ops.grouped_swiglu_int4(index_select_23, layers_23_ffn_dispatch.local_counts, P["layers.23.ffn.experts.w1_EFD"], P["layers.23.ffn.experts.w3_EFD"], P["layers.23.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_23_ffn_experts = ops.grouped_swiglu_int4(index_select_23, layers_23_ffn_dispatch.local_counts_E, P["layers.23.ffn.experts.w1_EFD"], P["layers.23.ffn.experts.w3_EFD"], P["layers.23.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_23_ffn_experts = layers_23_ffn_experts.index_select(0, layers_23_ffn_dispatch.inverse)
     layers_23_ffn_experts = ops.all_to_all(layers_23_ffn_experts, layers_23_ffn_dispatch.recv, layers_23_ffn_dispatch.send, G.ep)  # combine
     layers_23_ffn_combine = ops.combine_tokens(layers_23_ffn_experts, layers_23_ffn_dispatch, reshape_23_mine)

@@ -146,7 +146,7 @@ def layer_24(P, B, add_47, G, ctx):
     index_select_24 = reshape_24_mine.index_select(0, getattr_74)
     index_select_24 = ops.all_to_all(index_select_24, layers_24_ffn_dispatch.send, layers_24_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_24 = index_select_24.index_select(0, layers_24_ffn_dispatch.order)  # group rows by local expert
-    layers_24_ffn_experts = ops.grouped_swiglu_int4(index_select_24, layers_24_ffn_dispatch.local_counts, P["layers.24.ffn.experts.w1_EFD"], P["layers.24.ffn.experts.w3_EFD"], P["layers.24.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_24_ffn_experts = ops.grouped_swiglu_int4(index_select_24, layers_24_ffn_dispatch.local_counts_E, P["layers.24.ffn.experts.w1_EFD"], P["layers.24.ffn.experts.w3_EFD"], P["layers.24.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_24_ffn_experts = layers_24_ffn_experts.index_select(0, layers_24_ffn_dispatch.inverse)
     layers_24_ffn_experts = ops.all_to_all(layers_24_ffn_experts, layers_24_ffn_dispatch.recv, layers_24_ffn_dispatch.send, G.ep)  # combine
     layers_24_ffn_combine = ops.combine_tokens(layers_24_ffn_experts, layers_24_ffn_dispatch, reshape_24_mine)
@@ -178,7 +178,7 @@ def layer_25(P, B, add_49, G, ctx):
     index_select_25 = reshape_25_mine.index_select(0, getattr_77)
     index_select_25 = ops.all_to_all(index_select_25, layers_25_ffn_dispatch.send, layers_25_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_25 = index_select_25.index_select(0, layers_25_ffn_dispatch.order)  # group rows by local expert
-    layers_25_ffn_experts = ops.grouped_swiglu_int4(index_select_25, layers_25_ffn_dispatch.local_counts, P["layers.25.ffn.experts.w1_EFD"], P["layers.25.ffn.experts.w3_EFD"], P["layers.25.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_25_ffn_experts = ops.grouped_swiglu_int4(index_select_25, layers_25_ffn_dispatch.local_counts_E, P["layers.25.ffn.experts.w1_EFD"], P["layers.25.ffn.experts.w3_EFD"], P["layers.25.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_25_ffn_experts = layers_25_ffn_experts.index_select(0, layers_25_ffn_dispatch.inverse)
     layers_25_ffn_experts = ops.all_to_all(layers_25_ffn_experts, layers_25_ffn_dispatch.recv, layers_25_ffn_dispatch.send, G.ep)  # combine
     layers_25_ffn_combine = ops.combine_tokens(layers_25_ffn_experts, layers_25_ffn_dispatch, reshape_25_mine)
@@ -210,7 +210,7 @@ def layer_26(P, B, add_51, G, ctx):
     index_select_26 = reshape_26_mine.index_select(0, getattr_80)
     index_select_26 = ops.all_to_all(index_select_26, layers_26_ffn_dispatch.send, layers_26_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_26 = index_select_26.index_select(0, layers_26_ffn_dispatch.order)  # group rows by local expert
-    layers_26_ffn_experts = ops.grouped_swiglu_int4(index_select_26, layers_26_ffn_dispatch.local_counts, P["layers.26.ffn.experts.w1_EFD"], P["layers.26.ffn.experts.w3_EFD"], P["layers.26.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_26_ffn_experts = ops.grouped_swiglu_int4(index_select_26, layers_26_ffn_dispatch.local_counts_E, P["layers.26.ffn.experts.w1_EFD"], P["layers.26.ffn.experts.w3_EFD"], P["layers.26.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_26_ffn_experts = layers_26_ffn_experts.index_select(0, layers_26_ffn_dispatch.inverse)
     layers_26_ffn_experts = ops.all_to_all(layers_26_ffn_experts, layers_26_ffn_dispatch.recv, layers_26_ffn_dispatch.send, G.ep)  # combine
     layers_26_ffn_combine = ops.combine_tokens(layers_26_ffn_experts, layers_26_ffn_dispatch, reshape_26_mine)
@@ -242,7 +242,7 @@ def layer_27(P, B, add_53, G, ctx):
     index_select_27 = reshape_27_mine.index_select(0, getattr_83)
     index_select_27 = ops.all_to_all(index_select_27, layers_27_ffn_dispatch.send, layers_27_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_27 = index_select_27.index_select(0, layers_27_ffn_dispatch.order)  # group rows by local expert
-    layers_27_ffn_experts = ops.grouped_swiglu_int4(index_select_27, layers_27_ffn_dispatch.local_counts, P["layers.27.ffn.experts.w1_EFD"], P["layers.27.ffn.experts.w3_EFD"], P["layers.27.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_27_ffn_experts = ops.grouped_swiglu_int4(index_select_27, layers_27_ffn_dispatch.local_counts_E, P["layers.27.ffn.experts.w1_EFD"], P["layers.27.ffn.experts.w3_EFD"], P["layers.27.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_27_ffn_experts = layers_27_ffn_experts.index_select(0, layers_27_ffn_dispatch.inverse)
     layers_27_ffn_experts = ops.all_to_all(layers_27_ffn_experts, layers_27_ffn_dispatch.recv, layers_27_ffn_dispatch.send, G.ep)  # combine
     layers_27_ffn_combine = ops.combine_tokens(layers_27_ffn_experts, layers_27_ffn_dispatch, reshape_27_mine)
@@ -274,7 +274,7 @@ def layer_28(P, B, add_55, G, ctx):
     index_select_28 = reshape_28_mine.index_select(0, getattr_86)
     index_select_28 = ops.all_to_all(index_select_28, layers_28_ffn_dispatch.send, layers_28_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_28 = index_select_28.index_select(0, layers_28_ffn_dispatch.order)  # group rows by local expert
-    layers_28_ffn_experts = ops.grouped_swiglu_int4(index_select_28, layers_28_ffn_dispatch.local_counts, P["layers.28.ffn.experts.w1_EFD"], P["layers.28.ffn.experts.w3_EFD"], P["layers.28.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_28_ffn_experts = ops.grouped_swiglu_int4(index_select_28, layers_28_ffn_dispatch.local_counts_E, P["layers.28.ffn.experts.w1_EFD"], P["layers.28.ffn.experts.w3_EFD"], P["layers.28.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_28_ffn_experts = layers_28_ffn_experts.index_select(0, layers_28_ffn_dispatch.inverse)
     layers_28_ffn_experts = ops.all_to_all(layers_28_ffn_experts, layers_28_ffn_dispatch.recv, layers_28_ffn_dispatch.send, G.ep)  # combine
     layers_28_ffn_combine = ops.combine_tokens(layers_28_ffn_experts, layers_28_ffn_dispatch, reshape_28_mine)
@@ -306,7 +306,7 @@ def layer_29(P, B, add_57, G, ctx):
     index_select_29 = reshape_29_mine.index_select(0, getattr_89)
     index_select_29 = ops.all_to_all(index_select_29, layers_29_ffn_dispatch.send, layers_29_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_29 = index_select_29.index_select(0, layers_29_ffn_dispatch.order)  # group rows by local expert
-    layers_29_ffn_experts = ops.grouped_swiglu_int4(index_select_29, layers_29_ffn_dispatch.local_counts, P["layers.29.ffn.experts.w1_EFD"], P["layers.29.ffn.experts.w3_EFD"], P["layers.29.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_29_ffn_experts = ops.grouped_swiglu_int4(index_select_29, layers_29_ffn_dispatch.local_counts_E, P["layers.29.ffn.experts.w1_EFD"], P["layers.29.ffn.experts.w3_EFD"], P["layers.29.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_29_ffn_experts = layers_29_ffn_experts.index_select(0, layers_29_ffn_dispatch.inverse)
     layers_29_ffn_experts = ops.all_to_all(layers_29_ffn_experts, layers_29_ffn_dispatch.recv, layers_29_ffn_dispatch.send, G.ep)  # combine
     layers_29_ffn_combine = ops.combine_tokens(layers_29_ffn_experts, layers_29_ffn_dispatch, reshape_29_mine)
@@ -338,7 +338,7 @@ def layer_30(P, B, add_59, G, ctx):
     index_select_30 = reshape_30_mine.index_select(0, getattr_92)
     index_select_30 = ops.all_to_all(index_select_30, layers_30_ffn_dispatch.send, layers_30_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_30 = index_select_30.index_select(0, layers_30_ffn_dispatch.order)  # group rows by local expert
-    layers_30_ffn_experts = ops.grouped_swiglu_int4(index_select_30, layers_30_ffn_dispatch.local_counts, P["layers.30.ffn.experts.w1_EFD"], P["layers.30.ffn.experts.w3_EFD"], P["layers.30.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_30_ffn_experts = ops.grouped_swiglu_int4(index_select_30, layers_30_ffn_dispatch.local_counts_E, P["layers.30.ffn.experts.w1_EFD"], P["layers.30.ffn.experts.w3_EFD"], P["layers.30.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_30_ffn_experts = layers_30_ffn_experts.index_select(0, layers_30_ffn_dispatch.inverse)
     layers_30_ffn_experts = ops.all_to_all(layers_30_ffn_experts, layers_30_ffn_dispatch.recv, layers_30_ffn_dispatch.send, G.ep)  # combine
     layers_30_ffn_combine = ops.combine_tokens(layers_30_ffn_experts, layers_30_ffn_dispatch, reshape_30_mine)
@@ -370,7 +370,7 @@ def layer_31(P, B, add_61, G, ctx):
     index_select_31 = reshape_31_mine.index_select(0, getattr_95)
     index_select_31 = ops.all_to_all(index_select_31, layers_31_ffn_dispatch.send, layers_31_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_31 = index_select_31.index_select(0, layers_31_ffn_dispatch.order)  # group rows by local expert
-    layers_31_ffn_experts = ops.grouped_swiglu_int4(index_select_31, layers_31_ffn_dispatch.local_counts, P["layers.31.ffn.experts.w1_EFD"], P["layers.31.ffn.experts.w3_EFD"], P["layers.31.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_31_ffn_experts = ops.grouped_swiglu_int4(index_select_31, layers_31_ffn_dispatch.local_counts_E, P["layers.31.ffn.experts.w1_EFD"], P["layers.31.ffn.experts.w3_EFD"], P["layers.31.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_31_ffn_experts = layers_31_ffn_experts.index_select(0, layers_31_ffn_dispatch.inverse)
     layers_31_ffn_experts = ops.all_to_all(layers_31_ffn_experts, layers_31_ffn_dispatch.recv, layers_31_ffn_dispatch.send, G.ep)  # combine
     layers_31_ffn_combine = ops.combine_tokens(layers_31_ffn_experts, layers_31_ffn_dispatch, reshape_31_mine)

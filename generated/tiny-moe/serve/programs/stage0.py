@@ -77,7 +77,7 @@ def layer_0(P, B, embed, G, ctx):
     index_select = reshape.index_select(0, getattr_2)
     index_select = ops.all_to_all(index_select, layers_0_ffn_dispatch.send, layers_0_ffn_dispatch.recv, G.ep)  # dispatch
     index_select = index_select.index_select(0, layers_0_ffn_dispatch.order)  # group rows by local expert
-    layers_0_ffn_experts = ops.grouped_swiglu_int4(index_select, layers_0_ffn_dispatch.local_counts, P["layers.0.ffn.experts.w1_EFD"], P["layers.0.ffn.experts.w3_EFD"], P["layers.0.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_0_ffn_experts = ops.grouped_swiglu_int4(index_select, layers_0_ffn_dispatch.local_counts_E, P["layers.0.ffn.experts.w1_EFD"], P["layers.0.ffn.experts.w3_EFD"], P["layers.0.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_0_ffn_experts = layers_0_ffn_experts.index_select(0, layers_0_ffn_dispatch.inverse)
     layers_0_ffn_experts = ops.all_to_all(layers_0_ffn_experts, layers_0_ffn_dispatch.recv, layers_0_ffn_dispatch.send, G.ep)  # combine
     layers_0_ffn_combine = ops.combine_tokens(layers_0_ffn_experts, layers_0_ffn_dispatch, reshape)
@@ -106,7 +106,7 @@ def layer_1(P, B, add_1, G, ctx):
     index_select_1 = reshape_1.index_select(0, getattr_5)
     index_select_1 = ops.all_to_all(index_select_1, layers_1_ffn_dispatch.send, layers_1_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_1 = index_select_1.index_select(0, layers_1_ffn_dispatch.order)  # group rows by local expert
-    layers_1_ffn_experts = ops.grouped_swiglu_int4(index_select_1, layers_1_ffn_dispatch.local_counts, P["layers.1.ffn.experts.w1_EFD"], P["layers.1.ffn.experts.w3_EFD"], P["layers.1.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_1_ffn_experts = ops.grouped_swiglu_int4(index_select_1, layers_1_ffn_dispatch.local_counts_E, P["layers.1.ffn.experts.w1_EFD"], P["layers.1.ffn.experts.w3_EFD"], P["layers.1.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_1_ffn_experts = layers_1_ffn_experts.index_select(0, layers_1_ffn_dispatch.inverse)
     layers_1_ffn_experts = ops.all_to_all(layers_1_ffn_experts, layers_1_ffn_dispatch.recv, layers_1_ffn_dispatch.send, G.ep)  # combine
     layers_1_ffn_combine = ops.combine_tokens(layers_1_ffn_experts, layers_1_ffn_dispatch, reshape_1)

@@ -72,7 +72,7 @@ def layer_2(P, B, add_3, G, ctx):
     index_select_2 = reshape_2.index_select(0, getattr_8)
     index_select_2 = ops.all_to_all(index_select_2, layers_2_ffn_dispatch.send, layers_2_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_2 = index_select_2.index_select(0, layers_2_ffn_dispatch.order)  # group rows by local expert
-    layers_2_ffn_experts = ops.grouped_swiglu_int4(index_select_2, layers_2_ffn_dispatch.local_counts, P["layers.2.ffn.experts.w1_EFD"], P["layers.2.ffn.experts.w3_EFD"], P["layers.2.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_2_ffn_experts = ops.grouped_swiglu_int4(index_select_2, layers_2_ffn_dispatch.local_counts_E, P["layers.2.ffn.experts.w1_EFD"], P["layers.2.ffn.experts.w3_EFD"], P["layers.2.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_2_ffn_experts = layers_2_ffn_experts.index_select(0, layers_2_ffn_dispatch.inverse)
     layers_2_ffn_experts = ops.all_to_all(layers_2_ffn_experts, layers_2_ffn_dispatch.recv, layers_2_ffn_dispatch.send, G.ep)  # combine
     layers_2_ffn_combine = ops.combine_tokens(layers_2_ffn_experts, layers_2_ffn_dispatch, reshape_2)
@@ -101,7 +101,7 @@ def layer_3(P, B, add_5, G, ctx):
     index_select_3 = reshape_3.index_select(0, getattr_11)
     index_select_3 = ops.all_to_all(index_select_3, layers_3_ffn_dispatch.send, layers_3_ffn_dispatch.recv, G.ep)  # dispatch
     index_select_3 = index_select_3.index_select(0, layers_3_ffn_dispatch.order)  # group rows by local expert
-    layers_3_ffn_experts = ops.grouped_swiglu_int4(index_select_3, layers_3_ffn_dispatch.local_counts, P["layers.3.ffn.experts.w1_EFD"], P["layers.3.ffn.experts.w3_EFD"], P["layers.3.ffn.experts.w2_EDF"])  # packed int4 experts
+    layers_3_ffn_experts = ops.grouped_swiglu_int4(index_select_3, layers_3_ffn_dispatch.local_counts_E, P["layers.3.ffn.experts.w1_EFD"], P["layers.3.ffn.experts.w3_EFD"], P["layers.3.ffn.experts.w2_EDF"])  # int4 experts, through the plan's expert kernel
     layers_3_ffn_experts = layers_3_ffn_experts.index_select(0, layers_3_ffn_dispatch.inverse)
     layers_3_ffn_experts = ops.all_to_all(layers_3_ffn_experts, layers_3_ffn_dispatch.recv, layers_3_ffn_dispatch.send, G.ep)  # combine
     layers_3_ffn_combine = ops.combine_tokens(layers_3_ffn_experts, layers_3_ffn_dispatch, reshape_3)
