@@ -80,6 +80,8 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema lcc.report/1).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="train (default) or serve: weights and KV cache per rank, KV "
                                       "tokens that fit, a memory-bound decode step.")] = "train",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw memory per role against the device and "  # noqa: UP007
+                                              "one step's pipeline timeline (PNG; the plot extra).")] = None,
 ) -> None:
     """Parameters, per-rank memory, FLOPs, communication, bubble and step time of a spec (no torch); with
     --mode serve, what serving it takes. Exit 1 when the worst rank does not fit the device memory."""
@@ -102,8 +104,31 @@ def report(
 
         (render_serve if mode == "serve" else render)(data, Console(width=120))
     fits = data["serve"]["fits"] if mode == "serve" else data["memory"]["fits"]
+    if plot is not None:
+        _report_plot(spec, set_, mode, data, plot)
     if not fits:  # the report is printed; the exit code says the layout cannot train (or serve)
         raise typer.Exit(1)
+
+
+def _report_plot(spec: Path, sets: list[str] | None, mode: str, data: dict[str, Any], path: Path) -> None:
+    """The report's picture: the plan compiled in memory for the pipeline timeline (memory alone when the
+    layout does not compile, saying why)."""
+    from lcc.compiler.plan import compile_plan
+    from lcc.inspect import plot as pictures
+    from lcc.inspect.target import InspectError, Target
+    from lcc.plan import loads
+
+    try:
+        files = compile_plan(load_spec(spec, sets or []), mode)
+        target, why = Target(loads(files["plan.json"]), str(spec), files=files), ""
+    except SpecError as exc:
+        target, why = None, str(exc.problems[0])
+    try:
+        pictures.report_picture(data, mode, target, path, why)
+    except InspectError as exc:
+        typer.echo(f"lcc: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}", err=True)
 
 
 ModeOpt = Annotated[str, typer.Option("--mode", help="train (default) or serve (int4 experts, routing tables).")]
@@ -356,6 +381,10 @@ def _serve_plan(target: Path, set_: list[str] | None) -> Path:
         write_atomically(_exit_on_spec_error(compile_plan, loaded, "serve"), plan_dir)
     return plan_dir
 
+
+from lcc.inspect.commands import plan_app  # noqa: E402 - beside the other command groups
+
+app.add_typer(plan_app, name="plan")
 
 checkpoint_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                              help="Inspect checkpoints saved by lcc run train.")

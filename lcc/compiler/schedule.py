@@ -116,10 +116,13 @@ class Simulation:
     bubble_fraction: float  # idle share of pp x makespan
 
 
-def simulate(schedule: Schedule, n_stages: int, microbatches: int) -> Simulation:
+def simulate(schedule: Schedule, n_stages: int, microbatches: int,
+             timeline: list[tuple[int, Action, int, int]] | None = None) -> Simulation:
     """Run a lowered schedule: sends complete without waiting, a receive waits for its send, a compute
     action waits for its inputs (the previous stage locally, or a receive). Raises ScheduleError naming
-    the rank and step of the first problem: a deadlock, a missing or surplus action, a send never received."""
+    the rank and step of the first problem: a deadlock, a missing or surplus action, a send never received.
+    `timeline` (a list) receives every action as (rank, action, start, end) in cost units, in the order
+    they run (sends and receives take no time)."""
     pp = len(schedule)
     _check_counts(schedule, n_stages, microbatches)
     pos, clock, busy = [0] * pp, [0] * pp, [0] * pp
@@ -143,6 +146,8 @@ def simulate(schedule: Schedule, n_stages: int, microbatches: int) -> Simulation
                     sent[_message(a)] = (start, r, pos[r])
                 else:
                     received[_message(a)] = clock[r] = start
+                if timeline is not None:
+                    timeline.append((r, a, start, clock[r] if a.kind in COST else start))
                 pos[r] += 1
                 progressed = True
         if not progressed:

@@ -1,0 +1,142 @@
+"""`lcc plan show | diff | export`: the typer commands (registered by lcc.cli); the work is in lcc.inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Look at plans: show a rank or role, diff two layouts, export for other tools.")
+
+TargetArg = Annotated[Path, typer.Argument(help="A compiled plan folder, or a spec (compiled in memory).",
+                                           show_default=False)]
+ModeOpt = Annotated[str, typer.Option("--mode", help="For a spec: train or serve.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="FIELD=VALUE",  # noqa: UP007
+                                                  help="For a spec: override a field (repeatable).")]
+
+
+def _guard(fn: Any, *args: Any) -> Any:
+    """Run fn; bad input (an unusable target or option, an invalid spec) is its message and exit code 2."""
+    from lcc.inspect.target import InspectError
+    from lcc.spec import SpecError
+
+    try:
+        return fn(*args)
+    except InspectError as exc:
+        typer.echo(f"lcc: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except SpecError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+@plan_app.command("show")
+def show(
+    target: TargetArg,
+    rank: Annotated[int | None, typer.Option("--rank", help="One rank: coordinates, shards, collectives, memory.")] = None,  # noqa: UP007,E501
+    role: Annotated[str | None, typer.Option("--role", help="One role (pipeline stage), e.g. stage0.")] = None,  # noqa: UP007
+    all_ranks: Annotated[bool, typer.Option("--all-ranks", help="Every rank's coordinates, node, roles, experts "
+                                            "and memory (with --json).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    mode: ModeOpt = "train",
+    set_: SetOpt = None,
+) -> None:
+    """The layout at a glance, or one rank's or role's share of it."""
+    from rich.console import Console
+
+    from lcc.inspect import show as view
+    from lcc.inspect.target import load
+
+    def run() -> None:
+        t = load(target, mode, set_)
+        if rank is not None:
+            view.check_rank(t.plan, rank)
+        if all_ranks:
+            if not as_json:
+                raise view.InspectError("--all-ranks prints JSON: add --json")
+            data: Any = view.all_ranks(t.plan)
+        elif rank is not None:
+            data = view.rank_facts(t.plan, rank)
+        elif role is not None:
+            data = view.role_facts(t.plan, role)
+        else:
+            data = view.overview(t.plan)
+        if as_json:
+            typer.echo(json.dumps(data, indent=1, sort_keys=True))
+            return
+        console = Console(width=120)
+        if rank is not None:
+            view.render_rank(console, data)
+        elif role is not None:
+            view.render_role(console, data)
+        else:
+            view.render_overview(console, t, data)
+
+    _guard(run)
+
+
+@plan_app.command("diff")
+def diff_cmd(
+    a: Annotated[Path, typer.Argument(help="A plan folder or a spec.", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="Another plan folder or spec (the same spec with --set-b).",
+                                      show_default=False)],
+    set_a: Annotated[list[str] | None, typer.Option("--set-a", metavar="FIELD=VALUE",  # noqa: UP007
+                                                    help="Override a field of spec A (repeatable).")] = None,
+    set_b: Annotated[list[str] | None, typer.Option("--set-b", metavar="FIELD=VALUE",  # noqa: UP007
+                                                    help="Override a field of spec B (repeatable).")] = None,
+    mode: ModeOpt = "train",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the changes as JSON.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw both layouts side by side (PNG).")] = None,  # noqa: UP007,E501
+) -> None:
+    """What changes between two layouts or specs: spec fields, mesh, memory, communication, pipeline, experts
+    and program lines."""
+    from rich.console import Console
+
+    from lcc.inspect import diff as differ
+    from lcc.inspect.target import load
+
+    def run() -> None:
+        ta, tb = load(a, mode, set_a), load(b, mode, set_b)
+        d = differ.diff(ta, tb)
+        if plot is not None:
+            from lcc.inspect import plot as pictures
+
+            pictures.side_by_side(ta, tb, plot)
+        if as_json:
+            typer.echo(json.dumps(d, indent=1, sort_keys=True))
+        else:
+            differ.render(Console(width=120), d)
+        if plot is not None and not as_json:
+            typer.echo(f"wrote {plot}")
+
+    _guard(run)
+
+
+@plan_app.command("export")
+def export_cmd(
+    target: TargetArg,
+    fmt: Annotated[str, typer.Option("--format", help="perfetto (Chrome/Perfetto trace JSON), dot (Graphviz) or csv "
+                                     "(torch.distributed.pipelining notation).")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write.")],
+    mode: ModeOpt = "train",
+    set_: SetOpt = None,
+) -> None:
+    """Write the plan for other tools: the simulated step as a trace, the stages as a graph, the schedule."""
+    from lcc.inspect import export as exporter
+    from lcc.inspect.target import InspectError, load
+
+    def run() -> None:
+        if fmt not in exporter.FORMATS:
+            raise InspectError(f"--format {fmt}: one of {', '.join(exporter.FORMATS)}")
+        text = exporter.export(load(target, mode, set_), fmt)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except OSError as exc:
+            raise InspectError(f"--out {out}: cannot write it ({exc.strerror})") from None
+        typer.echo(f"wrote {out} ({fmt}, {len(text.encode())} bytes)")
+
+    _guard(run)

@@ -1,0 +1,188 @@
+"""`lcc plan show`: the layout at a glance, one role, or one rank, as rich tables or JSON."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lcc.inspect.ranks import RankIndex, memory, rank_facts
+from lcc.inspect.target import InspectError, Target
+from lcc.plan.types import Plan
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "varies"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def overview(plan: Plan) -> dict[str, Any]:
+    """The plan as a whole: mesh, roles, memory per role, schedule, experts, the cost model's totals."""
+    cost = plan.cost
+    sim = plan.schedule.simulation
+    roles = []
+    for role in plan.roles:
+        mem = memory(plan, role.pp_rank)
+        roles.append({"role": role.name, "stage": role.stage, "pp_rank": role.pp_rank, "layers": role.layers,
+                      "embedding": role.embedding, "head": role.head, "parameters": len(role.parameters),
+                      "forward_collectives": len(role.forward), "backward_collectives": len(role.backward),
+                      "program": role.program, "memory_bytes": mem["total_bytes"]})
+    out: dict[str, Any] = {
+        "spec": plan.spec_name, "mode": plan.mode, "world_size": plan.world_size, "device": plan.device,
+        "backend": plan.backend, "dtype": plan.dtype,
+        "mesh": {**dict(zip(plan.mesh.axes, plan.mesh.sizes, strict=True)), "ep": plan.mesh.ep,
+                 "edp": plan.mesh.edp, "gpus_per_node": plan.mesh.gpus_per_node,
+                 "nodes": plan.world_size // plan.mesh.gpus_per_node},
+        "roles": roles, "device_bytes": cost["memory"]["device_bytes"],
+        "schedule": {"kind": plan.schedule.kind, "microbatches": plan.schedule.microbatches,
+                     "virtual_stages": plan.schedule.virtual_stages, "makespan_units": sim.makespan,
+                     "bubble_fraction": sim.bubble_fraction},
+        "step_seconds_estimate": cost["time"]["step_seconds_estimate"],
+        "communication_bytes_per_step": cost["comm"]["bytes_per_step"],
+    }
+    if plan.experts is not None:
+        e = plan.experts
+        out["experts"] = {"n_experts": e.n_experts, "n_groups": e.n_groups, "experts_per_rank": e.experts_per_rank,
+                          "ep": e.ep, "replicas": e.edp, "alltoall_inter_node_share": e.alltoall_inter_node_share}
+    return out
+
+
+def role_facts(plan: Plan, name: str) -> dict[str, Any]:
+    role = next((r for r in plan.roles if r.name == name), None)
+    if role is None:
+        raise InspectError(f"--role {name}: the plan's roles are {', '.join(r.name for r in plan.roles)}")
+    index = RankIndex(plan)
+    first = next(r for r in range(plan.world_size) if index.coords(r)["pp"] == role.pp_rank)
+    facts = rank_facts(plan, first, index)
+    return {"role": role.name, "stage": role.stage, "pp_rank": role.pp_rank, "layers": role.layers,
+            "program": role.program, "ranks": plan.mesh.size("stage"), "memory": facts["memory"],
+            "parameters": [p for p in facts["parameters"] if role.stage in plan.parameter(p["name"]).stages],
+            "collectives": [c for c in facts["collectives"] if role.name in c["phase"] or c["phase"] == "pipeline"
+                            or c["phase"].startswith("step")]}
+
+
+def all_ranks(plan: Plan) -> list[dict[str, Any]]:
+    index = RankIndex(plan)
+    return [rank_facts(plan, r, index, full=False) for r in range(plan.world_size)]
+
+
+def check_rank(plan: Plan, rank: int) -> None:
+    if not 0 <= rank < plan.world_size:
+        raise InspectError(f"--rank {rank}: the plan has ranks 0 to {plan.world_size - 1}")
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+def _pattern(name: str) -> str:
+    return re.sub(r"^layers\.\d+\.", "layers.*.", name)
+
+
+def render_overview(console: Console, target: Target, o: dict[str, Any]) -> None:
+    mesh = o["mesh"]
+    console.print(f"[bold]{target.label}[/bold]: {o['spec']} {o['mode']} plan, {o['world_size']} ranks on "
+                  f"{mesh['nodes']} node(s) of {mesh['gpus_per_node']} ({o['device']}, backend {o['backend']}, "
+                  f"{o['dtype']})")
+    t = Table(title="mesh", title_justify="left")
+    for axis in ("pp", "dp", "tp", "ep", "edp"):
+        t.add_column(axis, justify="right")
+    t.add_row(*(str(mesh[a]) for a in ("pp", "dp", "tp", "ep", "edp")))
+    console.print(t)
+    t = Table(title=f"roles (memory against {size(o['device_bytes'])} per device)", title_justify="left")
+    for col in ("role", "pp rank", "layers", "parts", "params", "collectives fwd/bwd", "memory", "of device"):
+        t.add_column(col, justify="right" if col not in ("role", "parts") else "left")
+    for r in o["roles"]:
+        parts = ", ".join(p for p, on in (("embedding", r["embedding"]), ("head", r["head"])) if on) or "-"
+        t.add_row(r["role"], str(r["pp_rank"]), f"[{r['layers'][0]}, {r['layers'][1]})", parts, str(r["parameters"]),
+                  f"{r['forward_collectives']}/{r['backward_collectives']}", size(r["memory_bytes"]),
+                  f"{r['memory_bytes'] / o['device_bytes']:.0%}")
+    console.print(t)
+    s = o["schedule"]
+    comm = o["communication_bytes_per_step"]
+    console.print(f"schedule: {s['kind']}, {s['microbatches']} micro-batch(es), {s['virtual_stages']} virtual "
+                  f"stage(s); bubble {s['bubble_fraction']:.1%}; estimated step {o['step_seconds_estimate']:.3f} s")
+    console.print(f"communication per step: {size(comm['total'])} ("
+                  + ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in comm["by_link"].items()) + ")")
+    if "experts" in o:
+        e = o["experts"]
+        console.print(f"experts: {e['n_experts']} in {e['n_groups']} groups, {e['experts_per_rank']} per rank over "
+                      f"ep {e['ep']}, {e['replicas']} replica(s); {e['alltoall_inter_node_share']:.0%} of all-to-all "
+                      "bytes cross nodes")
+
+
+def render_rank(console: Console, f: dict[str, Any]) -> None:
+    c = f["coords"]
+    console.print(f"[bold]rank {f['rank']}[/bold]: pp {c['pp']}, dp {c['dp']}, tp {c['tp']} (ep {c['ep']}, "
+                  f"edp {c['edp']}); node {f['node']}; roles {', '.join(f['roles'])}, layers "
+                  + ", ".join(f"[{a}, {b})" for a, b in f["layers"]))
+    if f["experts"]:
+        e = f["experts"]
+        console.print(f"experts {e['first']}-{e['last']} ({e['count']}; groups {e['groups']}), each held by "
+                      f"{e['replicas']} rank(s)")
+    _render_parameters(console, f["parameters"])
+    _render_collectives(console, f["collectives"])
+    _render_memory(console, f["memory"])
+    s = f["schedule"]
+    console.print(f"schedule: busy {s['busy_units']} of {s['makespan_units']} units ({s['busy_share']:.0%}; the rest "
+                  "waits in the pipeline bubble)")
+
+
+def render_role(console: Console, f: dict[str, Any]) -> None:
+    console.print(f"[bold]role {f['role']}[/bold]: stage {f['stage']} on pipeline rank {f['pp_rank']}, layers "
+                  f"[{f['layers'][0]}, {f['layers'][1]}), {f['ranks']} ranks run {f['program']}")
+    _render_parameters(console, f["parameters"])
+    _render_collectives(console, f["collectives"])
+    _render_memory(console, f["memory"])
+
+
+def _render_parameters(console: Console, params: list[dict[str, Any]]) -> None:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for p in params:
+        groups[_pattern(p["name"])].append(p)
+    t = Table(title=f"parameter shards held ({len(params)} tensors, {size(sum(p['bytes'] for p in params))})",
+              title_justify="left")
+    for col in ("parameter", "tensors", "local shape", "split", "bytes"):
+        t.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
+    for name, ps in groups.items():
+        p = ps[0]
+        split = []
+        if p["shard"]:
+            split.append(f"dim {p['shard']['dim']} over {p['shard']['axis']} ({p['shard']['parts']} parts)")
+        if p["zero"]:
+            split.append(f"ZeRO over {p['zero']['axis']} ({p['zero']['parts']})")
+        t.add_row(name, str(len(ps)), "x".join(map(str, p["local_shape"])), "; ".join(split) or "replicated",
+                  size(sum(q["bytes"] for q in ps)))
+    console.print(t)
+
+
+def _render_collectives(console: Console, rows: list[dict[str, Any]]) -> None:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["phase"].split()[0], r["op"], r["axis"], r["group_size"], r["link"])].append(r)
+    total = sum(r["bytes_per_step"] or 0 for r in rows)
+    t = Table(title=f"collectives per step ({sum(r['calls_per_step'] for r in rows)} calls, {size(total)} of known "
+              "size)", title_justify="left")
+    for col in ("phase", "op", "axis", "group", "link", "calls", "bytes"):
+        t.add_column(col, justify="right" if col in ("group", "calls", "bytes") else "left")
+    for (phase, op, axis, group, link), rs in groups.items():
+        known = [r["bytes_per_step"] for r in rs if r["bytes_per_step"] is not None]
+        nbytes = size(sum(known)) + ("" if len(known) == len(rs) else " + varies")
+        t.add_row(phase, op, axis, str(group), link.replace("_", " "), str(sum(r["calls_per_step"] for r in rs)),
+                  nbytes)
+    console.print(t)
+
+
+def _render_memory(console: Console, m: dict[str, Any]) -> None:
+    t = Table(title=f"memory (cost model): {size(m['total_bytes'])} of {size(m['device_bytes'])}"
+              f" ({m['share_of_device']:.0%})", title_justify="left")
+    t.add_column("kind")
+    t.add_column("bytes", justify="right")
+    for kind, n in m["by_kind"].items():
+        t.add_row(kind.replace("_", " "), size(n))
+    console.print(t)

@@ -1,0 +1,110 @@
+"""One step of a plan's pipeline schedule as timed slices: the schedule simulator's timeline (the same run
+that measured the plan's bubble), in seconds from the cost model.
+
+A compute unit (a forward of one stage and micro-batch; a backward is two) lasts the rank's compute time
+per step over its busy units (serve plans: the report's memory-bound decode step over the stages); a send
+or receive lasts the boundary activation's bytes over the pipeline link's bandwidth. Gaps on a rank's
+compute track are its share of the bubble: busy plus idle is the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcc.actions import Action
+from lcc.compiler.schedule import COST, simulate
+from lcc.inspect.ranks import RankIndex, dtype_bytes
+from lcc.plan.types import Plan
+
+
+@dataclass(frozen=True)
+class Slice:
+    pp: int
+    track: str  # compute | idle | send | recv
+    name: str
+    start: float  # seconds
+    end: float
+    stage: int | None = None
+    mb: int | None = None
+    peer: int | None = None  # send / recv: the other pipeline rank
+
+
+@dataclass
+class Timeline:
+    slices: list[Slice]
+    makespan: float  # seconds
+    unit_seconds: float
+    transfer_seconds: float
+    link: str
+
+
+def timeline(plan: Plan, network: dict[str, float]) -> Timeline:
+    """`network`: the spec's `cluster.network` (Gbit/s per device within and across nodes)."""
+    pp = plan.mesh.size("pp")
+    actions = [[Action.parse(a) for a in rank] for rank in plan.schedule.actions]
+    actions = [[a for a in rank if a.mb is not None] for rank in actions]  # REDUCE_GRAD: the step's, after it
+    events: list[tuple[int, Action, int, int]] = []
+    if plan.mode == "train":
+        simulate(actions, plan.schedule.n_stages, plan.schedule.microbatches, events)
+        units = plan.schedule.simulation.busy
+    else:  # serve: one decode step's batch through the stages in order
+        clock = 0
+        for stage in range(plan.schedule.n_stages):
+            for a in (a for a in actions[stage % pp] if a.stage == stage):
+                events.append((stage % pp, a, clock, clock + (COST["F"] if a.kind == "F" else 0)))
+                clock += COST["F"] if a.kind == "F" else 0
+        units = [COST["F"] * sum(a.kind == "F" for a in rank) for rank in actions]
+    if plan.mode == "train":
+        unit = plan.cost["time"]["compute_seconds"] / max(max(units), 1)
+    else:  # the report's memory-bound decode step, shared by the stages
+        unit = plan.cost["serve"]["decode_step"]["seconds"] / plan.schedule.n_stages
+    index = RankIndex(plan)
+    link = index.link(0, "pp") if pp > 1 else "intra_node"
+    gbps = network[f"{link.split('_')[0]}_node_gbps"]
+    boundary = 1
+    for d in plan.schedule.boundary_shape:  # serve: -1 tokens, a full step's max_batched_tokens
+        boundary *= d if d >= 0 else plan.serving.max_batched_tokens
+    transfer = boundary * dtype_bytes(plan, "compute") / (gbps * 1e9 / 8) if gbps else 0.0
+    slices = []
+    for r, a, start, end in events:
+        if a.kind in COST:
+            name = f"{'forward' if a.kind == 'F' else 'backward'} stage {a.stage} mb {a.mb}"
+            slices.append(Slice(r, "compute", name, start * unit, end * unit, a.stage, a.mb))
+        else:
+            send = a.kind.startswith("SEND")
+            peer = (a.stage + (1 if a.kind == "SEND_F" else -1)) % pp if send else \
+                (a.stage + (-1 if a.kind == "RECV_F" else 1)) % pp
+            what = "activations" if a.kind.endswith("_F") else "gradients"
+            slices.append(Slice(r, "send" if send else "recv", f"{'send' if send else 'recv'} {what} mb {a.mb}",
+                                start * unit, start * unit + transfer, a.stage, a.mb, peer))
+    makespan = max((s.end for s in slices if s.track == "compute"), default=0.0)
+    slices = _clip(slices) + _idle(slices, pp, makespan)
+    return Timeline(sorted(slices, key=lambda s: (s.pp, s.track, s.start)), makespan, unit, transfer, link)
+
+
+def _clip(slices: list[Slice]) -> list[Slice]:
+    """A transfer track never overlaps itself: a transfer is cut where the rank's next one starts."""
+    out = []
+    by_track: dict[tuple[int, str], list[Slice]] = {}
+    for s in slices:
+        by_track.setdefault((s.pp, s.track), []).append(s)
+    for (_, track), items in sorted(by_track.items()):
+        items.sort(key=lambda s: s.start)
+        for s, nxt in zip(items, [*items[1:], None], strict=True):
+            end = s.end if track == "compute" or nxt is None else min(s.end, nxt.start)
+            out.append(Slice(s.pp, s.track, s.name, s.start, end, s.stage, s.mb, s.peer))
+    return out
+
+
+def _idle(slices: list[Slice], pp: int, makespan: float) -> list[Slice]:
+    """The gaps of each rank's compute track up to the step's end: its part of the bubble."""
+    out = []
+    for r in range(pp):
+        t = 0.0
+        for s in sorted((s for s in slices if s.pp == r and s.track == "compute"), key=lambda s: s.start):
+            if s.start > t:
+                out.append(Slice(r, "compute", "bubble (idle)", t, s.start))
+            t = max(t, s.end)
+        if t < makespan:
+            out.append(Slice(r, "compute", "bubble (idle)", t, makespan))
+    return out
