@@ -31,6 +31,7 @@ def commands(tmp: str) -> dict[str, list[str]]:
         "show --rank": ["plan", "show", PLAN, "--rank", "1537"],
         "show --all-ranks --json": ["plan", "show", PLAN, "--all-ranks", "--json"],
         "diff (two folders)": ["plan", "diff", PLAN, f"{PLAN}/serve"],
+        "export onnx (4 roles)": ["plan", "export", PLAN, "--format", "onnx", "--out", f"{tmp}/onnx"],
         "export perfetto": ["plan", "export", PLAN, "--format", "perfetto", "--out", f"{tmp}/t.json"],
         "export dot": ["plan", "export", PLAN, "--format", "dot", "--out", f"{tmp}/p.dot"],
         "export csv": ["plan", "export", PLAN, "--format", "csv", "--out", f"{tmp}/s.csv"],

@@ -118,25 +118,49 @@ def diff_cmd(
 @plan_app.command("export")
 def export_cmd(
     target: TargetArg,
-    fmt: Annotated[str, typer.Option("--format", help="perfetto (Chrome/Perfetto trace JSON), dot (Graphviz) or csv "
-                                     "(torch.distributed.pipelining notation).")],
-    out: Annotated[Path, typer.Option("--out", help="The file to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (one model per role), perfetto (Chrome/Perfetto trace "
+                                     "JSON), dot (Graphviz) or csv (torch.distributed.pipelining notation).")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (onnx: a folder of <role>.onnx, or with "
+                                      "--role a file).")],
+    role: Annotated[str | None, typer.Option("--role", help="onnx: only this role's model.")] = None,  # noqa: UP007
     mode: ModeOpt = "train",
     set_: SetOpt = None,
 ) -> None:
-    """Write the plan for other tools: the simulated step as a trace, the stages as a graph, the schedule."""
+    """Write the plan for other tools: the programs as ONNX graphs, the simulated step as a trace, the stages
+    as a graph, the schedule."""
     from lcc.inspect import export as exporter
     from lcc.inspect.target import InspectError, load
+
+    def write(path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as exc:
+            raise InspectError(f"--out {path}: cannot write it ({exc.strerror})") from None
 
     def run() -> None:
         if fmt not in exporter.FORMATS:
             raise InspectError(f"--format {fmt}: one of {', '.join(exporter.FORMATS)}")
-        text = exporter.export(load(target, mode, set_), fmt)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-        except OSError as exc:
-            raise InspectError(f"--out {out}: cannot write it ({exc.strerror})") from None
-        typer.echo(f"wrote {out} ({fmt}, {len(text.encode())} bytes)")
+        if role is not None and fmt != "onnx":
+            raise InspectError(f"--role applies to --format onnx (one model per role), not to {fmt}")
+        t = load(target, mode, set_)
+        if fmt == "onnx":
+            from lcc.inspect.onnx_export import models
+
+            files = models(t, role)
+            if role is not None:
+                write(out, files[f"{role}.onnx"])
+                typer.echo(f"wrote {out} (onnx, role {role}, {len(files[f'{role}.onnx'])} bytes)")
+                return
+            if out.exists() and not out.is_dir():
+                raise InspectError(f"--out {out}: a file; --format onnx writes one model per role into a folder "
+                                   "(or give --role)")
+            for name, data in files.items():
+                write(out / name, data)
+            typer.echo(f"wrote {', '.join(str(out / n) for n in files)} (onnx)")
+            return
+        text = exporter.export(t, fmt).encode()
+        write(out, text)
+        typer.echo(f"wrote {out} ({fmt}, {len(text)} bytes)")
 
     _guard(run)

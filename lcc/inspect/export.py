@@ -1,5 +1,7 @@
 """`lcc plan export`: the plan in other tools' formats.
 
+- `onnx`: one model per role (lcc.inspect.onnx_export), `<role>.onnx` in the `--out` folder, or the
+  `--role`'s model in the `--out` file.
 - `perfetto`: the simulated step as Chrome / Perfetto trace JSON (Trace Event Format): one process per
   pipeline rank, named with its stages and ranks; threads for compute (forward, backward, and the bubble's
   idle time), sends and receives; complete events with durations from the cost model; a flow arrow from
@@ -19,7 +21,7 @@ from lcc.inspect.ranks import RankIndex
 from lcc.inspect.target import Target
 from lcc.inspect.timeline import Slice, timeline
 
-FORMATS = ("perfetto", "dot", "csv")
+FORMATS = ("onnx", "perfetto", "dot", "csv")
 TRACKS = {"compute": 1, "send": 2, "recv": 3, "step": 4}
 
 

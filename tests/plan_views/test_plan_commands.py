@@ -181,3 +181,47 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
         code, output = run(*args)
         assert code == 2, (args, output)
         assert message in output and len(output.strip().splitlines()) == 1, output
+
+
+COLLECTIVE_NODES = {"zero_gather": "all_gather", "gather_sequence": "all_gather", "gather_tokens": "all_gather",
+                    "gather_vocab": "all_gather", "reduce_scatter_sequence": "reduce_scatter",
+                    "all_to_all": "all_to_all", "moe_plan": "all_to_all", "all_reduce": "all_reduce",
+                    "all_reduce_max": "all_reduce_max"}
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=[str(p.relative_to(GENERATED)) for p in PLANS])
+def test_onnx_models_check_and_carry_every_collective(plan, tmp_path):
+    """One model per role, the same bytes twice, `check_model(full_check=True)`, nodes in an order where
+    every input exists before its use, a type and shape for every value, and the plan's forward collectives
+    as `lcc` nodes with their mesh axes."""
+    from collections import Counter
+
+    import onnx
+
+    for out in ("a", "b"):
+        code, output = run("plan", "export", plan, "--format", "onnx", "--out", tmp_path / out)
+        assert code == 0, output
+    p = read_plan(plan)
+    for role in p.roles:
+        data = (tmp_path / "a" / f"{role.name}.onnx").read_bytes()
+        assert (tmp_path / "b" / f"{role.name}.onnx").read_bytes() == data
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model, full_check=True)
+        g = model.graph
+        known = {v.name for v in g.input} | {t.name for t in g.initializer}
+        typed = known | {v.name for v in g.value_info} | {v.name for v in g.output}
+        for node in g.node:
+            assert all(i in known for i in node.input), (node.name, [i for i in node.input if i not in known])
+            assert all(o in typed for o in node.output), node.name
+            known.update(node.output)
+        for v in [*g.value_info, *g.input, *g.output]:
+            assert v.type.tensor_type.HasField("shape")
+        issued = Counter()
+        for node in g.node:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.domain == "lcc" and node.op_type in COLLECTIVE_NODES and attrs["group_size"] > 1:
+                axis = attrs["axis"].decode() if isinstance(attrs["axis"], bytes) else attrs["axis"]
+                issued[(COLLECTIVE_NODES[node.op_type], axis)] += 1
+        assert issued == Counter((c.op, c.axis) for c in role.forward)
+        params = {v.name for v in g.input}
+        assert {n for n in role.parameters if p.parameter(n).serve is None} <= params
