@@ -62,24 +62,31 @@ def _programs(a: Target, b: Target) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pipeline(o: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+    """The schedule and the step estimate: a training step, or a serve plan's decode step."""
+    if "decode_step" in o:
+        d = o["decode_step"]
+        return {**o["schedule"], "decode_step_seconds": d["seconds"], "tokens_per_second": d["tokens_per_second"],
+                "worst_rank_bytes": d["worst_rank_bytes"]}
+    return {**o["schedule"], "step_seconds_estimate": cost["time"]["step_seconds_estimate"],
+            "tokens_per_second": cost["time"]["tokens_per_second"], "utilization": cost["time"]["utilization"]}
+
+
 def diff(a: Target, b: Target) -> dict[str, Any]:
     oa, ob = overview(a.plan), overview(b.plan)
     ca, cb = a.plan.cost, b.plan.cost
     worst = [{"plan": side, "rank": t.plan.cost["memory"]["worst_rank"]["rank"],
               "role": t.plan.cost["memory"]["worst_rank"]["role"],
               "total_bytes": t.plan.cost["memory"]["worst_rank"]["total_bytes"]} for side, t in (("a", a), ("b", b))]
-    pipeline_a = {**oa["schedule"], "step_seconds_estimate": ca["time"]["step_seconds_estimate"],
-                  "tokens_per_second": ca["time"]["tokens_per_second"], "utilization": ca["time"]["utilization"]}
-    pipeline_b = {**ob["schedule"], "step_seconds_estimate": cb["time"]["step_seconds_estimate"],
-                  "tokens_per_second": cb["time"]["tokens_per_second"], "utilization": cb["time"]["utilization"]}
+    pipeline_a, pipeline_b = (_pipeline(o, c) for o, c in ((oa, ca), (ob, cb)))
     changes = {
         "spec": _changed(_flat(_spec(a)), _flat(_spec(b))),
         "mesh": _changed({**oa["mesh"], "world_size": oa["world_size"], "mode": oa["mode"], "device": oa["device"]},
                          {**ob["mesh"], "world_size": ob["world_size"], "mode": ob["mode"], "device": ob["device"]}),
         "roles": _changed({r["role"]: r["layers"] for r in oa["roles"]}, {r["role"]: r["layers"] for r in ob["roles"]}),
         "memory_by_role": _changed(_memory(oa), _memory(ob)),
-        "communication": _changed(_flat(oa["communication_bytes_per_step"]),
-                                  _flat(ob["communication_bytes_per_step"])),
+        "communication": _changed(_flat(oa.get("communication_bytes_per_step", {})),
+                                  _flat(ob.get("communication_bytes_per_step", {}))),
         "pipeline": _changed(pipeline_a, pipeline_b),
         "experts": _changed(oa.get("experts", {}), ob.get("experts", {})),
         "programs": _programs(a, b),

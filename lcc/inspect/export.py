@@ -3,9 +3,10 @@
 - `onnx`: one model per role (lcc.inspect.onnx_export), `<role>.onnx` in the `--out` folder, or the
   `--role`'s model in the `--out` file.
 - `perfetto`: the simulated step as Chrome / Perfetto trace JSON (Trace Event Format): one process per
-  pipeline rank, named with its stages and ranks; threads for compute (forward, backward, and the bubble's
-  idle time), sends and receives; complete events with durations from the cost model; a flow arrow from
-  each send to its receive; the step actions after the pipeline on a thread of their own.
+  pipeline rank (pid = pipeline rank + 1: trace viewers treat pid 0 apart), named with its stages and
+  ranks; threads for compute (forward, backward, and the bubble's idle time), sends and receives;
+  complete events with durations from the cost model; a flow arrow from each send to its receive; the
+  step actions after the pipeline on a thread of their own.
 - `dot`: Graphviz: each pipeline rank's stages, the activations and gradients they send each other, and
   the collective groups a rank belongs to (size, link).
 - `csv`: the compute schedule in torch.distributed.pipelining's notation (schedule.csv).
@@ -42,13 +43,14 @@ def perfetto(target: Target) -> str:
     events: list[dict[str, Any]] = []
     for r in range(pp):
         stages = [role.stage for role in plan.roles_of(r)]
-        events.append({"ph": "M", "name": "process_name", "pid": r, "tid": 0,
+        events.append({"ph": "M", "name": "process_name", "pid": r + 1, "tid": 0,
                        "args": {"name": f"pp rank {r}: stage{'s' if len(stages) > 1 else ''} "
                                         f"{', '.join(map(str, stages))} ({_ranks_of_pp(plan, r)})"}})
-        events.append({"ph": "M", "name": "process_sort_index", "pid": r, "tid": 0, "args": {"sort_index": r}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": r + 1, "tid": 0, "args": {"sort_index": r}})
         for track, tid in TRACKS.items():
-            events.append({"ph": "M", "name": "thread_name", "pid": r, "tid": tid, "args": {"name": track}})
-            events.append({"ph": "M", "name": "thread_sort_index", "pid": r, "tid": tid, "args": {"sort_index": tid}})
+            events.append({"ph": "M", "name": "thread_name", "pid": r + 1, "tid": tid, "args": {"name": track}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": r + 1, "tid": tid,
+                           "args": {"sort_index": tid}})
     flows: dict[tuple, Slice] = {}
     for s in tl.slices:
         cat = ("idle" if s.name.startswith("bubble") else s.name.split()[0]) if s.track == "compute" else s.track
@@ -57,8 +59,8 @@ def perfetto(target: Target) -> str:
             args.update(stage=s.stage, microbatch=s.mb)
         if s.peer is not None:
             args["peer_pp_rank"] = s.peer
-        events.append({"ph": "X", "name": s.name, "cat": cat, "pid": s.pp, "tid": TRACKS[s.track], "ts": _us(s.start),
-                       "dur": round(_us(s.end) - _us(s.start), 3), "args": args})
+        events.append({"ph": "X", "name": s.name, "cat": cat, "pid": s.pp + 1, "tid": TRACKS[s.track],
+                       "ts": _us(s.start), "dur": round(_us(s.end) - _us(s.start), 3), "args": args})
         if s.track in ("send", "recv"):
             flows[(s.track, s.pp, s.stage, s.mb, s.name.split()[1])] = s
     flow_id = 0
@@ -70,24 +72,23 @@ def perfetto(target: Target) -> str:
         if recv is None:
             continue
         flow_id += 1
-        events.append({"ph": "s", "id": flow_id, "name": what, "cat": "p2p", "pid": r, "tid": TRACKS["send"],
+        events.append({"ph": "s", "id": flow_id, "name": what, "cat": "p2p", "pid": r + 1, "tid": TRACKS["send"],
                        "ts": _us(s.start)})
-        events.append({"ph": "f", "bp": "e", "id": flow_id, "name": what, "cat": "p2p", "pid": recv.pp,
+        events.append({"ph": "f", "bp": "e", "id": flow_id, "name": what, "cat": "p2p", "pid": recv.pp + 1,
                        "tid": TRACKS["recv"], "ts": _us(recv.start)})
-    seconds = plan.cost["time"]["step_seconds_estimate"]
+    seconds = plan.cost["time"]["step_seconds_estimate"] if plan.mode == "train" else tl.makespan
     for r in range(pp if plan.mode == "train" else 0):  # what the step estimate adds to the pipeline's compute
         kinds = [a.kind for a in plan.schedule.step[r]]
         if tl.makespan < seconds:
             events.append({"ph": "X", "name": "rest of the step estimate (exposed communication, step actions)",
-                           "cat": "step", "pid": r,
+                           "cat": "step", "pid": r + 1,
                            "tid": TRACKS["step"], "ts": _us(tl.makespan), "dur": _us(seconds - tl.makespan),
                            "args": {"actions": kinds}})
     doc = {"traceEvents": events, "displayTimeUnit": "ms",
            "otherData": {"spec": plan.spec_name, "mode": plan.mode, "schedule": plan.schedule.kind,
                          "microbatches": plan.schedule.microbatches, "pipeline_seconds": tl.makespan,
                          "step_seconds_estimate": seconds, "bubble_fraction": plan.schedule.simulation.bubble_fraction,
-                         "compute_unit_seconds": tl.unit_seconds, "p2p_seconds": tl.transfer_seconds,
-                         "p2p_link": tl.link}}
+                         "compute_unit_seconds": tl.unit_seconds, "pipeline_boundaries": tl.boundaries}}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n"
 
 

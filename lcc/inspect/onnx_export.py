@@ -1,7 +1,8 @@
 """A role's program as an ONNX model (the `onnx` package; opens in Netron): the program's nodes in program
 order, lcc's operations and every collective as nodes of the custom `lcc` domain with their attributes
 (mesh axis and group size, split sizes, int4 group size), standard ONNX operations where one is exactly
-equivalent (Add, Mul, Sigmoid, Gather, Reshape), parameters as typed graph inputs with the rank's local
+equivalent (Add, Mul, Sigmoid, Gather, Reshape, and Cast where torch promotes a bfloat16 branch added to
+the float32 residual), parameters as typed graph inputs with the rank's local
 shapes (no weights), and `value_info` giving every value's type and shape, which ONNX's shape inference
 cannot derive through custom operations. Checked with `onnx.checker.check_model(full_check=True)`."""
 
@@ -43,7 +44,8 @@ def model(target: Target, role_name: str) -> bytes:
 
     constants = set(g.constants)
     boundary = {v.name for v in g.inputs} | {v.name for v in g.outputs} | constants
-    nodes = [helper.make_node(n.op, n.inputs, n.outputs, name=f"{i}_{n.op}", domain=n.domain, **n.attrs)
+    nodes = [helper.make_node(n.op, n.inputs, n.outputs, name=f"{i}_{n.op}", domain=n.domain,
+                              **({**n.attrs, "to": dtypes[n.attrs["to"]]} if n.op == "Cast" else n.attrs))
              for i, n in enumerate(g.nodes)]
     initializers = [helper.make_tensor(name, TensorProto.INT64, [len(dims)], dims)
                     for name, dims in g.constants.items()]

@@ -79,6 +79,15 @@ def _infer(shape: list[Dim], known: list[Dim]) -> Dim:
     return _prod(rest) if rest else 1
 
 
+WIDTH = {"float64": 4, "float32": 3, "bfloat16": 2, "float16": 2}
+
+
+def _promote(a: str, b: str) -> str:
+    """torch's type promotion of two floating dtypes (the residual stream in float32 plus a bfloat16
+    branch under autocast is float32)."""
+    return a if WIDTH.get(a, 0) >= WIDTH.get(b, 0) else b
+
+
 def _times(d: Dim, n: int) -> Dim:
     return d * n if isinstance(d, int) else f"{d}*{n}"
 
@@ -119,6 +128,13 @@ class _Reader:
         self.nodes.append(Node(op, domain, [v.name for v in inputs], [v.name for v in outputs],
                                {k: v for k, v in attrs.items() if v is not None}))
 
+    def cast(self, v: Value, dtype: str) -> Value:
+        if v.dtype == dtype:
+            return v
+        out = self.new(f"{v.name}_{dtype}", dtype, v.shape)
+        self.node("Cast", [v], [out], domain="", to=dtype)
+        return out
+
     def graph_input(self, name: str, dtype: str, shape: list[Dim]) -> Value:
         if name in self.values:
             return self.values[name]
@@ -151,7 +167,7 @@ class _Reader:
             x = self.graph_input(stage_input, "int64", tokens)
         else:
             shape = [d if d >= 0 else "tokens" for d in self.plan.schedule.boundary_shape]
-            x = self.graph_input(stage_input, self.compute, shape)
+            x = self.graph_input(stage_input, self.params_dtype, shape)  # as the runtime receives it
         env = {"P": "P", "B": "B", "G": "G", "ctx": "ctx", stage_input: x}
         out = self.call(fn, [env[a] for a in args])
         outputs = [out]
@@ -193,6 +209,8 @@ class _Reader:
             if e.id in self.functions:
                 return self.functions[e.id]
             raise GraphError(f"{self.role.program}:{e.lineno}: unknown name {e.id}")
+        if isinstance(e, ast.Tuple):  # a recomputed region returning several values
+            return tuple(self.ev(x, env) for x in e.elts)
         if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.USub):
             return -self.ev(e.operand, env)
         if isinstance(e, ast.Subscript):
@@ -203,7 +221,9 @@ class _Reader:
             a, b = self.ev(e.left, env), self.ev(e.right, env)
             if isinstance(a, Value) and isinstance(b, Value):
                 op = {ast.Add: "Add", ast.Mult: "Mul", ast.Sub: "Sub"}[type(e.op)]
-                out = self.new(name or op.lower(), a.dtype, a.shape)
+                dtype = _promote(a.dtype, b.dtype)
+                a, b = (self.cast(v, dtype) for v in (a, b))  # torch promotes; ONNX wants one type: a Cast
+                out = self.new(name or op.lower(), dtype, a.shape)
                 self.node(op, [a, b], [out], domain="")
                 return out
             return f"{ast.unparse(e)}"  # an expression of the rank (vocab_start=ctx.tp_rank * 16384): an attribute
@@ -329,7 +349,7 @@ class _Reader:
 
     def op_embedding_shard(self, args, kw, name, target):
         tokens, w = args
-        out = self.new(name, self.compute, [*tokens.shape, w.shape[1]])
+        out = self.new(name, self.params_dtype, [*tokens.shape, w.shape[1]])  # a lookup: not autocast
         self.node("embedding_shard", [tokens, w], [out], vocab_start=str(kw["vocab_start"]))
         return out
 
@@ -424,7 +444,8 @@ class _Reader:
             attrs["expert_kernel"] = self.plan.serving.expert_kernel
         else:
             d = w2.shape[1]
-        out = self.new(name, x.dtype, [x.shape[0], d])
+        dtype = self.compute if self.plan.mode == "train" else x.dtype  # grouped matmuls autocast
+        out = self.new(name, dtype, [x.shape[0], d])
         self.node(op, inputs, [out], **attrs)
         return out
 
@@ -436,7 +457,7 @@ class _Reader:
 
     def op_combine_tokens(self, args, kw, name, target):
         y, plan, x = args
-        out = self.new(name, x.dtype, x.shape)
+        out = self.new(name, y.dtype, x.shape)  # the experts' outputs, gate-weighted, in their dtype
         self.node("combine_tokens", [y, plan.fields["token_S"], plan.fields["gates"]], [out])
         return out
 

@@ -8,7 +8,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from lcc.plan.types import Collective, Plan, chunk_size
+from lcc.actions import Action
+from lcc.plan.types import Collective, Plan, chunk_size, is_zero3_scatter
 from lcc.spec.models import DTYPE_BYTES
 
 GROUPED = ("pp", "dp", "tp", "ep", "edp", "stage", "world", "kv")
@@ -71,32 +72,74 @@ def collective_row(plan: Plan, index: RankIndex, rank: int, c: Collective, calls
 
 
 def collectives(plan: Plan, index: RankIndex, rank: int) -> list[dict[str, Any]]:
-    """What the rank issues in one step: its roles' forward and backward collectives per micro-batch, its
-    gradient buckets, its pipeline sends and receives, and the step actions'. Rows of data-dependent size
-    (all-to-all rows) have no bytes (`null`); the cost report estimates them."""
+    """What the rank issues in one step: its roles' forward and backward collectives per micro-batch (ZeRO-3's
+    gradient reduce-scatters once per step when the plan reduces per step), its gradient buckets, its
+    pipeline sends and receives (per peer), the step actions', and a serve plan's exchanges with rank 0.
+    Rows of data-dependent size (all-to-all rows) have no bytes (`null`); the cost report estimates them."""
     c = index.coords(rank)
     mb = plan.data.microbatches if plan.mode == "train" else 1
+    once = plan.memory.zero >= 3 and plan.memory.grad_reduce == "step"
     out: list[dict[str, Any]] = []
+    if plan.serving is not None:
+        out += [collective_row(plan, index, rank, x, 1, f"serve {a.kind}") for a in plan.serving.before
+                for x in a.collectives]
     for role in plan.roles_of(c["pp"]):
         out += [collective_row(plan, index, rank, x, mb, f"forward {role.name}") for x in role.forward]
         if plan.mode == "train":
-            out += [collective_row(plan, index, rank, x, mb, f"backward {role.name}") for x in role.backward]
+            out += [collective_row(plan, index, rank, x, 1 if once and is_zero3_scatter(x) else mb,
+                                   f"backward {role.name}") for x in role.backward]
             for b in role.grad_buckets:
                 calls = mb if b.when == "microbatch" else 1
                 piece = chunk_size(b.elements, plan.mesh.size(b.axes[0])) if b.op == "reduce_scatter" else b.elements
                 out += [collective_row(plan, index, rank, x, calls, f"gradients {role.name}")
                         for x in b.collectives(piece, plan.precision.params)]
-    p2p = Counter(a[a.index("SEND") if "SEND" in a else a.index("RECV"):].rstrip("0123456789")
-                  for a in plan.schedule.actions[c["pp"]] if "SEND" in a or "RECV" in a)
-    for kind, n in sorted(p2p.items()):
-        op = "send" if kind.startswith("SEND") else "recv"
-        what = "activations" if kind.endswith("_F") else "activation gradients"
-        shape = plan.schedule.boundary_shape
-        out.append(collective_row(plan, index, rank, Collective(op, "pp", "pipeline", what, shape, "compute"), n,
-                                  "pipeline"))
+    out += _p2p(plan, index, rank)
     for action in plan.schedule.step[c["pp"]] if plan.schedule.step else []:  # serve plans have no step actions
         out += [collective_row(plan, index, rank, x, 1, f"step {action.kind}") for x in action.collectives]
+    if plan.serving is not None and plan.serving.after:  # RETURN_LOGITS: the last stage's tp rank 0 -> rank 0
+        last = (plan.schedule.n_stages - 1) % c_pp(plan)
+        sources = [index.rank_of(last, d, 0) for d in range(plan.mesh.size("dp"))]
+        for a in plan.serving.after:
+            for x in a.collectives:
+                if rank in sources and rank != 0:
+                    out.append(collective_row(plan, index, rank, x, 1, f"serve {a.kind}"))
+                if rank == 0 and any(s != 0 for s in sources):
+                    recv = Collective("recv", x.axis, x.site, x.what, x.shape, x.dtype)
+                    out.append(collective_row(plan, index, rank, recv, sum(s != 0 for s in sources),
+                                              f"serve {a.kind}"))
     return out
+
+
+def c_pp(plan: Plan) -> int:
+    return plan.mesh.size("pp")
+
+
+def _p2p(plan: Plan, index: RankIndex, rank: int) -> list[dict[str, Any]]:
+    """The pipeline's sends and receives, one row per (kind, peer): the boundary activation as the runtime
+    sends it (the parameters' dtype in training, the serve dtype in serving), over the link to that peer."""
+    c = index.coords(rank)
+    pp = c_pp(plan)
+    counts: Counter = Counter()
+    for text in plan.schedule.actions[c["pp"]]:
+        if "SEND" not in text and "RECV" not in text:
+            continue
+        a = Action.parse(text)
+        forward = a.kind.endswith("_F")
+        step = 1 if (a.kind == "SEND_F" or a.kind == "RECV_B") else -1
+        counts[(a.kind, (a.stage + step) % pp, forward)] += 1
+    shape = [d if d >= 0 else plan.serving.max_batched_tokens for d in plan.schedule.boundary_shape] \
+        if plan.serving is not None else plan.schedule.boundary_shape
+    nbytes = math.prod(shape) * dtype_bytes(plan, "params" if plan.mode == "train" else plan.dtype)
+    rows = []
+    for (kind, peer_pp, forward), n in sorted(counts.items()):
+        peer = index.rank_of(peer_pp, c["dp"], c["tp"])
+        link = "intra_node" if peer // index.gpus == rank // index.gpus else "inter_node"
+        rows.append({"phase": "pipeline", "op": "send" if kind.startswith("SEND") else "recv", "axis": "pp",
+                     "group_size": 2, "site": "pipeline", "what": "activations" if forward else "activation gradients",
+                     "shape": shape, "dtype": plan.precision.params if plan.mode == "train" else plan.dtype,
+                     "calls_per_step": n, "bytes_per_call": nbytes, "bytes_per_step": nbytes * n, "link": link,
+                     "peer": peer})
+    return rows
 
 
 def memory(plan: Plan, pp: int) -> dict[str, Any]:
@@ -113,8 +156,10 @@ def memory_of(cost: dict[str, Any], mode: str, pp: int) -> dict[str, Any]:
         kinds = {"weights": row["weights_bytes"], "kv_cache": row["kv_cache_bytes"]}
     else:
         row = next(r for r in cost["memory"]["by_role"] if r["role"] == role)
-        kinds = {"weights": row["weights_bytes"], "gathered_weights": row["weights_gathered_bytes"],
-                 "gradients": row["grads_bytes"], "gathered_gradients": row["grads_gathered_bytes"],
+        kinds = {"weights": row["weights_bytes"] - row["weights_gathered_bytes"],  # the report counts them in
+                 "gathered_weights": row["weights_gathered_bytes"],
+                 "gradients": row["grads_bytes"] - row["grads_gathered_bytes"],
+                 "gathered_gradients": row["grads_gathered_bytes"],
                  "optimizer": row["optimizer_bytes"], "activations": row["activations_bytes"]}
     return {"by_kind": kinds, "total_bytes": row["total_bytes"], "device_bytes": device,
             "share_of_device": row["total_bytes"] / device if device else None}
@@ -150,7 +195,7 @@ def experts(plan: Plan, rank: int, index: RankIndex) -> dict[str, Any] | None:
         return None
     c = index.coords(rank)
     first = c["ep"] * e.experts_per_rank
-    groups = [g for g, ranks in enumerate(e.group_ep_ranks) if c["ep"] in ranks]
+    groups = [g for g, (start, stop) in enumerate(e.group_ep_ranks) if start <= c["ep"] < stop]
     return {"first": first, "count": e.experts_per_rank, "last": first + e.experts_per_rank - 1, "groups": groups,
             "replicas": e.edp, "rule": e.rule}
 

@@ -44,9 +44,15 @@ def overview(plan: Plan) -> dict[str, Any]:
         "schedule": {"kind": plan.schedule.kind, "microbatches": plan.schedule.microbatches,
                      "virtual_stages": plan.schedule.virtual_stages, "makespan_units": sim.makespan,
                      "bubble_fraction": sim.bubble_fraction},
-        "step_seconds_estimate": cost["time"]["step_seconds_estimate"],
-        "communication_bytes_per_step": cost["comm"]["bytes_per_step"],
     }
+    if plan.mode == "serve":  # a decode step (the report's memory-bound estimate), not a training step
+        decode = cost["serve"]["decode_step"]
+        out["decode_step"] = {"seconds": decode["seconds"], "tokens_per_second": decode["tokens_per_second"],
+                              "batch_per_dp_rank": decode["batch_per_dp_rank"],
+                              "worst_rank_bytes": cost["serve"]["worst_rank_bytes"]}
+    else:
+        out["step_seconds_estimate"] = cost["time"]["step_seconds_estimate"]
+        out["communication_bytes_per_step"] = cost["comm"]["bytes_per_step"]
     if plan.experts is not None:
         e = plan.experts
         out["experts"] = {"n_experts": e.n_experts, "n_groups": e.n_groups, "experts_per_rank": e.experts_per_rank,
@@ -64,8 +70,7 @@ def role_facts(plan: Plan, name: str) -> dict[str, Any]:
     return {"role": role.name, "stage": role.stage, "pp_rank": role.pp_rank, "layers": role.layers,
             "program": role.program, "ranks": plan.mesh.size("stage"), "memory": facts["memory"],
             "parameters": [p for p in facts["parameters"] if role.stage in plan.parameter(p["name"]).stages],
-            "collectives": [c for c in facts["collectives"] if role.name in c["phase"] or c["phase"] == "pipeline"
-                            or c["phase"].startswith("step")]}
+            "collectives": [c for c in facts["collectives"] if c["phase"].split()[-1] == role.name]}
 
 
 def all_ranks(plan: Plan) -> list[dict[str, Any]]:
@@ -104,11 +109,17 @@ def render_overview(console: Console, target: Target, o: dict[str, Any]) -> None
                   f"{r['memory_bytes'] / o['device_bytes']:.0%}")
     console.print(t)
     s = o["schedule"]
-    comm = o["communication_bytes_per_step"]
-    console.print(f"schedule: {s['kind']}, {s['microbatches']} micro-batch(es), {s['virtual_stages']} virtual "
-                  f"stage(s); bubble {s['bubble_fraction']:.1%}; estimated step {o['step_seconds_estimate']:.3f} s")
-    console.print(f"communication per step: {size(comm['total'])} ("
-                  + ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in comm["by_link"].items()) + ")")
+    if "decode_step" in o:
+        d = o["decode_step"]
+        console.print(f"serving: the stages in order each step; a decode step of {d['batch_per_dp_rank']} sequences "
+                      f"per dp rank {d['seconds'] * 1e3:.3f} ms ({d['tokens_per_second']:,.0f} tokens/s, "
+                      "memory-bound estimate)")
+    else:
+        comm = o["communication_bytes_per_step"]
+        console.print(f"schedule: {s['kind']}, {s['microbatches']} micro-batch(es), {s['virtual_stages']} virtual "
+                      f"stage(s); bubble {s['bubble_fraction']:.1%}; estimated step {o['step_seconds_estimate']:.3f} s")
+        console.print(f"communication per step, all ranks together: {size(comm['total'])} ("
+                      + ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in comm["by_link"].items()) + ")")
     if "experts" in o:
         e = o["experts"]
         console.print(f"experts: {e['n_experts']} in {e['n_groups']} groups, {e['experts_per_rank']} per rank over "
@@ -172,7 +183,7 @@ def _render_collectives(console: Console, rows: list[dict[str, Any]]) -> None:
         t.add_column(col, justify="right" if col in ("group", "calls", "bytes") else "left")
     for (phase, op, axis, group, link), rs in groups.items():
         known = [r["bytes_per_step"] for r in rs if r["bytes_per_step"] is not None]
-        nbytes = size(sum(known)) + ("" if len(known) == len(rs) else " + varies")
+        nbytes = ("varies" if not known else size(sum(known)) + ("" if len(known) == len(rs) else " + varies"))
         t.add_row(phase, op, axis, str(group), link.replace("_", " "), str(sum(r["calls_per_step"] for r in rs)),
                   nbytes)
     console.print(t)

@@ -10,6 +10,7 @@ compute track are its share of the bubble: busy plus idle is the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lcc.actions import Action
 from lcc.compiler.schedule import COST, simulate
@@ -34,8 +35,7 @@ class Timeline:
     slices: list[Slice]
     makespan: float  # seconds
     unit_seconds: float
-    transfer_seconds: float
-    link: str
+    boundaries: dict[str, dict[str, Any]]  # "r-peer": the link between two pipeline ranks and one transfer's time
 
 
 def timeline(plan: Plan, network: dict[str, float]) -> Timeline:
@@ -59,13 +59,19 @@ def timeline(plan: Plan, network: dict[str, float]) -> Timeline:
     else:  # the report's memory-bound decode step, shared by the stages
         unit = plan.cost["serve"]["decode_step"]["seconds"] / plan.schedule.n_stages
     index = RankIndex(plan)
-    link = index.link(0, "pp") if pp > 1 else "intra_node"
-    gbps = network[f"{link.split('_')[0]}_node_gbps"]
     boundary = 1
     for d in plan.schedule.boundary_shape:  # serve: -1 tokens, a full step's max_batched_tokens
         boundary *= d if d >= 0 else plan.serving.max_batched_tokens
-    transfer = boundary * dtype_bytes(plan, "compute") / (gbps * 1e9 / 8) if gbps else 0.0
-    slices = []
+    nbytes = boundary * dtype_bytes(plan, "params" if plan.mode == "train" else plan.dtype)  # as the runtime sends
+
+    def transfer(r: int, peer: int) -> tuple[float, str]:
+        """Seconds and link of one boundary transfer between pipeline ranks r and peer, as their dp 0, tp 0
+        ranks see it (`lcc plan show --rank` gives any other rank's own link)."""
+        a, b = index.rank_of(r, 0, 0), index.rank_of(peer, 0, 0)
+        link = "intra_node" if a // index.gpus == b // index.gpus else "inter_node"
+        return nbytes / (network[f"{link.split('_')[0]}_node_gbps"] * 1e9 / 8), link
+
+    slices, links = [], {}
     for r, a, start, end in events:
         if a.kind in COST:
             name = f"{'forward' if a.kind == 'F' else 'backward'} stage {a.stage} mb {a.mb}"
@@ -75,11 +81,13 @@ def timeline(plan: Plan, network: dict[str, float]) -> Timeline:
             peer = (a.stage + (1 if a.kind == "SEND_F" else -1)) % pp if send else \
                 (a.stage + (-1 if a.kind == "RECV_F" else 1)) % pp
             what = "activations" if a.kind.endswith("_F") else "gradients"
+            seconds, link = transfer(r, peer)
+            links[f"{min(r, peer)}-{max(r, peer)}"] = {"link": link, "seconds": seconds}
             slices.append(Slice(r, "send" if send else "recv", f"{'send' if send else 'recv'} {what} mb {a.mb}",
-                                start * unit, start * unit + transfer, a.stage, a.mb, peer))
+                                start * unit, start * unit + seconds, a.stage, a.mb, peer))
     makespan = max((s.end for s in slices if s.track == "compute"), default=0.0)
     slices = _clip(slices) + _idle(slices, pp, makespan)
-    return Timeline(sorted(slices, key=lambda s: (s.pp, s.track, s.start)), makespan, unit, transfer, link)
+    return Timeline(sorted(slices, key=lambda s: (s.pp, s.track, s.start)), makespan, unit, dict(sorted(links.items())))
 
 
 def _clip(slices: list[Slice]) -> list[Slice]:

@@ -41,7 +41,7 @@ def test_the_trace_is_deterministic_and_follows_the_trace_event_format(plan, tmp
     events, meta = doc["traceEvents"], doc["otherData"]
     pp = read_plan(plan).mesh.size("pp")
     names = {(e["pid"], e["tid"]) for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
-    assert {e["pid"] for e in events if e["name"] == "process_name"} == set(range(pp))
+    assert {e["pid"] for e in events if e["name"] == "process_name"} == set(range(1, pp + 1))  # never pid 0
     slices = [e for e in events if e["ph"] == "X"]
     assert all(e["dur"] >= 0 and (e["pid"], e["tid"]) in names for e in slices)
     by_track = defaultdict(list)
@@ -51,7 +51,7 @@ def test_the_trace_is_deterministic_and_follows_the_trace_event_format(plan, tmp
         track.sort(key=lambda e: e["ts"])
         for a, b in zip(track, track[1:], strict=False):
             assert a["ts"] + a["dur"] <= b["ts"] + 1e-3, (a, b)
-    for r in range(pp):  # busy and idle time of each rank add up to the simulated step's pipeline
+    for r in range(1, pp + 1):  # busy and idle time of each rank add up to the simulated step's pipeline
         compute = [e for e in by_track[(r, 1)]]
         assert sum(e["dur"] for e in compute) == pytest.approx(meta["pipeline_seconds"] * 1e6, rel=1e-6)
         idle = sum(e["dur"] for e in compute if e["cat"] == "idle")
@@ -225,3 +225,24 @@ def test_onnx_models_check_and_carry_every_collective(plan, tmp_path):
         assert issued == Counter((c.op, c.axis) for c in role.forward)
         params = {v.name for v in g.input}
         assert {n for n in role.parameters if p.parameter(n).serve is None} <= params
+
+
+def test_selective_checkpointing_and_virtual_stages_export(tmp_path):
+    """Programs whose recomputed regions return several values, and plans of several stages per rank."""
+    for sets in (["parallelism.activation_checkpointing=selective"],
+                 ["parallelism.pipeline.virtual_stages=2", "parallelism.pipeline.schedule=interleaved_1f1b"]):
+        args = [a for s in sets for a in ("--set", s)]
+        for fmt, out in (("onnx", tmp_path / "m"), ("perfetto", tmp_path / "t.json")):
+            code, output = run("plan", "export", SPECS / "tiny-moe.yaml", *args, "--format", fmt, "--out", out)
+            assert code == 0, output
+
+
+def test_a_rank_view_counts_zero3_reduce_scatters_once_and_memory_once():
+    code, output = run("plan", "show", GENERATED / "longcat-2.0", "--rank", "1030", "--json")
+    facts = json.loads(output)
+    scatters = [c for c in facts["collectives"] if c["op"] == "reduce_scatter" and c["axis"] in ("dp", "edp")]
+    assert scatters and all(c["calls_per_step"] == 1 for c in scatters)  # in the stage's last backward only
+    assert sum(facts["memory"]["by_kind"].values()) == facts["memory"]["total_bytes"]
+    assert facts["experts"]["groups"] == [6]
+    sends = [c for c in facts["collectives"] if c["op"] in ("send", "recv")]
+    assert {c["group_size"] for c in sends} == {2} and all(c["dtype"] == "float32" for c in sends)
