@@ -42,7 +42,7 @@ def test_the_kernel_benchmark_runs_in_the_interpreter(tmp_path):
     assert set(speed["rows"][0]["ms"]) == {"lcc_int4", "lcc_bf16", "torch_grouped_mm_bf16", "torch_reference_int4"}
     table = subprocess.run([sys.executable, "-m", "benchmarks.gpu.table", str(tmp_path)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
-    assert "14/14 within tolerance" in table.stdout and "rooflines" in table.stdout
+    assert "6/6 within tolerance" in table.stdout and "rooflines" in table.stdout
 
 
 def test_the_kernels_compile_for_hopper():
