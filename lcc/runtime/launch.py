@@ -223,7 +223,8 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
             return
         # ranks fork from a server process that has imported torch and the runtime once (per parent process):
         # starting 8 ranks then costs a fork each instead of 8 fresh interpreters importing torch
-        start_fork_server(context, ["torch", "lcc.runtime.engine"])
+        # torch.optim imports torch._dynamo when an optimizer is built: 1.5-2 s a rank, once in the fork server
+        start_fork_server(context, ["torch", "torch._dynamo", "lcc.runtime.engine"])
         port, env = _free_port(), dict(os.environ)
 
         def args(rank: int, link: RankLink) -> tuple[Any, ...]:
