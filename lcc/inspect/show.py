@@ -190,8 +190,9 @@ def _render_collectives(console: Console, rows: list[dict[str, Any]]) -> None:
 
 
 def _render_memory(console: Console, m: dict[str, Any]) -> None:
-    t = Table(title=f"memory (cost model): {size(m['total_bytes'])} of {size(m['device_bytes'])}"
-              f" ({m['share_of_device']:.0%})", title_justify="left")
+    console.print(f"memory (cost model): {size(m['total_bytes'])} of {size(m['device_bytes'])} "
+                  f"({m['share_of_device']:.0%})")
+    t = Table()
     t.add_column("kind")
     t.add_column("bytes", justify="right")
     for kind, n in m["by_kind"].items():
