@@ -61,6 +61,9 @@ def run_key(spec: Spec, source: str | None = None) -> str:
     """sha256 of the resolved spec, the plan version and lcc's source hash (`source`, default: the installed)."""
     key = {"spec": resolved(spec), "plan_version": PLAN_VERSION,
            "source": source if source is not None else installed_source_hash()}
+    if spec.model.tokenizer is not None:  # the plan carries the file's text, which the spec only names
+        from lcc.data.tokenizer import tokenizer_digest
+        key["tokenizer"] = tokenizer_digest(spec)
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -211,6 +211,10 @@ def run_train(
     force: Annotated[bool, typer.Option("--force", help="Start the ranks even where this machine looks too small "
                                         "for them (more than 16 ranks per core, or more memory than is "
                                         "available).")] = False,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from the weights of this checkpoint "
+                                                   "(any layout of the same model, e.g. one lcc checkpoint "
+                                                   "import-hf wrote) with a fresh optimizer, unless the run "
+                                                   "resumes from a checkpoint of its own.")] = None,
 ) -> None:
     """Train on local ranks (gloo on CPU, NCCL on CUDA GPUs), one process per rank of the plan."""
     from lcc.runtime.launch import launch
@@ -249,7 +253,7 @@ def run_train(
     try:  # spec_dir: the ranks read a relative train.data.path from it, which a plan does not record
         launch(plan_dir, steps if steps is not None else loaded.train.steps, metrics, checkpoints=checkpoint_dir,
                resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript,
-               resume_if_any=resume_if_any, fallback=fallback, keep=keep, force=force)
+               resume_if_any=resume_if_any, fallback=fallback, keep=keep, force=force, init_from=init_from)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None  # 1; a stop by SIGINT or SIGTERM: 130 or 143
@@ -300,14 +304,15 @@ def run_generate(
         typer.echo("give --prompt TEXT or --prompt-ids 1,2,3", err=True)
         raise typer.Exit(2)
     plan_dir = _serve_plan(target, set_)
-    vocab = _plan_spec(plan_dir).model.vocab_size
-    for text in prompt or []:
-        ids = list(text.encode("utf-8"))
-        if any(i >= vocab for i in ids):
-            typer.echo(f"--prompt {text!r}: has bytes outside the model's vocabulary of {vocab}; use --prompt-ids",
-                       err=True)
-            raise typer.Exit(2)
-        prompts_ids.append(ids)
+    from lcc.data.tokenizer import plan_tokenizer
+
+    try:
+        tokenizer = plan_tokenizer(plan_dir)
+        for text in prompt or []:
+            prompts_ids.append(tokenizer.encode(text))
+    except ValueError as exc:
+        typer.echo(f"--prompt: {exc}; use --prompt-ids", err=True)
+        raise typer.Exit(2) from None
     try:
         params = SamplingParams(max_tokens, temperature, top_p, seed, list(stop or []))
     except ValueError as exc:
@@ -387,8 +392,14 @@ from lcc.inspect.commands import plan_app  # noqa: E402 - beside the other comma
 app.add_typer(plan_app, name="plan")
 
 checkpoint_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                             help="Inspect checkpoints saved by lcc run train.")
+                             help="Inspect checkpoints, and convert Hugging Face weights in and out.")
 app.add_typer(checkpoint_app, name="checkpoint")
+
+from lcc.interop.commands import checkpoint_export_hf, checkpoint_import_hf, import_app  # noqa: E402
+
+app.add_typer(import_app, name="import")
+checkpoint_app.command("import-hf")(checkpoint_import_hf)
+checkpoint_app.command("export-hf")(checkpoint_export_hf)
 
 
 @checkpoint_app.command("info")

@@ -109,6 +109,10 @@ class _Emitter:
             start = f"ctx.tp_rank * {width}" if w.shard is not None else "0"
             self.emit(f'{name} = ops.embedding_shard({args[0]}, P["embed.weight"], vocab_start={start})')
             self.after(target, name)
+        elif target.endswith(("attn.q_norm", "attn.k_norm")) and spec.model.attention.qk_norm == "head":
+            self.emit(f'{name} = ops.head_norm({args[0]}, P["{target}.weight"], '
+                      f'head_dim={spec.model.attention.head_dim}, eps={spec.model.norm_eps!r})',
+                      "each head over its head_dim")
         elif target.endswith("norm"):
             if target == "norm" and self.serving:
                 self.emit(f"{args[0]}_last = ops.last_positions({args[0]}, ctx.batch)",

@@ -10,10 +10,10 @@ from torch import nn
 from lcc.model import build_model
 from lcc.model.moe import Combiner, Dispatcher, ExpertFFN
 from lcc.model.routing import Router
-from lcc.model.transformer import AttentionCore, RMSNorm
+from lcc.model.transformer import AttentionCore, HeadRMSNorm, RMSNorm
 from lcc.spec.models import Spec
 
-LEAVES = (nn.Linear, nn.Embedding, RMSNorm, AttentionCore, Router, Dispatcher, ExpertFFN, Combiner)
+LEAVES = (nn.Linear, nn.Embedding, RMSNorm, HeadRMSNorm, AttentionCore, Router, Dispatcher, ExpertFFN, Combiner)
 
 
 class _Tracer(fx.Tracer):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lcc.data.corpus import builtin_corpus
+from lcc.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from lcc.spec.data import data_file
 from lcc.spec.models import Spec
 
@@ -24,9 +25,10 @@ class DataError(RuntimeError):
     """The training data cannot be read; the message names the spec field and the file."""
 
 
-def corpus_tokens(spec: Spec, spec_dir: Path | None = None) -> torch.Tensor:
+def corpus_tokens(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer | None = None) -> torch.Tensor:
     """The whole corpus as token ids (int64). A relative `train.data.path` is read from `spec_dir` when given,
-    else from the folder the spec was loaded from (lcc.spec.data.data_file)."""
+    else from the folder the spec was loaded from (lcc.spec.data.data_file). Text becomes ids through
+    `tokenizer` (default: the spec's, lcc.data.tokenizer): one per byte, or the model's tokenizer.json."""
     data = spec.train.data
     if data.kind == "builtin":
         raw = builtin_corpus()
@@ -38,7 +40,10 @@ def corpus_tokens(spec: Spec, spec_dir: Path | None = None) -> torch.Tensor:
             raise DataError(f"train.data.path: cannot read data file {path}: {exc.strerror or exc}") from None
     else:  # synthetic: a seeded first-order Markov chain over the vocabulary, 1M tokens
         return _markov(spec.model.vocab_size, spec.seed, 1 << 20)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir)
+    if isinstance(tokenizer, ByteTokenizer):
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+    return torch.tensor(tokenizer.encode(raw.decode("utf-8", errors="replace")), dtype=torch.int64)
 
 
 def _markov(vocab: int, seed: int, n: int) -> torch.Tensor:

@@ -21,6 +21,39 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+class HeadRMSNorm(nn.Module):
+    """RMSNorm of each head of a projection (B, S, heads * head_dim) over its head_dim, one weight [head_dim]
+    shared by the heads: a per-head norm needs no communication when heads are split over tp."""
+
+    def __init__(self, head_dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.head_dim, self.eps = head_dim, eps
+        self.weight = nn.Parameter(torch.ones(head_dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return head_rms_norm(x, self.weight, self.head_dim, self.eps)
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
+    heads = x.unflatten(-1, (-1, head_dim))
+    xf = heads.to(torch.promote_types(x.dtype, torch.float32))
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return normed.flatten(-2)
+
+
+def qk_norms(spec: Spec, device=None, dtype=None) -> tuple[nn.Module | None, nn.Module | None]:
+    """The query and key norms `model.attention.qk_norm` asks for (None, None without)."""
+    m = spec.model
+    att = m.attention
+    if att.qk_norm == "head":
+        return (HeadRMSNorm(att.head_dim, m.norm_eps, device=device, dtype=dtype),
+                HeadRMSNorm(att.head_dim, m.norm_eps, device=device, dtype=dtype))
+    if att.qk_norm == "all":
+        return (RMSNorm(att.n_heads * att.head_dim, m.norm_eps, device=device, dtype=dtype),
+                RMSNorm(att.n_kv_heads * att.head_dim, m.norm_eps, device=device, dtype=dtype))
+    return None, None
+
+
 def rope_tables(seq: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     return rope_at(torch.arange(seq, device=device), head_dim, theta)
 
@@ -63,11 +96,15 @@ class Attention(nn.Module):
         self.wq = nn.Linear(d, att.n_heads * att.head_dim, bias=False, device=device, dtype=dtype)
         self.wk = nn.Linear(d, att.n_kv_heads * att.head_dim, bias=False, device=device, dtype=dtype)
         self.wv = nn.Linear(d, att.n_kv_heads * att.head_dim, bias=False, device=device, dtype=dtype)
+        self.q_norm, self.k_norm = qk_norms(spec, device=device, dtype=dtype)
         self.core = AttentionCore(att.n_heads, att.n_kv_heads, att.head_dim, att.rope_theta)
         self.wo = nn.Linear(att.n_heads * att.head_dim, d, bias=False, device=device, dtype=dtype)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.core(self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)))
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.wo(self.core(q, k, self.wv(x_BSD)))
 
 
 class Block(nn.Module):

@@ -16,7 +16,7 @@ from lcc.ops.collectives import (
     split_tokens,
 )
 from lcc.ops.context import ProgramContext
-from lcc.ops.layers import attention, embedding_shard, linear, rms_norm
+from lcc.ops.layers import attention, embedding_shard, head_norm, linear, rms_norm
 from lcc.ops.loss import all_reduce_max, cross_entropy, flatten_logits, row_max, sum_exp, target_logit
 from lcc.ops.moe import (
     MoEPlan,
@@ -47,6 +47,7 @@ __all__ = [
     "gather_tokens",
     "gather_vocab",
     "grouped_swiglu",
+    "head_norm",
     "grouped_swiglu_int4",
     "last_positions",
     "linear",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lcc.model.transformer import AttentionCore
+from lcc.model.transformer import AttentionCore, head_rms_norm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -15,6 +15,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def head_norm(x: torch.Tensor, weight: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
+    """RMSNorm of each head of this rank's heads over its head_dim (queries or keys, before rotary)."""
+    return head_rms_norm(x, weight, head_dim, eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:

@@ -24,9 +24,9 @@ OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"]
        "gather_sequence": (["all_gather"], ["reduce_scatter", "all_gather"]),
        "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"]), "gather_vocab": (["all_gather"], [])}
 ZERO = ("zero_gather", "zero_prefetch")
-COMPUTE = {"embedding_shard", "rms_norm", "linear", "attention", "route", "grouped_swiglu", "grouped_swiglu_int4",
-           "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit", "cross_entropy",
-           "paged_attention", "last_positions", "route_tables"}
+COMPUTE = {"embedding_shard", "rms_norm", "head_norm", "linear", "attention", "route", "grouped_swiglu",
+           "grouped_swiglu_int4", "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit",
+           "cross_entropy", "paged_attention", "last_positions", "route_tables"}
 TABLES = ("PARAMETERS", "BUFFERS", "GATHER")
 # a program is straight-line code: what could repeat, skip or hide a line is not a program lcc renders
 FORBIDDEN = (ast.For, ast.AsyncFor, ast.While, ast.If, ast.IfExp, ast.Try, ast.With, ast.AsyncWith, ast.ListComp,

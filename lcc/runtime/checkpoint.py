@@ -51,6 +51,8 @@ COMPLETE = re.compile(r"step-(\d+)")  # a checkpoint folder; `step-N.tmp` and ot
 LAYOUT_SECTIONS = ("name", "parallelism", "cluster", "serve")
 OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s")
 KINDS = ("model", "optim", "bias", "meta")
+# training-only routing fields: a checkpoint's weights serve, or start a run, whatever they were
+IGNORED = ("routing.balance", "routing.capacity_factor")
 
 
 class CheckpointError(RunError):
@@ -71,10 +73,12 @@ def _barrier() -> None:
 class Resume:
     """What the ranks do with the checkpoint directory, as the launcher decided before they started: load
     checkpoint folder `path` (None: start at step 0), and keep the newest `keep` checkpoints after each save
-    (0: all)."""
+    (0: all). `init_from`: starting at step 0, take the weights (and load biases) of this checkpoint folder,
+    with a fresh optimizer."""
 
     path: str | None = None
     keep: int = 0
+    init_from: str | None = None
 
 
 def save(directory: Path, step: int, state: dict[str, Any], rank: int, identity: dict[str, Any],
@@ -533,6 +537,25 @@ def prepare(directory: Path, spec: dict[str, Any], resume: bool = False, resume_
         except OSError as exc:  # not writable, a full disk, ...
             raise CheckpointError(f"{directory}: cannot use it as the checkpoint directory: {exc}") from None
         yield Resume(str(path) if path is not None else None, keep)
+
+
+def check_checkpoint(path: Path, spec: dict[str, Any], files: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder `path` names (or a checkpoint directory's latest), checked: complete (with
+    `files`: every file's size and sha256), and of the same model and routing as `spec` (any layout, any
+    training settings): what serving a checkpoint, or starting a training run from its weights, needs."""
+    folder = resolve(Path(path))
+    ident = read_identity(folder)
+    if files:
+        verify(folder, ident)
+    saved = {k: ident["spec"].get(k) for k in ("model", "routing")}
+    mine = {k: spec.get(k) for k in ("model", "routing")}
+    diffs = [d for d in spec_differences(saved, mine) if not d[0].startswith(IGNORED)]
+    if diffs:
+        field, a, b = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise CheckpointError(f"{folder}: the checkpoint is of another model: {field} is {a!r} there, "
+                              f"{b!r} in the spec{more}")
+    return folder, ident
 
 
 def _say(text: str) -> None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from lcc.actions import Action
 from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, units_of_step
+from lcc.data.tokenizer import plan_tokenizer
 from lcc.model.routing import update_bias
 from lcc.model.shaping import token_count_factors
 from lcc.model.stats import imbalance
@@ -103,7 +104,7 @@ class RankEngine:
             for p in self.params.values():  # a gradient is a model state from the moment it is accumulated
                 p.register_post_accumulate_grad_hook(self._mark_gradient)
         self.transcript = Transcript(transcript, rank, self.mesh.axis_of()) if transcript else None
-        train, held_out = split_corpus(corpus_tokens(spec, spec_dir))
+        train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
         self.stream = TokenStream(train.to(device), plan.data.seq_len)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -120,6 +121,12 @@ class RankEngine:
         spec = json.loads((self.dir / "spec.json").read_text())
         return checkpoint.save(directory, step, self.state(step), self.mesh.rank, checkpoint.identity(spec, step),
                                keep)
+
+    def load_weights(self, path: Path) -> None:
+        """Take the parameters and load biases of checkpoint folder `path` (saved under any layout, or
+        converted by lcc checkpoint import-hf); the optimizer starts afresh."""
+        state = {k: v for k, v in self.state(0).items() if k.startswith(("model/", "bias/"))}
+        checkpoint.load(path, state)
 
     def resume(self, path: Path) -> int:
         """Load checkpoint folder `path` (the launcher chose and checked it: checkpoint.prepare), whatever

@@ -9,6 +9,7 @@ stop every rank and say at which step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from lcc.plan import PlanFormatError, read_plan
 from lcc.plan.program_check import ProgramMismatch, check_programs
 from lcc.plan.types import Plan
-from lcc.runtime.checkpoint import Resume, prepare, read_identity
+from lcc.runtime.checkpoint import Resume, check_checkpoint, prepare, read_identity
 from lcc.runtime.device import check_device, join_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine, check_steps, check_writable
 from lcc.runtime.progress import StepProgress
@@ -78,6 +79,9 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
         watch_engine(engine, beat)
         beat.beat("resuming")
         first = engine.resume(Path(resume.path)) if resume and resume.path else 0
+        if resume and resume.init_from and not resume.path:
+            beat.beat("loading the initial weights")
+            engine.load_weights(Path(resume.init_from))
         good = resume.path if resume else None  # the last checkpoint of finite loss
         saved = None  # the last checkpoint this run wrote
         every = engine.spec.train.checkpoint_every
@@ -165,7 +169,7 @@ def preflight(plan: Plan, steps: int, outputs: dict[str, Path | None], force: bo
 def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False,
            checkpoints: Path | None = None, resume: bool = False, track_memory: bool = False,
            transcript: Path | None = None, spec_dir: Path | None = None, resume_if_any: bool = False,
-           fallback: bool = False, keep: int = 3, force: bool = False) -> None:
+           fallback: bool = False, keep: int = 3, force: bool = False, init_from: Path | None = None) -> None:
     """Run `steps` optimizer steps of a compiled plan. `track_memory`: on CPU, count the bytes of live
     tensors for the metrics' peak memory (exact, but slows each step; otherwise the peak resident size).
     `transcript`: write every collective each rank issues there (JSON lines). `spec_dir`: where a
@@ -174,7 +178,8 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     any layout of the same spec (an error if there is none); `resume_if_any`: the same, or start at step 0
     if there is none yet; `fallback`: resume from the newest older checkpoint if the latest fails its checks
     (all checked here, before any rank starts: checkpoint.prepare). `force`: start the ranks even where
-    this machine looks too small for them (lcc.runtime.preflight)."""
+    this machine looks too small for them (lcc.runtime.preflight). `init_from`: a checkpoint (any layout, the
+    same model and routing) whose weights a run that starts at step 0 begins from, checked here."""
     plan = check_plan(Path(plan_dir))
     preflight(plan, steps, {"--metrics": metrics, "--transcript": transcript, "--checkpoint-dir": checkpoints}, force)
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
@@ -185,6 +190,8 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     with (prepare(Path(checkpoints), spec, resume, resume_if_any, fallback, keep, leader)
           if checkpoints is not None else contextlib.nullcontext()) as start:  # under torchrun rank 0 locks
         taken = read_identity(Path(start.path))["step"] if start is not None and start.path else 0
+        if init_from is not None:
+            start = _initial_weights(Path(init_from), spec, start, leader and not quiet)
         if taken and leader and not quiet:
             print(f"resuming from step {taken} ({start.path})", flush=True)
         if taken >= steps:
@@ -198,6 +205,18 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
         finally:
             if transcript is not None and "RANK" not in os.environ:  # under torchrun each rank keeps its part
                 merge(Path(transcript), world)
+
+
+def _initial_weights(path: Path, spec: dict[str, Any], start: Resume | None, say: bool) -> Resume:
+    """`start` with the checkpoint folder of --init-from, checked (complete, and of the same model and
+    routing), unless the run resumes from a checkpoint of its own."""
+    folder, _ = check_checkpoint(path, spec)
+    start = start if start is not None else Resume()
+    if start.path:
+        if say:
+            print(f"--init-from {path}: not used, the run resumes from {start.path}", flush=True)
+        return start
+    return dataclasses.replace(start, init_from=str(folder))
 
 
 def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet: bool, checkpoints: Path | None,

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lcc.data.tokenizer import plan_tokenizer
 from lcc.plan.types import Serving
 from lcc.serve.rank import ServeRank, StepPlan
 from lcc.serve.sampling import SamplingParams, generator_for, sample
 from lcc.serve.scheduler import Scheduler, Sequence
-from lcc.serve.tokenizer import ByteTokenizer
 
 
 class RequestError(ValueError):
@@ -76,7 +76,7 @@ class Engine:
             raise ValueError("--max-num-seqs and --max-batched-tokens must be positive")
         self.scheduler = Scheduler(rank.mesh.sizes["dp"], serving.kv_blocks, serving.block_size, self.max_num_seqs,
                                    self.max_batched_tokens)
-        self.tokenizer = ByteTokenizer(rank.spec.model.vocab_size)
+        self.tokenizer = plan_tokenizer(rank.dir)
         self.sequences: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.stats = EngineStats()
@@ -101,7 +101,7 @@ class Engine:
         if seq is None or seq.finished:
             return None
         self.scheduler.finish(seq, "abort")
-        held = seq.text[seq.emitted:] + seq.decoder.decode(b"", final=True)  # what a stop string held back
+        held = seq.text[seq.emitted:] + seq.decoder.final()  # what a stop string held back
         return Update(request, [], held, "abort")
 
     @property
@@ -160,7 +160,7 @@ class Engine:
     def _advance(self, seq: Sequence, token: int) -> Update:
         seq.tokens.append(token)
         params = seq.params
-        seq.text += seq.decoder.decode(bytes([token]) if token < 256 else b"")
+        seq.text += seq.decoder.add(token)
         reason = None
         stop_at = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
         if stop_at >= 0:
@@ -169,7 +169,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             if reason != "stop":
-                seq.text += seq.decoder.decode(b"", final=True)
+                seq.text += seq.decoder.final()
             safe = len(seq.text)
             self.scheduler.finish(seq, reason)
         else:  # hold back what could still become the start of a stop string

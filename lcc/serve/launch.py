@@ -236,6 +236,7 @@ def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeO
 
 def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
                  timeout_s: float, beat: Heartbeat) -> None:
+    from lcc.data.tokenizer import plan_tokenizer
     from lcc.serve.engine import Engine, follow
     from lcc.serve.loop import EngineLoop
     from lcc.serve.rank import ServeRank
@@ -254,7 +255,6 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
             beat.finished()
             return
         plan = check_serve_plan(Path(plan_dir))
-        spec = spec_of(plan_dir)
 
         def start() -> Engine:
             return Engine(ServeRank(Path(plan_dir), 0, checkpoint, verify=False, device=device), opts.max_num_seqs,
@@ -268,7 +268,7 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
         loop.begin()
         print(f"serving {plan.spec_name} at http://{opts.host}:{opts.port}/v1 (world {world}); /health says when "
               "it is ready", flush=True)
-        run_server(loop, metrics, plan.serving, plan.spec_name, spec["model"]["vocab_size"], opts.host, opts.port,
+        run_server(loop, metrics, plan.serving, plan.spec_name, plan_tokenizer(Path(plan_dir)), opts.host, opts.port,
                    opts.max_queued, opts.shutdown_timeout)
         loop.drain()
         if loop.failure is None:

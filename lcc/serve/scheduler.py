@@ -10,12 +10,12 @@ prefill) when blocks are free. A sequence's logits are wanted when its chunk rea
 
 from __future__ import annotations
 
-import codecs
 import collections
 from dataclasses import dataclass, field
 
 import torch
 
+from lcc.data.tokenizer import Decoder
 from lcc.serve.blocks import BlockManager
 from lcc.serve.rank import SeqPart, StepPlan
 from lcc.serve.sampling import SamplingParams
@@ -28,7 +28,7 @@ class Sequence:
     params: SamplingParams
     dp: int
     generator: torch.Generator | None
-    decoder: codecs.IncrementalDecoder
+    decoder: Decoder
     tokens: list[int] = field(default_factory=list)  # prompt, then generated
     computed: int = 0  # tokens whose keys and values are in the cache
     text: str = ""

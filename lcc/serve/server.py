@@ -30,11 +30,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from lcc.data.tokenizer import Tokenizer
 from lcc.plan.types import Serving
 from lcc.serve import api
 from lcc.serve.engine import RequestError, Update, check_request
 from lcc.serve.loop import EngineLoop
-from lcc.serve.tokenizer import ByteTokenizer
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request looks whether its client is still there
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -62,10 +62,10 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes and the like, of this rank (0)
 
 
-def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, vocab: int,
+def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer,
               max_queued: int) -> FastAPI:
     app = FastAPI(title="lcc", docs_url=None, redoc_url=None, openapi_url=None)
-    tokenizer = ByteTokenizer(vocab)
+    vocab = tokenizer.vocab_size
 
     def refuse(exc: api.ApiError) -> JSONResponse:
         metrics.rejected.labels(status=str(exc.status)).inc()
@@ -97,7 +97,10 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
                 raise api.ApiError(400, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
                                    "model_not_found")
             if chat:  # without a limit, a reply may fill the context
-                prompt = tokenizer.encode(api.chat_prompt(req.messages))
+                try:
+                    prompt = tokenizer.encode(api.chat_prompt(req.messages))
+                except ValueError as exc:
+                    raise api.ApiError(400, str(exc), "messages") from None
                 limit = req.max_completion_tokens or req.max_tokens or max(1, serving.max_seq_len - len(prompt))
             else:
                 try:
@@ -195,10 +198,10 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, vocab: int, host: str, port: int,
-               max_queued: int, shutdown_timeout: float) -> None:
+def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer, host: str,
+               port: int, max_queued: int, shutdown_timeout: float) -> None:
     """Serve until SIGTERM/SIGINT (then drain for up to `shutdown_timeout` s) or the engine fails."""
-    app = build_app(loop, metrics, serving, model, vocab, max_queued)
+    app = build_app(loop, metrics, serving, model, tokenizer, max_queued)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="off")
     server = Server(config, loop)

@@ -15,31 +15,12 @@ from lcc.backends.torch_ref.int4 import Int4Weight, quantize
 from lcc.backends.triton.experts import ExpertStack
 from lcc.plan.types import Plan
 from lcc.runtime import checkpoint
+from lcc.runtime.checkpoint import check_checkpoint  # noqa: F401 - serving's name for it
 from lcc.runtime.checkpoint_layout import local_blocks, origin
 from lcc.runtime.shards import local_parameters
 from lcc.spec.models import Spec
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
-IGNORED = ("routing.balance", "routing.capacity_factor")  # training-only: serving has no losses and never drops
-
-
-def check_checkpoint(path: Path, spec: dict[str, Any], verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint folder `path` names (or a checkpoint directory's latest), checked: complete (with
-    `verify`: every file's size and sha256), and of the same model and routing as the served spec (any
-    layout, any training settings)."""
-    folder = checkpoint.resolve(Path(path))
-    ident = checkpoint.read_identity(folder)
-    if verify:
-        checkpoint.verify(folder, ident)
-    saved = {k: ident["spec"].get(k) for k in ("model", "routing")}
-    mine = {k: spec.get(k) for k in ("model", "routing")}
-    diffs = [d for d in checkpoint.spec_differences(saved, mine) if not d[0].startswith(IGNORED)]
-    if diffs:
-        field, a, b = diffs[0]
-        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-        raise checkpoint.CheckpointError(f"{folder}: the checkpoint is of another model: {field} is {a!r} there, "
-                                         f"{b!r} in the spec{more}")
-    return folder, ident
 
 
 def _saved_dtype(ident: dict[str, Any]) -> torch.dtype:

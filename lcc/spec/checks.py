@@ -131,6 +131,10 @@ def attention_heads(spec: Spec) -> Iterator[_Found]:
         yield _Found("model.attention.n_kv_heads",
                      f"n_kv_heads {att.n_kv_heads} neither divides nor is divisible by tp {tp}", "parallelism.tp",
                      hint="kv heads are split over tp, or replicated over tp / n_kv_heads ranks when fewer")
+    if att.qk_norm == "all" and tp > 1:
+        yield _Found("model.attention.qk_norm", f"qk_norm all (one norm over every head) is not planned under tp {tp}: "
+                     "its mean square would need a sum over the tp ranks' heads", "parallelism.tp",
+                     hint="use tp 1 with ep, dp or pp for this model")
 
 
 @rule
@@ -243,10 +247,10 @@ def batch(spec: Spec) -> Iterator[_Found]:
     if train.seq_len > spec.model.max_seq_len:
         yield _Found("train.seq_len", f"seq_len {train.seq_len} exceeds model.max_seq_len "
                      f"{spec.model.max_seq_len}", "model.max_seq_len")
-    if train.data.kind in ("builtin", "text") and spec.model.vocab_size < 256:
+    if train.data.kind in ("builtin", "text") and spec.model.vocab_size < 256 and spec.model.tokenizer is None:
         yield _Found("model.vocab_size", f"vocab_size {spec.model.vocab_size} is smaller than the 256 byte tokens "
                      f"of data kind {train.data.kind}", "train.data.kind",
-                     hint="use vocab_size >= 256, or data kind synthetic")
+                     hint="use vocab_size >= 256, a model.tokenizer, or data kind synthetic")
     if train.data.kind == "text" and not train.data.path:
         yield _Found("train.data.path", "data kind text needs a path", "train.data.kind")
     if spec.serve is not None and spec.serve.max_seq_len > spec.model.max_seq_len:

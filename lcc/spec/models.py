@@ -36,6 +36,9 @@ class Attention(_Section):
     n_kv_heads: Pos = Field(description="Key/value heads (grouped-query attention); equal to n_heads for MHA.")
     head_dim: Pos = Field(description="Dimension of one head; even, for rotary embeddings.")
     rope_theta: PosFloat = Field(10000.0, description="Rotary embedding base.")
+    qk_norm: Literal["none", "head", "all"] = Field(
+        "none", description="RMSNorm of the projected queries and keys before rotary embeddings: over each head's "
+        "head_dim with one weight per head dimension (head, as Qwen3-MoE), or over all heads at once (all, as OLMoE).")
 
 
 class FFN(_Section):
@@ -63,6 +66,8 @@ class Model(_Section):
     max_seq_len: Pos = Field(description="Longest sequence the model supports (tokens).")
     norm_eps: PosFloat = Field(1.0e-5, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(False, description="Share the token embedding with the LM head.")
+    tokenizer: str | None = Field(None, description="A Hugging Face tokenizer.json (relative to the spec file) "
+                                  "for text in and out; null: one token per byte.")
     attention: Attention
     ffn: FFN | None = Field(None, description="Dense FFN of the layers that are not MoE; needed if there are any.")
     moe: MoE | None = Field(None, description="Omit for a dense model.")

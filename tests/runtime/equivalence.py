@@ -62,18 +62,31 @@ def assert_run_matches_reference(spec: Spec, tmp_path: Path, reference: Referenc
     ref_losses, ref_grads, ref_loads = reference(spec)
     assert [m["loss"] for m in records] == pytest.approx(ref_losses[:steps], rel=1e-8, abs=0)
     assert [{site: r["load_per_expert"] for site, r in m["router"].items()} for m in records] == ref_loads[:steps]
+    plan = assert_rank_grads(spec, plan_dir, tmp_path, ref_grads)
+    par = spec.parallelism
+    # and the collectives of step 2 (step 1 also gathers whole gradients for the comparison above) are
+    # exactly what the plan lists, on every rank
+    issued = transcript.read(tmp_path / "transcript.jsonl")
+    for rank in range(par.world_size):
+        check_rank(plan, issued, rank, step=1)
+
+
+def assert_rank_grads(spec: Spec, plan_dir: Path, dumped: Path, full_grads: dict[str, torch.Tensor]) -> dict:
+    """Every rank's step-1 gradients (whole local tensors, dumped by LCC_DUMP_GRADS into `dumped`) within
+    1e-9 (norm-relative, per parameter) of the matching slice of `full_grads` (global names and shapes).
+    Returns the plan."""
     par = spec.parallelism
     plan = json.loads((plan_dir / "plan.json").read_text())
     sizes = {"tp": par.tp, "ep": par.ep}
     checked = 0
     for rank in range(par.world_size):
         c = coords(par, spec.cluster.gpus_per_node, rank)
-        local_grads = torch.load(tmp_path / f"grads_rank{rank}.pt")
+        local_grads = torch.load(dumped / f"grads_rank{rank}.pt")
         for p in plan["parameters"]:
             local = local_grads.get(p["name"])
             if local is None:
                 continue
-            part = ref_grads[p["name"]]
+            part = full_grads[p["name"]]
             if p["shard"] is not None:
                 index = {"tp": c.tp, "ep": c.ep}[p["shard"]["axis"]] * p["shard"]["parts"] // sizes[p["shard"]["axis"]]
                 part = part.chunk(p["shard"]["parts"], dim=p["shard"]["dim"])[index]
@@ -81,8 +94,4 @@ def assert_run_matches_reference(spec: Spec, tmp_path: Path, reference: Referenc
             assert error <= 1e-9 or (local - part).norm() == 0, (p["name"], rank, float(error))
             checked += 1
     assert checked >= len(plan["parameters"])
-    # and the collectives of step 2 (step 1 also gathers whole gradients for the comparison above) are
-    # exactly what the plan lists, on every rank
-    issued = transcript.read(tmp_path / "transcript.jsonl")
-    for rank in range(par.world_size):
-        check_rank(plan, issued, rank, step=1)
+    return plan

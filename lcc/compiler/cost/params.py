@@ -19,7 +19,7 @@ class LayerParams:
     """One layer's parameters, split by how they are sharded."""
 
     attention: int  # q, k, v, o projections
-    norms: int  # the two RMSNorm weights
+    norms: int  # the two RMSNorm weights, and the query and key norms
     ffn: int  # dense SwiGLU FFN (0 in MoE layers)
     router: int  # group centroids + router weights
     shared: int  # shared experts
@@ -45,12 +45,16 @@ def layer_params(spec: Spec, layer: int) -> LayerParams:
     att = m.attention
     d = m.d_model
     attention = d * att.n_heads * att.head_dim * 2 + d * att.n_kv_heads * att.head_dim * 2
+    # the two block norms, and the query and key norms (one weight per head dim, or per query and key width;
+    # qk_norm all is refused under tp, so every rank holds them whole)
+    norms = 2 * d + {"none": 0, "head": 2 * att.head_dim, "all": (att.n_heads + att.n_kv_heads) * att.head_dim}[
+        att.qk_norm]
     if not m.is_moe(layer):
-        return LayerParams(attention, 2 * d, 3 * d * m.ffn.d_ff, 0, 0, 0)
+        return LayerParams(attention, norms, 3 * d * m.ffn.d_ff, 0, 0, 0)
     moe = m.moe
     router = (moe.n_groups + moe.n_experts) * d
     shared = moe.n_shared_experts * expert_params(spec)
-    return LayerParams(attention, 2 * d, 0, router, shared, moe.n_experts * expert_params(spec))
+    return LayerParams(attention, norms, 0, router, shared, moe.n_experts * expert_params(spec))
 
 
 def embedding_params(spec: Spec) -> int:

@@ -50,7 +50,9 @@ def run(state: CompileState) -> None:
         # (MoE layers split them), and with sequence parallelism so does a norm: their gradients are summed
         # over tp too. Copies of a kv head on tp / n_kv ranks each see their own query heads' share: summed
         # over kv
-        partial = ".ffn.router." in name or (sp and name.endswith("norm.weight"))
+        # per-head query and key norms see only their rank's heads: summed over tp as well
+        partial = (".ffn.router." in name or (sp and name.endswith("norm.weight"))
+                   or name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")))
         info.grad_reduce = ["dp"] + (["tp"] if partial and tp > 1 else []) + (
             ["kv"] if shard is not None and shard.parts < tp else [])
     if tp > 1:
