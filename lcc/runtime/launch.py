@@ -30,7 +30,7 @@ from lcc.runtime.checkpoint import Resume, check_checkpoint, prepare, read_ident
 from lcc.runtime.device import check_device, join_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine, check_steps, check_writable
 from lcc.runtime.progress import StepProgress
-from lcc.runtime.supervise import Beats, Heartbeat, RankLink, Run, start_fork_server, watch_engine
+from lcc.runtime.supervise import Beats, Heartbeat, RankLink, Run, adopt_environment, start_fork_server, watch_engine
 from lcc.runtime.support import RunError
 from lcc.runtime.transcript import merge, part_path
 
@@ -45,8 +45,8 @@ def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics
             timeout_s: float, quiet: bool, checkpoints: str | None = None, resume: Resume | None = None,
             init: bool = True, link: RankLink | None = None, track_memory: bool = False,
             env: dict[str, str] | None = None, transcript: str | None = None, spec_dir: str | None = None) -> None:
-    if env is not None:  # forked from the server: take the launching process's environment of now
-        os.environ.update(env)
+    if env is not None:  # forked from the server
+        adopt_environment(env)
     if link is not None:  # in a process of its own: dies with the launcher, stderr to the launcher's log
         link.attach()
     try:

@@ -92,6 +92,14 @@ def die_with_parent(launcher: int) -> None:
     os._exit(1)
 
 
+def adopt_environment(env: dict[str, str]) -> None:
+    """In a rank forked from the fork server: the launching process's environment as it is now, exactly. The
+    server's own is that of the launch that started it, which may have had more (a variable set then and
+    removed since)."""
+    os.environ.clear()
+    os.environ.update(env)
+
+
 def start_fork_server(context: Any, preload: list[str]) -> None:
     """Start multiprocessing's fork server (once per launcher process) with `preload` imported, and tied to
     the life of this process (the thread that calls this, which should be the main one)."""

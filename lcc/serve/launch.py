@@ -25,7 +25,7 @@ from lcc.runtime.checkpoint import CheckpointError
 from lcc.runtime.device import join_plan
 from lcc.runtime.launch import _free_port, check_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine
-from lcc.runtime.supervise import Heartbeat, RankLink, Run, start_fork_server
+from lcc.runtime.supervise import Heartbeat, RankLink, Run, adopt_environment, start_fork_server
 from lcc.serve.engine import RequestError, check_request
 from lcc.serve.sampling import SamplingParams
 from lcc.serve.weights import check_checkpoint, spec_of
@@ -108,7 +108,7 @@ def _generate(plan_dir: Path, plan: Plan, job: Job) -> None:
 def _worker(rank: int, world: int, port: int, plan_dir: str, job: Job, threads: int, timeout_s: float,
             link: RankLink, env: dict[str, str] | None = None) -> None:
     if env is not None:
-        os.environ.update(env)
+        adopt_environment(env)
     link.attach()
     try:
         _serve_rank(rank, world, port, plan_dir, job, threads, timeout_s, link.heartbeat)
@@ -224,7 +224,7 @@ def _check_port(host: str, port: int) -> None:
 
 def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
                    timeout_s: float, link: RankLink, env: dict[str, str]) -> None:
-    os.environ.update(env)
+    adopt_environment(env)
     link.attach()
     try:
         _server_rank(rank, world, port, plan_dir, opts, threads, timeout_s, link.heartbeat)

@@ -102,9 +102,10 @@ def lcc_view(model: torch.nn.Module, family: str, values: dict[str, torch.Tensor
 
 def float64_throughout(monkeypatch) -> None:
     """transformers computes RMSNorm and router (and eager attention) probabilities in float32 even in a float64
-    model (`.to(torch.float32)`, `softmax(..., dtype=torch.float)`), and rotary angles in float32 (`.float()`); the float64 comparisons lift those casts of
-    float64 tensors to float64, leaving transformers' code as it is, so that they can hold to 1e-9. Call it
-    after lcc has run in this process: the casts are lifted for every tensor."""
+    model (`.to(torch.float32)`, `softmax(..., dtype=torch.float)`, `.float()`); the float64 comparisons lift
+    those casts of float64 tensors to float64, leaving transformers' code as it is, so that they can hold to
+    1e-9. Call it after lcc has run in this process: the casts are lifted for every tensor. (The rotary
+    frequencies, a float32 buffer, are recomputed in float64 where the model is loaded.)"""
     to, softmax, single = torch.Tensor.to, torch.nn.functional.softmax, torch.Tensor.float
 
     def wide(dtype):

@@ -24,7 +24,7 @@ from lcc.data.stream import TokenStream, corpus_tokens, split_corpus
 from lcc.model import build_model
 from lcc.runtime.launch import launch, read_metrics
 from lcc.spec import load_spec
-from tests.interop.hf_models import FAMILIES, lcc_view, save_model, float64_throughout
+from tests.interop.hf_models import FAMILIES, float64_throughout, lcc_view, save_model
 from tests.runtime.equivalence import assert_rank_grads
 
 transformers = pytest.importorskip("transformers")
@@ -143,8 +143,9 @@ def test_step_one_equals_transformers_float64(imported, layout, tmp_path, monkey
 @pytest.mark.timeout(300)
 def test_greedy_generation_equals_transformers_float64(imported, monkeypatch):
     prompts = [[5, 17, 90, 3], [64, 2, 2, 2, 9, 100, 41, 77, 12]]
+    ids = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
     code, out = cli("run", "generate", imported.spec_path, "--checkpoint", imported.ckpt, "--max-tokens", 32, "--json",
-                    "--set", "serve.dtype=float64", *[a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))])
+                    "--set", "serve.dtype=float64", *ids)
     assert code == 0, out
     mine = [json.loads(line)["token_ids"] for line in out.splitlines() if line.startswith("{")]
     float64_throughout(monkeypatch)
