@@ -43,12 +43,11 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64"
 
 class SafetensorsSource:
     """The tensors of a model folder: `model.safetensors`, or the shards a `model.safetensors.index.json`
-    lists. Files are opened once, lazily; a tensor is read only when asked for."""
+    lists. Each file's header is read once; a tensor (or one row of it) is read only when asked for, with
+    plain reads of its bytes: no memory map, so that what was read leaves memory with the tensor."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
-        self.dir, self._open, self._files = Path(model_dir), safe_open, {}
+        self.dir, self._headers = Path(model_dir), {}
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -60,15 +59,31 @@ class SafetensorsSource:
             single = self.dir / "model.safetensors"
             if not single.is_file():
                 raise ImportRefused(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-            self.where = {name: single for name in self._file(single).keys()}  # noqa: SIM118 - not iterable
+            self.where = {name: single for name in self._header(single)[0] if name != "__metadata__"}
 
-    def _file(self, path: Path) -> Any:
-        if path not in self._files:
+    def _header(self, path: Path) -> tuple[dict[str, Any], int]:
+        """(the file's header, where its data starts)."""
+        if path not in self._headers:
             try:
-                self._files[path] = self._open(str(path), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own errors for bad files
+                with open(path, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    if size > 100 << 20:
+                        raise ValueError(f"a header of {size} bytes")
+                    header = json.loads(f.read(size))
+            except (OSError, ValueError, struct.error) as exc:
                 raise ImportRefused(f"{path}: not a readable safetensors file ({exc})") from None
-        return self._files[path]
+            self._headers[path] = (header, 8 + size)
+        return self._headers[path]
+
+    def _entry(self, name: str) -> tuple[Path, dict[str, Any], int]:
+        path = self.where[name]
+        header, base = self._header(path)
+        if name not in header:
+            raise ImportRefused(f"{path}: has no tensor {name}, which its index places there")
+        entry = header[name]
+        if entry.get("dtype") not in ST_NAMES:
+            raise ImportRefused(f"{path}: {name} is {entry.get('dtype')}; lcc reads F32, F64, BF16 and F16 weights")
+        return path, entry, base
 
     def find(self, name: str) -> str | None:
         """`name`, or its transformers 5 spelling (Mixtral's block_sparse_moe is mlp there)."""
@@ -78,11 +93,22 @@ class SafetensorsSource:
         return None
 
     def shape(self, name: str) -> list[int]:
-        return list(self._file(self.where[name]).get_slice(name).get_shape())
+        return list(self._entry(name)[1]["shape"])
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
-        f = self._file(self.where[name])
-        return f.get_slice(name)[index] if index is not None else f.get_tensor(name)
+        """Tensor `name`, or its row `index` along dim 0."""
+        path, entry, base = self._entry(name)
+        dtype, shape = ST_NAMES[entry["dtype"]], list(entry["shape"])
+        start, end = entry["data_offsets"]
+        if index is not None:
+            row = (end - start) // shape[0]
+            start, end, shape = start + index * row, start + (index + 1) * row, shape[1:]
+        with open(path, "rb") as f:
+            data = bytearray(end - start)
+            f.seek(base + start)
+            if f.readinto(data) != len(data):
+                raise ImportRefused(f"{path}: {name} is cut short (a truncated file)")
+        return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
 
 
 class LazyBlocks(Blocks):
@@ -297,7 +323,7 @@ def export_weights(ckpt: Path, out: Path, max_shard_bytes: int = 2 << 30, tokeni
                 return to_hf_heads(t, part.heads) if part.heads is not None else t
 
             for lcc_name, part, shape in entries:
-                tensors.append((part.name, dtype, shape, lambda n=lcc_name, p=part: value(n, p)))
+                tensors.append((part.name, dtype, shape, lambda n=lcc_name, p=part, f=value: f(n, p)))
                 weight_map[part.name] = file
                 total += math.prod(shape) * dtype.itemsize
         write_safetensors(out / file, tensors)

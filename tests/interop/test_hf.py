@@ -187,7 +187,7 @@ def _lcc_tensors(ckpt: Path, spec) -> dict[str, torch.Tensor]:
 
 def test_export_then_import_is_bitwise_identical(imported, tmp_path):
     out = tmp_path / "exported"
-    code, text = cli("checkpoint", "export-hf", imported.ckpt, "--out", out, "--max-shard-gib", 0.0002)
+    code, text = cli("checkpoint", "export-hf", imported.ckpt, "--out", out, "--max-shard-gib", 0.0004)  # two shards of several layers
     assert code == 0, text
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
     original, exported = _tensors(imported.hf_dir), _tensors(out)
