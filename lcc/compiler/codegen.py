@@ -113,6 +113,9 @@ class _Emitter:
             self.emit(f'{name} = ops.head_norm({args[0]}, P["{target}.weight"], '
                       f'head_dim={spec.model.attention.head_dim}, eps={spec.model.norm_eps!r})',
                       "each head over its head_dim")
+        elif target.endswith(("attn.q_norm", "attn.k_norm")) and self.take(target, AT, "rms_norm_tp") is not None:
+            self.emit(f'{name} = ops.rms_norm_tp({args[0]}, P["{target}.weight"], G.tp, eps={spec.model.norm_eps!r})',
+                      "over every rank's heads: all-reduce of the sum of squares; backward, another")
         elif target.endswith("norm"):
             if target == "norm" and self.serving:
                 self.emit(f"{args[0]}_last = ops.last_positions({args[0]}, ctx.batch)",

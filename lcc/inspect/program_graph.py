@@ -337,6 +337,9 @@ class _Reader:
     def op_head_norm(self, args, kw, name, target):
         return self._same("head_norm", args[0], args[:2], name, head_dim=kw["head_dim"], eps=float(kw["eps"]))
 
+    def op_rms_norm_tp(self, args, kw, name, target):
+        return self._same("rms_norm_tp", args[0], args[:2], name, eps=float(kw["eps"]), **self._group(args[2]))
+
     def op_linear(self, args, kw, name, target):
         x, w = args
         out = self.new(name, self.compute, [*x.shape[:-1], w.shape[0]])

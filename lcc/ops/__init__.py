@@ -16,7 +16,7 @@ from lcc.ops.collectives import (
     split_tokens,
 )
 from lcc.ops.context import ProgramContext
-from lcc.ops.layers import attention, embedding_shard, head_norm, linear, rms_norm
+from lcc.ops.layers import attention, embedding_shard, head_norm, linear, rms_norm, rms_norm_tp
 from lcc.ops.loss import all_reduce_max, cross_entropy, flatten_logits, row_max, sum_exp, target_logit
 from lcc.ops.moe import (
     MoEPlan,
@@ -57,6 +57,7 @@ __all__ = [
     "recompute",
     "reduce_scatter_sequence",
     "rms_norm",
+    "rms_norm_tp",
     "route",
     "route_tables",
     "row_max",

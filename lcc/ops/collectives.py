@@ -45,6 +45,20 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
+class _SumEverywhere(torch.autograd.Function):
+    """Forward: sum over the group. Backward: sum the gradients over the group (every rank's own computation
+    uses the sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
 class _CopyToRegion(torch.autograd.Function):
     """Forward: identity (the input is replicated). Backward: sum the gradients over the group."""
 
@@ -172,6 +186,11 @@ class _AllToAll(torch.autograd.Function):
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum partial results of a row-parallel layer; backward: identity."""
     return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group)
+
+
+def sum_shared(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """A sum over the group that every rank goes on computing with; backward: all-reduce of its gradient."""
+    return x if _size(group) == 1 else _SumEverywhere.apply(x, group)
 
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:

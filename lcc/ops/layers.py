@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from lcc.model.transformer import AttentionCore, head_rms_norm
+from lcc.ops.collectives import sum_shared
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -20,6 +22,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def head_norm(x: torch.Tensor, weight: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
     """RMSNorm of each head of this rank's heads over its head_dim (queries or keys, before rotary)."""
     return head_rms_norm(x, weight, head_dim, eps)
+
+
+def rms_norm_tp(x: torch.Tensor, weight: torch.Tensor, group, eps: float) -> torch.Tensor:  # noqa: ANN001
+    """RMSNorm over a width split over the group (every head's queries or keys, of which this rank holds its
+    heads' and `weight`'s slice): the mean square sums every rank's share (an all-reduce; backward, another).
+    Copies of a key head on several ranks are counted once each: the sum over tp ranks of local width w is
+    tp * w elements, the whole width times the copies of each head."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    total = sum_shared(xf.pow(2).sum(-1, keepdim=True), group)
+    size = 1 if group is None else dist.get_world_size(group)
+    return (xf * torch.rsqrt(total / (xf.shape[-1] * size) + eps)).to(x.dtype) * weight
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:

@@ -22,7 +22,8 @@ OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"]
        "gather_tokens": (["all_gather"], []), "all_to_all": (["all_to_all"], ["all_to_all"]),
        "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], []),
        "gather_sequence": (["all_gather"], ["reduce_scatter", "all_gather"]),
-       "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"]), "gather_vocab": (["all_gather"], [])}
+       "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"]), "gather_vocab": (["all_gather"], []),
+       "rms_norm_tp": (["all_reduce"], ["all_reduce"])}
 ZERO = ("zero_gather", "zero_prefetch")
 COMPUTE = {"embedding_shard", "rms_norm", "head_norm", "linear", "attention", "route", "grouped_swiglu",
            "grouped_swiglu_int4", "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit",

@@ -131,10 +131,6 @@ def attention_heads(spec: Spec) -> Iterator[_Found]:
         yield _Found("model.attention.n_kv_heads",
                      f"n_kv_heads {att.n_kv_heads} neither divides nor is divisible by tp {tp}", "parallelism.tp",
                      hint="kv heads are split over tp, or replicated over tp / n_kv_heads ranks when fewer")
-    if att.qk_norm == "all" and tp > 1:
-        yield _Found("model.attention.qk_norm", f"qk_norm all (one norm over every head) is not planned under tp {tp}: "
-                     "its mean square would need a sum over the tp ranks' heads", "parallelism.tp",
-                     hint="use tp 1 with ep, dp or pp for this model")
 
 
 @rule

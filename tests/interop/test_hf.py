@@ -29,11 +29,11 @@ from tests.runtime.equivalence import assert_rank_grads
 
 transformers = pytest.importorskip("transformers")
 
-# one multi-rank layout per family: tensor parallel (per-head qk norm under tp), pipeline, experts over dp
+# one multi-rank layout per family: tensor parallel (the qk norms under tp), pipeline
 MULTI = {
     "qwen3_moe": ["parallelism.tp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],
     "mixtral": ["parallelism.pp=2", "parallelism.pipeline.microbatches=2", "cluster.gpus_per_node=2"],
-    "olmoe": ["parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],
+    "olmoe": ["parallelism.tp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],  # the norm over all heads, under tp
 }
 SHORT = ["train.seq_len=48", "train.global_batch=4"]
 
@@ -142,10 +142,12 @@ def test_step_one_equals_transformers_float64(imported, layout, tmp_path, monkey
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_greedy_generation_equals_transformers_float64(imported, monkeypatch):
+    """Served on the family's multi-rank layout (tp 2 or pp 2), both prompts batched together."""
     prompts = [[5, 17, 90, 3], [64, 2, 2, 2, 9, 100, 41, 77, 12]]
     ids = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
+    layout = [a for o in MULTI[imported.family] for a in ("--set", o)]
     code, out = cli("run", "generate", imported.spec_path, "--checkpoint", imported.ckpt, "--max-tokens", 32, "--json",
-                    "--set", "serve.dtype=float64", *ids)
+                    "--set", "serve.dtype=float64", *layout, *ids)
     assert code == 0, out
     mine = [json.loads(line)["token_ids"] for line in out.splitlines() if line.startswith("{")]
     float64_throughout(monkeypatch)
@@ -187,7 +189,8 @@ def _lcc_tensors(ckpt: Path, spec) -> dict[str, torch.Tensor]:
 
 def test_export_then_import_is_bitwise_identical(imported, tmp_path):
     out = tmp_path / "exported"
-    code, text = cli("checkpoint", "export-hf", imported.ckpt, "--out", out, "--max-shard-gib", 0.0004)  # two shards of several layers
+    # two shards of several layers each
+    code, text = cli("checkpoint", "export-hf", imported.ckpt, "--out", out, "--max-shard-gib", 0.0004)
     assert code == 0, text
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
     original, exported = _tensors(imported.hf_dir), _tensors(out)

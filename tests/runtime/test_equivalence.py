@@ -31,6 +31,16 @@ def test_layout_equals_reference(layout, tmp_path, reference, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["tp4_kv2", "sp_dp2_tp2_ep4_zero3_selective"])
+def test_query_and_key_norm_over_all_heads_under_tp(layout, tmp_path, reference, monkeypatch):
+    """One mean square over every rank's heads (an all-reduce over tp, and one in backward); copies of a kv
+    head on two ranks counted once each."""
+    spec = load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *LAYOUTS[layout], "model.attention.qk_norm=all"])
+    assert_run_matches_reference(spec, tmp_path, reference, monkeypatch, steps=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_switch_loss_with_tp_equals_reference(tmp_path, reference, monkeypatch):
     """Each TP rank routes half of a unit's tokens; the balance loss still counts the whole unit."""
     spec = load_spec(SPECS / "tiny-moe.yaml", [*LIGHT, *LAYOUTS["tp2"], "routing.balance.aux_loss_coef=0.01"])

@@ -45,8 +45,7 @@ def layer_params(spec: Spec, layer: int) -> LayerParams:
     att = m.attention
     d = m.d_model
     attention = d * att.n_heads * att.head_dim * 2 + d * att.n_kv_heads * att.head_dim * 2
-    # the two block norms, and the query and key norms (one weight per head dim, or per query and key width;
-    # qk_norm all is refused under tp, so every rank holds them whole)
+    # the two block norms, and the query and key norms (one weight per head dim, or per query and key width)
     norms = 2 * d + {"none": 0, "head": 2 * att.head_dim, "all": (att.n_heads + att.n_kv_heads) * att.head_dim}[
         att.qk_norm]
     if not m.is_moe(layer):
@@ -104,7 +103,11 @@ def local_layer_params(spec: Spec, layer: int) -> tuple[int, int]:
     att, d, tp = m.attention, m.d_model, par.tp
     p = layer_params(spec, layer)
     attention = 2 * d * att.n_heads * att.head_dim // tp + 2 * d * local_kv_heads(spec) * att.head_dim
-    dense = attention + p.norms + p.ffn // tp + p.router + p.shared // tp
+    norms = p.norms
+    if att.qk_norm == "all":  # split over tp with the heads, as the projections are
+        norms += (att.n_heads * att.head_dim // tp + local_kv_heads(spec) * att.head_dim
+                  - (att.n_heads + att.n_kv_heads) * att.head_dim)
+    dense = attention + norms + p.ffn // tp + p.router + p.shared // tp
     experts = p.experts // par.ep
     return dense, experts
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from lcc.compiler.dims import Dims, dims, sequence_parallel
-from lcc.compiler.state import AFTER, BEFORE, LOSS_POSITION, CompileState
+from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, CompileState
 from lcc.plan.types import Collective, Shard
 
 NAME = "tensor_parallel"
@@ -32,13 +32,15 @@ def run(state: CompileState) -> None:
     tp = spec.parallelism.tp
     n_kv = spec.model.attention.n_kv_heads
     sp = sequence_parallel(spec, state.mode)
+    # query and key norms over all heads hold one weight per element of the projection: split with its heads
+    qk_all = ("attn.q_norm.weight", "attn.k_norm.weight") if spec.model.attention.qk_norm == "all" else ()
     for name, info in state.params.items():
         if info.expert:
             continue
         shard = None
-        if name.endswith(("attn.wk.weight", "attn.wv.weight")) and n_kv < tp:
+        if name.endswith(("attn.wk.weight", "attn.wv.weight", *qk_all[1:])) and n_kv < tp:
             shard = Shard(0, "tp", n_kv)  # each kv head on tp / n_kv ranks
-        elif name.endswith(COLUMN) or name in ("embed.weight", "head.weight"):
+        elif name.endswith((*COLUMN, *qk_all)) or name in ("embed.weight", "head.weight"):
             shard = Shard(0, "tp", tp)
         elif name.endswith(ROW):
             shard = Shard(1, "tp", tp)
@@ -51,8 +53,8 @@ def run(state: CompileState) -> None:
         # over tp too. Copies of a kv head on tp / n_kv ranks each see their own query heads' share: summed
         # over kv
         # per-head query and key norms see only their rank's heads: summed over tp as well
-        partial = (".ffn.router." in name or (sp and name.endswith("norm.weight"))
-                   or name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")))
+        qk = name.endswith(("attn.q_norm.weight", "attn.k_norm.weight"))
+        partial = ".ffn.router." in name or (sp and name.endswith("norm.weight") and not qk) or (qk and not qk_all)
         info.grad_reduce = ["dp"] + (["tp"] if partial and tp > 1 else []) + (
             ["kv"] if shard is not None and shard.parts < tp else [])
     if tp > 1:
@@ -88,7 +90,13 @@ def _collectives(state: CompileState) -> None:
         info = state.params.get(weight)
         shared = ".ffn.shared." in site
         dim = 0 if shared else 1
-        if site == "embed" and sp:
+        if site.endswith(("attn.q_norm", "attn.k_norm")) and state.spec.model.attention.qk_norm == "all":
+            sq = [d.b, d.s, 1]  # each position's sum of squares over this rank's heads
+            state.add(stage, site, AT, "rms_norm_tp",
+                      [Collective("all_reduce", "tp", site, "the mean square over every rank's heads", sq, d.wide)],
+                      [Collective("all_reduce", "tp", site, "the gradient of that sum, every rank's heads", sq,
+                                  d.wide)])
+        elif site == "embed" and sp:
             gather, scatter = _sequence(d, tp, shared, d.params, site)
             state.add(0, site, AFTER, "reduce_scatter_sequence",
                       [_what(scatter, "vocab-parallel embedding: sum over tp, this rank's positions")],
