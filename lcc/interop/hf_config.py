@@ -190,6 +190,23 @@ def model_sections(path: Path, data: dict[str, Any]) -> tuple[str, dict[str, Any
     return family, model, routing, notes
 
 
+def stop_tokens(model_dir: Path, data: dict[str, Any], vocab: int) -> tuple[list[int], list[str]]:
+    """The model's end-of-sequence ids (generation_config.json's, else config.json's eos_token_id), and notes
+    on any left out (outside the vocabulary)."""
+    value = data.get("eos_token_id")
+    generation = Path(model_dir) / "generation_config.json"
+    if generation.is_file():
+        try:
+            value = json.loads(generation.read_text()).get("eos_token_id", value)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ImportRefused(f"{generation}: unreadable ({exc})") from None
+    ids = value if isinstance(value, list) else [value] if value is not None else []
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    kept = sorted({i for i in ids if 0 <= i < vocab})
+    notes = [f"eos_token_id {i} is outside the vocabulary of {vocab}: not a stop token." for i in ids if i not in kept]
+    return kept, notes
+
+
 def _slug(name: str) -> str:
     slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
     return (slug or "imported")[:100]
@@ -217,7 +234,7 @@ def _layouts(gpus: int, n_experts: int) -> list[dict[str, Any]]:
 
 
 def spec_data(name: str, model: dict[str, Any], routing: dict[str, Any], dtype: str, gpus: int | None,
-              layout: dict[str, Any] | None = None) -> dict[str, Any]:
+              layout: dict[str, Any] | None = None, stops: list[int] | None = None) -> dict[str, Any]:
     lay = layout or {"tp": 1, "pp": 1, "dp": 1, "ep": 1, "zero": 0, "recompute": "none"}
     seq = min(model["max_seq_len"], 4096 if gpus else 256)
     micro = 2 * lay["pp"] if lay["pp"] > 1 else 1
@@ -236,7 +253,8 @@ def spec_data(name: str, model: dict[str, Any], routing: dict[str, Any], dtype: 
                   "optimizer": {"name": "adamw", "lr": 1.0e-5, "betas": [0.9, 0.95], "weight_decay": 0.0,
                                 "warmup_steps": 0, "grad_clip": 1.0},
                   "data": {"kind": "builtin" if model["tokenizer"] or model["vocab_size"] >= 256 else "synthetic"}},
-        "serve": {"max_batch": 16, "max_seq_len": min(model["max_seq_len"], 4096), "dtype": dtype},
+        "serve": {"max_batch": 16, "max_seq_len": min(model["max_seq_len"], 4096), "dtype": dtype,
+                  "stop_token_ids": stops or []},
     }
 
 
@@ -254,6 +272,8 @@ def import_config(model_dir: Path, out: Path, gpus: int | None = None, name: str
     path, data = read_config(Path(model_dir))
     family, model, routing, notes = model_sections(path, data)
     dtype = _dtype(_Config(path, data))
+    stops, stop_notes = stop_tokens(Path(model_dir), data, model["vocab_size"])
+    notes += stop_notes
     tokenizer = Path(model_dir) / "tokenizer.json"
     if tokenizer.is_file():
         model["tokenizer"] = os.path.relpath(tokenizer.resolve(), Path(out).resolve().parent)
@@ -266,7 +286,7 @@ def import_config(model_dir: Path, out: Path, gpus: int | None = None, name: str
     candidates = _layouts(gpus, model["moe"]["n_experts"]) if gpus is not None else [None]
     errors = []
     for layout in candidates:
-        data_out = spec_data(name, model, routing, dtype, gpus, layout)
+        data_out = spec_data(name, model, routing, dtype, gpus, layout, stops)
         text = yaml.safe_dump(data_out, sort_keys=False, default_flow_style=None, width=110)
         try:
             spec = validate(load_yaml(text.encode(), str(out)))

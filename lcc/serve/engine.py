@@ -77,6 +77,7 @@ class Engine:
         self.scheduler = Scheduler(rank.mesh.sizes["dp"], serving.kv_blocks, serving.block_size, self.max_num_seqs,
                                    self.max_batched_tokens)
         self.tokenizer = plan_tokenizer(rank.dir)
+        self.stop_tokens = frozenset(rank.spec.serve.stop_token_ids if rank.spec.serve is not None else ())
         self.sequences: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.stats = EngineStats()
@@ -160,10 +161,14 @@ class Engine:
     def _advance(self, seq: Sequence, token: int) -> Update:
         seq.tokens.append(token)
         params = seq.params
-        seq.text += seq.decoder.add(token)
+        end = token in self.stop_tokens  # the model's end of sequence: generated, its text not shown
+        if not end:
+            seq.text += seq.decoder.add(token)
         reason = None
         stop_at = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
+        if end and stop_at < 0:
+            seq.text, reason = seq.text + seq.decoder.final(), "stop"
+        elif stop_at >= 0:
             seq.text, reason = seq.text[:stop_at], "stop"
         elif len(seq.generated) >= params.max_tokens or len(seq.tokens) >= self.serving.max_seq_len:
             reason = "length"

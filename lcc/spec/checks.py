@@ -252,6 +252,10 @@ def batch(spec: Spec) -> Iterator[_Found]:
     if spec.serve is not None and spec.serve.max_seq_len > spec.model.max_seq_len:
         yield _Found("serve.max_seq_len", f"serve.max_seq_len {spec.serve.max_seq_len} exceeds model.max_seq_len "
                      f"{spec.model.max_seq_len}", "model.max_seq_len")
+    for i, token in enumerate(spec.serve.stop_token_ids if spec.serve is not None else []):
+        if token >= spec.model.vocab_size:
+            yield _Found(f"serve.stop_token_ids[{i}]", f"token {token} is outside the vocabulary of "
+                         f"{spec.model.vocab_size}", "model.vocab_size")
 
 
 @rule

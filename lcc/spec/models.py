@@ -248,6 +248,8 @@ class Serve(_Section):
     kv_blocks: Pos | None = Field(None, description="KV cache blocks per rank; null: enough for max_batch sequences "
                                   "of max_seq_len tokens.")
     max_batched_tokens: Pos = Field(256, description="Tokens per engine step (decodes first, then prefill chunks).")
+    stop_token_ids: list[NonNeg] = Field(default_factory=list, description="Token ids that end a completion (the "
+                                         "model's end of sequence): generated, with finish reason stop.")
 
     @property
     def blocks_per_sequence(self) -> int:

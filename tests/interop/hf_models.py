@@ -46,10 +46,11 @@ def save_tokenizer(folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
 
-def save_model(family: str, folder: Path, seed: int = 0) -> torch.nn.Module:
-    """A float32 model of `family` with every weight random (norm weights around 1), saved in `folder`."""
+def save_model(family: str, folder: Path, seed: int = 0, **changes) -> torch.nn.Module:
+    """A float32 model of `family` with every weight random (norm weights around 1), saved in `folder`;
+    `changes` to its config."""
     config_cls, model_cls, extra = _families()[family]
-    config = config_cls(**COMMON, **extra)
+    config = config_cls(**{**COMMON, **extra, **changes})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():

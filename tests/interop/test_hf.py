@@ -98,6 +98,10 @@ def test_spec_of_each_family(imported):
     assert spec.model.moe.n_groups == 1 and routing.experts.selection == "top_score"
     assert spec.model.tokenizer == f"hf-{imported.family}/tokenizer.json"
     assert "router auxiliary loss" in imported.spec_path.read_text()
+    # the end-of-sequence id: Mixtral's 2; Qwen3-MoE's config has none; OLMoE's 50279 is outside the vocabulary
+    assert spec.serve.stop_token_ids == {"mixtral": [2], "qwen3_moe": [], "olmoe": []}[imported.family]
+    if imported.family == "olmoe":
+        assert "eos_token_id 50279 is outside the vocabulary of 128" in imported.spec_path.read_text()
     if imported.family == "qwen3_moe":
         assert spec.model.moe_layers == (0, 2) and spec.model.ffn.d_ff == 48
 
@@ -147,7 +151,7 @@ def test_greedy_generation_equals_transformers_float64(imported, monkeypatch):
     ids = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
     layout = [a for o in MULTI[imported.family] for a in ("--set", o)]
     code, out = cli("run", "generate", imported.spec_path, "--checkpoint", imported.ckpt, "--max-tokens", 32, "--json",
-                    "--set", "serve.dtype=float64", *layout, *ids)
+                    "--set", "serve.dtype=float64", "--set", "serve.stop_token_ids=[]", *layout, *ids)
     assert code == 0, out
     mine = [json.loads(line)["token_ids"] for line in out.splitlines() if line.startswith("{")]
     float64_throughout(monkeypatch)
@@ -156,6 +160,26 @@ def test_greedy_generation_equals_transformers_float64(imported, monkeypatch):
     for prompt, tokens in zip(prompts, mine, strict=True):
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
         assert tokens == theirs[0, len(prompt):].tolist()
+
+
+def test_generation_stops_at_the_models_end_token(imported, monkeypatch):
+    """With the model's end-of-sequence id (serve.stop_token_ids, imported from the config), generation ends
+    where transformers' does, the end token included."""
+    prompt = [64, 2, 2, 2, 9, 100, 41, 77, 12]
+    float64 = ["--set", "serve.dtype=float64", "--set", "serve.stop_token_ids=[]"]
+    code, out = cli("run", "generate", imported.spec_path, "--checkpoint", imported.ckpt, "--max-tokens", 12, "--json",
+                    *float64, "--prompt-ids", ",".join(map(str, prompt)))
+    assert code == 0, out
+    free = json.loads(next(line for line in out.splitlines() if line.startswith("{")))["token_ids"]
+    end = free[6]
+    code, out = cli("run", "generate", imported.spec_path, "--checkpoint", imported.ckpt, "--max-tokens", 12, "--json",
+                    *float64[:2], "--set", f"serve.stop_token_ids=[{end}]", "--prompt-ids", ",".join(map(str, prompt)))
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert result["finish_reason"] == "stop" and result["token_ids"] == free[:free.index(end) + 1]
+    float64_throughout(monkeypatch)
+    theirs = imported.hf(torch.float64).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                                 eos_token_id=end, pad_token_id=0)
+    assert result["token_ids"] == theirs[0, len(prompt):].tolist()
 
 
 def test_generate_text_through_the_models_tokenizer(imported):
@@ -267,3 +291,24 @@ def test_gpus_layout_validates_and_fits(tmp_path):
     from lcc.compiler.cost import cost_report
 
     assert cost_report(spec)["memory"]["fits"]
+
+
+def test_a_tied_head_imports_and_exports(tmp_path):
+    """tie_word_embeddings: one embedding, used by the LM head in lcc and in transformers."""
+    hf_dir = tmp_path / "tied"
+    model = save_model("qwen3_moe", hf_dir, tie_word_embeddings=True)
+    spec_path, ckpt, out = tmp_path / "tied.yaml", tmp_path / "ckpt", tmp_path / "exported"
+    for args in (("import", "hf", hf_dir, "--out", spec_path),
+                 ("checkpoint", "import-hf", hf_dir, "--spec", spec_path, "--out", ckpt),
+                 ("checkpoint", "export-hf", ckpt, "--out", out)):
+        code, text = cli(*args)
+        assert code == 0, text
+    spec = load_spec(spec_path)
+    assert spec.model.tie_embeddings
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = model(tokens).logits
+        mine = lcc_reference(spec, ckpt, torch.float32)(tokens)
+    assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    original, exported = _tensors(hf_dir), _tensors(out)
+    assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
