@@ -293,10 +293,12 @@ def test_gpus_layout_validates_and_fits(tmp_path):
     assert cost_report(spec)["memory"]["fits"]
 
 
-def test_a_tied_head_imports_and_exports(tmp_path):
-    """tie_word_embeddings: one embedding, used by the LM head in lcc and in transformers."""
+def test_a_tied_bfloat16_model_imports_and_exports(tmp_path):
+    """tie_word_embeddings: one embedding, used by the LM head in lcc and in transformers; bfloat16 weights
+    become float32 masters exactly, and go back to the same bfloat16 bits."""
     hf_dir = tmp_path / "tied"
-    model = save_model("qwen3_moe", hf_dir, tie_word_embeddings=True)
+    save_model("qwen3_moe", hf_dir, tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     spec_path, ckpt, out = tmp_path / "tied.yaml", tmp_path / "ckpt", tmp_path / "exported"
     for args in (("import", "hf", hf_dir, "--out", spec_path),
                  ("checkpoint", "import-hf", hf_dir, "--spec", spec_path, "--out", ckpt),
@@ -304,7 +306,8 @@ def test_a_tied_head_imports_and_exports(tmp_path):
         code, text = cli(*args)
         assert code == 0, text
     spec = load_spec(spec_path)
-    assert spec.model.tie_embeddings
+    assert spec.model.tie_embeddings and spec.train.dtype == "bfloat16" and spec.serve.dtype == "bfloat16"
+    spec = load_spec(spec_path, ["train.dtype=float32"])  # the float32 reference of the same weights
     tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         theirs = model(tokens).logits
