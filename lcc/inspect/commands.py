@@ -164,3 +164,50 @@ def export_cmd(
         typer.echo(f"wrote {out} ({fmt}, {len(text)} bytes)")
 
     _guard(run)
+
+
+@plan_app.command("search")
+def search_cmd(
+    spec_path: Annotated[Path, typer.Argument(help="The spec whose model to lay out.", show_default=False)],
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Devices to lay the model out on.", show_default=False)],
+    nodes: Annotated[int | None, typer.Option("--nodes", min=1, help="Nodes they are in (default: the spec's "  # noqa: UP007
+                                              "devices per node).")] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Layouts to list (ties with the last included).")] = 10,
+    objective: Annotated[str, typer.Option("--objective", help="step_time or memory (the worst rank's).")]
+    = "step_time",
+    fix: Annotated[list[str] | None, typer.Option("--fix", metavar="FIELD=VALUE", help="Keep only layouts with "  # noqa: UP007
+                                                  "this parallelism field, e.g. parallelism.tp=8 (repeatable).")]
+    = None,
+    write_to: Annotated[Path | None, typer.Option("--write", help="Save the spec with the best layout here.")]  # noqa: UP007
+    = None,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Skip layouts the bounds rule out.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema lcc.plan-search/1).")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Rank every valid layout of the spec's model on --gpus devices by estimated step time (docs/search.md)."""
+    from lcc.search.search import SearchError, parse_fix, search
+    from lcc.search.view import as_json as to_json
+    from lcc.search.view import table, write_spec
+    from lcc.spec import SpecError, load_spec
+
+    if objective not in ("step_time", "memory"):
+        typer.echo(f"lcc: --objective {objective}: step_time or memory", err=True)
+        raise typer.Exit(2)
+    try:
+        spec = load_spec(spec_path, set_ or [])
+        result = search(spec, gpus, nodes, top, objective, [parse_fix(f) for f in fix or []], prune)
+    except SpecError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except SearchError as exc:
+        typer.echo(f"lcc plan search: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(to_json(result), indent=2))
+    else:
+        for line in table(result):
+            typer.echo(line)
+    if write_to is not None:
+        write_spec(spec, result, write_to)
+        if not as_json:
+            typer.echo(f"wrote {write_to}")

@@ -132,6 +132,10 @@ class CostModel:
             times.append(t + (self.head_seconds() if s == len(self.stage_bounds) - 1 else 0.0))
         return max(times) / (sum(times) / len(times))
 
+    def local(self, role: Role) -> P.LocalParams:
+        """The parameters one rank of this pipeline rank holds."""
+        return P.local_params(self.spec, role.layers, role.first, role.last)
+
     # ------------------------------------------------------------------------------ memory
     @cached_property
     def grad_reduce_when(self) -> str:
@@ -149,7 +153,7 @@ class CostModel:
         spec, par = self.spec, self.par
         zero = par.zero if zero is None else zero
         policy = recompute or par.activation_checkpointing
-        local = P.local_params(spec, role.layers, role.first, role.last)
+        local = self.local(role)
         dtype = spec.train.dtype
         states = model_states(local.dense, dtype, zero, par.dp) + model_states(local.experts, dtype, zero, par.edp)
         if zero >= 2 and (whole_grads if whole_grads is not None else
@@ -215,7 +219,7 @@ class CostModel:
     # --------------------------------------------------------------------------- flops, comm
     def dense_share(self, role: Role) -> float:
         """Share of this role's local parameters that are dense (their gradients travel over dp, not edp)."""
-        local = P.local_params(self.spec, role.layers, role.first, role.last)
+        local = self.local(role)
         return local.dense / max(local.dense + local.experts, 1)
 
     def role_comm(self, role: Role) -> dict[str, float]:
@@ -227,7 +231,7 @@ class CostModel:
             tp, ep = tp + c.tp * m, ep + c.ep * m
         activation = self.tokens * spec.model.d_model * act_bytes(spec) / (par.tp if par.sequence_parallel else 1)
         sends = sum(s < par.n_stages - 1 for s in role.stages) + sum(s > 0 for s in role.stages)
-        local = P.local_params(spec, role.layers, role.first, role.last)
+        local = self.local(role)
         g = STATE_BYTES[spec.train.dtype].grads
         w = STATE_BYTES[spec.train.dtype].weights
         grads = gather = 0.0
@@ -297,6 +301,20 @@ class CostModel:
         return self.role_work(role)[0], inside, sync
 
 
+def step_seconds(cm: CostModel) -> float:
+    """The estimated step: the slowest pipeline rank's compute and communication inside the pipeline,
+    stretched by the bubble, then what follows the pipeline (gradient reduction, parameter gathers)."""
+    par = cm.par
+    bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
+    seconds = [cm.role_seconds(r) for r in cm.roles]
+    return max(c + i for c, i, _ in seconds) / (1 - bubble) + max(s for _, _, s in seconds)
+
+
+def peak_bytes(cm: CostModel) -> int:
+    """The worst rank's memory (what `memory()["worst_rank"]` reports)."""
+    return max(cm.role_memory(r)["total_bytes"] for r in cm.roles)
+
+
 def cost_report(spec: Spec) -> dict[str, Any]:
     cm = CostModel(spec)
     par, moe = spec.parallelism, spec.model.moe
@@ -307,10 +325,8 @@ def cost_report(spec: Spec) -> dict[str, Any]:
     routed = sum(p.experts for p in layers)
 
     bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
-    seconds = [cm.role_seconds(r) for r in cm.roles]
     busiest = max((cm.role_work(r) for r in cm.roles), key=lambda w: w[0])
-    pipe = max(c + i for c, i, _ in seconds) / (1 - bubble)
-    step = pipe + max(s for _, _, s in seconds)
+    step = step_seconds(cm)
     tokens_per_step = spec.train.global_batch * spec.train.seq_len
     model_flops = tokens_per_step * (3 * sum(layer_forward_flops(spec, i) for i in range(n_layers))
                                      + 3 * head_forward_flops(spec))

@@ -1,0 +1,1 @@
+"""Layout search over the cost model (lcc plan search, docs/search.md)."""

@@ -1,0 +1,126 @@
+"""`lcc plan search` against an exhaustive enumeration of its own: every layout tried through `lcc`'s spec
+loading (--set overrides, the spec's rules) and the cost report, nothing of lcc.search."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lcc.cli import app
+from lcc.compiler.cost import cost_report
+from lcc.spec import SpecError, load_spec
+from lcc.spec.load import validate
+from lcc.spec.overrides import apply_overrides
+from lcc.spec.yaml_source import load_yaml
+from tests.conftest import SPECS
+
+TINY = SPECS / "tiny-moe.yaml"
+GPUS = 4
+SMALL = ["train.global_batch=16"]  # fewer micro-batch choices
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def exhaustive(gpus: int) -> list[tuple[float, dict]]:
+    """(estimated step, layout) of every valid layout of tiny-moe on `gpus` devices in one node that fits, as
+    docs/search.md defines the space, sorted by step."""
+    base = load_spec(TINY, SMALL)
+    raw = TINY.read_bytes()
+    out = []
+    for tp in _divisors(gpus):
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            pipes = [("1f1b", 1)] if pp == 1 else [("gpipe", 1), ("1f1b", 1)] + [
+                ("interleaved_1f1b", v) for v in (2, 4, 8) if pp * v <= base.model.n_layers]
+            for ep in _divisors(dp * tp):
+                for zero in range(4):
+                    for recompute in ("none", "selective", "full"):
+                        for sp in (False, True) if tp > 1 else (False,):
+                            for schedule, v in pipes:
+                                for m in _divisors(base.train.global_batch // dp):
+                                    layout = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
+                                              "recompute": recompute, "sp": sp, "schedule": schedule,
+                                              "microbatches": m, "virtual_stages": v}
+                                    sets = [f"parallelism.tp={tp}", f"parallelism.pp={pp}", f"parallelism.dp={dp}",
+                                            f"parallelism.ep={ep}", f"parallelism.zero={zero}",
+                                            f"parallelism.activation_checkpointing={recompute}",
+                                            f"parallelism.sequence_parallel={str(sp).lower()}",
+                                            f"parallelism.pipeline.schedule={schedule}",
+                                            f"parallelism.pipeline.microbatches={m}",
+                                            f"parallelism.pipeline.virtual_stages={v}",
+                                            f"cluster.gpus_per_node={gpus}", "cluster.nodes=1"]
+                                    try:  # what load_spec does, the file read once
+                                        spec = validate(apply_overrides(load_yaml(raw, str(TINY)), [*SMALL, *sets]))
+                                    except SpecError:
+                                        continue
+                                    report = cost_report(spec)
+                                    if report["memory"]["fits"]:
+                                        out.append((report["time"]["step_seconds_estimate"], layout))
+    return sorted(out, key=lambda r: r[0])
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[tuple[float, dict]]:
+    return exhaustive(GPUS)
+
+
+def run(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["plan", "search", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def _search(*args: object) -> list[tuple[float, dict]]:
+    code, out = run(TINY, "--gpus", GPUS, "--nodes", 1, "--set", SMALL[0], "--json", *args)
+    assert code == 0, out
+    return [(t["step_seconds"], t["layout"]) for t in json.loads(out)["top"]]
+
+
+def _key(layout: dict) -> tuple:
+    return tuple(sorted(layout.items()))
+
+
+def test_without_pruning_the_search_finds_exactly_the_valid_fitting_layouts(reference):
+    found = _search("--no-prune", "--top", 100_000)
+    assert {_key(lay) for _, lay in found} == {_key(lay) for _, lay in reference}
+    assert [s for s, _ in found] == sorted(s for s, _ in found)  # sorted by estimate
+    steps = {_key(lay): s for s, lay in reference}
+    assert all(s == steps[_key(lay)] for s, lay in found)  # the cost report's own estimate
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_with_pruning_the_top_k_is_the_exhaustive_top_k_ties_included(reference, k):
+    cut = reference[k - 1][0]
+    want = {_key(lay) for s, lay in reference if s <= cut}
+    assert {_key(lay) for _, lay in _search("--top", k)} == want
+
+
+def test_fix_keeps_every_listed_layout_and_write_saves_a_compilable_spec(tmp_path):
+    out = tmp_path / "best.yaml"
+    code, text = run(TINY, "--gpus", 8, "--fix", "parallelism.tp=2", "--top", 5, "--write", out)
+    assert code == 0, text
+    rows = [line for line in text.splitlines() if line[:4].strip().isdigit()]
+    assert rows and all(" tp2 " in f" {row.split()[1]} " for row in rows)
+    assert "layouts of 8 GPUs" in text and "estimated" in text and "pruned" in text
+    spec = load_spec(out)
+    assert spec.parallelism.tp == 2 and spec.parallelism.world_size == 8
+    code, text = CliRunner().invoke(app, ["compile", str(out), "--out", str(tmp_path / "plan")]).exit_code, ""
+    assert code == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fix", "parallelism.tp=3"], "no layout of 8 GPUs (1 x 8) has parallelism.tp = 3"),
+    (["--fix", "parallelism.pipeline.schedule=interleaved_1f1b", "--fix", "parallelism.pipeline.microbatches=1"],
+     "no valid layout of 8 GPUs (1 x 8) with parallelism.pipeline.schedule = interleaved_1f1b, "
+     "parallelism.pipeline.microbatches = 1: every one breaks a rule of the spec, e.g. parallelism.pipeline"),
+    (["--fix", "parallelism.bogus=1"], "--fix 'parallelism.bogus=1': expected FIELD=VALUE"),
+    (["--set", "cluster.device.memory_gib=0.00001"], "fits 1e-05 GiB a device"),
+    (["--nodes", 3], "8 GPUs do not split into 3 equal nodes"),
+])
+def test_impossible_requests_end_with_one_message_and_exit_2(args, message):
+    code, out = run(TINY, "--gpus", 8, *args)
+    assert code == 2 and message in out, out
+    assert "Traceback" not in out
