@@ -398,6 +398,10 @@ app.add_typer(checkpoint_app, name="checkpoint")
 from lcc.interop.commands import checkpoint_export_hf, checkpoint_import_hf, import_app  # noqa: E402
 
 app.add_typer(import_app, name="import")
+
+from lcc.search.commands import calibrate  # noqa: E402
+
+app.command("calibrate")(calibrate)
 checkpoint_app.command("import-hf")(checkpoint_import_hf)
 checkpoint_app.command("export-hf")(checkpoint_export_hf)
 

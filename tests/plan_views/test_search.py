@@ -124,3 +124,15 @@ def test_impossible_requests_end_with_one_message_and_exit_2(args, message):
     code, out = run(TINY, "--gpus", 8, *args)
     assert code == 2 and message in out, out
     assert "Traceback" not in out
+
+
+def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
+    out = tmp_path / "calibrated.yaml"
+    result = CliRunner().invoke(app, ["calibrate", "--ranks", "2", "--seconds", "0.05", "--spec", str(TINY),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = load_spec(out, ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2"])
+    device, network = spec.cluster.device, spec.cluster.network
+    assert spec.cluster.gpus_per_node == 2 and device.kind == "cpu"
+    assert device.peak_tflops > 0 and device.memory_tbps > 0 and network.intra_node_gbps > 0
+    assert cost_report(spec)["time"]["step_seconds_estimate"] > 0

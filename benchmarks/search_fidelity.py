@@ -1,0 +1,138 @@
+"""How far `lcc plan search` can be trusted: predicted against measured step times of small-moe on 4 local CPU
+ranks.
+
+The cluster section comes from `lcc calibrate` with 4 ranks measuring at once, since they share the cores.
+The model is shrunk to keep each step short (train.global_batch=4, train.seq_len=128). Every valid layout
+that fits is predicted (`lcc plan search --no-prune`). The 12 best predicted and 12 others drawn at random
+(seed 0) are then run with `lcc run train` for --steps steps. The measured step is the median of the steps
+after the first. Reported: Spearman's rank correlation, the median absolute relative error, and whether the
+predicted best is within 10% of the measured best. A scatter plot goes to docs/search_fidelity.png.
+At most 15 minutes: each run is bounded.
+
+Usage: python -m benchmarks.search_fidelity [--steps 4] [--sample 12] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRINK = ["train.global_batch=4", "train.seq_len=128"]
+PLOT = ROOT / "docs" / "search_fidelity.png"
+
+
+def ranks_of(values: list[float]) -> list[float]:
+    """Ranks (1-based, ties averaged)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = ranks_of(a), ranks_of(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
+def main() -> None:
+    import yaml
+
+    from lcc.search.calibrate import cluster_section, measure
+    from lcc.search.search import on_cluster, search
+    from lcc.spec import load_spec, resolved
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--sample", type=int, default=12)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    rates = measure(4, 1.0)
+    cluster = cluster_section(rates)
+    print(f"calibrated: {json.dumps(cluster)}")
+    work = Path(tempfile.mkdtemp(prefix="lcc-fidelity-"))
+    base_path = work / "small-moe.yaml"
+    base = load_spec(ROOT / "specs" / "small-moe.yaml", SHRINK)
+    base_path.write_text(yaml.safe_dump({**resolved(base), "cluster": cluster}, sort_keys=False))
+    spec = load_spec(base_path)
+    result = search(spec, 4, nodes=1, top=10**6, prune=False)
+    layouts = [e for e in result.top]
+    print(f"{result.considered} layouts, {result.considered - result.invalid} valid, {len(layouts)} fit")
+    chosen = layouts[:args.sample]
+    rest = layouts[args.sample:]
+    chosen += random.Random(0).sample(rest, min(args.sample, len(rest)))
+    runs = []
+    for i, e in enumerate(chosen):
+        path = work / f"layout{i}.yaml"
+        path.write_text(yaml.safe_dump(resolved(on_cluster(spec, e.layout, 1, 4)), sort_keys=False))
+        metrics = work / f"layout{i}.jsonl"
+        try:
+            subprocess.run([sys.executable, "-m", "lcc", "run", "train", str(path), "--steps", str(args.steps),
+                            "--metrics", str(metrics)], cwd=ROOT, check=True, capture_output=True, timeout=180)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            print(f"  {e.layout}: failed ({type(exc).__name__}); left out")
+            continue
+        seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()][1:]
+        measured = statistics.median(seconds)
+        runs.append({"layout": e.layout.overrides(), "predicted": e.step_seconds, "measured": measured,
+                     "top": i < args.sample})
+        print(f"  {i + 1:>2}/{len(chosen)} predicted {e.step_seconds:.3f} s measured {measured:.3f} s  "
+              f"{' '.join(o.split('.')[-1] for o in e.layout.overrides())}")
+    predicted, measured = [r["predicted"] for r in runs], [r["measured"] for r in runs]
+    rho = spearman(predicted, measured)
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
+    best_predicted = min(runs, key=lambda r: r["predicted"])
+    best_measured = min(r["measured"] for r in runs)
+    summary = {"spearman": rho, "median_abs_relative_error": statistics.median(errors),
+               "predicted_best_measured_seconds": best_predicted["measured"], "measured_best_seconds": best_measured,
+               "predicted_best_within_10_percent": best_predicted["measured"] <= 1.1 * best_measured,
+               "runs": len(runs), "valid_fitting_layouts": len(layouts), "minutes": (time.perf_counter() - began) / 60}
+    print(json.dumps(summary, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for top, label, marker in ((True, f"the {args.sample} best predicted", "o"), (False, "drawn at random", "x")):
+            pts = [(r["predicted"], r["measured"]) for r in runs if r["top"] == top]
+            ax.scatter([p for p, _ in pts], [m for _, m in pts], marker=marker, label=label)
+        lo, hi = min(predicted + measured), max(predicted + measured)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, label="predicted = measured")
+        ax.set_xlabel("predicted step (s)")
+        ax.set_ylabel("measured step (s)")
+        ax.set_title(f"small-moe, 4 CPU ranks: Spearman {rho:.2f}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(PLOT, dpi=110)
+        print(f"wrote {PLOT}")
+    except ImportError:
+        print("matplotlib is missing: no plot (pip install 'lcc[plot]')")
+    write("search_fidelity", {"machine": machine(), "cluster": cluster, "rates": rates, "summary": summary,
+                              "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    main()

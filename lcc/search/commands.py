@@ -1,0 +1,54 @@
+"""`lcc calibrate` (registered by lcc.cli); `lcc plan search` is with the other `lcc plan` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def calibrate(
+    ranks: Annotated[int, typer.Option("--ranks", min=1, max=256, help="Local ranks measuring at once (as many "
+                                       "as the runs to predict).")] = 1,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.05, max=60, help="Time per measurement.")] = 1.0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Matmul dtype: float32, bfloat16 or float64.")] = "float32",
+    spec: Annotated[Path | None, typer.Option("--spec", help="Write this spec with the measured cluster section "  # noqa: UP007
+                                              "(to --out).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the cluster section (or with --spec, the "  # noqa: UP007
+                                             "whole spec) here as YAML.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measured rates as JSON.")] = False,
+) -> None:
+    """Measure this machine's matmul rate, memory bandwidth and collective bandwidth on local ranks, as a
+    spec's cluster section (docs/search.md)."""
+    import yaml
+
+    from lcc.search.calibrate import cluster_section, measure
+    from lcc.spec import SpecError, load_spec, resolved
+
+    if dtype not in ("float32", "bfloat16", "float64"):
+        typer.echo(f"lcc calibrate: --dtype {dtype}: float32, bfloat16 or float64", err=True)
+        raise typer.Exit(2)
+    if spec is not None and out is None:
+        typer.echo("lcc calibrate: --spec writes a spec: give --out", err=True)
+        raise typer.Exit(2)
+    try:
+        base = load_spec(spec) if spec is not None else None
+    except SpecError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    try:
+        rates = measure(ranks, seconds, dtype)
+    except RuntimeError as exc:
+        typer.echo(f"lcc calibrate: {exc}", err=True)
+        raise typer.Exit(1) from None
+    cluster = cluster_section(rates)
+    text = yaml.safe_dump({"cluster": cluster}, sort_keys=False, default_flow_style=None, width=110)
+    typer.echo(json.dumps({**rates, "cluster": cluster}, indent=2) if as_json else text.rstrip())
+    if out is not None:
+        if base is not None:
+            data = {**resolved(base), "cluster": cluster}
+            text = f"# {base.name} with the cluster measured by lcc calibrate ({ranks} ranks)\n" + yaml.safe_dump(
+                data, sort_keys=False, default_flow_style=None, width=110)
+        out.write_text(text)
