@@ -230,11 +230,13 @@ def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objec
            fixes: list[tuple[str, object]] | tuple = (), prune: bool = True) -> Result:
     """The top `top` valid, fitting layouts of `spec`'s model on `gpus` devices over `nodes` nodes (default:
     the spec's devices per node), best first (ties: in the space's order)."""
+    asked = nodes
     per_node = spec.cluster.gpus_per_node if nodes is None else gpus // nodes
     nodes = gpus // per_node if nodes is None else nodes
     if gpus < 1 or nodes < 1 or per_node < 1 or nodes * per_node != gpus:
-        raise SearchError(f"{gpus} GPUs do not split into {'nodes of ' + str(per_node) if nodes is None else nodes} "
-                          f"{'' if nodes is None else 'equal nodes'}".strip())
+        split = f"nodes of {per_node} (the spec's gpus_per_node; --nodes sets another)" if asked is None else \
+            f"{asked} equal nodes"
+        raise SearchError(f"{gpus} GPUs do not split into {split}")
     result = Result(gpus, nodes, per_node, objective)
     bounds = _Bounds(spec)
     device = round(spec.cluster.device.memory_gib * GIB)
