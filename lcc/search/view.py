@@ -17,13 +17,16 @@ def _layout(e: Estimate) -> str:
             f"{pipe} m{lay.microbatches}")
 
 
-def reason(e: Estimate, best: Estimate) -> str:
+def reason(e: Estimate, best: Estimate, objective: str = "step_time") -> str:
     """What bounds this layout, and where it loses most against the best."""
     top = max(e.exposed.items(), key=lambda kv: kv[1], default=("", 0.0))
     bound = f"bound by {top[0]} {top[1]:.3g} s" if top[1] > e.compute_seconds else \
         f"bound by compute {e.compute_seconds:.3g} s"
     if e is best:
         return bound
+    if objective == "memory":
+        more = e.memory_bytes - best.memory_bytes
+        return f"{bound}; {'ties #1' if more <= 0 else f'+{more / 2**30:.3g} GiB against #1'}"
     if e.step_seconds <= best.step_seconds * (1 + 1e-9):
         return f"{bound}; ties #1"
     parts = {"compute": e.compute_seconds - best.compute_seconds,
@@ -35,13 +38,14 @@ def reason(e: Estimate, best: Estimate) -> str:
 
 def table(result: Result) -> list[str]:
     best = result.top[0]
+    bound = "step-time" if result.objective == "step_time" else "memory"
     lines = [f"{result.considered:,} layouts of {result.gpus} GPUs ({result.nodes} x {result.per_node}): "
              f"{result.invalid:,} invalid, {result.pruned_memory:,} pruned by memory, {result.pruned_time:,} by "
-             f"the step-time bound; {result.evaluated:,} estimated, {result.fitting:,} fit",
+             f"the {bound} bound; {result.evaluated:,} estimated, {result.fitting:,} fit",
              "", f"{'#':>3}  {'layout':<54} {'step s':>8} {'MFU':>6} {'bubble':>7} {'recomp':>7} {'headroom':>9}  why"]
     for i, e in enumerate(result.top, 1):
         lines.append(f"{i:>3}  {_layout(e):<54} {e.step_seconds:>8.3f} {e.mfu:>6.1%} {e.bubble:>7.1%} "
-                     f"{e.recompute:>7.1%} {e.headroom:>9.1%}  {reason(e, best)}")
+                     f"{e.recompute:>7.1%} {e.headroom:>9.1%}  {reason(e, best, result.objective)}")
     return lines
 
 

@@ -25,9 +25,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def exhaustive(gpus: int) -> list[tuple[float, dict]]:
-    """(estimated step, layout) of every valid layout of tiny-moe on `gpus` devices in one node that fits, as
-    docs/search.md defines the space, sorted by step."""
+def exhaustive(gpus: int) -> list[tuple[float, dict, int]]:
+    """(estimated step, layout, worst rank's memory) of every valid layout of tiny-moe on `gpus` devices in one
+    node that fits, as docs/search.md defines the space, sorted by step."""
     base = load_spec(TINY, SMALL)
     raw = TINY.read_bytes()
     out = []
@@ -59,12 +59,13 @@ def exhaustive(gpus: int) -> list[tuple[float, dict]]:
                                         continue
                                     report = cost_report(spec)
                                     if report["memory"]["fits"]:
-                                        out.append((report["time"]["step_seconds_estimate"], layout))
+                                        out.append((report["time"]["step_seconds_estimate"], layout,
+                                                    report["memory"]["worst_rank"]["total_bytes"]))
     return sorted(out, key=lambda r: r[0])
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[tuple[float, dict]]:
+def reference() -> list[tuple[float, dict, int]]:
     return exhaustive(GPUS)
 
 
@@ -85,17 +86,24 @@ def _key(layout: dict) -> tuple:
 
 def test_without_pruning_the_search_finds_exactly_the_valid_fitting_layouts(reference):
     found = _search("--no-prune", "--top", 100_000)
-    assert {_key(lay) for _, lay in found} == {_key(lay) for _, lay in reference}
+    assert {_key(lay) for _, lay in found} == {_key(lay) for _, lay, _ in reference}
     assert [s for s, _ in found] == sorted(s for s, _ in found)  # sorted by estimate
-    steps = {_key(lay): s for s, lay in reference}
+    steps = {_key(lay): s for s, lay, _ in reference}
     assert all(s == steps[_key(lay)] for s, lay in found)  # the cost report's own estimate
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_with_pruning_the_top_k_is_the_exhaustive_top_k_ties_included(reference, k):
     cut = reference[k - 1][0]
-    want = {_key(lay) for s, lay in reference if s <= cut}
+    want = {_key(lay) for s, lay, _ in reference if s <= cut}
     assert {_key(lay) for _, lay in _search("--top", k)} == want
+
+
+def test_by_memory_the_top_k_is_the_exhaustive_top_k(reference):
+    by_memory = sorted(reference, key=lambda r: r[2])
+    cut = by_memory[4][2]
+    want = {_key(lay) for _, lay, memory in by_memory if memory <= cut}
+    assert {_key(lay) for _, lay in _search("--objective", "memory", "--top", 5)} == want
 
 
 def test_fix_keeps_every_listed_layout_and_write_saves_a_compilable_spec(tmp_path):
