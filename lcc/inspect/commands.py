@@ -1,4 +1,5 @@
-"""`lcc plan show | diff | export`: the typer commands (registered by lcc.cli); the work is in lcc.inspect."""
+"""`lcc plan show | diff | export | search`: the typer commands (registered by lcc.cli); the work is in lcc.inspect
+and lcc.search."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Annotated, Any
 import typer
 
 plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                       help="Look at plans: show a rank or role, diff two layouts, export for other tools.")
+                       help="Look at plans: show a rank or role, diff two layouts, export for other tools; "
+                       "search layouts.")
 
 TargetArg = Annotated[Path, typer.Argument(help="A compiled plan folder, or a spec (compiled in memory).",
                                            show_default=False)]
