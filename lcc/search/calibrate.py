@@ -1,7 +1,7 @@
 """`lcc calibrate`: this machine's rates as a spec's cluster section, measured with every local rank running at
-once (on a CPU they share the cores and the memory bus): a matmul's FLOP/s, a copy's bytes/s and a gloo
-all-reduce's bus bandwidth per rank. With them the cost model predicts local runs from measured rates
-rather than datasheet ones."""
+once (on a CPU they share the cores and the memory bus): a matmul's FLOP/s, a copy's bytes/s, a gloo
+all-reduce's bus bandwidth per rank and a one-element one's latency. With them the cost model predicts
+local runs from measured rates rather than datasheet ones."""
 
 from __future__ import annotations
 
@@ -63,13 +63,16 @@ def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads:
     x.fill_(1.0)
     sync()
     copy = 2 * COPY_BYTES / _timed(lambda: y.copy_(x), seconds)  # read and written
-    bus = 0.0
+    bus = latency = 0.0
     if world > 1:
         t = torch.ones(REDUCE_BYTES // 4)
         sync()
         bus = 2 * (world - 1) / world * REDUCE_BYTES / _timed_together(lambda: dist.all_reduce(t), seconds)
+        one = torch.ones(1)
+        sync()
+        latency = _timed_together(lambda: dist.all_reduce(one), seconds)
         dist.destroy_process_group()
-    out.put((rank, flops, copy, bus))
+    out.put((rank, flops, copy, bus, latency))
 
 
 def _free_port() -> int:
@@ -79,7 +82,7 @@ def _free_port() -> int:
 
 
 def measure(ranks: int = 1, seconds: float = 1.0, dtype: str = "float32") -> dict[str, Any]:
-    """The median rank's rates with `ranks` ranks measuring at once (about 3 x `seconds`)."""
+    """The median rank's rates with `ranks` ranks measuring at once (about 4 x `seconds`)."""
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     threads = max(1, (os.cpu_count() or 1) // ranks)
@@ -107,17 +110,20 @@ def measure(ranks: int = 1, seconds: float = 1.0, dtype: str = "float32") -> dic
     copy = statistics.median(r[2] for r in results)
     bus = statistics.median(r[3] for r in results) if ranks > 1 else copy
     return {"ranks": ranks, "threads_per_rank": threads, "dtype": dtype, "matmul_flops": flops,
-            "copy_bytes_per_second": copy, "all_reduce_bus_bytes_per_second": bus}
+            "copy_bytes_per_second": copy, "all_reduce_bus_bytes_per_second": bus,
+            "collective_latency_seconds": statistics.median(r[4] for r in results)}
 
 
 def cluster_section(rates: dict[str, Any]) -> dict[str, Any]:
     """A spec's cluster section: one node of `ranks` CPU devices at the measured rates, each with an equal
-    share of this machine's memory."""
+    share of this machine's memory (one machine: the inter-node figures repeat the intra-node ones)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gbps = rates["all_reduce_bus_bytes_per_second"] * 8 / 1e9
-    return {"nodes": 1, "gpus_per_node": rates["ranks"],
-            "device": {"kind": "cpu", "name": f"cpu (lcc calibrate, {rates['ranks']} ranks at once)",
-                       "memory_gib": round(memory / rates["ranks"], 3),
-                       "peak_tflops": round(rates["matmul_flops"] / 1e12, 6),
-                       "memory_tbps": round(rates["copy_bytes_per_second"] / 1e12, 6)},
-            "network": {"intra_node_gbps": round(gbps, 3), "inter_node_gbps": round(gbps, 3)}}
+    latency_us = round(rates["collective_latency_seconds"] * 1e6, 1)
+    device = {"kind": "cpu", "name": f"cpu (lcc calibrate, {rates['ranks']} ranks at once)",
+              "memory_gib": round(memory / rates["ranks"], 3),
+              "peak_tflops": round(rates["matmul_flops"] / 1e12, 6),
+              "memory_tbps": round(rates["copy_bytes_per_second"] / 1e12, 6)}
+    return {"nodes": 1, "gpus_per_node": rates["ranks"], "device": device,
+            "network": {"intra_node_gbps": round(gbps, 3), "inter_node_gbps": round(gbps, 3),
+                        "intra_node_latency_us": latency_us, "inter_node_latency_us": latency_us}}

@@ -20,8 +20,8 @@ def calibrate(
                                              "whole spec) here as YAML.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measured rates as JSON.")] = False,
 ) -> None:
-    """Measure this machine's matmul rate, memory bandwidth and collective bandwidth on local ranks, as a
-    spec's cluster section (docs/search.md)."""
+    """Measure this machine's matmul rate, memory bandwidth, collective bandwidth and latency on local ranks
+    as a spec's cluster section (docs/search.md)."""
     import yaml
 
     from lcc.search.calibrate import cluster_section, measure

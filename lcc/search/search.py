@@ -89,6 +89,7 @@ def _estimate(spec: Spec, layout: Layout) -> Estimate:
     for kind in ("grad_reduce", "param_gather"):
         exposed[f"{kind.replace('_', ' ')} dp+edp ({_link(cm, 'dp')})"] = (
             cm._ring_seconds("dp", c[kind] * share) + cm._ring_seconds("edp", c[kind] * (1 - share)))
+    exposed["fixed costs (collective latency)"] = sum(cm.role_latency(worst))
     memory = report["memory"]
     return Estimate(layout, report["time"]["step_seconds_estimate"], memory["worst_rank"]["total_bytes"],
                     memory["device_bytes"], report["pipeline"]["bubble_fraction"], compute,

@@ -186,6 +186,9 @@ class Device(_Section):
 class Network(_Section):
     intra_node_gbps: Rate = Field(description="Bandwidth per device to devices in its node (Gbit/s).")
     inter_node_gbps: Rate = Field(description="Bandwidth per device to other nodes (Gbit/s).")
+    intra_node_latency_us: NonNegFloat = Field(0.0, description="Fixed time of one collective or message within "
+                                               "a node, whatever its size (microseconds).")
+    inter_node_latency_us: NonNegFloat = Field(0.0, description="The same for one that crosses nodes.")
 
 
 class Cluster(_Section):

@@ -144,3 +144,20 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     assert spec.cluster.gpus_per_node == 2 and device.kind == "cpu"
     assert device.peak_tflops > 0 and device.memory_tbps > 0 and network.intra_node_gbps > 0
     assert cost_report(spec)["time"]["step_seconds_estimate"] > 0
+
+
+@pytest.mark.parametrize("schedule,pp,virtual", [("gpipe", 2, 1), ("gpipe", 4, 1), ("1f1b", 2, 1), ("1f1b", 4, 1),
+                                                  ("interleaved_1f1b", 2, 2), ("interleaved_1f1b", 2, 4),
+                                                  ("interleaved_1f1b", 4, 2)])
+def test_ranked_bubble_is_the_schedule_simulators(schedule, pp, virtual):
+    """The search ranks by the report's closed-form bubble; it is the schedule simulator's figure (the one
+    plans carry) for every schedule and micro-batch count it enumerates."""
+    from lcc.compiler.layout import bubble_fraction
+    from lcc.compiler.schedule import add_p2p, generate, simulate
+
+    for m in (1, 2, 4, 8, 16):
+        if schedule == "interleaved_1f1b" and m % pp:
+            continue
+        n_stages = pp * virtual
+        sim = simulate(add_p2p(generate(schedule, pp, virtual, m), n_stages), n_stages, m)
+        assert sim.bubble_fraction == pytest.approx(bubble_fraction(pp, virtual, m), abs=1e-12), (m, sim)

@@ -12,14 +12,17 @@ from typing import Any
 
 from lcc.compiler.cost import params as P
 from lcc.compiler.cost.memory import STATE_BYTES, ModelStates, model_states
-from lcc.compiler.cost.traffic import Links, all_gather, all_reduce, links
+from lcc.compiler.cost.traffic import BUCKET_ELEMENTS, Links, all_gather, all_reduce, links
 from lcc.compiler.cost.work import (
     act_bytes,
+    edge_collectives,
     head_forward_flops,
     head_weight_reads,
     layer_activations,
+    layer_collectives,
     layer_comm,
     layer_forward_flops,
+    layer_grad_bytes,
     layer_weight_reads,
     microbatch_tokens,
     recompute_flops,
@@ -30,6 +33,7 @@ from lcc.spec.models import DTYPE_BYTES, Spec
 SCHEMA = "lcc.report/1"
 GIB = 2**30
 AXES = ("tp", "dp", "pp", "ep", "edp")
+STEP_COLLECTIVES = 4  # once per step, over all ranks: router statistics, gradient norm, loss, memory peaks
 
 
 def _bps(gbps: float) -> float:
@@ -81,19 +85,67 @@ class CostModel:
         return self.links["ep"].seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=False)
 
     def layer_work(self, layer: int) -> Work:
-        """Arithmetic and weight-traffic time of one layer for one micro-batch on one rank."""
+        """Arithmetic and weight- and gradient-traffic time of one layer for one micro-batch on one rank."""
         flops = 3 * layer_forward_flops(self.spec, layer) + recompute_flops(self.spec, layer)
         return Work(flops * self.tokens / self.par.tp / self.peak,
-                    layer_weight_reads(self.spec, layer) / self.bandwidth)
+                    (layer_weight_reads(self.spec, layer) + layer_grad_bytes(self.spec, layer)) / self.bandwidth)
 
     def head_work(self) -> Work:
         return Work(3 * head_forward_flops(self.spec) * self.tokens / self.par.tp / self.peak,
                     head_weight_reads(self.spec) / self.bandwidth)
 
     def layer_seconds(self, layer: int) -> float:
-        """Compute (roofline) + communication time of one layer for one micro-batch on one rank."""
+        """Compute (roofline) + communication time + fixed costs of one layer for one micro-batch on one rank."""
         comm = layer_comm(self.spec, layer)
-        return self.layer_work(layer).seconds + self._ring_seconds("tp", comm.tp) + self._a2a_seconds(comm.ep)
+        return (self.layer_work(layer).seconds + self._ring_seconds("tp", comm.tp) + self._a2a_seconds(comm.ep)
+                + self.layer_latency(layer))
+
+    def latency(self, axis: str) -> float:
+        """Fixed seconds of one collective or message over a mesh axis (inter-node if its groups span nodes)."""
+        net = self.spec.cluster.network
+        crosses = self.links[axis].crosses_nodes if axis in self.links else self.spec.cluster.nodes > 1
+        return 1e-6 * (net.inter_node_latency_us if crosses else net.intra_node_latency_us)
+
+    def layer_latency(self, layer: int) -> float:
+        """Fixed costs of one layer for one micro-batch on one rank, whatever the sizes: each collective's
+        latency (ZeRO-3's reduce-scatters are counted per step: `role_latency`)."""
+        c = layer_collectives(self.spec, layer)
+        return c.tp * self.latency("tp") + c.ep * self.latency("ep") + c.zero_gathers * self.latency("dp")
+
+    def buckets(self, role: Role) -> int:
+        """Gradient reductions after backward on one rank of this pipeline rank, per stage it holds: buckets of
+        dense gradients over dp and of expert gradients over edp (those ZeRO-3 leaves to the programs
+        excepted), and one for the parameters whose tokens were split over tp (routers, norms under sequence
+        parallelism)."""
+        par, last = self.par, self.par.n_stages - 1
+        count = 0
+        for s in role.stages:
+            local = (self.local(role) if len(role.stages) == 1 else
+                     P.local_params(self.spec, list(range(*self.stage_bounds[s])), s == 0, s == last))
+            count += int(par.tp > 1)
+            if par.zero < 3:
+                for elements, ways in ((local.dense, par.dp), (local.experts, par.edp)):
+                    if ways > 1 and elements:
+                        count += -(-int(elements) // BUCKET_ELEMENTS)
+        return count
+
+    def role_latency(self, role: Role) -> tuple[float, float]:
+        """(fixed costs inside the pipeline, after it) of one step on this pipeline rank: the latency of its
+        layers' and edges' collectives per micro-batch, two pipeline messages per stage boundary per
+        micro-batch, and the gradient buckets and step-level reductions (ZeRO 1 gathers each bucket's
+        updated shards too)."""
+        par, m = self.par, self.m
+        layers = sum(self.layer_latency(i) for i in role.layers)
+        edges = edge_collectives(self.spec, role.first, role.last) * self.latency("tp" if par.tp > 1 else "dp")
+        boundaries = sum(s < par.n_stages - 1 for s in role.stages) + sum(s > 0 for s in role.stages)
+        inside = m * (layers + edges) + 2 * m * boundaries * self.latency("pp")
+        reductions = self.buckets(role) * (2 if par.zero == 1 else 1)
+        scatters = sum(layer_collectives(self.spec, i).zero_scatters for i in role.layers)
+        per_microbatch = par.zero >= 2 and self.grad_reduce_when == "microbatch"
+        inside += (m if per_microbatch else 1) * scatters * self.latency("dp")
+        if per_microbatch:
+            inside += (m - 1) * self.buckets(role) * self.latency("dp")
+        return inside, reductions * self.latency("dp") + STEP_COLLECTIVES * self.latency("world")
 
     @property
     def peak(self) -> float:
@@ -288,12 +340,12 @@ class CostModel:
                 self.m * sum(w.memory for w in parts))
 
     def role_seconds(self, role: Role) -> tuple[float, float, float]:
-        """(compute, communication inside the pipeline, communication after it) for one step."""
+        """(compute, communication and fixed costs inside the pipeline, after it) for one step."""
         c = self.role_comm(role)
         share = self.dense_share(role)
+        fixed_inside, sync = self.role_latency(role)
         inside = (self._ring_seconds("tp", c["tensor_parallel"]) + self._a2a_seconds(c["expert_alltoall"])
-                  + self._ring_seconds("pp", c["pipeline_p2p"]))
-        sync = 0.0
+                  + self._ring_seconds("pp", c["pipeline_p2p"]) + fixed_inside)
         for kind in ("grad_reduce", "param_gather"):
             sync += (self._ring_seconds("dp", c[kind] * share) + self._ring_seconds("edp", c[kind] * (1 - share)))
         if self.par.zero >= 2:  # per-micro-batch reductions and gathers happen inside the pipeline
@@ -378,6 +430,7 @@ def cost_report(spec: Spec) -> dict[str, Any]:
             "compute_seconds": busiest[0],
             "arithmetic_seconds": busiest[1],
             "weight_read_seconds": busiest[2],
+            "fixed_seconds": max(sum(cm.role_latency(r)) for r in cm.roles),
             "tokens_per_second": tokens_per_step / step,
             "utilization": model_flops / (step * par.world_size * cm.peak),
         },

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from lcc.compiler.layout import groups
 from lcc.spec.models import Spec
 
+BUCKET_ELEMENTS = 25_000_000  # per-rank gradient elements per reduction bucket (the data_parallel pass)
+
 
 def all_reduce(size: float, n: int) -> float:
     return 2 * (n - 1) / n * size

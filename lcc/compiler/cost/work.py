@@ -3,7 +3,8 @@
 Everything here is per layer so that the pipeline partition can balance stages by it and the report can
 sum it per pipeline rank. Conventions (docs/cost-model.md): a multiply-add is 2 FLOPs; causal attention
 counts half of the s x s scores; backward costs twice the forward; routed experts use k.expected; forward
-and backward each read a layer's weights from device memory once.
+and backward each read a layer's weights from device memory once, and backward writes and accumulates its
+whole local gradients.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def layer_weight_reads(spec: Spec, layer: int) -> float:
     return passes * (dense + experts) * STATE_BYTES[spec.train.dtype].weights
 
 
+GRAD_PASSES = 3  # a gradient written by backward, then read and written again as it is accumulated
+
+
+def layer_grad_bytes(spec: Spec, layer: int) -> float:
+    """Bytes of gradient traffic one rank's backward makes for one layer and one micro-batch: each local
+    parameter's gradient comes out whole (a grouped matmul's weight gradient is the whole stack of local
+    experts, those no token reached included), is written, then read and written again as it is added to
+    the gradient accumulated so far."""
+    dense, experts = local_layer_params(spec, layer)
+    return GRAD_PASSES * (dense + experts) * STATE_BYTES[spec.train.dtype].grads
+
+
 def head_weight_reads(spec: Spec) -> float:
     """Bytes of LM-head weights one rank reads per micro-batch (its vocabulary slice, forward and backward)."""
     return 2 * embedding_params(spec) / spec.parallelism.tp * STATE_BYTES[spec.train.dtype].weights
@@ -149,3 +162,53 @@ def layer_comm(spec: Spec, layer: int) -> LayerComm:
         a2a = 4 + (2 if policy == "full" else 1 if policy == "selective" else 0)  # dispatch+combine, f+b
         ep_bytes = a2a * all_to_all(slots, par.ep)
     return LayerComm(tp_bytes, ep_bytes)
+
+
+@dataclass(frozen=True)
+class LayerCollectives:
+    """Collectives one rank issues for one layer and one micro-batch (forward, backward, recomputation), by
+    what they serve. Their fixed costs, not their bytes: `CostModel.layer_latency`."""
+
+    tp: int
+    ep: int
+    zero_gathers: int  # ZeRO-3: the layer's parameters gathered (forward, backward), per micro-batch
+    zero_scatters: int  # and its gradients reduce-scattered (every backward, or the step's last only)
+
+
+def layer_collectives(spec: Spec, layer: int) -> LayerCollectives:
+    """The collectives the compiler's passes insert (docs/cost-model.md, "Fixed costs"):
+    - tp: each tensor-parallel block (attention; a dense FFN or shared experts) all-reduces once forward
+      and once backward; with sequence parallelism it gathers in and reduce-scatters out, backward the
+      reverse plus the input's regather; an MoE layer without sequence parallelism gathers the tp ranks'
+      tokens after combine (and its gradient in backward); full recomputation repeats the forward's;
+    - ep: an MoE layer exchanges counts, dispatches and combines forward, combines and dispatches
+      backward; recomputation repeats part (selective: counts and dispatch) or all of the forward's;
+    - ZeRO-3: a gather forward, a gather and a reduce-scatter backward, per axis the layer is sharded over.
+    """
+    par, model = spec.parallelism, spec.model
+    policy = par.activation_checkpointing
+    moe = model.is_moe(layer)
+    tp = 0
+    if par.tp > 1:
+        blocks = 1 + int(not moe or model.moe.n_shared_experts > 0)
+        if par.sequence_parallel:
+            tp = blocks * (6 if policy == "full" else 5)
+        else:
+            tp = (blocks + int(moe)) * (3 if policy == "full" else 2)
+    ep = 5 + {"none": 0, "selective": 2, "full": 3}[policy] if moe and par.ep > 1 else 0
+    axes = int(par.dp > 1) + int(moe and par.edp > 1) if par.zero >= 3 else 0
+    return LayerCollectives(tp, ep, 2 * axes, axes)
+
+
+def edge_collectives(spec: Spec, first: bool, last: bool) -> int:
+    """Collectives of the embedding (first stage) and of the LM head and loss (last stage), one micro-batch:
+    tensor parallelism's vocabulary-parallel reductions (and sequence parallelism's gathers), ZeRO-3's
+    gathers and reduce-scatters."""
+    par = spec.parallelism
+    sp = int(par.sequence_parallel)
+    count = 0
+    if par.tp > 1:
+        count += first * (1 + sp) + last * (4 + 2 * sp)
+    if par.zero >= 3 and par.dp > 1:
+        count += 3 * (int(first) + int(last))
+    return count

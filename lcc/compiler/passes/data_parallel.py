@@ -16,14 +16,13 @@ forward's, as backward produces them):
 
 from __future__ import annotations
 
+from lcc.compiler.cost.traffic import BUCKET_ELEMENTS
 from lcc.compiler.state import CompileState
 from lcc.plan.types import GradBucket, Parameter, chunk_size
 
 NAME = "data_parallel"
 DESCRIPTION = ("bucketed gradient reduction issued during backward: dense parameters over dp, expert parameters "
                "over edp")
-
-BUCKET_ELEMENTS = 25_000_000  # per-rank elements per bucket (shards, not global sizes)
 
 
 def owner(p: Parameter, stage: int, pp: int) -> int | None:
