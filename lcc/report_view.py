@@ -118,8 +118,10 @@ def render(report: dict[str, Any], console: Console) -> None:
     t.add_row("all-to-all bytes crossing nodes", f"{report['comm']['expert_alltoall_inter_node_share']:.1%}")
     t.add_row("pipeline bubble", f"{report['pipeline']['bubble_fraction']:.1%}")
     t.add_row("stage imbalance (slowest / mean)", f"{lay['stage_imbalance']:.3f}")
-    t.add_row("compute: arithmetic / weight reads (busiest rank)",
+    t.add_row("compute: arithmetic / memory (busiest rank)",
               f"{time['arithmetic_seconds']:.3f} s / {time['weight_read_seconds']:.3f} s")
+    if time["fixed_seconds"]:
+        t.add_row("fixed costs: latency (busiest rank)", f"{time['fixed_seconds']:.3f} s")
     t.add_row("step time (estimate)", f"{time['step_seconds_estimate']:.3f} s")
     t.add_row("tokens / s", human(time["tokens_per_second"]))
     t.add_row("model FLOPs utilisation", f"{time['utilization']:.1%}")

@@ -143,7 +143,9 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     device, network = spec.cluster.device, spec.cluster.network
     assert spec.cluster.gpus_per_node == 2 and device.kind == "cpu"
     assert device.peak_tflops > 0 and device.memory_tbps > 0 and network.intra_node_gbps > 0
-    assert cost_report(spec)["time"]["step_seconds_estimate"] > 0
+    assert network.intra_node_latency_us == network.inter_node_latency_us > 0  # gloo's fixed cost, one machine
+    time = cost_report(spec)["time"]
+    assert 0 < time["fixed_seconds"] < time["step_seconds_estimate"]
 
 
 @pytest.mark.parametrize("schedule,pp,virtual", [("gpipe", 2, 1), ("gpipe", 4, 1), ("1f1b", 2, 1), ("1f1b", 4, 1),
