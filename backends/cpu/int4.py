@@ -59,24 +59,32 @@ def pack_gate_up(w1: Int4Weight, w3: Int4Weight, dtype: torch.dtype) -> PackedIn
     return out
 
 
+_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # resolved once: a decode step calls it hundreds of times
+
+
 def matmul(x: torch.Tensor, w: PackedInt4, e: int) -> torch.Tensor:
     """`x @ w[e].T` for x `[rows, in]`."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed[e], w.group_size, w.scales_zeros[e])
+    return _MM(x.contiguous(), w.packed[e], w.group_size, w.scales_zeros[e])
 
 
 def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: PackedInt4, w3: PackedInt4,
                     w2: PackedInt4) -> torch.Tensor:
     """Each expert's SwiGLU over its contiguous segment of x (segments in expert order). With `w1.gate_up`
-    (`pack_gate_up`), w1 holds both projections and w3 is not read."""
-    outs, start = [], 0
+    (`pack_gate_up`), w1 holds both projections and w3 is not read. The kernel runs per expert; the
+    activation between the two projections runs once over every segment (elementwise, so the same values
+    as per segment, in a handful of calls instead of a few per expert)."""
+    segments, start = [], 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        xs = x_SD[start:start + n]
-        if w1.gate_up:
-            gate, up = matmul(xs, w1, e).chunk(2, dim=-1)
-        else:
-            gate, up = matmul(xs, w1, e), matmul(xs, w3, e)
-        outs.append(matmul(F.silu(gate) * up, w2, e))
-        start += n
-    return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])
+        if n:
+            segments.append((e, start, n))
+            start += n
+    if not segments:
+        return x_SD.new_zeros(0, w2.shape[1])
+    x_SD = x_SD.contiguous()
+    if w1.gate_up:
+        gate, up = torch.cat([matmul(x_SD[s:s + n], w1, e) for e, s, n in segments]).chunk(2, dim=-1)
+    else:
+        gate = torch.cat([matmul(x_SD[s:s + n], w1, e) for e, s, n in segments])
+        up = torch.cat([matmul(x_SD[s:s + n], w3, e) for e, s, n in segments])
+    h = F.silu(gate) * up
+    return torch.cat([matmul(h[s:s + n], w2, e) for e, s, n in segments])

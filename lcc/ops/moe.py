@@ -65,8 +65,11 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     host = torch.cat([counts.sum(1), received.sum(1), received.sum(0)]).tolist()
     send, recv, local_counts = host[:ep], host[ep:2 * ep], host[2 * ep:]
     local = dispatch(routed, n_experts, n_slots=sum(send))
-    # received rows are source-major (source s, then its experts); order lists them expert-major
     device, rows = received.device, sum(recv)
+    if ep == 1:  # nothing to exchange: the rows stay in expert order
+        identity = torch.arange(rows, device=device)
+        return MoEPlan(local, send, recv, identity, identity, local_counts, received.sum(0))
+    # received rows are source-major (source s, then its experts); order lists them expert-major
     starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(ep, per)
     sizes, firsts = received.t().reshape(-1), starts.t().reshape(-1)  # blocks (e, s) in expert-major order
     block = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=rows)
