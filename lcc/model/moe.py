@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcc.model.grouped import contiguous_grad, group_ends, grouped_mm_ok
-from lcc.model.routing import Router, RouteResult, slot_counts
+from lcc.model.routing import Router, RouteResult, route_counts
 from lcc.spec.models import MoE, Routing
 
 
@@ -41,7 +41,7 @@ def dispatch(route: RouteResult, n_experts: int, n_slots: int | None = None) -> 
         n_slots = int(route.mask_TK.sum())  # host sync: the segments' total length is a shape
     order = torch.argsort(key_S, stable=True)[:n_slots]
     gate_S = route.gates_TK.reshape(-1).index_select(0, order)
-    return Dispatch(order // K, gate_S, slot_counts(route.experts_TK, route.mask_TK, n_experts))
+    return Dispatch(order // K, gate_S, route_counts(route, n_experts))
 
 
 def combine(y_SD: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:

@@ -34,12 +34,20 @@ class RouteResult:
     # (no gradient), and the per-expert sum of pi over the tokens (differentiable)
     balance_counts: torch.Tensor | None = None
     pi_sum_E: torch.Tensor | None = None
+    counts_E: torch.Tensor | None = None  # load_E as int64 on the device (dispatch and the exchange plan read it)
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim; equal scores rank the lower index first."""
     values, index = torch.sort(scores, dim=-1, descending=True, stable=True)
     return values[..., :k], index[..., :k]
+
+
+def route_counts(route: RouteResult, n_experts: int) -> torch.Tensor:
+    """Used slots per expert of a routing result: the ones routing counted, or counted now."""
+    if route.counts_E is not None:
+        return route.counts_E
+    return slot_counts(route.experts_TK, route.mask_TK, n_experts)
 
 
 def slot_counts(experts_TK: torch.Tensor, mask_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -142,10 +150,10 @@ class RouterMath:
         pi_TK = pi_TC.gather(1, slot_TK)
         # step 6: k(x) = smallest k whose top-k mass reaches the threshold, clamped to [min, max]
         mass_TK = torch.cumsum(pi_TK.detach(), dim=-1)
+        # the mass only grows along the slots (a cumsum of probabilities), so the slots short of the threshold
+        # come first and their count + 1 is that k; none reached gives K + 1, clamped to K
         reached = mass_TK >= cfg.k.threshold
-        first = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, torch.full_like(reached[:, 0], K,
-                                                                                            dtype=torch.long))
-        k_T = first.clamp(cfg.k.min, K)
+        k_T = ((~reached).sum(-1) + 1).clamp(cfg.k.min, K)
         mask_TK = torch.arange(K, device=x_TD.device).unsqueeze(0) < k_T.unsqueeze(1)
         # step 7: gates
         gates_TK = pi_TK * mask_TK
@@ -157,7 +165,8 @@ class RouterMath:
         if cfg.capacity_factor is not None:
             mask_TK, dropped = self.apply_capacity(experts_TK, mask_TK)
             gates_TK = gates_TK * mask_TK
-        load_E = slot_counts(experts_TK, mask_TK, self.n_experts).to(torch.float64)
+        counts_E = slot_counts(experts_TK, mask_TK, self.n_experts)
+        load_E = counts_E.to(torch.float64)
         # step 9: losses per unit, computed only when they are used
         zero = pi_TC.new_zeros(())
         balance = cfg.balance
@@ -166,7 +175,7 @@ class RouterMath:
             counts, pi_sum_E = self.balance_terms(pi_TC, cand_TC, experts_TK, mask_TK)
             aux = balance_loss_from(counts, pi_sum_E, self.n_experts)
         z_loss = torch.logsumexp(z_TGkP.reshape(T, C), dim=-1).pow(2).mean() if balance.z_loss_coef else zero
-        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, dropped, aux, z_loss, counts, pi_sum_E)
+        return RouteResult(experts_TK, gates_TK, mask_TK, k_T, load_E, dropped, aux, z_loss, counts, pi_sum_E, counts_E)
 
     def apply_capacity(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep at most ceil(capacity_factor * used slots / E) slots per expert; priority by slot rank,

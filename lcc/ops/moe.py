@@ -58,7 +58,7 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     Everything stays on the device except one small tensor read once on the host (see below)."""
     ep = _size(group)
     per = n_experts // ep
-    counts = routing.slot_counts(routed.experts_TK, routed.mask_TK, n_experts).view(ep, per)
+    counts = routing.route_counts(routed, n_experts).view(ep, per)
     received = exchange_counts(counts, group)  # row s: what source s sends to my experts
     # The MoE layer's one host synchronisation: the all-to-all's split sizes (rows to and from each EP
     # rank) are host ints, and so are the shapes that follow from them; one read brings all of it.
