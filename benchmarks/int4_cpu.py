@@ -1,14 +1,15 @@
-"""Which CPU kernel should run int4 expert matmuls: PyTorch's packed int4 matmul for CPU
+"""Which CPU kernel should run int4 expert matmuls: lcc's native kernel (`lcc.backends.cpu.int4_native`:
+AVX-512, AMX tiles for bfloat16 segments of 16 rows or more) and PyTorch's packed int4 matmul for CPU
 (`aten._weight_int4pack_mm_for_cpu`, weights converted once by `_convert_weight_to_int4pack_for_cpu`)
 against lcc's reference int4 op (`lcc.backends.torch_ref.int4`: unpack and dequantize the expert, then a
 dense matmul), side by side in one run.
 
 For each expert shape (small-moe: d_model 512, expert width 512, group 64; LongCat-2.0: 4096 x 256,
-group 128) and rows per expert (1: a decode step's token; 8; 64: a prefill chunk), one expert's up
+group 128) and rows per expert (1: a decode step's token; 8; 64 and 256: prefill chunks), one expert's up
 projection `x [rows, D] @ W [F, D]^T` and down projection `[rows, F] @ W [D, F]^T`, median seconds over
 `--repeats` interleaved calls, in float32 and bfloat16 activations; the error against the reference op in
 float32 is the largest absolute difference relative to the largest output. Also which group sizes the
-packed kernel takes. Usage: python -m benchmarks.int4_cpu [--repeats 30]
+packed kernel takes (the native kernel takes any even size). Usage: python -m benchmarks.int4_cpu [--repeats 30]
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
 
+from lcc.backends.cpu import int4_native
 from lcc.backends.torch_ref.int4 import Int4Weight, dequantize, quantize, unpack_codes
 
 from benchmarks.common import interleaved, machine, write
 
 SHAPES = {"small-moe (512 x 512, g64)": (512, 512, 64), "longcat-2.0 (4096 x 256, g128)": (4096, 256, 128)}
-ROWS = (1, 8, 64)
+ROWS = (1, 8, 64, 256)
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -64,6 +66,7 @@ def main() -> None:
             q = quantize(torch.randn(n_out, n_in) * 0.02, g)
             packed, sz = packed_for_cpu(q)
             sz16 = sz.to(torch.bfloat16)
+            nat = int4_native.pack(Int4Weight(q.packed[None], q.scales[None], None, g, (1, n_out, n_in)))
             for rows in ROWS:
                 x = torch.randn(rows, n_in)
                 x16 = x.to(torch.bfloat16)
@@ -73,6 +76,9 @@ def main() -> None:
                         x, p, g, s),
                     "packed int4, bfloat16": lambda x=x16, p=packed, s=sz16, g=g: (
                         torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, g, s)),
+                    "native int4, float32": lambda x=x, w=nat, r=rows: int4_native.matmul_segments(x, [r], w),
+                    "native int4, bfloat16": lambda x=x16, w=nat, r=rows: int4_native.matmul_segments(
+                        x, [r], w, int4_native.AMX_MIN_ROWS).to(torch.bfloat16),
                 }
                 seconds = interleaved(cases, args.repeats)
                 ref = cases["reference (dequantize + matmul)"]()
@@ -82,10 +88,10 @@ def main() -> None:
                 row = {"shape": shape_name, "projection": proj, "rows": rows, "seconds": seconds,
                        "speedup_vs_reference": {k: base / v for k, v in seconds.items()}, "relative_error": error}
                 rows_out.append(row)
-                print(f"{shape_name:32s} {proj:4s} rows {rows:3d}: reference {base * 1e6:8.1f} us; packed float32 "
-                      f"{base / seconds['packed int4, float32']:5.2f}x (error {error['packed int4, float32']:.1e}); "
-                      f"packed bfloat16 {base / seconds['packed int4, bfloat16']:5.2f}x "
-                      f"(error {error['packed int4, bfloat16']:.1e})", flush=True)
+                others = "; ".join(f"{k} {seconds[k] * 1e6:7.1f} us (error {error[k]:.1e})" for k in seconds
+                                   if k != "reference (dequantize + matmul)")
+                print(f"{shape_name:32s} {proj:4s} rows {rows:3d}: reference {base * 1e6:8.1f} us; {others}",
+                      flush=True)
     taken = group_sizes_taken()
     print("group sizes the packed kernel takes: " + ", ".join(f"{g}: {v}" for g, v in taken.items()))
     write("int4_cpu", {"repeats": args.repeats, "results": rows_out, "group_sizes": taken, "machine": machine()},

@@ -133,8 +133,8 @@ FAST_INT4_GROUPS = (32, 64, 128, 256)  # what PyTorch's CPU int4 matmul takes
 
 def check_servable(spec: Spec) -> None:
     """What a serve plan needs of the spec: a serve section, and int4 experts the plan's kernel can run:
-    on CPU PyTorch's int4 matmul, on CUDA lcc's Triton kernels (float64 serving uses the reference op,
-    which takes any group size)."""
+    on CPU lcc's native kernel (any group size) or PyTorch's int4 matmul, on CUDA lcc's Triton kernels
+    (float64 serving uses the reference op, which takes any group size)."""
     if spec.serve is None:
         raise SpecError([Problem(locate(spec, ("serve",)), ("serve",), "a serve plan needs a serve section",
                                  "add serve: {max_seq_len: ...}", ())])
@@ -149,11 +149,12 @@ def check_servable(spec: Spec) -> None:
                                      "choose 32, 64, 128 or 256, or serve.dtype float64 (the reference int4 op)",
                                      ("serve.dtype",))])
         return
-    if quant.group_size not in FAST_INT4_GROUPS:
-        raise SpecError([Problem(locate(spec, path), path, f"group_size {quant.group_size}: the CPU int4 kernel takes "
-                                 f"group sizes {', '.join(map(str, FAST_INT4_GROUPS))}",
-                                 "choose one of them, or serve.dtype float64 (the reference int4 op)",
-                                 ("serve.dtype",))])
+    if spec.serve.cpu_kernels == "torch" and quant.group_size not in FAST_INT4_GROUPS:
+        sizes = ", ".join(map(str, FAST_INT4_GROUPS))
+        raise SpecError([Problem(locate(spec, path), path, f"group_size {quant.group_size}: PyTorch's CPU int4 kernel "
+                                 f"(serve.cpu_kernels torch) takes group sizes {sizes}", "choose one of them, "
+                                 "serve.cpu_kernels native, or serve.dtype float64 (the reference int4 op)",
+                                 ("serve.cpu_kernels", "serve.dtype"))])
     for field, width in (("d_model", spec.model.d_model), ("moe.expert_d_ff", spec.model.moe.expert_d_ff)):
         if width % 16:
             where = ("model", *field.split("."))
@@ -169,7 +170,9 @@ def expert_kernel(spec: Spec) -> str:
         return "dense" if quant is None else "int4_reference"
     if spec.cluster.device.kind == "cuda":
         return "dense_triton" if quant is None else "int4_triton"
-    return "dense" if quant is None else "int4_packed_cpu"
+    if quant is None:
+        return "dense"
+    return "int4_native_cpu" if spec.serve.cpu_kernels == "native" else "int4_packed_cpu"
 
 
 def _serving(spec: Spec, state: CompileState) -> Serving:

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from lcc.backends.cpu import int4 as int4_cpu
+from lcc.backends.cpu import int4_native
 from lcc.backends.cpu.int4 import PackedInt4
+from lcc.backends.cpu.int4_native import NativeInt4
 from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
 from lcc.backends.triton import experts as triton_experts
 from lcc.backends.triton.experts import ExpertStack
@@ -90,19 +92,20 @@ def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD:
     return swiglu_segments(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
 
 
-Int4Experts = Int4Weight | PackedInt4 | ExpertStack
+Int4Experts = Int4Weight | NativeInt4 | PackedInt4 | ExpertStack
 
 
 def grouped_swiglu_int4(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1: Int4Experts, w3: Int4Experts,
                         w2: Int4Experts) -> torch.Tensor:
     """Serve plans: the same experts from int4 weights, through the kernel the weights were prepared for
-    (the plan's `serving.expert_kernel`): the Triton W4A16 kernels, PyTorch's packed CPU int4 matmul, or
-    lcc's reference op."""
+    (the plan's `serving.expert_kernel`): the Triton W4A16 kernels, lcc's native CPU kernel, PyTorch's
+    packed CPU int4 matmul, or lcc's reference op."""
     if isinstance(w1, ExpertStack):
         return triton_experts.swiglu_segments(x_SD, _on(counts, x_SD), w1, w3, w2)
-    if isinstance(w1, PackedInt4):
+    if isinstance(w1, (NativeInt4, PackedInt4)):
         host = counts.tolist() if isinstance(counts, torch.Tensor) else counts
-        return int4_cpu.swiglu_segments(x_SD, host, w1, w3, w2)
+        cpu = int4_native if isinstance(w1, NativeInt4) else int4_cpu
+        return cpu.swiglu_segments(x_SD, host, w1, w3, w2)
     return int4_swiglu_segments(x_SD, counts, w1, w3, w2)
 
 

@@ -260,8 +260,9 @@ class Serving:
     every dp rank's batch (`before`: broadcast to every rank), the stages run in order on it (the
     schedule's actions), and the last stage returns each dp rank's next-token logits to rank 0 (`after`).
     Every rank has a paged KV cache of `kv_blocks` blocks of `block_size` tokens for the layers of its
-    stages, of its `kv_heads` key/value heads. Experts run through `expert_kernel`: `int4_packed_cpu`
-    (packed weights, PyTorch's CPU int4 matmul), `int4_triton` (CUDA: lcc's fused Triton kernels, int4
+    stages, of its `kv_heads` key/value heads. Experts run through `expert_kernel`: `int4_native_cpu`
+    (lcc's native CPU kernel: AVX-512, AMX tiles for bfloat16), `int4_packed_cpu` (packed weights,
+    PyTorch's CPU int4 matmul), `int4_triton` (CUDA: lcc's fused Triton kernels, int4
     dequantised in the kernel), `int4_reference` (lcc's reference int4 op: float64), `dense_triton` (CUDA,
     unquantised, the same Triton kernels) or `dense` (unquantised, torch)."""
 

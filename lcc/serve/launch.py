@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lcc.backends.cpu import native
 from lcc.plan.types import Plan
 from lcc.runtime.checkpoint import CheckpointError
 from lcc.runtime.device import join_plan
@@ -47,6 +48,11 @@ def check_serve_plan(plan_dir: Path) -> Plan:
     plan = check_plan(Path(plan_dir), mode="serve")
     if plan.serving is None:
         raise LaunchRefused(f"{plan_dir}: a serve plan without its serving section; compile it again")
+    if plan.serving.expert_kernel == "int4_native_cpu":  # built here once, before any rank starts
+        why = native.unavailable()
+        if why is not None:
+            raise LaunchRefused(f"{plan_dir}: the plan's experts run on lcc's native CPU int4 kernel, and {why}; "
+                                "compile the plan with --set serve.cpu_kernels=torch (PyTorch's int4 kernel)")
     return plan
 
 

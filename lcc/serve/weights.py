@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from lcc.backends.cpu.int4 import pack, pack_gate_up
+from lcc.backends.cpu import int4_native as native_int4
+from lcc.backends.cpu.int4 import PackedInt4, pack, pack_gate_up
+from lcc.backends.cpu.int4_native import NativeInt4
 from lcc.backends.torch_ref.int4 import Int4Weight, quantize
 from lcc.backends.triton.experts import ExpertStack
 from lcc.plan.types import Plan
@@ -63,6 +65,11 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor],
     def int4(t: torch.Tensor) -> Int4Weight:
         return _to(quantize(t, quant.group_size, quant.symmetric), device)
 
+    def cpu_pack(q: Int4Weight, up: Int4Weight | None = None) -> PackedInt4 | NativeInt4:
+        if kernel == "int4_native_cpu":
+            return native_int4.pack(q) if up is None else native_int4.pack_gate_up(q, up)
+        return pack(q, dtype) if up is None else pack_gate_up(q, up, dtype)
+
     out: dict[str, Any] = {}
     for name, t in params.items():
         if not plan.parameter(name).expert or kernel == "dense":
@@ -73,12 +80,12 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor],
             out[name] = int4(t)
         elif kernel == "int4_triton":
             out[name] = ExpertStack(int4(t))
-        elif name.endswith(".w2_EDF"):
-            out[name] = pack(quantize(t, quant.group_size, quant.symmetric), dtype)
+        elif name.endswith(".w2_EDF"):  # the CPU kernels: lcc's native one, or PyTorch's packed int4 matmul
+            out[name] = cpu_pack(quantize(t, quant.group_size, quant.symmetric))
         elif name.endswith(".w1_EFD"):  # gate and up in one packed weight: one kernel call for both
             w3 = name.replace(".w1_EFD", ".w3_EFD")
-            out[name] = out[w3] = pack_gate_up(quantize(t, quant.group_size, quant.symmetric),
-                                               quantize(params[w3], quant.group_size, quant.symmetric), dtype)
+            out[name] = out[w3] = cpu_pack(quantize(t, quant.group_size, quant.symmetric),
+                                           quantize(params[w3], quant.group_size, quant.symmetric))
     return out
 
 

@@ -152,14 +152,18 @@ def test_a_request_larger_than_the_cache_is_refused(plans):
         engine.submit(PROMPTS[3], SamplingParams(max_tokens=10))
 
 
-def test_float32_and_bfloat16_serving_run_the_packed_int4_kernel(plans):
-    for dtype in ("float32", "bfloat16"):
-        rank = ServeRank(serve_plan(plans, "world1", (f"serve.dtype={dtype}",)), 0)
-        assert rank.plan.serving.expert_kernel == "int4_packed_cpu"
-        engine = Engine(rank)
-        got = run(engine, PROMPTS[:2], SamplingParams(max_tokens=8))
-        assert all(len(g) == 8 for g in got)
-        assert rank.cache.k[0].dtype == getattr(torch, dtype)
+def test_float32_and_bfloat16_serving_run_the_cpu_int4_kernels(plans):
+    """Both CPU int4 kernels serve in float32 and bfloat16; in float32 they generate the same tokens."""
+    tokens = {}
+    for kernels, name in (("native", "int4_native_cpu"), ("torch", "int4_packed_cpu")):
+        for dtype in ("float32", "bfloat16"):
+            rank = ServeRank(serve_plan(plans, "world1", (f"serve.dtype={dtype}", f"serve.cpu_kernels={kernels}")), 0)
+            assert rank.plan.serving.expert_kernel == name
+            got = run(Engine(rank), PROMPTS[:2], SamplingParams(max_tokens=8))
+            assert all(len(g) == 8 for g in got)
+            assert rank.cache.k[0].dtype == getattr(torch, dtype)
+            tokens[kernels, dtype] = got
+    assert tokens["native", "float32"] == tokens["torch", "float32"]
 
 
 def test_unquantised_experts_when_the_spec_asks_for_none(plans):

@@ -53,7 +53,8 @@ def test_refusals_before_launch(tmp_path, tiny_text):
         (["run", "generate", spec, *WORLD1], "give --prompt TEXT or --prompt-ids"),
         (["run", "generate", spec, *WORLD1, "--prompt-ids", "1,x"], "expected comma-separated token ids"),
         (["run", "generate", spec, "--set", "serve.dtype=float32", "--set", "quantization.experts.group_size=16",
-          "--prompt", "a"], "quantization.experts.group_size: group_size 16: the CPU int4 kernel takes"),
+          "--set", "serve.cpu_kernels=torch", "--prompt", "a"],
+         "quantization.experts.group_size: group_size 16: PyTorch's CPU int4 kernel (serve.cpu_kernels torch) takes"),
         (["run", "generate", spec, *WORLD1, "--prompt", "a", "--checkpoint", str(tmp_path / "nothing")],
          "no such file or directory"),
     ]
@@ -65,3 +66,21 @@ def test_refusals_before_launch(tmp_path, tiny_text):
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_a_machine_without_the_native_kernel_is_told_what_to_do(monkeypatch):
+    """A plan whose experts run on lcc's native CPU kernel, on a machine that cannot build or run it: refused
+    before any rank starts, with the reason and the spec setting that serves through PyTorch's kernel."""
+    from lcc.backends.cpu import native
+
+    monkeypatch.setattr(native, "unavailable", lambda: "it needs a CPU with AVX-512 (PyTorch reports AVX2)")
+    out = lcc("run", "generate", str(SPECS / "tiny-moe.yaml"), "--set", "serve.dtype=float32", "--prompt", "a",
+              "--max-tokens", "2")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "lcc's native CPU int4 kernel, and it needs a CPU with AVX-512" in out.stderr
+    assert "--set serve.cpu_kernels=torch" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = lcc("run", "generate", str(SPECS / "tiny-moe.yaml"), "--set", "serve.dtype=float32", "--set",
+              "serve.cpu_kernels=torch", "--prompt", "a", "--max-tokens", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["token_ids"]) == 2

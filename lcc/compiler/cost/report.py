@@ -447,15 +447,18 @@ def expert_bytes_quantized(n_params: int, bits: int, group_size: int, symmetric:
 
 
 def expert_bytes_served(spec: Spec, n_params: int) -> int:
-    """What a rank's experts take in memory when served: on CPU in float32 or bfloat16, PyTorch's packed
-    int4 kernel keeps two codes per byte and a (scale, offset) pair per group in the serve dtype; otherwise
-    lcc's int4 format (expert_bytes_quantized), or unquantised weights in the serve dtype."""
+    """What a rank's experts take in memory when served: on CPU in float32 or bfloat16, two codes per byte
+    and per group a float32 scale (and a float32 shift when asymmetric) for lcc's native kernel, or a
+    (scale, offset) pair in the serve dtype for PyTorch's packed int4 kernel; otherwise lcc's int4 format
+    (expert_bytes_quantized), or unquantised weights in the serve dtype."""
     quant = spec.quantization.experts if spec.quantization is not None else None
     dtype = spec.serve.dtype
     if quant is None:
         return DTYPE_BYTES[dtype] * n_params
     if dtype != "float64" and spec.cluster.device.kind == "cpu":
-        return n_params * quant.bits // 8 + 2 * DTYPE_BYTES[dtype] * (n_params // quant.group_size)
+        per_group = (4 * (1 if quant.symmetric else 2) if spec.serve.cpu_kernels == "native"
+                     else 2 * DTYPE_BYTES[dtype])
+        return n_params * quant.bits // 8 + per_group * (n_params // quant.group_size)
     return expert_bytes_quantized(n_params, quant.bits, quant.group_size, quant.symmetric)
 
 

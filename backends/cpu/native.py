@@ -1,0 +1,132 @@
+"""lcc's native CPU int4 expert kernel (csrc/int4_experts.cpp): built with the system's C++ compiler at
+first use, cached, and called through ctypes.
+
+Needs Linux on x86-64 with AVX-512 (PyTorch's CPU capability "AVX512") and a C++ compiler (`$CXX`, else
+g++ or c++). The AMX path is built when the compiler takes `-mamx-bf16` and used when the CPU has AMX and
+Linux grants its tile state. The library lands in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under
+a name hashed from the source, the flags and the compiler's version, written atomically: concurrent ranks
+build it at most once each and never load a partial file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_experts.cpp"
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class NativeKernelMissing(RuntimeError):
+    """The plan's experts run on lcc's native CPU kernel and this machine cannot build or run it."""
+
+
+@dataclass(frozen=True)
+class Library:
+    lib: ctypes.CDLL
+    path: Path
+    amx: bool  # the AMX path is built and this process may use AMX tiles
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("LCC_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lcc" / "kernels"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def unavailable() -> str | None:
+    """None when the kernel can run here (building it if needed), else why not (one sentence)."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"it needs a CPU with AVX-512 (PyTorch reports {capability})"
+    if compiler() is None:
+        return "it is built at first use and no C++ compiler was found (install g++ or set CXX)"
+    try:
+        load()
+    except NativeKernelMissing as exc:
+        return str(exc)
+    return None
+
+
+def require() -> Library:
+    why = unavailable()
+    if why is not None:
+        raise NativeKernelMissing(f"lcc's native CPU int4 kernel cannot run here: {why}")
+    return load()
+
+
+@functools.cache
+def load() -> Library:
+    cxx = compiler()
+    if cxx is None:
+        raise NativeKernelMissing("no C++ compiler was found (install g++ or set CXX)")
+    path, amx = _build(cxx, BASE_FLAGS + AMX_FLAGS)
+    if path is None:  # a compiler without AMX intrinsics: the AVX-512 path alone
+        path, _ = _build(cxx, BASE_FLAGS)
+        amx = False
+    lib = ctypes.CDLL(str(path))
+    # (x, counts, E, codes, scales, shifts, N, K, group, out, threads, amx_min_rows)
+    lib.lcc_int4_matmul.argtypes = [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I]
+    lib.lcc_int4_matmul.restype = None
+    # (x, counts, E, bf16, w13 codes, scales, shifts, w2 codes, scales, shifts, D, F, group, out, threads,
+    #  amx_min_rows)
+    lib.lcc_int4_swiglu.argtypes = [_P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]
+    lib.lcc_int4_swiglu.restype = None
+    amx = amx and _cpu_has_amx() and lib.lcc_int4_amx_init() == 0
+    return Library(lib, path, amx)
+
+
+def _build(cxx: str, flags: list[str]) -> tuple[Path | None, bool]:
+    """The library built with `flags` (cached); (None, False) when the compiler rejects AMX flags."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(source + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    folder = cache_dir()
+    path = folder / f"int4_experts-{key}.so"
+    amx = "-DLCC_AMX" in flags
+    if path.exists():
+        return path, amx
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            if amx:
+                return None, False
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise NativeKernelMissing(f"{cxx} could not build {SOURCE.name}:\n{tail}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path, amx
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags and " amx_tile" in flags
