@@ -1,10 +1,10 @@
-"""lcc's native CPU int4 expert kernel (csrc/int4_experts.cpp): built with the system's C++ compiler at
-first use, cached, and called through ctypes.
+"""lcc's native CPU kernels (csrc/: the int4 experts, decode attention): one library built with the
+system's C++ compiler at first use, cached, and called through ctypes.
 
 Needs Linux on x86-64 with AVX-512 (PyTorch's CPU capability "AVX512") and a C++ compiler (`$CXX`, else
 g++ or c++). The AMX path is built when the compiler takes `-mamx-bf16` and used when the CPU has AMX and
 Linux grants its tile state. The library lands in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under
-a name hashed from the source, the flags and the compiler's version, written atomically: concurrent ranks
+a name hashed from the sources, the flags and the compiler's version, written atomically: concurrent ranks
 build it at most once each and never load a partial file.
 """
 
@@ -24,14 +24,16 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_experts.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp")
+HEADERS = (CSRC / "simd.h",)
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
 class NativeKernelMissing(RuntimeError):
-    """The plan's experts run on lcc's native CPU kernel and this machine cannot build or run it."""
+    """The plan runs lcc's native CPU kernels and this machine cannot build or run them."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def unavailable() -> str | None:
 def require() -> Library:
     why = unavailable()
     if why is not None:
-        raise NativeKernelMissing(f"lcc's native CPU int4 kernel cannot run here: {why}")
+        raise NativeKernelMissing(f"lcc's native CPU kernels cannot run here: {why}")
     return load()
 
 
@@ -93,17 +95,23 @@ def load() -> Library:
     #  amx_min_rows)
     lib.lcc_int4_swiglu.argtypes = [_P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]
     lib.lcc_int4_swiglu.restype = None
+    # (q, k, v, both, sign, slots, T, H, KV, d, bf16, q out, k cache, v cache, threads)
+    lib.lcc_rope_cache.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I]
+    lib.lcc_rope_cache.restype = None
+    # (q, k cache, v cache, rows, slots, lengths, n, longest, H, KV, d, bf16, out, threads)
+    lib.lcc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I]
+    lib.lcc_decode_attention.restype = None
     amx = amx and _cpu_has_amx() and lib.lcc_int4_amx_init() == 0
     return Library(lib, path, amx)
 
 
 def _build(cxx: str, flags: list[str]) -> tuple[Path | None, bool]:
     """The library built with `flags` (cached); (None, False) when the compiler rejects AMX flags."""
-    source = SOURCE.read_bytes()
+    text = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(source + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     folder = cache_dir()
-    path = folder / f"int4_experts-{key}.so"
+    path = folder / f"lcc_cpu_kernels-{key}.so"
     amx = "-DLCC_AMX" in flags
     if path.exists():
         return path, amx
@@ -111,12 +119,12 @@ def _build(cxx: str, flags: list[str]) -> tuple[Path | None, bool]:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             if amx:
                 return None, False
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-            raise NativeKernelMissing(f"{cxx} could not build {SOURCE.name}:\n{tail}")
+            raise NativeKernelMissing(f"{cxx} could not build lcc's CPU kernels ({CSRC}):\n{tail}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -175,6 +175,14 @@ def expert_kernel(spec: Spec) -> str:
     return "int4_native_cpu" if spec.serve.cpu_kernels == "native" else "int4_packed_cpu"
 
 
+def attention_kernel(spec: Spec) -> str:
+    """How a serve plan's decode tokens attend (plan.serving.attention_kernel): lcc's native CPU kernel where
+    serve.cpu_kernels asks for it (bfloat16 or float32 on CPU, head_dim a multiple of 16), else PyTorch."""
+    native = (spec.cluster.device.kind == "cpu" and spec.serve.dtype != "float64" and spec.serve.cpu_kernels == "native"
+              and spec.model.attention.head_dim % 16 == 0)
+    return "native_cpu" if native else "torch"
+
+
 def _serving(spec: Spec, state: CompileState) -> Serving:
     """The serve plan's runtime settings: KV cache, kernels, and the step's batch and logits exchange."""
     serve, par, att = spec.serve, spec.parallelism, spec.model.attention
@@ -195,7 +203,8 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
             [-1, V], serve.dtype)]))
     return Serving(serve.dtype, serve.max_batch, serve.max_seq_len, serve.max_batched_tokens, serve.block_size,
                    serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
-                   quant.group_size if quant is not None else None, before, after)
+                   quant.group_size if quant is not None else None, before, after,
+                   attention_kernel=attention_kernel(spec))
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lcc.backends.cpu.attention import decode_attention as native_decode_attention
+from lcc.backends.cpu.attention import rope_cache as native_rope_cache
 from lcc.model.routing import RouteResult, RouterMath
 from lcc.model.transformer import rope_at
 from lcc.spec.models import Routing
@@ -59,6 +61,7 @@ class Decodes:
     rows: torch.Tensor  # int64 [n]
     slots: torch.Tensor  # int64 [n, longest]
     valid: torch.Tensor  # bool [n, 1, 1, longest]
+    lengths: torch.Tensor  # int64 [n]: each context's length (its valid slots come first)
 
 
 @dataclass
@@ -69,11 +72,14 @@ class StepBatch:
     seqs: list[SeqRows]  # sequences with several tokens in the step (prefill chunks), one by one
     decodes: Decodes | None  # sequences with one token, together
     last_rows: torch.Tensor  # int64: the rows whose logits the step returns (a sequence's last token)
+    decode_kernel: str = "torch"  # the plan's serving.attention_kernel
     _rope: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, cache: KVCache, parts: list[tuple[int, int, list[int], bool]]) -> StepBatch:
-        """`parts`: per sequence (first position, tokens, block table, wants logits)."""
+    def build(cls, cache: KVCache, parts: list[tuple[int, int, list[int], bool]],
+              decode_kernel: str = "torch") -> StepBatch:
+        """`parts`: per sequence (first position, tokens, block table, wants logits); `decode_kernel`: how
+        the decode tokens attend (the plan's serving.attention_kernel)."""
         bs = cache.block_size
         positions, slots, seqs, last, single = [], [], [], [], []
         row = 0
@@ -101,13 +107,13 @@ class StepBatch:
             for i, (_, _, table) in enumerate(single):
                 tables[i, :len(table)] = torch.tensor(table[:tables.shape[1]], dtype=torch.int64)
             pos = torch.arange(longest)
-            context = torch.tensor([first + 1 for _, first, _ in single]).unsqueeze(1)
-            valid = pos.unsqueeze(0) < context
+            lengths = torch.tensor([first + 1 for _, first, _ in single], dtype=torch.int64)
+            valid = pos.unsqueeze(0) < lengths.unsqueeze(1)
             padded = torch.where(valid, tables[:, pos // bs] * bs + pos % bs, 0)
             decodes = Decodes(torch.tensor([r for r, _, _ in single], dtype=torch.int64), padded,
-                              valid.view(len(single), 1, 1, longest))
+                              valid.view(len(single), 1, 1, longest), lengths)
         as_tensor = (lambda xs: torch.tensor(xs, dtype=torch.int64))  # noqa: E731
-        return cls(cache, as_tensor(positions), as_tensor(slots), seqs, decodes, as_tensor(last))
+        return cls(cache, as_tensor(positions), as_tensor(slots), seqs, decodes, as_tensor(last), decode_kernel)
 
     def to(self, device: torch.device) -> StepBatch:
         """The batch's index tensors on `device` (built on the host, moved in one go)."""
@@ -119,8 +125,9 @@ class StepBatch:
 
         seqs = [SeqRows(s.start, s.n, move(s.context_slots), move(s.mask)) for s in self.seqs]
         d = self.decodes
-        decodes = None if d is None else Decodes(move(d.rows), move(d.slots), move(d.valid))
-        return StepBatch(self.cache, move(self.positions), move(self.slots), seqs, decodes, move(self.last_rows))
+        decodes = None if d is None else Decodes(move(d.rows), move(d.slots), move(d.valid), move(d.lengths))
+        return StepBatch(self.cache, move(self.positions), move(self.slots), seqs, decodes, move(self.last_rows),
+                         self.decode_kernel)
 
     @property
     def tokens(self) -> int:
@@ -154,17 +161,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: St
     q = q.reshape(T, q.shape[-1] // head_dim, head_dim)
     k = k.reshape(T, k.shape[-1] // head_dim, head_dim)
     v = v.reshape(T, v.shape[-1] // head_dim, head_dim)
-    cos, sin = batch.rope(head_dim, theta, q.dtype)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     n_kv = k.shape[1]
     k_cache = batch.cache.k[layer].view(-1, n_kv, head_dim)
     v_cache = batch.cache.v[layer].view(-1, n_kv, head_dim)
-    k_cache.index_copy_(0, batch.slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, batch.slots, v.to(v_cache.dtype))
+    native = batch.decode_kernel == "native_cpu"
+    if native:  # rotary embeddings and the cache writes in lcc's kernel, in float32
+        q = native_rope_cache(q, k, v, *batch.rope(head_dim, theta, torch.float32), batch.slots, k_cache, v_cache)
+    else:
+        cos, sin = batch.rope(head_dim, theta, q.dtype)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k_cache.index_copy_(0, batch.slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.slots, v.to(v_cache.dtype))
     out = q.new_empty(q.shape)
     gqa = q.shape[1] != n_kv
     d = batch.decodes
-    if d is not None:  # one attention over every single-token sequence, contexts padded and masked
+    if d is not None and native:  # read in place from the paged cache
+        native_decode_attention(q, k_cache, v_cache, d.rows, d.slots, d.lengths, out)
+    elif d is not None:  # one attention over every single-token sequence, contexts padded and masked
         n, longest = d.slots.shape
         ks = k_cache.index_select(0, d.slots.view(-1)).view(n, longest, n_kv, head_dim).transpose(1, 2)
         vs = v_cache.index_select(0, d.slots.view(-1)).view(n, longest, n_kv, head_dim).transpose(1, 2)

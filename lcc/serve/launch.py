@@ -48,11 +48,12 @@ def check_serve_plan(plan_dir: Path) -> Plan:
     plan = check_plan(Path(plan_dir), mode="serve")
     if plan.serving is None:
         raise LaunchRefused(f"{plan_dir}: a serve plan without its serving section; compile it again")
-    if plan.serving.expert_kernel == "int4_native_cpu":  # built here once, before any rank starts
+    serving = plan.serving
+    if serving.expert_kernel == "int4_native_cpu" or serving.attention_kernel == "native_cpu":  # built once, here
         why = native.unavailable()
         if why is not None:
-            raise LaunchRefused(f"{plan_dir}: the plan's experts run on lcc's native CPU int4 kernel, and {why}; "
-                                "compile the plan with --set serve.cpu_kernels=torch (PyTorch's int4 kernel)")
+            raise LaunchRefused(f"{plan_dir}: the plan runs lcc's native CPU kernels, and {why}; compile the plan "
+                                "with --set serve.cpu_kernels=torch (PyTorch's kernels)")
     return plan
 
 

@@ -120,7 +120,8 @@ class ServeRank:
         """Run this rank's stages on its dp rank's part of the step; returns the logits `[n, vocab]` on the
         rank that returns them (rank 0 gathers them: `gather_logits`)."""
         mine = plan.parts[self.mesh.coords["dp"]]
-        batch = StepBatch.build(self.cache, [(p.first, len(p.tokens), p.table, p.wants_logits) for p in mine])
+        batch = StepBatch.build(self.cache, [(p.first, len(p.tokens), p.table, p.wants_logits) for p in mine],
+                                self.plan.serving.attention_kernel)
         with running_on(self.device):
             return self._step(mine, batch.to(self.device))
 

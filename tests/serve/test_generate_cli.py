@@ -77,7 +77,7 @@ def test_a_machine_without_the_native_kernel_is_told_what_to_do(monkeypatch):
     out = lcc("run", "generate", str(SPECS / "tiny-moe.yaml"), "--set", "serve.dtype=float32", "--prompt", "a",
               "--max-tokens", "2")
     assert out.returncode == 2, (out.stdout, out.stderr)
-    assert "lcc's native CPU int4 kernel, and it needs a CPU with AVX-512" in out.stderr
+    assert "the plan runs lcc's native CPU kernels, and it needs a CPU with AVX-512" in out.stderr
     assert "--set serve.cpu_kernels=torch" in out.stderr
     assert "Traceback" not in out.stderr
     out = lcc("run", "generate", str(SPECS / "tiny-moe.yaml"), "--set", "serve.dtype=float32", "--set",

@@ -21,12 +21,19 @@
 #include <string.h>
 
 #include <vector>
+
+#include "simd.h"
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
 
 namespace {
+
+using lcc::bf16_bits;
+using lcc::exp_ps;
+using lcc::from_bf16;
+using lcc::to_bf16;
 
 constexpr int kRows = 12;  // rows per FMA register block
 
@@ -77,13 +84,6 @@ using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, const uin
 const BlockFn kFmaBlocks[kRows + 1] = {nullptr,        fma_block<1>, fma_block<2>,  fma_block<3>,  fma_block<4>,
                                        fma_block<5>,   fma_block<6>, fma_block<7>,  fma_block<8>,  fma_block<9>,
                                        fma_block<10>, fma_block<11>, fma_block<12>};
-
-// float32 -> bfloat16 bits in the low half of each lane, rounded to nearest even (finite values)
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-}
 
 #if defined(LCC_AMX)
 // 16 columns x K dequantised into AMX's pair layout: row p holds (w[j][2p], w[j][2p+1]) for j = 0..15.
@@ -166,24 +166,6 @@ void amx_columns(const uint16_t* a, int64_t rows, const uint32_t* b0, const uint
 }
 #endif
 
-// e^x for float32 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by the classic degree-5 polynomial
-// (Cephes expf), then scaled by 2^n; within 2 ulp of expf for normal results.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // h = silu(gate) * up over n values (n a multiple of 16)
 void swiglu_row(const float* gate, const float* up, float* h, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -191,19 +173,6 @@ void swiglu_row(const float* gate, const float* up, float* h, int64_t n) {
     const __m512 g = _mm512_loadu_ps(gate + j);
     const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     _mm512_storeu_ps(h + j, _mm512_mul_ps(s, _mm512_loadu_ps(up + j)));
-  }
-}
-
-inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {  // n a multiple of 16
-  for (int64_t j = 0; j < n; j += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(src + j))));
-  }
-}
-
-inline void from_bf16(const uint16_t* src, float* dst, int64_t n) {  // n a multiple of 16
-  for (int64_t j = 0; j < n; j += 16) {
-    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)));
-    _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
   }
 }
 

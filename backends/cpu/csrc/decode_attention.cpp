@@ -1,0 +1,130 @@
+// lcc's CPU attention kernels for serving, in float32 with one rounding to the activations' dtype at the end:
+//   lcc_rope_cache: the step's rotary embeddings (queries out, keys into the paged KV cache) and its values
+//     into the cache, every token at once;
+//   lcc_decode_attention: each single-token sequence's query heads attend to its context, read straight
+//     from the paged KV cache by slot (no gathered copy): scores q.k / sqrt(d), softmax, the weighted sum of
+//     values. Grouped queries: query head h reads key/value head h / (H / KV).
+// Built with int4_experts.cpp into one library (lcc/backends/cpu/native.py).
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+// Rows of 16-lane chunks rotated: x * (cos, cos) + swap(x) * (-sin, sin) per pair, from the interleaved
+// tables of lcc.ops.serve.StepBatch.rope; n_rows rows of d values, dst in the same dtype as src.
+void rotate_rows(const char* src, char* dst, int n_rows, int d, const float* both, const float* sign, bool bf16) {
+  const int width = bf16 ? 2 : 4;
+  for (int r = 0; r < n_rows; ++r) {
+    for (int c = 0; c < d; c += 16) {
+      const __m512 x = lcc::load16(src + (r * d + c) * width, bf16);
+      const __m512 swapped = _mm512_permute_ps(x, 0xB1);  // (x1, x2) -> (x2, x1) in every pair
+      const __m512 y = _mm512_fmadd_ps(x, _mm512_loadu_ps(both + c), _mm512_mul_ps(swapped, _mm512_loadu_ps(sign + c)));
+      lcc::store16(dst + (r * d + c) * width, y, bf16);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q_out [T, H, d] = q rotated; k rotated and v copied into the caches [slots, KV, d] at slots[t]. q, k, v,
+// q_out and the caches in bfloat16 (bf16 != 0) or float32; both and sign [T, d] float32. d a multiple of 16.
+void lcc_rope_cache(const void* q, const void* k, const void* v, const float* both, const float* sign,
+                    const int64_t* slots, int T, int H, int KV, int d, int bf16, void* q_out, void* k_cache,
+                    void* v_cache, int threads) {
+  const int width = bf16 ? 2 : 4;
+  const char* qb = static_cast<const char*>(q);
+  const char* kb = static_cast<const char*>(k);
+  const char* vb = static_cast<const char*>(v);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < T; ++t) {
+    const float* bt = both + (int64_t)t * d;
+    const float* st = sign + (int64_t)t * d;
+    rotate_rows(qb + (int64_t)t * H * d * width, static_cast<char*>(q_out) + (int64_t)t * H * d * width, H, d, bt,
+                st, bf16);
+    const int64_t at = slots[t] * KV * (int64_t)d * width;
+    rotate_rows(kb + (int64_t)t * KV * d * width, static_cast<char*>(k_cache) + at, KV, d, bt, st, bf16);
+    memcpy(static_cast<char*>(v_cache) + at, vb + (int64_t)t * KV * d * width, (size_t)KV * d * width);
+  }
+}
+
+// q [T, H, d] and out [T, H, d] (bfloat16 when bf16 != 0, else float32); caches [slots, KV, d] likewise;
+// for each of the n sequences, its query row rows[i] and its context: lengths[i] slots in slots[i, :]
+// (stride longest). d a multiple of 16.
+void lcc_decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* rows,
+                          const int64_t* slots, const int64_t* lengths, int n, int longest, int H, int KV, int d,
+                          int bf16, void* out, int threads) {
+  const int g = H / KV, chunks = d / 16, width = bf16 ? 2 : 4;
+  const float scale = 1.0f / sqrtf((float)d);
+  const char* qb = static_cast<const char*>(q);
+  const char* kb = static_cast<const char*>(k_cache);
+  const char* vb = static_cast<const char*>(v_cache);
+  char* ob = static_cast<char*>(out);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qf((size_t)H * d), acc((size_t)H * d), scores, total(H);
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < n; ++i) {  // a sequence's heads together: each cache line of its context read once
+      const int64_t L = lengths[i];
+      const int64_t* ctx = slots + (int64_t)i * longest;
+      const char* qi = qb + rows[i] * H * (int64_t)d * width;
+      scores.resize((size_t)H * L);
+      for (int c = 0; c < H * chunks; ++c) {
+        _mm512_storeu_ps(&qf[c * 16], _mm512_mul_ps(lcc::load16(qi + c * 16 * width, bf16), _mm512_set1_ps(scale)));
+      }
+      for (int64_t j = 0; j < L; ++j) {  // scores
+        const char* kj = kb + ctx[j] * KV * (int64_t)d * width;
+        for (int h = 0; h < H; ++h) {
+          const char* kh = kj + (h / g) * (int64_t)d * width;
+          __m512 dot = _mm512_setzero_ps();
+          for (int c = 0; c < chunks; ++c) {
+            dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[h * d + c * 16]), lcc::load16(kh + c * 16 * width, bf16), dot);
+          }
+          scores[h * L + j] = _mm512_reduce_add_ps(dot);
+        }
+      }
+      for (int h = 0; h < H; ++h) {  // softmax numerators, in place
+        float* sh = &scores[h * L];
+        float top = sh[0];
+        for (int64_t j = 1; j < L; ++j) top = sh[j] > top ? sh[j] : top;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < L; j += 16) {
+          const __mmask16 m = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+          const __m512 e = lcc::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + j), _mm512_set1_ps(top)));
+          _mm512_mask_storeu_ps(sh + j, m, e);
+          sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        total[h] = _mm512_reduce_add_ps(sum);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < L; ++j) {  // weighted values
+        const char* vj = vb + ctx[j] * KV * (int64_t)d * width;
+        for (int h = 0; h < H; ++h) {
+          const char* vh = vj + (h / g) * (int64_t)d * width;
+          const __m512 p = _mm512_set1_ps(scores[h * L + j]);
+          for (int c = 0; c < chunks; ++c) {
+            float* a = &acc[h * d + c * 16];
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(p, lcc::load16(vh + c * 16 * width, bf16), _mm512_loadu_ps(a)));
+          }
+        }
+      }
+      char* dst = ob + rows[i] * H * (int64_t)d * width;
+      for (int h = 0; h < H; ++h) {
+        const __m512 inv = _mm512_set1_ps(1.0f / total[h]);
+        for (int c = 0; c < chunks; ++c) {
+          lcc::store16(dst + (h * d + c * 16) * width, _mm512_mul_ps(_mm512_loadu_ps(&acc[h * d + c * 16]), inv), bf16);
+        }
+      }
+    }
+  }
+}
+
+}  // extern "C"
