@@ -1,4 +1,4 @@
-"""lcc's native CPU kernels (csrc/: the int4 experts, decode attention): one library built with the
+"""lcc's native CPU kernels (csrc/: the int4 experts, attention, routing): one library built with the
 system's C++ compiler at first use, cached, and called through ctypes.
 
 Needs Linux on x86-64 with AVX-512 (PyTorch's CPU capability "AVX512") and a C++ compiler (`$CXX`, else
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp")
+SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp")
 HEADERS = (CSRC / "simd.h",)
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
@@ -95,6 +95,11 @@ def load() -> Library:
     #  amx_min_rows)
     lib.lcc_int4_swiglu.argtypes = [_P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]
     lib.lcc_int4_swiglu.restype = None
+    # (x, T, D, centroids, G, weight, E, bias, temperature, top, softmax, K, k min, threshold, renormalize,
+    #  gate scale, experts, gates, mask, k, counts, threads)
+    _F = ctypes.c_float
+    lib.lcc_route.argtypes = [_P, _I, _I, _P, _I, _P, _I, _P, _F, _I, _I, _I, _I, _F, _I, _F, _P, _P, _P, _P, _P, _I]
+    lib.lcc_route.restype = None
     # (q, k, v, both, sign, slots, T, H, KV, d, bf16, q out, k cache, v cache, threads)
     lib.lcc_rope_cache.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I]
     lib.lcc_rope_cache.restype = None

@@ -172,15 +172,24 @@ def expert_kernel(spec: Spec) -> str:
         return "dense_triton" if quant is None else "int4_triton"
     if quant is None:
         return "dense"
-    return "int4_native_cpu" if spec.serve.cpu_kernels == "native" else "int4_packed_cpu"
+    return "int4_native_cpu" if native_cpu(spec) else "int4_packed_cpu"
+
+
+def native_cpu(spec: Spec) -> bool:
+    """lcc's native CPU kernels serve the step where serve.cpu_kernels asks for them: bfloat16 or float32 on
+    CPU (float64 verifies against the reference ops, CUDA runs Triton)."""
+    return spec.cluster.device.kind == "cpu" and spec.serve.dtype != "float64" and spec.serve.cpu_kernels == "native"
 
 
 def attention_kernel(spec: Spec) -> str:
-    """How a serve plan's decode tokens attend (plan.serving.attention_kernel): lcc's native CPU kernel where
-    serve.cpu_kernels asks for it (bfloat16 or float32 on CPU, head_dim a multiple of 16), else PyTorch."""
-    native = (spec.cluster.device.kind == "cpu" and spec.serve.dtype != "float64" and spec.serve.cpu_kernels == "native"
-              and spec.model.attention.head_dim % 16 == 0)
-    return "native_cpu" if native else "torch"
+    """What runs a serve plan's rotary embeddings, cache writes and decode attention
+    (plan.serving.attention_kernel): lcc's native CPU kernels (head_dim a multiple of 16), else PyTorch."""
+    return "native_cpu" if native_cpu(spec) and spec.model.attention.head_dim % 16 == 0 else "torch"
+
+
+def routing_kernel(spec: Spec) -> str:
+    """What decides a serve plan's routing from its tables (plan.serving.routing_kernel)."""
+    return "native_cpu" if native_cpu(spec) and spec.serve.routing_tables and spec.model.moe is not None else "torch"
 
 
 def _serving(spec: Spec, state: CompileState) -> Serving:
@@ -204,7 +213,7 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
     return Serving(serve.dtype, serve.max_batch, serve.max_seq_len, serve.max_batched_tokens, serve.block_size,
                    serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
                    quant.group_size if quant is not None else None, before, after,
-                   attention_kernel=attention_kernel(spec))
+                   attention_kernel=attention_kernel(spec), routing_kernel=routing_kernel(spec))
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:

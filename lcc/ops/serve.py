@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lcc.backends.cpu.attention import decode_attention as native_decode_attention
 from lcc.backends.cpu.attention import rope_cache as native_rope_cache
+from lcc.backends.cpu.routing import route as native_route
 from lcc.model.routing import RouteResult, RouterMath
 from lcc.model.transformer import rope_at
 from lcc.spec.models import Routing
@@ -219,12 +220,19 @@ class RoutingTables(RouterMath):
     tokens by group, and the kept groups' logits are read from it. The decisions are the reference's up
     to the rounding of those dot products."""
 
-    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing):
+    def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing,
+                 native: bool = False):
         wide = torch.promote_types(weight_ED.dtype, torch.float32)
         super().__init__(centroids_GD.to(wide), weight_ED.to(wide).contiguous(), bias_E, serving_routing(cfg))
         self.unit_centroids_GD = F.normalize(self.centroids_GD, dim=-1)
         self.w_GPD = self.weight_ED.view(self.n_groups, self.per_group, -1)
         self.dtype = wide
+        self.native = native and wide == torch.float32  # lcc's native CPU router (plan.serving.routing_kernel)
+
+    def route(self, x_TD: torch.Tensor) -> RouteResult:
+        if self.native and x_TD.device.type == "cpu" and x_TD.dtype in (torch.float32, torch.bfloat16):
+            return native_route(x_TD.to(torch.float32), self.unit_centroids_GD, self.weight_ED, self.bias_E, self.cfg)
+        return super().route(x_TD)
 
     def unit_centroids(self, dtype: torch.dtype) -> torch.Tensor:
         return self.unit_centroids_GD if dtype == self.dtype else super().unit_centroids(dtype)

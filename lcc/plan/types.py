@@ -264,9 +264,11 @@ class Serving:
     (lcc's native CPU kernel: AVX-512, AMX tiles for bfloat16), `int4_packed_cpu` (packed weights,
     PyTorch's CPU int4 matmul), `int4_triton` (CUDA: lcc's fused Triton kernels, int4
     dequantised in the kernel), `int4_reference` (lcc's reference int4 op: float64), `dense_triton` (CUDA,
-    unquantised, the same Triton kernels) or `dense` (unquantised, torch). Decode tokens attend through
-    `attention_kernel`: `native_cpu` (lcc's native CPU kernel, reading the paged cache in place) or `torch`
-    (PyTorch's scaled_dot_product_attention on gathered contexts); prefill chunks always through the latter."""
+    unquantised, the same Triton kernels) or `dense` (unquantised, torch). Rotary embeddings, cache writes and
+    decode tokens' attention run through `attention_kernel`: `native_cpu` (lcc's native CPU kernels, decode
+    attention reading the paged cache in place) or `torch`
+    (PyTorch's scaled_dot_product_attention on gathered contexts); prefill chunks always through the latter.
+    Routing tables decide through `routing_kernel`: `native_cpu` (lcc's native CPU router) or `torch`."""
 
     dtype: str
     max_batch: int  # sequences per dp rank and step
@@ -283,7 +285,8 @@ class Serving:
     before: list[StepAction]
     after: list[StepAction]
     dropless: bool = True  # every routed token reaches its experts: routing.capacity_factor is training's
-    attention_kernel: str = "torch"  # decode tokens' attention: "native_cpu" (lcc's CPU kernel) or "torch" (SDPA)
+    attention_kernel: str = "torch"  # rotary, cache writes, decode attention: "native_cpu" (lcc's) or "torch"
+    routing_kernel: str = "torch"  # decisions from routing tables: "native_cpu" (lcc's CPU kernel) or "torch"
 
 
 @dataclass(frozen=True)

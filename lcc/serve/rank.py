@@ -100,7 +100,7 @@ class ServeRank:
         for name in self.buffers:
             site = name.rsplit(".", 1)[0]  # layers.i.ffn.router
             out[site] = RoutingTables(self.params[f"{site}.centroids_GD"], self.params[f"{site}.weight_ED"],
-                                      self.buffers[name], routing)
+                                      self.buffers[name], routing, self.plan.serving.routing_kernel == "native_cpu")
         return out
 
     @property

@@ -57,6 +57,7 @@ void fma_block(const float* x, int64_t ldx, const float* xs, int64_t ldxs, const
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
     for (int k = k0; k < k0 + g; k += 2) {
+      if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + K * 8 + k * 8), _MM_HINT_T0);
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 8)));
       const __m512 c0 = _mm512_permutexvar_ps(v, table);
       const __m512 c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
