@@ -8,7 +8,8 @@
    / wall time of the whole generation (prefill included), batch 1 and 32, runs alternated, median.
 2. Routing decisions at LongCat-2.0 shapes (d_model 4096, 16,000 experts in 128 groups, 4 kept groups,
    k 1-4) for a decode batch: the plain path (lcc's reference router on the served weights) against the
-   precomputed routing tables, bfloat16 and float32 served weights.
+   precomputed routing tables, deciding through torch and through lcc's native CPU router (what a CPU serve
+   plan runs: serving.routing_kernel native_cpu), bfloat16 and float32 served weights.
 3. Memory: each rank's measured weight and KV cache bytes against `lcc report --mode serve`, for the
    shipped tiny-moe and small-moe layouts (ranks built in this process, no process group needed).
 
@@ -118,19 +119,24 @@ def routing(repeats: int) -> dict:
     out = {}
     for dtype in (torch.bfloat16, torch.float32):
         c, w = centroids.to(dtype), weight.to(dtype)
-        plain = RouterMath(c, w, bias, cfg)
-        tables = RoutingTables(c, w, bias, spec.routing)
+        routers = {"plain": RouterMath(c, w, bias, cfg), "tables": RoutingTables(c, w, bias, spec.routing),
+                   "native": RoutingTables(c, w, bias, spec.routing, native=True)}
         for tokens in (1, 32, 256):
             x = torch.randn(tokens, D, generator=g).to(dtype)
-            a, b = plain.route(x), tables.route(x)
-            same = bool(torch.equal(a.experts_TK[a.mask_TK], b.experts_TK[b.mask_TK]))
-            t = interleaved({"plain": lambda x=x, r=plain: r.route(x), "tables": lambda x=x, r=tables: r.route(x)},
-                            repeats)
+            a = routers["plain"].route(x)
+            same = {}
+            for name in ("tables", "native"):
+                b = routers[name].route(x)
+                same[name] = bool(torch.equal(a.experts_TK[a.mask_TK], b.experts_TK[b.mask_TK]))
+            t = interleaved({k: lambda x=x, r=r: r.route(x) for k, r in routers.items()}, repeats)
             key = f"{str(dtype).split('.')[-1]}, {tokens} tokens"
-            out[key] = {"plain_s": t["plain"], "tables_s": t["tables"], "reduction": 1 - t["tables"] / t["plain"],
-                        "same_experts": same}
-            print(f"routing {key:>22}: plain {t['plain'] * 1e3:8.2f} ms, tables {t['tables'] * 1e3:8.2f} ms: "
-                  f"{100 * (1 - t['tables'] / t['plain']):5.1f}% less; same experts {same}", flush=True)
+            out[key] = {"plain_s": t["plain"], "tables_s": t["tables"], "native_s": t["native"],
+                        "reduction": 1 - t["tables"] / t["plain"], "native_reduction": 1 - t["native"] / t["plain"],
+                        "same_experts": same["tables"], "native_same_experts": same["native"]}
+            print(f"routing {key:>22}: plain {t['plain'] * 1e3:8.2f} ms, tables {t['tables'] * 1e3:8.2f} ms "
+                  f"({100 * (1 - t['tables'] / t['plain']):5.1f}% less), native {t['native'] * 1e3:8.2f} ms "
+                  f"({100 * (1 - t['native'] / t['plain']):5.1f}% less); same experts {same['tables']}, "
+                  f"{same['native']}", flush=True)
     return out
 
 

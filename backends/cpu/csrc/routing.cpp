@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <utility>
 #include <vector>
 
 namespace {
@@ -54,43 +55,69 @@ extern "C" {
 
 // x [T, D] float32; unit centroids [G, D] (normalised); router weights [E, D] (E = G * P, group-major);
 // bias [E] float64 or null (top_score ranking). Writes experts, gates [T, K] (float32), mask [T, K] (bool),
-// k [T] and counts [E] (used slots per expert).
+// k [T] and counts [E] (used slots per expert). Three passes: each token's kept groups; each kept group's
+// logits for all of its tokens at once (its block of router rows read once, as the reference's group-major
+// matmul); each token's decisions.
 void lcc_route(const float* x, int T, int D, const float* centroids, int G, const float* weight, int E,
                const double* bias, float temperature, int top, int softmax_scores, int K, int k_min,
                float threshold, int renormalize, float gate_scale, int64_t* experts, float* gates, uint8_t* mask,
                int64_t* k_out, int64_t* counts, int threads) {
   const int P = E / G, C = top * P;
+  std::vector<int> kept((size_t)T * top);
+  std::vector<float> q((size_t)T * top), z((size_t)T * C);
+  std::vector<int64_t> first(G + 1, 0), pairs((size_t)T * top);  // (token, kept slot) pairs by group
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> xn(D), affinity(G), pi(C);
     std::vector<double> rank(C);
-    std::vector<int> kept(top), slot(K);
+    std::vector<int> slot(K);
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; ++t) {
+    for (int t = 0; t < T; ++t) {  // 1: kept groups (ascending id) and their weights q
       const float* xt = x + (int64_t)t * D;
       const float norm = sqrtf(dot(xt, xt, D));
       const float denom = norm > 1e-12f ? norm : 1e-12f;
       for (int i = 0; i < D; ++i) xn[i] = xt[i] / denom;
       for (int g = 0; g < G; ++g) affinity[g] = dot(xn.data(), centroids + (int64_t)g * D, D) / temperature;
-      top_k(affinity.data(), G, top, kept.data());
-      for (int a = 1; a < top; ++a)  // ascending group id: candidates in ascending expert id
-        for (int b = a; b > 0 && kept[b] < kept[b - 1]; --b) std::swap(kept[b], kept[b - 1]);
-      std::vector<float> q(top);
-      for (int a = 0; a < top; ++a) q[a] = affinity[kept[a]];
-      softmax(q.data(), top);
+      int* kt = &kept[(size_t)t * top];
+      top_k(affinity.data(), G, top, kt);
+      for (int a = 1; a < top; ++a)
+        for (int b = a; b > 0 && kt[b] < kt[b - 1]; --b) std::swap(kt[b], kt[b - 1]);
+      float* qt = &q[(size_t)t * top];
+      for (int a = 0; a < top; ++a) qt[a] = affinity[kt[a]];
+      softmax(qt, top);
+    }
+#pragma omp single
+    {
+      for (int64_t i = 0; i < (int64_t)T * top; ++i) ++first[kept[i] + 1];
+      for (int g = 0; g < G; ++g) first[g + 1] += first[g];
+      std::vector<int64_t> at(first.begin(), first.end() - 1);
+      for (int64_t i = 0; i < (int64_t)T * top; ++i) pairs[at[kept[i]]++] = i;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int g = 0; g < G; ++g) {  // 2: a group's logits for its tokens, row by row of its block
+      for (int p = 0; p < P; ++p) {
+        const float* w = weight + ((int64_t)g * P + p) * D;
+        for (int64_t i = first[g]; i < first[g + 1]; ++i) {
+          const int64_t t = pairs[i] / top, a = pairs[i] % top;
+          z[t * C + a * P + p] = dot(x + t * D, w, D);
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {  // 3: scores, pi, ranking, k(x), gates
+      const int* kt = &kept[(size_t)t * top];
       for (int a = 0; a < top; ++a) {
-        float* z = pi.data() + a * P;
-        for (int p = 0; p < P; ++p) z[p] = dot(xt, weight + ((int64_t)kept[a] * P + p) * D, D);
+        float* zs = &z[(size_t)t * C + a * P];
         if (softmax_scores) {
-          softmax(z, P);
+          softmax(zs, P);
         } else {
           float total = 0;
-          for (int p = 0; p < P; ++p) total += (z[p] = 1.0f / (1.0f + expf(-z[p])));
-          for (int p = 0; p < P; ++p) z[p] /= total;
+          for (int p = 0; p < P; ++p) total += (zs[p] = 1.0f / (1.0f + expf(-zs[p])));
+          for (int p = 0; p < P; ++p) zs[p] /= total;
         }
-        for (int p = 0; p < P; ++p) z[p] = q[a] * z[p];
+        for (int p = 0; p < P; ++p) pi[a * P + p] = q[(size_t)t * top + a] * zs[p];
       }
-      for (int c = 0; c < C; ++c) rank[c] = bias ? (double)pi[c] + bias[kept[c / P] * P + c % P] : (double)pi[c];
+      for (int c = 0; c < C; ++c) rank[c] = bias ? (double)pi[c] + bias[kt[c / P] * P + c % P] : (double)pi[c];
       top_k(rank.data(), C, K, slot.data());
       float mass = 0;
       int short_of = 0;
@@ -103,7 +130,7 @@ void lcc_route(const float* x, int T, int D, const float* centroids, int G, cons
       float total = 0;
       for (int j = 0; j < K; ++j) {
         const int c = slot[j];
-        experts[(int64_t)t * K + j] = (int64_t)kept[c / P] * P + c % P;
+        experts[(int64_t)t * K + j] = (int64_t)kt[c / P] * P + c % P;
         const float gate = j < k ? pi[c] : 0.0f;
         gates[(int64_t)t * K + j] = gate;
         mask[(int64_t)t * K + j] = j < k;
