@@ -13,6 +13,7 @@ import pytest
 
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
+from lcc.plan.codec import read_plan
 from lcc.runtime.launch import launch
 from lcc.runtime.support import RunError
 from lcc.serve.launch import Job, generate
@@ -92,3 +93,15 @@ def test_a_failing_rank_0_ends_the_run_with_its_own_error(plans, tmp_path):
         served(folder, tmp_path)
     assert time.monotonic() - start < 30
     assert str(err.value).startswith("rank 0 failed: RuntimeError: boom in stage 0"), str(err.value)
+
+
+@pytest.mark.slow
+def test_native_cpu_kernels_across_ranks(plans, tmp_path):
+    """lcc's native CPU kernels (int4 experts, attention, routing) in ranks started by the launcher, across
+    pp 2 x tp 2 x ep 2: in float32 the greedy tokens are those of PyTorch's kernels in the same layout."""
+    f32 = ("serve.dtype=float32",)
+    native = serve_plan(plans, "pp2_tp2_ep2", f32)
+    assert read_plan(native).serving.routing_kernel == "native_cpu"
+    got = served(native, tmp_path, prompts=PROMPTS[:2])
+    want = served(serve_plan(plans, "pp2_tp2_ep2", (*f32, "serve.cpu_kernels=torch")), tmp_path, prompts=PROMPTS[:2])
+    assert got == want
