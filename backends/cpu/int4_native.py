@@ -76,6 +76,7 @@ def matmul_segments(x_SK: torch.Tensor, counts: list[int], w: NativeInt4, amx_mi
     `amx_min_rows` rows (0: none) on AMX where this machine has it."""
     lib = load()
     E, N, K = w.shape
+    _check_rows(x_SK, counts, E)
     x_SK = x_SK.to(torch.float32).contiguous()
     out = torch.empty(x_SK.shape[0], N, dtype=torch.float32)
     lib.lib.lcc_int4_matmul(x_SK.data_ptr(), (ctypes.c_int64 * E)(*counts), E, w.codes.data_ptr(),
@@ -93,6 +94,7 @@ def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: NativeInt4, w3: N
         raise ValueError("the native kernel takes the gate and up projections as one stack (pack_gate_up)")
     lib = load()
     E, D, F = w2.shape
+    _check_rows(x_SD, counts, E)
     x_SD = x_SD.contiguous()
     out = torch.empty(x_SD.shape[0], D, dtype=x_SD.dtype)
     if x_SD.dtype not in (torch.float32, torch.bfloat16):
@@ -103,6 +105,12 @@ def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: NativeInt4, w3: N
                             _ptr(w2.shifts), D, F, w1.group_size, out.data_ptr(), torch.get_num_threads(),
                             AMX_MIN_ROWS if bf16 and lib.amx else 0)
     return out
+
+
+def _check_rows(x: torch.Tensor, counts: list[int], experts: int) -> None:
+    if len(counts) != experts or sum(counts) != x.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(f"{x.shape[0]} rows for counts {counts}: one count per expert ({experts}), summing to the "
+                         "rows")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

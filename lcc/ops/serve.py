@@ -73,14 +73,14 @@ class StepBatch:
     seqs: list[SeqRows]  # sequences with several tokens in the step (prefill chunks), one by one
     decodes: Decodes | None  # sequences with one token, together
     last_rows: torch.Tensor  # int64: the rows whose logits the step returns (a sequence's last token)
-    decode_kernel: str = "torch"  # the plan's serving.attention_kernel
+    attention_kernel: str = "torch"  # the plan's serving.attention_kernel
     _rope: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cache: KVCache, parts: list[tuple[int, int, list[int], bool]],
-              decode_kernel: str = "torch") -> StepBatch:
-        """`parts`: per sequence (first position, tokens, block table, wants logits); `decode_kernel`: how
-        the decode tokens attend (the plan's serving.attention_kernel)."""
+              attention_kernel: str = "torch") -> StepBatch:
+        """`parts`: per sequence (first position, tokens, block table, wants logits); `attention_kernel`: what
+        runs the attention (the plan's serving.attention_kernel)."""
         bs = cache.block_size
         positions, slots, seqs, last, single = [], [], [], [], []
         row = 0
@@ -114,7 +114,7 @@ class StepBatch:
             decodes = Decodes(torch.tensor([r for r, _, _ in single], dtype=torch.int64), padded,
                               valid.view(len(single), 1, 1, longest), lengths)
         as_tensor = (lambda xs: torch.tensor(xs, dtype=torch.int64))  # noqa: E731
-        return cls(cache, as_tensor(positions), as_tensor(slots), seqs, decodes, as_tensor(last), decode_kernel)
+        return cls(cache, as_tensor(positions), as_tensor(slots), seqs, decodes, as_tensor(last), attention_kernel)
 
     def to(self, device: torch.device) -> StepBatch:
         """The batch's index tensors on `device` (built on the host, moved in one go)."""
@@ -128,7 +128,7 @@ class StepBatch:
         d = self.decodes
         decodes = None if d is None else Decodes(move(d.rows), move(d.slots), move(d.valid), move(d.lengths))
         return StepBatch(self.cache, move(self.positions), move(self.slots), seqs, decodes, move(self.last_rows),
-                         self.decode_kernel)
+                         self.attention_kernel)
 
     @property
     def tokens(self) -> int:
@@ -165,7 +165,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: St
     n_kv = k.shape[1]
     k_cache = batch.cache.k[layer].view(-1, n_kv, head_dim)
     v_cache = batch.cache.v[layer].view(-1, n_kv, head_dim)
-    native = batch.decode_kernel == "native_cpu"
+    native = batch.attention_kernel == "native_cpu"
     if native:  # rotary embeddings and the cache writes in lcc's kernel, in float32
         q = native_rope_cache(q, k, v, *batch.rope(head_dim, theta, torch.float32), batch.slots, k_cache, v_cache)
     else:
@@ -218,7 +218,8 @@ class RoutingTables(RouterMath):
     The kept groups' logits come group-major, as in the reference; for a small router (at most
     DENSE_ELEMENTS weights: small-moe's 16 x 512) one matmul over all experts costs less than sorting
     tokens by group, and the kept groups' logits are read from it. The decisions are the reference's up
-    to the rounding of those dot products."""
+    to the rounding of those dot products. With `native` (the plan's serving.routing_kernel native_cpu) a
+    float32 or bfloat16 decision runs in lcc's native CPU router (lcc.backends.cpu.routing) instead."""
 
     def __init__(self, centroids_GD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor, cfg: Routing,
                  native: bool = False):

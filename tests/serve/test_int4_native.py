@@ -106,3 +106,11 @@ def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
     with pytest.raises(native.NativeKernelMissing, match="could not build lcc.s CPU kernels"):
         native._build(native.compiler(), [*native.BASE_FLAGS, "-DLCC_NO_SUCH_FLAG", "-fno-such-option"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_counts_that_do_not_match_the_rows_are_refused():
+    q = experts(2, 64, 32, 32, True)
+    w13 = pack_gate_up(q[0], q[1])
+    for counts in ([2, 2], [1], [-1, 4]):
+        with pytest.raises(ValueError, match="one count per expert"):
+            swiglu_segments(torch.zeros(3, 64), counts, w13, w13, pack(q[2]))
