@@ -25,13 +25,18 @@ DEMO_RUN   := runs/tiny-moe-demo
 ONE_RANK   := --set parallelism.pp=1 --set parallelism.dp=1 --set parallelism.ep=1 --set cluster.gpus_per_node=1 \
               --set parallelism.pipeline.microbatches=1
 
+# lcc's native CPU kernels need x86-64 with AVX-512 and a C++ compiler; elsewhere the demo serves through
+# PyTorch's kernels (docs/serve.md)
+CPU_KERNELS = $(shell $(BIN)/python -c "from lcc.backends.cpu.native import unavailable; \
+  print('' if unavailable() is None else '--set serve.cpu_kernels=torch')")
+
 demo: $(STAMP)
 	$(BIN)/lcc report specs/longcat-2.0.yaml
 	$(BIN)/lcc compile specs/longcat-2.0.yaml
 	$(BIN)/lcc run train specs/tiny-moe.yaml $(ONE_RANK) --steps 100 --metrics $(DEMO_RUN)/metrics.jsonl \
 	  --checkpoint-dir $(DEMO_RUN)/checkpoints --resume-if-any
 	$(BIN)/lcc run generate specs/tiny-moe.yaml --checkpoint $(DEMO_RUN)/checkpoints --prompt "The teacher" \
-	  --max-tokens 200 --temperature 0.5 --seed 1
+	  --max-tokens 200 --temperature 0.5 --seed 1 $(CPU_KERNELS)
 
 # Refresh every golden plan in generated/ on purpose (CI checks them with lcc compile --check).
 golden: $(STAMP)

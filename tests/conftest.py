@@ -9,6 +9,19 @@ SPECS = ROOT / "specs"
 SHIPPED = sorted(SPECS.glob("*.yaml"))
 
 
+def native_cpu_kernels() -> str | None:
+    """None when lcc's native CPU kernels run here, else why not: CPU serving in bfloat16 and float32 then
+    goes through PyTorch's kernels (`serve.cpu_kernels=torch`) in tests that are not about the kernels."""
+    from lcc.backends.cpu.native import unavailable
+
+    return unavailable()
+
+
+def cpu_kernels_here() -> list[str]:
+    """`--set` arguments choosing the CPU kernels this machine runs."""
+    return [] if native_cpu_kernels() is None else ["--set", "serve.cpu_kernels=torch"]
+
+
 @pytest.fixture
 def tiny_text() -> str:
     return (SPECS / "tiny-moe.yaml").read_text()

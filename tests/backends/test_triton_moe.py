@@ -232,9 +232,9 @@ def test_a_cuda_serve_plan_runs_its_experts_on_the_kernels(tmp_path):
 
     f32 = ("serve.dtype=float32", "model.n_layers=2")  # two layers: the interpreter takes seconds a step
     cuda = ServeRank(serve_plan(tmp_path, "world1", (*f32, "cluster.device.kind=cuda")), 0)
-    cpu = ServeRank(serve_plan(tmp_path, "world1", f32), 0)
+    cpu = ServeRank(serve_plan(tmp_path, "world1", (*f32, "serve.cpu_kernels=torch")), 0)
     assert (cuda.plan.backend, cuda.plan.serving.expert_kernel) == ("triton", "int4_triton")
-    assert (cpu.plan.backend, cpu.plan.serving.expert_kernel) == ("torch", "int4_native_cpu")
+    assert (cpu.plan.backend, cpu.plan.serving.expert_kernel) == ("torch", "int4_packed_cpu")
     assert isinstance(cuda.params["layers.0.ffn.experts.w1_EFD"], ExpertStack)
     prompt = PROMPTS[0]
     step = StepPlan([[SeqPart(0, 0, prompt, [0], True)]])

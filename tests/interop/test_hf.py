@@ -24,6 +24,7 @@ from lcc.data.stream import TokenStream, corpus_tokens, split_corpus
 from lcc.model import build_model
 from lcc.runtime.launch import launch, read_metrics
 from lcc.spec import load_spec
+from tests.conftest import cpu_kernels_here
 from tests.interop.hf_models import FAMILIES, float64_throughout, lcc_view, save_model
 from tests.runtime.equivalence import assert_rank_grads
 
@@ -184,7 +185,7 @@ def test_generation_stops_at_the_models_end_token(imported, monkeypatch):
 
 def test_generate_text_through_the_models_tokenizer(imported):
     code, out = cli("run", "generate", imported.spec_path, "--checkpoint", imported.ckpt, "--prompt",
-                    "The teacher said", "--max-tokens", 6, "--json")
+                    "The teacher said", "--max-tokens", 6, "--json", *cpu_kernels_here())
     assert code == 0, out
     result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     from tokenizers import Tokenizer

@@ -19,7 +19,7 @@ from lcc.runtime.support import RunError
 from lcc.serve.launch import Job, generate
 from lcc.serve.sampling import SamplingParams
 from lcc.spec import load_spec
-from tests.conftest import SPECS
+from tests.conftest import SPECS, native_cpu_kernels
 from tests.serve.plans import PROMPTS, serve_plan, spec_of
 from tests.serve.reference import greedy, reference_model
 
@@ -96,6 +96,7 @@ def test_a_failing_rank_0_ends_the_run_with_its_own_error(plans, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(native_cpu_kernels() is not None, reason="lcc's native CPU kernels cannot run here")
 def test_native_cpu_kernels_across_ranks(plans, tmp_path):
     """lcc's native CPU kernels (int4 experts, attention, routing) in ranks started by the launcher, across
     pp 2 x tp 2 x ep 2: in float32 the greedy tokens are those of PyTorch's kernels in the same layout."""
