@@ -2,10 +2,11 @@
 system's C++ compiler at first use, cached, and called through ctypes.
 
 Needs Linux on x86-64 with AVX-512 (PyTorch's CPU capability "AVX512") and a C++ compiler (`$CXX`, else
-g++ or c++). The AMX path is built when the compiler takes `-mamx-bf16` and used when the CPU has AMX and
-Linux grants its tile state. The library lands in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under
-a name hashed from the sources, the flags and the compiler's version, written atomically: concurrent ranks
-build it at most once each and never load a partial file.
+g++ or c++). The AMX path is built when the compiler takes `-mamx-bf16` (a compiler that rejects it is
+remembered in the cache) and used when the CPU has AMX and Linux grants its tile state. The library lands
+in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under a name hashed from the sources, the flags and
+the compiler's version, written atomically: concurrent ranks build it at most once each and never load a
+partial file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -51,8 +53,12 @@ def cache_dir() -> Path:
     return Path(base) / "lcc" / "kernels"
 
 
-def compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+def compiler() -> list[str] | None:
+    """The C++ compiler command: `$CXX` (which may carry arguments, such as `ccache g++`), else g++ or c++."""
+    if os.environ.get("CXX", "").strip():
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("g++") or shutil.which("c++")
+    return [found] if found else None
 
 
 def unavailable() -> str | None:
@@ -110,26 +116,31 @@ def load() -> Library:
     return Library(lib, path, amx)
 
 
-def _build(cxx: str, flags: list[str]) -> tuple[Path | None, bool]:
-    """The library built with `flags` (cached); (None, False) when the compiler rejects AMX flags."""
+def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
+    """The library built with `flags` (cached); (None, False) when the compiler rejects AMX flags (also
+    cached: a marker file, so that later processes do not try again)."""
     text = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     folder = cache_dir()
     path = folder / f"lcc_cpu_kernels-{key}.so"
+    rejected = path.with_suffix(".rejected")
     amx = "-DLCC_AMX" in flags
     if path.exists():
         return path, amx
+    if amx and rejected.exists():
+        return None, False
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([*cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             if amx:
+                rejected.write_text(done.stderr)
                 return None, False
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-            raise NativeKernelMissing(f"{cxx} could not build lcc's CPU kernels ({CSRC}):\n{tail}")
+            raise NativeKernelMissing(f"{' '.join(cxx)} could not build lcc's CPU kernels ({CSRC}):\n{tail}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -101,6 +101,24 @@ def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
 
 
+def test_a_compiler_without_amx_builds_the_avx512_path_once(tmp_path, monkeypatch):
+    """A compiler that rejects the AMX flags: the AVX-512 build serves, and the rejection is remembered, so a
+    later process does not compile the AMX build again. `CXX` may carry arguments."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *-mamx-tile*) exit 1;; esac\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("LCC_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", f"{fake} {native.compiler()[0]}")
+    cxx = native.compiler()
+    assert native._build(cxx, native.BASE_FLAGS + native.AMX_FLAGS) == (None, False)
+    path, amx = native._build(cxx, native.BASE_FLAGS)
+    assert path is not None and not amx
+    calls = log.read_text().count("-o ")
+    assert native._build(cxx, native.BASE_FLAGS + native.AMX_FLAGS) == (None, False)
+    assert log.read_text().count("-o ") == calls  # neither build compiled again
+
+
 def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("LCC_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(native.NativeKernelMissing, match="could not build lcc.s CPU kernels"):
