@@ -122,7 +122,16 @@ def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
     text = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     version = subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    folder = cache_dir()
+    try:
+        return _build_in(cache_dir(), key, cxx, flags)
+    except OSError as exc:  # the cache cannot be written (a read-only home): a private temporary folder
+        if os.environ.get("LCC_KERNEL_CACHE"):
+            raise NativeKernelMissing(f"cannot write the kernel cache {cache_dir()} (LCC_KERNEL_CACHE): "
+                                      f"{exc}") from None
+        return _build_in(Path(tempfile.gettempdir()) / f"lcc-kernels-{os.getuid()}", key, cxx, flags)
+
+
+def _build_in(folder: Path, key: str, cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
     path = folder / f"lcc_cpu_kernels-{key}.so"
     rejected = path.with_suffix(".rejected")
     amx = "-DLCC_AMX" in flags
