@@ -9,13 +9,13 @@ import importlib.util
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install -e '.[dev]')", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported: they run on CPU tensors
 
 from lcc.backends.torch_ref.int4 import quantize  # noqa: E402
 from lcc.backends.triton import TritonMissing, experts, support  # noqa: E402
@@ -26,6 +26,22 @@ from lcc.backends.triton.experts import ExpertStack, fused_moe, swiglu_segments 
 from tests.backends import oracle  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative error norms against float64
+KERNELS = "lcc.backends.triton.kernels"  # imported by the kernels' first call (lcc.backends.triton.experts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter():
+    """Triton's interpreter for this module's tests only, the kernels running on CPU tensors. `triton.jit`
+    reads TRITON_INTERPRET when it decorates a kernel, that is when the kernels' module is first imported: the
+    module is imported afresh under it and dropped afterwards, and the variable is restored, so that tests
+    elsewhere (and the processes they start) see the environment they were given."""
+    saved = sys.modules.pop(KERNELS, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+    sys.modules.pop(KERNELS, None)
+    if saved is not None:
+        sys.modules[KERNELS] = saved
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,7 +83,7 @@ CASES = [(torch.float32, "dense"), (torch.float32, "int4-32-sym"), (torch.float3
 
 @pytest.mark.parametrize("dtype,fmt", CASES, ids=[f"{str(d).split('.')[1]}-{f}" for d, f in CASES])
 def test_fused_moe_against_float64(dtype, fmt):
-    gen = torch.Generator().manual_seed(hash(fmt) % 1000)
+    gen = torch.Generator().manual_seed(zlib.crc32(fmt.encode()))  # the same data in every run
     E, D, F, T, K, first = 5, 128, 128, 13, 4, 2
     stacks, ref_w = weights(E, D, F, fmt, dtype, gen)
     x = torch.randn(T, D, generator=gen).to(dtype)

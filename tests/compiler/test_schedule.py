@@ -62,16 +62,42 @@ def test_every_schedule_simulates_with_the_analytic_bubble(name, pp, v, m):
         assert len(compute) == 2 * v * m and all(a.stage % pp == r for a in actions)
 
 
+def _receives_from(actions: list[Action], peer: int, pp: int) -> list[Action]:
+    """The receives of messages that rank `peer` sends: the previous stage's (RECV_F) or the next stage's
+    (RECV_B)."""
+    return [a for a in actions if a.kind.startswith("RECV")
+            and (a.stage - 1 if a.kind == "RECV_F" else a.stage + 1) % pp == peer]
+
+
+def _consumes(recv: Action, a: Action) -> bool:
+    return (a.stage, a.kind, a.mb) == (recv.stage, recv.kind.removeprefix("RECV_"), recv.mb)
+
+
 @pytest.mark.parametrize(("name", "pp", "v", "m"), LAYOUTS)
 def test_lowering_matches_torch_pipelining(name, pp, v, m):
+    """Per rank and in order, against torch.distributed.pipelining's `_add_send_recv`: the compute actions and
+    sends as one sequence (each send right after the compute that produces it), and the receives from each
+    peer rank (two ranks' messages match in the order they are posted). One placement legitimately differs:
+    PyTorch posts a receive when its sender's send is scheduled (as early as its lockstep lowering allows, so
+    that its runtime can prefetch), lcc right before the compute that consumes it; both post it before."""
     schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
     compute = generate(name, pp, v, m)
-    theirs = schedules._add_send_recv({r: [schedules._Action.from_str(str(a)) for a in acts_]
-                                       for r, acts_ in enumerate(compute)},
-                                      stage_to_rank=lambda s: s % pp, num_stages=pp * v)
+    lowered = schedules._add_send_recv({r: [schedules._Action.from_str(str(a)) for a in acts_]
+                                        for r, acts_ in enumerate(compute)},
+                                       stage_to_rank=lambda s: s % pp, num_stages=pp * v)
     ours = add_p2p(compute, pp * v)
     for r in range(pp):
-        assert sorted(str(a) for a in theirs[r]) == sorted(str(a) for a in ours[r])
+        theirs = [Action.parse(str(a)) for a in lowered[r]]
+        compute_and_sends = [[a for a in acts_ if not a.kind.startswith("RECV")] for acts_ in (ours[r], theirs)]
+        assert compute_and_sends[0] == compute_and_sends[1], r
+        for peer in range(pp):
+            assert _receives_from(ours[r], peer, pp) == _receives_from(theirs, peer, pp), (r, peer)
+        for i, a in enumerate(ours[r]):
+            if a.kind.startswith("RECV"):
+                assert _consumes(a, ours[r][i + 1]), (r, i, a)
+        for i, a in enumerate(theirs):
+            if a.kind.startswith("RECV"):
+                assert any(_consumes(a, b) for b in theirs[i + 1:]), (r, i, a)
 
 
 def test_csv_is_torch_notation():

@@ -7,10 +7,7 @@ import json
 
 import pytest
 
-from lcc.compiler.cost.memory import STATE_BYTES
-from lcc.compiler.cost.params import local_layer_params
 from lcc.compiler.cost.report import CostModel, cost_report
-from lcc.compiler.cost.work import layer_weight_reads
 from lcc.compiler.plan import compile_plan
 from lcc.spec import load_spec
 from tests.conftest import SPECS
@@ -77,14 +74,25 @@ def test_latency_adds_to_the_step_and_defaults_to_nothing():
 
 
 def test_memory_side_moves_weights_and_whole_gradients():
-    """A layer's memory time: its weight reads plus three passes over its whole local gradients."""
+    """A layer's memory time (docs/cost-model.md, "Compute time is a roofline"): its weight reads, forward
+    and backward, plus three passes over its whole local gradients, over memory_tbps. By hand for a tiny-moe
+    layer at dp 2, ep 2, float32:
+    dense q, o 128 x 128 each, k, v 128 x 64 each, 2 norms of 128, router (8 centroids + 64 rows) x 128:
+    32768 + 16384 + 256 + 9216 = 58624; experts 64 / 2 = 32 local, each 3 x 128 x 64: 786432. Each rank's
+    micro-batch routes 4 x 128 tokens x k.expected 2 = 1024 slots, so all 32 local experts are read."""
     spec = load_spec(SPECS / "tiny-moe.yaml", ["parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=2",
                                                "parallelism.ep=2", "parallelism.zero=0",
                                                "cluster.gpus_per_node=2", "cluster.nodes=1"])
-    layer = next(i for i in range(spec.model.n_layers) if spec.model.is_moe(i))
-    dense, experts = local_layer_params(spec, layer)
-    grads = 3 * (dense + experts) * STATE_BYTES[spec.train.dtype].grads
-    expected = (layer_weight_reads(spec, layer) + grads) / (spec.cluster.device.memory_tbps * 1e12)
-    assert CostModel(spec).layer_work(layer).memory == pytest.approx(expected)
-    # every local expert's gradient counts, reached by tokens or not: half the experts per rank at ep 2
-    assert experts == spec.model.moe.n_experts // 2 * 3 * spec.model.d_model * spec.model.moe.expert_d_ff
+    weights = 58624 + 786432
+    reads = 2 * weights * 4  # 6_760_448 bytes
+    grads = 3 * weights * 4  # 10_140_672 bytes: every local expert's gradient, reached by tokens or not
+    assert CostModel(spec).layer_work(0).memory == pytest.approx((reads + grads) / 0.02e12)  # 8.45056e-4 s
+    base = ["parallelism.pp=1", "parallelism.dp=8", "parallelism.ep=1", "parallelism.pipeline.microbatches=1"]
+
+    def per_step(zero):
+        r = cost_report(load_spec(SPECS / "tiny-moe.yaml", [*base, f"parallelism.zero={zero}"]))
+        kinds = r["comm"]["bytes_per_step"]["by_kind"]
+        return kinds["grad_reduce"] + kinds["param_gather"]
+
+    assert per_step(1) == pytest.approx(per_step(0)) == pytest.approx(per_step(2))
+    assert per_step(3) == pytest.approx(1.5 * per_step(0))  # ZeRO paper: 3 x parameters instead of 2 x

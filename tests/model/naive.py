@@ -1,8 +1,10 @@
-"""A deliberately naive routing + MoE: per token, per expert, in Python. The test oracle."""
+"""Deliberately naive test oracles: routing + MoE per token and per expert in Python, and AdamW in plain
+tensor arithmetic from its equations."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +71,31 @@ def naive_moe(block, x_TD: torch.Tensor):
         out.append(y)
     naive_moe.pi_TE, naive_moe.lse_T = pis, torch.stack(lse)
     return torch.stack(out), chosen
+
+
+@dataclass
+class NaiveAdamW:
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2) from its equations, per parameter, with the conventions of
+    torch.optim.AdamW that the trainer relies on: the decay is decoupled (it never enters the moments) and
+    scaled by the learning rate, `p <- p - lr wd p`; both moments are bias-corrected by `1 - beta^t`, t counted
+    from 1 per parameter; eps is added to the square root of the corrected second moment, outside it:
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr wd p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)"""
+
+    betas: tuple[float, float]
+    eps: float
+    m: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+    t: dict[str, int] = field(default_factory=dict)
+
+    def step(self, name: str, p: torch.Tensor, g: torch.Tensor, lr: float, weight_decay: float) -> torch.Tensor:
+        """The parameter `name` after one step from `p` with gradient `g` (neither is modified)."""
+        b1, b2 = self.betas
+        t = self.t.get(name, 0) + 1
+        m = b1 * self.m.get(name, torch.zeros_like(p)) + (1 - b1) * g
+        v = b2 * self.v.get(name, torch.zeros_like(p)) + (1 - b2) * g * g
+        self.t[name], self.m[name], self.v[name] = t, m, v
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        decayed = p - lr * weight_decay * p
+        return decayed - lr * m_hat / (v_hat.sqrt() + self.eps)

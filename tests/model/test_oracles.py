@@ -1,6 +1,7 @@
 """The reference trainer against oracles that share no code with it (DESIGN.md, "The plan is the truth"):
-`torch.optim.AdamW` built here and the AdamW equations written out, the learning-rate equation with
-`math.cos`, and the equations of routing steps 8 (load bias) and 11 (gradient shaping)."""
+AdamW written out from its equations (tests/model/naive.py, itself checked against torch.optim.AdamW), the
+learning-rate equation with `math.cos`, and the equations of routing steps 8 (load bias) and 11 (gradient
+shaping)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lcc.model.trainer import ReferenceTrainer, lr_at
 from lcc.spec import load_spec
 from lcc.spec.models import Routing, Spec
 from tests.conftest import SPECS
+from tests.model.naive import NaiveAdamW
 
 TINY = ["train.dtype=float64", "train.seq_len=16", "train.global_batch=8", "parallelism.pipeline.microbatches=2",
         "model.n_layers=2", "train.steps=10", "train.optimizer.warmup_steps=2"]
@@ -78,48 +80,47 @@ def _clipped(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch
 # -- optimizer ---------------------------------------------------------------------------------------------
 
 
-def test_step_equals_an_independent_torch_adamw(shaped):
+def test_step_equals_the_adamw_equations(shaped):
+    """Every parameter after each step equals the AdamW equations (tests/model/naive.py) on the clipped
+    shaped gradients at the step's learning rate, weight decay on matrices only."""
     opt = shaped.spec.train.optimizer
     assert opt.grad_clip > 0 and opt.weight_decay > 0  # both parts of the step are exercised
-    params = {n: p.clone().requires_grad_(True) for n, p in shaped.initial.items()}
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    assert decay and no_decay
-    oracle = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}],
-                               lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    assert any(p.ndim < 2 for p in shaped.initial.values())  # and parameters without decay
+    oracle = NaiveAdamW(tuple(opt.betas), opt.eps)
+    params = dict(shaped.initial)
     for step in range(STEPS):
         lr = _lr(opt.lr, opt.warmup_steps, shaped.spec.train.steps, opt.min_lr_ratio, step)
         assert shaped.records[step]["lr"] == pytest.approx(lr, rel=1e-15)
         grads = _clipped(shaped.grads[step], opt.grad_clip)
+        assert grads.keys() == params.keys()
         for n, p in params.items():
-            p.grad = grads.get(n)
-        for group in oracle.param_groups:
+            params[n] = oracle.step(n, p, grads[n], lr, opt.weight_decay if p.ndim >= 2 else 0.0)
+            torch.testing.assert_close(shaped.params[step][n], params[n], rtol=1e-12, atol=1e-15, msg=n)
+
+
+def test_the_adamw_oracle_equals_torch_adamw():
+    """The oracle against torch.optim.AdamW, once: a matrix with decay and a vector without, five steps at
+    changing learning rates, gradients from 1e-10 (where eps dominates the denominator) to 10, and zeros."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (6, 5), "b": (7,)}
+    start = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    theirs = {n: p.clone().requires_grad_(True) for n, p in start.items()}
+    betas, eps, wd = (0.9, 0.95), 1e-8, 0.1
+    torch_opt = torch.optim.AdamW([{"params": [theirs["w"]], "weight_decay": wd},
+                                   {"params": [theirs["b"]], "weight_decay": 0.0}], lr=1.0, betas=betas, eps=eps)
+    oracle, ours = NaiveAdamW(betas, eps), dict(start)
+    for step, lr in enumerate([1e-3, 3e-3, 2e-3, 5e-4, 1e-2]):
+        grads = {n: torch.randn(s, generator=g, dtype=torch.float64)
+                 * 10.0 ** torch.randint(-10, 2, s, generator=g) for n, s in shapes.items()}
+        grads["w"][0] = 0.0
+        for n, p in theirs.items():
+            p.grad = grads[n].clone()
+        for group in torch_opt.param_groups:
             group["lr"] = lr
-        oracle.step()
-        for n, p in params.items():
-            torch.testing.assert_close(shaped.params[step][n], p.detach(), rtol=1e-12, atol=1e-15, msg=n)
-
-
-@pytest.mark.parametrize("name", ["layers.0.ffn.router.weight_ED", "layers.0.ffn.experts.w1_EFD",
-                                  "layers.0.attn_norm.weight"])
-def test_step_equals_the_adamw_equations(shaped, name):
-    """p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
-    p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps); wd = 0 for vectors."""
-    opt = shaped.spec.train.optimizer
-    b1, b2 = opt.betas
-    p = shaped.initial[name].clone()
-    wd = opt.weight_decay if p.ndim >= 2 else 0.0
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    for step in range(STEPS):
-        t = step + 1
-        lr = _lr(opt.lr, opt.warmup_steps, shaped.spec.train.steps, opt.min_lr_ratio, step)
-        g = _clipped(shaped.grads[step], opt.grad_clip)[name]
-        p = p * (1 - lr * wd)
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + opt.eps)
-        torch.testing.assert_close(shaped.params[step][name], p, rtol=1e-12, atol=1e-15)
+        torch_opt.step()
+        for n in shapes:
+            ours[n] = oracle.step(n, ours[n], grads[n], lr, wd if n == "w" else 0.0)
+            torch.testing.assert_close(ours[n], theirs[n].detach(), rtol=1e-13, atol=0, msg=f"{n}, step {step}")
 
 
 # -- learning rate ------------------------------------------------------------------------------------------
@@ -217,6 +218,6 @@ def test_shaping_comes_before_clipping(shaped, unshaped):
         norm = math.sqrt(sum(float((g * g).sum()) for g in run.grads[0].values()))
         assert run.records[0]["grad_norm"] == pytest.approx(norm, rel=1e-12)
     assert shaped.records[0]["grad_norm"] != pytest.approx(unshaped.records[0]["grad_norm"], rel=1e-3)
-    # and the first update is AdamW on the clipped shaped gradients (see test_step_equals_...): the
+    # and the first update is AdamW on the clipped shaped gradients (test_step_equals_the_adamw_equations): the
     # clip coefficient uses the shaped norm
     assert shaped.records[0]["grad_norm"] > shaped.spec.train.optimizer.grad_clip

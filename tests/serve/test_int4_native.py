@@ -1,8 +1,11 @@
 """lcc's native CPU int4 kernel (csrc/int4_experts.cpp) against lcc's reference int4 op (dequantise, then a
 dense matmul in float64), on both of its paths: AVX-512 registers for float32 and short bfloat16 segments,
-AMX tiles for bfloat16 segments of 16 rows or more (where the CPU has AMX)."""
+AMX tiles for bfloat16 segments of 16 rows or more. A test named for a path runs that path or is skipped
+with the reason (the AMX tests where the CPU lacks AMX-BF16). Also the accuracy of its SwiGLU's `exp`."""
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -32,10 +35,39 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).abs().max() / want.abs().max())
 
 
+def needs_amx() -> None:
+    """Skips a test of the AMX path where this process cannot run it (the kernel would run AVX-512 instead)."""
+    if native.load().amx:
+        return
+    if not native._cpu_has_amx():
+        pytest.skip("the AMX path needs AMX-BF16; this CPU has none")
+    pytest.skip("the AMX path needs AMX-BF16 tiles: this CPU has them, but the compiler did not build the path or "
+                "Linux did not grant the tile state")
+
+
+def one_projection(shape: tuple[int, int], bf16_inputs: bool):
+    """(int4 weights `[E, N, K]` packed, x `[rows, K]`, float64 x @ w.T per segment) for the segments COUNTS;
+    x rounded to bfloat16 values when `bf16_inputs` (what AMX reads), the reference computed from that x."""
+    N, K = shape
+    q = quantize(torch.randn(len(COUNTS), N, K, generator=torch.Generator().manual_seed(2)), 32, symmetric=False)
+    x = torch.randn(sum(COUNTS), K, generator=torch.Generator().manual_seed(3))
+    if bf16_inputs:
+        x = x.to(torch.bfloat16).float()
+    w = dequantize(q, torch.float64)
+    want = [x[a:b].double() @ w[e].T for e, (a, b) in enumerate(segments())]
+    return pack(q), x, want
+
+
+def segments() -> list[tuple[int, int]]:
+    bounds = torch.tensor([0, *COUNTS]).cumsum(0).tolist()
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [2, 16, 32, 64])  # any even size dividing the widths
 def test_native_swiglu_equals_the_reference_op(dtype, symmetric, group):
+    """On the paths this machine takes for serving: bfloat16 segments of 16 rows or more on AMX where it runs."""
     E, D, F = len(COUNTS), 128, 64
     q = experts(E, D, F, group, symmetric)
     x = torch.randn(sum(COUNTS), D, generator=torch.Generator().manual_seed(1))
@@ -46,38 +78,61 @@ def test_native_swiglu_equals_the_reference_op(dtype, symmetric, group):
     assert relative_error(got, want) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("amx_min_rows", [0, 1, AMX_MIN_ROWS])
-@pytest.mark.parametrize("shape", [(64, 96), (96, 64), (48, 32)])  # (out, in): 48 columns and 32 inputs miss AMX's
-def test_one_projection_per_path(amx_min_rows, shape):
-    """Each path on its own (0: AVX-512 only; 1: every segment on AMX), widths that AMX takes and widths that
-    fall back to AVX-512 (outputs not a multiple of 32)."""
-    N, K = shape
-    q = quantize(torch.randn(len(COUNTS), N, K, generator=torch.Generator().manual_seed(2)), 32, symmetric=False)
-    x = torch.randn(sum(COUNTS), K, generator=torch.Generator().manual_seed(3))
-    w = dequantize(q, torch.float64)
-    bounds = torch.tensor([0, *COUNTS]).cumsum(0).tolist()
-    want = torch.cat([x[bounds[e]:bounds[e + 1]].double() @ w[e].T for e in range(len(COUNTS))])
-    exact = amx_min_rows == 0 or not native.load().amx
-    xs = x if exact else x.to(torch.bfloat16).float()  # AMX reads the activations in bfloat16
-    got = matmul_segments(xs, COUNTS, pack(q), amx_min_rows)
+SHAPES = [(64, 96), (96, 64), (48, 32)]  # (out, in): 48 columns and 32 inputs miss AMX's blocks of 32
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_projection_on_avx512(shape):
+    """amx_min_rows 0: every segment on AVX-512 registers, float32 throughout, on any CPU."""
+    w, x, want = one_projection(shape, bf16_inputs=False)
+    got = matmul_segments(x, COUNTS, w, 0)
     assert got.dtype == torch.float32
-    assert relative_error(got, want) < (TOLERANCE[torch.float32] if exact else TOLERANCE[torch.bfloat16])
+    assert relative_error(got, torch.cat(want)) < TOLERANCE[torch.float32]
 
 
-def test_a_row_does_not_depend_on_the_others():
-    """The same row gives the same output alone or among others, on either path (segment sizes decide the
-    path: 16 rows or more on AMX)."""
+@pytest.mark.parametrize("amx_min_rows", [1, AMX_MIN_ROWS])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_projection_on_amx(amx_min_rows, shape):
+    """Segments of at least amx_min_rows rows (1: all) on AMX where the widths take it, within bfloat16
+    rounding, and visibly rounded (the weights go to bfloat16): that is AMX. Shorter segments, and widths
+    AMX lacks, stay on AVX-512: float32 exact from the same bfloat16-valued inputs."""
+    needs_amx()
+    w, x, want = one_projection(shape, bf16_inputs=True)
+    got = matmul_segments(x, COUNTS, w, amx_min_rows)
+    amx_widths = shape[0] % 32 == 0 and shape[1] % 32 == 0
+    for (a, b), count, ref in zip(segments(), COUNTS, want, strict=True):
+        if count == 0:
+            continue
+        err = relative_error(got[a:b], ref)
+        if amx_widths and count >= amx_min_rows:
+            assert 10 * TOLERANCE[torch.float32] < err < TOLERANCE[torch.bfloat16], (count, err)
+        else:
+            assert err < TOLERANCE[torch.float32], (count, err)
+
+
+def test_a_row_does_not_depend_on_the_others_on_avx512():
+    """Segments under 16 rows run on AVX-512 in bfloat16 too: a row gives the same bits alone or among 3 or 15."""
+    q = experts(2, 64, 32, 32, True)
+    w13, w2 = pack_gate_up(q[0], q[1]), pack(q[2])
+    x = torch.randn(15, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    alone = swiglu_segments(x[:1], [1, 0], w13, w13, w2)
+    few = swiglu_segments(x[:3], [3, 0], w13, w13, w2)
+    many = swiglu_segments(x, [AMX_MIN_ROWS - 1, 0], w13, w13, w2)
+    assert torch.equal(few[:1], alone) and torch.equal(many[:3], few)
+
+
+def test_a_row_does_not_depend_on_the_others_on_amx():
+    """Segments of 16 rows or more run on AMX: a row gives the same bits among 16 or 20 rows (one or two tile
+    blocks), within bfloat16 rounding of its AVX-512 result in a short segment."""
+    needs_amx()
     q = experts(2, 64, 32, 32, True)
     w13, w2 = pack_gate_up(q[0], q[1]), pack(q[2])
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    few = swiglu_segments(x[:3], [3, 0], w13, w13, w2)  # AVX-512
-    many = swiglu_segments(x, [20, 0], w13, w13, w2)  # AMX where the CPU has it
-    alone = swiglu_segments(x[:1], [1, 0], w13, w13, w2)
-    assert torch.equal(few[:1], alone)
-    if not native.load().amx:
-        assert torch.equal(many[:3], few)
-    else:  # the same row on AMX: bfloat16 weights, within bfloat16 rounding of the AVX-512 result
-        assert relative_error(many[:3], few.double()) < TOLERANCE[torch.bfloat16]
+    few = swiglu_segments(x[:3], [3, 0], w13, w13, w2)
+    block = swiglu_segments(x[:16], [16, 0], w13, w13, w2)
+    blocks = swiglu_segments(x, [20, 0], w13, w13, w2)
+    assert torch.equal(block, blocks[:16])
+    assert relative_error(blocks[:3], few.double()) < TOLERANCE[torch.bfloat16]
 
 
 def test_no_rows_give_an_empty_output():
@@ -132,3 +187,35 @@ def test_counts_that_do_not_match_the_rows_are_refused():
     for counts in ([2, 2], [1], [-1, 4]):
         with pytest.raises(ValueError, match="one count per expert"):
             swiglu_segments(torch.zeros(3, 64), counts, w13, w13, pack(q[2]))
+
+
+def native_exp(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's float32 exp (simd.h's exp_ps, which the SwiGLU activation uses) on every value of x."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    native.load().lib.lcc_exp(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                              ctypes.c_int64(x.numel()))
+    return out
+
+
+def ulp_error(exp32, x: torch.Tensor) -> torch.Tensor:
+    """Per value of x (float32), how many float32 steps `exp32(x)` is from e^x correctly rounded to float32
+    (float64's exp, then one rounding: e^x is positive, so the distance is the difference of the bit patterns)."""
+    exact = torch.exp(x.double()).float()
+    return (exp32(x).view(torch.int32).long() - exact.view(torch.int32).long()).abs()
+
+
+def exp_sample() -> torch.Tensor:
+    """[-87, 87] in float32: a million evenly spaced values, every float32 near both ends (results near the
+    smallest normal and near the largest), and magnitudes from 1e-30 to 1 of either sign."""
+    ends = [torch.arange(-87.0, -86.98, 2.0**-17), torch.arange(86.98, 87.0, 2.0**-17)]
+    small = 10 ** torch.linspace(-30, 0, 20_000, dtype=torch.float64)
+    return torch.cat([torch.linspace(-87.0, 87.0, 1 << 20, dtype=torch.float64), *ends, small, -small]).float()
+
+
+def test_exp_is_within_one_ulp_of_the_correctly_rounded_value():
+    """docs/serve.md: the activation's exp is within 1 ulp of the correctly rounded e^x over [-87, 87]."""
+    x = exp_sample()
+    assert x.min() == -87 and x.max() == 87
+    error = ulp_error(native_exp, x)
+    assert int(error.max()) <= 1, f"{int(error.max())} ulp at x = {float(x[error.argmax()])}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lcc.backends.cpu import native
 
+from lcc.ops import serve
 from lcc.ops.serve import RoutingTables
 from lcc.spec.models import Routing
 
@@ -22,6 +23,19 @@ SETTINGS = {
 }
 
 
+def counted_native_route(monkeypatch) -> list[int]:
+    """Counts the native router's calls from RoutingTables (one entry per call), so that a comparison of the two
+    paths cannot quietly compare the torch path with itself."""
+    calls, real = [], serve.native_route
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "native_route", counted)
+    return calls
+
+
 def tables(settings: dict, G: int, P: int, D: int, native_router: bool, seed: int = 0) -> RoutingTables:
     g = torch.Generator().manual_seed(seed)
     groups = {"top": 2, "temperature": 0.2, **settings.get("groups", {})}
@@ -34,11 +48,15 @@ def tables(settings: dict, G: int, P: int, D: int, native_router: bool, seed: in
 @pytest.mark.parametrize("name", list(SETTINGS))
 @pytest.mark.parametrize("shape", [(4, 4, 64), (8, 16, 40)])  # (groups, experts per group, d_model); 40: a tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decisions_equal_the_torch_path(name, shape, dtype):
+def test_native_decisions_equal_the_torch_path(name, shape, dtype, monkeypatch):
     G, P, D = shape
     torch_path, native_path = (tables(SETTINGS[name], G, P, D, n) for n in (False, True))
     x = torch.randn(37, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    want, got = torch_path.route(x), native_path.route(x)
+    calls = counted_native_route(monkeypatch)
+    want = torch_path.route(x)
+    assert calls == []
+    got = native_path.route(x)
+    assert calls == [1]
     for field in ("experts_TK", "mask_TK", "k_T", "counts_E", "load_E"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     assert got.gates_TK.dtype == want.gates_TK.dtype
@@ -46,7 +64,7 @@ def test_native_decisions_equal_the_torch_path(name, shape, dtype):
     assert int(got.dropped) == 0 and float(got.aux_loss) == 0 and float(got.z_loss) == 0
 
 
-def test_equal_scores_rank_the_lower_expert_first():
+def test_equal_scores_rank_the_lower_expert_first(monkeypatch):
     """Identical router rows: every candidate ties, and both paths keep the lowest ids."""
     G, P, D = 2, 4, 16
     t = {n: tables({"experts": {"selection": "top_score"}, "k": {"min": 2, "max": 2}}, G, P, D, n) for n in (0, 1)}
@@ -54,7 +72,9 @@ def test_equal_scores_rank_the_lower_expert_first():
         r.weight_ED[:] = 1.0
         r.w_GPD = r.weight_ED.view(G, P, D)
     x = torch.ones(3, D)
+    calls = counted_native_route(monkeypatch)
     want, got = t[0].route(x), t[1].route(x)
+    assert calls == [1]
     assert torch.equal(got.experts_TK, want.experts_TK)
 
 

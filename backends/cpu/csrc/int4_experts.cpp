@@ -331,6 +331,15 @@ int lcc_int4_has_amx() {
 #endif
 }
 
+// out[i] = e^x[i] for n float32 values by exp_ps, the SwiGLU activation's exp: its accuracy is checked
+// through this entry point (tests/serve/test_int4_native.py).
+void lcc_exp(const float* x, float* out, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(out + j, m, exp_ps(_mm512_maskz_loadu_ps(m, x + j)));
+  }
+}
+
 // Asks Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 0 on success.
 int lcc_int4_amx_init() {
 #if defined(LCC_AMX) && defined(__linux__)
