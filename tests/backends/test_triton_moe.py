@@ -35,13 +35,20 @@ def _interpreter():
     reads TRITON_INTERPRET when it decorates a kernel, that is when the kernels' module is first imported: the
     module is imported afresh under it and dropped afterwards, and the variable is restored, so that tests
     elsewhere (and the processes they start) see the environment they were given."""
-    saved = sys.modules.pop(KERNELS, None)
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if _imported_fresh(name)}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
-    sys.modules.pop(KERNELS, None)
-    if saved is not None:
-        sys.modules[KERNELS] = saved
+    for name in [name for name in sys.modules if _imported_fresh(name)]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def _imported_fresh(module: str) -> bool:
+    """The modules imported afresh under the interpreter: the kernels, and Triton's language, which takes
+    the interpreter's form when it is first imported (torch._dynamo imports Triton, so another test may have
+    imported it before this module's tests run)."""
+    return module == KERNELS or (module.split(".")[0] == "triton" and not module.startswith("triton._C"))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
