@@ -1,6 +1,11 @@
 """The OpenAI-compatible request and response bodies of `lcc run serve`: validation into the engine's
 sampling parameters (every rejection an `ApiError` with OpenAI's error body), the chat template of
-byte-level models, and the response and stream-chunk objects."""
+byte-level models, and the response and stream-chunk objects.
+
+Every field is bounded before anything reaches the engine: a seed in [0, 2**64), temperature in [0, 2],
+top_p in (0, 1], max_tokens within the context (the server checks it against the prompt), at most
+`MAX_STOPS` stop strings of at most `MAX_STOP_CHARS` characters each, and a body of at most `body_limit`
+bytes."""
 
 from __future__ import annotations
 
@@ -9,13 +14,24 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
-from lcc.serve.sampling import SamplingParams
+from lcc.serve.sampling import SEEDS, SamplingParams
 
 # A byte-level model has no chat tokens of its own: each message is a line "<|role|>" and its content on
 # the following lines, then "<|assistant|>" where the reply begins.
 CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 ASSISTANT = "<|assistant|>\n"
+
+MAX_STOPS = 16  # stop strings per request: each is searched for at every token
+MAX_STOP_CHARS = 256  # characters per stop string: as many are held back from a stream
+MIN_BODY_LIMIT = 2**20  # bytes; more for a long context (body_limit)
+
+
+def body_limit(max_seq_len: int) -> int:
+    """The largest request body taken: 1 MiB, or 64 bytes per token of the context where that is more (a
+    prompt as token ids, or text with escapes, takes several bytes per token)."""
+    return max(MIN_BODY_LIMIT, 64 * max_seq_len)
 
 
 class ApiError(Exception):
@@ -42,7 +58,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, gt=0)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEEDS)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -52,6 +68,19 @@ class _Common(BaseModel):
     @classmethod
     def _number(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        many = [v] if isinstance(v, str) else v or []
+        if len(many) > MAX_STOPS:
+            raise PydanticCustomError("too_many_stops", "at most {most} stop strings, not {n}",
+                                      {"most": MAX_STOPS, "n": len(many)})
+        longest = max(many, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise PydanticCustomError("stop_too_long", "a stop string has {n} characters; at most {most} are taken",
+                                      {"most": MAX_STOP_CHARS, "n": len(longest)})
+        return v
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,6 +105,10 @@ class ChatRequest(_Common):
     logprobs: Literal[False] | None = None
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse(body: bytes, kind: type[_Common]) -> _Common:
     """The request body as `kind`, or ApiError 400 naming what is wrong (bad UTF-8, bad JSON, a field)."""
     try:
@@ -83,10 +116,13 @@ def parse(body: bytes, kind: type[_Common]) -> _Common:
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_not_json)  # NaN and Infinity are Python's, not JSON's
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
             from None
+    except (ValueError, RecursionError) as exc:  # NaN, an integer of thousands of digits, deep nesting
+        why = str(exc) if isinstance(exc, ValueError) else "it is nested too deeply"
+        raise ApiError(400, f"the request body is not valid JSON: {why}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
@@ -95,6 +131,11 @@ def parse(body: bytes, kind: type[_Common]) -> _Common:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+def server_error(message: str) -> dict[str, Any]:
+    """OpenAI's error body for a request that failed while it was served."""
+    return ApiError(500, message, kind="server_error").body()
 
 
 def chat_prompt(messages: list[Message]) -> str:

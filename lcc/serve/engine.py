@@ -5,13 +5,19 @@ iterate `run`) and read each request's new tokens and text from the updates, `ab
 time between steps. Each step: the scheduler chooses every dp rank's tokens; with more than one rank the
 step's plan is broadcast to all (BROADCAST_BATCH); every rank runs its stages; the logits come back to
 rank 0 (RETURN_LOGITS), which samples. The other ranks run `follow` until `close`.
+
+A failure while serving one request ends that request alone (finish reason `error`, its blocks freed) and
+the engine goes on: a sampler or decoder that raises for a sequence, or at world 1 a step that raises
+(its sequences fail). With more ranks, a step cut short leaves the others inside its collectives, and the
+engine itself fails.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -22,9 +28,16 @@ from lcc.serve.rank import ServeRank, StepPlan
 from lcc.serve.sampling import SamplingParams, generator_for, sample
 from lcc.serve.scheduler import Scheduler, Sequence
 
+log = logging.getLogger(__name__)
+
 
 class RequestError(ValueError):
-    """A request the engine cannot serve (said before it is queued)."""
+    """A request the engine cannot serve (said before it is queued); `field`: what makes it so (the prompt,
+    or max_tokens)."""
+
+    def __init__(self, message: str, field: str = "prompt"):
+        super().__init__(message)
+        self.field = field
 
 
 def check_request(serving: Serving, vocab: int, prompt: list[int], params: SamplingParams) -> None:
@@ -41,8 +54,9 @@ def check_request(serving: Serving, vocab: int, prompt: list[int], params: Sampl
     longest = min(serving.max_seq_len, len(prompt) + params.max_tokens)
     need = -(-longest // serving.block_size)
     if need > serving.kv_blocks:
+        least = -(-(len(prompt) + 1) // serving.block_size)  # the prompt and one generated token
         raise RequestError(f"the request needs up to {need} KV cache blocks; the cache has {serving.kv_blocks} "
-                           "(serve.kv_blocks)")
+                           "(serve.kv_blocks)", "prompt" if least > serving.kv_blocks else "max_tokens")
 
 
 @dataclass
@@ -50,16 +64,20 @@ class Update:
     request: int
     token_ids: list[int]  # new tokens of this step
     text: str  # new text of this step
-    finished: str | None = None  # stop | length | abort
+    finished: str | None = None  # stop | length | abort | error
+    error: str | None = None  # why serving it failed (finished: error)
 
 
 @dataclass
 class EngineStats:
+    """Running totals (a server steps for weeks: nothing here grows with the steps)."""
+
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
-    step_tokens: list[int] = field(default_factory=list)
+    max_step_tokens: int = 0  # the most tokens one step ran
+    failed: int = 0  # requests that ended with an error
 
 
 class Engine:
@@ -102,7 +120,7 @@ class Engine:
         if seq is None or seq.finished:
             return None
         self.scheduler.finish(seq, "abort")
-        held = seq.text[seq.emitted:] + seq.decoder.final()  # what a stop string held back
+        held = seq.out.flush() + seq.decoder.final()  # what a stop string held back
         return Update(request, [], held, "abort")
 
     @property
@@ -119,17 +137,29 @@ class Engine:
         plan, chosen = self.scheduler.schedule()
         if not chosen:
             raise RuntimeError("the scheduler chose nothing although requests wait (the KV cache cannot hold any)")
-        logits = self._run(plan)
+        try:
+            logits = self._run(plan)
+        except Exception as exc:
+            if self.rank.mesh.world > 1:
+                raise  # the other ranks are inside this step's collectives: the engine cannot go on
+            self.interrupted = False
+            self.stats.steps += 1
+            if self.beat is not None:
+                self.beat.completed(self.stats.steps)
+            return self._ended(self._fail(seq, exc) for seq, _ in chosen)
         rows = {d: 0 for d in range(len(plan.parts))}
-        tokens: list[int | None] = []  # sampled before any state changes: a failure leaves the engine as it was
+        tokens: list[int | Exception | None] = []  # sampled before any sequence changes
         for seq, n in chosen:
             if seq.computed + n < len(seq.tokens):
                 tokens.append(None)  # a prefill chunk short of the last token
                 continue
-            tokens.append(sample(logits[seq.dp][rows[seq.dp]], seq.params, seq.generator))
+            try:
+                tokens.append(sample(logits[seq.dp][rows[seq.dp]], seq.params, seq.generator))
+            except Exception as exc:  # noqa: BLE001 - this sequence fails, the others go on
+                tokens.append(exc)
             rows[seq.dp] += 1
         self.stats.steps += 1
-        self.stats.step_tokens.append(sum(n for _, n in chosen))
+        self.stats.max_step_tokens = max(self.stats.max_step_tokens, sum(n for _, n in chosen))
         updates = []
         for (seq, n), token in zip(chosen, tokens, strict=True):
             if n == 1 and seq.computed == len(seq.tokens) - 1 and len(seq.tokens) > len(seq.prompt):
@@ -137,15 +167,32 @@ class Engine:
             else:
                 self.stats.prefill_tokens += n
             seq.computed += n
-            if token is not None:
-                updates.append(self._advance(seq, token))
+            if isinstance(token, Exception):
+                updates.append(self._fail(seq, token))
+            elif token is not None:
+                try:
+                    updates.append(self._advance(seq, token))
+                except Exception as exc:  # noqa: BLE001 - this sequence fails, the others go on
+                    updates.append(self._fail(seq, exc))
         self.stats.preemptions = self.scheduler.preemptions
         if self.beat is not None:
             self.beat.completed(self.stats.steps)
-        for u in updates:
+        return self._ended(updates)
+
+    def _ended(self, updates: Iterable[Update]) -> list[Update]:
+        """The step's updates; the requests they finish are forgotten."""
+        out = list(updates)
+        for u in out:
             if u.finished:
                 self.sequences.pop(u.request, None)
-        return updates
+        return out
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> Update:
+        """End a request whose serving raised: its blocks are freed, the error is its last update."""
+        log.error("request %d failed", seq.id, exc_info=exc)
+        self.scheduler.finish(seq, "error")
+        self.stats.failed += 1
+        return Update(seq.id, [], "", "error", f"{type(exc).__name__}: {exc}")
 
     def _run(self, plan: StepPlan) -> list:
         """The step on every rank. Cut short by an error here, the other ranks are inside the step's
@@ -160,27 +207,19 @@ class Engine:
 
     def _advance(self, seq: Sequence, token: int) -> Update:
         seq.tokens.append(token)
-        params = seq.params
         end = token in self.stop_tokens  # the model's end of sequence: generated, its text not shown
-        if not end:
-            seq.text += seq.decoder.add(token)
+        text, stopped = seq.out.add("" if end else seq.decoder.add(token))
         reason = None
-        stop_at = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if end and stop_at < 0:
-            seq.text, reason = seq.text + seq.decoder.final(), "stop"
-        elif stop_at >= 0:
-            seq.text, reason = seq.text[:stop_at], "stop"
-        elif len(seq.generated) >= params.max_tokens or len(seq.tokens) >= self.serving.max_seq_len:
+        if stopped:
+            reason = "stop"
+        elif end:
+            reason = "stop"
+            text += seq.out.flush() + seq.decoder.final()
+        elif len(seq.generated) >= seq.params.max_tokens or len(seq.tokens) >= self.serving.max_seq_len:
             reason = "length"
+            text += seq.out.flush() + seq.decoder.final()
         if reason is not None:
-            if reason != "stop":
-                seq.text += seq.decoder.final()
-            safe = len(seq.text)
             self.scheduler.finish(seq, reason)
-        else:  # hold back what could still become the start of a stop string
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            safe = max(seq.emitted, len(seq.text) - hold)
-        text, seq.emitted = seq.text[seq.emitted:safe], safe
         return Update(seq.id, [token], text, reason)
 
     def run(self) -> Iterator[Update]:

@@ -4,6 +4,7 @@ training runs are (lcc.runtime.supervise), run the engine on rank 0 over the giv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -13,6 +14,8 @@ import signal
 import socket
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,11 @@ from lcc.backends.cpu import native
 from lcc.plan.types import Plan
 from lcc.runtime.checkpoint import CheckpointError
 from lcc.runtime.device import join_plan
-from lcc.runtime.launch import _free_port, check_plan
+from lcc.runtime.launch import check_plan
 from lcc.runtime.preflight import LaunchRefused, check_machine
-from lcc.runtime.supervise import Heartbeat, RankLink, Run, adopt_environment, start_fork_server
+from lcc.runtime.rendezvous import host_store
+from lcc.runtime.supervise import Heartbeat, RankLink, Run, SharedFile, adopt_environment, start_fork_server
+from lcc.runtime.threads import threads_per_rank
 from lcc.serve.engine import RequestError, check_request
 from lcc.serve.sampling import SamplingParams
 from lcc.serve.weights import check_checkpoint, spec_of
@@ -96,7 +101,7 @@ def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
 def _generate(plan_dir: Path, plan: Plan, job: Job) -> None:
     world = plan.world_size
     timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = threads_per_rank(world)
     context = multiprocessing.get_context("forkserver") if world > 1 else None
     run = Run(world, timeout_s, Path(plan_dir), context=context)
     try:
@@ -105,7 +110,8 @@ def _generate(plan_dir: Path, plan: Plan, job: Job) -> None:
                 _worker(0, 1, 0, str(plan_dir), job, threads, timeout_s, link)
             return
         start_fork_server(context, ["torch", "lcc.serve.rank"])
-        port, env = _free_port(), dict(os.environ)
+        store = host_store(timeout_s)  # the ranks join through it: listening before they start, held until they end
+        port, env = store.port, dict(os.environ)
         run.supervise(_worker, lambda rank, link: (rank, world, port, str(plan_dir), job, threads, timeout_s, link,
                                                    env), watchdog_s=math.inf)
     finally:
@@ -132,9 +138,7 @@ def _serve_rank(rank: int, world: int, port: int, plan_dir: str, job: Job, threa
 
     torch.set_num_threads(threads)
     beat.beat("joining the process group")
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = join_plan(plan_dir, rank, world, timeout_s)
+    device = join_plan(plan_dir, rank, world, timeout_s, port)
     try:
         beat.beat("loading weights")
         serve_rank = ServeRank(Path(plan_dir), rank, Path(job.checkpoint) if job.checkpoint else None, verify=False,
@@ -163,8 +167,11 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
     tokens: dict[int, list[int]] = {rid: [] for rid in ids}
     texts: dict[int, str] = {rid: "" for rid in ids}
     reasons: dict[int, str] = {}
+    errors: dict[int, str | None] = {}  # of the requests whose serving failed
     single = len(ids) == 1 and job.stream and not job.as_json
     for u in engine.run():
+        if u.finished == "error":
+            errors[u.request] = u.error
         tokens[u.request] += u.token_ids
         texts[u.request] += u.text
         if single and u.text:
@@ -176,6 +183,9 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
                 print(f"[{index[u.request]}] {texts[u.request]}", flush=True)
     if single:
         print(flush=True)
+    failed = next((rid for rid in ids if rid in errors), None)
+    if failed is not None:  # the others were served; the run fails, naming the first that was not
+        raise RuntimeError(f"prompt {index[failed] + 1} failed: {errors[failed]}")
     return [{"token_ids": tokens[rid], "text": texts[rid], "finish_reason": reasons.get(rid)} for rid in ids]
 
 
@@ -208,17 +218,62 @@ def serve(plan_dir: Path, opts: ServeOptions, force: bool = False) -> None:
         check_machine(plan, force)
     world = plan.world_size
     timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = threads_per_rank(world)
     context = multiprocessing.get_context("forkserver")  # rank 0 too: it takes SIGTERM from the launcher
     run = Run(world, timeout_s, Path(plan_dir), context=context)
+    logs = rank_logs(run, plan.spec_name)
+    print(f"lcc run serve: loading {plan.spec_name} on {world} rank{'s' if world != 1 else ''} (their stderr: "
+          f"{logs}/rank<N>.log) ...", file=sys.stderr, flush=True)
     try:
         start_fork_server(context, ["torch", "lcc.serve.rank", "lcc.serve.server"])
-        port, env = _free_port(), dict(os.environ)
+        store = host_store(timeout_s)  # the ranks join through it: listening before they start, held until they end
+        port, env = store.port, dict(os.environ)
         run.supervise(_server_worker, lambda rank, link: (rank, world, port, str(plan_dir), opts, threads, timeout_s,
                                                           link, env), watchdog_s=math.inf,
                       drain_s=opts.shutdown_timeout)
+        _remove_if_empty(logs)
     finally:
         run.close()
+
+
+class RankLog(SharedFile):
+    """A rank's stderr, written to a file of the server's log folder as it comes (a server may run for
+    weeks: nothing of it is held in memory). What the launcher reads of it, for a failure's report or at
+    the end, is the last `tail` bytes."""
+
+    def __init__(self, path: Path, tail: int = 16 * 2**10):
+        super().__init__(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644))
+        self.path, self.tail = path, tail
+
+    def read(self) -> bytes:
+        size = os.fstat(self.fd).st_size
+        start = max(0, size - self.tail)
+        data = os.pread(self.fd, size - start, start) if size else b""
+        if start:
+            data = data[data.find(b"\n") + 1:]  # from the first whole line
+            data = f"[the last lines of {self.path}]\n".encode() + data
+        return data
+
+
+def rank_logs(run: Run, name: str) -> Path:
+    """A new folder for the ranks' stderr (rank<N>.log), each rank's in place of the unnamed file the run
+    would hold it in."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder = Path(tempfile.mkdtemp(prefix=f"lcc-serve-{name}-{stamp}-"))
+    for rank, link in enumerate(run.links):
+        if link.stderr is not None:
+            link.stderr.close()
+            link.stderr = RankLog(folder / f"rank{rank}.log")
+    return folder
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """After a clean stop: the logs the ranks wrote nothing into go, and the folder if they all did."""
+    for log in folder.glob("rank*.log"):
+        if log.stat().st_size == 0:
+            log.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _check_port(host: str, port: int) -> None:
@@ -232,9 +287,10 @@ def _check_port(host: str, port: int) -> None:
 def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
                    timeout_s: float, link: RankLink, env: dict[str, str]) -> None:
     adopt_environment(env)
+    terminal = os.dup(2) if rank == 0 else None  # where the launcher's stderr goes: attach sends ours to the log
     link.attach()
     try:
-        _server_rank(rank, world, port, plan_dir, opts, threads, timeout_s, link.heartbeat)
+        _server_rank(rank, world, port, plan_dir, opts, threads, timeout_s, link.heartbeat, terminal)
     except Exception as exc:
         if not link.report(rank, exc, (Path(__file__).parents[1], Path(plan_dir))):
             raise
@@ -242,18 +298,16 @@ def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeO
 
 
 def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
-                 timeout_s: float, beat: Heartbeat) -> None:
+                 timeout_s: float, beat: Heartbeat, terminal: int | None = None) -> None:
     from lcc.data.tokenizer import plan_tokenizer
     from lcc.serve.engine import Engine, follow
     from lcc.serve.loop import EngineLoop
     from lcc.serve.rank import ServeRank
-    from lcc.serve.server import Metrics, run_server
+    from lcc.serve.server import Metrics, listen, run_server
 
     torch.set_num_threads(threads)
     beat.beat("joining the process group")
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = join_plan(plan_dir, rank, world, timeout_s)
+    device = join_plan(plan_dir, rank, world, timeout_s, port)
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else None
     try:
         if rank != 0:
@@ -272,17 +326,26 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         metrics = Metrics()
         loop = EngineLoop(start, keep_alive_s=max(0.5, timeout_s / 4), metrics=metrics)
+        sock = listen(opts.host, opts.port)  # port 0: the system's choice, which the ready line names
         loop.begin()
-        print(f"serving {plan.spec_name} at http://{opts.host}:{opts.port}/v1 (world {world}); /health says when "
-              "it is ready", flush=True)
-        run_server(loop, metrics, plan.serving, plan.spec_name, plan_tokenizer(Path(plan_dir)), opts.host, opts.port,
-                   opts.max_queued, opts.shutdown_timeout)
-        loop.drain()
-        if loop.failure is None:
-            loop.stop()  # aborts what is left, releases the other ranks
+        try:
+            run_server(loop, metrics, plan.serving, plan.spec_name, plan_tokenizer(Path(plan_dir)), sock,
+                       opts.max_queued, opts.shutdown_timeout, _teller(terminal))
+        finally:
+            loop.stop()  # (done already but where run_server failed) aborts what is left, releases the other ranks
         if loop.failure is not None:
             raise loop.failure
         beat.finished()
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def _teller(fd: int | None) -> Callable[[str], None]:
+    """Progress lines of `lcc run serve`, on the launcher's stderr (`fd`: a copy of it)."""
+    out = os.fdopen(fd, "w", buffering=1) if fd is not None else sys.stderr
+
+    def say(text: str) -> None:
+        print(f"lcc run serve: {text}", file=out, flush=True)
+
+    return say

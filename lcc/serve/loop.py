@@ -6,11 +6,18 @@ each step's updates are handed to the request's `deliver` callback (a server pas
 its event loop). When there is nothing to do, the loop broadcasts a keep-alive to the other ranks before
 their collective timeout runs out. `drain` stops admission; `stop` aborts what is left and releases the
 other ranks.
+
+A request whose serving fails (its submission or its step raises, lcc.serve.engine) gets an `error`
+update and the loop goes on; a callback that raises (a server's event loop that has closed) loses its
+updates, nothing else. Only a failure of the engine itself (a step cut short with other ranks inside its
+collectives) ends the loop: every request still open gets an `error` update, and the engine is closed
+however the loop ends.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -20,6 +27,8 @@ from typing import Any
 
 from lcc.serve.engine import Engine, Update, keep_alive
 from lcc.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +52,8 @@ class EngineLoop:
         self.start, self.keep_alive_s, self.metrics = start, keep_alive_s, metrics
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.keys = itertools.count()
-        self.tracked: dict[int, Tracked] = {}
+        self.tracked: dict[int, Tracked] = {}  # by engine id
+        self.by_key: dict[int, Tracked] = {}
         self.ready = threading.Event()
         self.accepting = True
         self.failure: BaseException | None = None
@@ -94,10 +104,23 @@ class EngineLoop:
         except BaseException as exc:  # noqa: BLE001 - the server reports it and ends
             self.failure = exc
             for t in list(self.tracked.values()):
-                t.deliver(Update(t.key, [], "", "abort"))
+                self._count_finished("error")
+                self._call(t, Update(t.key, [], "", "error", f"the engine failed: {type(exc).__name__}: {exc}"))
             self.tracked.clear()
+            self.by_key.clear()
         finally:
+            self._close()
             self.stopped.set()
+
+    def _close(self) -> None:
+        """Release the other ranks (the engine knows when it must not: a step of theirs was cut short)."""
+        if self.engine is None:
+            return
+        try:
+            self.engine.close()
+        except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+            if self.failure is None:
+                self.failure = exc
 
     def _serve(self) -> None:
         engine = self.engine
@@ -108,7 +131,7 @@ class EngineLoop:
             if stop:
                 for t in list(self.tracked.values()):
                     self._finish_abort(t)
-                engine.close()
+                self._abort_queued()
                 return
             if engine.has_work:
                 updates = engine.step()
@@ -130,12 +153,9 @@ class EngineLoop:
             if kind == "stop":
                 return True
             if kind == "submit":
-                item.engine_id = self.engine.submit(item.prompt, item.params)
-                self.tracked[item.engine_id] = item
-                if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(len(item.prompt))
+                self._submit(item)
             elif kind == "abort":
-                t = next((t for t in self.tracked.values() if t.key == item), None)
+                t = self.by_key.get(item)
                 if t is not None:
                     self._finish_abort(t)
             try:
@@ -144,9 +164,48 @@ class EngineLoop:
                 self._gauges()
                 return False
 
+    def _submit(self, t: Tracked) -> None:
+        try:
+            t.engine_id = self.engine.submit(t.prompt, t.params)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            log.error("request %d could not be submitted", t.key, exc_info=exc)
+            self._count_finished("error")
+            self._call(t, Update(t.key, [], "", "error", f"{type(exc).__name__}: {exc}"))
+            return
+        self.tracked[t.engine_id] = t
+        self.by_key[t.key] = t
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(t.prompt))
+
+    def _abort_queued(self) -> None:
+        """Requests submitted after `stop` end at once (aborted) rather than wait for a thread that is gone."""
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._count_finished("abort")
+                self._call(item, Update(item.key, [], "", "abort"))
+
     def _finish_abort(self, t: Tracked) -> None:
-        update = self.engine.abort(t.engine_id)
+        try:
+            update = self.engine.abort(t.engine_id)
+        except Exception as exc:  # noqa: BLE001 - the request ends all the same
+            log.error("request %d could not be aborted cleanly", t.key, exc_info=exc)
+            update = None
         self._deliver(update if update is not None else Update(t.engine_id, [], "", "abort"))
+
+    def _call(self, t: Tracked, u: Update) -> None:
+        """Hand an update to its request's callback; a callback that raises loses it, and nothing else."""
+        try:
+            t.deliver(u)
+        except Exception as exc:  # noqa: BLE001 - e.g. the server's event loop has closed: nobody waits for it
+            log.warning("an update of request %d could not be delivered: %s", t.key, exc)
+
+    def _count_finished(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.finished.labels(reason=reason).inc()
 
     def _deliver(self, u: Update) -> None:
         t = self.tracked.get(u.request)
@@ -167,10 +226,11 @@ class EngineLoop:
                 m.generation_tokens.inc(len(u.token_ids))
         if u.finished:
             del self.tracked[u.request]
+            self.by_key.pop(t.key, None)
             if m is not None:
                 m.e2e_latency.observe(now - t.arrived)
-                m.finished.labels(reason=u.finished).inc()
-        t.deliver(Update(t.key, u.token_ids, u.text, u.finished))
+            self._count_finished(u.finished)
+        self._call(t, Update(t.key, u.token_ids, u.text, u.finished, u.error))
 
     def _gauges(self) -> None:
         m, engine = self.metrics, self.engine

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+SEEDS = 2**64  # a seed is in [0, 2**64): what torch.Generator.manual_seed takes
+
 
 @dataclass
 class SamplingParams:
@@ -26,6 +28,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("a stop string is empty")
+        if self.seed is not None and not 0 <= self.seed < SEEDS:
+            raise ValueError(f"seed must be in [0, 2**64), not {self.seed}")
 
 
 def generator_for(params: SamplingParams) -> torch.Generator | None:

@@ -19,6 +19,7 @@ from lcc.data.tokenizer import Decoder
 from lcc.serve.blocks import BlockManager
 from lcc.serve.rank import SeqPart, StepPlan
 from lcc.serve.sampling import SamplingParams
+from lcc.serve.stops import StopScan
 
 
 @dataclass(eq=False)  # a sequence is itself, not its fields
@@ -31,10 +32,12 @@ class Sequence:
     decoder: Decoder
     tokens: list[int] = field(default_factory=list)  # prompt, then generated
     computed: int = 0  # tokens whose keys and values are in the cache
-    text: str = ""
-    emitted: int = 0  # characters of `text` handed out
-    finished: str | None = None  # stop | length | abort
+    finished: str | None = None  # stop | length | abort | error
     preemptions: int = 0
+    out: StopScan = field(init=False)  # its text on the way out, against its stop strings
+
+    def __post_init__(self) -> None:
+        self.out = StopScan(self.params.stop)
 
     @property
     def generated(self) -> list[int]:

@@ -4,17 +4,22 @@ the engine loop (lcc.serve.loop), with Prometheus metrics.
     POST /v1/completions, /v1/chat/completions   (stream: server-sent events, `data: [DONE]` last)
     GET  /v1/models, /health (503 while loading, draining or failed), /metrics
 
-A bad request gets a 400 with OpenAI's error body and changes nothing; more than `max_queued` requests
-waiting get a 429 with Retry-After; a client that goes away has its request aborted and its KV blocks
-freed (mid-stream at once, a non-streamed one within a quarter of a second). SIGTERM stops admission (503),
-lets running requests finish for up to `shutdown_timeout` seconds, aborts the rest and releases the other
-ranks.
+A bad request gets a 400 with OpenAI's error body naming the field and changes nothing (a body over the
+limit: 413, refused before it is read in full); more than `max_queued` requests waiting get a 429 with
+Retry-After; a client that goes away has its request aborted and its KV blocks freed (mid-stream at once,
+a non-streamed one within a quarter of a second). A request whose serving fails gets a 500 (an error event
+mid-stream) and the others go on. The body is parsed and the prompt tokenized in a worker thread, so a
+large prompt does not hold up the streams of others. SIGTERM stops admission (/health and new requests
+503) while the socket still listens, lets running requests finish for up to `shutdown_timeout` seconds,
+aborts the rest and releases the other ranks.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import uvicorn
@@ -35,8 +40,12 @@ from lcc.plan.types import Serving
 from lcc.serve import api
 from lcc.serve.engine import RequestError, Update, check_request
 from lcc.serve.loop import EngineLoop
+from lcc.serve.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request looks whether its client is still there
+DRAIN_POLL_S = 0.05  # how often a drain looks whether every request has finished
+FLUSH_S = 2.0  # after a drain, for the responses of the requests it ended to go out
+DEFAULT_MAX_TOKENS = 16  # of a completion that names none (OpenAI's default), within the context
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -66,6 +75,7 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
               max_queued: int) -> FastAPI:
     app = FastAPI(title="lcc", docs_url=None, redoc_url=None, openapi_url=None)
     vocab = tokenizer.vocab_size
+    limit = api.body_limit(serving.max_seq_len)
 
     def refuse(exc: api.ApiError) -> JSONResponse:
         metrics.rejected.labels(status=str(exc.status)).inc()
@@ -90,32 +100,45 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "lcc",
                                             "max_model_len": serving.max_seq_len}]}
 
+    def prepare(body: bytes, chat: bool) -> tuple[api._Common, list[int], SamplingParams]:
+        """The request, its prompt's token ids and its sampling parameters, or ApiError naming the field
+        (in a worker thread: parsing and tokenizing a large body takes a while)."""
+        req = api.parse(body, api.ChatRequest if chat else api.CompletionRequest)
+        if req.model != model:
+            raise api.ApiError(400, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
+                               "model_not_found")
+        field = "messages" if chat else "prompt"
+        try:
+            if chat:
+                prompt = tokenizer.encode(api.chat_prompt(req.messages))
+            else:
+                prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        except ValueError as exc:
+            raise api.ApiError(400, str(exc), field) from None
+        room = serving.max_seq_len - len(prompt)
+        asked, name = ((req.max_completion_tokens, "max_completion_tokens") if chat and req.max_completion_tokens
+                       else (req.max_tokens, "max_tokens"))
+        if asked is not None and 0 < room < asked:
+            raise api.ApiError(400, f"{name}: {asked} tokens do not fit: the prompt has {len(prompt)} tokens and "
+                               f"serve.max_seq_len is {serving.max_seq_len} (at most {room} more)", name)
+        default = max(1, room) if chat else min(DEFAULT_MAX_TOKENS, max(1, room))  # a chat reply may fill it
+        try:
+            params = api.sampling(req, asked if asked is not None else default)
+        except ValueError as exc:  # what the fields' bounds let through and the sampler still refuses
+            raise api.ApiError(400, str(exc)) from None
+        try:
+            check_request(serving, vocab, prompt, params)
+        except RequestError as exc:
+            raise api.ApiError(400, str(exc), field if exc.field == "prompt" else name) from None
+        return req, prompt, params
+
     async def generate(request: Request, chat: bool) -> Response:
         try:
-            req = api.parse(await request.body(), api.ChatRequest if chat else api.CompletionRequest)
-            if req.model != model:
-                raise api.ApiError(400, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
-                                   "model_not_found")
-            if chat:  # without a limit, a reply may fill the context
-                try:
-                    prompt = tokenizer.encode(api.chat_prompt(req.messages))
-                except ValueError as exc:
-                    raise api.ApiError(400, str(exc), "messages") from None
-                limit = req.max_completion_tokens or req.max_tokens or max(1, serving.max_seq_len - len(prompt))
-            else:
-                try:
-                    prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-                except ValueError as exc:
-                    raise api.ApiError(400, str(exc), "prompt") from None
-                limit = req.max_tokens
-            params = api.sampling(req, limit if limit is not None else 16)
-            try:
-                check_request(serving, vocab, prompt, params)
-            except RequestError as exc:
-                raise api.ApiError(400, str(exc), "messages" if chat else "prompt") from None
+            body = await _read_body(request, limit)
+            req, prompt, params = await asyncio.to_thread(prepare, body, chat)
             if not loop.healthy:
-                raise api.ApiError(503, "the server is not taking requests (loading, draining or failed)",
-                                   kind="server_error", headers={"Retry-After": "1"})
+                raise api.ApiError(503, f"the server is not taking requests ({_state(loop)})", kind="server_error",
+                                   headers={"Retry-After": "1"})
             if loop.queued() >= max_queued:
                 raise api.ApiError(429, f"{max_queued} requests are already waiting; retry later", kind="rate_limit",
                                    code="queue_full", headers={"Retry-After": "1"})
@@ -129,28 +152,7 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(_stream(loop, events, key, model, chat, created, len(prompt), usage),
                                      media_type="text/event-stream")
-        text, n, reason = [], 0, None
-        checked = aio.time()
-        try:
-            while reason is None:
-                try:
-                    u = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    u = None
-                if aio.time() - checked >= DISCONNECT_POLL_S:
-                    checked = aio.time()
-                    if await request.is_disconnected():  # nobody to answer: free its blocks now
-                        loop.abort(key)
-                        return Response(status_code=499)
-                if u is None:
-                    continue
-                text.append(u.text)
-                n += len(u.token_ids)
-                reason = u.finished
-        except asyncio.CancelledError:
-            loop.abort(key)
-            raise
-        return JSONResponse(api.completion(key, model, chat, "".join(text), reason, len(prompt), n, created))
+        return await _answer(request, loop, events, key, model, chat, created, len(prompt))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -163,6 +165,61 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
     return app
 
 
+def _state(loop: EngineLoop) -> str:
+    if loop.failure is not None:
+        return "the engine failed"
+    return "loading" if not loop.ready.is_set() else "draining"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ApiError 413 as soon as it is known to exceed `limit` bytes (from its
+    Content-Length, before reading any of it, or while reading it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise api.ApiError(413, f"the request body has {int(declared)} bytes; at most {limit} are taken", None,
+                           "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise api.ApiError(413, f"the request body has more than {limit} bytes; at most {limit} are taken", None,
+                               "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Update], key: int, model: str,
+                  chat: bool, created: int, prompt: int) -> Response:
+    """A non-streamed request's response, once it has finished; a client that went away aborts it."""
+    aio = asyncio.get_running_loop()
+    text, n, last = [], 0, None
+    getter: asyncio.Future[Update] | None = None
+    checked = aio.time()
+    try:
+        while last is None or last.finished is None:
+            getter = getter or asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)  # no timeout error to catch
+            if done:
+                last, getter = getter.result(), None
+                text.append(last.text)
+                n += len(last.token_ids)
+            if (last is None or last.finished is None) and aio.time() - checked >= DISCONNECT_POLL_S:
+                # also while tokens keep coming: a request that outpaces the poll is still looked after
+                checked = aio.time()
+                if await request.is_disconnected():  # nobody to answer: free its blocks now
+                    loop.abort(key)
+                    return Response(status_code=499)
+    except asyncio.CancelledError:
+        loop.abort(key)
+        raise
+    finally:
+        if getter is not None:
+            getter.cancel()
+    if last.error is not None:
+        return JSONResponse(api.server_error(last.error), status_code=500)
+    return JSONResponse(api.completion(key, model, chat, "".join(text), last.finished, prompt, n, created))
+
+
 async def _stream(loop: EngineLoop, events: asyncio.Queue[Update], key: int, model: str, chat: bool, created: int,
                   prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
     """The request's server-sent events; a client that goes away aborts the request (finally)."""
@@ -172,6 +229,10 @@ async def _stream(loop: EngineLoop, events: asyncio.Queue[Update], key: int, mod
             u = await events.get()
             n += len(u.token_ids)
             done = u.finished is not None
+            if u.error is not None:  # OpenAI's clients raise on an event with an error body
+                yield api.sse(api.server_error(u.error))
+                yield api.sse("[DONE]")
+                return
             if u.text or done or first:
                 yield api.sse(api.chunk(key, model, chat, u.text, u.finished, created, first))
                 first = False
@@ -187,37 +248,79 @@ async def _stream(loop: EngineLoop, events: asyncio.Queue[Update], key: int, mod
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server; SIGTERM and SIGINT first stop admission (the engine loop drains)."""
+    """uvicorn's server, draining on SIGTERM and SIGINT: admission stops (/health and new requests 503)
+    while the socket still listens and running requests finish, for up to `shutdown_timeout` seconds (then
+    what is left is aborted). Signals during the drain change nothing: one signal often comes twice (Ctrl-C
+    reaches this rank and the launcher, which passes a SIGTERM on), and the drain is bounded anyway."""
 
-    def __init__(self, config: uvicorn.Config, loop: EngineLoop):
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop, shutdown_timeout: float):
         super().__init__(config)
-        self.engine_loop = loop
+        self.engine_loop, self.shutdown_timeout = loop, shutdown_timeout
+        self.draining_since: float | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        self.engine_loop.drain()
-        super().handle_exit(sig, frame)
+        if self.draining_since is None:
+            self.engine_loop.drain()
+            self.draining_since = time.monotonic()
 
 
-def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer, host: str,
-               port: int, max_queued: int, shutdown_timeout: float) -> None:
-    """Serve until SIGTERM/SIGINT (then drain for up to `shutdown_timeout` s) or the engine fails."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (0: a port the system chooses, `getsockname()` says which)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer,
+               sock: socket.socket, max_queued: int, shutdown_timeout: float, say: Callable[[str], None]) -> None:
+    """Serve on the bound socket `sock` until SIGTERM/SIGINT (then drain for up to `shutdown_timeout` s) or the
+    engine fails; `say` is told when the server is ready and listening. The engine loop is stopped before
+    the event loop closes (what it aborts is delivered while something still listens)."""
     app = build_app(loop, metrics, serving, model, tokenizer, max_queued)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="off")
-    server = Server(config, loop)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=FLUSH_S,
+                            lifespan="off")
+    server = Server(config, loop, shutdown_timeout)
 
     async def main() -> None:
-        watch = asyncio.create_task(_watch_engine(loop, server))
+        tasks = [asyncio.create_task(_watch(loop, server)),
+                 asyncio.create_task(_announce(loop, server, f"{url_of(sock)}/v1", say))]
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
         finally:
-            watch.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.to_thread(loop.stop)
 
     asyncio.run(main())
 
 
-async def _watch_engine(loop: EngineLoop, server: uvicorn.Server) -> None:
-    """A failed engine ends the server (its error is the run's)."""
+async def _announce(loop: EngineLoop, server: uvicorn.Server, url: str, say: Callable[[str], None]) -> None:
+    """Say the server is ready once it listens and the engine has loaded."""
+    while not (server.started and loop.ready.is_set()):
+        if loop.stopped.is_set():
+            return
+        await asyncio.sleep(0.05)
+    say(f"ready, listening at {url}")
+
+
+async def _watch(loop: EngineLoop, server: Server) -> None:
+    """End the server when the engine has failed, or when a drain is over (every request finished, or
+    `shutdown_timeout` passed): the engine loop aborts what is left first, and those responses go out
+    while uvicorn shuts down."""
     while not loop.stopped.is_set():
-        await asyncio.sleep(0.2)
+        since = server.draining_since
+        if since is not None and (loop.idle() or time.monotonic() - since >= server.shutdown_timeout):
+            break
+        await asyncio.sleep(DRAIN_POLL_S)
+    await asyncio.to_thread(loop.stop)
     server.should_exit = True

@@ -1,5 +1,6 @@
 """The engine at world 1, in float64 against the reference model's uncached greedy generation: exact
-tokens, whatever else is batched, however the prefill is chunked, through preemption; blocks freed."""
+tokens, whatever else is batched, however the prefill is chunked, through preemption; blocks freed; a
+request whose serving fails ends alone."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcc.serve.engine import Engine, RequestError
+from lcc.serve import engine as engine_module
+from lcc.serve.engine import Engine, EngineStats, RequestError
+from lcc.serve.launch import Job, run_job
 from lcc.serve.rank import ServeRank
 from lcc.serve.sampling import SamplingParams
 from tests.conftest import native_cpu_kernels
@@ -70,7 +73,7 @@ def test_chunked_prefill_equals_unchunked(plans, expected):
     engine = engine_for(plans, max_batched_tokens=7)  # the 30-token prompt in 5 chunks, beside decodes
     got = run(engine, PROMPTS, SamplingParams(max_tokens=N))
     assert [g == expected[tuple(p)] for p, g in zip(PROMPTS, got, strict=True)] == [True] * len(PROMPTS)
-    assert max(engine.stats.step_tokens) == 7
+    assert engine.stats.max_step_tokens == 7
 
 
 def test_preempted_sequences_continue_identically(plans, expected):
@@ -148,9 +151,14 @@ def test_requests_it_cannot_serve_are_refused(plans, prompt, params, message):
 
 
 def test_a_request_larger_than_the_cache_is_refused(plans):
+    """Named for what makes it so: max_tokens where the prompt and a token fit, else the prompt."""
     engine = engine_for(plans, ("serve.kv_blocks=2",))
-    with pytest.raises(RequestError, match="needs up to 3 KV cache blocks; the cache has 2"):
+    with pytest.raises(RequestError, match="needs up to 3 KV cache blocks; the cache has 2") as refused:
         engine.submit(PROMPTS[3], SamplingParams(max_tokens=10))
+    assert refused.value.field == "max_tokens"
+    with pytest.raises(RequestError, match="needs up to 3 KV cache blocks; the cache has 2") as refused:
+        engine.submit([1] * 32, SamplingParams(max_tokens=1))
+    assert refused.value.field == "prompt"
 
 
 def test_float32_and_bfloat16_serving_run_the_cpu_int4_kernels(plans):
@@ -196,3 +204,80 @@ def test_a_tiny_temperature_samples_the_greedy_token(plans, expected):
     engine = engine_for(plans)
     got = run(engine, [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=1e-300, seed=3))[0]
     assert got == expected[tuple(PROMPTS[0])][:8]
+
+
+@pytest.fixture(scope="module")
+def shared(plans) -> Engine:
+    """One engine for tests that leave it as they found it (every request finished)."""
+    return engine_for(plans)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_outside_what_a_generator_takes_is_refused(seed):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+        SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_the_largest_seed_is_served(shared):
+    assert len(run(shared, [PROMPTS[0]], SamplingParams(max_tokens=2, temperature=1.0, seed=2**64 - 1))[0]) == 2
+
+
+def test_a_request_whose_sampling_fails_ends_alone(shared, expected, monkeypatch):
+    """The sampler raises for one of two batched requests: that one ends with the error, the other and the
+    next request are served token for token as ever, and every block is free."""
+    real = engine_module.sample
+
+    def sample(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("the sampler broke")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    bad = shared.submit(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.5, seed=666))
+    good = shared.submit(PROMPTS[1], SamplingParams(max_tokens=8))
+    tokens, last = {bad: [], good: []}, {}
+    for u in shared.run():
+        tokens[u.request] += u.token_ids
+        last[u.request] = u
+    assert (last[bad].finished, last[bad].error, tokens[bad]) == ("error", "RuntimeError: the sampler broke", [])
+    assert tokens[good] == expected[tuple(PROMPTS[1])][:8] and last[good].finished == "length"
+    assert shared.scheduler.used_blocks == 0 and not shared.sequences and shared.stats.failed >= 1
+    assert run(shared, [PROMPTS[2]], SamplingParams(max_tokens=8))[0] == expected[tuple(PROMPTS[2])][:8]
+
+
+def test_a_step_that_fails_at_world_1_ends_its_requests_and_the_engine_goes_on(shared, expected, monkeypatch):
+    rid = shared.submit(PROMPTS[0], SamplingParams(max_tokens=8))
+    shared.step()  # its prefill
+
+    def broken(plan):
+        raise RuntimeError("the step broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shared.rank, "step", broken)
+        updates = shared.step()
+    assert [(u.request, u.finished, u.error) for u in updates] == [(rid, "error", "RuntimeError: the step broke")]
+    assert shared.scheduler.used_blocks == 0 and not shared.has_work and not shared.interrupted
+    assert run(shared, [PROMPTS[1]], SamplingParams(max_tokens=8))[0] == expected[tuple(PROMPTS[1])][:8]
+
+
+def test_engine_statistics_are_running_totals(shared):
+    """A server steps for weeks: its statistics are numbers, nothing that grows with the steps."""
+    run(shared, PROMPTS[:2], SamplingParams(max_tokens=3))
+    assert shared.stats.steps > 0 and shared.stats.max_step_tokens > 0
+    assert all(type(getattr(shared.stats, f)) is int for f in EngineStats.__dataclass_fields__)
+
+
+def test_lcc_run_generate_fails_naming_the_prompt_whose_serving_failed(shared, monkeypatch, capsys):
+    """The other prompts are served (and printed); then the run fails with the first failure's prompt."""
+    real, calls = engine_module.sample, []
+
+    def sample(logits, params, generator):
+        calls.append(1)
+        if len(calls) == 2:  # the second prompt's first token
+            raise RuntimeError("the sampler broke")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    with pytest.raises(RuntimeError, match="^prompt 2 failed: RuntimeError: the sampler broke$"):
+        run_job(shared, Job([PROMPTS[0], PROMPTS[1], PROMPTS[2]], SamplingParams(max_tokens=2)))
+    assert capsys.readouterr().out.count("\n") == 3 and shared.scheduler.used_blocks == 0
