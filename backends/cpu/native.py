@@ -6,7 +6,7 @@ g++ or c++). The AMX path is built when the compiler takes `-mamx-bf16` (a compi
 remembered in the cache) and used when the CPU has AMX and Linux grants its tile state. The library lands
 in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under a name hashed from the sources, the flags and
 the compiler's version, written atomically: concurrent ranks build it at most once each and never load a
-partial file.
+partial file. A build says so in one line on stderr (it takes a few seconds); a cached library says nothing.
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ def load() -> Library:
 def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
     """The library built with `flags` (cached); (None, False) when the compiler rejects AMX flags (also
     cached: a marker file, so that later processes do not try again)."""
-    text = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
-    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(_sources() + " ".join(flags).encode() + _version(cxx).encode()).hexdigest()[:16]
     try:
         return _build_in(cache_dir(), key, cxx, flags)
     except OSError as exc:  # the cache cannot be written (a read-only home): a private temporary folder
@@ -129,6 +127,33 @@ def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
             raise NativeKernelMissing(f"cannot write the kernel cache {cache_dir()} (LCC_KERNEL_CACHE): "
                                       f"{exc}") from None
         return _build_in(Path(tempfile.gettempdir()) / f"lcc-kernels-{os.getuid()}", key, cxx, flags)
+
+
+def _sources() -> bytes:
+    """The sources and headers the library is built (and named) from. An installation that lacks one cannot
+    build the kernels: NativeKernelMissing naming the file, so that the launch is refused with the way out."""
+    parts = []
+    for f in (*SOURCES, *HEADERS):
+        try:
+            parts.append(f.read_bytes())
+        except OSError as exc:
+            raise NativeKernelMissing(f"their source {f} cannot be read ({exc.strerror or exc}): this installation "
+                                      "of lcc is incomplete") from None
+    return b"".join(parts)
+
+
+def _version(cxx: list[str]) -> str:
+    """The compiler's `--version` text, part of the library's name: a new compiler builds a new library."""
+    try:
+        return subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
+    except OSError as exc:
+        raise NativeKernelMissing(f"the C++ compiler {' '.join(cxx)} cannot be run ({exc.strerror or exc})") from None
+
+
+@functools.cache
+def _announce(folder: Path) -> None:
+    """One line on stderr when a build starts (a few silent seconds otherwise); nothing when it is cached."""
+    print(f"building lcc's native CPU kernels (first use, about 5 s) in {folder}", file=sys.stderr, flush=True)
 
 
 def _build_in(folder: Path, key: str, cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
@@ -143,6 +168,7 @@ def _build_in(folder: Path, key: str, cxx: list[str], flags: list[str]) -> tuple
     fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
+        _announce(folder)  # the folder is writable: the build happens here
         done = subprocess.run([*cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             if amx:

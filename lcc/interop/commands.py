@@ -17,6 +17,12 @@ def _fail(command: str, message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _not_written(command: str, message: str) -> typer.Exit:
+    """A write that failed part way (a full disk): a failure, not a refusal."""
+    typer.echo(f"{command}: {message}", err=True)
+    return typer.Exit(1)
+
+
 @import_app.command("hf")
 def import_hf(
     model_dir: Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json; tokenizer.json is "
@@ -54,7 +60,7 @@ def checkpoint_import_hf(
     one tensor at a time, that loads under any layout of the spec."""
     from lcc.interop.hf_config import ImportRefused, model_sections, read_config
     from lcc.interop.hf_weights import import_weights
-    from lcc.runtime.checkpoint import spec_differences
+    from lcc.runtime.checkpoint import CheckpointError, spec_differences
     from lcc.spec import SpecError, load_spec, resolved
     from lcc.spec.models import Model, Routing
 
@@ -82,6 +88,10 @@ def checkpoint_import_hf(
         done = import_weights(model_dir, loaded, family, out)
     except ImportRefused as exc:
         raise _fail(command, str(exc)) from None
+    except CheckpointError as exc:
+        raise _not_written(command, str(exc)) from None
+    except OSError as exc:
+        raise _not_written(command, f"writing {out} failed: {exc.strerror or exc}") from None
     typer.echo(f"wrote {out}: {done['tensors']} tensors, {done['parameters']:,} parameters in "
                f"{time.perf_counter() - start:.1f} s")
 
@@ -109,6 +119,8 @@ def checkpoint_export_hf(
         done = export_weights(ckpt, out, int(max_shard_gib * (1 << 30)), tokenizer)
     except (ImportRefused, CheckpointError) as exc:
         raise _fail(command, str(exc)) from None
+    except OSError as exc:
+        raise _not_written(command, f"writing {out} failed: {exc.strerror or exc}") from None
     note = "" if done["tokenizer"] else "; no tokenizer.json (give --tokenizer)"
     typer.echo(f"wrote {out} ({done['family']}): {done['tensors']} tensors in {len(done['files'])} file(s), "
                f"{done['bytes'] / 1e6:.1f} MB{note}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -23,7 +24,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from lcc.interop.hf_config import ImportRefused, hf_config
@@ -31,6 +34,7 @@ from lcc.interop.hf_names import Part, dense_names, expert_parts, fused_prefix, 
 from lcc.model import build_model
 from lcc.model.build import is_expert_param
 from lcc.runtime import checkpoint
+from lcc.runtime.checkpoint import CheckpointError
 from lcc.runtime.checkpoint_layout import Blocks
 from lcc.spec import resolved
 from lcc.spec.models import Spec
@@ -43,11 +47,12 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64"
 
 class SafetensorsSource:
     """The tensors of a model folder: `model.safetensors`, or the shards a `model.safetensors.index.json`
-    lists. Each file's header is read once; a tensor (or one row of it) is read only when asked for, with
-    plain reads of its bytes: no memory map, so that what was read leaves memory with the tensor."""
+    lists. Each file is opened once (safetensors reads its header); a tensor, or one row of it, is read only
+    when asked for, with safetensors' `pread` backend: no memory map, so that only the bytes asked for are
+    read and what was read leaves memory with the tensor. The files close when the source is dropped."""
 
     def __init__(self, model_dir: Path):
-        self.dir, self._headers = Path(model_dir), {}
+        self.dir, self._files = Path(model_dir), {}
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -59,31 +64,28 @@ class SafetensorsSource:
             single = self.dir / "model.safetensors"
             if not single.is_file():
                 raise ImportRefused(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-            self.where = {name: single for name in self._header(single)[0] if name != "__metadata__"}
+            self.where = {name: single for name in self._open(single)[1]}
 
-    def _header(self, path: Path) -> tuple[dict[str, Any], int]:
-        """(the file's header, where its data starts)."""
-        if path not in self._headers:
+    def _open(self, path: Path) -> tuple[Any, set[str]]:
+        """(the open file, the names of its tensors)."""
+        if path not in self._files:
             try:
-                with open(path, "rb") as f:
-                    (size,) = struct.unpack("<Q", f.read(8))
-                    if size > 100 << 20:
-                        raise ValueError(f"a header of {size} bytes")
-                    header = json.loads(f.read(size))
-            except (OSError, ValueError, struct.error) as exc:
+                f = safe_open(str(path), framework="pt", backend="pread")
+                self._files[path] = (f, set(f.keys()))
+            except (OSError, SafetensorError) as exc:
                 raise ImportRefused(f"{path}: not a readable safetensors file ({exc})") from None
-            self._headers[path] = (header, 8 + size)
-        return self._headers[path]
+        return self._files[path]
 
-    def _entry(self, name: str) -> tuple[Path, dict[str, Any], int]:
+    def _slice(self, name: str) -> tuple[Path, Any]:
+        """(the file of tensor `name`, its safetensors slice: dtype, shape, and the bytes on demand)."""
         path = self.where[name]
-        header, base = self._header(path)
-        if name not in header:
+        f, names = self._open(path)
+        if name not in names:
             raise ImportRefused(f"{path}: has no tensor {name}, which its index places there")
-        entry = header[name]
-        if entry.get("dtype") not in ST_NAMES:
-            raise ImportRefused(f"{path}: {name} is {entry.get('dtype')}; lcc reads F32, F64, BF16 and F16 weights")
-        return path, entry, base
+        part = f.get_slice(name)
+        if part.get_dtype() not in ST_NAMES:
+            raise ImportRefused(f"{path}: {name} is {part.get_dtype()}; lcc reads F32, F64, BF16 and F16 weights")
+        return path, part
 
     def find(self, name: str) -> str | None:
         """`name`, or its transformers 5 spelling (Mixtral's block_sparse_moe is mlp there)."""
@@ -93,22 +95,15 @@ class SafetensorsSource:
         return None
 
     def shape(self, name: str) -> list[int]:
-        return list(self._entry(name)[1]["shape"])
+        return list(self._slice(name)[1].get_shape())
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """Tensor `name`, or its row `index` along dim 0."""
-        path, entry, base = self._entry(name)
-        dtype, shape = ST_NAMES[entry["dtype"]], list(entry["shape"])
-        start, end = entry["data_offsets"]
-        if index is not None:
-            row = (end - start) // shape[0]
-            start, end, shape = start + index * row, start + (index + 1) * row, shape[1:]
-        with open(path, "rb") as f:
-            data = bytearray(end - start)
-            f.seek(base + start)
-            if f.readinto(data) != len(data):
-                raise ImportRefused(f"{path}: {name} is cut short (a truncated file)")
-        return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+        path, part = self._slice(name)
+        try:
+            return self._open(path)[0].get_tensor(name) if index is None else part[index]
+        except SafetensorError as exc:
+            raise ImportRefused(f"{path}: {name} cannot be read ({exc})") from None
 
 
 class LazyBlocks(Blocks):
@@ -205,20 +200,41 @@ def import_weights(model_dir: Path, spec: Spec, family: str, out: Path) -> dict[
         raise ImportRefused(f"{src.where[unused[0]]}: tensor {unused[0]} has no place in the spec"
                             f"{f' (and {len(unused) - 1} more)' if len(unused) > 1 else ''}")
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with checkpoint._single_process_quiet():
-        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False), no_dist=True)
-    tokenizer = Path(model_dir) / TOKENIZER
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, tmp / TOKENIZER)
-    spec_data = resolved(spec)
-    ident = {**checkpoint.identity(spec_data, 0), "imported_from": {"format": "huggingface", "family": family},
-             "files": dict(sorted(checkpoint._files(tmp).items()))}
-    checkpoint._write_synced(tmp / checkpoint.IDENTITY, json.dumps(ident, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    tmp = _new_folder_beside(out)
+    try:
+        with checkpoint._single_process_quiet():
+            try:
+                dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False), no_dist=True)
+            except CheckpointException as exc:  # one process: one failure, a loader's refusal or a failed write
+                error = next(iter(exc.failures.values()))[0]
+                if isinstance(error, ImportRefused):
+                    raise error from None
+                message = f"{out}: writing the checkpoint failed:\n{checkpoint._failures(exc)}"
+                raise CheckpointError(message + checkpoint._full(out.parent, message)) from None
+        tokenizer = Path(model_dir) / TOKENIZER
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        ident = {**checkpoint.identity(resolved(spec), 0),
+                 "imported_from": {"format": "huggingface", "family": family},
+                 "files": dict(sorted(checkpoint._files(tmp).items()))}
+        checkpoint._write_synced(tmp / checkpoint.IDENTITY, json.dumps(ident, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the folder this call made, never one that was there
+        raise
     return {"tensors": len(used), "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _new_folder_beside(out: Path) -> Path:
+    """A new, empty folder beside `out` (`<out>.tmp-<random>`), to be renamed to `out` once complete: on the
+    same file system, and never a folder the user (or another import into `out`) has there."""
+    while True:
+        tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir(parents=True)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _tied_copy(name: str, spec: Spec) -> bool:
@@ -227,10 +243,28 @@ def _tied_copy(name: str, spec: Spec) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- export
+def write_text_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` complete or is untouched: written to a new file in the same folder, synced, then
+    renamed over it, so that an interrupted export (a full disk, a kill) never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
                       metadata: dict[str, str] | None = None) -> None:
     """A safetensors file written as it is read: the header (names, dtypes, shapes, offsets) first, from
-    what is declared, then each tensor's bytes as its loader gives it, so one tensor is in memory at a time."""
+    what is declared, then each tensor's bytes as its loader gives it, so one tensor is in memory at a time.
+    Written here rather than with `safetensors.torch.save_file`, which takes every tensor at once (a dict of
+    tensors in memory): a shard of a large model would then be in memory whole. The format is the one
+    safetensors reads (an 8-byte little-endian header length, the JSON header padded to 8 bytes, the data)."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, dtype, shape, _ in tensors:
@@ -329,8 +363,8 @@ def export_weights(ckpt: Path, out: Path, max_shard_bytes: int = 2 << 30, tokeni
         write_safetensors(out / file, tensors)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_text_atomically(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_text_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
     source = tokenizer if tokenizer is not None else folder / TOKENIZER
     copied = source.is_file()
     if copied:

@@ -4,8 +4,11 @@ bit for bit, both expert layouts, tokenizers, and refused configs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from lcc.cli import app
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.data.stream import TokenStream, corpus_tokens, split_corpus
+from lcc.interop import hf_weights
 from lcc.model import build_model
 from lcc.runtime.launch import launch, read_metrics
 from lcc.spec import load_spec
@@ -316,3 +320,71 @@ def test_a_tied_bfloat16_model_imports_and_exports(tmp_path):
     assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     original, exported = _tensors(hf_dir), _tensors(out)
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+# ------------------------------------------------------------------------------------ files on disk
+@contextlib.contextmanager
+def disk_full_after(size: int):
+    """Writes that would make any file longer than `size` bytes fail (EFBIG), as on a full disk."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal that would kill pytest
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+ONE_FAMILY = pytest.mark.parametrize("imported", ["mixtral"], indirect=True)  # about files, not models
+
+
+@ONE_FAMILY
+@pytest.mark.parametrize("max_shard_gib,last", [(2.0, "config.json"), (0.0004, "model.safetensors.index.json")])
+def test_an_export_cut_short_leaves_no_truncated_json(imported, tmp_path, monkeypatch, max_shard_gib, last):
+    """The disk fills while config.json or the shards' index is written (the index first, when there is one):
+    the file is absent, not truncated JSON that transformers would choke on, and the command says so."""
+    out = tmp_path / "exported"
+    monkeypatch.setattr(hf_weights, "write_safetensors", lambda path, tensors, metadata=None: path.touch())
+    with disk_full_after(64):  # the shards (placeholders here) are written; the JSON files are longer than this
+        code, text = cli("checkpoint", "export-hf", imported.ckpt, "--out", out, "--max-shard-gib", max_shard_gib)
+    left = sorted(p.name for p in out.iterdir())
+    assert last not in left and "config.json" not in left
+    assert all(name.endswith(".safetensors") for name in left)  # no temporary file left either
+    assert code == 1 and f"writing {out} failed: File too large" in text
+
+
+@ONE_FAMILY
+def test_import_leaves_a_folder_beside_its_output_alone(imported, tmp_path):
+    """A folder named `<out>.tmp` is the user's: the import neither deletes nor uses it."""
+    theirs = tmp_path / "ckpt.tmp"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    out = tmp_path / "ckpt"
+    code, text = cli("checkpoint", "import-hf", imported.hf_dir, "--spec", imported.spec_path, "--out", out)
+    assert code == 0, text
+    assert (theirs / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.tmp"]
+    first, second = _lcc_tensors(imported.ckpt, imported.spec()), _lcc_tensors(out, imported.spec())
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@ONE_FAMILY
+def test_an_import_cut_short_leaves_nothing_behind(imported, tmp_path):
+    out = tmp_path / "ckpt"
+    with disk_full_after(4096):  # the tensors' files are larger
+        code, text = cli("checkpoint", "import-hf", imported.hf_dir, "--spec", imported.spec_path, "--out", out)
+    assert code == 1 and f"{out}: writing the checkpoint failed:\n  rank 0: " in text
+    assert list(tmp_path.iterdir()) == []
+
+
+@ONE_FAMILY
+def test_a_truncated_safetensors_file_is_refused_with_the_file_named(imported, tmp_path):
+    folder = tmp_path / "hf"
+    shutil.copytree(imported.hf_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    out = tmp_path / "ckpt"
+    code, text = cli("checkpoint", "import-hf", folder, "--spec", imported.spec_path, "--out", out)
+    assert code == 2 and f"{weights}: not a readable safetensors file" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
