@@ -18,11 +18,12 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +86,19 @@ async def at_rate(url: str, rate: float, n: int, max_tokens: int, concurrency: i
     return out
 
 
+def listening_url(server: subprocess.Popen) -> str:
+    """The base URL the server says it listens on (it chose the port: --port 0); its further output is
+    drained in the background so that it never blocks on a full pipe."""
+    seen = []
+    for line in server.stdout:
+        seen.append(line)
+        found = re.search(r"http://127\.0\.0\.1:([1-9]\d*)", line)
+        if found:
+            threading.Thread(target=server.stdout.read, daemon=True).start()
+            return f"http://127.0.0.1:{found[1]}"
+    sys.exit("the server did not start: " + "".join(seen))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", default="1,4")
@@ -93,14 +107,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, "-m", "lcc", "run", "serve", str(ROOT / "specs" / "small-moe.yaml"),
-               *[a for x in SETS for a in ("--set", x)], "--port", str(port), "--max-queued", "1000"]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+               *[a for x in SETS for a in ("--set", x)], "--port", "0", "--max-queued", "1000"]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        base = listening_url(server)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -109,7 +120,7 @@ def main() -> None:
             except httpx.TransportError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the server did not start: {server.communicate()[1]}")
+                sys.exit("the server did not start")
             time.sleep(0.2)
         asyncio.run(at_rate(base + "/v1/completions", 1.0, 4, args.max_tokens, args.concurrency, 0))  # warm-up
         rows = [asyncio.run(at_rate(base + "/v1/completions", float(r), args.requests, args.max_tokens,

@@ -96,3 +96,54 @@ def test_cli_run_passes_the_spec_folder_to_the_ranks(project, monkeypatch):
     result = CliRunner().invoke(app, ["run", "train", "specs/spec.yaml", *sets, "--steps", "1"])
     assert result.exit_code == 0, result.output
     assert calls and calls[0]["spec_dir"] == Path("specs")
+
+
+@pytest.mark.parametrize("size, trains", [(100, 95), (135, 128)])
+def test_a_corpus_shorter_than_one_sequence_is_named_with_both_lengths(project, size, trains):
+    """tiny-moe's sequences are train.seq_len + 1 = 129 tokens (one per byte), cut from the first 95% of the
+    corpus: 135 bytes give 128 to train on, one short."""
+    from lcc.data.stream import DataError, check_corpus
+
+    (project / "specs" / "corpus.txt").write_bytes(b"x" * size)
+    with pytest.raises(DataError) as err:
+        check_corpus(load_spec("specs/spec.yaml"))
+    assert str(err.value).startswith(f"train.data.path: data file {Path('specs/corpus.txt')} has {size} tokens, of "
+                                     f"which {trains} train (the last 5% are held out), fewer than one sequence of "
+                                     "train.seq_len + 1 = 129")
+    (project / "specs" / "corpus.txt").write_bytes(b"x" * 136)  # 129 to train on: enough
+    check_corpus(load_spec("specs/spec.yaml"))
+
+
+def test_cli_run_with_a_short_corpus_exits_2_before_any_rank_starts(project, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lcc.runtime.launch
+    from lcc.cli import app
+
+    started = []
+    monkeypatch.setattr(lcc.runtime.launch, "_launch", lambda *args: started.append(args))
+    (project / "specs" / "corpus.txt").write_bytes(b"a short corpus: 32 bytes of text")
+    world1 = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1"]
+    result = CliRunner().invoke(app, ["run", "train", "specs/spec.yaml", *[a for s in world1 for a in ("--set", s)],
+                                      "--steps", "1"])
+    assert result.exit_code == 2 and started == []
+    assert result.stderr == (f"lcc run train: train.data.path: data file {Path('specs/corpus.txt')} has 32 tokens, "
+                             "of which 30 train (the last 5% are held out), fewer than one sequence of "
+                             "train.seq_len + 1 = 129: give a longer corpus or a shorter train.seq_len\n")
+
+
+def test_a_corpus_is_counted_in_the_models_tokens(project):
+    """With a tokenizer.json the corpus is counted in its tokens (here fewer than the bytes: a BPE of the
+    built-in corpus' words), as the ranks will cut it."""
+    from tokenizers import Tokenizer
+
+    from lcc.data.stream import DataError, check_corpus
+    from tests.interop.hf_models import save_tokenizer
+
+    save_tokenizer(project / "specs")
+    text = "The small cat sees a bird near the river. " * 6  # 252 bytes
+    (project / "specs" / "corpus.txt").write_text(text)
+    tokens = len(Tokenizer.from_file(str(project / "specs" / "tokenizer.json")).encode(text).ids)
+    assert tokens < 129 < len(text) * 0.95
+    with pytest.raises(DataError, match=f"has {tokens} tokens, of which {int(tokens * 0.95)} train"):
+        check_corpus(load_spec("specs/spec.yaml", ["model.tokenizer=tokenizer.json"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
+BUILTIN_BYTES = 1 << 20  # the corpus is exactly this long
 NOUNS = ["cat", "dog", "bird", "river", "mountain", "teacher", "child", "engine", "garden", "city", "ship",
          "farmer", "letter", "window", "forest", "student", "machine", "market", "island", "painter"]
 ADJECTIVES = ["small", "quiet", "bright", "old", "green", "heavy", "gentle", "busy", "cold", "distant",
@@ -55,7 +56,7 @@ def _sentence(rng: random.Random) -> str:
 
 
 @lru_cache(maxsize=1)
-def builtin_corpus(n_bytes: int = 1 << 20) -> bytes:
+def builtin_corpus(n_bytes: int = BUILTIN_BYTES) -> bytes:
     rng = random.Random(20261129)
     out: list[str] = []
     size = 0

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
-from lcc.data.corpus import builtin_corpus
+from lcc.data.corpus import BUILTIN_BYTES, builtin_corpus
 from lcc.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from lcc.spec.data import data_file
 from lcc.spec.models import Spec
 
 HELD_OUT = 0.05
+SYNTHETIC_TOKENS = 1 << 20
+# a corpus of this many bytes per token it must give holds enough tokens for any tokenizer (byte-level BPE
+# tokens average 3-5 bytes of text); a smaller one is tokenized to count them
+BYTES_PER_TOKEN_BOUND = 64
 
 
 class DataError(RuntimeError):
@@ -39,7 +43,7 @@ def corpus_tokens(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer
         except OSError as exc:
             raise DataError(f"train.data.path: cannot read data file {path}: {exc.strerror or exc}") from None
     else:  # synthetic: a seeded first-order Markov chain over the vocabulary, 1M tokens
-        return _markov(spec.model.vocab_size, spec.seed, 1 << 20)
+        return _markov(spec.model.vocab_size, spec.seed, SYNTHETIC_TOKENS)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir)
     if isinstance(tokenizer, ByteTokenizer):
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
@@ -72,9 +76,48 @@ class TokenStream:
         return self.tokens[idx]
 
 
+def training_part(n_tokens: int) -> int:
+    """How many of a corpus's `n_tokens` the training stream uses (the first 95%; the rest is held out)."""
+    return int(n_tokens * (1 - HELD_OUT))
+
+
 def split_corpus(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cut = int(tokens.numel() * (1 - HELD_OUT))
+    cut = training_part(tokens.numel())
     return tokens[:cut], tokens[cut:]
+
+
+def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer | None = None) -> None:
+    """Raise DataError, naming the data and both lengths, unless the corpus's training part holds one
+    sequence of train.seq_len + 1 tokens: every step cuts its sequences from it, and a launcher checks this
+    before any rank starts, where each rank would otherwise fail on its own (TokenStream). `tokenizer`: as
+    for `corpus_tokens`; a corpus is tokenized here only when it is small (BYTES_PER_TOKEN_BOUND)."""
+    need = spec.train.seq_len + 1
+    data = spec.train.data
+    if data.kind == "synthetic":
+        n, what = SYNTHETIC_TOKENS, "train.data: the synthetic corpus"
+    else:
+        n, what = _corpus_bytes(spec, spec_dir), "train.data: the built-in corpus"
+        if data.kind == "text":
+            what = f"train.data.path: data file {data_file(spec, spec_dir)}"
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir)
+        if not isinstance(tokenizer, ByteTokenizer):
+            if n >= need * BYTES_PER_TOKEN_BOUND / (1 - HELD_OUT):
+                return
+            n = corpus_tokens(spec, spec_dir, tokenizer).numel()
+    if training_part(n) < need:
+        raise DataError(f"{what} has {n} tokens, of which {training_part(n)} train (the last {HELD_OUT:.0%} are "
+                        f"held out), fewer than one sequence of train.seq_len + 1 = {need}: give a longer corpus "
+                        "or a shorter train.seq_len")
+
+
+def _corpus_bytes(spec: Spec, spec_dir: Path | None) -> int:
+    if spec.train.data.kind == "builtin":
+        return BUILTIN_BYTES
+    path = data_file(spec, spec_dir)
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"train.data.path: cannot read data file {path}: {exc.strerror or exc}") from None
 
 
 def step_units(stream: TokenStream, spec: Spec, step: int) -> list[torch.Tensor]:

@@ -255,12 +255,28 @@ def remove_partial(directory: Path) -> list[Path]:
     return removed
 
 
-def latest(directory: Path) -> Path | None:
+def latest_name(directory: Path) -> str | None:
+    """The checkpoint folder `DIR/latest` names (None when there is no `latest`): the name of a complete
+    checkpoint in DIR (`step-NNNNNN`), the only thing lcc writes there. Anything else (a path, `..`) is a
+    CheckpointError, so that the pointer never leads out of DIR."""
     pointer = Path(directory) / LATEST
     if not pointer.is_file():
         return None
-    path = Path(directory) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer}: unreadable ({exc})") from None
+    if not COMPLETE.fullmatch(name):
+        raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint folder of {directory} (lcc "
+                              "writes the name of one there, step-NNNNNN)")
+    return name
+
+
+def latest(directory: Path) -> Path | None:
+    """The folder `DIR/latest` names, if it is there (see `latest_name`)."""
+    name = latest_name(directory)
+    path = Path(directory) / name if name is not None else None
+    return path if path is not None and path.is_dir() else None
 
 
 def load(path: Path, state: dict[str, Any]) -> None:
@@ -335,7 +351,7 @@ def resolve(path: Path) -> Path:
     if not (path / IDENTITY).exists() and (path / LATEST).is_file():
         found = latest(path)
         if found is None:
-            raise CheckpointError(f"{path / LATEST}: names {(path / LATEST).read_text().strip()!r}, which is missing")
+            raise CheckpointError(f"{path / LATEST}: names {latest_name(path)!r}, which is missing")
         return found
     return path
 
@@ -432,12 +448,21 @@ def resume_point(directory: Path, spec: dict[str, Any], fallback: bool = False) 
     pointer = directory / LATEST
     if not pointer.is_file():
         return None, []
-    name = pointer.read_text().strip()
-    named = COMPLETE.fullmatch(name)
+    try:
+        name, bad = latest_name(directory), None
+    except CheckpointError as exc:  # not a name lcc writes there: every complete checkpoint is older
+        name, bad = None, exc
+    named = COMPLETE.fullmatch(name) if name is not None else None
     older = [path for s, path in reversed(complete(directory))
              if path.name != name and (named is None or s < int(named[1]))]
+    hint = ("\n  (--fallback resumes from the newest older checkpoint that passes this check: "
+            f"{older[0].name} is the newest older one)" if older else "")
     passed: list[str] = []
-    for path in [directory / name, *(older if fallback else [])]:
+    if bad is not None:
+        if not fallback:
+            raise CheckpointError(f"{bad}{hint}")
+        passed.append(str(bad))
+    for path in [*([directory / name] if name is not None else []), *(older if fallback else [])]:
         try:
             if not path.is_dir():
                 raise CheckpointError(f"{pointer}: names {name!r}, which is missing")
@@ -446,8 +471,6 @@ def resume_point(directory: Path, spec: dict[str, Any], fallback: bool = False) 
             raise
         except CheckpointError as exc:
             if not fallback:
-                hint = ("\n  (--fallback resumes from the newest older checkpoint that passes this check: "
-                        f"{older[0].name} is the newest older one)" if older else "")
                 raise CheckpointError(f"{exc}{hint}") from None
             passed.append(str(exc))
             continue
@@ -488,7 +511,7 @@ def locked(directory: Path) -> Iterator[Path]:
                 raise
             raise CheckpointError(f"{directory} is in use by {_holder(path)}; one run at a time may use a "
                                   f"checkpoint directory (the lock: {path})") from None
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n")
                  .encode())

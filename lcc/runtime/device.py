@@ -14,17 +14,16 @@ torch's default, so that every buffer a step creates is on the GPU.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lcc.plan import read_plan
 from lcc.plan.types import Plan
 from lcc.runtime.preflight import LaunchRefused
+from lcc.runtime.rendezvous import join_group
 
 
 def check_device(plan: Plan, ranks_here: int | None = None) -> None:
@@ -62,14 +61,15 @@ def bind(plan: Plan, local_rank: int, allow_tf32: bool = False) -> torch.device:
     return device
 
 
-def join(plan: Plan, rank: int, world: int, timeout_s: float, allow_tf32: bool = False) -> torch.device:
-    """Bind this rank's device and join the process group. Its GPU is its local rank: under torchrun
+def join(plan: Plan, rank: int, world: int, timeout_s: float, allow_tf32: bool = False,
+         port: int | None = None) -> torch.device:
+    """Bind this rank's device and join the process group, through the launcher's store on `port`
+    (lcc.runtime.rendezvous), or without one through torchrun's. Its GPU is its local rank: under torchrun
     LOCAL_RANK, else its rank (lcc starts every rank on this machine)."""
     device = bind(plan, int(os.environ.get("LOCAL_RANK", rank)), allow_tf32)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        join_group(backend, rank, world, timeout_s, port, device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -84,8 +84,8 @@ def running_on(device: torch.device) -> contextlib.AbstractContextManager:
     return stack
 
 
-def join_plan(plan_dir: str | Path, rank: int, world: int, timeout_s: float) -> torch.device:
+def join_plan(plan_dir: str | Path, rank: int, world: int, timeout_s: float, port: int | None = None) -> torch.device:
     """`join` for the plan in `plan_dir` (its spec says whether TF32 is allowed)."""
     plan = read_plan(Path(plan_dir))
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
-    return join(plan, rank, world, timeout_s, bool(spec["cluster"]["device"].get("tf32", False)))
+    return join(plan, rank, world, timeout_s, bool(spec["cluster"]["device"].get("tf32", False)), port)

@@ -1,4 +1,5 @@
-"""Start the ranks of a plan on this machine (gloo on loopback), supervise them, and collect metrics.
+"""Start the ranks of a plan on this machine (gloo on loopback), supervise them, and collect metrics. The
+ranks join through a store the launcher listens on before it starts them (lcc.runtime.rendezvous).
 
 Ranks are supervised (lcc.runtime.supervise): none outlives the launcher; the first rank that fails on its
 own, dies, or makes no progress for `train.collective_timeout_s` while its peers wait ends the run, named
@@ -14,31 +15,30 @@ import json
 import math
 import multiprocessing
 import os
-import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lcc.data.stream import DataError, check_corpus
+from lcc.data.tokenizer import TokenizerError, plan_tokenizer
 from lcc.plan import PlanFormatError, read_plan
 from lcc.plan.program_check import ProgramMismatch, check_programs
 from lcc.plan.types import Plan
-from lcc.runtime.checkpoint import Resume, check_checkpoint, prepare, read_identity
+from lcc.runtime.checkpoint import CheckpointError, Resume, check_checkpoint, prepare, read_identity
 from lcc.runtime.device import check_device, join_plan
-from lcc.runtime.preflight import LaunchRefused, check_machine, check_steps, check_writable
+from lcc.runtime.preflight import LaunchRefused, check_machine, check_outputs, check_steps
 from lcc.runtime.progress import StepProgress
+from lcc.runtime.rendezvous import host_store
 from lcc.runtime.supervise import Beats, Heartbeat, RankLink, Run, adopt_environment, start_fork_server, watch_engine
 from lcc.runtime.support import RunError
+from lcc.runtime.threads import threads_per_rank
 from lcc.runtime.transcript import merge, part_path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lcc.spec.models import Spec
 
 
 def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
@@ -66,10 +66,8 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
 
     beat = heartbeat if heartbeat is not None else Beats(1).rank(0)  # the launcher watches it
     torch.set_num_threads(threads)
-    if init:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     beat.beat("joining the process group")
-    device = join_plan(plan_dir, rank, world, timeout_s)
+    device = join_plan(plan_dir, rank, world, timeout_s, port if init else None)  # init: through the launcher's store
     try:
         beat.beat("building the rank's engine")
         dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
@@ -159,9 +157,7 @@ def preflight(plan: Plan, steps: int, outputs: dict[str, Path | None], force: bo
     """Before any rank starts (LaunchRefused, exit code 2): positive steps, writable outputs, and a machine
     that can hold the plan's ranks (lcc.runtime.preflight)."""
     check_steps(steps)
-    for what, path in outputs.items():
-        if path is not None:
-            check_writable(path, what, folder=what == "--checkpoint-dir")
+    check_outputs(outputs)
     if "RANK" not in os.environ:  # under torchrun the ranks are already placed
         check_machine(plan, force)
 
@@ -183,15 +179,20 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     plan = check_plan(Path(plan_dir))
     preflight(plan, steps, {"--metrics": metrics, "--transcript": transcript, "--checkpoint-dir": checkpoints}, force)
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
+    check_plan_data(Path(plan_dir), spec, spec_dir)
     if (resume or resume_if_any or fallback) and checkpoints is None:
-        raise RunError("resuming needs a checkpoint directory")
+        raise LaunchRefused("resuming needs a checkpoint directory (--checkpoint-dir)")
     world = plan.world_size
     leader = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or os.environ["RANK"] == "0"
-    with (prepare(Path(checkpoints), spec, resume, resume_if_any, fallback, keep, leader)
-          if checkpoints is not None else contextlib.nullcontext()) as start:  # under torchrun rank 0 locks
-        taken = read_identity(Path(start.path))["step"] if start is not None and start.path else 0
-        if init_from is not None:
-            start = _initial_weights(Path(init_from), spec, start, leader and not quiet)
+    with contextlib.ExitStack() as held:
+        start = None
+        with _refused_on_checkpoint_error():
+            if checkpoints is not None:  # held for the whole run; under torchrun rank 0 locks
+                start = held.enter_context(prepare(Path(checkpoints), spec, resume, resume_if_any, fallback, keep,
+                                                   leader))
+            taken = read_identity(Path(start.path))["step"] if start is not None and start.path else 0
+            if init_from is not None:
+                start = _initial_weights(Path(init_from), spec, start, leader and not quiet)
         if taken and leader and not quiet:
             print(f"resuming from step {taken} ({start.path})", flush=True)
         if taken >= steps:
@@ -205,6 +206,25 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
         finally:
             if transcript is not None and "RANK" not in os.environ:  # under torchrun each rank keeps its part
                 merge(Path(transcript), world)
+
+
+def check_plan_data(plan_dir: Path, spec: dict[str, Any], spec_dir: Path | None) -> None:
+    """The plan's corpus can be read and holds one training sequence (lcc.data.stream.check_corpus), read
+    as the ranks will read it: from `spec_dir` for a relative path, through the plan's tokenizer."""
+    try:
+        check_corpus(Spec.model_validate(spec), spec_dir, plan_tokenizer(plan_dir))
+    except (DataError, TokenizerError) as exc:
+        raise LaunchRefused(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _refused_on_checkpoint_error() -> Iterator[None]:
+    """A checkpoint directory or --init-from checkpoint that cannot be used, found before any rank starts, is
+    a refusal (exit code 2) like any other."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise LaunchRefused(str(exc)) from None
 
 
 def _initial_weights(path: Path, spec: dict[str, Any], start: Resume | None, say: bool) -> Resume:
@@ -230,7 +250,7 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
                          resume, track_memory, extra)
         return
     timeout_s = float(spec["train"]["collective_timeout_s"])
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = threads_per_rank(world)
     context = multiprocessing.get_context("forkserver") if world > 1 else None
     run = Run(world, timeout_s, Path(plan_dir), metrics, checkpoints, context)
     try:
@@ -244,7 +264,8 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
         # starting 8 ranks then costs a fork each instead of 8 fresh interpreters importing torch
         # torch.optim imports torch._dynamo when an optimizer is built: 1.5-2 s a rank, once in the fork server
         start_fork_server(context, ["torch", "torch._dynamo", "lcc.runtime.engine"])
-        port, env = _free_port(), dict(os.environ)
+        store = host_store(timeout_s)  # listening before any rank starts, held until they end
+        port, env = store.port, dict(os.environ)
 
         def args(rank: int, link: RankLink) -> tuple[Any, ...]:
             return (rank, world, port, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
@@ -259,7 +280,7 @@ def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bo
                      checkpoints: Path | None, resume: Resume | None, track_memory: bool,
                      extra: tuple[str | None, str | None]) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    threads = threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(rank, world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
             threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,

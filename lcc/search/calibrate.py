@@ -5,17 +5,20 @@ local runs from measured rates rather than datasheet ones."""
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing
 import os
-import socket
 import statistics
 import time
+from pathlib import Path
 from typing import Any
+
+from lcc.search.space import Layout
+from lcc.spec.models import Spec
 
 MATMUL_N = 512
 COPY_BYTES = 64 << 20
 REDUCE_BYTES = 8 << 20
+JOIN_TIMEOUT_S = 60.0
 
 
 def _timed(fn: Any, seconds: float) -> float:
@@ -50,11 +53,12 @@ def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads:
     import torch
     import torch.distributed as dist
 
+    from lcc.runtime.rendezvous import join_group
+
     torch.set_num_threads(threads)
     kind = getattr(torch, dtype)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+        join_group("gloo", rank, world, JOIN_TIMEOUT_S, port)
     sync = dist.barrier if world > 1 else (lambda: None)
     a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=kind), torch.randn(MATMUL_N, MATMUL_N, dtype=kind)
     sync()
@@ -75,18 +79,16 @@ def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads:
     out.put((rank, flops, copy, bus, latency))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(ranks: int = 1, seconds: float = 1.0, dtype: str = "float32") -> dict[str, Any]:
     """The median rank's rates with `ranks` ranks measuring at once (about 4 x `seconds`)."""
+    from lcc.runtime.rendezvous import host_store
+    from lcc.runtime.threads import threads_per_rank
+
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    threads = max(1, (os.cpu_count() or 1) // ranks)
-    port = _free_port()
+    threads = threads_per_rank(ranks)
+    store = host_store(JOIN_TIMEOUT_S) if ranks > 1 else None  # listening before the ranks start, held until they end
+    port = store.port if store is not None else 0
     procs = [context.Process(target=_rank, args=(r, ranks, port, seconds, dtype, threads, out), daemon=True)
              for r in range(ranks)]
     for p in procs:
@@ -127,3 +129,53 @@ def cluster_section(rates: dict[str, Any]) -> dict[str, Any]:
     return {"nodes": 1, "gpus_per_node": rates["ranks"], "device": device,
             "network": {"intra_node_gbps": round(gbps, 3), "inter_node_gbps": round(gbps, 3),
                         "intra_node_latency_us": latency_us, "inter_node_latency_us": latency_us}}
+
+
+def calibrated_spec(base: Spec, cluster: dict[str, Any], ranks: int) -> str:
+    """`base` with the measured cluster section, as YAML, its layout as it was."""
+    import yaml
+
+    from lcc.spec import resolved
+
+    data = {**resolved(base), "cluster": cluster}
+    return f"# {base.name} with the cluster measured by lcc calibrate ({ranks} ranks)\n" + yaml.safe_dump(
+        data, sort_keys=False, default_flow_style=None, width=110)
+
+
+def written(out: Path, base: Spec | None, cluster: dict[str, Any], ranks: int) -> str:
+    """What `lcc calibrate --out` wrote, and for a spec whether its layout runs on the `ranks` measured: the
+    spec keeps its own layout, which `lcc validate` refuses on a cluster of another size, so the line says
+    which parallelism settings would run it here."""
+    from lcc.spec import SpecError, load_spec
+
+    measured = f"measured on {ranks} rank{'s' * (ranks != 1)}"
+    if base is None:
+        return f"wrote {out}: the cluster section {measured}"
+    head = f"wrote {out}: spec {base.name} with the cluster {measured}"
+    try:
+        spec = load_spec(out)
+    except SpecError as exc:
+        par = base.parallelism
+        if par.world_size == ranks:
+            return f"{head}; lcc validate refuses it: {exc.problems[0].message}"
+        return (f"{head}; its layout needs {par.world_size} ranks (pp {par.pp} x dp {par.dp} x tp {par.tp}), so lcc "
+                f"validate refuses it on this cluster: {_layout_advice(base, cluster, ranks)}")
+    par = spec.parallelism
+    return f"{head}; its layout (pp {par.pp} x dp {par.dp} x tp {par.tp}) runs on them"
+
+
+def _layout_advice(base: Spec, cluster: dict[str, Any], ranks: int) -> str:
+    """The settings that lay `base`'s model out on `ranks` ranks: those of the layout `lcc plan search` ranks
+    first on the measured cluster, where they differ from the spec's."""
+    from lcc.search.search import SearchError, search
+    from lcc.spec.models import Cluster
+
+    measured = base.model_copy(update={"cluster": Cluster.model_validate(cluster)})
+    try:
+        best = search(measured, ranks, 1, top=1).top[0].layout
+    except SearchError as exc:
+        return f"no layout of its model runs on {ranks} ranks ({exc})"
+    mine = Layout.of(base.parallelism).overrides()
+    sets = " ".join(f"--set {o}" for o in best.overrides() if o not in mine)
+    return (f"run it here with {sets} (the layout lcc plan search ranks first for {ranks} ranks), or set those "
+            "fields in the file")

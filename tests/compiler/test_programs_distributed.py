@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import types
 
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from lcc.compiler.layout import coords, groups
 from lcc.compiler.plan import compile_plan
 from lcc.model import build_model
+from lcc.runtime.rendezvous import host_store, join_group
 from lcc.spec import load_spec
 from tests.compiler.programs import Ctx, load
 from tests.conftest import SPECS
@@ -31,12 +31,6 @@ LAYOUTS = {
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard(full: torch.Tensor, shard: dict | None, c, par) -> torch.Tensor:
     if shard is None:
         return full
@@ -47,8 +41,7 @@ def _shard(full: torch.Tensor, shard: dict | None, c, par) -> torch.Tensor:
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group("gloo", rank, world, TIMEOUT_S, port)
     try:
         spec = load_spec(SPECS / "tiny-moe.yaml", [*overrides, "train.dtype=float64"])
         par = spec.parallelism
@@ -101,7 +94,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str
 def test_programs_on_gloo_ranks_equal_the_reference(layout, tmp_path):
     spec = load_spec(SPECS / "tiny-moe.yaml", LAYOUTS[layout])
     world = spec.parallelism.world_size
-    context = mp.start_processes(_worker, args=(world, _free_port(), LAYOUTS[layout], str(tmp_path)), nprocs=world,
+    store = host_store()
+    context = mp.start_processes(_worker, args=(world, store.port, LAYOUTS[layout], str(tmp_path)), nprocs=world,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):

@@ -4,6 +4,7 @@ loading (--set overrides, the spec's rules) and the cost report, nothing of lcc.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -75,9 +76,10 @@ def run(*args: object) -> tuple[int, str]:
 
 
 def _search(*args: object) -> list[tuple[float, dict]]:
-    code, out = run(TINY, "--gpus", GPUS, "--nodes", 1, "--set", SMALL[0], "--json", *args)
-    assert code == 0, out
-    return [(t["step_seconds"], t["layout"]) for t in json.loads(out)["top"]]
+    result = CliRunner().invoke(app, ["plan", "search", *map(str, (TINY, "--gpus", GPUS, "--nodes", 1, "--set",
+                                                                    SMALL[0], "--json", *args))])
+    assert result.exit_code == 0, result.output
+    return [(t["step_seconds"], t["layout"]) for t in json.loads(result.stdout)["top"]]  # progress: on stderr
 
 
 def _key(layout: dict) -> tuple:
@@ -139,6 +141,13 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     result = CliRunner().invoke(app, ["calibrate", "--ranks", "2", "--seconds", "0.05", "--spec", str(TINY),
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
+    # the spec keeps its 8-rank layout, and the line says so, and which settings run it on the 2 ranks measured
+    assert result.stderr.startswith(f"wrote {out}: spec tiny-moe with the cluster measured on 2 ranks; its layout "
+                                    "needs 8 ranks (pp 2 x dp 4 x tp 1), so lcc validate refuses it on this "
+                                    "cluster: run it here with --set "), result.stderr
+    with pytest.raises(SpecError, match="world size pp\\*dp\\*tp = 2\\*4\\*1 = 8 differs"):
+        load_spec(out)
+    load_spec(out, re.findall(r"--set (\S+)", result.stderr))
     spec = load_spec(out, ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2"])
     device, network = spec.cluster.device, spec.cluster.network
     assert spec.cluster.gpus_per_node == 2 and device.kind == "cpu"

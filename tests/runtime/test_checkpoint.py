@@ -34,6 +34,7 @@ from lcc.runtime.checkpoint import (
 )
 from lcc.runtime.checkpoint_layout import Blocks, flat_boxes, local_blocks
 from lcc.runtime.launch import launch, read_metrics
+from lcc.runtime.preflight import LaunchRefused
 from lcc.runtime.support import RunError
 from lcc.serve.weights import check_checkpoint
 from lcc.spec import load_spec, resolved
@@ -302,6 +303,36 @@ def test_resume_refuses_a_dangling_latest(saved, tmp_path):
         launch(saved[0], 8, quiet=True, checkpoints=checkpoints, resume=True)
 
 
+@pytest.mark.parametrize("name", ["../elsewhere/step-000001", "/elsewhere/step-000001", "..", "step-000001/../..",
+                                  "step-1.tmp"])
+def test_latest_can_only_name_a_checkpoint_folder_beside_it(tmp_path, name):
+    """`latest` is joined to its directory: a name that leads out of it (or is not a checkpoint folder's) is
+    an error naming the pointer, wherever the path would lead, and the same for every reader."""
+    from lcc.runtime.checkpoint import resolve
+
+    (tmp_path / "elsewhere" / "step-000001").mkdir(parents=True)  # a checkpoint folder it could reach
+    checkpoints = tmp_path / "ckpt"
+    (checkpoints / "step-000001").mkdir(parents=True)
+    (checkpoints / "latest").write_text(name + "\n")
+    message = re.escape(f"{checkpoints / 'latest'}: names {name!r}, which is not a checkpoint folder of {checkpoints}")
+    for read in (latest, resolve, lambda d: check_resume(d, {})):
+        with pytest.raises(CheckpointError, match=message):
+            read(checkpoints)
+
+
+def test_a_latest_that_leads_elsewhere_is_refused_or_passed_over(saved, tmp_path, capsys):
+    checkpoints = _copy(saved, tmp_path)
+    (checkpoints / "latest").write_text("../ckpt/step-000001\n")  # leads back in, but is no name lcc writes
+    with pytest.raises(LaunchRefused, match=r"latest: names '../ckpt/step-000001', which is not a checkpoint folder "
+                                            r"(.|\n)*--fallback resumes from the newest older checkpoint that passes "
+                                            r"this check: step-000001"):
+        launch(saved[0], 1, quiet=True, checkpoints=checkpoints, resume=True)
+    launch(saved[0], 1, checkpoints=checkpoints, resume=True, fallback=True)
+    out = capsys.readouterr()
+    assert f"resuming from {checkpoints / 'step-000001'} instead (--fallback)" in out.err
+    assert "nothing to run" in out.out  # step 1 is taken
+
+
 def test_resume_without_a_checkpoint_is_an_error(saved, tmp_path):
     mistyped = tmp_path / "ckpt-typo"
     with pytest.raises(RunError, match=f"^{mistyped}: no checkpoint to resume from \\(no such directory\\)"):
@@ -377,7 +408,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(saved, tmp_path):
     with locked(checkpoints):  # as a run in another process holds it
         out = CliRunner().invoke(app, ["run", "train", str(saved[0]), "--checkpoint-dir", str(checkpoints),
                                        "--resume", "--steps", "1"])
-    assert out.exit_code == 1, out.output
+    assert out.exit_code == 2, out.output  # refused before any rank starts
     assert out.stderr.startswith(f"lcc run train: {checkpoints} is in use by pid {os.getpid()} (started ")
     with locked(checkpoints):  # released with the run that held it
         pass

@@ -3,9 +3,6 @@ ZeRO-3 ranks hold only their shards between layers; peak memory is measured."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.runtime.checkpoint import latest
 from lcc.runtime.launch import launch, read_metrics
+from lcc.runtime.rendezvous import host_store, join_group
 from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.layouts import LAYOUTS
@@ -86,8 +84,7 @@ def _probe_rank(rank: int, plan_dir: str, port: int, out: str) -> None:
     from lcc.runtime.engine import RankEngine
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    join_group("gloo", rank, 2, 60, port)
     seen = []
     gather = ops.zero_gather
 
@@ -119,10 +116,8 @@ def _layer(name: str) -> str:
 def test_zero3_ranks_hold_only_shards_between_layers(checkpointing, tmp_path):
     plan = tmp_path / "plan"
     write(compile_plan(memory_spec("dp2", 3, checkpointing)), plan)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_probe_rank, args=(str(plan), port, str(tmp_path)), nprocs=2, join=False,
+    store = host_store()
+    context = mp.start_processes(_probe_rank, args=(str(plan), store.port, str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
     assert context.join(timeout=100) or context.join(timeout=10)
     for rank in range(2):

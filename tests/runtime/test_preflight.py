@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 from lcc.cache import write_atomically
 from lcc.cli import app
 from lcc.plan import read_plan
-from lcc.runtime.preflight import GIB, RANK_BASE_BYTES, LaunchRefused, check_machine, rank_bytes
+from lcc.runtime.preflight import GIB, RANK_BASE_BYTES, LaunchRefused, check_machine, check_writable, rank_bytes
 from tests.conftest import ROOT, SPECS
 
 GENERATED = ROOT / "generated"
@@ -65,6 +66,84 @@ def test_unwritable_outputs_are_found_before_training(tmp_path, option, message)
     result = run("run", "train", str(GENERATED / "tiny-moe"), "--steps", "1", option, str(path))
     assert result.exit_code == 2
     assert f"{option} {path}: " in result.output and message in result.output
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """The calls that would have started a run's ranks (none, when the run is refused)."""
+    import lcc.runtime.launch
+
+    started = []
+    monkeypatch.setattr(lcc.runtime.launch, "_launch", lambda *args: started.append(args))
+    return started
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("option, path", [("--metrics", "/proc/lcc.jsonl"), ("--transcript", "/proc/lcc.jsonl"),
+                                          ("--checkpoint-dir", "/proc/lcc-ckpt"), ("--metrics", "/proc/a/b.jsonl")])
+def test_an_output_that_cannot_be_created_is_refused_before_any_rank_starts(no_ranks, option, path):
+    """Nothing can be created in /proc, which permission bits (and os.access) call writable for root: the
+    check creates what it checks, in the command and in the launcher it calls."""
+    from lcc.runtime.launch import launch
+
+    result = run("run", "train", str(GENERATED / "tiny-moe"), "--steps", "1", option, path)
+    assert result.exit_code == 2 and no_ranks == []
+    assert result.stderr.startswith(f"lcc: {option} {path}: cannot create it in /proc (")
+    assert result.stderr.count("\n") == 1
+    keyword = {"--metrics": "metrics", "--transcript": "transcript", "--checkpoint-dir": "checkpoints"}[option]
+    with pytest.raises(LaunchRefused, match=f"^{option} {path}: cannot create it in /proc"):
+        launch(GENERATED / "tiny-moe", 1, **{keyword: Path(path)})
+    assert no_ranks == []
+
+
+@needs_proc
+def test_compile_export_and_cache_outputs_are_tried_before_any_work(monkeypatch):
+    import lcc.inspect.target
+
+    result = run("compile", str(SPECS / "tiny-moe.yaml"), "--out", "/proc/lcc-plan")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("lcc: --out /proc/lcc-plan: cannot create it in /proc (")
+    monkeypatch.setattr(lcc.inspect.target, "load", lambda *args: pytest.fail("compiled before checking --out"))
+    result = run("plan", "export", str(GENERATED / "tiny-moe"), "--format", "csv", "--out", "/proc/lcc.csv")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("lcc: --out /proc/lcc.csv: cannot create it in /proc (")
+    monkeypatch.chdir("/proc")  # the run cache, .lcc-cache/ in the working directory
+    result = run("run", "train", str(SPECS / "tiny-moe.yaml"), "--steps", "1")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("lcc: the run cache .lcc-cache/tiny-moe-")
+    assert ": cannot create it in /proc (" in result.stderr
+
+
+def test_checking_an_output_changes_nothing(tmp_path):
+    """An existing file is not truncated (a resumed run appends to its metrics); what the check creates to
+    try is removed again."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n')
+    check_writable(metrics, "--metrics")
+    check_writable(tmp_path / "new.jsonl", "--transcript")
+    check_writable(tmp_path / "runs" / "a" / "m.jsonl", "--metrics")
+    check_writable(tmp_path / "ckpt", "--checkpoint-dir", folder=True)
+    check_writable(tmp_path, "--checkpoint-dir", folder=True)
+    assert metrics.read_text() == '{"step": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_resume_from_a_missing_directory_is_refused(no_ranks, tmp_path):
+    mistyped = tmp_path / "ckpt-typo"
+    result = run("run", "train", str(GENERATED / "tiny-moe"), "--steps", "1", "--checkpoint-dir", str(mistyped),
+                 "--resume")
+    assert result.exit_code == 2 and no_ranks == []
+    assert result.stderr == (f"lcc run train: {mistyped}: no checkpoint to resume from (no such directory); "
+                             "--resume-if-any starts at step 0 when there is none\n")
+    assert not mistyped.exists()
+    from lcc.runtime.launch import launch
+
+    with pytest.raises(LaunchRefused, match=f"^{mistyped}: no such file or directory"):  # --init-from: the same
+        launch(GENERATED / "tiny-moe", 1, init_from=mistyped)
+    assert no_ranks == []
 
 
 def test_compile_out_must_be_writable(tmp_path):
@@ -151,3 +230,20 @@ def test_generate_refuses_a_cuda_plan_here():
                  "--prompt", "a")
     assert result.exit_code == 2
     assert "the plan runs on CUDA GPUs (cluster.device.kind: cuda) and this machine has none" in result.output
+
+
+def test_threads_per_rank_share_the_cores_this_process_may_use(monkeypatch):
+    """The cores of the process's CPU affinity (taskset, container CPU sets), not the machine's, shared among
+    the ranks; LCC_THREADS chooses the number instead, and a bad value is refused before any rank starts."""
+    from lcc.runtime import threads
+
+    monkeypatch.delenv("LCC_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert [threads.threads_per_rank(n) for n in (1, 2, 4, 8)] == [6, 3, 1, 1]
+    monkeypatch.setenv("LCC_THREADS", "2")
+    assert threads.threads_per_rank(8) == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LCC_THREADS", bad)
+        with pytest.raises(LaunchRefused, match="LCC_THREADS"):
+            threads.threads_per_rank(1)

@@ -4,9 +4,7 @@ by the programs' gathers and by the runtime's gradient buckets."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
 import types
 
 import pytest
@@ -18,6 +16,7 @@ from lcc.ops import ProgramContext, offload_gathered, zero_gather, zero_prefetch
 from lcc.ops.zero import chunk_size, shard_flat
 from lcc.plan.types import GradBucket, Parameter, Zero
 from lcc.runtime.grad_sync import GradSync
+from lcc.runtime.rendezvous import host_store, join_group
 from lcc.runtime.zero import ZeroLayout
 
 SHAPES = {"v": [7], "m": [5, 3], "tiny": [2]}  # 7 and 15 elements over 3 ranks; 2 elements: one rank gets none
@@ -32,8 +31,7 @@ def test_pieces_cover_the_tensor_once():
 
 def _rank(rank: int, port: int, errors: str) -> None:
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=3, timeout=datetime.timedelta(seconds=60))
+        join_group("gloo", rank, 3, 60, port)
         full = {n: torch.arange(float(torch.Size(s).numel())).view(s) + 10 * i
                 for i, (n, s) in enumerate(SHAPES.items())}
         P = {n: torch.nn.Parameter(shard_flat(t, 3, rank)) for n, t in full.items()}
@@ -90,10 +88,8 @@ def _rank(rank: int, port: int, errors: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_uneven_pieces_on_three_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_rank, args=(port, str(tmp_path)), nprocs=3, join=False, start_method="spawn")
+    store = host_store()
+    context = mp.start_processes(_rank, args=(store.port, str(tmp_path)), nprocs=3, join=False, start_method="spawn")
     try:
         while not context.join(timeout=100):
             pass
