@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test golden bench clean
+.PHONY: demo test wheel-check golden bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,9 +43,20 @@ golden: $(STAMP)
 	for spec in specs/*.yaml; do \
 	  $(BIN)/lcc compile $$spec && $(BIN)/lcc compile $$spec --mode serve || exit 1; done
 
+# Two pytest workers, a test file each at a time: most tests run in one thread, and the multi-rank tests
+# mostly wait on each other, so two files at once fill the two cores (each rank then takes one thread,
+# tests/conftest.py). PYTEST_WORKERS= runs the suite in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/ruff check lcc backends tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS)
+	$(MAKE) --no-print-directory wheel-check
+
+# The wheel installed into a new virtual environment and run outside the checkout (about a minute):
+# lcc report, lcc compile and lcc run generate on the native kernels it builds (.ci/wheel_check.sh)
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh
 
 # The quick benchmarks (about a minute); the others: python -m benchmarks.<name> (docs/benchmarks.md).
 bench: $(STAMP)

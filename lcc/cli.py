@@ -40,7 +40,7 @@ def main_options(
     """Compile Mixture-of-Experts model specs into parallel plans, and report what they cost."""
 
 
-SpecArg = Annotated[Path, typer.Argument(help="The spec file (YAML).", show_default=False)]
+SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="The spec file (YAML).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,  # noqa: UP007 - typer needs Optional here
     typer.Option("--set", metavar="FIELD=VALUE",
@@ -113,6 +113,7 @@ def report(
 def _report_plot(spec: Path, sets: list[str] | None, mode: str, data: dict[str, Any], path: Path) -> None:
     """The report's picture: the plan compiled in memory for the pipeline timeline (memory alone when the
     layout does not compile, saying why)."""
+    typer.echo(f"lcc report: drawing {path} (compiling the plan for its pipeline timeline) ...", err=True)
     from lcc.compiler.plan import compile_plan
     from lcc.inspect import plot as pictures
     from lcc.inspect.target import InspectError, Target
@@ -186,7 +187,8 @@ app.add_typer(run_app, name="run")
 
 @run_app.command("train")
 def run_train(
-    target: Annotated[Path, typer.Argument(help="A spec (compiled into .lcc-cache/) or a compiled plan folder.")],
+    target: Annotated[Path, typer.Argument(metavar="SPEC|PLAN_DIR", help="A spec (compiled into .lcc-cache/) or "
+                                           "a compiled plan folder.")],
     set_: SetOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default train.steps).")] = None,
     metrics: Annotated[Path | None, typer.Option("--metrics", help="Write one JSON object per step here.")] = None,
@@ -217,7 +219,7 @@ def run_train(
                                                    "resumes from a checkpoint of its own.")] = None,
 ) -> None:
     """Train on local ranks (gloo on CPU, NCCL on CUDA GPUs), one process per rank of the plan."""
-    from lcc.runtime.launch import launch
+    from lcc.runtime.preflight import check_outputs
     from lcc.runtime.support import RunError
     from lcc.spec.data import check_data, spec_folder
 
@@ -230,6 +232,9 @@ def run_train(
     if (resume or resume_if_any) and checkpoint_dir is None:
         typer.echo(f"{'--resume' if resume else '--resume-if-any'} needs --checkpoint-dir", err=True)
         raise typer.Exit(2)
+    # before torch is imported, and compiling: tried by creating them
+    _exit_on_run_error(check_outputs, {"--metrics": metrics, "--transcript": transcript,
+                                       "--checkpoint-dir": checkpoint_dir})
     if target.is_dir():
         if set_:
             typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
@@ -250,6 +255,8 @@ def run_train(
         if not (plan_dir / "plan.json").is_file():
             _exit_on_run_error(check_writable, plan_dir, "the run cache", True)
             write_atomically(_exit_on_spec_error(compile_plan, loaded), plan_dir)
+    from lcc.runtime.launch import launch
+
     try:  # spec_dir: the ranks read a relative train.data.path from it, which a plan does not record
         launch(plan_dir, steps if steps is not None else loaded.train.steps, metrics, checkpoints=checkpoint_dir,
                resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript,
@@ -261,8 +268,9 @@ def run_train(
 
 @run_app.command("generate")
 def run_generate(
-    target: Annotated[Path, typer.Argument(help="A spec (compiled into .lcc-cache/ as a serve plan) or a compiled "
-                                           "serve plan folder (lcc compile --mode serve).")],
+    target: Annotated[Path, typer.Argument(metavar="SPEC|PLAN_DIR", help="A spec (compiled into .lcc-cache/ as "
+                                           "a serve plan) or a compiled serve plan folder (lcc compile --mode "
+                                           "serve).")],
     set_: SetOpt = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint of lcc run train (a "
                                                     "step-NNNNNN folder, or a --checkpoint-dir: its latest), saved "
@@ -332,15 +340,17 @@ def run_generate(
 
 @run_app.command("serve")
 def run_serve(
-    target: Annotated[Path, typer.Argument(help="A spec (compiled into .lcc-cache/ as a serve plan) or a compiled "
-                                           "serve plan folder (lcc compile --mode serve).")],
+    target: Annotated[Path, typer.Argument(metavar="SPEC|PLAN_DIR", help="A spec (compiled into .lcc-cache/ as "
+                                           "a serve plan) or a compiled serve plan folder (lcc compile --mode "
+                                           "serve).")],
     set_: SetOpt = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint of lcc run train (a "
                                                     "step-NNNNNN folder, or a --checkpoint-dir: its latest), saved "
                                                     "under any layout. Default: the deterministic initialisation.")]
     = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: one the "
+                                              "system chooses, named in the ready line).")] = 8000,
     max_queued: Annotated[int, typer.Option("--max-queued", min=1, help="Requests waiting for their first step "
                                             "beyond which new ones get 429.")] = 64,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="On SIGTERM or SIGINT, "
@@ -408,8 +418,8 @@ checkpoint_app.command("export-hf")(checkpoint_export_hf)
 
 @checkpoint_app.command("info")
 def checkpoint_info(
-    ckpt: Annotated[Path, typer.Argument(help="A checkpoint folder (step-NNNNNN), or a --checkpoint-dir folder "
-                                         "(its latest checkpoint).", show_default=False)],
+    ckpt: Annotated[Path, typer.Argument(metavar="CKPT", help="A checkpoint folder (step-NNNNNN), or a "
+                                         "--checkpoint-dir folder (its latest checkpoint).", show_default=False)],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: global shape, dtype, size and "
                                           "the chunks it was saved in.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON (schema lcc.checkpoint-info/1).")] = False,
@@ -498,6 +508,43 @@ def _plan_spec(plan_dir: Path) -> Spec:
         typer.echo(f"{path}: not a plan folder this lcc can run ({type(exc).__name__}); compile the spec again",
                    err=True)
         raise typer.Exit(2) from None
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose usage line names its arguments as their help does (`lcc run train [OPTIONS]
+    SPEC|PLAN_DIR`): typer writes a required argument as `{name}`, which reads as a placeholder syntax."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_usage_name(param))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+def _usage_name(argument: Any) -> str:
+    """An argument as a usage line shows it: its metavar (or name in capitals), `...` when it repeats, in
+    brackets when it may be left out."""
+    name = argument.metavar or argument.name.upper()
+    if argument.nargs != 1:
+        name += "..."
+    return name if argument.required else f"[{name}]"
+
+
+def _name_arguments_in_usage(group: typer.Typer) -> None:
+    """Every command of the group and its subgroups, those registered by other modules included, uses
+    `_Command` (unless it chose a class of its own)."""
+    for info in group.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = _Command
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _name_arguments_in_usage(sub.typer_instance)
+
+
+_name_arguments_in_usage(app)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ def line_of(text: str, needle: str) -> int:
         if needle in line:
             return i
     raise AssertionError(f"{needle!r} not in text")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers), each rank of a run started by a test takes one
+    intra-op thread (LCC_THREADS, docs/runtime.md): the workers share the cores, and a rank's threads that
+    spin waiting for a core the other worker holds make its steps many times slower."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        os.environ.setdefault("LCC_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import typer.main
+from typer.testing import CliRunner
 
+from lcc.cli import app
 from tests.conftest import ROOT, SPECS, line_of, write
 
 
@@ -87,3 +92,60 @@ def test_no_torch_on_the_report_path(code):
     out = subprocess.run([sys.executable, "-c", f"{code}; import sys; assert 'torch' not in sys.modules"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every command (not group) of click's command tree, with its words."""
+    for name, sub in group.commands.items():
+        yield from _commands(sub, (*path, name)) if hasattr(sub, "commands") else [((*path, name), sub)]
+
+
+COMMANDS = list(_commands(typer.main.get_command(app)))
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_usage_lines_name_the_arguments(path, command):
+    result = CliRunner().invoke(app, [*path, "--help"], prog_name="lcc")
+    assert result.exit_code == 0, result.output
+    names = [p.metavar or p.name.upper() for p in command.params if p.param_type_name == "argument"]
+    assert result.output.splitlines()[0] == " ".join(["Usage: lcc", *path, "[OPTIONS]", *names])
+
+
+def test_plan_diff_refuses_an_invalid_spec_as_validate_does_before_importing_torch(tmp_path):
+    bad = write(tmp_path, "name: x\nmodel: {d_model: -1}\n")
+    code = ("import sys\nfrom lcc.cli import app\ntry:\n"
+            f"    app(['plan', 'diff', 'specs/tiny-moe.yaml', {str(bad)!r}])\n"
+            "except SystemExit as exc:\n    code = exc.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    validate = CliRunner().invoke(app, ["validate", str(bad)])
+    assert validate.exit_code == out.returncode == 2, out.stderr
+    assert out.stderr == validate.stderr and f"{bad}:2:9: model.d_model" in out.stderr
+
+
+def test_plan_search_says_what_it_does_on_stderr_and_json_stays_alone_on_stdout():
+    result = CliRunner().invoke(app, ["plan", "search", str(SPECS / "tiny-moe.yaml"), "--gpus", "8", "--top", "1",
+                                      "--fix", "parallelism.tp=2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    said = result.stderr.splitlines()
+    assert all(line.startswith("lcc plan search: ") for line in said), said
+    assert said[0].startswith(f"lcc plan search: {data['considered']:,} layouts of 8 GPUs (1 x 8): checking")
+    assert said[-1].startswith("lcc plan search: done in ") and f"({data['evaluated']:,} layouts estimated" in said[-1]
+
+
+def test_report_plot_says_it_is_drawing_on_stderr_and_json_stays_alone_on_stdout(tmp_path, monkeypatch):
+    from lcc.compiler import plan as compiler
+    from lcc.inspect import plot
+
+    # the committed plan and no picture: the messages are under test here, the picture in test_pictures
+    committed = {"plan.json": (ROOT / "generated" / "tiny-moe" / "plan.json").read_text()}
+    monkeypatch.setattr(compiler, "compile_plan", lambda spec, mode: committed)
+    drawn = []
+    monkeypatch.setattr(plot, "report_picture", lambda data, mode, target, path, why: drawn.append(path))
+    png = tmp_path / "r.png"
+    result = CliRunner().invoke(app, ["report", str(SPECS / "tiny-moe.yaml"), "--json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["schema"] == "lcc.report/1" and drawn == [png]
+    said = result.stderr.splitlines()
+    assert said[0].startswith(f"lcc report: drawing {png}") and said[-1] == f"wrote {png}", said

@@ -13,8 +13,8 @@ plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Look at plans: show a rank or role, diff two layouts, export for other tools; "
                        "search layouts.")
 
-TargetArg = Annotated[Path, typer.Argument(help="A compiled plan folder, or a spec (compiled in memory).",
-                                           show_default=False)]
+TargetArg = Annotated[Path, typer.Argument(metavar="SPEC|PLAN_DIR", help="A spec (compiled in memory), or a "
+                                           "compiled plan folder.", show_default=False)]
 ModeOpt = Annotated[str, typer.Option("--mode", help="For a spec: train or serve.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="FIELD=VALUE",  # noqa: UP007
                                                   help="For a spec: override a field (repeatable).")]
@@ -82,8 +82,8 @@ def show(
 
 @plan_app.command("diff")
 def diff_cmd(
-    a: Annotated[Path, typer.Argument(help="A plan folder or a spec.", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Another plan folder or spec (the same spec with --set-b).",
+    a: Annotated[Path, typer.Argument(metavar="A", help="A plan folder or a spec.", show_default=False)],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Another plan folder or spec (the same spec with --set-b).",
                                       show_default=False)],
     set_a: Annotated[list[str] | None, typer.Option("--set-a", metavar="FIELD=VALUE",  # noqa: UP007
                                                     help="Override a field of spec A (repeatable).")] = None,
@@ -98,14 +98,16 @@ def diff_cmd(
     from rich.console import Console
 
     from lcc.inspect import diff as differ
-    from lcc.inspect.target import load
+    from lcc.inspect.target import prepare
 
     def run() -> None:
-        ta, tb = load(a, mode, set_a), load(b, mode, set_b)
+        build_a, build_b = prepare(a, mode, set_a), prepare(b, mode, set_b)  # both checked before compiling
+        ta, tb = build_a(), build_b()
         d = differ.diff(ta, tb)
         if plot is not None:
             from lcc.inspect import plot as pictures
 
+            typer.echo(f"lcc plan diff: drawing {plot} ...", err=True)
             pictures.side_by_side(ta, tb, plot)
         if as_json:
             typer.echo(json.dumps(d, indent=1, sort_keys=True))
@@ -132,6 +134,7 @@ def export_cmd(
     as a graph, the schedule."""
     from lcc.inspect import export as exporter
     from lcc.inspect.target import InspectError, load
+    from lcc.runtime.preflight import LaunchRefused, check_writable
 
     def write(path: Path, data: bytes) -> None:
         try:
@@ -145,6 +148,10 @@ def export_cmd(
             raise InspectError(f"--format {fmt}: one of {', '.join(exporter.FORMATS)}")
         if role is not None and fmt != "onnx":
             raise InspectError(f"--role applies to --format onnx (one model per role), not to {fmt}")
+        try:  # before compiling: an --out that cannot be written is found at once
+            check_writable(out, "--out", folder=fmt == "onnx" and role is None and not out.is_file())
+        except LaunchRefused as exc:
+            raise InspectError(str(exc)) from None
         t = load(target, mode, set_)
         if fmt == "onnx":
             from lcc.inspect.onnx_export import models
@@ -170,7 +177,8 @@ def export_cmd(
 
 @plan_app.command("search")
 def search_cmd(
-    spec_path: Annotated[Path, typer.Argument(help="The spec whose model to lay out.", show_default=False)],
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The spec whose model to lay out.",
+                                              show_default=False)],
     gpus: Annotated[int, typer.Option("--gpus", min=1, help="Devices to lay the model out on.", show_default=False)],
     nodes: Annotated[int | None, typer.Option("--nodes", min=1, help="Nodes they are in (default: the spec's "  # noqa: UP007
                                               "devices per node).")] = None,
@@ -187,6 +195,8 @@ def search_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Rank every valid layout of the spec's model on --gpus devices by estimated step time (docs/search.md)."""
+    import time
+
     from lcc.search.search import SearchError, parse_fix, search
     from lcc.search.view import as_json as to_json
     from lcc.search.view import table, write_spec
@@ -195,15 +205,22 @@ def search_cmd(
     if objective not in ("step_time", "memory"):
         typer.echo(f"lcc: --objective {objective}: step_time or memory", err=True)
         raise typer.Exit(2)
+
+    def say(message: str) -> None:  # on stderr: with --json, stdout holds the JSON alone
+        typer.echo(f"lcc plan search: {message}", err=True)
+
+    started = time.monotonic()
     try:
         spec = load_spec(spec_path, set_ or [])
-        result = search(spec, gpus, nodes, top, objective, [parse_fix(f) for f in fix or []], prune)
+        result = search(spec, gpus, nodes, top, objective, [parse_fix(f) for f in fix or []], prune, say)
     except SpecError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     except SearchError as exc:
         typer.echo(f"lcc plan search: {exc}", err=True)
         raise typer.Exit(2) from None
+    say(f"done in {time.monotonic() - started:.1f} s ({result.evaluated:,} layouts estimated, {result.fitting:,} "
+        "fit)")
     if as_json:
         typer.echo(json.dumps(to_json(result), indent=2))
     else:
@@ -211,5 +228,4 @@ def search_cmd(
             typer.echo(line)
     if write_to is not None:
         write_spec(spec, result, write_to)
-        if not as_json:
-            typer.echo(f"wrote {write_to}")
+        typer.echo(f"wrote {write_to}", err=as_json)

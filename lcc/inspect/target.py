@@ -3,11 +3,13 @@ overrides and a mode). Bad input is one line and exit code 2 (`InspectError`).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcc.plan import PlanFormatError, loads, read_plan
 from lcc.plan.types import Plan
+from lcc.spec.models import Spec
 
 
 class InspectError(Exception):
@@ -33,6 +35,13 @@ class Target:
 
 
 def load(path: Path, mode: str = "train", sets: list[str] | None = None) -> Target:
+    return prepare(path, mode, sets)()
+
+
+def prepare(path: Path, mode: str = "train", sets: list[str] | None = None) -> Callable[[], Target]:
+    """What builds the target, once the input is checked: a plan folder read, a spec validated. Compiling
+    (which imports torch: seconds) comes after, so that a command given several targets refuses a bad one at
+    once, as `lcc validate` does, rather than after compiling the others."""
     path = Path(path)
     if path.is_dir():
         if sets:
@@ -41,16 +50,23 @@ def load(path: Path, mode: str = "train", sets: list[str] | None = None) -> Targ
             if not (path / name).is_file():
                 raise InspectError(f"{path / name}: missing (not a compiled plan folder: lcc compile writes one)")
         try:
-            return Target(read_plan(path), str(path), folder=path)
+            target = Target(read_plan(path), str(path), folder=path)
         except PlanFormatError as exc:
             raise InspectError(f"{exc}; compile the spec again") from None
+        return lambda: target
     if not path.is_file():
         raise InspectError(f"{path}: no such file or folder (give a compiled plan folder or a spec)")
     if mode not in ("train", "serve"):
         raise InspectError(f"--mode {mode}: train or serve")
-    from lcc.compiler.plan import compile_plan
     from lcc.spec import load_spec
 
-    files = compile_plan(load_spec(path, sets or []), mode)  # SpecError: the caller prints it, exit 2
+    spec = load_spec(path, sets or [])  # SpecError: the caller prints it, exit 2
     label = " ".join([str(path), *(f"--set {s}" for s in sets or [])]) + (" (serve)" if mode == "serve" else "")
+    return lambda: _compiled(spec, mode, label)
+
+
+def _compiled(spec: Spec, mode: str, label: str) -> Target:
+    from lcc.compiler.plan import compile_plan
+
+    files = compile_plan(spec, mode)  # SpecError (a rule only the compiler checks): the caller prints it
     return Target(loads(files["plan.json"]), label, files=files)

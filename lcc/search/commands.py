@@ -24,8 +24,8 @@ def calibrate(
     as a spec's cluster section (docs/search.md)."""
     import yaml
 
-    from lcc.search.calibrate import cluster_section, measure
-    from lcc.spec import SpecError, load_spec, resolved
+    from lcc.search.calibrate import calibrated_spec, cluster_section, measure, written
+    from lcc.spec import SpecError, load_spec
 
     if dtype not in ("float32", "bfloat16", "float64"):
         typer.echo(f"lcc calibrate: --dtype {dtype}: float32, bfloat16 or float64", err=True)
@@ -48,7 +48,6 @@ def calibrate(
     typer.echo(json.dumps({**rates, "cluster": cluster}, indent=2) if as_json else text.rstrip())
     if out is not None:
         if base is not None:
-            data = {**resolved(base), "cluster": cluster}
-            text = f"# {base.name} with the cluster measured by lcc calibrate ({ranks} ranks)\n" + yaml.safe_dump(
-                data, sort_keys=False, default_flow_style=None, width=110)
+            text = calibrated_spec(base, cluster, ranks)
         out.write_text(text)
+        typer.echo(written(out, base, cluster, ranks), err=True)

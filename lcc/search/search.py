@@ -17,6 +17,7 @@ layout can enter the top K (ties included), and the rest are pruned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,9 +229,13 @@ def parse_fix(text: str) -> tuple[str, object]:
 
 
 def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objective: str = "step_time",
-           fixes: list[tuple[str, object]] | tuple = (), prune: bool = True) -> Result:
+           fixes: list[tuple[str, object]] | tuple = (), prune: bool = True,
+           progress: Callable[[str], None] | None = None) -> Result:
     """The top `top` valid, fitting layouts of `spec`'s model on `gpus` devices over `nodes` nodes (default:
-    the spec's devices per node), best first (ties: in the space's order)."""
+    the spec's devices per node), best first (ties: in the space's order). `progress` hears what each of the
+    two passes (checking every layout, then estimating the survivors) is about to do: together they take
+    seconds on a large cluster."""
+    say = progress or (lambda _: None)
     asked = nodes
     per_node = spec.cluster.gpus_per_node if nodes is None else gpus // nodes
     nodes = gpus // per_node if nodes is None else nodes
@@ -243,9 +248,12 @@ def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objec
     device = round(spec.cluster.device.memory_gib * GIB)
     survivors: list[tuple[float, int, Layout, Spec]] = []
     first_refusal: str | None = None
-    for index, layout in enumerate(layouts(spec, gpus, per_node)):
-        if any(layout.value(f) != v for f, v in fixes):
-            continue
+    space = [(index, layout) for index, layout in enumerate(layouts(spec, gpus, per_node))
+             if all(layout.value(f) == v for f, v in fixes)]
+    if space:
+        say(f"{len(space):,} layouts of {gpus} GPUs ({nodes} x {per_node}): checking each against the spec's "
+            f"rules{' and the bounds' if prune else ''} ...")
+    for index, layout in space:
         result.considered += 1
         candidate = on_cluster(spec, layout, nodes, per_node)
         found = problems(candidate)
@@ -267,6 +275,10 @@ def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objec
                           f"{' with ' + ', '.join(f'{f} = {v}' for f, v in fixes) if fixes else ''}: every one "
                           f"breaks a rule of the spec, e.g. {first_refusal}")
     survivors.sort(key=lambda s: (s[0], s[1]))
+    bound_name = "step-time" if objective == "step_time" else "memory"
+    say(f"{len(survivors):,} left ({result.invalid:,} invalid, {result.pruned_memory:,} pruned by memory): "
+        + (f"estimating them in order of the {bound_name} bound, until it rules out the rest ..." if prune else
+           "estimating each ..."))
     best: list[tuple[float, int, tuple[Layout, Spec]]] = []
     for n, (bound, index, layout, candidate) in enumerate(survivors):
         if prune and len(best) >= top and bound > best[top - 1][0] * (1 + 1e-12):
