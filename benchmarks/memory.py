@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
 
 from benchmarks.common import machine, write
-from lcc.compiler.cost.report import CostModel, cost_report
+from lcc.compiler.cost.model import CostModel
+from lcc.compiler.cost.report import cost_report
 from lcc.compiler.output import write as write_plan
 from lcc.compiler.plan import compile_plan
 from lcc.runtime.launch import launch, read_metrics

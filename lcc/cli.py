@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from lcc.spec import Location, Spec, SpecError, load_spec
-
-T = TypeVar("T")
+from lcc.cli_exits import exit_on_run_error, exit_on_spec_error, load_or_exit, plan_spec
+from lcc.cli_usage import name_arguments_in_usage
+from lcc.spec import Location, SpecError, load_spec
 
 # plain help (click's layout): typer's rich panels print `<bool>` after flags that take no value
 app = typer.Typer(
@@ -48,18 +47,10 @@ SetOpt = Annotated[
 ]
 
 
-def _load(spec: Path, overrides: list[str] | None):
-    try:
-        return load_spec(spec, overrides or [])
-    except SpecError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-
-
 @app.command()
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec: field types, ranges and cross-field rules. Exit 2 with file:line:col on a problem."""
-    loaded = _load(spec, set_)
+    loaded = load_or_exit(spec, set_)
     par = loaded.parallelism
     typer.echo(f"{spec}: ok ({loaded.name}: world {par.world_size} = pp {par.pp} x dp {par.dp} x tp {par.tp}, "
                f"ep {par.ep})")
@@ -90,7 +81,7 @@ def report(
     if mode not in ("train", "serve"):
         typer.echo(f"--mode must be train or serve, not {mode!r}", err=True)
         raise typer.Exit(2)
-    loaded = _load(spec, set_)
+    loaded = load_or_exit(spec, set_)
     if mode == "serve" and loaded.serve is None:
         typer.echo(f"{spec}: no serve section (serve.max_seq_len at least): nothing to report for serving", err=True)
         raise typer.Exit(2)
@@ -147,7 +138,7 @@ def compile(  # noqa: A001 - the command is called compile
     if mode not in ("train", "serve"):
         typer.echo(f"--mode must be train or serve, not {mode!r}", err=True)
         raise typer.Exit(2)
-    loaded = _load(spec, set_)
+    loaded = load_or_exit(spec, set_)
     if set_ and out is None:
         typer.echo("a compile with --set overrides needs --out: generated/ holds only the shipped specs as written",
                    err=True)
@@ -159,7 +150,7 @@ def compile(  # noqa: A001 - the command is called compile
 
     target = out or Path("generated") / loaded.name / ("serve" if mode == "serve" else "")
     if not check:
-        _exit_on_run_error(check_writable, target, "--out", True)
+        exit_on_run_error(check_writable, target, "--out", True)
     try:
         files = compile_plan(loaded, mode)
     except SpecError as exc:
@@ -233,28 +224,28 @@ def run_train(
         typer.echo(f"{'--resume' if resume else '--resume-if-any'} needs --checkpoint-dir", err=True)
         raise typer.Exit(2)
     # before torch is imported, and compiling: tried by creating them
-    _exit_on_run_error(check_outputs, {"--metrics": metrics, "--transcript": transcript,
+    exit_on_run_error(check_outputs, {"--metrics": metrics, "--transcript": transcript,
                                        "--checkpoint-dir": checkpoint_dir})
     if target.is_dir():
         if set_:
             typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
             raise typer.Exit(2)
-        loaded, spec_dir = _plan_spec(target), None
-        _exit_on_spec_error(check_data, loaded, None, Location(str(target / "spec.json")))
+        loaded, spec_dir = plan_spec(target), None
+        exit_on_spec_error(check_data, loaded, None, Location(str(target / "spec.json")))
         plan_dir = target
     else:
         from lcc.cache import run_dir, write_atomically
         from lcc.compiler.plan import compile_plan
         from lcc.runtime.preflight import check_steps, check_writable
 
-        loaded = _load(target, set_)
+        loaded = load_or_exit(target, set_)
         spec_dir = spec_folder(loaded)
-        _exit_on_spec_error(check_data, loaded)
+        exit_on_spec_error(check_data, loaded)
         plan_dir = run_dir(loaded)  # keyed by the resolved spec, the plan version and lcc's own source
-        _exit_on_run_error(check_steps, steps if steps is not None else loaded.train.steps)
+        exit_on_run_error(check_steps, steps if steps is not None else loaded.train.steps)
         if not (plan_dir / "plan.json").is_file():
-            _exit_on_run_error(check_writable, plan_dir, "the run cache", True)
-            write_atomically(_exit_on_spec_error(compile_plan, loaded), plan_dir)
+            exit_on_run_error(check_writable, plan_dir, "the run cache", True)
+            write_atomically(exit_on_spec_error(compile_plan, loaded), plan_dir)
     from lcc.runtime.launch import launch
 
     try:  # spec_dir: the ranks read a relative train.data.path from it, which a plan does not record
@@ -389,11 +380,11 @@ def _serve_plan(target: Path, set_: list[str] | None) -> Path:
     from lcc.compiler.plan import compile_plan
     from lcc.runtime.preflight import check_writable
 
-    loaded = _load(target, set_)
+    loaded = load_or_exit(target, set_)
     plan_dir = run_dir(loaded, mode="serve")
     if not (plan_dir / "plan.json").is_file():
-        _exit_on_run_error(check_writable, plan_dir, "the run cache", True)
-        write_atomically(_exit_on_spec_error(compile_plan, loaded, "serve"), plan_dir)
+        exit_on_run_error(check_writable, plan_dir, "the run cache", True)
+        write_atomically(exit_on_spec_error(compile_plan, loaded, "serve"), plan_dir)
     return plan_dir
 
 
@@ -415,136 +406,12 @@ app.command("calibrate")(calibrate)
 checkpoint_app.command("import-hf")(checkpoint_import_hf)
 checkpoint_app.command("export-hf")(checkpoint_export_hf)
 
+from lcc.runtime.checkpoint_command import checkpoint_info  # noqa: E402
 
-@checkpoint_app.command("info")
-def checkpoint_info(
-    ckpt: Annotated[Path, typer.Argument(metavar="CKPT", help="A checkpoint folder (step-NNNNNN), or a "
-                                         "--checkpoint-dir folder (its latest checkpoint).", show_default=False)],
-    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: global shape, dtype, size and "
-                                          "the chunks it was saved in.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON (schema lcc.checkpoint-info/1).")] = False,
-) -> None:
-    """What a checkpoint holds, the spec it came from and the layout it was saved in."""
-    from lcc.runtime.checkpoint import CheckpointError, describe
-
-    try:
-        data = describe(ckpt)
-    except CheckpointError as exc:
-        typer.echo(f"lcc checkpoint info: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if not tensors:
-        del data["tensors"]
-    if as_json:
-        typer.echo(json.dumps(data, indent=2, sort_keys=True))
-        return
-    for line in _checkpoint_lines(data):
-        typer.echo(line)
+checkpoint_app.command("info")(checkpoint_info)
 
 
-def _checkpoint_lines(data: dict[str, Any]) -> list[str]:
-    from lcc.report_view import gib
-
-    spec, lay = data["spec"], data["layout"]
-    model, train = spec.get("model", {}), spec.get("train", {})
-    moe = model.get("moe") or {}
-    experts = f", {moe['n_experts']} experts per MoE layer" if moe else ""
-    pipe = lay["pipeline"]
-    virtual = f", {pipe['virtual_stages']} virtual stages per rank" if pipe["virtual_stages"] > 1 else ""
-    step = data["step"]
-    out = [f"{data['path']}: {data['spec_name']}, {step} optimizer step{'' if step == 1 else 's'} taken",
-           f"spec: {model.get('n_layers')} layers, d_model {model.get('d_model')}{experts}; {train.get('dtype')}, "
-           f"seq_len {train.get('seq_len')}, global batch {train.get('global_batch')}, lr "
-           f"{train.get('optimizer', {}).get('lr')} (--json prints it whole)",
-           f"saved under: world {lay['world_size']} = pp {lay['pp']} x dp {lay['dp']} x tp {lay['tp']}; ep {lay['ep']} "
-           f"(edp {lay['edp']}); ZeRO-{lay['zero']}; sequence parallel {'on' if lay['sequence_parallel'] else 'off'}; "
-           f"activation checkpointing {lay['activation_checkpointing']}; {pipe['schedule']} x "
-           f"{pipe['microbatches']} micro-batches{virtual}; {lay['device']}",
-           "holds (global tensors, each element saved once):"]
-    holds = data["holds"]
-    total_n, total_b = sum(h["tensors"] for h in holds.values()), sum(h["bytes"] for h in holds.values())
-    for kind, h in [*holds.items(), ("total", {"tensors": total_n, "bytes": total_b})]:
-        out.append(f"  {kind:<6} {h['tensors']:>5} tensors {gib(h['bytes']):>11}")
-    if "tensors" in data:
-        rows = [(t["key"], "x".join(map(str, t["shape"])) if t["shape"] else "scalar" if t["shape"] == [] else "-",
-                 t["dtype"], gib(t["bytes"]), str(t["chunks"])) for t in data["tensors"]]
-        rows.insert(0, ("key", "shape", "dtype", "size", "chunks"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        for r in rows:
-            out.append("  " + "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-    return out
-
-
-def _exit_on_run_error(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)`, or exit with the RunError's code (2 for a refusal before launch) and its text."""
-    from lcc.runtime.support import RunError
-
-    try:
-        return fn(*args)
-    except RunError as exc:
-        typer.echo(f"lcc: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-
-
-def _exit_on_spec_error(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)`, or exit 2 with the SpecError's located text."""
-    try:
-        return fn(*args)
-    except SpecError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-
-
-def _plan_spec(plan_dir: Path) -> Spec:
-    """The resolved spec a compiled plan folder carries (spec.json)."""
-    path = plan_dir / "spec.json"
-    for name in ("plan.json", "spec.json"):
-        if not (plan_dir / name).is_file():
-            typer.echo(f"{plan_dir / name}: missing (not a compiled plan folder: lcc compile writes one)", err=True)
-            raise typer.Exit(2)
-    try:
-        return Spec.model_validate(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:  # json's and pydantic's errors are ValueErrors
-        typer.echo(f"{path}: not a plan folder this lcc can run ({type(exc).__name__}); compile the spec again",
-                   err=True)
-        raise typer.Exit(2) from None
-
-
-class _Command(typer.core.TyperCommand):
-    """A command whose usage line names its arguments as their help does (`lcc run train [OPTIONS]
-    SPEC|PLAN_DIR`): typer writes a required argument as `{name}`, which reads as a placeholder syntax."""
-
-    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                pieces.append(_usage_name(param))
-            else:
-                pieces.extend(param.get_usage_pieces(ctx))
-        return pieces
-
-
-def _usage_name(argument: Any) -> str:
-    """An argument as a usage line shows it: its metavar (or name in capitals), `...` when it repeats, in
-    brackets when it may be left out."""
-    name = argument.metavar or argument.name.upper()
-    if argument.nargs != 1:
-        name += "..."
-    return name if argument.required else f"[{name}]"
-
-
-def _name_arguments_in_usage(group: typer.Typer) -> None:
-    """Every command of the group and its subgroups, those registered by other modules included, uses
-    `_Command` (unless it chose a class of its own)."""
-    for info in group.registered_commands:
-        if info.cls in (None, typer.core.TyperCommand):
-            info.cls = _Command
-    for sub in group.registered_groups:
-        if sub.typer_instance is not None:
-            _name_arguments_in_usage(sub.typer_instance)
-
-
-_name_arguments_in_usage(app)
+name_arguments_in_usage(app)
 
 
 def main() -> None:

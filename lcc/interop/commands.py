@@ -60,7 +60,8 @@ def checkpoint_import_hf(
     one tensor at a time, that loads under any layout of the spec."""
     from lcc.interop.hf_config import ImportRefused, model_sections, read_config
     from lcc.interop.hf_weights import import_weights
-    from lcc.runtime.checkpoint import CheckpointError, spec_differences
+    from lcc.runtime.checkpoint_files import CheckpointError
+    from lcc.runtime.checkpoint_identity import spec_differences
     from lcc.spec import SpecError, load_spec, resolved
     from lcc.spec.models import Model, Routing
 
@@ -108,7 +109,7 @@ def checkpoint_export_hf(
     """Write safetensors weights and a config.json that transformers loads, one tensor at a time."""
     from lcc.interop.hf_config import ImportRefused
     from lcc.interop.hf_weights import export_weights
-    from lcc.runtime.checkpoint import CheckpointError
+    from lcc.runtime.checkpoint_files import CheckpointError
 
     command = "lcc checkpoint export-hf"
     if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():

@@ -34,8 +34,11 @@ from lcc.interop.hf_names import Part, dense_names, expert_parts, fused_prefix, 
 from lcc.model import build_model
 from lcc.model.build import is_expert_param
 from lcc.runtime import checkpoint
-from lcc.runtime.checkpoint import CheckpointError
+from lcc.runtime.checkpoint_dir import resolve
+from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError, write_synced, written_files
+from lcc.runtime.checkpoint_identity import identity, read_identity
 from lcc.runtime.checkpoint_layout import Blocks
+from lcc.runtime.checkpoint_verify import verify
 from lcc.spec import resolved
 from lcc.spec.models import Spec
 
@@ -202,22 +205,22 @@ def import_weights(model_dir: Path, spec: Spec, family: str, out: Path) -> dict[
     out = Path(out)
     tmp = _new_folder_beside(out)
     try:
-        with checkpoint._single_process_quiet():
+        with checkpoint.single_process_quiet():
             try:
                 dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False), no_dist=True)
             except CheckpointException as exc:  # one process: one failure, a loader's refusal or a failed write
                 error = next(iter(exc.failures.values()))[0]
                 if isinstance(error, ImportRefused):
                     raise error from None
-                message = f"{out}: writing the checkpoint failed:\n{checkpoint._failures(exc)}"
-                raise CheckpointError(message + checkpoint._full(out.parent, message)) from None
+                message = f"{out}: writing the checkpoint failed:\n{checkpoint.failures_text(exc)}"
+                raise CheckpointError(message + checkpoint.disk_full_note(out.parent, message)) from None
         tokenizer = Path(model_dir) / TOKENIZER
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        ident = {**checkpoint.identity(resolved(spec), 0),
+        ident = {**identity(resolved(spec), 0),
                  "imported_from": {"format": "huggingface", "family": family},
-                 "files": dict(sorted(checkpoint._files(tmp).items()))}
-        checkpoint._write_synced(tmp / checkpoint.IDENTITY, json.dumps(ident, indent=2, sort_keys=True) + "\n")
+                 "files": dict(sorted(written_files(tmp).items()))}
+        write_synced(tmp / IDENTITY, json.dumps(ident, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the folder this call made, never one that was there
@@ -316,9 +319,9 @@ def export_weights(ckpt: Path, out: Path, max_shard_bytes: int = 2 << 30, tokeni
                    ) -> dict[str, Any]:
     """Write the Hugging Face model folder (config.json, safetensors shards and their index, and the
     tokenizer when there is one) of lcc checkpoint `ckpt` into `out`."""
-    folder = checkpoint.resolve(Path(ckpt))
-    ident = checkpoint.read_identity(folder)
-    checkpoint.verify(folder, ident)
+    folder = resolve(Path(ckpt))
+    ident = read_identity(folder)
+    verify(folder, ident)
     spec = Spec.model_validate(ident["spec"])
     family, config = hf_config(spec)
     dtype = EXPORT_DTYPES[spec.train.dtype]

@@ -10,27 +10,12 @@ import torch
 import torch.distributed as dist
 
 from lcc.ops import c10d
+from lcc.ops.groups import Group, all_reduce_copy, group_rank, group_size
 from lcc.ops.regather import register
-
-Group = dist.ProcessGroup | None
-
-
-def _size(group: Group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group: Group) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
 
 
 def _slice(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    return x.chunk(_size(group), dim=dim)[_rank(group)].contiguous()
+    return x.chunk(group_size(group), dim=dim)[group_rank(group)].contiguous()
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -38,7 +23,7 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return all_reduce_copy(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -52,11 +37,11 @@ class _SumEverywhere(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_reduce(x, group)
+        return all_reduce_copy(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce_copy(grad, ctx.group), None
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -69,7 +54,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce_copy(grad, ctx.group), None
 
 
 class _SplitToRegion(torch.autograd.Function):
@@ -101,7 +86,7 @@ class _GatherFromRegion(torch.autograd.Function):
 def _gather_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """All ranks' slices of `dim` in rank order: one all-gather of the slices moved to dim 0."""
     local = x.movedim(dim, 0).contiguous()
-    out = local.new_empty((local.shape[0] * _size(group), *local.shape[1:]))
+    out = local.new_empty((local.shape[0] * group_size(group), *local.shape[1:]))
     c10d.all_gather_single(out, local, group=group)
     return out.movedim(0, dim)
 
@@ -109,7 +94,7 @@ def _gather_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
 def _reduce_scatter_along(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """The sum over the group of this rank's slice of `dim`: one reduce-scatter with `dim` moved to dim 0."""
     full = x.movedim(dim, 0).contiguous()
-    out = full.new_empty((full.shape[0] // _size(group), *full.shape[1:]))
+    out = full.new_empty((full.shape[0] // group_size(group), *full.shape[1:]))
     c10d.reduce_scatter_single(out, full, group=group)
     return out.movedim(0, dim).contiguous()
 
@@ -185,34 +170,34 @@ class _AllToAll(torch.autograd.Function):
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum partial results of a row-parallel layer; backward: identity."""
-    return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
 
 
 def sum_shared(x: torch.Tensor, group: Group) -> torch.Tensor:
     """A sum over the group that every rank goes on computing with; backward: all-reduce of its gradient."""
-    return x if _size(group) == 1 else _SumEverywhere.apply(x, group)
+    return x if group_size(group) == 1 else _SumEverywhere.apply(x, group)
 
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Enter a column-parallel region: identity forward; backward: all-reduce of the input gradient."""
-    return x if _size(group) == 1 else _CopyToRegion.apply(x, group)
+    return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
 
 
 def split_tokens(x: torch.Tensor, group: Group) -> torch.Tensor:
     """This rank's 1/size of the tokens (dim 0); backward: all-gather. Where the tokens do not divide by the
     group's size (a serve step: no backward), the first `rows % size` ranks take one token more."""
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     if x.shape[0] % size:
-        return x.tensor_split(size)[_rank(group)]
+        return x.tensor_split(size)[group_rank(group)]
     return _SplitToRegion.apply(x, group, 0)
 
 
 def gather_tokens(x: torch.Tensor, group: Group, rows: int | None = None) -> torch.Tensor:
     """All ranks' tokens (dim 0) in rank order; backward: this rank's slice. `rows`: the whole count, where
     the ranks' shares may differ (split_tokens of a count that does not divide by the group's size)."""
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     if rows is None or rows % size == 0:
@@ -228,23 +213,23 @@ def gather_tokens(x: torch.Tensor, group: Group, rows: int | None = None) -> tor
 def gather_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Sequence parallelism, entering a column-parallel region: every rank's slice of the sequence (`dim`);
     backward: reduce-scatter."""
-    return x if _size(group) == 1 else _GatherSequence.apply(x, group, dim)
+    return x if group_size(group) == 1 else _GatherSequence.apply(x, group, dim)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Sequence parallelism, after a row-parallel layer: the summed partial results, this rank's slice of
     the sequence (`dim`); backward: all-gather."""
-    return x if _size(group) == 1 else _ReduceScatterSequence.apply(x, group, dim)
+    return x if group_size(group) == 1 else _ReduceScatterSequence.apply(x, group, dim)
 
 
 def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: Group) -> torch.Tensor:
     """Exchange rows: send[i] rows to rank i, recv[i] rows from rank i; backward: the reverse."""
-    return x if _size(group) == 1 else _AllToAll.apply(x, send, recv, group)
+    return x if group_size(group) == 1 else _AllToAll.apply(x, send, recv, group)
 
 
 def exchange_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
     """Each rank sends row i of `counts` (size x k) to rank i; returns the rows it receives."""
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return counts
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts.contiguous(), group=group)
@@ -253,4 +238,4 @@ def exchange_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
 
 def gather_vocab(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Serve plans: every rank's slice of the vocabulary (the last dim) in rank order: whole logits."""
-    return x if _size(group) == 1 else _gather_along(x, group, x.dim() - 1).contiguous()
+    return x if group_size(group) == 1 else _gather_along(x, group, x.dim() - 1).contiguous()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lcc.ops.collectives import Group, _size
+from lcc.ops.groups import Group, group_size
 
 
 def flatten_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +21,7 @@ def row_max(logits_TV: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
     """The maximum over the group (no gradient: it only shifts the exponentials)."""
-    if _size(group) > 1:
+    if group_size(group) > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x

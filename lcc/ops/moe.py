@@ -17,7 +17,8 @@ from lcc.backends.triton.experts import ExpertStack
 from lcc.model import routing
 from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
 from lcc.model.routing import RouteResult
-from lcc.ops.collectives import Group, _all_reduce, _size, exchange_counts
+from lcc.ops.collectives import exchange_counts
+from lcc.ops.groups import Group, all_reduce_copy, group_size
 
 __all__ = ["MoEPlan", "combine_tokens", "grouped_swiglu", "grouped_swiglu_int4", "moe_plan", "route", "unit_balance"]
 
@@ -48,9 +49,9 @@ def route(x_TD: torch.Tensor, centroids_GD: torch.Tensor, weight_ED: torch.Tenso
 def unit_balance(route: RouteResult, group: Group) -> RouteResult:
     """When a unit's tokens are split over `group` (tp): the Switch loss from the unit's expert counts
     (an all-reduce of counts, no gradient), so the ranks' losses add up to the unit's."""
-    if _size(group) == 1 or route.pi_sum_E is None:
+    if group_size(group) == 1 or route.pi_sum_E is None:
         return route
-    counts = _all_reduce(route.balance_counts, group)
+    counts = all_reduce_copy(route.balance_counts, group)
     aux = routing.balance_loss_from(counts, route.pi_sum_E, route.pi_sum_E.shape[0])
     return dataclasses.replace(route, balance_counts=counts, aux_loss=aux)
 
@@ -58,7 +59,7 @@ def unit_balance(route: RouteResult, group: Group) -> RouteResult:
 def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     """Sort the slots by expert and exchange per-expert counts with the EP group (a small all-to-all).
     Everything stays on the device except one small tensor read once on the host (see below)."""
-    ep = _size(group)
+    ep = group_size(group)
     per = n_experts // ep
     counts = routing.route_counts(routed, n_experts).view(ep, per)
     received = exchange_counts(counts, group)  # row s: what source s sends to my experts

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lcc.ops import c10d
-from lcc.ops.collectives import Group, _size
+from lcc.ops.groups import Group, group_size
 from lcc.ops.regather import live_gathered, offload_gathered, register
 from lcc.plan.types import chunk_size
 
@@ -60,14 +60,14 @@ def _buckets(params: dict[str, tuple[str, list[int]]]) -> dict[str, list[tuple[s
     return out
 
 
-class _Bucket:
+class GatherBucket:
     """Parameters all-gathered together: rank r contributes the concatenation of its pieces. A source of
     gathered tensors for `lcc.ops.regather` (names, pending, unpack)."""
 
     def __init__(self, names: list[str], shards: list[torch.Tensor], shapes: list[list[int]], group: Group,
                  ctx: Any = None):
         self.names, self.shards, self.shapes, self.group, self.ctx = names, shards, shapes, group, ctx
-        self.parts = _size(group)
+        self.parts = group_size(group)
         self.chunks = [s.numel() for s in shards]
         self.pending = 0
         self.fulls: list[torch.Tensor] | None = None  # while backward re-gathers
@@ -135,11 +135,11 @@ def zero_gather(P: dict[str, torch.Tensor], params: dict[str, tuple[str, list[in
     for axis, members in _buckets(params).items():
         group = getattr(G, axis)
         names = [n for n, _ in members]
-        if _size(group) == 1:
+        if group_size(group) == 1:
             out.update({n: P[n][:math.prod(shape)].view(shape) for n, shape in members})
             continue
         pending = ctx.prefetched.pop(tuple(names), None)
-        bucket = _Bucket(list(names), [P[n] for n in names], [shape for _, shape in members], group, ctx)
+        bucket = GatherBucket(list(names), [P[n] for n in names], [shape for _, shape in members], group, ctx)
         if pending is None:
             buffer, _ = bucket.start()
         else:
@@ -158,6 +158,6 @@ def zero_prefetch(P: dict[str, torch.Tensor], params: dict[str, tuple[str, list[
     for axis, members in _buckets(params).items():
         group = getattr(G, axis)
         names = tuple(n for n, _ in members)
-        if _size(group) > 1 and names not in ctx.prefetched:
-            bucket = _Bucket(list(names), [P[n] for n in names], [shape for _, shape in members], group)
+        if group_size(group) > 1 and names not in ctx.prefetched:
+            bucket = GatherBucket(list(names), [P[n] for n in names], [shape for _, shape in members], group)
             ctx.prefetched[names] = bucket.start(async_op=True)

@@ -25,10 +25,11 @@ from lcc.model.shaping import token_count_factors
 from lcc.model.stats import imbalance
 from lcc.model.trainer import adamw, lr_at
 from lcc.ops import ProgramContext, offload_gathered
-from lcc.ops.zero import _Bucket
+from lcc.ops.zero import GatherBucket
 from lcc.plan import read_plan
 from lcc.plan.types import StepAction
 from lcc.runtime import checkpoint
+from lcc.runtime.checkpoint_identity import identity
 from lcc.runtime.checkpoint_layout import rank_state
 from lcc.runtime.device import running_on
 from lcc.runtime.grad_sync import GradSync
@@ -119,7 +120,7 @@ class RankEngine:
     def save(self, directory: Path, step: int, keep: int = 0) -> Path:
         """Save the checkpoint after `step` steps in `directory`; then keep only the newest `keep` (0: all)."""
         spec = json.loads((self.dir / "spec.json").read_text())
-        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, checkpoint.identity(spec, step),
+        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, identity(spec, step),
                                keep)
 
     def load_weights(self, path: Path) -> None:
@@ -129,7 +130,7 @@ class RankEngine:
         checkpoint.load(path, state)
 
     def resume(self, path: Path) -> int:
-        """Load checkpoint folder `path` (the launcher chose and checked it: checkpoint.prepare), whatever
+        """Load checkpoint folder `path` (the launcher chose and checked it: checkpoint_resume.prepare), whatever
         layout saved it; returns the number of steps it had taken."""
         state = self.state(0)
         checkpoint.load(path, state)
@@ -387,8 +388,8 @@ class RankEngine:
         all-gather per ZeRO axis."""
         (c,) = action.collectives
         names = action.params
-        pieces = [self.layout._padded(n, self.masters[n].data) for n in names]
-        bucket = _Bucket(names, pieces, [self.meta[n].local_shape for n in names], self._group(c.axis))
+        pieces = [self.layout.padded(n, self.masters[n].data) for n in names]
+        bucket = GatherBucket(names, pieces, [self.meta[n].local_shape for n in names], self._group(c.axis))
         buffer, _ = bucket.start()
         with torch.no_grad():
             for name, full in zip(names, bucket.split(buffer), strict=True):

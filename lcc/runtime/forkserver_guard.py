@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from lcc.runtime.supervise import LAUNCHER_ENV, die_with_parent
+from lcc.runtime.parent_death import LAUNCHER_ENV, die_with_parent
 
 _launcher = os.environ.get(LAUNCHER_ENV, "")
 if _launcher.isdigit() and int(_launcher) == os.getppid():

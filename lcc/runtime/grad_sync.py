@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lcc.ops import c10d
-from lcc.ops.collectives import _size
+from lcc.ops.groups import group_size
 from lcc.ops.zero import piece_grid
 from lcc.plan.types import GradBucket, Role, chunk_size
 
@@ -138,7 +138,7 @@ class GradSync:
             flat = self.flat.pop((stage, i))
             for axis in b.axes[1:]:
                 group = self.group(axis)
-                if _size(group) > 1:
+                if group_size(group) > 1:
                     dist.all_reduce(flat, group=group)
             if b.op == "all_reduce":
                 sizes = [self.params[n].numel() for n in b.params]

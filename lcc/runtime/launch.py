@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,51 +30,77 @@ from lcc.data.tokenizer import TokenizerError, plan_tokenizer
 from lcc.plan import PlanFormatError, read_plan
 from lcc.plan.program_check import ProgramMismatch, check_programs
 from lcc.plan.types import Plan
-from lcc.runtime.checkpoint import CheckpointError, Resume, check_checkpoint, prepare, read_identity
+from lcc.runtime.checkpoint_files import CheckpointError
+from lcc.runtime.checkpoint_identity import read_identity
+from lcc.runtime.checkpoint_resume import Resume, prepare
+from lcc.runtime.checkpoint_verify import check_checkpoint
 from lcc.runtime.device import check_device, join_plan
+from lcc.runtime.heartbeat import Beats, Heartbeat, watch_engine
+from lcc.runtime.parent_death import adopt_environment, start_fork_server
 from lcc.runtime.preflight import LaunchRefused, check_machine, check_outputs, check_steps
 from lcc.runtime.progress import StepProgress
+from lcc.runtime.rank_link import RankLink
 from lcc.runtime.rendezvous import host_store
-from lcc.runtime.supervise import Beats, Heartbeat, RankLink, Run, adopt_environment, start_fork_server, watch_engine
+from lcc.runtime.supervise import Run
 from lcc.runtime.support import RunError
 from lcc.runtime.threads import threads_per_rank
 from lcc.runtime.transcript import merge, part_path
 from lcc.spec.models import Spec
 
 
-def _worker(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
-            timeout_s: float, quiet: bool, checkpoints: str | None = None, resume: Resume | None = None,
-            init: bool = True, link: RankLink | None = None, track_memory: bool = False,
-            env: dict[str, str] | None = None, transcript: str | None = None, spec_dir: str | None = None) -> None:
-    if env is not None:  # forked from the server
-        adopt_environment(env)
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank of a training run is handed, as the launcher decided it before starting them (one value,
+    pickled into each rank's process): the plan and its steps, where the rank joins its peers (`port` on
+    loopback; `init` False under torchrun, which has already placed it), its outputs and its checkpoint
+    directory, and (`env`, a rank forked from the fork server) the launcher's environment to adopt."""
+
+    world: int
+    port: int
+    plan_dir: str
+    steps: int
+    metrics: str | None
+    threads: int
+    timeout_s: float
+    quiet: bool
+    checkpoints: str | None = None
+    resume: Resume | None = None
+    init: bool = True
+    track_memory: bool = False
+    env: dict[str, str] | None = None
+    transcript: str | None = None
+    spec_dir: str | None = None
+
+
+def _worker(job: RankJob, rank: int, link: RankLink | None = None) -> None:
+    if job.env is not None:  # forked from the server
+        adopt_environment(job.env)
     if link is not None:  # in a process of its own: dies with the launcher, stderr to the launcher's log
         link.attach()
     try:
-        _run_rank(rank, world, port, plan_dir, steps, metrics, threads, timeout_s, quiet, checkpoints, resume, init,
-                  track_memory, transcript, spec_dir, link.heartbeat if link is not None else None)
+        _run_rank(job, rank, link.heartbeat if link is not None else None)
     except Exception as exc:
-        if link is None or not link.report(rank, exc, (Path(__file__).parents[1], Path(plan_dir))):
+        if link is None or not link.report(rank, exc, (Path(__file__).parents[1], Path(job.plan_dir))):
             raise
         sys.exit(1)  # the launcher has the error and its traceback
 
 
-def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metrics: str | None, threads: int,
-              timeout_s: float, quiet: bool, checkpoints: str | None, resume: Resume | None, init: bool,
-              track_memory: bool, transcript: str | None, spec_dir: str | None,
-              heartbeat: Heartbeat | None = None) -> None:
+def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> None:
     from lcc.runtime.engine import RankEngine
 
     beat = heartbeat if heartbeat is not None else Beats(1).rank(0)  # the launcher watches it
-    torch.set_num_threads(threads)
+    world, plan_dir, steps, metrics, checkpoints, resume = (job.world, job.plan_dir, job.steps, job.metrics,
+                                                             job.checkpoints, job.resume)
+    torch.set_num_threads(job.threads)
     beat.beat("joining the process group")
-    device = join_plan(plan_dir, rank, world, timeout_s, port if init else None)  # init: through the launcher's store
+    port = job.port if job.init else None  # init: through the launcher's store
+    device = join_plan(plan_dir, rank, world, job.timeout_s, port)
     try:
         beat.beat("building the rank's engine")
         dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
-        engine = RankEngine(Path(plan_dir), rank, spec_dir=Path(spec_dir) if spec_dir else None, device=device,
-                            keep_grads=bool(dump), track_memory=track_memory,
-                            transcript=part_path(Path(transcript), rank) if transcript else None)
+        engine = RankEngine(Path(plan_dir), rank, spec_dir=Path(job.spec_dir) if job.spec_dir else None, device=device,
+                            keep_grads=bool(dump), track_memory=job.track_memory,
+                            transcript=part_path(Path(job.transcript), rank) if job.transcript else None)
         watch_engine(engine, beat)
         beat.beat("resuming")
         first = engine.resume(Path(resume.path)) if resume and resume.path else 0
@@ -87,7 +114,7 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
         if metrics and rank == 0:
             Path(metrics).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics, mode) if metrics and rank == 0 else None  # noqa: SIM115 - closed below
-        progress = StepProgress(first, steps, enabled=rank == 0 and not quiet)
+        progress = StepProgress(first, steps, enabled=rank == 0 and not job.quiet)
         beat.completed(first)
         try:
             for step in range(first, steps):
@@ -107,6 +134,8 @@ def _run_rank(rank: int, world: int, port: int, plan_dir: str, steps: int, metri
                     progress.update(record)
                 done = step + 1
                 if not math.isfinite(record["loss"]):  # reduced over the world: every rank stops here
+                    if world > 1:  # once rank 0 has written the step's record: the first failure ends the run
+                        dist.barrier()
                     raise RunError(f"loss is {record['loss']} at step {done}; last good checkpoint: {good or 'none'}")
                 if checkpoints and (done == steps or (every and done % every == 0)):
                     beat.beat(f"saving the checkpoint of step {done}")
@@ -173,7 +202,7 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     `keep` the newest checkpoints in it (0: all). `resume`: continue from its latest checkpoint, saved under
     any layout of the same spec (an error if there is none); `resume_if_any`: the same, or start at step 0
     if there is none yet; `fallback`: resume from the newest older checkpoint if the latest fails its checks
-    (all checked here, before any rank starts: checkpoint.prepare). `force`: start the ranks even where
+    (all checked here, before any rank starts: checkpoint_resume.prepare). `force`: start the ranks even where
     this machine looks too small for them (lcc.runtime.preflight). `init_from`: a checkpoint (any layout, the
     same model and routing) whose weights a run that starts at step 0 begins from, checked here."""
     plan = check_plan(Path(plan_dir))
@@ -256,20 +285,21 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
     try:
         if world == 1:
             with run.in_process() as link:
-                _worker(0, world, 0, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
-                        quiet, str(checkpoints) if checkpoints else None, resume, track_memory=track_memory,
-                        transcript=extra[0], spec_dir=extra[1], link=link)
+                _worker(RankJob(world, 0, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
+                                quiet, str(checkpoints) if checkpoints else None, resume, track_memory=track_memory,
+                                transcript=extra[0], spec_dir=extra[1]), 0, link)
             return
         # ranks fork from a server process that has imported torch and the runtime once (per parent process):
         # starting 8 ranks then costs a fork each instead of 8 fresh interpreters importing torch
         # torch.optim imports torch._dynamo when an optimizer is built: 1.5-2 s a rank, once in the fork server
         start_fork_server(context, ["torch", "torch._dynamo", "lcc.runtime.engine"])
         store = host_store(timeout_s)  # listening before any rank starts, held until they end
-        port, env = store.port, dict(os.environ)
+        job = RankJob(world, store.port, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
+                      quiet, str(checkpoints) if checkpoints else None, resume, True, track_memory, dict(os.environ),
+                      *extra)
 
         def args(rank: int, link: RankLink) -> tuple[Any, ...]:
-            return (rank, world, port, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
-                    quiet, str(checkpoints) if checkpoints else None, resume, True, link, track_memory, env, *extra)
+            return (job, rank, link)
 
         run.supervise(_worker, args, watchdog_s=timeout_s * (steps + 2))
     finally:
@@ -282,9 +312,9 @@ def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bo
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    _worker(rank, world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
-            threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,
-            track_memory=track_memory, transcript=extra[0], spec_dir=extra[1])
+    _worker(RankJob(world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
+                    threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,
+                    track_memory=track_memory, transcript=extra[0], spec_dir=extra[1]), rank)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lcc.ops import c10d
-from lcc.ops.collectives import _size
+from lcc.ops.groups import group_size
 from lcc.ops.zero import chunk_size, shard_flat
 from lcc.plan.types import Parameter
 
@@ -60,7 +60,7 @@ class ZeroLayout:
 
     def unshard(self, name: str, piece: torch.Tensor) -> torch.Tensor:
         """The full local tensor from every rank's piece, padded or not (an all-gather)."""
-        full = self._gather(name, self._padded(name, piece))
+        full = self._gather(name, self.padded(name, piece))
         return full[:self.numel(name)].view(self.meta[name].local_shape)
 
     def expert_factors(self, name: str, factors: torch.Tensor, numel: int) -> torch.Tensor:
@@ -68,7 +68,9 @@ class ZeroLayout:
         per_expert = self.numel(name) // factors.numel()
         return self.shard(name, factors.repeat_interleave(per_expert))[:numel]
 
-    def _padded(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+    def padded(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+        """`piece` of `name` at the chunk size every rank's piece has (zeros after a short last piece): what
+        an all-gather of the pieces takes."""
         chunk = chunk_size(self.numel(name), self.parts(name))
         if piece.numel() == chunk:
             return piece
@@ -78,8 +80,8 @@ class ZeroLayout:
 
     def _gather(self, name: str, piece: torch.Tensor) -> torch.Tensor:
         group = self.group(name)
-        if _size(group) == 1:
+        if group_size(group) == 1:
             return piece.detach()
-        full = piece.new_empty(piece.numel() * _size(group))
+        full = piece.new_empty(piece.numel() * group_size(group))
         c10d.all_gather_single(full, piece.detach().contiguous(), group=group)
         return full

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lcc.compiler.cost.memory import STATE_BYTES
+from lcc.compiler.cost.model import GIB, CostModel, peak_bytes, step_seconds
 from lcc.compiler.cost.params import local_params
-from lcc.compiler.cost.report import GIB, CostModel, cost_report, peak_bytes, step_seconds
+from lcc.compiler.cost.report import cost_report
 from lcc.compiler.cost.traffic import all_gather, all_reduce, links
 from lcc.compiler.cost.work import act_bytes, layer_comm, microbatch_tokens
 from lcc.compiler.layout import AXES, bubble_fraction
@@ -84,12 +85,12 @@ def _estimate(spec: Spec, layout: Layout) -> Estimate:
     compute, _, _ = cm.role_seconds(worst)
     c = cm.role_comm(worst)
     share = cm.dense_share(worst)
-    exposed = {f"tp ({_link(cm, 'tp')})": cm._ring_seconds("tp", c["tensor_parallel"]),
-               f"ep all-to-all ({_link(cm, 'ep')})": cm._a2a_seconds(c["expert_alltoall"]),
-               f"pp sends ({_link(cm, 'pp')})": cm._ring_seconds("pp", c["pipeline_p2p"])}
+    exposed = {f"tp ({_link(cm, 'tp')})": cm.ring_seconds("tp", c["tensor_parallel"]),
+               f"ep all-to-all ({_link(cm, 'ep')})": cm.alltoall_seconds(c["expert_alltoall"]),
+               f"pp sends ({_link(cm, 'pp')})": cm.ring_seconds("pp", c["pipeline_p2p"])}
     for kind in ("grad_reduce", "param_gather"):
         exposed[f"{kind.replace('_', ' ')} dp+edp ({_link(cm, 'dp')})"] = (
-            cm._ring_seconds("dp", c[kind] * share) + cm._ring_seconds("edp", c[kind] * (1 - share)))
+            cm.ring_seconds("dp", c[kind] * share) + cm.ring_seconds("edp", c[kind] * (1 - share)))
     exposed["fixed costs (collective latency)"] = sum(cm.role_latency(worst))
     memory = report["memory"]
     return Estimate(layout, report["time"]["step_seconds_estimate"], memory["worst_rank"]["total_bytes"],
@@ -197,8 +198,8 @@ class _Bounds:
         activation = microbatch_tokens(spec) * spec.model.d_model * act_bytes(spec) / (
             par.tp if par.sequence_parallel else 1)
         sends = m * 2 * (par.n_stages - 1) * activation
-        mean = (m * work + cm._ring_seconds("tp", m * tp_bytes) + cm._a2a_seconds(m * ep_bytes)
-                + cm._ring_seconds("pp", sends)) / pp
+        mean = (m * work + cm.ring_seconds("tp", m * tp_bytes) + cm.alltoall_seconds(m * ep_bytes)
+                + cm.ring_seconds("pp", sends)) / pp
         return mean / (1 - bubble_fraction(pp, par.pipeline.virtual_stages, m)) + self._sync(spec, cm)
 
     def _sync(self, spec: Spec, cm: CostModel) -> float:
@@ -214,7 +215,7 @@ class _Bounds:
             nbytes += all_gather(count * g, ways) if par.zero == 1 else all_reduce(count * g, ways)
             if par.zero == 1:
                 nbytes += all_gather(count * w, ways)
-        slowest = min(cm._ring_seconds("dp", nbytes), cm._ring_seconds("edp", nbytes))
+        slowest = min(cm.ring_seconds("dp", nbytes), cm.ring_seconds("edp", nbytes))
         return slowest / par.pp
 
 

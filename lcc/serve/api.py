@@ -52,7 +52,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class RequestBody(BaseModel):
+    """What completions and chat requests share: the model, the sampling fields and streaming."""
     model_config = ConfigDict(extra="allow", strict=True)  # other OpenAI fields are accepted and ignored
     model: str
     max_tokens: int | None = Field(None, gt=0)
@@ -86,7 +87,7 @@ class _Common(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(RequestBody):
     prompt: str | list[int]
     echo: Literal[False] = False
     logprobs: None = None
@@ -99,7 +100,7 @@ class Message(BaseModel):
     content: str
 
 
-class ChatRequest(_Common):
+class ChatRequest(RequestBody):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
     logprobs: Literal[False] | None = None
@@ -109,7 +110,7 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def parse(body: bytes, kind: type[_Common]) -> _Common:
+def parse(body: bytes, kind: type[RequestBody]) -> RequestBody:
     """The request body as `kind`, or ApiError 400 naming what is wrong (bad UTF-8, bad JSON, a field)."""
     try:
         text = body.decode("utf-8")
@@ -142,7 +143,7 @@ def chat_prompt(messages: list[Message]) -> str:
     return "".join(CHAT_TEMPLATE.format(role=m.role, content=m.content) for m in messages) + ASSISTANT
 
 
-def sampling(req: _Common, max_tokens: int) -> SamplingParams:
+def sampling(req: RequestBody, max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                           stop=[s for s in req.stops() if s])
 

@@ -25,12 +25,15 @@ import torch.distributed as dist
 
 from lcc.backends.cpu import native
 from lcc.plan.types import Plan
-from lcc.runtime.checkpoint import CheckpointError
+from lcc.runtime.checkpoint_files import CheckpointError
 from lcc.runtime.device import join_plan
+from lcc.runtime.heartbeat import Heartbeat
 from lcc.runtime.launch import check_plan
+from lcc.runtime.parent_death import adopt_environment, start_fork_server
 from lcc.runtime.preflight import LaunchRefused, check_machine
+from lcc.runtime.rank_link import RankLink, SharedFile
 from lcc.runtime.rendezvous import host_store
-from lcc.runtime.supervise import Heartbeat, RankLink, Run, SharedFile, adopt_environment, start_fork_server
+from lcc.runtime.supervise import Run
 from lcc.runtime.threads import threads_per_rank
 from lcc.serve.engine import RequestError, check_request
 from lcc.serve.sampling import SamplingParams

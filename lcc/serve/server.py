@@ -100,7 +100,7 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "lcc",
                                             "max_model_len": serving.max_seq_len}]}
 
-    def prepare(body: bytes, chat: bool) -> tuple[api._Common, list[int], SamplingParams]:
+    def prepare(body: bytes, chat: bool) -> tuple[api.RequestBody, list[int], SamplingParams]:
         """The request, its prompt's token ids and its sampling parameters, or ApiError naming the field
         (in a worker thread: parsing and tokenizing a large body takes a while)."""
         req = api.parse(body, api.ChatRequest if chat else api.CompletionRequest)

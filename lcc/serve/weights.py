@@ -17,8 +17,8 @@ from lcc.backends.torch_ref.int4 import Int4Weight, quantize
 from lcc.backends.triton.experts import ExpertStack
 from lcc.plan.types import Plan
 from lcc.runtime import checkpoint
-from lcc.runtime.checkpoint import check_checkpoint  # noqa: F401 - serving's name for it
 from lcc.runtime.checkpoint_layout import local_blocks, origin
+from lcc.runtime.checkpoint_verify import check_checkpoint  # noqa: F401 - serving's name for it
 from lcc.runtime.shards import local_parameters
 from lcc.spec.models import Spec
 

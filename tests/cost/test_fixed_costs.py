@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from lcc.compiler.cost.report import CostModel, cost_report
+from lcc.compiler.cost.model import CostModel
+from lcc.compiler.cost.report import cost_report
 from lcc.compiler.plan import compile_plan
 from lcc.spec import load_spec
 from tests.conftest import SPECS

@@ -20,19 +20,14 @@ import lcc
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.plan.types import Parameter, Shard
-from lcc.runtime.checkpoint import (
-    IDENTITY,
-    SCHEMA,
-    CheckpointError,
-    check_resume,
-    describe,
-    latest,
-    locked,
-    prune,
-    spec_hash,
-    verify,
-)
+from lcc.runtime.checkpoint_dir import latest, prune
+from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError
+from lcc.runtime.checkpoint_identity import SCHEMA, spec_hash
+from lcc.runtime.checkpoint_info import describe
 from lcc.runtime.checkpoint_layout import Blocks, flat_boxes, local_blocks
+from lcc.runtime.checkpoint_lock import locked
+from lcc.runtime.checkpoint_resume import check_resume
+from lcc.runtime.checkpoint_verify import verify
 from lcc.runtime.launch import launch, read_metrics
 from lcc.runtime.preflight import LaunchRefused
 from lcc.runtime.support import RunError
@@ -308,7 +303,7 @@ def test_resume_refuses_a_dangling_latest(saved, tmp_path):
 def test_latest_can_only_name_a_checkpoint_folder_beside_it(tmp_path, name):
     """`latest` is joined to its directory: a name that leads out of it (or is not a checkpoint folder's) is
     an error naming the pointer, wherever the path would lead, and the same for every reader."""
-    from lcc.runtime.checkpoint import resolve
+    from lcc.runtime.checkpoint_dir import resolve
 
     (tmp_path / "elsewhere" / "step-000001").mkdir(parents=True)  # a checkpoint folder it could reach
     checkpoints = tmp_path / "ckpt"

@@ -19,9 +19,9 @@ import pytest
 
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
-from lcc.runtime.checkpoint import latest
+from lcc.runtime.checkpoint_dir import latest
 from lcc.runtime.launch import launch
-from lcc.runtime.supervise import failure_record, failure_text
+from lcc.runtime.rank_failures import failure_record, failure_text
 from lcc.runtime.support import RunError
 from lcc.spec import load_spec
 from tests.conftest import ROOT, SPECS

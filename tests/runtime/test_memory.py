@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
-from lcc.runtime.checkpoint import latest
+from lcc.runtime.checkpoint_dir import latest
 from lcc.runtime.launch import launch, read_metrics
 from lcc.runtime.rendezvous import host_store, join_group
 from lcc.spec import load_spec

@@ -24,7 +24,7 @@ def test_a_training_launcher_listens_on_the_port_it_hands_its_ranks(monkeypatch)
     seen = []
 
     def supervise(self, target, args_of, watchdog_s, drain_s=None):  # instead of starting the 8 ranks
-        ports = {args_of(rank, link)[2] for rank, link in enumerate(self.links)}
+        ports = {args_of(rank, link)[0].port for rank, link in enumerate(self.links)}
         seen.extend((port, _listening(port)) for port in ports)
 
     monkeypatch.setattr(lcc.runtime.launch, "start_fork_server", lambda *args: None)

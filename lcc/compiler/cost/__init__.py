@@ -1,5 +1,6 @@
 """The analytic cost model (torch-free): see docs/cost-model.md."""
 
-from lcc.compiler.cost.report import SCHEMA, CostModel, cost_report
+from lcc.compiler.cost.model import CostModel
+from lcc.compiler.cost.report import SCHEMA, cost_report
 
 __all__ = ["SCHEMA", "CostModel", "cost_report"]

@@ -11,7 +11,7 @@ in backward; `full` keeps only each layer's input and recomputes the layer. Serv
 
 from __future__ import annotations
 
-from lcc.compiler.cost.report import CostModel
+from lcc.compiler.cost.model import CostModel
 from lcc.compiler.dims import dims, precision
 from lcc.compiler.state import FUNCTION_START, REGION_START, CompileState
 from lcc.compiler.trace import layer_of
