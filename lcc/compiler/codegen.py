@@ -24,6 +24,7 @@ from torch import nn
 
 from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, Comm, CompileState
 from lcc.compiler.trace import layer_of
+from lcc.plan.op_table import render_call as call
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -96,8 +97,8 @@ class _Emitter:
         for line in lines:
             c = self.take(site, AFTER, line)
             if c is not None:
-                dim = f", dim={c.dim}" if c.dim is not None else ""
-                self.emit(f"{name} = ops.{line}({name}, G.{c.forward[0].axis}{dim})", c.forward[0].what)
+                dim = {"dim": str(c.dim)} if c.dim is not None else {}
+                self.emit(f"{name} = {call(line, name, f'G.{c.forward[0].axis}', **dim)}", c.forward[0].what)
 
     def module(self, n: fx.Node, name: str, args: list[str]) -> None:
         target = str(n.target)
@@ -107,95 +108,96 @@ class _Emitter:
             w = params["embed.weight"]
             width = w.local_shape[0]
             start = f"ctx.tp_rank * {width}" if w.shard is not None else "0"
-            self.emit(f'{name} = ops.embedding_shard({args[0]}, P["embed.weight"], vocab_start={start})')
+            self.emit(f"{name} = " + call("embedding_shard", args[0], 'P["embed.weight"]', vocab_start=start))
             self.after(target, name)
         elif target.endswith(("attn.q_norm", "attn.k_norm")) and spec.model.attention.qk_norm == "head":
-            self.emit(f'{name} = ops.head_norm({args[0]}, P["{target}.weight"], '
-                      f'head_dim={spec.model.attention.head_dim}, eps={spec.model.norm_eps!r})',
+            self.emit(f"{name} = " + call("head_norm", args[0], f'P["{target}.weight"]',
+                                          head_dim=str(spec.model.attention.head_dim), eps=repr(spec.model.norm_eps)),
                       "each head over its head_dim")
         elif target.endswith(("attn.q_norm", "attn.k_norm")) and self.take(target, AT, "rms_norm_tp") is not None:
-            self.emit(f'{name} = ops.rms_norm_tp({args[0]}, P["{target}.weight"], G.tp, eps={spec.model.norm_eps!r})',
+            self.emit(f"{name} = " + call("rms_norm_tp", args[0], f'P["{target}.weight"]', "G.tp",
+                                          eps=repr(spec.model.norm_eps)),
                       "over every rank's heads: all-reduce of the sum of squares; backward, another")
         elif target.endswith("norm"):
             if target == "norm" and self.serving:
-                self.emit(f"{args[0]}_last = ops.last_positions({args[0]}, ctx.batch)",
+                self.emit(f"{args[0]}_last = {call('last_positions', args[0], 'ctx.batch')}",
                           "each sequence's last position: the logits sampling needs")
                 args = [f"{args[0]}_last"]
-            self.emit(f'{name} = ops.rms_norm({args[0]}, P["{target}.weight"], eps={spec.model.norm_eps!r})')
+            self.emit(f"{name} = " + call("rms_norm", args[0], f'P["{target}.weight"]', eps=repr(spec.model.norm_eps)))
         elif isinstance(self.state.graph.get_submodule(target), nn.Linear):
             weight = "embed.weight" if target == "head" and spec.model.tie_embeddings else f"{target}.weight"
             x = args[0]
             copy = self.take(target, BEFORE, "copy_to_tp")
             if copy is not None:
                 self.entered[x] = f"{x}_tp"
-                self.emit(f"{x}_tp = ops.copy_to_tp({x}, G.tp)", "backward: all-reduce over tp")
+                self.emit(f"{x}_tp = {call('copy_to_tp', x, 'G.tp')}", "backward: all-reduce over tp")
             gather = self.take(target, BEFORE, "gather_sequence")
             if gather is not None:
                 self.entered[x] = f"{x}_tp"
-                self.emit(f"{x}_tp = ops.gather_sequence({x}, G.tp, dim={gather.dim})",
+                self.emit(f"{x}_tp = {call('gather_sequence', x, 'G.tp', dim=str(gather.dim))}",
                           "every rank's positions; backward: reduce-scatter")
             shard = params[weight].shard
             comment = "vocab-parallel logits" if target == "head" and shard is not None else ""
-            self.emit(f'{name} = ops.linear({self.entered.get(x, x)}, P["{weight}"])', comment)
+            self.emit(f"{name} = " + call("linear", self.entered.get(x, x), f'P["{weight}"]'), comment)
             self.after(target, name)
         elif target.endswith("attn.core"):
             att = spec.model.attention
             self.region = "attention"
             if self.serving:
-                self.emit(f"{name} = ops.paged_attention({args[0]}, {args[1]}, {args[2]}, ctx.batch, "
-                          f"layer={layer_of(target)}, head_dim={att.head_dim}, theta={att.rope_theta!r})",
+                self.emit(f"{name} = " + call("paged_attention", *args[:3], "ctx.batch", layer=str(layer_of(target)),
+                                              head_dim=str(att.head_dim), theta=repr(att.rope_theta)),
                           "writes this step's keys and values into the paged KV cache, reads the context")
             else:
-                self.emit(f"{name} = ops.attention({args[0]}, {args[1]}, {args[2]}, head_dim={att.head_dim}, "
-                          f"theta={att.rope_theta!r})")
+                self.emit(f"{name} = " + call("attention", *args[:3], head_dim=str(att.head_dim),
+                                              theta=repr(att.rope_theta)))
             self.region = None
         elif target.endswith("ffn.router"):
             tokens = args[0]
             split = self.take(target, BEFORE, "split_tokens")
             if split is not None:
-                self.emit(f"{tokens}_mine = ops.split_tokens({tokens}, G.tp)", "this rank's 1/tp of the tokens")
+                self.emit(f"{tokens}_mine = {call('split_tokens', tokens, 'G.tp')}", "this rank's 1/tp of the tokens")
                 self.subst[tokens] = f"{tokens}_mine"
                 tokens = f"{tokens}_mine"
             self.region = "routing"  # through the dispatch all-to-all
             if self.serving and spec.serve is not None and spec.serve.routing_tables:
-                self.emit(f'{name} = ops.route_tables({tokens}, ctx.tables["{target}"])',
+                self.emit(f"{name} = " + call("route_tables", tokens, f'ctx.tables["{target}"]'),
                           "precomputed at load: normalised centroids, router weights by group, load bias")
             else:
-                self.emit(f'{name} = ops.route({tokens}, P["{target}.centroids_GD"], P["{target}.weight_ED"], '
-                          f'B["{target}.bias_E"], ctx.routing)')
+                weights = (f'P["{target}.centroids_GD"]', f'P["{target}.weight_ED"]', f'B["{target}.bias_E"]')
+                self.emit(f"{name} = " + call("route", tokens, *weights, "ctx.routing"))
             self.after(target, name, ("unit_balance",))
             self.emit(f'ctx.observe("{target.rsplit(".", 1)[0]}", {name})', "loads, k per token, losses")
         elif target.endswith("ffn.dispatch"):
             counts = self.take(target, AT, "moe_plan")
-            self.emit(f"{name} = ops.moe_plan({args[0]}, n_experts={spec.model.moe.n_experts}, group=G.ep)",
+            self.emit(f"{name} = {call('moe_plan', args[0], n_experts=str(spec.model.moe.n_experts), group='G.ep')}",
                       "exchanges per-expert counts over ep" if counts is not None else "")
         elif target.endswith("ffn.experts"):
             gathered = args[0]
             plan = _ref(n.args[1].args[0])  # counts_E's getattr source: the MoE plan
             dispatch = self.take(target, BEFORE, "all_to_all")
             if dispatch is not None:
-                self.emit(f"{gathered} = ops.all_to_all({gathered}, {plan}.send, {plan}.recv, G.ep)", "dispatch")
+                self.emit(f"{gathered} = {call('all_to_all', gathered, f'{plan}.send', f'{plan}.recv', 'G.ep')}",
+                          "dispatch")
                 self.emit(f"{gathered} = {gathered}.index_select(0, {plan}.order)", "group rows by local expert")
             self.region = None
             w = [f'P["{target}.{p}"]' for p in ("w1_EFD", "w3_EFD", "w2_EDF")]
-            if any(params[f"{target}.{p}"].serve for p in ("w1_EFD", "w3_EFD", "w2_EDF")):
-                self.emit(f"{name} = ops.grouped_swiglu_int4({gathered}, {plan}.local_counts_E, {', '.join(w)})",
-                          "int4 experts, through the plan's expert kernel")
-            else:
-                self.emit(f"{name} = ops.grouped_swiglu({gathered}, {plan}.local_counts_E, {', '.join(w)})",
-                          "counts on the device: no host read")
+            int4 = any(params[f"{target}.{p}"].serve for p in ("w1_EFD", "w3_EFD", "w2_EDF"))
+            self.emit(f"{name} = " + call("grouped_swiglu_int4" if int4 else "grouped_swiglu", gathered,
+                                          f"{plan}.local_counts_E", *w),
+                      "int4 experts, through the plan's expert kernel" if int4 else
+                      "counts on the device: no host read")
             combine = self.take(target, AFTER, "all_to_all")
             if combine is not None:
                 self.emit(f"{name} = {name}.index_select(0, {plan}.inverse)")
-                self.emit(f"{name} = ops.all_to_all({name}, {plan}.recv, {plan}.send, G.ep)", "combine")
+                self.emit(f"{name} = {call('all_to_all', name, f'{plan}.recv', f'{plan}.send', 'G.ep')}", "combine")
         elif target.endswith("ffn.combine"):
-            self.emit(f"{name} = ops.combine_tokens({args[0]}, {args[1]}, {args[2]})")
+            self.emit(f"{name} = {call('combine_tokens', *args[:3])}")
             gather = self.take(target, AFTER, "gather_tokens")
             if gather is not None and self.serving:  # a step's tokens need not divide by tp
-                self.emit(f"{name} = ops.gather_tokens({name}, G.tp, rows={_ref(n.args[2])}.shape[0])",
+                self.emit(f"{name} = {call('gather_tokens', name, 'G.tp', rows=f'{_ref(n.args[2])}.shape[0]')}",
                           "the TP group's tokens")
             elif gather is not None:
-                self.emit(f"{name} = ops.gather_tokens({name}, G.tp)", "the TP group's tokens")
+                self.emit(f"{name} = {call('gather_tokens', name, 'G.tp')}", "the TP group's tokens")
             self.subst = {}
         else:
             raise NotImplementedError(f"no lowering for module {target}")
@@ -281,8 +283,8 @@ def _runs(lines: list[Line], key: str) -> list[tuple[str | None, list[Line]]]:
 
 def _call(fn: Function, recompute: bool) -> str:
     args = ", ".join(["P", "B", *fn.inputs, "G", "ctx"])
-    call = f"ops.recompute(ctx, {fn.name}, {args})" if recompute else f"{fn.name}({args})"
-    return f"{', '.join(fn.outputs)} = {call}"
+    line = call("recompute", "ctx", fn.name, args) if recompute else f"{fn.name}({args})"
+    return f"{', '.join(fn.outputs)} = {line}"
 
 
 SEGMENT_DOC = {"embedding": "The token embedding.", "lm_head": "The final norm and the LM head."}
@@ -353,12 +355,12 @@ def _loss_lines(state: CompileState) -> list[Line]:
             if c.key[0] == LOSS_POSITION}
     comments = [("vocab-parallel cross-entropy: " + w) if w in what else "" for w in
                 ("the logits' maximum over the vocabulary", "the sum of exponentials", "the target's logit")]
-    return [Line("logits_TV, targets_T = ops.flatten_logits(logits, targets)", "float32 or wider"),
-            Line("peak_T = ops.all_reduce_max(ops.row_max(logits_TV), G.tp)", comments[0]),
-            Line("sum_exp_T = ops.all_reduce(ops.sum_exp(logits_TV, peak_T), G.tp)", comments[1]),
-            Line(f"target_T = ops.all_reduce(ops.target_logit(logits_TV, peak_T, targets_T, vocab_start={start}), "
-                 "G.tp)", comments[2]),
-            Line("ce = ops.cross_entropy(sum_exp_T, target_T)")]
+    target = call("target_logit", "logits_TV", "peak_T", "targets_T", vocab_start=start)
+    return [Line(f"logits_TV, targets_T = {call('flatten_logits', 'logits', 'targets')}", "float32 or wider"),
+            Line(f"peak_T = {call('all_reduce_max', call('row_max', 'logits_TV'), 'G.tp')}", comments[0]),
+            Line(f"sum_exp_T = {call('all_reduce', call('sum_exp', 'logits_TV', 'peak_T'), 'G.tp')}", comments[1]),
+            Line(f"target_T = {call('all_reduce', target, 'G.tp')}", comments[2]),
+            Line(f"ce = {call('cross_entropy', 'sum_exp_T', 'target_T')}")]
 
 
 def render_programs(state: CompileState) -> dict[str, str]:

@@ -2,98 +2,30 @@
 run): statements in program order, the layer functions and recomputed calls inlined, each `ops.*` call a
 node of lcc's operations (collectives included, with their mesh axis and group size), plain tensor
 expressions as standard operations. Shapes are the rank's local ones; sizes that depend on the data (the
-rows routing sends to each expert, the tokens of a serving step) are named dimensions."""
+rows routing sends to each expert, the tokens of a serving step) are named dimensions. Each call's shape
+rule is the `rule_<graph>` method its declaration in `lcc.plan.op_table` names."""
 
 from __future__ import annotations
 
 import ast
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
+from lcc.inspect.graph_values import (
+    Dim,
+    Graph,
+    GraphError,
+    Group,
+    Node,
+    Struct,
+    Value,
+    infer_dim,
+    over,
+    prod_dims,
+    promote,
+    times,
+)
+from lcc.plan.op_table import OPS, Op
 from lcc.plan.types import Plan, Role, chunk_size
-
-Dim = int | str
-
-
-class GraphError(ValueError):
-    """A program line the graph reader does not know (a new op without its shape rule)."""
-
-
-@dataclass
-class Value:
-    name: str
-    dtype: str  # float32 | bfloat16 | float64 | int64 | uint8 | float16 | bool
-    shape: list[Dim]
-
-
-@dataclass
-class Node:
-    op: str
-    domain: str  # "lcc" or "" (standard ONNX)
-    inputs: list[str]
-    outputs: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Struct:
-    """A routing result or an expert-parallel exchange plan: several values under field names."""
-
-    fields: dict[str, Value]
-
-
-@dataclass
-class Group:
-    axis: str
-    size: int
-
-
-@dataclass
-class Graph:
-    name: str
-    inputs: list[Value]
-    outputs: list[Value]
-    nodes: list[Node]
-    values: dict[str, Value]  # every value, inputs and outputs included
-    constants: dict[str, list[int]] = field(default_factory=dict)  # int64 initializers (Reshape's shapes)
-
-
-def _prod(dims: list[Dim]) -> Dim:
-    if all(isinstance(d, int) for d in dims):
-        return math.prod(dims)  # type: ignore[arg-type]
-    named = [str(d) for d in dims if d != 1]
-    return "*".join(named) if len(named) > 1 else named[0]
-
-
-def _infer(shape: list[Dim], known: list[Dim]) -> Dim:
-    """The -1 of a reshape of `shape` whose other dims are `known`: what is left of shape's dims once the
-    known ones are taken out (exactly, when they are among them), else the quotient."""
-    rest = list(shape)
-    for d in known:
-        if d in rest:
-            rest.remove(d)
-        else:
-            total, part = _prod(shape), _prod(known)
-            return _over(total, part) if isinstance(total, int) and isinstance(part, int) else f"{total}/{part}"
-    return _prod(rest) if rest else 1
-
-
-WIDTH = {"float64": 4, "float32": 3, "bfloat16": 2, "float16": 2}
-
-
-def _promote(a: str, b: str) -> str:
-    """torch's type promotion of two floating dtypes (the residual stream in float32 plus a bfloat16
-    branch under autocast is float32)."""
-    return a if WIDTH.get(a, 0) >= WIDTH.get(b, 0) else b
-
-
-def _times(d: Dim, n: int) -> Dim:
-    return d * n if isinstance(d, int) else f"{d}*{n}"
-
-
-def _over(d: Dim, n: int) -> Dim:
-    return d // n if isinstance(d, int) and d % n == 0 else f"{d}/{n}"
 
 
 class _Reader:
@@ -221,7 +153,7 @@ class _Reader:
             a, b = self.ev(e.left, env), self.ev(e.right, env)
             if isinstance(a, Value) and isinstance(b, Value):
                 op = {ast.Add: "Add", ast.Mult: "Mul", ast.Sub: "Sub"}[type(e.op)]
-                dtype = _promote(a.dtype, b.dtype)
+                dtype = promote(a.dtype, b.dtype)
                 a, b = (self.cast(v, dtype) for v in (a, b))  # torch promotes; ONNX wants one type: a Cast
                 out = self.new(name or op.lower(), dtype, a.shape)
                 self.node(op, [a, b], [out], domain="")
@@ -297,7 +229,7 @@ class _Reader:
         if method in ("reshape", "view"):
             dims = list(args[0]) if len(args) == 1 and isinstance(args[0], tuple | list) else list(args)
             if -1 in dims:
-                inferred = _infer(x.shape, [d for d in dims if d != -1])
+                inferred = infer_dim(x.shape, [d for d in dims if d != -1])
                 dims = [inferred if d == -1 else d for d in dims]
             shape_name = f"{name}_shape"
             self.constants[shape_name] = [d if isinstance(d, int) else -1 for d in dims]
@@ -318,10 +250,27 @@ class _Reader:
 
     def op(self, op: str, args: list[Any], kw: dict[str, Any], name: str, target: ast.expr | None) -> Any:
         """One `ops.*` call: its node, attributes and output shapes."""
-        rule = getattr(self, f"op_{op}", None)
+        declared = OPS.get(op)
+        rule = getattr(self, f"rule_{declared.graph}", None) if declared is not None else None
         if rule is None:
             raise GraphError(f"{self.role.program}: ops.{op} has no shape rule")
-        return rule(args, kw, name, target)
+        return rule(declared, args, kw, name, target)
+
+    def rule_same(self, op: Op, args, kw, name, target):
+        """An output shaped like the first input; the declared keywords as attributes, with the group's."""
+        attrs = {k: convert(kw[k]) for k, convert in op.attrs}
+        group = next((a for a in args if isinstance(a, Group)), None)
+        return self._same(op.name, args[0], args, name, **attrs, **(self._group(group) if group else {}))
+
+    def rule_rows(self, op: Op, args, kw, name, target):
+        """One float32 value per row of the first input."""
+        return self._rows(op.name, args, name, **{k: convert(kw[k]) for k, convert in op.attrs})
+
+    def rule_grow(self, op: Op, args, kw, name, target):
+        return self._along(op.name, args, kw, name, True)
+
+    def rule_shrink(self, op: Op, args, kw, name, target):
+        return self._along(op.name, args, kw, name, False)
 
     def _same(self, op: str, x: Value, inputs: list[Any], name: str, **attrs: Any) -> Value:
         out = self.new(name, x.dtype, x.shape)
@@ -331,29 +280,13 @@ class _Reader:
     def _group(self, g: Group) -> dict[str, Any]:
         return {"axis": g.axis, "group_size": g.size}
 
-    def op_rms_norm(self, args, kw, name, target):
-        return self._same("rms_norm", args[0], args[:2], name, eps=float(kw["eps"]))
-
-    def op_head_norm(self, args, kw, name, target):
-        return self._same("head_norm", args[0], args[:2], name, head_dim=kw["head_dim"], eps=float(kw["eps"]))
-
-    def op_rms_norm_tp(self, args, kw, name, target):
-        return self._same("rms_norm_tp", args[0], args[:2], name, eps=float(kw["eps"]), **self._group(args[2]))
-
-    def op_linear(self, args, kw, name, target):
+    def rule_linear(self, op: Op, args, kw, name, target):
         x, w = args
         out = self.new(name, self.compute, [*x.shape[:-1], w.shape[0]])
         self.node("linear", [x, w], [out])
         return out
 
-    def op_attention(self, args, kw, name, target):
-        return self._same("attention", args[0], args[:3], name, head_dim=kw["head_dim"], theta=float(kw["theta"]))
-
-    def op_paged_attention(self, args, kw, name, target):
-        return self._same("paged_attention", args[0], args[:4], name, layer=kw["layer"], head_dim=kw["head_dim"],
-                          theta=float(kw["theta"]))
-
-    def op_embedding_shard(self, args, kw, name, target):
+    def rule_embedding_shard(self, op: Op, args, kw, name, target):
         tokens, w = args
         out = self.new(name, self.params_dtype, [*tokens.shape, w.shape[1]])  # a lookup: not autocast
         self.node("embedding_shard", [tokens, w], [out], vocab_start=str(kw["vocab_start"]))
@@ -363,40 +296,22 @@ class _Reader:
         x, g = args[0], args[1]
         dim = kw.get("dim", args[2] if len(args) > 2 else -1)
         shape = list(x.shape)
-        shape[dim] = _times(shape[dim], g.size) if grow else _over(shape[dim], g.size)
+        shape[dim] = times(shape[dim], g.size) if grow else over(shape[dim], g.size)
         out = self.new(name, x.dtype, shape)
         self.node(op, [x], [out], dim=dim, **self._group(g))
         return out
 
-    def op_gather_sequence(self, args, kw, name, target):
-        return self._along("gather_sequence", args, kw, name, True)
-
-    def op_reduce_scatter_sequence(self, args, kw, name, target):
-        return self._along("reduce_scatter_sequence", args, kw, name, False)
-
-    def op_gather_vocab(self, args, kw, name, target):
-        return self._along("gather_vocab", args, {"dim": -1}, name, True)
-
-    def op_all_reduce(self, args, kw, name, target):
-        return self._same("all_reduce", args[0], args[:1], name, **self._group(args[1]))
-
-    def op_all_reduce_max(self, args, kw, name, target):
-        return self._same("all_reduce_max", args[0], args[:1], name, **self._group(args[1]))
-
-    def op_copy_to_tp(self, args, kw, name, target):
-        return self._same("copy_to_tp", args[0], args[:1], name, **self._group(args[1]))
-
-    def op_split_tokens(self, args, kw, name, target):
+    def rule_split_tokens(self, op: Op, args, kw, name, target):
         x, g = args
-        out = self.new(name, x.dtype, [_over(x.shape[0], g.size) if isinstance(x.shape[0], int)
+        out = self.new(name, x.dtype, [over(x.shape[0], g.size) if isinstance(x.shape[0], int)
                                        else f"{x.shape[0]}/{g.size}", *x.shape[1:]])
         self.node("split_tokens", [x], [out], **self._group(g))
         return out
 
-    def op_gather_tokens(self, args, kw, name, target):
+    def rule_gather_tokens(self, op: Op, args, kw, name, target):
         x, g = args
         rows = kw.get("rows")
-        out = self.new(name, x.dtype, [rows if rows is not None else _times(x.shape[0], g.size), *x.shape[1:]])
+        out = self.new(name, x.dtype, [rows if rows is not None else times(x.shape[0], g.size), *x.shape[1:]])
         self.node("gather_tokens", [x], [out], **self._group(g))
         return out
 
@@ -409,15 +324,22 @@ class _Reader:
         self.node(op, inputs, list(fields.values()))
         return Struct(fields)
 
-    def op_route(self, args, kw, name, target):
+    def rule_route(self, op: Op, args, kw, name, target):
         x, centroids, weight, bias = args[:4]
-        return self._route(x, [x, centroids, weight, bias], name, "route")
+        return self._route(x, [x, centroids, weight, bias], name, op.name)
 
-    def op_route_tables(self, args, kw, name, target):
+    def rule_route_tables(self, op: Op, args, kw, name, target):
         x, tables = args
-        return self._route(x, [x, *tables.fields.values()], name, "route_tables")
+        return self._route(x, [x, *tables.fields.values()], name, op.name)
 
-    def op_moe_plan(self, args, kw, name, target):
+    def rule_unit_balance(self, op: Op, args, kw, name, target):
+        """The routing result passes on; the node all-reduces the unit's expert counts into its balance loss."""
+        route, g = args
+        self.node(op.name, list(route.fields.values()), [self.new(f"{name}.aux_loss", "float32", [])],
+                  **self._group(g))
+        return route
+
+    def rule_moe_plan(self, op: Op, args, kw, name, target):
         route, n_experts, g = args[0], kw["n_experts"], kw["group"]
         per = n_experts // g.size
         fields = {"token_S": self.new(f"{name}.token_S", "int64", ["slots"]),
@@ -431,7 +353,7 @@ class _Reader:
         fields["gates"] = route.fields["gates_TK"]
         return Struct(fields)
 
-    def op_all_to_all(self, args, kw, name, target):
+    def rule_all_to_all(self, op: Op, args, kw, name, target):
         x, send, recv, g = args
         rows = "received_rows" if recv.name.endswith(".recv") else "slots"
         out = self.new(name, x.dtype, [rows, *x.shape[1:]])
@@ -455,25 +377,22 @@ class _Reader:
         self.node(op, inputs, [out], **attrs)
         return out
 
-    def op_grouped_swiglu(self, args, kw, name, target):
-        return self._experts(args, name, "grouped_swiglu")
+    def rule_experts(self, op: Op, args, kw, name, target):
+        return self._experts(args, name, op.name)
 
-    def op_grouped_swiglu_int4(self, args, kw, name, target):
-        return self._experts(args, name, "grouped_swiglu_int4")
-
-    def op_combine_tokens(self, args, kw, name, target):
+    def rule_combine_tokens(self, op: Op, args, kw, name, target):
         y, plan, x = args
         out = self.new(name, y.dtype, x.shape)  # the experts' outputs, gate-weighted, in their dtype
         self.node("combine_tokens", [y, plan.fields["token_S"], plan.fields["gates"]], [out])
         return out
 
-    def op_last_positions(self, args, kw, name, target):
+    def rule_last_positions(self, op: Op, args, kw, name, target):
         x, batch = args
         out = self.new(name, x.dtype, ["sequences", x.shape[-1]])
         self.node("last_positions", [x, batch], [out])
         return out
 
-    def op_zero_gather(self, args, kw, name, target):
+    def rule_zero_gather(self, op: Op, args, kw, name, target):
         params = args[1]
         out: dict[str, Any] = {"__gathered__": True}
         for axis in sorted({a for a, _ in params.values()}):
@@ -484,16 +403,16 @@ class _Reader:
             out.update(zip(names, full, strict=True))
         return out
 
-    def op_zero_prefetch(self, args, kw, name, target):
+    def rule_zero_prefetch(self, op: Op, args, kw, name, target):
         params = args[1]
         done = self.new(f"prefetch.{next(iter(params))}", "bool", [])
         self.node("zero_prefetch", [self.param(n) for n in params], [done],
                   axes=sorted({a for a, _ in params.values()}))
         return None
 
-    def op_flatten_logits(self, args, kw, name, target):
+    def rule_flatten_logits(self, op: Op, args, kw, name, target):
         logits, targets = args
-        rows = _prod(logits.shape[:-1])
+        rows = prod_dims(logits.shape[:-1])
         names = [t.id for t in target.elts] if isinstance(target, ast.Tuple) else ["logits_TV", "targets_T"]
         a = self.new(names[0], "float32", [rows, logits.shape[-1]])
         b = self.new(names[1], "int64", [rows])
@@ -506,16 +425,7 @@ class _Reader:
         self.node(op, [v for v in args if isinstance(v, Value)], [out], **attrs)
         return out
 
-    def op_row_max(self, args, kw, name, target):
-        return self._rows("row_max", args, name)
-
-    def op_sum_exp(self, args, kw, name, target):
-        return self._rows("sum_exp", args, name)
-
-    def op_target_logit(self, args, kw, name, target):
-        return self._rows("target_logit", args, name, vocab_start=str(kw["vocab_start"]))
-
-    def op_cross_entropy(self, args, kw, name, target):
+    def rule_cross_entropy(self, op: Op, args, kw, name, target):
         out = self.new(name, "float64", [])
         self.node("cross_entropy", args, [out])
         return out

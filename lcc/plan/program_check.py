@@ -14,20 +14,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lcc.plan.op_table import OPS, named
 from lcc.plan.types import Plan, Role
 
-# lcc.ops functions that communicate: (forward collectives, backward collectives), on the group argument's axis
-OPS = {"all_reduce": (["all_reduce"], []), "all_reduce_max": (["all_reduce_max"], []),
-       "copy_to_tp": ([], ["all_reduce"]), "split_tokens": ([], ["all_gather"]),
-       "gather_tokens": (["all_gather"], []), "all_to_all": (["all_to_all"], ["all_to_all"]),
-       "moe_plan": (["all_to_all"], []), "unit_balance": (["all_reduce"], []),
-       "gather_sequence": (["all_gather"], ["reduce_scatter", "all_gather"]),
-       "reduce_scatter_sequence": (["reduce_scatter"], ["all_gather"]), "gather_vocab": (["all_gather"], []),
-       "rms_norm_tp": (["all_reduce"], ["all_reduce"])}
-ZERO = ("zero_gather", "zero_prefetch")
-COMPUTE = {"embedding_shard", "rms_norm", "head_norm", "linear", "attention", "route", "grouped_swiglu",
-           "grouped_swiglu_int4", "combine_tokens", "recompute", "flatten_logits", "row_max", "sum_exp", "target_logit",
-           "cross_entropy", "paged_attention", "last_positions", "route_tables"}
+# lcc.ops functions that communicate, compute or gather ZeRO-3 parameters: all from lcc.plan.op_table
+COLLECTIVE_OPS = named("collective")
+ZERO = named("zero")
 TABLES = ("PARAMETERS", "BUFFERS", "GATHER")
 # a program is straight-line code: what could repeat, skip or hide a line is not a program lcc renders
 FORBIDDEN = (ast.For, ast.AsyncFor, ast.While, ast.If, ast.IfExp, ast.Try, ast.With, ast.AsyncWith, ast.ListComp,
@@ -106,14 +98,15 @@ class _Reader:
         if name in ZERO:
             self._zero(call, name, recomputing)
             return
-        if name not in OPS:
+        if name not in COLLECTIVE_OPS:
             return
         axis = self._axis(call)
         if self.size(axis) == 1:
             return
-        forward, backward = OPS[name]
-        if name == "gather_sequence" and (self.checkpointed or recomputing or self.plan.precision.autocast):
-            backward = backward[:1]  # the checkpoint (or autocast's copy) keeps the gathered input: no re-gather
+        op = OPS[name]
+        forward, backward = op.forward, op.backward
+        if op.backward_kept is not None and (self.checkpointed or recomputing or self.plan.precision.autocast):
+            backward = op.backward_kept  # the checkpoint (or autocast's copy) keeps the gathered input: no re-gather
         if not recomputing:
             self.out.forward += [(op, axis, None) for op in forward]
             self.out.backward += [(op, axis) for op in backward]
@@ -148,7 +141,7 @@ class _Reader:
         """Whether an op of function `fn` keeps a gathered weight for backward (an embedding lookup does not)."""
         for node in ast.walk(self.functions[fn]):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr not in ("embedding_shard", "zero_gather", "zero_prefetch"):
+                    node.func.attr in OPS and OPS[node.func.attr].keeps_weights and node.func.attr not in ZERO:
                 uses = [a for a in node.args if isinstance(a, ast.Subscript) and isinstance(a.value, ast.Name)
                         and a.value.id == "W"]
                 if uses:
@@ -186,7 +179,7 @@ def _straight(path: str, fn: ast.FunctionDef) -> None:
             raise ProgramMismatch(f"{path}:{node.lineno}: {type(node).__name__} in {fn.name}(): programs are "
                                   "straight-line code")
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ops" and \
-                node.attr not in (*OPS, *ZERO, *COMPUTE):
+                node.attr not in OPS:
             raise ProgramMismatch(f"{path}:{node.lineno}: ops.{node.attr} is not an op of lcc's programs")
         if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
             raise ProgramMismatch(f"{path}:{node.lineno}: a private name ({node.attr}) in {fn.name}()")

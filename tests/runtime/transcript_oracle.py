@@ -6,12 +6,18 @@ or a receive, a stage's REDUCE_GRAD (its buckets' further axes, in order), then 
 collectives in order. Static shapes must match exactly;
 all-to-alls by op, axis, dtype and feature size, with their row splits equal to the expert counts
 exchanged just before in the same forward.
+
+The oracle shares no code with what it checks: its expectations come from plan.json and its own reading of
+it, never from the program checker or codegen. It reads one thing of lcc.plan.op_table, as data: which
+collectives the declared ops issue, so a plan listing a collective no op declares is refused here too.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+
+from lcc.plan.op_table import collective_kinds
 
 
 def _key(c: dict) -> tuple:
@@ -30,6 +36,10 @@ def _piece(bucket: dict, params_of: dict) -> int:
 def expected(plan: dict, pp_rank: int) -> list[tuple[str, list[tuple]]]:
     """Segments of one step: ("ordered" | "set", collectives), from the plan alone."""
     roles = {r["stage"]: r for r in plan["roles"]}
+    declared = collective_kinds()
+    for r in plan["roles"]:
+        for c in r["forward"] + r["backward"]:
+            assert c["op"] in declared, f"role {r['name']}: {c['op']} at {c['site']} is issued by no declared op"
     params_of = {p["name"]: p for p in plan["parameters"]}
     params = plan["precision"]["params"]
     out: list[tuple[str, list[tuple]]] = []
