@@ -24,9 +24,11 @@ from torch import nn
 
 from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, Comm, CompileState
 from lcc.compiler.trace import layer_of
+from lcc.plan.op_table import TABLE
 from lcc.plan.op_table import render_call as call
 
 TEMPLATES = Path(__file__).parent / "templates"
+AFTER_CALL = tuple(op.name for op in TABLE if op.after_call)  # emitted where a pass places one
 
 
 @dataclass
@@ -92,8 +94,8 @@ class _Emitter:
         else:
             raise NotImplementedError(f"no lowering for {n.op} node {name}")
 
-    def after(self, site: str, name: str,
-              lines: tuple[str, ...] = ("all_reduce", "reduce_scatter_sequence", "gather_vocab")) -> None:
+    def after(self, site: str, name: str, lines: tuple[str, ...] = AFTER_CALL) -> None:
+        """The collectives the plan places right after `site`'s call (`lines`: the table's `after_call` ops)."""
         for line in lines:
             c = self.take(site, AFTER, line)
             if c is not None:

@@ -31,6 +31,8 @@ class Op:
     keeps_weights: bool = True  # whether its backward needs the (gathered) weights it reads
     layout: tuple[str, ...] | None = None  # tiny-moe overrides whose training programs call it, where no
     # shipped plan's programs do
+    after_call: bool = False  # a collective a pass may place right after any module's call (codegen emits
+    # it there, in this table's order, wherever the plan records one)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -69,7 +71,7 @@ TABLE: tuple[Op, ...] = (
     Op("target_logit", "compute", "rows", keywords=("vocab_start",), attrs=(("vocab_start", str),)),
     Op("cross_entropy", "compute", "cross_entropy"),
     # ------------------------------------------------------------------------------------------ collectives
-    Op("all_reduce", "collective", "same", forward=("all_reduce",)),
+    Op("all_reduce", "collective", "same", forward=("all_reduce",), after_call=True),
     Op("all_reduce_max", "collective", "same", forward=("all_reduce_max",)),
     Op("copy_to_tp", "collective", "same", backward=("all_reduce",), layout=QK_HEAD),
     Op("rms_norm_tp", "collective", "same", forward=("all_reduce",), backward=("all_reduce",), keywords=("eps",),
@@ -83,8 +85,8 @@ TABLE: tuple[Op, ...] = (
     Op("gather_sequence", "collective", "grow", forward=("all_gather",), backward=("reduce_scatter", "all_gather"),
        backward_kept=("reduce_scatter",), keywords=("dim",)),
     Op("reduce_scatter_sequence", "collective", "shrink", forward=("reduce_scatter",), backward=("all_gather",),
-       keywords=("dim",)),
-    Op("gather_vocab", "collective", "grow", forward=("all_gather",), keywords=("dim",)),
+       keywords=("dim",), after_call=True),
+    Op("gather_vocab", "collective", "grow", forward=("all_gather",), keywords=("dim",), after_call=True),
     # ------------------------------------------------------------------------- ZeRO-3 and recomputation
     Op("zero_gather", "zero", "zero_gather", forward=("all_gather",), backward=("reduce_scatter", "all_gather")),
     Op("zero_prefetch", "zero", "zero_prefetch", forward=("all_gather",)),
