@@ -365,6 +365,16 @@ def _loss_lines(state: CompileState) -> list[Line]:
             Line(f"ce = {call('cross_entropy', 'sum_exp_T', 'target_T')}")]
 
 
+def compiled_functions(state: CompileState, first: int, end: int) -> list[str]:
+    """The program functions the runtime compiles (`train.compile: inductor`): each layer's, as one region
+    between the ops that issue collectives or size tensors from values (lcc.ops marks them). float64
+    verification runs and serve plans stay eager."""
+    train = state.spec.train
+    if state.mode != "train" or train.compile != "inductor" or train.dtype == "float64":
+        return []
+    return [f"layer_{i}" for i in range(first, end)]
+
+
 def render_programs(state: CompileState) -> dict[str, str]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
@@ -399,6 +409,6 @@ def render_programs(state: CompileState) -> dict[str, str]:
             layers=[a, b], passes=[p.name for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
             first=s == 0, result=result, forward=forward, functions=functions, params=params, zero3=zero3,
             memory=state.memory, loss=loss, serving=state.mode == "serve",
-            buffers=[b.name for b in state.buffers if s in b.stages],
+            buffers=[b.name for b in state.buffers if s in b.stages], compiled=compiled_functions(state, a, b),
         )
     return programs

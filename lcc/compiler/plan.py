@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from lcc.actions import Action
-from lcc.compiler.codegen import render_programs
+from lcc.compiler.codegen import compiled_functions, render_programs
 from lcc.compiler.cost import cost_report
 from lcc.compiler.cost.params import local_kv_heads
 from lcc.compiler.dims import dims, precision
@@ -299,8 +299,9 @@ def _roles(state: CompileState) -> list[Role]:
             name=f"stage{s}", stage=s, pp_rank=s % par.pp, layers=[a, b], embedding=s == 0, head=s == state.last_stage,
             program=f"programs/stage{s}.py", parameters=sorted(n for n, p in state.params.items() if s in p.stages),
             buffers=[x.name for x in state.buffers if s in x.stages], forward=forward, backward=backward,
-            grad_buckets=state.buckets.get(s, [])))
+            grad_buckets=state.buckets.get(s, []), compiled=compiled_functions(state, a, b)))
     return roles
+
 
 
 def actions_text(plan: Plan) -> str:

@@ -33,7 +33,7 @@ def overview(plan: Plan) -> dict[str, Any]:
         roles.append({"role": role.name, "stage": role.stage, "pp_rank": role.pp_rank, "layers": role.layers,
                       "embedding": role.embedding, "head": role.head, "parameters": len(role.parameters),
                       "forward_collectives": len(role.forward), "backward_collectives": len(role.backward),
-                      "program": role.program, "memory_bytes": mem["total_bytes"]})
+                      "program": role.program, "compiled": role.compiled, "memory_bytes": mem["total_bytes"]})
     out: dict[str, Any] = {
         "spec": plan.spec_name, "mode": plan.mode, "world_size": plan.world_size, "device": plan.device,
         "backend": plan.backend, "dtype": plan.dtype,
@@ -68,7 +68,8 @@ def role_facts(plan: Plan, name: str) -> dict[str, Any]:
     first = next(r for r in range(plan.world_size) if index.coords(r)["pp"] == role.pp_rank)
     facts = rank_facts(plan, first, index)
     return {"role": role.name, "stage": role.stage, "pp_rank": role.pp_rank, "layers": role.layers,
-            "program": role.program, "ranks": plan.mesh.size("stage"), "memory": facts["memory"],
+            "program": role.program, "compiled": role.compiled, "ranks": plan.mesh.size("stage"),
+            "memory": facts["memory"],
             "parameters": [p for p in facts["parameters"] if role.stage in plan.parameter(p["name"]).stages],
             "collectives": [c for c in facts["collectives"] if c["phase"].split()[-1] == role.name]}
 
@@ -108,6 +109,10 @@ def render_overview(console: Console, target: Target, o: dict[str, Any]) -> None
                   f"{r['forward_collectives']}/{r['backward_collectives']}", size(r["memory_bytes"]),
                   f"{r['memory_bytes'] / o['device_bytes']:.0%}")
     console.print(t)
+    compiled = [f"{r['role']}: {', '.join(r['compiled'])}" for r in o["roles"] if r["compiled"]]
+    if o["mode"] == "train":
+        console.print("compiled with torch.compile (Inductor): " + ("; ".join(compiled) if compiled else
+                                                                     "nothing, every function runs eagerly"))
     s = o["schedule"]
     if "decode_step" in o:
         d = o["decode_step"]
@@ -147,6 +152,7 @@ def render_rank(console: Console, f: dict[str, Any]) -> None:
 def render_role(console: Console, f: dict[str, Any]) -> None:
     console.print(f"[bold]role {f['role']}[/bold]: stage {f['stage']} on pipeline rank {f['pp_rank']}, layers "
                   f"[{f['layers'][0]}, {f['layers'][1]}), {f['ranks']} ranks run {f['program']}")
+    console.print("compiled with torch.compile (Inductor): " + (", ".join(f["compiled"]) or "nothing (eager)"))
     _render_parameters(console, f["parameters"])
     _render_collectives(console, f["collectives"])
     _render_memory(console, f["memory"])

@@ -53,11 +53,23 @@ def combine(y_SD: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
 def swiglu_segments(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor,
                     w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert over its contiguous segment of x (segments in expert order). Counts on the
-    device cost no host sync where grouped matmul runs; the loop reads them on the host."""
+    device cost no host sync where grouped matmul runs; the loop reads them on the host. Under autocast the
+    experts compute in autocast's dtype, as its matmuls do (grouped matmul is not on autocast's list)."""
+    x_SD, w1_EFD, w3_EFD, w2_EDF = autocast_inputs(x_SD, w1_EFD, w3_EFD, w2_EDF)
     if grouped_mm_ok(x_SD, w1_EFD, w2_EDF):
         return swiglu_grouped(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
     host = counts.tolist() if isinstance(counts, torch.Tensor) else counts  # host sync (loop path only)
     return swiglu_loop(x_SD, host, w1_EFD, w3_EFD, w2_EDF)
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's dtype where autocast is on for their device and they are floating point
+    below float64 (as autocast casts a matmul's inputs); otherwise as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t for t in tensors)
 
 
 def swiglu_grouped(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor,

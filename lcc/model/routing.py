@@ -85,9 +85,12 @@ class RouterMath:
         bandwidth; a padded bmm is no faster on CPU and allocates a buffer per call. One grouped matmul
         takes the group sizes as a device tensor; where it cannot run (float64, or P or D not a multiple of
         16 bytes, such as LongCat's 125 experts per group in float32), a loop over the groups needs them
-        on the host: the router's only host synchronisation, and only in that case."""
+        on the host: the router's only host synchronisation, and only in that case. When every group is
+        kept (one group, as imported models route), the logits are one dense matmul."""
         T, Gk = kept_TGk.shape
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        if Gk == self.n_groups:  # every group kept (one group, say): all logits, already group-major
+            return (x_TD.to(dtype) @ self.weight_ED.to(dtype).T).view(T, Gk, self.per_group)
         flat = kept_TGk.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts_G = torch.zeros(self.n_groups, dtype=torch.int64, device=flat.device).scatter_add_(

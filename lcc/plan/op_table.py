@@ -33,6 +33,14 @@ class Op:
     # shipped plan's programs do
     after_call: bool = False  # a collective a pass may place right after any module's call (codegen emits
     # it there, in this table's order, wherever the plan records one)
+    sized_by_values: bool = False  # its output's shape follows tensor values (torch.compile cannot trace it)
+
+    @property
+    def traced(self) -> bool:
+        """Whether torch.compile traces through the op (train.compile): compute whose shapes follow from its
+        inputs' shapes. The others (collectives, ZeRO gathers, recomputation, value-sized compute) end a
+        compiled region; the next region starts after them."""
+        return self.kind == "compute" and not self.sized_by_values
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,10 +67,10 @@ TABLE: tuple[Op, ...] = (
     Op("attention", "compute", "same", keywords=("head_dim", "theta"), attrs=(("head_dim", int), ("theta", float))),
     Op("paged_attention", "compute", "same", keywords=("layer", "head_dim", "theta"),
        attrs=(("layer", int), ("head_dim", int), ("theta", float))),
-    Op("route", "compute", "route"),
+    Op("route", "compute", "route", sized_by_values=True),  # group-major logits: rows per group from the scores
     Op("route_tables", "compute", "route_tables"),
-    Op("grouped_swiglu", "compute", "experts"),
-    Op("grouped_swiglu_int4", "compute", "experts"),
+    Op("grouped_swiglu", "compute", "experts", sized_by_values=True),  # segments and padding from the counts
+    Op("grouped_swiglu_int4", "compute", "experts", sized_by_values=True),
     Op("combine_tokens", "compute", "combine_tokens"),
     Op("last_positions", "compute", "last_positions"),
     Op("flatten_logits", "compute", "flatten_logits"),
@@ -109,6 +117,11 @@ def op(name: str) -> Op:
 def named(kind: str) -> tuple[str, ...]:
     """The names of the ops of one kind, in declaration order."""
     return tuple(o.name for o in TABLE if o.kind == kind)
+
+
+def untraced() -> tuple[str, ...]:
+    """The ops that end a compiled region (`Op.traced`), in declaration order."""
+    return tuple(o.name for o in TABLE if not o.traced)
 
 
 def collective_kinds() -> frozenset[str]:

@@ -20,7 +20,7 @@ from lcc.plan.types import Plan, Role
 # lcc.ops functions that communicate, compute or gather ZeRO-3 parameters: all from lcc.plan.op_table
 COLLECTIVE_OPS = named("collective")
 ZERO = named("zero")
-TABLES = ("PARAMETERS", "BUFFERS", "GATHER")
+TABLES = ("PARAMETERS", "BUFFERS", "GATHER", "COMPILED")
 # a program is straight-line code: what could repeat, skip or hide a line is not a program lcc renders
 FORBIDDEN = (ast.For, ast.AsyncFor, ast.While, ast.If, ast.IfExp, ast.Try, ast.With, ast.AsyncWith, ast.ListComp,
              ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda, ast.Global, ast.Nonlocal, ast.ClassDef,
@@ -206,7 +206,7 @@ def issued(plan: Plan, path: str, source: str, with_loss: bool) -> Issued:
 
 def _check_tables(plan: Plan, role: Role, source: str) -> None:
     """The program's PARAMETERS and BUFFERS tables state exactly the role's parameters (local shape, global
-    shape, shard) and buffers."""
+    shape, shard) and buffers; COMPILED (absent: none) the functions the role compiles, each defined."""
     tables = _tables(role.program, _parse(role.program, source))
     params = tables.get("PARAMETERS", {})
     if sorted(params) != sorted(role.parameters):
@@ -221,6 +221,13 @@ def _check_tables(plan: Plan, role: Role, source: str) -> None:
                                   f"({p.local_shape}, {p.global_shape}, {shard})")
     if sorted(tables.get("BUFFERS", [])) != sorted(role.buffers):
         raise ProgramMismatch(f"{role.program}: BUFFERS differ from the plan's role")
+    compiled = tables.get("COMPILED", [])
+    if list(compiled) != role.compiled:
+        raise ProgramMismatch(f"{role.program}: COMPILED is {list(compiled)}, the plan's role compiles {role.compiled}")
+    defined = {n.name for n in _parse(role.program, source).body if isinstance(n, ast.FunctionDef)}
+    if set(role.compiled) - defined:
+        raise ProgramMismatch(f"{role.program}: the plan compiles {sorted(set(role.compiled) - defined)}, which the "
+                              "program does not define")
 
 
 def check_role(plan: Plan, role: Role, source: str) -> None:

@@ -154,6 +154,8 @@ class Role:
     forward: list[Collective]  # per micro-batch, in issue order (the loss's, on the last stage, last)
     backward: list[Collective]  # per micro-batch, as the ops' autograd rules imply (order follows autograd)
     grad_buckets: list[GradBucket]
+    # program functions the runtime compiles with torch.compile (Inductor); the others run eagerly
+    compiled: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -16,7 +16,7 @@ SCHEMA = "lcc.checkpoint/2"
 # spec fields that are layout, or that do not change what training computes (top-level sections, and
 # how often to save and how long to wait on a collective)
 LAYOUT_SECTIONS = ("name", "parallelism", "cluster", "serve")
-OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s")
+OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s", "train.compile")
 # training-only routing fields: a checkpoint's weights serve, or start a run, whatever they were
 IGNORED = ("routing.balance", "routing.capacity_factor")
 

@@ -151,8 +151,8 @@ def rank_state(step: int, meta: dict[str, Parameter], params: dict[str, torch.Te
         master = masters[name]
         st = optimizer_state[master]
         if not st:
-            st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(master),
-                      exp_avg_sq=torch.zeros_like(master))
+            st.update(step=torch.zeros((), dtype=torch.float32, device=master.device),
+                      exp_avg=torch.zeros_like(master), exp_avg_sq=torch.zeros_like(master))
         for moment in MOMENTS:
             out[f"optim/{name}/{moment}"] = local_blocks(m, start, st[moment], piece)
         out[f"optim/{name}/step"] = st["step"]

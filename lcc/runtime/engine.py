@@ -31,6 +31,7 @@ from lcc.plan.types import StepAction
 from lcc.runtime import checkpoint
 from lcc.runtime.checkpoint_identity import identity
 from lcc.runtime.checkpoint_layout import rank_state
+from lcc.runtime.compiled import compile_programs, compile_seconds
 from lcc.runtime.device import running_on
 from lcc.runtime.grad_sync import GradSync
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
@@ -41,6 +42,22 @@ from lcc.runtime.zero import ZeroLayout
 from lcc.spec import Spec
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+ROW = 4096  # elements per partial sum of a gradient's squared norm
+
+
+def squared_norm(g: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of `g`'s elements, in float64. Below float64, each row of ROW elements is summed in
+    g's own dtype (the norm of a short row is accurate to a rounding or two) and the rows' squares in float64:
+    one read of the gradient, no float64 copy of it."""
+    if g.dtype == torch.float64:
+        return g.square().sum()
+    flat = g.reshape(-1)
+    rows = flat.numel() // ROW * ROW
+    head = torch.linalg.vector_norm(flat[:rows].view(-1, ROW), dim=1, dtype=torch.float32)
+    tail = torch.linalg.vector_norm(flat[rows:], dtype=torch.float32).reshape(1)
+    return torch.cat([head, tail]).double().square().sum()
 
 
 def router_summary(load: torch.Tensor, k_hist: torch.Tensor, ep: int) -> dict[str, Any]:
@@ -92,6 +109,8 @@ class RankEngine:
         self.bias = {b.name: torch.zeros(b.shape, dtype=DTYPES[b.dtype], device=device) for b in plan.buffers
                      if set(b.stages) & set(self.roles)}
         self.programs = {s: load_program(self.dir / role.program) for s, role in self.roles.items()}
+        compile_programs(self.programs, self.roles)
+        self.compiles = any(role.compiled for role in self.roles.values())
         self.actions = [Action.parse(a) for a in plan.schedule.actions[c["pp"]]]
         self.last_backward = {a.stage: i for i, a in enumerate(self.actions) if a.kind == "B"}
         self.step_actions: list[StepAction] = plan.schedule.step[c["pp"]]
@@ -167,6 +186,14 @@ class RankEngine:
     # ---------------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (tracking the bytes of live tensors, and recording collectives, when asked to)."""
+        if self.compiles:
+            before = compile_seconds()
+            record = self._record_step(step)
+            record["compile_seconds"] = compile_seconds() - before
+            return record
+        return self._record_step(step)
+
+    def _record_step(self, step: int) -> dict[str, Any]:
         recording = self.transcript.recording(step) if self.transcript else contextlib.nullcontext()
         with recording, running_on(self.device):
             if self.device.type == "cuda":
@@ -364,7 +391,7 @@ class RankEngine:
         for name, g in grads.items():
             tied_copy = name == "embed.weight" and c["pp"] != 0
             if counts_once(self.meta[name], c, sizes) and not tied_copy:
-                square += g.double().square().sum()
+                square += squared_norm(g)
         for col in action.collectives:
             self._all_reduce(square, col.axis)
         norm = float(square.sqrt())

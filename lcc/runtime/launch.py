@@ -34,6 +34,7 @@ from lcc.runtime.checkpoint_files import CheckpointError
 from lcc.runtime.checkpoint_identity import read_identity
 from lcc.runtime.checkpoint_resume import Resume, prepare
 from lcc.runtime.checkpoint_verify import check_checkpoint
+from lcc.runtime.compiled import CompileUnavailable, check_compile
 from lcc.runtime.device import check_device, join_plan
 from lcc.runtime.heartbeat import Beats, Heartbeat, watch_engine
 from lcc.runtime.parent_death import adopt_environment, start_fork_server
@@ -156,7 +157,8 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
 def check_plan(plan_dir: Path, mode: str = "train") -> Plan:
     """What must hold before any rank starts: a plan folder of this lcc's version, programs that issue
     exactly the collectives the plan lists, a plan of `mode` (train or serve), and the devices the plan
-    runs on (lcc.runtime.device.check_device; LaunchRefused, exit code 2, otherwise)."""
+    runs on (lcc.runtime.device.check_device) with a C++ compiler where the plan compiles on CPU
+    (LaunchRefused, exit code 2, otherwise)."""
     plan_dir = Path(plan_dir)
     if not plan_dir.is_dir():
         raise LaunchRefused(f"{plan_dir}: not a folder (a compiled plan folder, or a spec file)")
@@ -179,6 +181,10 @@ def check_plan(plan_dir: Path, mode: str = "train") -> Plan:
             "lcc run generate executes serve plans (lcc compile --mode serve)"
         raise LaunchRefused(f"{plan_dir}: a {plan.mode} plan; {runs}")
     check_device(plan)
+    try:
+        check_compile(plan.roles, plan.device)
+    except CompileUnavailable as exc:
+        raise LaunchRefused(f"{plan_dir}: {exc}") from None
     return plan
 
 

@@ -239,6 +239,9 @@ class Train(_Section):
     data: Data = Data()
     collective_timeout_s: PosFloat = Field(120.0, description="A rank waiting longer on a collective ends the run.")
     checkpoint_every: NonNeg = Field(0, description="Steps between checkpoints; 0 = only at the end.")
+    compile: Literal["inductor", "none"] = Field(
+        "none", description="Compile each layer function of the programs with torch.compile (Inductor: fused C++ "
+        "on CPU, Triton on GPU), or run them eagerly. float64 runs stay eager. docs/runtime.md, 'Compiled programs'.")
 
 
 class Serve(_Section):

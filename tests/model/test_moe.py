@@ -155,3 +155,23 @@ def test_empty_input():
     y = block(x)
     assert y.shape == (0, 1, 16)
     y.sum().backward()
+
+
+def test_experts_compute_in_the_autocast_dtype():
+    """Under bfloat16 autocast the experts' grouped matmuls run in bfloat16, as autocast runs a matmul;
+    their float32 weights get float32 gradients."""
+    from lcc.model.moe import swiglu_segments
+
+    g = torch.Generator().manual_seed(0)
+    E, D, Fd = 4, 32, 16
+    ws = [(torch.randn(E, Fd, D, generator=g) * 0.1).requires_grad_() for _ in range(2)]
+    w2 = (torch.randn(E, D, Fd, generator=g) * 0.1).requires_grad_()
+    x = torch.randn(12, D, generator=g)
+    counts = torch.tensor([5, 0, 3, 4])
+    want = swiglu_segments(x, counts, ws[0], ws[1], w2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = swiglu_segments(x, counts, ws[0], ws[1], w2)
+    assert want.dtype == torch.float32 and got.dtype == torch.bfloat16
+    assert_rel(got.float(), want.detach(), 2e-2)
+    got.float().sum().backward()
+    assert ws[0].grad.dtype == torch.float32 and ws[0].grad.abs().sum() > 0

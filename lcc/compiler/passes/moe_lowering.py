@@ -41,10 +41,10 @@ def run(state: CompileState) -> None:
                 "int64")], region="routing")
             rows = Collective("all_to_all", "ep", experts, "dispatch", [-1, d.D], d.params)
             state.add(s, experts, BEFORE, "all_to_all", [rows], [rows], region="routing")
-            # the experts' grouped matmul is outside autocast's op list: under bfloat16 autocast it computes
-            # in the parameters' dtype, as in the reference model
-            back = Collective("all_to_all", "ep", experts, "combine", [-1, d.D], d.params)
+            # the experts compute in the compute dtype (under bfloat16 autocast, lcc.model.moe casts their
+            # inputs as autocast casts a matmul's): their outputs go back in it
+            back = Collective("all_to_all", "ep", experts, "combine", [-1, d.D], d.compute)
             state.add(s, experts, AFTER, "all_to_all", [back], [back])
         if folding:
             state.add(s, combine, AFTER, "gather_tokens", [Collective(
-                "all_gather", "tp", combine, "the TP group's tokens", [d.T_moe, d.D], d.params)])
+                "all_gather", "tp", combine, "the TP group's tokens", [d.T_moe, d.D], d.compute)])
