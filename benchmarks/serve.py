@@ -5,7 +5,9 @@
    transformers' `generate` on a Qwen3-MoE of the same shape (d_model 512, 8 layers, 8 query and 4 key/value
    heads of 64, 16 experts of width 512, 2 experts per token, bfloat16, random weights). Both: the same
    random prompts of 32 tokens, greedy, exactly 64 new tokens each, the same threads; tokens/s = new tokens
-   / wall time of the whole generation (prefill included), batch 1 and 32, runs alternated, median.
+   / wall time of the whole generation (prefill included), batch 1 and 32, runs alternated, median. A third
+   side is lcc with unquantised bfloat16 experts (`quantization.experts=null`): the like-for-like ratio;
+   the int4 ratio compares int4 experts with transformers' bfloat16 ones.
 2. Routing decisions at LongCat-2.0 shapes (d_model 4096, 16,000 experts in 128 groups, 4 kept groups,
    k 1-4) for a decode batch: the plain path (lcc's reference router on the served weights) against the
    precomputed routing tables, deciding through torch and through lcc's native CPU router (what a CPU serve
@@ -65,24 +67,36 @@ def qwen3_moe(spec):
     return Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
-def offline(repeats: int) -> dict:
-    spec = load_spec(SPECS / "small-moe.yaml", SMALL)
+def serve_rank(overrides: list[str]) -> ServeRank:
+    spec = load_spec(SPECS / "small-moe.yaml", overrides)
     plan_dir = Path(tempfile.mkdtemp()) / "plan"
     write_atomically(compile_plan(spec, "serve"), plan_dir)
-    rank = ServeRank(plan_dir, 0)
+    return ServeRank(plan_dir, 0)
+
+
+def offline(repeats: int) -> dict:
+    """lcc with int4 experts (int4 against transformers' bfloat16: not like for like) and lcc with unquantised
+    bfloat16 experts (`quantization.experts: null`: like for like), against transformers in bfloat16."""
+    spec = load_spec(SPECS / "small-moe.yaml", SMALL)
+    ranks = {"lcc": serve_rank(SMALL), "lcc_bf16": serve_rank([*SMALL, "quantization.experts=null"])}
+    rank = ranks["lcc"]
     hf = qwen3_moe(spec)
     out = {"spec": "small-moe --set " + " ".join(SMALL[:2]), "prompt_tokens": PROMPT, "new_tokens": NEW,
-           "expert_kernel": rank.plan.serving.expert_kernel, "dtype": rank.plan.serving.dtype, "batches": {}}
+           "expert_kernel": rank.plan.serving.expert_kernel, "dtype": rank.plan.serving.dtype, "batches": {},
+           "lcc_bf16_expert_kernel": ranks["lcc_bf16"].plan.serving.expert_kernel}
     for batch in (1, 32):
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, 256, (PROMPT,), generator=g).tolist() for _ in range(batch)]
         ids = torch.tensor(prompts)
 
-        def lcc_run(prompts=prompts, batch=batch) -> int:
+        def lcc_run(prompts=prompts, batch=batch, rank=rank) -> int:
             engine = Engine(rank, max_batched_tokens=batch * PROMPT)  # the prefill in one step, as transformers
             for p in prompts:
                 engine.submit(p, SamplingParams(max_tokens=NEW))
             return sum(len(u.token_ids) for u in engine.run())
+
+        def lcc_bf16_run(prompts=prompts, batch=batch) -> int:
+            return lcc_run(prompts, batch, ranks["lcc_bf16"])
 
         def hf_run(ids=ids) -> int:
             with torch.no_grad():
@@ -90,11 +104,12 @@ def offline(repeats: int) -> dict:
                                 do_sample=False, pad_token_id=0)
             return (o.shape[1] - PROMPT) * o.shape[0]
 
-        times: dict[str, list[float]] = {"lcc": [], "transformers": []}
-        for fn in (lcc_run, hf_run):
+        sides = (("lcc", lcc_run), ("lcc_bf16", lcc_bf16_run), ("transformers", hf_run))
+        times: dict[str, list[float]] = {name: [] for name, _ in sides}
+        for _, fn in sides:
             fn()  # warm-up
         for _ in range(repeats):
-            for name, fn in (("lcc", lcc_run), ("transformers", hf_run)):
+            for name, fn in sides:
                 start = time.perf_counter()
                 produced = fn()
                 times[name].append(time.perf_counter() - start)
@@ -102,9 +117,13 @@ def offline(repeats: int) -> dict:
         rate = {k: batch * NEW / statistics.median(v) for k, v in times.items()}
         out["batches"][str(batch)] = {"lcc_tokens_per_s": rate["lcc"], "transformers_tokens_per_s":
                                       rate["transformers"], "ratio": rate["lcc"] / rate["transformers"],
+                                      "lcc_bf16_tokens_per_s": rate["lcc_bf16"],
+                                      "ratio_bf16": rate["lcc_bf16"] / rate["transformers"],
                                       "seconds": {k: v for k, v in times.items()}}
-        print(f"batch {batch:>2}: lcc {rate['lcc']:7.1f} tokens/s, transformers {rate['transformers']:7.1f} tokens/s:"
-              f" {rate['lcc'] / rate['transformers']:.2f}x", flush=True)
+        print(f"batch {batch:>2}: lcc int4 experts {rate['lcc']:7.1f} tokens/s, transformers bf16 "
+              f"{rate['transformers']:7.1f} tokens/s: {rate['lcc'] / rate['transformers']:.2f}x (int4 against bf16); "
+              f"lcc bf16 {rate['lcc_bf16']:7.1f} tokens/s: {rate['lcc_bf16'] / rate['transformers']:.2f}x (like for "
+              "like)", flush=True)
     return out
 
 

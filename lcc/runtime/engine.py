@@ -22,7 +22,6 @@ from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, units_of_s
 from lcc.data.tokenizer import plan_tokenizer
 from lcc.model.routing import update_bias
 from lcc.model.shaping import token_count_factors
-from lcc.model.stats import imbalance
 from lcc.model.trainer import adamw, lr_at
 from lcc.ops import ProgramContext, offload_gathered
 from lcc.ops.zero import GatherBucket
@@ -60,12 +59,22 @@ def squared_norm(g: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, tail]).double().square().sum()
 
 
-def router_summary(load: torch.Tensor, k_hist: torch.Tensor, ep: int) -> dict[str, Any]:
-    tokens = float(k_hist.sum())
-    per_rank = load.view(ep, -1).sum(-1)
-    return {"experts_per_token": float((k_hist * torch.arange(len(k_hist))).sum()) / max(tokens, 1.0),
-            "k_histogram": k_hist[1:].tolist(), "load_per_expert": load.tolist(),
+def router_summary(load: list[float], k_hist: list[float], ep: int) -> dict[str, Any]:
+    """A router's statistics for the metrics, from host copies of its step's loads and k histogram (the
+    step's one read of them: `_do_reduce_metrics`)."""
+    tokens = sum(k_hist)
+    per = len(load) // ep
+    per_rank = [sum(load[r * per:(r + 1) * per]) for r in range(ep)]
+    return {"experts_per_token": sum(k * c for k, c in enumerate(k_hist)) / max(tokens, 1.0),
+            "k_histogram": k_hist[1:], "load_per_expert": load,
             "imbalance_expert": imbalance(load), "imbalance_ep_rank": imbalance(per_rank)}
+
+
+def imbalance(load: list[float]) -> float:
+    """max / mean of a load vector (1.0 = perfectly even; 0 load counts as even): lcc.model.stats.imbalance
+    on a host list."""
+    mean = sum(load) / len(load)
+    return max(load) / mean if mean > 0 else 1.0
 
 
 def load_program(path: Path) -> types.ModuleType:
@@ -350,8 +359,10 @@ class RankEngine:
             routes = self.ctx.routes.get(site, [])
             n = self.spec.model.moe.n_experts
             load = sum((r.load_E for r in routes), torch.zeros(n, dtype=torch.float64))
-            hist = sum((torch.bincount(r.k_T, minlength=k_max + 1) for r in routes),
-                       torch.zeros(k_max + 1, dtype=torch.int64)).to(torch.float64)
+            hist = torch.zeros(k_max + 1, dtype=torch.int64)  # a scatter-add, not bincount: no host read
+            for r in routes:
+                hist.scatter_add_(0, r.k_T.reshape(-1), torch.ones_like(r.k_T.reshape(-1)))
+            hist = hist.to(torch.float64)
             rows.append(torch.cat([load, hist]))
         table = torch.stack(rows)
         for c in action.collectives:
@@ -447,10 +458,18 @@ class RankEngine:
                     table[layers.index(int(site.split(".")[1]))] = row
             self._all_reduce(table, collectives[2].axis)
             stats = {f"layers.{i}.ffn": row for i, row in zip(layers, table.unbind(0), strict=True)}
-        router = {site: router_summary(row[:n], row[n:], sizes["ep"]) for site, row in stats.items()}
-        self.record = {"loss": float(loss) / self.step_tokens, "peak_memory_bytes": int(memory[0]),
-                       "state_memory_bytes": int(memory[1]),
-                       "activation_memory_bytes": int(memory[2]) if memory[2] >= 0 else None,
+        # the step's one read of its metrics: the loss, the memory figures and every router's statistics
+        sites = list(stats)
+        rows = torch.stack([stats[site] for site in sites]) if sites else torch.zeros(0, dtype=torch.float64)
+        host = torch.cat([loss.reshape(1), memory, rows.reshape(-1)]).tolist()
+        width = rows.shape[1] if sites else 0
+        router = {}
+        for i, site in enumerate(sites):
+            row = host[4 + i * width:4 + (i + 1) * width]
+            router[site] = router_summary(row[:n], row[n:], sizes["ep"])
+        self.record = {"loss": host[0] / self.step_tokens, "peak_memory_bytes": int(host[1]),
+                       "state_memory_bytes": int(host[2]),
+                       "activation_memory_bytes": int(host[3]) if host[3] >= 0 else None,
                        "router": dict(sorted(router.items(), key=lambda kv: int(kv[0].split(".")[1])))}
 
     def _peak_bytes(self) -> int:

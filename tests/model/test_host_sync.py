@@ -143,3 +143,25 @@ def test_float64_loops_read_the_host(monkeypatch):
     with host_syncs(monkeypatch) as events:
         block(x.unsqueeze(0))
     assert events == ["tolist", "aten._local_scalar_dense", "tolist"]  # router loop, dispatch, expert loop
+
+
+def test_a_training_step_reads_the_host_once_per_moe_layer_and_micro_batch_and_twice_more(monkeypatch, tmp_path):
+    """A rank's whole step: each MoE layer's exchange plan per micro-batch, the gradient norm (clipping
+    decides on it) and one read of the step's metrics (loss, memory, every router's statistics)."""
+    from lcc.compiler.output import write
+    from lcc.compiler.plan import compile_plan
+    from lcc.runtime.engine import RankEngine
+    from lcc.spec import load_spec
+    from tests.conftest import SPECS
+    from tests.layouts import LAYOUTS
+
+    spec = load_spec(SPECS / "tiny-moe.yaml", [*LAYOUTS["world1"], "parallelism.pipeline.microbatches=2",
+                                               "train.seq_len=32", "train.global_batch=4"])
+    write(compile_plan(spec), tmp_path / "plan")
+    engine = RankEngine(tmp_path / "plan", 0)
+    engine.train_step(0)
+    with host_syncs(monkeypatch) as events:
+        record = engine.train_step(1)
+    moe_layers = len(spec.model.moe_layers)
+    assert events == ["tolist"] * (2 * moe_layers) + ["aten._local_scalar_dense", "tolist"]
+    assert len(record["router"]) == moe_layers and record["loss"] > 0
