@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lcc.model.routing import RouteResult
 
 
@@ -21,8 +23,10 @@ class ProgramContext:
     accumulating: bool = False
     held_grads: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
+    @torch.compiler.disable
     def observe(self, site: str, route: RouteResult) -> None:
         """Record a router call's result (loads, k per token, losses); a recomputation records nothing,
-        so every token counts once in the load-bias update and the statistics."""
+        so every token counts once in the load-bias update and the statistics. Never traced by torch.compile
+        (train.compile): a traced append would guard on the list's length and recompile every micro-batch."""
         if not self.recomputing:
             self.routes.setdefault(site, []).append(route)

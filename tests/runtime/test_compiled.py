@@ -110,3 +110,20 @@ def test_collectives_and_value_sized_ops_end_compiled_regions():
     assert {o.name for o in OPS.values() if o.kind != "compute"} <= ends
     assert {"route", "grouped_swiglu", "grouped_swiglu_int4"} <= ends
     assert {"linear", "attention", "rms_norm", "combine_tokens"}.isdisjoint(ends)
+
+
+def test_many_micro_batches_run_compiled_without_recompiling_each_one(tmp_path, monkeypatch):
+    """Nothing a compiled layer traces depends on the micro-batch's index: ten micro-batches stay under
+    Dynamo's limit of recompilations per function (hitting it would run the rest of the layer eagerly)."""
+    import torch._dynamo.config
+
+    from lcc.runtime.engine import RankEngine
+
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    spec = load_spec(SPECS / "tiny-moe.yaml", [*F32, *LAYOUTS["world1"], "train.compile=inductor",
+                                               "parallelism.pipeline.microbatches=10", "train.global_batch=10",
+                                               "model.n_layers=2"])
+    write(compile_plan(spec), tmp_path / "plan")
+    engine = RankEngine(tmp_path / "plan", 0)
+    first = engine.train_step(0)
+    assert first["compile_seconds"] > 0 and engine.train_step(1)["compile_seconds"] == 0
