@@ -4,8 +4,9 @@ Each role's `compiled` functions (its layers) are compiled on their first call. 
 op table does not trace (`lcc.plan.op_table.untraced`: collectives, ZeRO-3 gathers, recomputation and
 the experts, whose segments are sized by the routing) runs eagerly, called through torch.compiler's
 `disable`: a compiled region ends before it and the next begins after it, so every collective is issued
-exactly as the program's line says (`ProgramContext.observe` is disabled where it is defined). Inductor's graph cache keys each region on its graph and inputs, so
-a changed program recompiles and an unchanged one is read from the cache (`cache_dir`).
+exactly as the program's line says (`ProgramContext.observe` is disabled where it is defined).
+Inductor's graph cache keys each region on its graph and inputs, so a changed program recompiles and an
+unchanged one is read from the cache (`cache_dir`).
 """
 
 from __future__ import annotations
