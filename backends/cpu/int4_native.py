@@ -17,7 +17,6 @@ output is rounded to the activations' dtype.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +74,8 @@ def matmul_segments(x_SK: torch.Tensor, counts: list[int], w: NativeInt4, amx_mi
     """`x[segment e] @ w[e].T` for every expert's segment, float32 in and out; segments of at least
     `amx_min_rows` rows (0: none) on AMX where this machine has it."""
     lib = load()
-    E, N, K = w.shape
-    _check_rows(x_SK, counts, E)
-    x_SK = x_SK.to(torch.float32).contiguous()
-    out = torch.empty(x_SK.shape[0], N, dtype=torch.float32)
-    lib.lib.lcc_int4_matmul(x_SK.data_ptr(), (ctypes.c_int64 * E)(*counts), E, w.codes.data_ptr(),
-                            w.scales.data_ptr(), _ptr(w.shifts), N, K, w.group_size, out.data_ptr(),
-                            torch.get_num_threads(), amx_min_rows if lib.amx else 0)
-    return out
+    return lib.ops.int4_matmul(x_SK.to(torch.float32), counts, w.codes, w.scales, w.shifts, w.group_size,
+                               amx_min_rows if lib.amx else 0)
 
 
 def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: NativeInt4, w3: NativeInt4,
@@ -93,25 +86,6 @@ def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: NativeInt4, w3: N
     if not w1.gate_up or w3 is not w1:
         raise ValueError("the native kernel takes the gate and up projections as one stack (pack_gate_up)")
     lib = load()
-    E, D, F = w2.shape
-    _check_rows(x_SD, counts, E)
-    x_SD = x_SD.contiguous()
-    out = torch.empty(x_SD.shape[0], D, dtype=x_SD.dtype)
-    if x_SD.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the native int4 kernel takes float32 or bfloat16 activations, not {x_SD.dtype}")
     bf16 = x_SD.dtype == torch.bfloat16
-    lib.lib.lcc_int4_swiglu(x_SD.data_ptr(), (ctypes.c_int64 * E)(*counts), E, int(bf16), w1.codes.data_ptr(),
-                            w1.scales.data_ptr(), _ptr(w1.shifts), w2.codes.data_ptr(), w2.scales.data_ptr(),
-                            _ptr(w2.shifts), D, F, w1.group_size, out.data_ptr(), torch.get_num_threads(),
-                            AMX_MIN_ROWS if bf16 and lib.amx else 0)
-    return out
-
-
-def _check_rows(x: torch.Tensor, counts: list[int], experts: int) -> None:
-    if len(counts) != experts or sum(counts) != x.shape[0] or min(counts, default=0) < 0:
-        raise ValueError(f"{x.shape[0]} rows for counts {counts}: one count per expert ({experts}), summing to the "
-                         "rows")
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    return lib.ops.int4_swiglu(x_SD, counts, w1.codes, w1.scales, w1.shifts, w2.codes, w2.scales, w2.shifts,
+                               w1.group_size, AMX_MIN_ROWS if bf16 and lib.amx else 0)

@@ -1,17 +1,20 @@
-"""lcc's native CPU kernels (csrc/: the int4 experts, attention, routing): one library built with the
-system's C++ compiler at first use, cached, and called through ctypes.
+"""lcc's native CPU kernels (csrc/: the int4 experts, attention, routing) as PyTorch operators,
+`torch.ops.lcc.*` (csrc/ops.cpp: the schemas, and checks on every tensor before a kernel runs): one library
+built with the system's C++ compiler at first use against the installed PyTorch (its headers, libraries and
+ABI flag, from torch.utils.cpp_extension), cached, and loaded with torch.ops.load_library. The fake
+implementations registered here let torch.compile and torch.fx trace through the operators.
 
 Needs Linux on x86-64 with AVX-512 (PyTorch's CPU capability "AVX512") and a C++ compiler (`$CXX`, else
-g++ or c++). The AMX path is built when the compiler takes `-mamx-bf16` (a compiler that rejects it is
-remembered in the cache) and used when the CPU has AMX and Linux grants its tile state. The library lands
-in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under a name hashed from the sources, the flags and
-the compiler's version, written atomically: concurrent ranks build it at most once each and never load a
-partial file. A build says so in one line on stderr (it takes a few seconds); a cached library says nothing.
+g++ or c++) that takes C++20. The AMX path is built when the compiler takes `-mamx-bf16` (a compiler that
+rejects it is remembered in the cache) and used when the CPU has AMX and Linux grants its tile state. The
+library lands in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under a name hashed from the sources,
+the flags, the compiler's version and PyTorch's, written atomically: concurrent ranks build it at most once
+each and never load a partial file. The sources compile in parallel; a build says so in one line on stderr
+(it takes some seconds); a cached library says nothing.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -27,11 +30,10 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp")
-HEADERS = (CSRC / "simd.h",)
-BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp", CSRC / "ops.cpp")
+HEADERS = (CSRC / "simd.h", CSRC / "kernels.h")
+BASE_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
-_P, _I = ctypes.c_void_p, ctypes.c_int
 
 
 class NativeKernelMissing(RuntimeError):
@@ -40,9 +42,13 @@ class NativeKernelMissing(RuntimeError):
 
 @dataclass(frozen=True)
 class Library:
-    lib: ctypes.CDLL
     path: Path
     amx: bool  # the AMX path is built and this process may use AMX tiles
+
+    @property
+    def ops(self):
+        """The operators, `torch.ops.lcc`."""
+        return torch.ops.lcc
 
 
 def cache_dir() -> Path:
@@ -93,33 +99,18 @@ def load() -> Library:
     if path is None:  # a compiler without AMX intrinsics: the AVX-512 path alone
         path, _ = _build(cxx, BASE_FLAGS)
         amx = False
-    lib = ctypes.CDLL(str(path))
-    # (x, counts, E, codes, scales, shifts, N, K, group, out, threads, amx_min_rows)
-    lib.lcc_int4_matmul.argtypes = [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I]
-    lib.lcc_int4_matmul.restype = None
-    # (x, counts, E, bf16, w13 codes, scales, shifts, w2 codes, scales, shifts, D, F, group, out, threads,
-    #  amx_min_rows)
-    lib.lcc_int4_swiglu.argtypes = [_P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]
-    lib.lcc_int4_swiglu.restype = None
-    # (x, T, D, centroids, G, weight, E, bias, temperature, top, softmax, K, k min, threshold, renormalize,
-    #  gate scale, experts, gates, mask, k, counts, threads)
-    _F = ctypes.c_float
-    lib.lcc_route.argtypes = [_P, _I, _I, _P, _I, _P, _I, _P, _F, _I, _I, _I, _I, _F, _I, _F, _P, _P, _P, _P, _P, _I]
-    lib.lcc_route.restype = None
-    # (q, k, v, both, sign, slots, T, H, KV, d, bf16, q out, k cache, v cache, threads)
-    lib.lcc_rope_cache.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I]
-    lib.lcc_rope_cache.restype = None
-    # (q, k cache, v cache, rows, slots, lengths, n, longest, H, KV, d, bf16, out, threads)
-    lib.lcc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I]
-    lib.lcc_decode_attention.restype = None
-    amx = amx and _cpu_has_amx() and lib.lcc_int4_amx_init() == 0
-    return Library(lib, path, amx)
+    torch.ops.load_library(str(path))
+    _register_fakes()
+    amx = amx and _cpu_has_amx() and torch.ops.lcc.amx_init()
+    return Library(path, amx)
 
 
 def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
     """The library built with `flags` (cached); (None, False) when the compiler rejects AMX flags (also
     cached: a marker file, so that later processes do not try again)."""
-    key = hashlib.sha256(_sources() + " ".join(flags).encode() + _version(cxx).encode()).hexdigest()[:16]
+    compile_flags, link_flags = _torch_flags()
+    named = [*flags, *compile_flags, *link_flags, torch.__version__]
+    key = hashlib.sha256(_sources() + " ".join(named).encode() + _version(cxx).encode()).hexdigest()[:16]
     try:
         return _build_in(cache_dir(), key, cxx, flags)
     except OSError as exc:  # the cache cannot be written (a read-only home): a private temporary folder
@@ -127,6 +118,17 @@ def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
             raise NativeKernelMissing(f"cannot write the kernel cache {cache_dir()} (LCC_KERNEL_CACHE): "
                                       f"{exc}") from None
         return _build_in(Path(tempfile.gettempdir()) / f"lcc-kernels-{os.getuid()}", key, cxx, flags)
+
+
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """What building against the installed PyTorch takes: its ABI flag and headers (compiling), its
+    libraries (linking), as torch.utils.cpp_extension names them."""
+    from torch.utils import cpp_extension
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    libs = cpp_extension.library_paths()
+    return ([abi, *(f"-I{p}" for p in cpp_extension.include_paths())],
+            [*(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch", "-ltorch_cpu"])
 
 
 def _sources() -> bytes:
@@ -153,7 +155,7 @@ def _version(cxx: list[str]) -> str:
 @functools.cache
 def _announce(folder: Path) -> None:
     """One line on stderr when a build starts (a few silent seconds otherwise); nothing when it is cached."""
-    print(f"building lcc's native CPU kernels (first use, about 5 s) in {folder}", file=sys.stderr, flush=True)
+    print(f"building lcc's native CPU kernels (first use, about 15 s) in {folder}", file=sys.stderr, flush=True)
 
 
 def _build_in(folder: Path, key: str, cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:
@@ -165,22 +167,66 @@ def _build_in(folder: Path, key: str, cxx: list[str], flags: list[str]) -> tuple
     if amx and rejected.exists():
         return None, False
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    work = Path(tempfile.mkdtemp(prefix=path.stem + "-", suffix=".tmp", dir=folder))
     try:
         _announce(folder)  # the folder is writable: the build happens here
-        done = subprocess.run([*cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
-        if done.returncode != 0:
+        errors = _compile(cxx, flags, work)
+        if errors is None:
+            done = subprocess.run([*cxx, *flags, "-shared", *(str(work / f"{src.stem}.o") for src in SOURCES),
+                                   *_torch_flags()[1], "-o", str(work / path.name)], capture_output=True, text=True)
+            errors = done.stderr if done.returncode else None
+        if errors is not None:
             if amx:
-                rejected.write_text(done.stderr)
+                rejected.write_text(errors)
                 return None, False
-            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            tail = "\n".join(errors.strip().splitlines()[-5:])
             raise NativeKernelMissing(f"{' '.join(cxx)} could not build lcc's CPU kernels ({CSRC}):\n{tail}")
-        os.replace(tmp, path)
+        os.replace(work / path.name, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
     return path, amx
+
+
+def _compile(cxx: list[str], flags: list[str], work: Path) -> str | None:
+    """Every source compiled into `work` at once, one compiler process each; None, or the first failure's
+    messages."""
+    compile_flags = _torch_flags()[0]
+    running = [subprocess.Popen([*cxx, *flags, *compile_flags, "-c", str(src), "-o", str(work / f"{src.stem}.o")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for src in SOURCES]
+    errors = [p.communicate()[1] for p in running]  # a process blocked on a full pipe waits for its turn
+    return next((err for p, err in zip(running, errors, strict=True) if p.returncode != 0), None)
+
+
+@functools.cache
+def _register_fakes() -> None:
+    """Fake implementations of the operators (their outputs' shapes and dtypes from their inputs'), so that
+    torch.compile and torch.fx trace through them without running a kernel. Once a process."""
+
+    @torch.library.register_fake("lcc::simd_exp")
+    def _(x):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("lcc::int4_matmul")
+    def _(x, counts, codes, scales, shifts, group_size, amx_min_rows):
+        return x.new_empty(x.shape[0], codes.shape[1] * 16, dtype=torch.float32)
+
+    @torch.library.register_fake("lcc::int4_swiglu")
+    def _(x, counts, codes13, scales13, shifts13, codes2, scales2, shifts2, group_size, amx_min_rows):
+        return x.new_empty(x.shape[0], codes2.shape[1] * 16)
+
+    @torch.library.register_fake("lcc::rope_cache")
+    def _(q, k, v, both, sign, slots, k_cache, v_cache):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("lcc::decode_attention")
+    def _(q, k_cache, v_cache, rows, slots, lengths, out):
+        return None
+
+    @torch.library.register_fake("lcc::route")
+    def _(x, centroids, weight, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale):
+        T, E = x.shape[0], weight.shape[0]
+        return (x.new_empty(T, k, dtype=torch.int64), x.new_empty(T, k), x.new_empty(T, k, dtype=torch.bool),
+                x.new_empty(T, dtype=torch.int64), x.new_empty(E, dtype=torch.int64))
 
 
 def _cpu_has_amx() -> bool:

@@ -63,16 +63,13 @@ def align_segments(counts_E: torch.Tensor, n_rows: int, block_m: int) -> Alignme
     """`align` for rows already grouped by expert (`counts_E` rows each, on the device; what the programs
     hold after the exchange), in one Triton program instead of a sort and a dozen torch ops: at decode
     sizes the launches, not the bytes, are what alignment costs."""
-    import triton
-    from lcc.backends.triton.kernels import align_segments_kernel
+    from lcc.backends.triton import ops  # noqa: F401  (defines torch.ops.lcc.triton_align_segments)
 
-    E = counts_E.numel()
-    nb = max_blocks(n_rows, E, block_m)
+    nb = max_blocks(n_rows, counts_E.numel(), block_m)
     rows = torch.empty(nb * block_m, dtype=torch.int32, device=counts_E.device)
     block_expert = torch.empty(nb, dtype=torch.int32, device=counts_E.device)
     if nb:
-        align_segments_kernel[(1,)](counts_E, rows, block_expert, E, n_rows, nb, BLOCK_M=block_m,
-                                    EXPERTS=max(16, triton.next_power_of_2(E)), CHUNK=32)
+        torch.ops.lcc.triton_align_segments(counts_E, n_rows, block_m, rows, block_expert)
     return Alignment(rows, block_expert, n_rows, block_m)
 
 

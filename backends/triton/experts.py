@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from lcc.backends.torch_ref.int4 import Int4Weight
+from lcc.backends.triton import ops as _ops  # noqa: F401  (defines torch.ops.lcc.triton_*)
 from lcc.backends.triton.align import Alignment, align, align_segments
 from lcc.backends.triton.configs import tiles_for
-from lcc.backends.triton.support import interpreting, require
+from lcc.backends.triton.support import require
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -96,55 +97,33 @@ def _experts(x: torch.Tensor, expert_R: torch.Tensor, top_k: int, weight_R: torc
 
 def gate_up(x: torch.Tensor, al: Alignment, top_k: int, w1: ExpertStack, w3: ExpertStack,
             h: torch.Tensor | None = None) -> torch.Tensor:
-    """The first grouped GEMM: `h [blocks * block_m, F]` in x's dtype, row p = silu(x[t] @ w1[e].T) *
-    (x[t] @ w3[e].T) for aligned row p (token t = row // top_k); rows of skipped blocks are not written."""
+    """The first grouped GEMM (`torch.ops.lcc.triton_gate_up`): `h [blocks * block_m, F]` in x's dtype, row
+    p = silu(x[t] @ w1[e].T) * (x[t] @ w3[e].T) for aligned row p (token t = row // top_k); rows of skipped
+    blocks are not written."""
     require()
-    import triton
-    from lcc.backends.triton.kernels import gate_up_swiglu_kernel
-
-    E, F = w1.shape[0], w1.shape[1]
     x = x.contiguous()
-    tiles = tiles_for(al.n_rows, E, x.shape[1], _group(w1), x.element_size(), _weight_bytes(w1), weight_tiles=2)
     if h is None:
-        h = torch.empty(al.rows.numel(), F, dtype=x.dtype, device=x.device)
+        h = torch.empty(al.rows.numel(), w1.shape[1], dtype=x.dtype, device=x.device)
     a1, a3 = w1.operands(), w3.operands()
-    grid = (al.max_blocks, triton.cdiv(F, tiles.block_n))
-    gate_up_swiglu_kernel[grid](
-        x, al.rows, al.block_expert, h, a1[0], a1[1], a1[2], a3[0], a3[1], a3[2],
-        al.n_rows, F, x.shape[1], top_k, x.stride(0), h.stride(0), *a1[5:],
-        INT4=w1.int4, HAS_ZEROS=a1[4], GROUP=a1[3], IEEE=x.dtype == torch.float32, UPCAST=interpreting(),
-        BLOCK_M=al.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    torch.ops.lcc.triton_gate_up(x, al.rows, al.block_expert, al.n_rows, al.block_m, top_k, *a1[:3], *a3[:3],
+                                 a1[3], w1.int4, a1[4], h)
     return h
 
 
 def down(h: torch.Tensor, al: Alignment, weight_R: torch.Tensor | None, w2: ExpertStack,
          out: torch.Tensor) -> torch.Tensor:
-    """The second grouped GEMM: out[row] = h[p] @ w2[e].T, times `weight_R[row]` when given, for each
-    routed row of a local expert (`out [rows, D]`; other rows are not written)."""
+    """The second grouped GEMM (`torch.ops.lcc.triton_down`): out[row] = h[p] @ w2[e].T, times
+    `weight_R[row]` when given, for each routed row of a local expert (`out [rows, D]`; other rows are not
+    written)."""
     require()
-    import triton
-    from lcc.backends.triton.kernels import down_kernel
-
-    E, D, F = w2.shape[0], w2.shape[1], h.shape[1]
-    tiles = tiles_for(al.n_rows, E, F, _group(w2), h.element_size(), _weight_bytes(w2))
     a2 = w2.operands()
-    grid = (al.max_blocks, triton.cdiv(D, tiles.block_n))
-    down_kernel[grid](
-        h, al.rows, al.block_expert, out, weight_R if weight_R is not None else h, a2[0], a2[1], a2[2],
-        al.n_rows, D, F, h.stride(0), out.stride(0), *a2[5:],
-        INT4=w2.int4, HAS_ZEROS=a2[4], GROUP=a2[3], IEEE=h.dtype == torch.float32, UPCAST=interpreting(),
-        HAS_WEIGHT=weight_R is not None, BLOCK_M=al.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    torch.ops.lcc.triton_down(h, al.rows, al.block_expert, al.n_rows, al.block_m, weight_R, *a2[:3], a2[3], w2.int4,
+                              a2[4], out)
     return out
 
 
 def _group(w: ExpertStack) -> int | None:
     return w.w.group_size if w.int4 else None
-
-
-def _weight_bytes(w: ExpertStack) -> float:
-    return 0.5 if w.int4 else w.w.element_size()
 
 
 def _check(x: torch.Tensor, w1: ExpertStack, w3: ExpertStack, w2: ExpertStack) -> None:

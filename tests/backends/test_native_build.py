@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lcc.backends.cpu import native
 
-BUILD_LINE = "building lcc's native CPU kernels (first use, about 5 s) in {}\n"
+BUILD_LINE = "building lcc's native CPU kernels (first use, about 15 s) in {}\n"
 
 
 @pytest.fixture

@@ -116,6 +116,50 @@ def test_segments_as_programs_hold_them(dtype, fmt):
     assert rel(y, oracle.segments(x, counts, *ref_w)) < TOL[dtype]
 
 
+TRACE_SCRIPT = """
+import logging, sys, torch
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from lcc.backends.torch_ref.int4 import quantize
+from lcc.backends.triton import experts
+from lcc.backends.triton.experts import ExpertStack, swiglu_segments
+
+experts.require = lambda: None  # traced, never run: no GPU needed
+logging.disable(logging.WARNING)  # no GPU driver: Triton's mutation analysis says so, and assumes all written
+gen = torch.Generator().manual_seed(8)
+stacks = [ExpertStack(quantize(torch.randn(3, 64, 64, generator=gen), 32, False)) for _ in range(3)]
+counts = torch.tensor([2, 0, 5])
+graphs = []
+
+def capture(gm, inputs):
+    def forward(graph, _):
+        graphs.append(graph)
+        return lambda *args: (None,)
+    aot_module_simplified(gm, inputs, fw_compiler=forward)
+    return lambda *args: (None,)
+
+def block(x):
+    return x + swiglu_segments(torch.nn.functional.rms_norm(x, (64,)), counts, *stacks)
+
+torch.compile(block, fullgraph=True, backend=capture)(torch.randn(7, 64))
+for node in graphs[0].graph.nodes:
+    if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+        print(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
+"""
+
+
+def test_torch_compile_traces_into_the_kernels():
+    """The kernels are PyTorch operators (torch.library.triton_op): torch.compile traces a layer's experts
+    with the code around them into one graph (fullgraph: a graph break would be an error) that holds the
+    Triton kernels themselves, in order, not an opaque call. Traced in a process of its own with fake
+    tensors, without the interpreter (which hides the kernels from tracing) and without running them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["align_segments_kernel", "gate_up_swiglu_kernel", "down_kernel"]
+    assert "Tensor(a12!) out" in str(torch.ops.lcc.triton_down.default._schema)  # what it writes is declared
+
+
 def test_each_kernel_alone():
     """gate_up's rows (padding rows 0) and down's rows, each against the oracle from exact inputs."""
     gen = torch.Generator().manual_seed(4)

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {

@@ -1,6 +1,7 @@
 // lcc's CPU int4 expert kernel: y = x @ W_e^T for every expert's contiguous segment of rows, from packed
 // int4 weights, dequantised tile by tile in registers (never a whole expert). Built at first use by
-// lcc/backends/cpu/native.py (g++ -O3, AVX-512F; AMX-BF16 when the compiler takes it), called through ctypes.
+// lcc/backends/cpu/native.py (g++ -O3, AVX-512F; AMX-BF16 when the compiler takes it), called as torch.ops.lcc
+// operators (ops.cpp).
 //
 // Weights of one expert `[N out, K in]`, group size g (even, divides K), N a multiple of 16, in column tiles
 // of 16 outputs:
@@ -22,6 +23,7 @@
 
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 #if defined(__linux__)
 #include <sys/syscall.h>

@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
 float dot(const float* a, const float* b, int n) {

@@ -1,0 +1,42 @@
+// The entry points of lcc's native CPU kernels (int4_experts.cpp, decode_attention.cpp, routing.cpp), with
+// plain pointers and sizes: ops.cpp checks its tensors and calls these. Nothing here checks its arguments.
+#pragma once
+
+#include <stdint.h>
+
+extern "C" {
+
+// 1 when this build has the AMX path.
+int lcc_int4_has_amx();
+// Asks Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 0 on success.
+int lcc_int4_amx_init();
+// out[i] = e^x[i] for n float32 values by simd.h's exp_ps (the SwiGLU activation's and softmax's exp).
+void lcc_exp(const float* x, float* out, int64_t n);
+
+// out [S, N] float32 = x [S, K] float32, each expert's rows (counts[e] of them, in expert order) times its
+// weights [N, K]. Experts with at least amx_min_rows rows (0: none) run on AMX with x rounded to bfloat16.
+void lcc_int4_matmul(const float* x, const int64_t* counts, int E, const uint8_t* codes, const float* scales,
+                     const float* shifts, int N, int K, int g, float* out, int threads, int amx_min_rows);
+// The experts' SwiGLU: out [S, D] = (silu(x W1^T) * (x W3^T)) W2^T per expert segment, x [S, D] and out in
+// bfloat16 (bf16 != 0) or float32. w13 holds W1 and W3 stacked along the outputs ([2F, D]), w2 is [D, F].
+void lcc_int4_swiglu(const void* x, const int64_t* counts, int E, int bf16, const uint8_t* codes13,
+                     const float* scales13, const float* shifts13, const uint8_t* codes2, const float* scales2,
+                     const float* shifts2, int D, int F, int g, void* out, int threads, int amx_min_rows);
+
+// q_out [T, H, d] = q rotated; k rotated and v copied into the caches [slots, KV, d] at slots[t].
+void lcc_rope_cache(const void* q, const void* k, const void* v, const float* both, const float* sign,
+                    const int64_t* slots, int T, int H, int KV, int d, int bf16, void* q_out, void* k_cache,
+                    void* v_cache, int threads);
+// For each of the n sequences, out[rows[i]] = its query heads q[rows[i]] over its context: lengths[i]
+// slots of the caches in slots[i, :] (stride longest).
+void lcc_decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* rows,
+                          const int64_t* slots, const int64_t* lengths, int n, int longest, int H, int KV, int d,
+                          int bf16, void* out, int threads);
+
+// Serving's routing decisions for T tokens: experts, gates [T, K], mask [T, K], k [T], counts [E].
+void lcc_route(const float* x, int T, int D, const float* centroids, int G, const float* weight, int E,
+               const double* bias, float temperature, int top, int softmax_scores, int K, int k_min,
+               float threshold, int renormalize, float gate_scale, int64_t* experts, float* gates, uint8_t* mask,
+               int64_t* k_out, int64_t* counts, int threads);
+
+}  // extern "C"

@@ -1,0 +1,296 @@
+// lcc's native CPU kernels as PyTorch operators, torch.ops.lcc.*: the schemas, and CPU implementations that
+// check every tensor they are given (device, dtype, contiguity, shapes, counts and slot bounds) with
+// TORCH_CHECK before calling the kernel (kernels.h), so that a wrong call raises an error naming the argument
+// and never reads or writes outside a tensor. The fake implementations, which let torch.compile and torch.fx
+// trace through the operators, are in lcc/backends/cpu/native.py.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+
+bool amx_ready = false;  // lcc::amx_init succeeded in this process: AMX tiles may be used
+
+int threads() { return at::get_num_threads(); }
+
+// A size the kernels take as a C int.
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), what, " ", v, " is out of the kernels' range");
+  return static_cast<int>(v);
+}
+
+// A dtype as Python spells it (torch.float32, not Float).
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kByte: return "uint8";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+void check_tensor(const Tensor& t, const char* name, std::initializer_list<at::ScalarType> dtypes, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, not on ", t.device());
+  bool ok = false;
+  std::string allowed;
+  for (auto d : dtypes) {
+    ok = ok || t.scalar_type() == d;
+    allowed += (allowed.empty() ? "" : " or ") + dtype_name(d);
+  }
+  TORCH_CHECK(ok, name, " has dtype ", dtype_name(t.scalar_type()), ": the kernel takes ", allowed);
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, not ", t.sizes());
+}
+
+// A tensor the kernel writes into in place: it must already be contiguous.
+void check_writable(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the kernel writes into it in place)");
+}
+
+// Indices (int64) that must lie in [0, bound), read on the host.
+void check_indices(const Tensor& idx, int64_t bound, const char* name, const char* of) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < bound, name, "[", i, "] = ", p[i], " is out of range: ", of, " has ", bound);
+  }
+}
+
+// An int4 stack in the kernel's layout (lcc/backends/cpu/int4_native.py): codes uint8 [E, N/16, K/2, 16],
+// scales float32 [E, N/16, K/g, 16], shifts like the scales or none. Returns (E, N, K).
+std::tuple<int64_t, int64_t, int64_t> check_int4(const Tensor& codes, const Tensor& scales,
+                                                 const std::optional<Tensor>& shifts, int64_t g, const char* name) {
+  check_tensor(codes, name, {at::kByte}, 4);
+  TORCH_CHECK(codes.is_contiguous() && codes.size(3) == 16, name, " codes must be contiguous [E, out / 16, in / 2, 16], not ",
+              codes.sizes());
+  const int64_t E = codes.size(0), N = codes.size(1) * 16, K = codes.size(2) * 2;
+  TORCH_CHECK(g > 0 && g % 2 == 0 && K % g == 0, name, ": group size ", g, " must be even and divide the input width ", K);
+  const std::vector<int64_t> want{E, N / 16, K / g, 16};
+  check_tensor(scales, name, {at::kFloat}, 4);
+  TORCH_CHECK(scales.is_contiguous() && scales.sizes() == IntArrayRef(want), name, " scales must be contiguous ",
+              IntArrayRef(want), ", not ", scales.sizes());
+  if (shifts) {
+    check_tensor(*shifts, name, {at::kFloat}, 4);
+    TORCH_CHECK(shifts->is_contiguous() && shifts->sizes() == IntArrayRef(want), name, " shifts must be contiguous ",
+                IntArrayRef(want), ", not ", shifts->sizes());
+  }
+  return {E, N, K};
+}
+
+// One count per expert, none negative, summing to the rows.
+void check_counts(IntArrayRef counts, int64_t E, int64_t rows) {
+  int64_t total = 0;
+  bool ok = static_cast<int64_t>(counts.size()) == E;
+  for (int64_t c : counts) {
+    ok = ok && c >= 0;
+    total += c;
+  }
+  TORCH_CHECK(ok && total == rows, rows, " rows for counts ", counts, ": one count per expert (", E,
+              "), none negative, summing to the rows");
+}
+
+int amx_rows(int64_t amx_min_rows) {
+  TORCH_CHECK(amx_min_rows >= 0, "amx_min_rows must not be negative");
+  TORCH_CHECK(amx_min_rows == 0 || amx_ready, "amx_min_rows ", amx_min_rows,
+              " asks for AMX tiles, which this process has not been granted (lcc::amx_init)");
+  return as_int(amx_min_rows, "amx_min_rows");
+}
+
+const float* optional_ptr(const std::optional<Tensor>& t) { return t ? t->const_data_ptr<float>() : nullptr; }
+
+bool amx_init() {
+  amx_ready = lcc_int4_has_amx() && lcc_int4_amx_init() == 0;
+  return amx_ready;
+}
+
+Tensor simd_exp(const Tensor& x) {
+  check_tensor(x, "x", {at::kFloat}, x.dim());
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty_like(xc);
+  lcc_exp(xc.const_data_ptr<float>(), out.mutable_data_ptr<float>(), xc.numel());
+  return out;
+}
+
+Tensor int4_matmul(const Tensor& x, IntArrayRef counts, const Tensor& codes, const Tensor& scales,
+                   const std::optional<Tensor>& shifts, int64_t group_size, int64_t amx_min_rows) {
+  const auto [E, N, K] = check_int4(codes, scales, shifts, group_size, "w");
+  check_tensor(x, "x", {at::kFloat}, 2);
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns and the weights take ", K);
+  check_counts(counts, E, x.size(0));
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty({x.size(0), N}, x.options());
+  lcc_int4_matmul(xc.const_data_ptr<float>(), counts.data(), as_int(E, "experts"), codes.const_data_ptr<uint8_t>(),
+                  scales.const_data_ptr<float>(), optional_ptr(shifts), as_int(N, "N"), as_int(K, "K"),
+                  as_int(group_size, "group size"), out.mutable_data_ptr<float>(), threads(), amx_rows(amx_min_rows));
+  return out;
+}
+
+Tensor int4_swiglu(const Tensor& x, IntArrayRef counts, const Tensor& codes13, const Tensor& scales13,
+                   const std::optional<Tensor>& shifts13, const Tensor& codes2, const Tensor& scales2,
+                   const std::optional<Tensor>& shifts2, int64_t group_size, int64_t amx_min_rows) {
+  const auto [E, F2, D] = check_int4(codes13, scales13, shifts13, group_size, "w13");
+  const auto [E2, D2, F] = check_int4(codes2, scales2, shifts2, group_size, "w2");
+  TORCH_CHECK(E2 == E && D2 == D && F2 == 2 * F, "w13 ", IntArrayRef({E, F2, D}), " and w2 ", IntArrayRef({E2, D2, F}),
+              " are not one layer's experts: w13 [E, 2F, D] and w2 [E, D, F]");
+  TORCH_CHECK(shifts13.has_value() == shifts2.has_value(), "w13 and w2 must both have shifts or neither");
+  check_tensor(x, "x", {at::kFloat, at::kBFloat16}, 2);
+  TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " columns and the experts take ", D);
+  check_counts(counts, E, x.size(0));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || amx_min_rows == 0, "AMX tiles take bfloat16 activations (amx_min_rows 0 for float32)");
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty({x.size(0), D}, x.options());
+  lcc_int4_swiglu(xc.const_data_ptr(), counts.data(), as_int(E, "experts"), bf16, codes13.const_data_ptr<uint8_t>(),
+                  scales13.const_data_ptr<float>(), optional_ptr(shifts13), codes2.const_data_ptr<uint8_t>(),
+                  scales2.const_data_ptr<float>(), optional_ptr(shifts2), as_int(D, "D"), as_int(F, "F"),
+                  as_int(group_size, "group size"), out.mutable_data_ptr(), threads(), amx_rows(amx_min_rows));
+  return out;
+}
+
+// q [T, H, d], k and v [T, KV, d], caches [slots, KV, d]: one dtype (bfloat16 or float32), d a multiple of 16.
+void check_heads(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache) {
+  check_tensor(q, "q", {at::kBFloat16, at::kFloat}, 3);
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    check_tensor(*t, name, {q.scalar_type()}, 3);
+  }
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache ", k_cache.sizes(), " and v_cache ", v_cache.sizes(),
+              " differ");
+  const int64_t H = q.size(1), d = q.size(2), KV = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == d, "the caches hold heads of ", k_cache.size(2), ", the queries of ", d);
+  TORCH_CHECK(d % 16 == 0 && KV > 0 && H % KV == 0, "the attention kernels need head_dim a multiple of 16 and query ",
+              "heads a multiple of key/value heads (head_dim ", d, ", ", H, " and ", KV, " heads)");
+}
+
+Tensor rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& both, const Tensor& sign,
+                  const Tensor& slots, Tensor& k_cache, Tensor& v_cache) {
+  check_heads(q, k_cache, v_cache);
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), KV = k_cache.size(1);
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_tensor(*t, name, {q.scalar_type()}, 3);
+    TORCH_CHECK(t->sizes() == IntArrayRef({T, KV, d}), name, " must be ", IntArrayRef({T, KV, d}), ", not ", t->sizes());
+  }
+  for (const auto& [t, name] : {std::pair{&both, "both"}, std::pair{&sign, "sign"}}) {
+    check_tensor(*t, name, {at::kFloat}, t->dim());
+    TORCH_CHECK(t->numel() == T * d, name, " must hold [T, d] = ", T * d, " values, not ", t->sizes());
+  }
+  check_writable(k_cache, "k_cache");
+  check_writable(v_cache, "v_cache");
+  check_tensor(slots, "slots", {at::kLong}, 1);
+  TORCH_CHECK(slots.size(0) == T, "slots must hold one slot per token (", T, "), not ", slots.size(0));
+  const Tensor s = slots.contiguous();
+  check_indices(s, k_cache.size(0), "slots", "the cache");
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), bc = both.contiguous(),
+               sc = sign.contiguous();
+  Tensor out = at::empty_like(qc);
+  lcc_rope_cache(qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), bc.const_data_ptr<float>(),
+                 sc.const_data_ptr<float>(), s.const_data_ptr<int64_t>(), as_int(T, "T"), as_int(H, "H"),
+                 as_int(KV, "KV"), as_int(d, "d"), q.scalar_type() == at::kBFloat16, out.mutable_data_ptr(),
+                 k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(), threads());
+  return out;
+}
+
+void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& rows,
+                      const Tensor& slots, const Tensor& lengths, Tensor& out) {
+  check_heads(q, k_cache, v_cache);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+  check_tensor(out, "out", {q.scalar_type()}, 3);
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must be ", q.sizes(), ", not ", out.sizes());
+  check_writable(out, "out");
+  check_tensor(rows, "rows", {at::kLong}, 1);
+  check_tensor(slots, "slots", {at::kLong}, 2);
+  check_tensor(lengths, "lengths", {at::kLong}, 1);
+  const int64_t n = slots.size(0), longest = slots.size(1);
+  TORCH_CHECK(rows.size(0) == n && lengths.size(0) == n, "rows (", rows.size(0), "), slots (", n, ") and lengths (",
+              lengths.size(0), ") must have one entry per sequence");
+  const Tensor r = rows.contiguous(), s = slots.contiguous(), len = lengths.contiguous();
+  check_indices(r, q.size(0), "rows", "q");
+  const int64_t* lp = len.const_data_ptr<int64_t>();
+  const int64_t* sp = s.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= longest, "lengths[", i, "] = ", lp[i], " must lie in [1, ", longest, "]");
+    for (int64_t j = 0; j < lp[i]; ++j) {
+      TORCH_CHECK(sp[i * longest + j] >= 0 && sp[i * longest + j] < k_cache.size(0), "slots[", i, ", ", j, "] = ",
+                  sp[i * longest + j], " is out of range: the cache has ", k_cache.size(0));
+    }
+  }
+  const Tensor qc = q.contiguous();
+  lcc_decode_attention(qc.const_data_ptr(), k_cache.const_data_ptr(), v_cache.const_data_ptr(),
+                       r.const_data_ptr<int64_t>(), sp, lp, as_int(n, "sequences"), as_int(longest, "longest"),
+                       as_int(q.size(1), "H"), as_int(k_cache.size(1), "KV"), as_int(q.size(2), "d"),
+                       q.scalar_type() == at::kBFloat16, out.mutable_data_ptr(), threads());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> route(const Tensor& x, const Tensor& centroids, const Tensor& weight,
+                                                         const std::optional<Tensor>& bias, double temperature,
+                                                         int64_t top, bool softmax, int64_t k, int64_t k_min,
+                                                         double threshold, bool renormalize, double gate_scale) {
+  check_tensor(x, "x", {at::kFloat}, 2);
+  check_tensor(centroids, "centroids", {at::kFloat}, 2);
+  check_tensor(weight, "weight", {at::kFloat}, 2);
+  const int64_t T = x.size(0), D = x.size(1), G = centroids.size(0), E = weight.size(0);
+  TORCH_CHECK(centroids.size(1) == D && weight.size(1) == D, "x, centroids and weight must have ", D,
+              " columns, not ", centroids.size(1), " and ", weight.size(1));
+  TORCH_CHECK(G > 0 && E % G == 0 && top >= 1 && top <= G && k >= 1 && top * (E / G) >= k, E, " experts in ", G,
+              " groups: keeping ", top, " groups cannot give ", k, " experts");
+  TORCH_CHECK(k_min >= 1 && k_min <= k, "k_min ", k_min, " must lie in [1, ", k, "]");
+  TORCH_CHECK(temperature > 0, "temperature must be positive, not ", temperature);
+  if (bias) {
+    check_tensor(*bias, "bias", {at::kDouble}, 1);
+    TORCH_CHECK(bias->size(0) == E, "bias must hold one value per expert (", E, "), not ", bias->size(0));
+  }
+  const Tensor xc = x.contiguous(), cc = centroids.contiguous(), wc = weight.contiguous();
+  const std::optional<Tensor> bc = bias ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
+  const auto i64 = x.options().dtype(at::kLong);
+  Tensor experts = at::empty({T, k}, i64), gates = at::empty({T, k}, x.options()),
+         mask = at::empty({T, k}, x.options().dtype(at::kBool)), k_T = at::empty({T}, i64), counts = at::empty({E}, i64);
+  lcc_route(xc.const_data_ptr<float>(), as_int(T, "T"), as_int(D, "D"), cc.const_data_ptr<float>(), as_int(G, "G"),
+            wc.const_data_ptr<float>(), as_int(E, "E"), bc ? bc->const_data_ptr<double>() : nullptr,
+            static_cast<float>(temperature), as_int(top, "top"), softmax, as_int(k, "k"), as_int(k_min, "k_min"),
+            static_cast<float>(threshold), renormalize, static_cast<float>(gate_scale),
+            experts.mutable_data_ptr<int64_t>(), gates.mutable_data_ptr<float>(),
+            reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>()), k_T.mutable_data_ptr<int64_t>(),
+            counts.mutable_data_ptr<int64_t>(), threads());
+  return {experts, gates, mask, k_T, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lcc, m) {
+  m.def("amx_init() -> bool", &amx_init);
+  m.def("simd_exp(Tensor x) -> Tensor");
+  m.def("int4_matmul(Tensor x, int[] counts, Tensor codes, Tensor scales, Tensor? shifts, int group_size, "
+        "int amx_min_rows) -> Tensor");
+  m.def("int4_swiglu(Tensor x, int[] counts, Tensor codes13, Tensor scales13, Tensor? shifts13, Tensor codes2, "
+        "Tensor scales2, Tensor? shifts2, int group_size, int amx_min_rows) -> Tensor");
+  m.def("rope_cache(Tensor q, Tensor k, Tensor v, Tensor both, Tensor sign, Tensor slots, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor slots, Tensor lengths, "
+        "Tensor(a!) out) -> ()");
+  m.def("route(Tensor x, Tensor centroids, Tensor weight, Tensor? bias, float temperature, int top, bool softmax, "
+        "int k, int k_min, float threshold, bool renormalize, float gate_scale) -> (Tensor experts, Tensor gates, "
+        "Tensor mask, Tensor k, Tensor counts)");
+}
+
+TORCH_LIBRARY_IMPL(lcc, CPU, m) {
+  m.impl("simd_exp", &simd_exp);
+  m.impl("int4_matmul", &int4_matmul);
+  m.impl("int4_swiglu", &int4_swiglu);
+  m.impl("rope_cache", &rope_cache);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("route", &route);
+}
