@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp", CSRC / "ops.cpp")
+SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp", CSRC / "dense_bf16.cpp",
+           CSRC / "ops.cpp")
 HEADERS = (CSRC / "simd.h", CSRC / "kernels.h")
 BASE_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
@@ -221,6 +222,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lcc::decode_attention")
     def _(q, k_cache, v_cache, rows, slots, lengths, out):
         return None
+
+    @torch.library.register_fake("lcc::bf16_linear")
+    def _(x, weight, dot_products=None):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("lcc::route")
     def _(x, centroids, weight, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale):

@@ -192,6 +192,12 @@ def routing_kernel(spec: Spec) -> str:
     return "native_cpu" if native_cpu(spec) and spec.serve.routing_tables and spec.model.moe is not None else "torch"
 
 
+def dense_kernel(spec: Spec) -> str:
+    """What runs a serve plan's dense projections (plan.serving.dense_kernel): lcc's native CPU kernel for
+    bfloat16 serving (float32 stays on PyTorch's matmul, which reads float32 weights as fast), else PyTorch."""
+    return "native_cpu" if native_cpu(spec) and spec.serve.dtype == "bfloat16" else "torch"
+
+
 def _serving(spec: Spec, state: CompileState) -> Serving:
     """The serve plan's runtime settings: KV cache, kernels, and the step's batch and logits exchange."""
     serve, par, att = spec.serve, spec.parallelism, spec.model.attention
@@ -213,7 +219,8 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
     return Serving(serve.dtype, serve.max_batch, serve.max_seq_len, serve.max_batched_tokens, serve.block_size,
                    serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
                    quant.group_size if quant is not None else None, before, after,
-                   attention_kernel=attention_kernel(spec), routing_kernel=routing_kernel(spec))
+                   attention_kernel=attention_kernel(spec), routing_kernel=routing_kernel(spec),
+                   dense_kernel=dense_kernel(spec))
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:

@@ -6,11 +6,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lcc.backends.cpu import dense as native_dense
+from lcc.backends.cpu.dense import NativeDense
 from lcc.model.transformer import AttentionCore, head_rms_norm
 from lcc.ops.collectives import sum_shared
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | NativeDense) -> torch.Tensor:
+    """`x @ weight.T`; a serving weight prepared for lcc's native dense kernel (the plan's
+    `serving.dense_kernel: native_cpu`) runs through it."""
+    if isinstance(weight, NativeDense):
+        return native_dense.linear(x, weight)
     return F.linear(x, weight)
 
 

@@ -270,7 +270,9 @@ class Serving:
     decode tokens' attention run through `attention_kernel`: `native_cpu` (lcc's native CPU kernels, decode
     attention reading the paged cache in place) or `torch`
     (PyTorch's scaled_dot_product_attention on gathered contexts); prefill chunks always through the latter.
-    Routing tables decide through `routing_kernel`: `native_cpu` (lcc's native CPU router) or `torch`."""
+    Routing tables decide through `routing_kernel`: `native_cpu` (lcc's native CPU router) or `torch`. Dense
+    projections (attention, shared and dense FFN, an untied head) run through `dense_kernel`: `native_cpu`
+    (lcc's native bfloat16 kernel for steps of few rows, PyTorch's matmul beyond) or `torch`."""
 
     dtype: str
     max_batch: int  # sequences per dp rank and step
@@ -289,6 +291,7 @@ class Serving:
     dropless: bool = True  # every routed token reaches its experts: routing.capacity_factor is training's
     attention_kernel: str = "torch"  # rotary, cache writes, decode attention: "native_cpu" (lcc's) or "torch"
     routing_kernel: str = "torch"  # decisions from routing tables: "native_cpu" (lcc's CPU kernel) or "torch"
+    dense_kernel: str = "torch"  # dense projections: "native_cpu" (lcc's bfloat16 kernel, few rows) or "torch"
 
 
 @dataclass(frozen=True)

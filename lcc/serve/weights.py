@@ -5,11 +5,13 @@ expert kernel, everything else in `serve.dtype`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lcc.backends.cpu import dense as native_dense
 from lcc.backends.cpu import int4_native as native_int4
 from lcc.backends.cpu.int4 import PackedInt4, pack, pack_gate_up
 from lcc.backends.cpu.int4_native import NativeInt4
@@ -21,6 +23,10 @@ from lcc.runtime.checkpoint_layout import local_blocks, origin
 from lcc.runtime.checkpoint_verify import check_checkpoint  # noqa: F401 - serving's name for it
 from lcc.runtime.shards import local_parameters
 from lcc.spec.models import Spec
+
+# The weights the programs only ever multiply with `ops.linear` (the embedding, which a tied head also
+# multiplies, is looked up too): what the plan's `serving.dense_kernel` runs
+LINEAR_ONLY = re.compile(r"(\.attn\.w[qkvo]|\.ffn\.(shared\.)?w[123]|^head)\.weight$")
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -72,7 +78,9 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor],
 
     out: dict[str, Any] = {}
     for name, t in params.items():
-        if not plan.parameter(name).expert or kernel == "dense":
+        if serving.dense_kernel == "native_cpu" and LINEAR_ONLY.search(name):
+            out[name] = native_dense.prepare(t)
+        elif not plan.parameter(name).expert or kernel == "dense":
             out[name] = t.to(device=device, dtype=dtype)
         elif kernel == "dense_triton":
             out[name] = ExpertStack(t.to(device=device, dtype=dtype).contiguous())

@@ -235,6 +235,24 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
                        q.scalar_type() == at::kBFloat16, out.mutable_data_ptr(), threads());
 }
 
+Tensor bf16_linear(const Tensor& x, const Tensor& w, std::optional<bool> dot_products) {
+  const bool has = lcc_has_avx512_bf16() != 0;
+  TORCH_CHECK(!dot_products.value_or(false) || has, "dot_products=True needs a CPU with AVX512-BF16, which this one lacks");
+  check_tensor(w, "weight", {at::kBFloat16}, 2);
+  TORCH_CHECK(w.is_contiguous(), "weight must be contiguous [out, in]");
+  check_tensor(x, "x", {at::kBFloat16}, x.dim());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "x has ", x.dim() ? x.size(-1) : 0, " columns and the weight takes ",
+              w.size(1));
+  const Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  Tensor y = at::empty(shape, x.options());
+  lcc_bf16_linear(reinterpret_cast<const uint16_t*>(xc.const_data_ptr()), xc.numel() / w.size(1),
+                  as_int(w.size(1), "in"), reinterpret_cast<const uint16_t*>(w.const_data_ptr()), as_int(w.size(0), "out"),
+                  reinterpret_cast<uint16_t*>(y.mutable_data_ptr()), dot_products.value_or(has), threads());
+  return y;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> route(const Tensor& x, const Tensor& centroids, const Tensor& weight,
                                                          const std::optional<Tensor>& bias, double temperature,
                                                          int64_t top, bool softmax, int64_t k, int64_t k_min,
@@ -281,6 +299,8 @@ TORCH_LIBRARY(lcc, m) {
         "Tensor(b!) v_cache) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor slots, Tensor lengths, "
         "Tensor(a!) out) -> ()");
+  m.def("bf16_linear(Tensor x, Tensor weight, bool? dot_products=None) -> Tensor");
+  m.def("has_avx512_bf16() -> bool", [] { return lcc_has_avx512_bf16() != 0; });
   m.def("route(Tensor x, Tensor centroids, Tensor weight, Tensor? bias, float temperature, int top, bool softmax, "
         "int k, int k_min, float threshold, bool renormalize, float gate_scale) -> (Tensor experts, Tensor gates, "
         "Tensor mask, Tensor k, Tensor counts)");
@@ -293,4 +313,5 @@ TORCH_LIBRARY_IMPL(lcc, CPU, m) {
   m.impl("rope_cache", &rope_cache);
   m.impl("decode_attention", &decode_attention);
   m.impl("route", &route);
+  m.impl("bf16_linear", &bf16_linear);
 }

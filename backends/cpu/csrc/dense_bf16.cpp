@@ -1,0 +1,106 @@
+// lcc's CPU kernel for serving's dense projections at decode sizes: y [M, N] = x [M, K] W[N, K]^T with x, W
+// and y in bfloat16, products summed in float32, y rounded once to nearest even. Built for few rows (a decode
+// step's tokens), where a GEMM library's blocking costs more than reading W: each weight row is read once
+// from memory for all M rows, 4 weight rows at a time against up to 4 rows of x (16 float32 accumulators).
+// Two paths, chosen at run time: AVX512-BF16 (`vdpbf16ps`, pairs of bfloat16 products summed into float32
+// lanes) where the CPU has it, else AVX-512F (each half of 32 bfloat16 values widened to float32, then FMA).
+// Built with the other kernels into one library (lcc/backends/cpu/native.py).
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int kCols = 4;  // weight rows per block
+constexpr int kRows = 4;  // rows of x per block
+constexpr int kAhead = 16;  // weight rows prefetched ahead of the ones read
+
+inline uint16_t round_bf16(float v) {
+  uint32_t b;
+  memcpy(&b, &v, 4);
+  return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline __mmask32 tail32(int left) { return left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1); }
+
+// bfloat16 lanes (the low or high 16 of 32) widened to float32.
+inline __m512 widen_lo(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16)); }
+inline __m512 widen_hi(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+template <int R, bool BF16DP>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void block(const uint16_t* x, int K, const uint16_t* w, int n, int cols, uint16_t* y, int N) {
+  __m512 acc[R][kCols];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 32) {
+    const __mmask32 m = tail32(K - k);
+    __m512i xs[R];
+    for (int r = 0; r < R; ++r) xs[r] = _mm512_maskz_loadu_epi16(m, x + (int64_t)r * K + k);
+    for (int c = 0; c < kCols; ++c) {
+      if (c >= cols) break;
+      const uint16_t* wr = w + (int64_t)(n + c) * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(wr + kAhead * K), _MM_HINT_T0);
+      const __m512i wv = _mm512_maskz_loadu_epi16(m, wr);
+      if constexpr (BF16DP) {
+        for (int r = 0; r < R; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)xs[r], (__m512bh)wv);
+      } else {
+        const __m512 lo = widen_lo(wv), hi = widen_hi(wv);
+        for (int r = 0; r < R; ++r) {
+          acc[r][c] = _mm512_fmadd_ps(widen_lo(xs[r]), lo, acc[r][c]);
+          acc[r][c] = _mm512_fmadd_ps(widen_hi(xs[r]), hi, acc[r][c]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < cols; ++c) y[(int64_t)r * N + n + c] = round_bf16(_mm512_reduce_add_ps(acc[r][c]));
+}
+
+template <bool BF16DP>
+void rows_block(const uint16_t* x, int rows, int K, const uint16_t* w, int n, int cols, uint16_t* y, int N) {
+  switch (rows) {
+    case 1: block<1, BF16DP>(x, K, w, n, cols, y, N); break;
+    case 2: block<2, BF16DP>(x, K, w, n, cols, y, N); break;
+    case 3: block<3, BF16DP>(x, K, w, n, cols, y, N); break;
+    default: block<4, BF16DP>(x, K, w, n, cols, y, N); break;
+  }
+}
+
+template <bool BF16DP>
+void run(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int threads) {
+  const int64_t blocks = (N + kCols - 1) / kCols;
+  // a parallel region costs microseconds: only where the weights are large enough to pay for it
+  const int team = (int64_t)N * K >= (1 << 17) ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int n = (int)(b * kCols), cols = std::min(kCols, N - n);
+    for (int64_t r = 0; r < M; r += kRows) {
+      rows_block<BF16DP>(x + r * K, (int)std::min<int64_t>(kRows, M - r), K, w, n, cols, y + r * N, N);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int lcc_has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16") ? 1 : 0; }
+
+void lcc_bf16_linear(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int dot_products,
+                     int threads) {
+  if (dot_products) {
+    run<true>(x, M, K, w, N, y, threads);
+  } else {
+    run<false>(x, M, K, w, N, y, threads);
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,44 @@
+"""Serving's dense projections on CPU through lcc's native kernel (lcc.backends.cpu.native,
+csrc/dense_bf16.cpp): bfloat16 weights `[out, in]` times a decode step's few rows, each weight row read once
+for all of them (AVX512-BF16 dot products where the CPU has them). Past `MAX_ROWS` rows (prefill chunks,
+large batches) a GEMM library's blocking pays, and PyTorch's matmul runs instead.
+
+Which weights go through it is decided at load (`lcc.serve.weights`, the plan's `serving.dense_kernel`):
+those only ever multiplied by the programs' `ops.linear`, held as `NativeDense`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lcc.backends.cpu.native import load
+
+MAX_ROWS = 8  # measured: 2-4x PyTorch's bfloat16 matmul at 1-4 rows, even at 16 (docs/benchmarks.md)
+
+
+@dataclass(frozen=True)
+class NativeDense:
+    """A bfloat16 weight `[out, in]` (contiguous) for `linear`."""
+
+    weight: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def prepare(weight: torch.Tensor) -> NativeDense:
+    load()  # built (or read from the cache) at load, not at the first step
+    return NativeDense(weight.to(torch.bfloat16).contiguous())
+
+
+def linear(x: torch.Tensor, w: NativeDense) -> torch.Tensor:
+    """`x @ w.T` in bfloat16: lcc's kernel for at most MAX_ROWS rows, PyTorch's matmul beyond."""
+    if x.dtype != torch.bfloat16 or x.numel() > MAX_ROWS * x.shape[-1]:
+        return F.linear(x, w.weight)
+    return load().ops.bf16_linear(x, w.weight)

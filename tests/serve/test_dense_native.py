@@ -1,0 +1,99 @@
+"""lcc's native dense kernel for serving (csrc/dense_bf16.cpp, `torch.ops.lcc.bf16_linear`): both of its paths
+against float64 matmuls on the shapes that break kernels (one row, rows and columns that do not fill a
+block, widths that are not a multiple of 32), PyTorch's matmul past MAX_ROWS, which weights a serve plan
+with `serving.dense_kernel: native_cpu` holds for it (checked against the generated programs' text), and a
+bfloat16 serve step through it against the same step through PyTorch."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lcc.backends.cpu import dense, native
+
+from lcc.serve.weights import LINEAR_ONLY
+from tests.conftest import ROOT
+
+if native.unavailable() is not None:
+    pytest.skip(f"lcc's native CPU kernels cannot run here: {native.unavailable()}", allow_module_level=True)
+
+ops = native.load().ops
+PATHS = [pytest.param(False, id="avx512f"),
+         pytest.param(True, id="avx512bf16", marks=pytest.mark.skipif(
+             not ops.has_avx512_bf16(), reason="this CPU has no AVX512-BF16 (its dot-product path cannot run)"))]
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("dot_products", PATHS)
+@pytest.mark.parametrize("M,N,K", [(1, 512, 512), (3, 5, 40), (4, 260, 64), (5, 1, 16), (8, 33, 520)])
+def test_against_float64(dot_products, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = (torch.randn(N, K, generator=g) / K**0.5).bfloat16()
+    y = ops.bf16_linear(x, w, dot_products)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    # products of bfloat16 values are exact in float32; the float32 sums, then one rounding to bfloat16
+    assert rel(y, x.double() @ w.double().T) < 8e-3
+
+
+def test_leading_dimensions_and_the_switch_to_pytorch():
+    g = torch.Generator().manual_seed(9)
+    w = dense.prepare(torch.randn(48, 64, generator=g))
+    few = torch.randn(2, 3, 64, generator=g).bfloat16()  # 6 rows: the kernel
+    assert torch.equal(dense.linear(few, w), ops.bf16_linear(few, w.weight))
+    assert rel(dense.linear(few, w), few.double() @ w.weight.double().T) < 8e-3
+    many = torch.randn(dense.MAX_ROWS + 1, 64, generator=g).bfloat16()  # PyTorch's matmul
+    assert torch.equal(dense.linear(many, w), F.linear(many, w.weight))
+
+
+def test_wrong_calls_are_refused():
+    w = torch.randn(8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="x has dtype float32: the kernel takes bfloat16"):
+        ops.bf16_linear(torch.randn(1, 32), w)
+    with pytest.raises(RuntimeError, match="x has 16 columns and the weight takes 32"):
+        ops.bf16_linear(torch.randn(1, 16).bfloat16(), w)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        ops.bf16_linear(torch.randn(1, 8).bfloat16(), w.T)
+    if not ops.has_avx512_bf16():
+        with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+            ops.bf16_linear(torch.randn(1, 32).bfloat16(), w, True)
+
+
+def test_the_weights_it_holds_are_those_only_multiplied_by_linear():
+    """In every generated program, a weight LINEAR_ONLY names appears only as ops.linear's weight, and every
+    weight that appears only there (but the tied embedding, which is also looked up) is named."""
+    linear_only, elsewhere = set(), set()
+    for program in (ROOT / "generated").glob("*/**/programs/*.py"):
+        for line in program.read_text().splitlines():
+            for name in re.findall(r'P\["([^"]+)"\]', line):
+                as_weight = re.search(rf'ops\.linear\([^,]+, P\["{re.escape(name)}"\]\)', line)
+                (linear_only if as_weight else elsewhere).add(name)
+    linear_only -= elsewhere
+    assert linear_only, "no program multiplies a weight with ops.linear"
+    assert {n for n in linear_only | elsewhere if LINEAR_ONLY.search(n)} == linear_only
+
+
+def test_a_bfloat16_step_through_the_kernel(tmp_path):
+    """tiny-moe served in bfloat16: the plan records the kernel, the rank holds its projections for it, and a
+    prefill step (PyTorch's matmul: more than MAX_ROWS rows) and a decode step (the kernel) give the logits
+    of PyTorch's kernels within bfloat16 rounding."""
+    from lcc.serve.rank import SeqPart, ServeRank, StepPlan
+    from tests.serve.plans import PROMPTS, serve_plan
+
+    bf16 = ("serve.dtype=bfloat16", "model.n_layers=2")
+    mine = ServeRank(serve_plan(tmp_path, "world1", bf16), 0)
+    theirs = ServeRank(serve_plan(tmp_path, "world1", (*bf16, "serve.cpu_kernels=torch")), 0)
+    assert (mine.plan.serving.dense_kernel, theirs.plan.serving.dense_kernel) == ("native_cpu", "torch")
+    assert isinstance(mine.params["layers.0.attn.wq.weight"], dense.NativeDense)
+    assert isinstance(mine.params["embed.weight"], torch.Tensor)
+    prompt = PROMPTS[1]  # 30 tokens
+    blocks = list(range(len(prompt) // mine.plan.serving.block_size + 1))
+    prefill = StepPlan([[SeqPart(0, 0, prompt, blocks, True)]])
+    assert rel(mine.step(prefill), theirs.step(prefill).double()) < 3e-2
+    decode = StepPlan([[SeqPart(0, len(prompt), [7], blocks, True)]])  # one row: the kernel's case
+    assert rel(mine.step(decode), theirs.step(decode).double()) < 3e-2
