@@ -251,9 +251,10 @@ class Serve(_Section):
     dtype: Literal["bfloat16", "float32", "float64"] = Field(
         "bfloat16", description="Precision of the non-expert weights and activations; float64 is for verification.")
     cpu_kernels: Literal["native", "torch"] = Field(
-        "native", description="On CPU in bfloat16 or float32, what runs the int4 experts: lcc's native kernel (x86-64 "
-        "with AVX-512, AMX for bfloat16; built at first use with the system's C++ compiler) or PyTorch's packed int4 "
-        "matmul (aten._weight_int4pack_mm_for_cpu; group sizes 32-256).")
+        "native", description="On CPU in bfloat16 or float32, what runs the int4 experts, attention, routing and (in "
+        "bfloat16) the dense projections of decode steps: lcc's native kernels (x86-64 with AVX-512, AMX and "
+        "AVX512-BF16 where present; built at first use with the system's C++ compiler) or PyTorch's (the int4 experts "
+        "through aten._weight_int4pack_mm_for_cpu; group sizes 32-256).")
     block_size: Pos = Field(16, description="Tokens per block of the paged KV cache.")
     kv_blocks: Pos | None = Field(None, description="KV cache blocks per rank; null: enough for max_batch sequences "
                                   "of max_seq_len tokens.")

@@ -1,7 +1,9 @@
 // lcc's CPU kernel for serving's dense projections at decode sizes: y [M, N] = x [M, K] W[N, K]^T with x, W
 // and y in bfloat16, products summed in float32, y rounded once to nearest even. Built for few rows (a decode
 // step's tokens), where a GEMM library's blocking costs more than reading W: each weight row is read once
-// from memory for all M rows, 4 weight rows at a time against up to 4 rows of x (16 float32 accumulators).
+// from memory for all M rows, 4 weight rows at a time against up to 4 rows of x (16 float32 accumulators),
+// the rows after them prefetched. The caller splits the blocks of 4 weight rows over threads (ops.cpp: PyTorch's
+// own thread pool, whose threads the step's other operators keep awake).
 // Two paths, chosen at run time: AVX512-BF16 (`vdpbf16ps`, pairs of bfloat16 products summed into float32
 // lanes) where the CPU has it, else AVX-512F (each half of 32 bfloat16 values widened to float32, then FMA).
 // Built with the other kernels into one library (lcc/backends/cpu/native.py).
@@ -10,7 +12,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "kernels.h"
 
@@ -75,12 +76,8 @@ void rows_block(const uint16_t* x, int rows, int K, const uint16_t* w, int n, in
 }
 
 template <bool BF16DP>
-void run(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int threads) {
-  const int64_t blocks = (N + kCols - 1) / kCols;
-  // a parallel region costs microseconds: only where the weights are large enough to pay for it
-  const int team = (int64_t)N * K >= (1 << 17) ? threads : 1;
-#pragma omp parallel for num_threads(team) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
+void run(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int64_t first, int64_t last) {
+  for (int64_t b = first; b < last; ++b) {
     const int n = (int)(b * kCols), cols = std::min(kCols, N - n);
     for (int64_t r = 0; r < M; r += kRows) {
       rows_block<BF16DP>(x + r * K, (int)std::min<int64_t>(kRows, M - r), K, w, n, cols, y + r * N, N);
@@ -95,11 +92,11 @@ extern "C" {
 int lcc_has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16") ? 1 : 0; }
 
 void lcc_bf16_linear(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int dot_products,
-                     int threads) {
+                     int64_t first, int64_t last) {
   if (dot_products) {
-    run<true>(x, M, K, w, N, y, threads);
+    run<true>(x, M, K, w, N, y, first, last);
   } else {
-    run<false>(x, M, K, w, N, y, threads);
+    run<false>(x, M, K, w, N, y, first, last);
   }
 }
 

@@ -35,10 +35,11 @@ void lcc_decode_attention(const void* q, const void* k_cache, const void* v_cach
 
 // 1 when the CPU has AVX512-BF16 (vdpbf16ps): lcc_bf16_linear's faster path.
 int lcc_has_avx512_bf16();
-// y [M, N] = x [M, K] W[N, K]^T, bfloat16 in and out, float32 sums; for few rows (decode steps). dot_products:
-// the AVX512-BF16 path (the CPU must have it), else the AVX-512F one.
+// y [M, N] = x [M, K] W[N, K]^T, bfloat16 in and out, float32 sums; for few rows (decode steps): the columns of
+// blocks first to last (each 4 weight rows: N / 4 rounded up in all), in the calling thread. dot_products: the
+// AVX512-BF16 path (the CPU must have it), else the AVX-512F one.
 void lcc_bf16_linear(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int dot_products,
-                     int threads);
+                     int64_t first, int64_t last);
 
 // Serving's routing decisions for T tokens: experts, gates [T, K], mask [T, K], k [T], counts [E].
 void lcc_route(const float* x, int T, int D, const float* centroids, int G, const float* weight, int E,

@@ -247,9 +247,17 @@ Tensor bf16_linear(const Tensor& x, const Tensor& w, std::optional<bool> dot_pro
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w.size(0);
   Tensor y = at::empty(shape, x.options());
-  lcc_bf16_linear(reinterpret_cast<const uint16_t*>(xc.const_data_ptr()), xc.numel() / w.size(1),
-                  as_int(w.size(1), "in"), reinterpret_cast<const uint16_t*>(w.const_data_ptr()), as_int(w.size(0), "out"),
-                  reinterpret_cast<uint16_t*>(y.mutable_data_ptr()), dot_products.value_or(has), threads());
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
+  auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr());
+  const int64_t M = xc.numel() / w.size(1), blocks = (w.size(0) + 3) / 4;
+  const int K = as_int(w.size(1), "in"), N = as_int(w.size(0), "out");
+  const int dp = dot_products.value_or(has);
+  // PyTorch's thread pool, warm from the step's other operators; a split only where the weights pay for it
+  const int64_t grain = w.numel() >= (1 << 17) ? 1 : blocks;
+  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+    lcc_bf16_linear(xp, M, K, wp, N, yp, dp, first, last);
+  });
   return y;
 }
 
