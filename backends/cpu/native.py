@@ -177,7 +177,7 @@ def _build_in(folder: Path, key: str, cxx: list[str], flags: list[str]) -> tuple
                                    *_torch_flags()[1], "-o", str(work / path.name)], capture_output=True, text=True)
             errors = done.stderr if done.returncode else None
         if errors is not None:
-            if amx:
+            if amx and not _takes(cxx, AMX_FLAGS, work):  # the AMX flags, not the build, failed: remembered
                 rejected.write_text(errors)
                 return None, False
             tail = "\n".join(errors.strip().splitlines()[-5:])
@@ -192,10 +192,27 @@ def _compile(cxx: list[str], flags: list[str], work: Path) -> str | None:
     """Every source compiled into `work` at once, one compiler process each; None, or the first failure's
     messages."""
     compile_flags = _torch_flags()[0]
-    running = [subprocess.Popen([*cxx, *flags, *compile_flags, "-c", str(src), "-o", str(work / f"{src.stem}.o")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for src in SOURCES]
-    errors = [p.communicate()[1] for p in running]  # a process blocked on a full pipe waits for its turn
+    running: list[subprocess.Popen] = []
+    try:
+        for src in SOURCES:
+            running.append(subprocess.Popen([*cxx, *flags, *compile_flags, "-c", str(src), "-o",
+                                             str(work / f"{src.stem}.o")],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        errors = [p.communicate()[1] for p in running]  # a process blocked on a full pipe waits for its turn
+    finally:  # interrupted (or a compiler that cannot start): none left running
+        for p in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return next((err for p, err in zip(running, errors, strict=True) if p.returncode != 0), None)
+
+
+def _takes(cxx: list[str], flags: list[str], work: Path) -> bool:
+    """Whether the compiler compiles an empty file with `flags` (a failed build is the flags' fault, or not)."""
+    probe = work / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    done = subprocess.run([*cxx, *flags, "-c", str(probe), "-o", str(work / "probe.o")], capture_output=True)
+    return done.returncode == 0
 
 
 @functools.cache
@@ -205,7 +222,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lcc::simd_exp")
     def _(x):
-        return torch.empty_like(x)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("lcc::int4_matmul")
     def _(x, counts, codes, scales, shifts, group_size, amx_min_rows):

@@ -93,3 +93,16 @@ def test_a_build_says_so_once_and_a_cached_library_says_nothing(tmp_path, monkey
     assert native._build(cxx, native.BASE_FLAGS + native.AMX_FLAGS) == (None, False)
     assert native._build(cxx, native.BASE_FLAGS)[0] == path
     assert capsys.readouterr().err == ""
+
+
+def test_a_build_that_fails_for_another_reason_does_not_turn_amx_off(tmp_path, monkeypatch, fresh):
+    """A compiler that takes the AMX flags but fails the build (here every source; in life a full disk or a
+    compiler killed for memory): the failure is reported, and no marker switches the AMX build off for good."""
+    script = tmp_path / "failing-cxx"
+    script.write_text('#!/bin/sh\ncase "$*" in *probe.cpp*) exit 0;; esac\necho "cc1plus: out of memory" >&2\nexit 1\n')
+    script.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LCC_KERNEL_CACHE", str(cache))
+    with pytest.raises(native.NativeKernelMissing, match="out of memory"):
+        native._build([str(script)], native.BASE_FLAGS + native.AMX_FLAGS)
+    assert not list(cache.glob("*.rejected")) and not list(cache.glob("*.tmp"))

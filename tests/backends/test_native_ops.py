@@ -84,6 +84,7 @@ def test_int4_calls_are_checked():
         ((x[:, :32], [1, 2], w.codes, w.scales, w.shifts, 32, 0), "x has 32 columns and the weights take 64"),
         ((x, [1, 1], w.codes, w.scales, w.shifts, 32, 0), "3 rows for counts \\[1, 1\\]: one count per expert"),
         ((x, [4, -1], w.codes, w.scales, w.shifts, 32, 0), "none negative"),
+        ((x, [2**63 - 1, 2**63 - 1, 3][:2], w.codes, w.scales, w.shifts, 32, 0), "summing to the rows"),
         ((x, [1, 2], w.codes.to(torch.int32), w.scales, w.shifts, 32, 0), "w has dtype int32: the kernel takes uint8"),
         ((x, [1, 2], w.codes, w.scales[:, :, :1], w.shifts, 32, 0), r"w scales must be contiguous \[2, 2, 2, 16\]"),
         ((x, [1, 2], w.codes, w.scales, w.shifts, 48, 0), "group size 48 must be even and divide the input width 64"),
@@ -99,6 +100,21 @@ def test_amx_tiles_are_refused_where_they_were_not_granted():
     w = int4_stack(1, 32, 64)
     with pytest.raises(RuntimeError, match="asks for AMX tiles, which this process has not been granted"):
         ops.int4_matmul(torch.randn(2, 64), [2], w.codes, w.scales, w.shifts, w.group_size, 16)
+
+
+def test_counts_that_would_overflow_are_refused():
+    """Counts whose 64-bit sum wraps around to the row count must not pass for it."""
+    w = int4_stack(3, 32, 64)
+    with pytest.raises(RuntimeError, match="summing to the rows"):
+        ops.int4_matmul(torch.randn(1, 64), [2**63 - 1, 2**63 - 1, 3], w.codes, w.scales, w.shifts, 32, 0)
+
+
+def test_an_experts_width_the_activation_cannot_step_through_is_refused():
+    """The SwiGLU activation runs 16 lanes at a time: a width of 8 would run into the next row."""
+    w13, w2 = int4_stack(1, 16, 64, group=8), int4_stack(1, 64, 8, group=8, seed=1)  # F = 8
+    with pytest.raises(RuntimeError, match="width 8 must be a multiple of 16"):
+        ops.int4_swiglu(torch.randn(1, 64), [1], w13.codes, w13.scales, w13.shifts, w2.codes, w2.scales, w2.shifts,
+                        8, 0)
 
 
 def test_the_swiglu_weights_must_be_one_layers_experts():

@@ -57,6 +57,8 @@ def test_wrong_calls_are_refused():
         ops.bf16_linear(torch.randn(1, 32), w)
     with pytest.raises(RuntimeError, match="x has 16 columns and the weight takes 32"):
         ops.bf16_linear(torch.randn(1, 16).bfloat16(), w)
+    with pytest.raises(RuntimeError, match="weight has no input columns"):
+        ops.bf16_linear(torch.randn(1, 0).bfloat16(), torch.randn(8, 0).bfloat16())
     with pytest.raises(RuntimeError, match="weight must be contiguous"):
         ops.bf16_linear(torch.randn(1, 8).bfloat16(), w.T)
     if not ops.has_avx512_bf16():

@@ -97,8 +97,8 @@ void check_counts(IntArrayRef counts, int64_t E, int64_t rows) {
   int64_t total = 0;
   bool ok = static_cast<int64_t>(counts.size()) == E;
   for (int64_t c : counts) {
-    ok = ok && c >= 0;
-    total += c;
+    ok = ok && c >= 0 && c <= rows - total;  // never past the rows, so the sum cannot overflow
+    if (ok) total += c;
   }
   TORCH_CHECK(ok && total == rows, rows, " rows for counts ", counts, ": one count per expert (", E,
               "), none negative, summing to the rows");
@@ -131,6 +131,7 @@ Tensor int4_matmul(const Tensor& x, IntArrayRef counts, const Tensor& codes, con
   const auto [E, N, K] = check_int4(codes, scales, shifts, group_size, "w");
   check_tensor(x, "x", {at::kFloat}, 2);
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns and the weights take ", K);
+  as_int(K * 16, "the input width");
   check_counts(counts, E, x.size(0));
   const Tensor xc = x.contiguous();
   Tensor out = at::empty({x.size(0), N}, x.options());
@@ -148,6 +149,9 @@ Tensor int4_swiglu(const Tensor& x, IntArrayRef counts, const Tensor& codes13, c
   TORCH_CHECK(E2 == E && D2 == D && F2 == 2 * F, "w13 ", IntArrayRef({E, F2, D}), " and w2 ", IntArrayRef({E2, D2, F}),
               " are not one layer's experts: w13 [E, 2F, D] and w2 [E, D, F]");
   TORCH_CHECK(shifts13.has_value() == shifts2.has_value(), "w13 and w2 must both have shifts or neither");
+  TORCH_CHECK(F % 16 == 0, "the experts' width ", F, " must be a multiple of 16 (the activation runs 16 lanes at a time)");
+  as_int(2 * F * 8, "the experts' width");
+  as_int(D * 16, "the model width");
   check_tensor(x, "x", {at::kFloat, at::kBFloat16}, 2);
   TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " columns and the experts take ", D);
   check_counts(counts, E, x.size(0));
@@ -174,6 +178,7 @@ void check_heads(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache) 
   TORCH_CHECK(k_cache.size(2) == d, "the caches hold heads of ", k_cache.size(2), ", the queries of ", d);
   TORCH_CHECK(d % 16 == 0 && KV > 0 && H % KV == 0, "the attention kernels need head_dim a multiple of 16 and query ",
               "heads a multiple of key/value heads (head_dim ", d, ", ", H, " and ", KV, " heads)");
+  as_int(H * d * 4, "query heads x head_dim");
 }
 
 Tensor rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& both, const Tensor& sign,
@@ -240,6 +245,7 @@ Tensor bf16_linear(const Tensor& x, const Tensor& w, std::optional<bool> dot_pro
   TORCH_CHECK(!dot_products.value_or(false) || has, "dot_products=True needs a CPU with AVX512-BF16, which this one lacks");
   check_tensor(w, "weight", {at::kBFloat16}, 2);
   TORCH_CHECK(w.is_contiguous(), "weight must be contiguous [out, in]");
+  TORCH_CHECK(w.size(1) > 0, "weight has no input columns");
   check_tensor(x, "x", {at::kBFloat16}, x.dim());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "x has ", x.dim() ? x.size(-1) : 0, " columns and the weight takes ",
               w.size(1));
