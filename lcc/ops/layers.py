@@ -47,9 +47,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, 
     return core(q, k, v)
 
 
-def embedding_shard(tokens: torch.Tensor, weight: torch.Tensor, vocab_start: int) -> torch.Tensor:
+def embedding_shard(tokens: torch.Tensor, weight: torch.Tensor | NativeDense, vocab_start: int) -> torch.Tensor:
     """Vocab-parallel lookup: the rows this rank holds, zeros for tokens outside its vocabulary slice
-    (an all-reduce over tp then completes it)."""
+    (an all-reduce over tp then completes it). A serving weight held for the native dense kernel (a tied
+    head multiplies it too) is looked up as it is."""
+    if isinstance(weight, NativeDense):
+        weight = weight.weight
     local = tokens - vocab_start
     inside = (local >= 0) & (local < weight.shape[0])
     return F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * inside.unsqueeze(-1).to(weight.dtype)

@@ -24,9 +24,9 @@ from lcc.runtime.checkpoint_verify import check_checkpoint  # noqa: F401 - servi
 from lcc.runtime.shards import local_parameters
 from lcc.spec.models import Spec
 
-# The weights the programs only ever multiply with `ops.linear` (the embedding, which a tied head also
-# multiplies, is looked up too): what the plan's `serving.dense_kernel` runs
-LINEAR_ONLY = re.compile(r"(\.attn\.w[qkvo]|\.ffn\.(shared\.)?w[123]|^head)\.weight$")
+# The weights the programs only multiply with `ops.linear` or look up with `ops.embedding_shard` (which takes
+# them held as they are): what the plan's `serving.dense_kernel` runs, the embedding for a tied head
+LINEAR_ONLY = re.compile(r"(\.attn\.w[qkvo]|\.ffn\.(shared\.)?w[123]|^head|^embed)\.weight$")
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

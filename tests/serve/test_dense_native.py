@@ -67,32 +67,33 @@ def test_wrong_calls_are_refused():
 
 
 def test_the_weights_it_holds_are_those_only_multiplied_by_linear():
-    """In every generated program, a weight LINEAR_ONLY names appears only as ops.linear's weight, and every
-    weight that appears only there (but the tied embedding, which is also looked up) is named."""
+    """In every generated program, a weight LINEAR_ONLY names appears only as ops.linear's weight or
+    ops.embedding_shard's table, and every weight that appears only there is named."""
     linear_only, elsewhere = set(), set()
     for program in (ROOT / "generated").glob("*/**/programs/*.py"):
         for line in program.read_text().splitlines():
             for name in re.findall(r'P\["([^"]+)"\]', line):
-                as_weight = re.search(rf'ops\.linear\([^,]+, P\["{re.escape(name)}"\]\)', line)
+                as_weight = re.search(rf'ops\.(linear|embedding_shard)\([^,]+, P\["{re.escape(name)}"\][,)]', line)
                 (linear_only if as_weight else elsewhere).add(name)
     linear_only -= elsewhere
     assert linear_only, "no program multiplies a weight with ops.linear"
     assert {n for n in linear_only | elsewhere if LINEAR_ONLY.search(n)} == linear_only
 
 
-def test_a_bfloat16_step_through_the_kernel(tmp_path):
-    """tiny-moe served in bfloat16: the plan records the kernel, the rank holds its projections for it, and a
-    prefill step (PyTorch's matmul: more than MAX_ROWS rows) and a decode step (the kernel) give the logits
-    of PyTorch's kernels within bfloat16 rounding."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bfloat16_step_through_the_kernel(tmp_path, tied):
+    """tiny-moe served in bfloat16 (its own head, and the embedding as the head): the plan records the kernel,
+    the rank holds its projections for it, and a prefill step (PyTorch's matmul: more than MAX_ROWS rows) and
+    a decode step (the kernel) give the logits of PyTorch's kernels within bfloat16 rounding."""
     from lcc.serve.rank import SeqPart, ServeRank, StepPlan
     from tests.serve.plans import PROMPTS, serve_plan
 
-    bf16 = ("serve.dtype=bfloat16", "model.n_layers=2")
+    bf16 = ("serve.dtype=bfloat16", "model.n_layers=2", f"model.tie_embeddings={str(tied).lower()}")
     mine = ServeRank(serve_plan(tmp_path, "world1", bf16), 0)
     theirs = ServeRank(serve_plan(tmp_path, "world1", (*bf16, "serve.cpu_kernels=torch")), 0)
     assert (mine.plan.serving.dense_kernel, theirs.plan.serving.dense_kernel) == ("native_cpu", "torch")
     assert isinstance(mine.params["layers.0.attn.wq.weight"], dense.NativeDense)
-    assert isinstance(mine.params["embed.weight"], torch.Tensor)
+    assert isinstance(mine.params["embed.weight"], dense.NativeDense)  # looked up, and the tied head
     prompt = PROMPTS[1]  # 30 tokens
     blocks = list(range(len(prompt) // mine.plan.serving.block_size + 1))
     prefill = StepPlan([[SeqPart(0, 0, prompt, blocks, True)]])
