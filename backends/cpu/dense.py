@@ -42,3 +42,47 @@ def linear(x: torch.Tensor, w: NativeDense) -> torch.Tensor:
     if x.dtype != torch.bfloat16 or x.numel() > MAX_ROWS * x.shape[-1]:
         return F.linear(x, w.weight)
     return load().ops.bf16_linear(x, w.weight)
+
+
+@dataclass(frozen=True)
+class NativeDenseExperts:
+    """A layer's unquantised bfloat16 expert stack `[E, out, in]` (contiguous) for `swiglu_segments`."""
+
+    weight: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def prepare_experts(weight: torch.Tensor) -> NativeDenseExperts:
+    load()
+    return NativeDenseExperts(weight.to(torch.bfloat16).contiguous())
+
+
+def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: NativeDenseExperts, w3: NativeDenseExperts,
+                    w2: NativeDenseExperts) -> torch.Tensor:
+    """Each expert's SwiGLU over its contiguous segment of x (segments in expert order), in bfloat16 as the
+    grouped matmul computes it (each projection rounded to bfloat16, the activation in bfloat16): the
+    projections of a segment of at most MAX_ROWS rows through lcc's kernel, longer ones through PyTorch's
+    matmul; experts without rows cost nothing."""
+    if len(counts) != w1.shape[0] or sum(counts) != x_SD.shape[0]:
+        raise ValueError(f"{x_SD.shape[0]} rows for counts {counts}: one count per expert ({w1.shape[0]})")
+    x_SD = x_SD.to(torch.bfloat16)
+    out = x_SD.new_empty(x_SD.shape[0], w2.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            x = x_SD[start:start + n]
+            h = F.silu(_times(x, w1.weight[e])) * _times(x, w3.weight[e])
+            out[start:start + n] = _times(h, w2.weight[e])
+            start += n
+    return out
+
+
+def _times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return load().ops.bf16_linear(x, w) if x.shape[0] <= MAX_ROWS else F.linear(x, w)

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lcc.backends.cpu import dense as native_dense
 from lcc.backends.cpu import int4 as int4_cpu
 from lcc.backends.cpu import int4_native
+from lcc.backends.cpu.dense import NativeDenseExperts
 from lcc.backends.cpu.int4 import PackedInt4
 from lcc.backends.cpu.int4_native import NativeInt4
 from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
@@ -90,6 +92,9 @@ def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD:
     the Triton kernels (`ExpertStack`, CUDA serve plans) run there."""
     if isinstance(w1_EFD, ExpertStack):
         return triton_experts.swiglu_segments(x_SD, _on(counts, x_SD), w1_EFD, w3_EFD, w2_EDF)
+    if isinstance(w1_EFD, NativeDenseExperts):  # bfloat16 serving on CPU: lcc's dense kernel for few rows
+        host = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+        return native_dense.swiglu_segments(x_SD, host, w1_EFD, w3_EFD, w2_EDF)
     return swiglu_segments(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
 
 

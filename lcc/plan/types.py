@@ -271,8 +271,9 @@ class Serving:
     attention reading the paged cache in place) or `torch`
     (PyTorch's scaled_dot_product_attention on gathered contexts); prefill chunks always through the latter.
     Routing tables decide through `routing_kernel`: `native_cpu` (lcc's native CPU router) or `torch`. Dense
-    projections (attention, shared and dense FFN, the head) run through `dense_kernel`: `native_cpu`
-    (lcc's native bfloat16 kernel for steps of few rows, PyTorch's matmul beyond) or `torch`."""
+    projections (attention, shared and dense FFN, the head) and unquantised experts run through
+    `dense_kernel`: `native_cpu` (lcc's native bfloat16 kernel for few rows, PyTorch's matmul beyond) or
+    `torch`."""
 
     dtype: str
     max_batch: int  # sequences per dp rank and step

@@ -80,6 +80,8 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor],
     for name, t in params.items():
         if serving.dense_kernel == "native_cpu" and LINEAR_ONLY.search(name):
             out[name] = native_dense.prepare(t)
+        elif serving.dense_kernel == "native_cpu" and kernel == "dense" and plan.parameter(name).expert:
+            out[name] = native_dense.prepare_experts(t)  # unquantised experts: ops.grouped_swiglu
         elif not plan.parameter(name).expert or kernel == "dense":
             out[name] = t.to(device=device, dtype=dtype)
         elif kernel == "dense_triton":

@@ -51,6 +51,25 @@ def test_leading_dimensions_and_the_switch_to_pytorch():
     assert torch.equal(dense.linear(many, w), F.linear(many, w.weight))
 
 
+def test_unquantised_experts_against_float64():
+    """Segments of 0, 1, 3 and 9 rows (the last past MAX_ROWS: PyTorch's matmul) through the experts' SwiGLU,
+    against float64 on the same bfloat16 inputs, with bfloat16's rounding of each projection allowed for."""
+    g = torch.Generator().manual_seed(11)
+    E, D, Fd, counts = 4, 64, 96, [0, 1, 3, 9]
+    w1, w3 = ((torch.randn(E, Fd, D, generator=g) / D**0.5).bfloat16() for _ in range(2))
+    w2 = (torch.randn(E, D, Fd, generator=g) / Fd**0.5).bfloat16()
+    x = torch.randn(sum(counts), D, generator=g).bfloat16()
+    got = dense.swiglu_segments(x, counts, *(dense.prepare_experts(w) for w in (w1, w3, w2)))
+    want, start = [], 0
+    for e, n in enumerate(counts):
+        xe = x[start:start + n].double()
+        start += n
+        want.append((F.silu(xe @ w1[e].double().T) * (xe @ w3[e].double().T)) @ w2[e].double().T)
+    assert got.dtype == torch.bfloat16 and rel(got, torch.cat(want)) < 2e-2
+    with pytest.raises(ValueError, match="one count per expert"):
+        dense.swiglu_segments(x, [1, 2], *(dense.prepare_experts(w) for w in (w1, w3, w2)))
+
+
 def test_wrong_calls_are_refused():
     w = torch.randn(8, 32).bfloat16()
     with pytest.raises(RuntimeError, match="x has dtype float32: the kernel takes bfloat16"):
@@ -80,20 +99,24 @@ def test_the_weights_it_holds_are_those_only_multiplied_by_linear():
     assert {n for n in linear_only | elsewhere if LINEAR_ONLY.search(n)} == linear_only
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_a_bfloat16_step_through_the_kernel(tmp_path, tied):
-    """tiny-moe served in bfloat16 (its own head, and the embedding as the head): the plan records the kernel,
-    the rank holds its projections for it, and a prefill step (PyTorch's matmul: more than MAX_ROWS rows) and
-    a decode step (the kernel) give the logits of PyTorch's kernels within bfloat16 rounding."""
+@pytest.mark.parametrize("tied,experts", [(False, "int4"), (True, "bf16")])
+def test_a_bfloat16_step_through_the_kernel(tmp_path, tied, experts):
+    """tiny-moe served in bfloat16 (its own head and int4 experts; the embedding as the head and unquantised
+    experts): the plan records the kernel, the rank holds its weights for it, and a prefill step (PyTorch's
+    matmul: more than MAX_ROWS rows) and a decode step (the kernel) give the logits of PyTorch's kernels
+    within bfloat16 rounding."""
     from lcc.serve.rank import SeqPart, ServeRank, StepPlan
     from tests.serve.plans import PROMPTS, serve_plan
 
-    bf16 = ("serve.dtype=bfloat16", "model.n_layers=2", f"model.tie_embeddings={str(tied).lower()}")
+    bf16 = ("serve.dtype=bfloat16", "model.n_layers=2", f"model.tie_embeddings={str(tied).lower()}",
+            *(("quantization.experts=null",) if experts == "bf16" else ()))
     mine = ServeRank(serve_plan(tmp_path, "world1", bf16), 0)
     theirs = ServeRank(serve_plan(tmp_path, "world1", (*bf16, "serve.cpu_kernels=torch")), 0)
     assert (mine.plan.serving.dense_kernel, theirs.plan.serving.dense_kernel) == ("native_cpu", "torch")
     assert isinstance(mine.params["layers.0.attn.wq.weight"], dense.NativeDense)
     assert isinstance(mine.params["embed.weight"], dense.NativeDense)  # looked up, and the tied head
+    if experts == "bf16":  # unquantised experts through the kernel too
+        assert isinstance(mine.params["layers.0.ffn.experts.w1_EFD"], dense.NativeDenseExperts)
     prompt = PROMPTS[1]  # 30 tokens
     blocks = list(range(len(prompt) // mine.plan.serving.block_size + 1))
     prefill = StepPlan([[SeqPart(0, 0, prompt, blocks, True)]])
