@@ -274,3 +274,31 @@ def test_the_architecture_page_names_what_exists(lcc_modules):
         if not (ROOT / path).exists():
             missing.append(path)
     assert not missing, f"docs/architecture.md names what does not exist: {', '.join(missing)}"
+
+
+MAX_LINES = 450  # a module longer than this says in its docstring why it is "one piece"
+
+
+def oversized(found: dict[str, Path]) -> list[str]:
+    """Modules over MAX_LINES lines whose docstring does not say why they must stay one piece."""
+    found_big = []
+    for name, path in sorted(found.items()):
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > MAX_LINES and "one piece" not in (ast.get_docstring(ast.parse(text)) or ""):
+            found_big.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {lines} lines")
+    return found_big
+
+
+def test_no_module_is_over_the_size_limit_without_saying_why(lcc_modules):
+    found = oversized(lcc_modules)
+    assert not found, (f"modules over {MAX_LINES} lines; split them by concern, or say in the docstring why "
+                       "each must be one piece:\n" + "\n".join(found))
+
+
+def test_an_oversized_module_is_named_unless_it_says_why(tmp_path):
+    body = "x = 1\n" * (MAX_LINES + 1)
+    found = tree(tmp_path, {"lcc/big.py": '"""Many things."""\n' + body,
+                            "lcc/kept.py": '"""A table that is one piece: split, it would be read in two."""\n' + body,
+                            "lcc/small.py": '"""Small."""\nx = 1\n'})
+    assert [line.split(":")[0].rsplit("/", 1)[-1] for line in oversized(found)] == ["big.py"]

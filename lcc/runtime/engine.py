@@ -36,45 +36,12 @@ from lcc.runtime.grad_sync import GradSync
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
 from lcc.runtime.mesh import Mesh, build_mesh
 from lcc.runtime.shards import counts_once, local_parameters
+from lcc.runtime.step_figures import peak_bytes, router_summary, squared_norm
 from lcc.runtime.transcript import Transcript
 from lcc.runtime.zero import ZeroLayout
 from lcc.spec import Spec
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-ROW = 4096  # elements per partial sum of a gradient's squared norm
-
-
-def squared_norm(g: torch.Tensor) -> torch.Tensor:
-    """The sum of squares of `g`'s elements, in float64. Below float64, each row of ROW elements is summed in
-    g's own dtype (the norm of a short row is accurate to a rounding or two) and the rows' squares in float64:
-    one read of the gradient, no float64 copy of it."""
-    if g.dtype == torch.float64:
-        return g.square().sum()
-    flat = g.reshape(-1)
-    rows = flat.numel() // ROW * ROW
-    head = torch.linalg.vector_norm(flat[:rows].view(-1, ROW), dim=1, dtype=torch.float32)
-    tail = torch.linalg.vector_norm(flat[rows:], dtype=torch.float32).reshape(1)
-    return torch.cat([head, tail]).double().square().sum()
-
-
-def router_summary(load: list[float], k_hist: list[float], ep: int) -> dict[str, Any]:
-    """A router's statistics for the metrics, from host copies of its step's loads and k histogram (the
-    step's one read of them: `_do_reduce_metrics`)."""
-    tokens = sum(k_hist)
-    per = len(load) // ep
-    per_rank = [sum(load[r * per:(r + 1) * per]) for r in range(ep)]
-    return {"experts_per_token": sum(k * c for k, c in enumerate(k_hist)) / max(tokens, 1.0),
-            "k_histogram": k_hist[1:], "load_per_expert": load,
-            "imbalance_expert": imbalance(load), "imbalance_ep_rank": imbalance(per_rank)}
-
-
-def imbalance(load: list[float]) -> float:
-    """max / mean of a load vector (1.0 = perfectly even; 0 load counts as even): lcc.model.stats.imbalance
-    on a host list."""
-    mean = sum(load) / len(load)
-    return max(load) / mean if mean > 0 else 1.0
 
 
 def load_program(path: Path) -> types.ModuleType:
@@ -442,7 +409,7 @@ class RankEngine:
         c, sizes = self.mesh.coords, self.mesh.sizes
         loss = self.ce_sum if c["tp"] == 0 else torch.zeros((), dtype=torch.float64)
         other = self.memory.other_peak if self.memory is not None else -1.0
-        memory = torch.tensor([float(self._peak_bytes()), float(self.states_bytes), float(other)],
+        memory = torch.tensor([float(peak_bytes(self.memory, self.device)), float(self.states_bytes), float(other)],
                               dtype=torch.float64)
         n = self.spec.model.moe.n_experts if self.spec.model.moe else 0
         stats = dict(self.stats)
@@ -471,16 +438,6 @@ class RankEngine:
                        "state_memory_bytes": int(host[2]),
                        "activation_memory_bytes": int(host[3]) if host[3] >= 0 else None,
                        "router": dict(sorted(router.items(), key=lambda kv: int(kv[0].split(".")[1])))}
-
-    def _peak_bytes(self) -> int:
-        """This step's peak: live tensors when tracked; the CUDA allocator's peak; else the peak RSS."""
-        if self.memory is not None:
-            return self.memory.peak
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
     def _mark_gradient(self, p: torch.Tensor) -> None:
         if p.grad is not None:  # (ZeRO 2 has already reduce-scattered it into a piece)
