@@ -67,12 +67,15 @@ def prepare_experts(weight: torch.Tensor) -> NativeDenseExperts:
 def swiglu_segments(x_SD: torch.Tensor, counts: list[int], w1: NativeDenseExperts, w3: NativeDenseExperts,
                     w2: NativeDenseExperts) -> torch.Tensor:
     """Each expert's SwiGLU over its contiguous segment of x (segments in expert order), in bfloat16 as the
-    grouped matmul computes it (each projection rounded to bfloat16, the activation in bfloat16): the
-    projections of a segment of at most MAX_ROWS rows through lcc's kernel, longer ones through PyTorch's
-    matmul; experts without rows cost nothing."""
+    grouped matmul computes it (each projection rounded to bfloat16, the activation in bfloat16). When no
+    segment has more than MAX_ROWS rows (decode steps), the whole layer is one call of lcc's kernel
+    (`bf16_swiglu`); otherwise each segment in turn, its projections through lcc's kernel up to MAX_ROWS rows
+    and PyTorch's matmul beyond. Experts without rows cost nothing."""
     if len(counts) != w1.shape[0] or sum(counts) != x_SD.shape[0]:
         raise ValueError(f"{x_SD.shape[0]} rows for counts {counts}: one count per expert ({w1.shape[0]})")
     x_SD = x_SD.to(torch.bfloat16)
+    if max(counts, default=0) <= MAX_ROWS:  # every segment in the kernel: one call for the layer
+        return load().ops.bf16_swiglu(x_SD, counts, w1.weight, w3.weight, w2.weight)
     out = x_SD.new_empty(x_SD.shape[0], w2.shape[1])
     start = 0
     for e, n in enumerate(counts):

@@ -31,9 +31,9 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp", CSRC / "dense_bf16.cpp",
-           CSRC / "ops.cpp")
+           CSRC / "rows.cpp", CSRC / "ops.cpp")
 HEADERS = (CSRC / "simd.h", CSRC / "kernels.h")
-BASE_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+BASE_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
 
 
@@ -247,8 +247,22 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lcc::route")
     def _(x, centroids, weight, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale):
         T, E = x.shape[0], weight.shape[0]
+        S = torch.library.get_ctx().new_dynamic_size()  # the used slots: known once routed
         return (x.new_empty(T, k, dtype=torch.int64), x.new_empty(T, k), x.new_empty(T, k, dtype=torch.bool),
-                x.new_empty(T, dtype=torch.int64), x.new_empty(E, dtype=torch.int64))
+                x.new_empty(T, dtype=torch.int64), x.new_empty(E, dtype=torch.int64), x.new_empty(S, dtype=torch.int64),
+                x.new_empty(S))
+
+    @torch.library.register_fake("lcc::bf16_swiglu")
+    def _(x, counts, w1, w3, w2, dot_products=None):
+        return x.new_empty(x.shape[0], w2.shape[1])
+
+    @torch.library.register_fake("lcc::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("lcc::combine")
+    def _(y, token_S, gate_S, tokens):
+        return y.new_empty(tokens, y.shape[1])
 
 
 def _cpu_has_amx() -> bool:

@@ -1,6 +1,7 @@
 """Routing decisions on CPU through lcc's native kernel (lcc.backends.cpu.native, csrc/routing.cpp): what
 lcc.ops.serve.RoutingTables decides with serving's settings (no losses, no capacity), one call per layer
-and step instead of some forty small tensor operations."""
+and step instead of some forty small tensor operations. The call also sorts the used slots by expert (the
+dispatch's segments: each slot's token and gate), as lcc.model.moe.dispatch's stable sort orders them."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ def route(x_TD: torch.Tensor, unit_centroids_GD: torch.Tensor, weight_ED: torch.
     if cfg.capacity_factor is not None or cfg.balance.aux_loss_coef or cfg.balance.z_loss_coef:
         raise ValueError("the native router decides as serving routes: no capacity, no losses")
     least_loaded = cfg.experts.selection == "least_loaded"
-    experts, gates, mask, k_T, counts = load().ops.route(
+    experts, gates, mask, k_T, counts, token_S, gate_S = load().ops.route(
         x_TD, unit_centroids_GD, weight_ED, bias_E.to(torch.float64) if least_loaded else None,
         cfg.groups.temperature, cfg.groups.top, cfg.score == "softmax", cfg.k.max, cfg.k.min, cfg.k.threshold,
         cfg.renormalize, cfg.gate_scale)
     zero = gates.new_zeros(())
     return RouteResult(experts, gates, mask, k_T, counts.to(torch.float64), torch.zeros((), dtype=torch.int64), zero,
-                       zero, counts_E=counts)
+                       zero, counts_E=counts, slots_S=(token_S, gate_S))

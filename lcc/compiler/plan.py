@@ -198,6 +198,11 @@ def dense_kernel(spec: Spec) -> str:
     return "native_cpu" if native_cpu(spec) and spec.serve.dtype == "bfloat16" else "torch"
 
 
+def norm_kernel(spec: Spec) -> str:
+    """What runs a serve plan's RMS norms (plan.serving.norm_kernel): lcc's native CPU kernel, else PyTorch."""
+    return "native_cpu" if native_cpu(spec) else "torch"
+
+
 def _serving(spec: Spec, state: CompileState) -> Serving:
     """The serve plan's runtime settings: KV cache, kernels, and the step's batch and logits exchange."""
     serve, par, att = spec.serve, spec.parallelism, spec.model.attention
@@ -220,7 +225,7 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
                    serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
                    quant.group_size if quant is not None else None, before, after,
                    attention_kernel=attention_kernel(spec), routing_kernel=routing_kernel(spec),
-                   dense_kernel=dense_kernel(spec))
+                   dense_kernel=dense_kernel(spec), norm_kernel=norm_kernel(spec))
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:

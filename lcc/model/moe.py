@@ -34,6 +34,8 @@ class Dispatch:
 def dispatch(route: RouteResult, n_experts: int, n_slots: int | None = None) -> Dispatch:
     """`n_slots`: the number of used slots, when the caller already has it on the host (`ops.moe_plan`);
     otherwise it is read here, the reference block's one host synchronisation (it sizes the segments)."""
+    if route.slots_S is not None:  # sorted by the router as below
+        return Dispatch(*route.slots_S, route_counts(route, n_experts))
     K = route.experts_TK.shape[1]
     # unused slots sort after every expert; the sort is stable, so tokens keep their order in a segment
     key_S = torch.where(route.mask_TK, route.experts_TK, n_experts).reshape(-1)

@@ -35,6 +35,9 @@ class RouteResult:
     balance_counts: torch.Tensor | None = None
     pi_sum_E: torch.Tensor | None = None
     counts_E: torch.Tensor | None = None  # load_E as int64 on the device (dispatch and the exchange plan read it)
+    # the used slots sorted by expert (token order inside a segment): each slot's token and gate, where the
+    # router made them (lcc's native CPU router); dispatch takes them as they are
+    slots_S: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lcc.backends.cpu import dense as native_dense
+from lcc.backends.cpu import norm as native_norm
 from lcc.backends.cpu.dense import NativeDense
+from lcc.backends.cpu.norm import NativeNorm
 from lcc.model.transformer import AttentionCore, head_rms_norm
 from lcc.ops.collectives import sum_shared
 
@@ -20,21 +22,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor | NativeDense) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | NativeNorm, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim; a serving weight prepared for lcc's native kernel (the plan's
+    `serving.norm_kernel: native_cpu`) runs through it."""
+    if isinstance(weight, NativeNorm):
+        return native_norm.rms_norm(x, weight, eps)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def head_norm(x: torch.Tensor, weight: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
+def head_norm(x: torch.Tensor, weight: torch.Tensor | NativeNorm, head_dim: int, eps: float) -> torch.Tensor:
     """RMSNorm of each head of this rank's heads over its head_dim (queries or keys, before rotary)."""
+    if isinstance(weight, NativeNorm):
+        return native_norm.head_norm(x, weight, head_dim, eps)
     return head_rms_norm(x, weight, head_dim, eps)
 
 
-def rms_norm_tp(x: torch.Tensor, weight: torch.Tensor, group, eps: float) -> torch.Tensor:  # noqa: ANN001
+def rms_norm_tp(x: torch.Tensor, weight: torch.Tensor | NativeNorm, group, eps: float) -> torch.Tensor:  # noqa: ANN001
     """RMSNorm over a width split over the group (every head's queries or keys, of which this rank holds its
     heads' and `weight`'s slice): the mean square sums every rank's share (an all-reduce; backward, another).
     Copies of a key head on several ranks are counted once each: the sum over tp ranks of local width w is
-    tp * w elements, the whole width times the copies of each head."""
+    tp * w elements, the whole width times the copies of each head. A serving weight held for the native
+    kernel is used as it is here (the norm spans ranks)."""
+    if isinstance(weight, NativeNorm):
+        weight = weight.weight
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     total = sum_shared(xf.pow(2).sum(-1, keepdim=True), group)
     size = 1 if group is None else dist.get_world_size(group)

@@ -13,6 +13,7 @@ from lcc.backends.cpu import int4_native
 from lcc.backends.cpu.dense import NativeDenseExperts
 from lcc.backends.cpu.int4 import PackedInt4
 from lcc.backends.cpu.int4_native import NativeInt4
+from lcc.backends.cpu.native import load as native_rows
 from lcc.backends.torch_ref.int4 import Int4Weight, int4_swiglu_segments
 from lcc.backends.triton import experts as triton_experts
 from lcc.backends.triton.experts import ExpertStack
@@ -21,6 +22,8 @@ from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
 from lcc.model.routing import RouteResult
 from lcc.ops.collectives import exchange_counts
 from lcc.ops.groups import Group, all_reduce_copy, group_size
+
+NATIVE_COMBINE = (torch.float32, torch.bfloat16)  # what lcc's native combine takes
 
 __all__ = ["MoEPlan", "combine_tokens", "grouped_swiglu", "grouped_swiglu_int4", "moe_plan", "route", "unit_balance"]
 
@@ -36,6 +39,7 @@ class MoEPlan:
     inverse: torch.Tensor  # and back
     local_counts: list[int]  # rows per local expert
     local_counts_E: torch.Tensor  # the same on the device: what grouped matmul takes without a host sync
+    native: bool = False  # lcc's native CPU router sorted the slots: its kernel combines them
 
     @property
     def token_S(self) -> torch.Tensor:
@@ -62,6 +66,13 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     """Sort the slots by expert and exchange per-expert counts with the EP group (a small all-to-all).
     Everything stays on the device except one small tensor read once on the host (see below)."""
     ep = group_size(group)
+    if ep == 1:  # nothing to exchange: the rows stay in expert order, and the counts are read once
+        counts = routing.route_counts(routed, n_experts)
+        local_counts = counts.tolist()
+        rows = sum(local_counts)
+        identity = torch.arange(rows, device=counts.device)
+        local = dispatch(routed, n_experts, n_slots=rows)
+        return MoEPlan(local, [rows], [rows], identity, identity, local_counts, counts, routed.slots_S is not None)
     per = n_experts // ep
     counts = routing.route_counts(routed, n_experts).view(ep, per)
     received = exchange_counts(counts, group)  # row s: what source s sends to my experts
@@ -71,9 +82,6 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     send, recv, local_counts = host[:ep], host[ep:2 * ep], host[2 * ep:]
     local = dispatch(routed, n_experts, n_slots=sum(send))
     device, rows = received.device, sum(recv)
-    if ep == 1:  # nothing to exchange: the rows stay in expert order
-        identity = torch.arange(rows, device=device)
-        return MoEPlan(local, send, recv, identity, identity, local_counts, received.sum(0))
     # received rows are source-major (source s, then its experts); order lists them expert-major
     starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(ep, per)
     sizes, firsts = received.t().reshape(-1), starts.t().reshape(-1)  # blocks (e, s) in expert-major order
@@ -82,7 +90,7 @@ def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
     order = firsts[block] + torch.arange(rows, device=device) - block_start[block]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(rows, device=device)
-    return MoEPlan(local, send, recv, order, inverse, local_counts, received.sum(0))
+    return MoEPlan(local, send, recv, order, inverse, local_counts, received.sum(0), routed.slots_S is not None)
 
 
 def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor | ExpertStack,
@@ -120,5 +128,9 @@ def _on(counts: torch.Tensor | list[int], x: torch.Tensor) -> torch.Tensor:
 
 
 def combine_tokens(y_SD: torch.Tensor, plan: MoEPlan, x_TD: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum of each token's expert outputs (rows back in this rank's slot order)."""
+    """Gate-weighted sum of each token's expert outputs (rows back in this rank's slot order). Slots that
+    lcc's native CPU router sorted (the plan's `serving.routing_kernel: native_cpu`) are combined by its
+    kernel too, with the same roundings."""
+    if plan.local.token_S.device.type == "cpu" and y_SD.dtype in NATIVE_COMBINE and plan.native:
+        return native_rows().ops.combine(y_SD, plan.local.token_S, plan.local.gate_S, x_TD.shape[0])
     return combine(y_SD, plan.local, x_TD.shape[0])

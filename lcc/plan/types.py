@@ -273,7 +273,9 @@ class Serving:
     Routing tables decide through `routing_kernel`: `native_cpu` (lcc's native CPU router) or `torch`. Dense
     projections (attention, shared and dense FFN, the head) and unquantised experts run through
     `dense_kernel`: `native_cpu` (lcc's native bfloat16 kernel for few rows, PyTorch's matmul beyond) or
-    `torch`."""
+    `torch`. RMS norms (of the width, and of each head) run through `norm_kernel`: `native_cpu` (lcc's
+    native CPU kernel, one call per norm) or `torch`. With `routing_kernel: native_cpu` the router also sorts
+    the used slots by expert, and the gate-weighted combine of the experts' outputs runs in the same library."""
 
     dtype: str
     max_batch: int  # sequences per dp rank and step
@@ -293,6 +295,7 @@ class Serving:
     attention_kernel: str = "torch"  # rotary, cache writes, decode attention: "native_cpu" (lcc's) or "torch"
     routing_kernel: str = "torch"  # decisions from routing tables: "native_cpu" (lcc's CPU kernel) or "torch"
     dense_kernel: str = "torch"  # dense projections: "native_cpu" (lcc's bfloat16 kernel, few rows) or "torch"
+    norm_kernel: str = "torch"  # RMS norms: "native_cpu" (lcc's CPU kernel) or "torch"
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def check_serve_plan(plan_dir: Path) -> Plan:
     if plan.serving is None:
         raise LaunchRefused(f"{plan_dir}: a serve plan without its serving section; compile it again")
     serving = plan.serving
-    if ("native_cpu" in (serving.attention_kernel, serving.routing_kernel, serving.dense_kernel)
+    if ("native_cpu" in (serving.attention_kernel, serving.routing_kernel, serving.dense_kernel,
+                          serving.norm_kernel)
             or serving.expert_kernel == "int4_native_cpu"):
         why = native.unavailable()  # built here once, before any rank starts
         if why is not None:

@@ -13,6 +13,7 @@ import torch
 
 from lcc.backends.cpu import dense as native_dense
 from lcc.backends.cpu import int4_native as native_int4
+from lcc.backends.cpu import norm as native_norm
 from lcc.backends.cpu.int4 import PackedInt4, pack, pack_gate_up
 from lcc.backends.cpu.int4_native import NativeInt4
 from lcc.backends.torch_ref.int4 import Int4Weight, quantize
@@ -27,6 +28,9 @@ from lcc.spec.models import Spec
 # The weights the programs only multiply with `ops.linear` or look up with `ops.embedding_shard` (which takes
 # them held as they are): what the plan's `serving.dense_kernel` runs, the embedding for a tied head
 LINEAR_ONLY = re.compile(r"(\.attn\.w[qkvo]|\.ffn\.(shared\.)?w[123]|^head|^embed)\.weight$")
+
+# RMS norms' weights (of the width, and of each query or key head): what the plan's `serving.norm_kernel` runs
+NORMS = re.compile(r"norm\.weight$")
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -78,7 +82,9 @@ def serving_weights(spec: Spec, plan: Plan, params: dict[str, torch.Tensor],
 
     out: dict[str, Any] = {}
     for name, t in params.items():
-        if serving.dense_kernel == "native_cpu" and LINEAR_ONLY.search(name):
+        if serving.norm_kernel == "native_cpu" and NORMS.search(name):
+            out[name] = native_norm.prepare(t, dtype)
+        elif serving.dense_kernel == "native_cpu" and LINEAR_ONLY.search(name):
             out[name] = native_dense.prepare(t)
         elif serving.dense_kernel == "native_cpu" and kernel == "dense" and plan.parameter(name).expert:
             out[name] = native_dense.prepare_experts(t)  # unquantised experts: ops.grouped_swiglu

@@ -127,7 +127,8 @@ def test_the_swiglu_weights_must_be_one_layers_experts():
 def test_routing_arguments_are_checked():
     x, c, w = torch.randn(4, 16), torch.randn(2, 16), torch.randn(8, 16)
     good = (x, c, w, None, 1.0, 1, True, 2, 1, 0.9, True, 1.0)
-    experts, gates, mask, k, counts = ops.route(*good)
+    experts, gates, mask, k, counts, token_S, gate_S = ops.route(*good)
+    assert token_S.shape == gate_S.shape == (int(counts.sum()),)
     assert experts.shape == gates.shape == mask.shape == (4, 2) and int(counts.sum()) == int(mask.sum())
     for change, message in [((0, x.bfloat16()), "x has dtype bfloat16: the kernel takes float32"),
                             ((7, 5), "keeping 1 groups cannot give 5 experts"),
@@ -137,6 +138,24 @@ def test_routing_arguments_are_checked():
         args[change[0]] = change[1]
         with pytest.raises(RuntimeError, match=message):
             ops.route(*args)
+
+
+def test_row_kernels_check_their_arguments():
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with pytest.raises(RuntimeError, match="weight holds 8 values and x has 16 columns"):
+        ops.rms_norm(x, torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match="weight has dtype bfloat16: the kernel takes float32"):
+        ops.rms_norm(x, w.bfloat16(), 1e-6)
+    y, gate = torch.randn(4, 16), torch.rand(4)
+    with pytest.raises(RuntimeError, match=r"token_S\[2\] = 3 is out of range: the output has 3"):
+        ops.combine(y, torch.tensor([0, 1, 3, 2]), gate, 3)
+    with pytest.raises(RuntimeError, match="y has 4 rows, token_S 3 and gate_S 4"):
+        ops.combine(y, torch.tensor([0, 1, 2]), gate, 3)
+    w13, w2 = torch.randn(2, 32, 16).bfloat16(), torch.randn(2, 16, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="counts"):
+        ops.bf16_swiglu(torch.randn(3, 16).bfloat16(), [1, 1], w13, w13, w2)
+    with pytest.raises(RuntimeError, match=r"w2 must be \[2, 16, 32\]"):
+        ops.bf16_swiglu(torch.randn(3, 16).bfloat16(), [1, 2], w13, w13, w13)
 
 
 def test_the_operators_pass_opcheck():
@@ -154,6 +173,10 @@ def test_the_operators_pass_opcheck():
                                            torch.tensor([5, 0, 7]), k_cache, v_cache))
     torch.library.opcheck(ops.decode_attention, (q, k_cache, v_cache, torch.tensor([2]), torch.tensor([[1, 4]]),
                                                  torch.tensor([2]), torch.empty_like(q)))
+    torch.library.opcheck(ops.rms_norm, (torch.randn(3, 4, 16).bfloat16(), torch.randn(16).bfloat16(), 1e-6))
+    torch.library.opcheck(ops.combine, (torch.randn(5, 16), torch.tensor([0, 2, 2, 1, 0]), torch.rand(5), 3))
+    w13, w2 = torch.randn(2, 32, 16).bfloat16(), torch.randn(2, 16, 32).bfloat16()
+    torch.library.opcheck(ops.bf16_swiglu, (torch.randn(3, 16).bfloat16(), [1, 2], w13, w13, w2))
 
 
 def native_swiglu_weights():

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lcc.backends.cpu import dense, native
+from lcc.backends.cpu.norm import NativeNorm
 
-from lcc.serve.weights import LINEAR_ONLY
+from lcc.serve.weights import LINEAR_ONLY, NORMS
 from tests.conftest import ROOT
 
 if native.unavailable() is not None:
@@ -99,6 +100,20 @@ def test_the_weights_it_holds_are_those_only_multiplied_by_linear():
     assert {n for n in linear_only | elsewhere if LINEAR_ONLY.search(n)} == linear_only
 
 
+def test_the_norm_weights_it_holds_are_those_only_used_by_norms():
+    """In every generated program, a weight NORMS names appears only as the weight of a norm op, and every
+    weight a norm op takes is named."""
+    norms, elsewhere = set(), set()
+    for program in (ROOT / "generated").glob("*/**/programs/*.py"):
+        for line in program.read_text().splitlines():
+            for name in re.findall(r'P\["([^"]+)"\]', line):
+                op = r"ops\.(rms_norm|head_norm|rms_norm_tp)\([^,]+, "
+                as_weight = re.search(rf'{op}P\["{re.escape(name)}"\][,)]', line)
+                (norms if as_weight else elsewhere).add(name)
+    assert norms and not norms & elsewhere
+    assert {n for n in norms | elsewhere if NORMS.search(n)} == norms
+
+
 @pytest.mark.parametrize("tied,experts", [(False, "int4"), (True, "bf16")])
 def test_a_bfloat16_step_through_the_kernel(tmp_path, tied, experts):
     """tiny-moe served in bfloat16 (its own head and int4 experts; the embedding as the head and unquantised
@@ -113,6 +128,9 @@ def test_a_bfloat16_step_through_the_kernel(tmp_path, tied, experts):
     mine = ServeRank(serve_plan(tmp_path, "world1", bf16), 0)
     theirs = ServeRank(serve_plan(tmp_path, "world1", (*bf16, "serve.cpu_kernels=torch")), 0)
     assert (mine.plan.serving.dense_kernel, theirs.plan.serving.dense_kernel) == ("native_cpu", "torch")
+    assert (mine.plan.serving.norm_kernel, theirs.plan.serving.norm_kernel) == ("native_cpu", "torch")
+    assert isinstance(mine.params["layers.0.attn_norm.weight"], NativeNorm)
+    assert isinstance(mine.params["norm.weight"], NativeNorm)
     assert isinstance(mine.params["layers.0.attn.wq.weight"], dense.NativeDense)
     assert isinstance(mine.params["embed.weight"], dense.NativeDense)  # looked up, and the tied head
     if experts == "bf16":  # unquantised experts through the kernel too

@@ -1,6 +1,7 @@
 """lcc's native CPU router (csrc/routing.cpp) against the torch routing-table path it replaces
 (lcc.ops.serve.RoutingTables, the reference routing with serving's settings): the same experts, k(x),
-masks and counts, gates within float32 rounding, for every routing setting a spec can choose."""
+masks and counts, gates within float32 rounding, for every routing setting a spec can choose; and the used
+slots it sorts by expert are those a stable sort by expert gives."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def test_native_decisions_equal_the_torch_path(name, shape, dtype, monkeypatch):
     assert got.gates_TK.dtype == want.gates_TK.dtype
     torch.testing.assert_close(got.gates_TK, want.gates_TK, rtol=1e-5, atol=1e-6)
     assert int(got.dropped) == 0 and float(got.aux_loss) == 0 and float(got.z_loss) == 0
+    assert want.slots_S is None
+    token_S, gate_S = got.slots_S
+    # the oracle: every used slot as (expert, token, slot), sorted; then its token and gate
+    used = sorted((int(got.experts_TK[t, j]), t, j) for t in range(x.shape[0]) for j in range(got.experts_TK.shape[1])
+                  if got.mask_TK[t, j])
+    assert token_S.tolist() == [t for _, t, _ in used]
+    assert torch.equal(gate_S, torch.stack([got.gates_TK[t, j] for _, t, j in used]))
 
 
 def test_equal_scores_rank_the_lower_expert_first(monkeypatch):

@@ -1,5 +1,5 @@
-// The entry points of lcc's native CPU kernels (int4_experts.cpp, decode_attention.cpp, routing.cpp), with
-// plain pointers and sizes: ops.cpp checks its tensors and calls these. Nothing here checks its arguments.
+// The entry points of lcc's native CPU kernels (int4_experts.cpp, decode_attention.cpp, routing.cpp,
+// dense_bf16.cpp, rows.cpp), with plain pointers and sizes: ops.cpp checks its tensors and calls these. Nothing here checks its arguments.
 #pragma once
 
 #include <stdint.h>
@@ -41,10 +41,26 @@ int lcc_has_avx512_bf16();
 void lcc_bf16_linear(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int dot_products,
                      int64_t first, int64_t last);
 
+// gate[i] = bf16(bf16(silu(gate[i])) * up[i]) for n bfloat16 values: SwiGLU's activation as PyTorch rounds it.
+void lcc_silu_mul_bf16(uint16_t* gate, const uint16_t* up, int64_t n);
+
 // Serving's routing decisions for T tokens: experts, gates [T, K], mask [T, K], k [T], counts [E].
 void lcc_route(const float* x, int T, int D, const float* centroids, int G, const float* weight, int E,
                const double* bias, float temperature, int top, int softmax_scores, int K, int k_min,
                float threshold, int renormalize, float gate_scale, int64_t* experts, float* gates, uint8_t* mask,
                int64_t* k_out, int64_t* counts, int threads);
+
+// out [rows, D] = RMS norm of each row of x times weight [D], rows first to last; x, weight and out float32,
+// or bfloat16 (bf16 != 0); the row's mean square in float32.
+void lcc_rms_norm(const void* x, int64_t rows, int D, const void* weight, float eps, int bf16, void* out,
+                  int64_t first, int64_t last);
+// The used slots (mask) of T tokens' K choices sorted by expert, token order inside an expert's segment:
+// each slot's token and gate; counts [E] holds the used slots per expert (their sum is the slots written).
+void lcc_sort_slots(const int64_t* experts, const uint8_t* mask, const float* gates, int T, int K, int E,
+                    const int64_t* counts, int64_t* token_S, float* gate_S);
+// out [tokens, D] (zeroed by the caller) += y[s] * gate_S[s] into row token_S[s], slot by slot (bfloat16:
+// each product rounded, the sums in float32, rounded once).
+void lcc_combine(const void* y, const int64_t* token_S, const float* gate_S, int64_t S, int D, int bf16,
+                 void* out);
 
 }  // extern "C"

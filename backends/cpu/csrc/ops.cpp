@@ -7,12 +7,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "kernels.h"
 
@@ -267,10 +271,68 @@ Tensor bf16_linear(const Tensor& x, const Tensor& w, std::optional<bool> dot_pro
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> route(const Tensor& x, const Tensor& centroids, const Tensor& weight,
-                                                         const std::optional<Tensor>& bias, double temperature,
-                                                         int64_t top, bool softmax, int64_t k, int64_t k_min,
-                                                         double threshold, bool renormalize, double gate_scale) {
+// Unquantised bfloat16 experts at decode sizes: each expert's SwiGLU over its segment of x (segments in expert
+// order) through the dense kernel, rounded to bfloat16 where the grouped matmul rounds (each projection, the
+// activation, the product). Two passes over PyTorch's thread pool: every expert's gate and up blocks, then
+// every expert's down blocks; experts without rows cost nothing.
+Tensor bf16_swiglu(const Tensor& x, IntArrayRef counts, const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                   std::optional<bool> dot_products) {
+  const bool has = lcc_has_avx512_bf16() != 0;
+  TORCH_CHECK(!dot_products.value_or(false) || has, "dot_products=True needs a CPU with AVX512-BF16, which this one lacks");
+  for (auto [t, name] : {std::pair{&w1, "w1"}, std::pair{&w3, "w3"}, std::pair{&w2, "w2"}}) {
+    check_tensor(*t, name, {at::kBFloat16}, 3);
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous [experts, out, in]");
+  }
+  const int64_t E = w1.size(0), F = w1.size(1), D = w1.size(2);
+  TORCH_CHECK(w3.sizes() == w1.sizes(), "w3 must have w1's shape ", w1.sizes(), ", not ", w3.sizes());
+  TORCH_CHECK(w2.size(0) == E && w2.size(1) == D && w2.size(2) == F, "w2 must be [", E, ", ", D, ", ", F, "], not ",
+              w2.sizes());
+  TORCH_CHECK(D > 0 && F > 0, "the experts have no columns");
+  check_tensor(x, "x", {at::kBFloat16}, 2);
+  TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " columns and the experts take ", D);
+  check_counts(counts, E, x.size(0));
+  const Tensor xc = x.contiguous();
+  const int64_t S = x.size(0);
+  Tensor gate = at::empty({S, F}, x.options()), up = at::empty({S, F}, x.options()), out = at::empty({S, D}, x.options());
+  std::vector<std::pair<int64_t, int64_t>> segs;  // (expert, first row) of the experts with rows
+  for (int64_t e = 0, first = 0; e < E; first += counts[e], ++e) {
+    if (counts[e]) segs.emplace_back(e, first);
+  }
+  const int dp = dot_products.value_or(has);
+  const int64_t nseg = static_cast<int64_t>(segs.size()), fb = (F + 3) / 4, db = (D + 3) / 4;
+  const int f = as_int(F, "F"), d = as_int(D, "D");
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr());
+  auto* gp = reinterpret_cast<uint16_t*>(gate.mutable_data_ptr());
+  auto* up_ = reinterpret_cast<uint16_t*>(up.mutable_data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  const auto* w1p = reinterpret_cast<const uint16_t*>(w1.const_data_ptr());
+  const auto* w3p = reinterpret_cast<const uint16_t*>(w3.const_data_ptr());
+  const auto* w2p = reinterpret_cast<const uint16_t*>(w2.const_data_ptr());
+  at::parallel_for(0, nseg * 2 * fb, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const auto [e, row] = segs[i / (2 * fb)];
+      const bool is_up = (i / fb) % 2;
+      const int64_t b = i % fb;
+      lcc_bf16_linear(xp + row * D, counts[e], d, (is_up ? w3p : w1p) + e * F * D, f, (is_up ? up_ : gp) + row * F, dp,
+                      b, b + 1);
+    }
+  });
+  lcc_silu_mul_bf16(gp, up_, S * F);  // gate <- bf16(bf16(silu(gate)) * up)
+  at::parallel_for(0, nseg * db, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const auto [e, row] = segs[i / db];
+      const int64_t b = i % db;
+      lcc_bf16_linear(gp + row * F, counts[e], f, w2p + e * D * F, d, op + row * D, dp, b, b + 1);
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route(const Tensor& x, const Tensor& centroids, const Tensor& weight,
+                                                                         const std::optional<Tensor>& bias,
+                                                                         double temperature, int64_t top, bool softmax,
+                                                                         int64_t k, int64_t k_min, double threshold,
+                                                                         bool renormalize, double gate_scale) {
   check_tensor(x, "x", {at::kFloat}, 2);
   check_tensor(centroids, "centroids", {at::kFloat}, 2);
   check_tensor(weight, "weight", {at::kFloat}, 2);
@@ -297,7 +359,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> route(const Tensor& x, const 
             experts.mutable_data_ptr<int64_t>(), gates.mutable_data_ptr<float>(),
             reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>()), k_T.mutable_data_ptr<int64_t>(),
             counts.mutable_data_ptr<int64_t>(), threads());
-  return {experts, gates, mask, k_T, counts};
+  // the used slots sorted by expert (the dispatch's segments), from the decisions just made
+  const int64_t* cp = counts.const_data_ptr<int64_t>();
+  int64_t S = 0;
+  for (int64_t e = 0; e < E; ++e) S += cp[e];
+  Tensor token_S = at::empty({S}, i64), gate_S = at::empty({S}, x.options());
+  lcc_sort_slots(experts.const_data_ptr<int64_t>(), reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()),
+                 gates.const_data_ptr<float>(), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), cp,
+                 token_S.mutable_data_ptr<int64_t>(), gate_S.mutable_data_ptr<float>());
+  return {experts, gates, mask, k_T, counts, token_S, gate_S};
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  check_tensor(x, "x", {at::kFloat, at::kBFloat16}, x.dim());
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
+  check_tensor(weight, "weight", {x.scalar_type()}, 1);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.size(0) == D, "weight holds ", weight.size(0), " values and x has ", D, " columns");
+  TORCH_CHECK(D > 0, "x has no columns");
+  const Tensor xc = x.contiguous(), wc = weight.contiguous();
+  Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t rows = xc.numel() / D;
+  const int bf16 = x.scalar_type() == at::kBFloat16;
+  const int d = as_int(D, "D");
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / D), [&](int64_t first, int64_t last) {
+    lcc_rms_norm(xc.const_data_ptr(), rows, d, wc.const_data_ptr(), static_cast<float>(eps), bf16,
+                 out.mutable_data_ptr(), first, last);
+  });
+  return out;
+}
+
+Tensor combine(const Tensor& y, const Tensor& token_S, const Tensor& gate_S, int64_t tokens) {
+  check_tensor(y, "y", {at::kFloat, at::kBFloat16}, 2);
+  check_tensor(token_S, "token_S", {at::kLong}, 1);
+  check_tensor(gate_S, "gate_S", {at::kFloat}, 1);
+  const int64_t S = y.size(0);
+  TORCH_CHECK(token_S.size(0) == S && gate_S.size(0) == S, "y has ", S, " rows, token_S ", token_S.size(0),
+              " and gate_S ", gate_S.size(0));
+  TORCH_CHECK(tokens >= 0, "tokens must not be negative, not ", tokens);
+  const Tensor yc = y.contiguous(), tc = token_S.contiguous(), gc = gate_S.contiguous();
+  check_indices(tc, tokens, "token_S", "the output");
+  Tensor out = at::zeros({tokens, y.size(1)}, y.options());
+  lcc_combine(yc.const_data_ptr(), tc.const_data_ptr<int64_t>(), gc.const_data_ptr<float>(), S,
+              as_int(y.size(1), "D"), y.scalar_type() == at::kBFloat16, out.mutable_data_ptr());
+  return out;
 }
 
 }  // namespace
@@ -317,7 +422,10 @@ TORCH_LIBRARY(lcc, m) {
   m.def("has_avx512_bf16() -> bool", [] { return lcc_has_avx512_bf16() != 0; });
   m.def("route(Tensor x, Tensor centroids, Tensor weight, Tensor? bias, float temperature, int top, bool softmax, "
         "int k, int k_min, float threshold, bool renormalize, float gate_scale) -> (Tensor experts, Tensor gates, "
-        "Tensor mask, Tensor k, Tensor counts)");
+        "Tensor mask, Tensor k, Tensor counts, Tensor token_S, Tensor gate_S)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("bf16_swiglu(Tensor x, int[] counts, Tensor w1, Tensor w3, Tensor w2, bool? dot_products=None) -> Tensor");
+  m.def("combine(Tensor y, Tensor token_S, Tensor gate_S, int tokens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lcc, CPU, m) {
@@ -328,4 +436,7 @@ TORCH_LIBRARY_IMPL(lcc, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("route", &route);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("bf16_swiglu", &bf16_swiglu);
+  m.impl("combine", &combine);
 }

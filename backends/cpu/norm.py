@@ -1,0 +1,44 @@
+"""Serving's RMS norms on CPU through lcc's native kernel (lcc.backends.cpu.native, csrc/rows.cpp): one call
+per norm where PyTorch's version is nine small operators (eleven for a norm of each head). The same
+roundings as lcc.ops.rms_norm: the row's mean square in float32, the normalised row rounded to the
+activations' dtype, then times the weight; only the order of the sum of squares differs.
+
+Which weights go through it is decided at load (`lcc.serve.weights`, the plan's `serving.norm_kernel`): the
+norms' weights, held as `NativeNorm` in the serve dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from lcc.backends.cpu.native import load
+
+
+@dataclass(frozen=True)
+class NativeNorm:
+    """An RMS norm's weight `[D]` (contiguous, in the serve dtype)."""
+
+    weight: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def prepare(weight: torch.Tensor, dtype: torch.dtype) -> NativeNorm:
+    load()  # built (or read from the cache) at load, not at the first step
+    return NativeNorm(weight.to(dtype).contiguous())
+
+
+def rms_norm(x: torch.Tensor, w: NativeNorm, eps: float) -> torch.Tensor:
+    """RMS norm of each row of x over its last dim (its width: w's size)."""
+    return load().ops.rms_norm(x, w.weight, eps)
+
+
+def head_norm(x: torch.Tensor, w: NativeNorm, head_dim: int, eps: float) -> torch.Tensor:
+    """RMS norm of each head of x's rows (heads of head_dim after one another along the last dim)."""
+    return load().ops.rms_norm(x.unflatten(-1, (-1, head_dim)), w.weight, eps).flatten(-2)
