@@ -12,9 +12,9 @@ from lcc.backends.cpu.native import load
 def rope_cache(q_THd: torch.Tensor, k_TKd: torch.Tensor, v_TKd: torch.Tensor, both: torch.Tensor,
                sign: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """The queries rotated (returned), the keys rotated and the values written into the caches `[slots, KV, d]`
-    at `slots [T]`; `both`, `sign`: float32 `[T, ..., d]` tables ((cos, cos) and (-sin, sin) per pair)."""
-    return load().ops.rope_cache(q_THd, k_TKd, v_TKd, both.to(torch.float32), sign.to(torch.float32), slots,
-                                 k_cache, v_cache)
+    at `slots [T]`; `both`, `sign`: float32 `[T, ..., d]` tables ((cos, cos) and (-sin, sin) per pair; another
+    dtype is refused)."""
+    return load().ops.rope_cache(q_THd, k_TKd, v_TKd, both, sign, slots, k_cache, v_cache)
 
 
 def decode_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,

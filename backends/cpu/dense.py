@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lcc.backends.cpu.native import load
 
-MAX_ROWS = 8  # measured: 2-4x PyTorch's bfloat16 matmul at 1-4 rows, even at 16 (docs/benchmarks.md)
+MAX_ROWS = 32  # measured: 1.7-2.3x PyTorch's bfloat16 matmul (oneDNN, no AMX) at 1-16 rows, 1.3x at 32, slower from 64
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ def route(x_TD: torch.Tensor, unit_centroids_GD: torch.Tensor, weight_ED: torch.
     if cfg.capacity_factor is not None or cfg.balance.aux_loss_coef or cfg.balance.z_loss_coef:
         raise ValueError("the native router decides as serving routes: no capacity, no losses")
     least_loaded = cfg.experts.selection == "least_loaded"
+    if least_loaded and bias_E.dtype != torch.float64:
+        bias_E = bias_E.to(torch.float64)
     experts, gates, mask, k_T, counts, token_S, gate_S = load().ops.route(
-        x_TD, unit_centroids_GD, weight_ED, bias_E.to(torch.float64) if least_loaded else None,
+        x_TD, unit_centroids_GD, weight_ED, bias_E if least_loaded else None,
         cfg.groups.temperature, cfg.groups.top, cfg.score == "softmax", cfg.k.max, cfg.k.min, cfg.k.threshold,
         cfg.renormalize, cfg.gate_scale)
     zero = gates.new_zeros(())

@@ -104,9 +104,9 @@ class StepBatch:
         decodes = None
         if single:  # slots of every position of each context, padded to the longest (slot 0, masked out)
             longest = max(first for _, first, _ in single) + 1
-            tables = torch.zeros(len(single), -(-longest // bs), dtype=torch.int64)
-            for i, (_, _, table) in enumerate(single):
-                tables[i, :len(table)] = torch.tensor(table[:tables.shape[1]], dtype=torch.int64)
+            n_blocks = -(-longest // bs)
+            rows = [table[:n_blocks] for _, _, table in single]
+            tables = torch.tensor([r + [0] * (n_blocks - len(r)) for r in rows], dtype=torch.int64)
             pos = torch.arange(longest)
             lengths = torch.tensor([first + 1 for _, first, _ in single], dtype=torch.int64)
             valid = pos.unsqueeze(0) < lengths.unsqueeze(1)

@@ -53,10 +53,10 @@ def test_leading_dimensions_and_the_switch_to_pytorch():
 
 
 def test_unquantised_experts_against_float64():
-    """Segments of 0, 1, 3 and 9 rows (the last past MAX_ROWS: PyTorch's matmul) through the experts' SwiGLU,
+    """Segments of 0, 1, 3 and MAX_ROWS + 1 rows (the last: PyTorch's matmul) through the experts' SwiGLU,
     against float64 on the same bfloat16 inputs, with bfloat16's rounding of each projection allowed for."""
     g = torch.Generator().manual_seed(11)
-    E, D, Fd, counts = 4, 64, 96, [0, 1, 3, 9]
+    E, D, Fd, counts = 4, 64, 96, [0, 1, 3, dense.MAX_ROWS + 1]
     w1, w3 = ((torch.randn(E, Fd, D, generator=g) / D**0.5).bfloat16() for _ in range(2))
     w2 = (torch.randn(E, D, Fd, generator=g) / Fd**0.5).bfloat16()
     x = torch.randn(sum(counts), D, generator=g).bfloat16()
@@ -135,7 +135,8 @@ def test_a_bfloat16_step_through_the_kernel(tmp_path, tied, experts):
     assert isinstance(mine.params["embed.weight"], dense.NativeDense)  # looked up, and the tied head
     if experts == "bf16":  # unquantised experts through the kernel too
         assert isinstance(mine.params["layers.0.ffn.experts.w1_EFD"], dense.NativeDenseExperts)
-    prompt = PROMPTS[1]  # 30 tokens
+    prompt = PROMPTS[1] + PROMPTS[3]  # 60 tokens: more than MAX_ROWS
+    assert len(prompt) > dense.MAX_ROWS
     blocks = list(range(len(prompt) // mine.plan.serving.block_size + 1))
     prefill = StepPlan([[SeqPart(0, 0, prompt, blocks, True)]])
     assert rel(mine.step(prefill), theirs.step(prefill).double()) < 3e-2

@@ -47,31 +47,44 @@ inline __m512 signed_codes() {
 
 // out[R rows, 16 columns] = x @ w for one column tile. Per scale group, sum x * (code - 8) in float32, then
 // scale: w = (code - 8) * scale + shift, shift = (8 - zero point) * scale for asymmetric weights (ze, with the
-// rows' sums of x per group in xs), none for symmetric ones (ze null).
-template <int R>
+// rows' sums of x per group in xs), none for symmetric ones (ze null). With few rows the products go into C
+// independent sums per row (pairs of k taken in turn), so that no sum waits on the previous product: with one
+// chain of dependent FMAs per row, a decode step's few rows are bound by the FMA's latency.
+template <int R, int C>
 void fma_block(const float* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* codes, const float* sc,
                const float* ze, int K, int g, float* out, int64_t ldo) {
-  __m512 acc[R], part[R];
+  __m512 acc[R], part[C][R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512 table = signed_codes();
   for (int k0 = 0; k0 < K; k0 += g) {
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
-    for (int k = k0; k < k0 + g; k += 2) {
-      if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + K * 8 + k * 8), _MM_HINT_T0);
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 8)));
-      const __m512 c0 = _mm512_permutexvar_ps(v, table);
-      const __m512 c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    for (int j = 0; j < C; ++j)
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        part[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), c0, part[r]);
-        part[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), c1, part[r]);
+      for (int r = 0; r < R; ++r) part[j][r] = _mm512_setzero_ps();
+    for (int kc = k0; kc < k0 + g; kc += 2 * C) {
+#pragma GCC unroll 4
+      for (int j = 0; j < C; ++j) {
+        const int k = kc + 2 * j;
+        if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + K * 8 + k * 8), _MM_HINT_T0);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 8)));
+        const __m512 c0 = _mm512_permutexvar_ps(v, table);
+        const __m512 c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          part[j][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), c0, part[j][r]);
+          part[j][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), c1, part[j][r]);
+        }
       }
     }
     const __m512 s = _mm512_loadu_ps(sc + (k0 / g) * 16);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(part[r], s, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = part[0][r];
+#pragma GCC unroll 4
+      for (int j = 1; j < C; ++j) sum = _mm512_add_ps(sum, part[j][r]);
+      acc[r] = _mm512_fmadd_ps(sum, s, acc[r]);
+    }
     if (ze) {
       const __m512 z = _mm512_loadu_ps(ze + (k0 / g) * 16);
 #pragma GCC unroll 16
@@ -84,9 +97,14 @@ void fma_block(const float* x, int64_t ldx, const float* xs, int64_t ldxs, const
 
 using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t*, const float*, const float*,
                          int, int, float*, int64_t);
-const BlockFn kFmaBlocks[kRows + 1] = {nullptr,        fma_block<1>, fma_block<2>,  fma_block<3>,  fma_block<4>,
-                                       fma_block<5>,   fma_block<6>, fma_block<7>,  fma_block<8>,  fma_block<9>,
-                                       fma_block<10>, fma_block<11>, fma_block<12>};
+const BlockFn kFmaBlocks[kRows + 1] = {nullptr,         fma_block<1, 1>,  fma_block<2, 1>,  fma_block<3, 1>,
+                                       fma_block<4, 1>, fma_block<5, 1>,  fma_block<6, 1>,  fma_block<7, 1>,
+                                       fma_block<8, 1>, fma_block<9, 1>,  fma_block<10, 1>, fma_block<11, 1>,
+                                       fma_block<12, 1>};
+// Few rows, scale groups of a multiple of 8: four sums per row (one or two rows) or two (three or four rows).
+const BlockFn kFewRows[5] = {nullptr, fma_block<1, 4>, fma_block<2, 4>, fma_block<3, 2>, fma_block<4, 2>};
+
+inline BlockFn fma_for(int64_t rows, int g) { return rows <= 4 && g % 8 == 0 ? kFewRows[rows] : kFmaBlocks[rows]; }
 
 #if defined(LCC_AMX)
 // 16 columns x K dequantised into AMX's pair layout: row p holds (w[j][2p], w[j][2p+1]) for j = 0..15.
@@ -280,7 +298,7 @@ void run_item(const Segments& seg, const Items& items, int64_t i, const Weights&
 #endif
   for (int64_t r = 0; r < rows; r += kRows) {
     const int64_t n = rows - r < kRows ? rows - r : kRows;
-    kFmaBlocks[n](in.x + (r0 + r) * K, K, in.sums ? in.sums + (r0 + r) * (K / g) : nullptr, K / g, c, s, z, K, g,
+    fma_for(n, g)(in.x + (r0 + r) * K, K, in.sums ? in.sums + (r0 + r) * (K / g) : nullptr, K / g, c, s, z, K, g,
                   out + (r0 + r) * N + t * 16, N);
   }
 }
