@@ -248,9 +248,10 @@ def _register_fakes() -> None:
     def _(x, centroids, weight, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale):
         T, E = x.shape[0], weight.shape[0]
         S = torch.library.get_ctx().new_dynamic_size()  # the used slots: known once routed
-        return (x.new_empty(T, k, dtype=torch.int64), x.new_empty(T, k), x.new_empty(T, k, dtype=torch.bool),
-                x.new_empty(T, dtype=torch.int64), x.new_empty(E, dtype=torch.int64), x.new_empty(S, dtype=torch.int64),
-                x.new_empty(S))
+        i64, f32 = torch.int64, torch.float32
+        return (x.new_empty(T, k, dtype=i64), x.new_empty(T, k, dtype=f32), x.new_empty(T, k, dtype=torch.bool),
+                x.new_empty(T, dtype=i64), x.new_empty(E, dtype=i64), x.new_empty(E, dtype=torch.float64),
+                x.new_empty(S, dtype=i64), x.new_empty(S, dtype=f32))
 
     @torch.library.register_fake("lcc::bf16_swiglu")
     def _(x, counts, w1, w3, w2, dot_products=None):

@@ -232,7 +232,7 @@ class RoutingTables(RouterMath):
 
     def route(self, x_TD: torch.Tensor) -> RouteResult:
         if self.native and x_TD.device.type == "cpu" and x_TD.dtype in (torch.float32, torch.bfloat16):
-            return native_route(x_TD.to(torch.float32), self.unit_centroids_GD, self.weight_ED, self.bias_E, self.cfg)
+            return native_route(x_TD, self.unit_centroids_GD, self.weight_ED, self.bias_E, self.cfg)
         return super().route(x_TD)
 
     def unit_centroids(self, dtype: torch.dtype) -> torch.Tensor:

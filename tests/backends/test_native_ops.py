@@ -127,10 +127,11 @@ def test_the_swiglu_weights_must_be_one_layers_experts():
 def test_routing_arguments_are_checked():
     x, c, w = torch.randn(4, 16), torch.randn(2, 16), torch.randn(8, 16)
     good = (x, c, w, None, 1.0, 1, True, 2, 1, 0.9, True, 1.0)
-    experts, gates, mask, k, counts, token_S, gate_S = ops.route(*good)
+    experts, gates, mask, k, counts, load, token_S, gate_S = ops.route(*good)
+    assert torch.equal(load, counts.double())
     assert token_S.shape == gate_S.shape == (int(counts.sum()),)
     assert experts.shape == gates.shape == mask.shape == (4, 2) and int(counts.sum()) == int(mask.sum())
-    for change, message in [((0, x.bfloat16()), "x has dtype bfloat16: the kernel takes float32"),
+    for change, message in [((0, x.double()), "x has dtype float64: the kernel takes float32 or bfloat16"),
                             ((7, 5), "keeping 1 groups cannot give 5 experts"),
                             ((3, torch.zeros(7, dtype=torch.float64)), "bias must hold one value per expert"),
                             ((8, 3), r"k_min 3 must lie in \[1, 2\]")]:
@@ -142,8 +143,8 @@ def test_routing_arguments_are_checked():
 
 def test_row_kernels_check_their_arguments():
     x, w = torch.randn(3, 16), torch.randn(16)
-    with pytest.raises(RuntimeError, match="weight holds 8 values and x has 16 columns"):
-        ops.rms_norm(x, torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match="weight holds 6 values and x has 16 columns, not a multiple"):
+        ops.rms_norm(x, torch.randn(6), 1e-6)
     with pytest.raises(RuntimeError, match="weight has dtype bfloat16: the kernel takes float32"):
         ops.rms_norm(x, w.bfloat16(), 1e-6)
     y, gate = torch.randn(4, 16), torch.rand(4)

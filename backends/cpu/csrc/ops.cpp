@@ -328,12 +328,13 @@ Tensor bf16_swiglu(const Tensor& x, IntArrayRef counts, const Tensor& w1, const 
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route(const Tensor& x, const Tensor& centroids, const Tensor& weight,
-                                                                         const std::optional<Tensor>& bias,
-                                                                         double temperature, int64_t top, bool softmax,
-                                                                         int64_t k, int64_t k_min, double threshold,
-                                                                         bool renormalize, double gate_scale) {
-  check_tensor(x, "x", {at::kFloat}, 2);
+using RouteOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// x in float32 or bfloat16 (widened to float32 here: the decisions are made in float32).
+RouteOut route(const Tensor& x, const Tensor& centroids, const Tensor& weight, const std::optional<Tensor>& bias,
+               double temperature, int64_t top, bool softmax, int64_t k, int64_t k_min, double threshold,
+               bool renormalize, double gate_scale) {
+  check_tensor(x, "x", {at::kFloat, at::kBFloat16}, 2);
   check_tensor(centroids, "centroids", {at::kFloat}, 2);
   check_tensor(weight, "weight", {at::kFloat}, 2);
   const int64_t T = x.size(0), D = x.size(1), G = centroids.size(0), E = weight.size(0);
@@ -347,10 +348,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route(const T
     check_tensor(*bias, "bias", {at::kDouble}, 1);
     TORCH_CHECK(bias->size(0) == E, "bias must hold one value per expert (", E, "), not ", bias->size(0));
   }
-  const Tensor xc = x.contiguous(), cc = centroids.contiguous(), wc = weight.contiguous();
+  const Tensor xc = x.to(at::kFloat).contiguous(), cc = centroids.contiguous(), wc = weight.contiguous();
   const std::optional<Tensor> bc = bias ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
   const auto i64 = x.options().dtype(at::kLong);
-  Tensor experts = at::empty({T, k}, i64), gates = at::empty({T, k}, x.options()),
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor experts = at::empty({T, k}, i64), gates = at::empty({T, k}, f32),
          mask = at::empty({T, k}, x.options().dtype(at::kBool)), k_T = at::empty({T}, i64), counts = at::empty({E}, i64);
   lcc_route(xc.const_data_ptr<float>(), as_int(T, "T"), as_int(D, "D"), cc.const_data_ptr<float>(), as_int(G, "G"),
             wc.const_data_ptr<float>(), as_int(E, "E"), bc ? bc->const_data_ptr<double>() : nullptr,
@@ -363,20 +365,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route(const T
   const int64_t* cp = counts.const_data_ptr<int64_t>();
   int64_t S = 0;
   for (int64_t e = 0; e < E; ++e) S += cp[e];
-  Tensor token_S = at::empty({S}, i64), gate_S = at::empty({S}, x.options());
+  Tensor token_S = at::empty({S}, i64), gate_S = at::empty({S}, f32);
   lcc_sort_slots(experts.const_data_ptr<int64_t>(), reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()),
                  gates.const_data_ptr<float>(), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), cp,
                  token_S.mutable_data_ptr<int64_t>(), gate_S.mutable_data_ptr<float>());
-  return {experts, gates, mask, k_T, counts, token_S, gate_S};
+  return {experts, gates, mask, k_T, counts, counts.to(at::kDouble), token_S, gate_S};
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   check_tensor(x, "x", {at::kFloat, at::kBFloat16}, x.dim());
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
   check_tensor(weight, "weight", {x.scalar_type()}, 1);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(weight.size(0) == D, "weight holds ", weight.size(0), " values and x has ", D, " columns");
-  TORCH_CHECK(D > 0, "x has no columns");
+  // each slice of D = weight's size along the last dim is normed: the width, or each head of D (head_dim)
+  const int64_t D = weight.size(0);
+  TORCH_CHECK(D > 0, "weight has no values");
+  TORCH_CHECK(x.size(-1) % D == 0, "weight holds ", D, " values and x has ", x.size(-1), " columns, not a multiple");
   const Tensor xc = x.contiguous(), wc = weight.contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
   const int64_t rows = xc.numel() / D;
@@ -422,8 +425,8 @@ TORCH_LIBRARY(lcc, m) {
   m.def("has_avx512_bf16() -> bool", [] { return lcc_has_avx512_bf16() != 0; });
   m.def("route(Tensor x, Tensor centroids, Tensor weight, Tensor? bias, float temperature, int top, bool softmax, "
         "int k, int k_min, float threshold, bool renormalize, float gate_scale) -> (Tensor experts, Tensor gates, "
-        "Tensor mask, Tensor k, Tensor counts, Tensor token_S, Tensor gate_S)");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+        "Tensor mask, Tensor k, Tensor counts, Tensor load, Tensor token_S, Tensor gate_S)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");  // each slice of weight's size along x's last dim
   m.def("bf16_swiglu(Tensor x, int[] counts, Tensor w1, Tensor w3, Tensor w2, bool? dot_products=None) -> Tensor");
   m.def("combine(Tensor y, Tensor token_S, Tensor gate_S, int tokens) -> Tensor");
 }
