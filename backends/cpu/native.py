@@ -261,6 +261,10 @@ def _register_fakes() -> None:
     def _(x, weight, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("lcc::decode_layer")
+    def _(x, *args):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("lcc::combine")
     def _(y, token_S, gate_S, tokens):
         return y.new_empty(tokens, y.shape[1])

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lcc.compiler.kernels import decode_kernel
 from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, Comm, CompileState
 from lcc.compiler.trace import layer_of
 from lcc.plan.op_table import TABLE
@@ -334,6 +335,27 @@ def _functions(state: CompileState, lines: list[Line], result: str) -> tuple[lis
     return forward, functions
 
 
+def _decode_lines(state: CompileState, forward: list[Line], functions: list[Function]) -> list[Line]:
+    """The lines of `decode_forward` (serve plans with serving.decode_kernel native_cpu; none otherwise):
+    `forward`'s, each MoE layer's call replaced by one `ops.decode_layer` on the same input."""
+    spec = state.spec
+    if state.mode != "serve" or decode_kernel(spec) != "native_cpu":
+        return []
+    att, fused = spec.model.attention, {}
+    for fn in functions:
+        if fn.name.startswith("layer_") and not fn.nested and len(fn.inputs) == len(fn.outputs) == 1:
+            layer = int(fn.name.split("_")[1])
+            if spec.model.is_moe(layer):
+                fused[fn.name] = f"{fn.outputs[0]} = " + call(
+                    "decode_layer", fn.inputs[0], "P", "ctx", layer=str(layer), head_dim=str(att.head_dim),
+                    theta=repr(att.rope_theta), eps=repr(spec.model.norm_eps))
+    lines = []
+    for line in forward:
+        name = line.code.split(" = ", 1)[-1].split("(", 1)[0]
+        lines.append(Line(fused[name], "the layer in one call of lcc's native kernels") if name in fused else line)
+    return lines
+
+
 def _zero_gathers(state: CompileState, functions: list[Function]) -> None:
     """ZeRO-3: each function gathers the parameters its own lines use and prefetches the next layer's."""
     for fn in functions:
@@ -402,13 +424,14 @@ def render_programs(state: CompileState) -> dict[str, str]:
         placeholder = next(n for n in state.graph.graph.nodes if n.op == "placeholder").name
         params = [p for p in state.params.values() if s in p.stages]
         forward, functions = _functions(state, emitter.lines, result)
+        decode = _decode_lines(state, forward, functions)
         if zero3:
             _zero_gathers(state, functions)
         programs[f"programs/stage{s}.py"] = template.render(
             spec=state.spec.name, stage=s, n_stages=len(state.stage_bounds), pp_rank=s % state.spec.parallelism.pp,
             layers=[a, b], passes=[p.name for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
             first=s == 0, result=result, forward=forward, functions=functions, params=params, zero3=zero3,
-            memory=state.memory, loss=loss, serving=state.mode == "serve",
+            memory=state.memory, loss=loss, serving=state.mode == "serve", decode=decode,
             buffers=[b.name for b in state.buffers if s in b.stages], compiled=compiled_functions(state, a, b),
         )
     return programs

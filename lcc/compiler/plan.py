@@ -14,6 +14,14 @@ from lcc.compiler.codegen import compiled_functions, render_programs
 from lcc.compiler.cost import cost_report
 from lcc.compiler.cost.params import local_kv_heads
 from lcc.compiler.dims import dims, precision
+from lcc.compiler.kernels import (
+    attention_kernel,
+    decode_kernel,
+    dense_kernel,
+    expert_kernel,
+    norm_kernel,
+    routing_kernel,
+)
 from lcc.compiler.layout import coords
 from lcc.compiler.passes import (
     data_parallel,
@@ -163,46 +171,6 @@ def check_servable(spec: Spec) -> None:
                                      ("serve.dtype",))])
 
 
-def expert_kernel(spec: Spec) -> str:
-    """How a serve plan's experts run (plan.serving.expert_kernel)."""
-    quant = spec.quantization.experts if spec.quantization is not None and spec.model.moe is not None else None
-    if spec.serve.dtype == "float64" or spec.model.moe is None:
-        return "dense" if quant is None else "int4_reference"
-    if spec.cluster.device.kind == "cuda":
-        return "dense_triton" if quant is None else "int4_triton"
-    if quant is None:
-        return "dense"
-    return "int4_native_cpu" if native_cpu(spec) else "int4_packed_cpu"
-
-
-def native_cpu(spec: Spec) -> bool:
-    """lcc's native CPU kernels serve the step where serve.cpu_kernels asks for them: bfloat16 or float32 on
-    CPU (float64 verifies against the reference ops, CUDA runs Triton)."""
-    return spec.cluster.device.kind == "cpu" and spec.serve.dtype != "float64" and spec.serve.cpu_kernels == "native"
-
-
-def attention_kernel(spec: Spec) -> str:
-    """What runs a serve plan's rotary embeddings, cache writes and decode attention
-    (plan.serving.attention_kernel): lcc's native CPU kernels (head_dim a multiple of 16), else PyTorch."""
-    return "native_cpu" if native_cpu(spec) and spec.model.attention.head_dim % 16 == 0 else "torch"
-
-
-def routing_kernel(spec: Spec) -> str:
-    """What decides a serve plan's routing from its tables (plan.serving.routing_kernel)."""
-    return "native_cpu" if native_cpu(spec) and spec.serve.routing_tables and spec.model.moe is not None else "torch"
-
-
-def dense_kernel(spec: Spec) -> str:
-    """What runs a serve plan's dense projections (plan.serving.dense_kernel): lcc's native CPU kernel for
-    bfloat16 serving (float32 stays on PyTorch's matmul, which reads float32 weights as fast), else PyTorch."""
-    return "native_cpu" if native_cpu(spec) and spec.serve.dtype == "bfloat16" else "torch"
-
-
-def norm_kernel(spec: Spec) -> str:
-    """What runs a serve plan's RMS norms (plan.serving.norm_kernel): lcc's native CPU kernel, else PyTorch."""
-    return "native_cpu" if native_cpu(spec) else "torch"
-
-
 def _serving(spec: Spec, state: CompileState) -> Serving:
     """The serve plan's runtime settings: KV cache, kernels, and the step's batch and logits exchange."""
     serve, par, att = spec.serve, spec.parallelism, spec.model.attention
@@ -225,7 +193,7 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
                    serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
                    quant.group_size if quant is not None else None, before, after,
                    attention_kernel=attention_kernel(spec), routing_kernel=routing_kernel(spec),
-                   dense_kernel=dense_kernel(spec), norm_kernel=norm_kernel(spec))
+                   dense_kernel=dense_kernel(spec), norm_kernel=norm_kernel(spec), decode_kernel=decode_kernel(spec))
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:

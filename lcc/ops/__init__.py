@@ -16,6 +16,7 @@ from lcc.ops.collectives import (
     split_tokens,
 )
 from lcc.ops.context import ProgramContext
+from lcc.ops.decode import decode_layer
 from lcc.ops.layers import attention, embedding_shard, head_norm, linear, rms_norm, rms_norm_tp
 from lcc.ops.loss import all_reduce_max, cross_entropy, flatten_logits, row_max, sum_exp, target_logit
 from lcc.ops.moe import (
@@ -41,6 +42,7 @@ __all__ = [
     "combine_tokens",
     "copy_to_tp",
     "cross_entropy",
+    "decode_layer",
     "embedding_shard",
     "flatten_logits",
     "gather_sequence",

@@ -29,8 +29,9 @@ class Op:
     keywords: tuple[str, ...] = ()  # the keyword arguments a program line passes
     attrs: tuple[tuple[str, type], ...] = ()  # keywords the graph view shows as node attributes, converted
     keeps_weights: bool = True  # whether its backward needs the (gathered) weights it reads
-    layout: tuple[str, ...] | None = None  # tiny-moe overrides whose training programs call it, where no
-    # shipped plan's programs do
+    layout: tuple[str, ...] | None = None  # tiny-moe overrides whose programs call it, where no shipped
+    # plan's programs do
+    mode: str = "train"  # which programs of the layout: train or serve
     after_call: bool = False  # a collective a pass may place right after any module's call (codegen emits
     # it there, in this table's order, wherever the plan records one)
     sized_by_values: bool = False  # its output's shape follows tensor values (torch.compile cannot trace it)
@@ -55,6 +56,9 @@ TP2 = ("parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.
        "routing.balance.aux_loss_coef=0.01")
 QK_HEAD = (*TP2, "model.attention.qk_norm=head")
 QK_ALL = (*TP2, "model.attention.qk_norm=all")
+# tiny-moe served on one rank in bfloat16: its serve programs' decode_forward calls each MoE layer in one op
+DECODE = ("parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
+          "serve.dtype=bfloat16")
 
 TABLE: tuple[Op, ...] = (
     # ---------------------------------------------------------------------------------------------- compute
@@ -69,6 +73,8 @@ TABLE: tuple[Op, ...] = (
        attrs=(("layer", int), ("head_dim", int), ("theta", float))),
     Op("route", "compute", "route", sized_by_values=True),  # group-major logits: rows per group from the scores
     Op("route_tables", "compute", "route_tables"),
+    Op("decode_layer", "compute", "same", keywords=("layer", "head_dim", "theta", "eps"),
+       attrs=(("layer", int), ("head_dim", int), ("theta", float), ("eps", float)), layout=DECODE, mode="serve"),
     Op("grouped_swiglu", "compute", "experts", sized_by_values=True),  # segments and padding from the counts
     Op("grouped_swiglu_int4", "compute", "experts", sized_by_values=True),
     Op("combine_tokens", "compute", "combine_tokens"),

@@ -245,12 +245,30 @@ def check_role(plan: Plan, role: Role, source: str) -> None:
             raise ProgramMismatch(
                 f"{path}: forward collective {i + 1} is {_say(g)} in the program but {_say(w)} in the plan "
                 f"(site {site}); the program and plan.json disagree: compile again (lcc compile)")
+    if plan.mode == "serve":
+        _check_decode(plan, path, source, got.forward)
     got_back = Counter(got.backward if plan.mode == "train" else [])  # serve plans run no backward
     want_back = Counter((c.op, c.axis) for c in role.backward)
     if got_back != want_back:
         extra, missing = got_back - want_back, want_back - got_back
         raise ProgramMismatch(f"{path}: backward collectives differ from the plan: the program adds "
                               f"{dict(extra) or 'nothing'} and lacks {dict(missing) or 'nothing'}")
+
+
+def _check_decode(plan: Plan, path: str, source: str, forward: list) -> None:
+    """A serve program defines `decode_forward` exactly where the plan's serving.decode_kernel is native_cpu,
+    and it issues the collectives `forward` issues, in the same order (its fused layers issue none)."""
+    defined = {n.name for n in _parse(path, source).body if isinstance(n, ast.FunctionDef)}
+    want = plan.serving is not None and plan.serving.decode_kernel == "native_cpu"
+    if ("decode_forward" in defined) != want:
+        raise ProgramMismatch(f"{path}: {'no' if want else 'a'} decode_forward, but the plan's serving.decode_kernel "
+                              f"is {plan.serving.decode_kernel if plan.serving else None}: compile again (lcc compile)")
+    if want:
+        reader = _Reader(plan, path, source)
+        reader.run("decode_forward")
+        if reader.out.forward != forward:
+            raise ProgramMismatch(f"{path}: decode_forward issues {[_say(c) for c in reader.out.forward]}, forward "
+                                  f"{[_say(c) for c in forward]}: compile again (lcc compile)")
 
 
 def check_programs(plan: Plan, files: dict[str, str]) -> None:

@@ -275,7 +275,10 @@ class Serving:
     `dense_kernel`: `native_cpu` (lcc's native bfloat16 kernel for few rows, PyTorch's matmul beyond) or
     `torch`. RMS norms (of the width, and of each head) run through `norm_kernel`: `native_cpu` (lcc's
     native CPU kernel, one call per norm) or `torch`. With `routing_kernel: native_cpu` the router also sorts
-    the used slots by expert, and the gate-weighted combine of the experts' outputs runs in the same library."""
+    the used slots by expert, and the gate-weighted combine of the experts' outputs runs in the same library.
+    A step whose sequences all decode one token runs the programs' `decode_forward` where `decode_kernel` is
+    `native_cpu`: each MoE layer one call of lcc's native kernels, the same operators as `forward`'s lines;
+    `ops`: `forward` always."""
 
     dtype: str
     max_batch: int  # sequences per dp rank and step
@@ -296,6 +299,7 @@ class Serving:
     routing_kernel: str = "torch"  # decisions from routing tables: "native_cpu" (lcc's CPU kernel) or "torch"
     dense_kernel: str = "torch"  # dense projections: "native_cpu" (lcc's bfloat16 kernel, few rows) or "torch"
     norm_kernel: str = "torch"  # RMS norms: "native_cpu" (lcc's CPU kernel) or "torch"
+    decode_kernel: str = "ops"  # MoE layers of decode-only steps: "native_cpu" (one call each) or "ops"
 
 
 @dataclass(frozen=True)

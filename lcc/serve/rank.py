@@ -128,6 +128,10 @@ class ServeRank:
     def _step(self, mine: list[SeqPart], batch: StepBatch) -> torch.Tensor | None:
         self.ctx.batch = batch
         T = batch.tokens
+        # a step of decode tokens only runs the programs' decode_forward where the plan has one (its MoE layers
+        # one native call each); statistics that observe the routing take the op-by-op forward
+        entry = "decode_forward" if (self.plan.serving.decode_kernel == "native_cpu" and T and not batch.seqs
+                                     and not self.ctx.record) else "forward"
         pp = self.mesh.sizes["pp"]
         outputs: dict[int, torch.Tensor] = {}
         received: dict[int, torch.Tensor] = {}
@@ -142,8 +146,8 @@ class ServeRank:
                     x = torch.tensor([t for p in mine for t in p.tokens], dtype=torch.int64).view(1, T)
                 else:
                     x = received.pop(a.stage) if a.stage in received else outputs.pop(a.stage - 1)
-                outputs[a.stage] = self.programs[a.stage].forward(self.params, self.buffers, x, self.mesh.groups,
-                                                                  self.ctx)
+                run = getattr(self.programs[a.stage], entry)
+                outputs[a.stage] = run(self.params, self.buffers, x, self.mesh.groups, self.ctx)
             elif a.kind == "SEND_F" and T:
                 dist.send(outputs[a.stage].contiguous(), dst=self.mesh.peer((a.stage + 1) % pp))
         self.ctx.batch = None

@@ -19,7 +19,7 @@ from lcc.spec import load_spec
 from tests.conftest import ROOT, SPECS
 
 GOLDEN = sorted((ROOT / "generated").glob("**/programs/*.py"))
-LAYOUTS = sorted({o.layout for o in TABLE if o.layout is not None})
+LAYOUTS = sorted({(o.layout, o.mode) for o in TABLE if o.layout is not None})
 
 
 def called(source: str) -> set[str]:
@@ -33,8 +33,9 @@ def in_golden() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def layout_files() -> dict[tuple[str, ...], dict[str, str]]:
-    return {layout: compile_plan(load_spec(SPECS / "tiny-moe.yaml", list(layout))) for layout in LAYOUTS}
+def layout_files() -> dict[tuple[tuple[str, ...], str], dict[str, str]]:
+    return {(layout, mode): compile_plan(load_spec(SPECS / "tiny-moe.yaml", list(layout)), mode)
+            for layout, mode in LAYOUTS}
 
 
 def test_every_op_a_shipped_program_calls_is_declared():
@@ -54,13 +55,13 @@ def test_every_declared_op_is_called_by_a_shipped_plan_or_its_layout(layout_file
             assert o.name in golden, f"ops.{o.name}: no shipped program calls it; declare a layout that does"
         else:
             assert o.name not in golden, f"ops.{o.name}: shipped programs call it; its layout is not needed"
-            files = layout_files[o.layout]
+            files = layout_files[(o.layout, o.mode)]
             used = set().union(*(called(t) for k, t in files.items() if k.startswith("programs/")))
-            assert o.name in used, f"ops.{o.name}: the programs of its layout {o.layout} do not call it"
+            assert o.name in used, f"ops.{o.name}: the {o.mode} programs of its layout {o.layout} do not call it"
 
 
 def test_the_layouts_programs_agree_with_their_plans_and_read_as_graphs(layout_files):
-    for layout, files in layout_files.items():
+    for (layout, _mode), files in layout_files.items():
         plan = loads(files["plan.json"])
         check_programs(plan, files)
         k_max = json.loads(files["spec.json"])["routing"]["k"]["max"]

@@ -8,6 +8,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/index_select.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -408,6 +410,53 @@ Tensor combine(const Tensor& y, const Tensor& token_S, const Tensor& gate_S, int
   return out;
 }
 
+
+// One transformer layer of a decode step (every sequence one token, the rows in order), world 1: what the
+// serve program's lines of a MoE layer run one after another (lcc.ops.serve.decode_layer), called here
+// without Python between them: the same operators in the same order on the same tensors, so the result is
+// the op-by-op layer's to the bit. x [T, D] bfloat16, the residual stream; returns x after the layer.
+Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, const Tensor& wk, const Tensor& wv,
+                    const Tensor& wo, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
+                    int64_t head_dim, double eps, const Tensor& both, const Tensor& sign, const Tensor& slots,
+                    Tensor& k_cache, Tensor& v_cache, const Tensor& rows, const Tensor& context_slots,
+                    const Tensor& lengths,
+                    const Tensor& ffn_norm, const Tensor& centroids, const Tensor& router, const std::optional<Tensor>& bias,
+                    double temperature, int64_t top, bool softmax, int64_t k, int64_t k_min, double threshold,
+                    bool renormalize, double gate_scale, const Tensor& codes13, const Tensor& scales13,
+                    const std::optional<Tensor>& shifts13, const Tensor& codes2, const Tensor& scales2,
+                    const std::optional<Tensor>& shifts2, int64_t group_size, int64_t amx_min_rows) {
+  check_tensor(x, "x", {at::kBFloat16}, 2);
+  TORCH_CHECK(head_dim > 0, "head_dim must be positive, not ", head_dim);
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm: both or neither");
+  const int64_t T = x.size(0);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == T && rows.dim() == 1 && rows.size(0) == T,
+              "a decode layer attends one token per sequence: ", T, " rows, ", rows.numel(), " attending and ",
+              lengths.numel(), " context lengths");
+  const Tensor h = rms_norm(x, attn_norm, eps);
+  Tensor q = bf16_linear(h, wq, std::nullopt), kk = bf16_linear(h, wk, std::nullopt);
+  const Tensor v = bf16_linear(h, wv, std::nullopt);
+  if (q_norm) {
+    q = rms_norm(q, *q_norm, eps);
+    kk = rms_norm(kk, *k_norm, eps);
+  }
+  TORCH_CHECK(q.size(1) % head_dim == 0 && kk.size(1) % head_dim == 0, "the projections' widths ", q.size(1), " and ",
+              kk.size(1), " are not whole heads of ", head_dim);
+  const Tensor q3 = q.view({T, q.size(1) / head_dim, head_dim});
+  const Tensor qr = rope_cache(q3, kk.view({T, kk.size(1) / head_dim, head_dim}),
+                               v.view({T, v.size(1) / head_dim, head_dim}), both, sign, slots, k_cache, v_cache);
+  Tensor attended = at::empty_like(qr);
+  decode_attention(qr, k_cache, v_cache, rows, context_slots, lengths, attended);
+  const Tensor x1 = at::add(x, bf16_linear(attended.view({T, q.size(1)}), wo, std::nullopt));
+  const Tensor h2 = rms_norm(x1, ffn_norm, eps);
+  const auto [experts, gates, mask, k_T, counts, load, token_S, gate_S] =
+      route(h2, centroids, router, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale);
+  const int64_t* cp = counts.const_data_ptr<int64_t>();
+  const std::vector<int64_t> host(cp, cp + counts.numel());
+  const Tensor y = int4_swiglu(h2.index_select(0, token_S), host, codes13, scales13, shifts13, codes2, scales2,
+                               shifts2, group_size, amx_min_rows);
+  return at::add(x1, combine(y, token_S, gate_S, T));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lcc, m) {
@@ -429,6 +478,12 @@ TORCH_LIBRARY(lcc, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");  // each slice of weight's size along x's last dim
   m.def("bf16_swiglu(Tensor x, int[] counts, Tensor w1, Tensor w3, Tensor w2, bool? dot_products=None) -> Tensor");
   m.def("combine(Tensor y, Tensor token_S, Tensor gate_S, int tokens) -> Tensor");
+  m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor wq, Tensor wk, Tensor wv, Tensor wo, Tensor? q_norm, "
+        "Tensor? k_norm, int head_dim, float eps, Tensor both, Tensor sign, Tensor slots, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor rows, Tensor context_slots, Tensor lengths, Tensor ffn_norm, Tensor centroids, "
+        "Tensor router, Tensor? bias, float temperature, int top, bool softmax, int k, int k_min, float threshold, "
+        "bool renormalize, float gate_scale, Tensor codes13, Tensor scales13, Tensor? shifts13, Tensor codes2, "
+        "Tensor scales2, Tensor? shifts2, int group_size, int amx_min_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lcc, CPU, m) {
@@ -442,4 +497,5 @@ TORCH_LIBRARY_IMPL(lcc, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("bf16_swiglu", &bf16_swiglu);
   m.impl("combine", &combine);
+  m.impl("decode_layer", &decode_layer);
 }
