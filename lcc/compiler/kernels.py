@@ -50,11 +50,12 @@ def decode_kernel(spec: Spec) -> str:
     """What runs the MoE layers of a step of decode tokens only (plan.serving.decode_kernel): `native_cpu`, each
     layer one call of lcc's native kernels (`ops.decode_layer` in the programs' `decode_forward`), where every
     part of such a layer runs in them and nothing is exchanged inside it: bfloat16 on CPU, int4 experts on the
-    native kernel, routing tables, no tensor or expert parallelism, no shared experts, no query and key norm
-    over all heads; else `ops` (the layer's lines one by one, as `forward`)."""
+    native kernel or unquantised ones on the dense kernel, routing tables, no tensor or expert parallelism, no
+    shared experts, no query and key norm over all heads; else `ops` (the layer's lines one by one, as
+    `forward`)."""
     moe, par = spec.model.moe, spec.parallelism
     fused = (native_cpu(spec) and spec.serve.dtype == "bfloat16" and moe is not None and moe.n_shared_experts == 0
-             and expert_kernel(spec) == "int4_native_cpu" and attention_kernel(spec) == "native_cpu"
+             and expert_kernel(spec) in ("int4_native_cpu", "dense") and attention_kernel(spec) == "native_cpu"
              and routing_kernel(spec) == "native_cpu" and par.tp == 1 and par.ep == 1
              and spec.model.attention.qk_norm in ("none", "head"))
     return "native_cpu" if fused else "ops"

@@ -53,6 +53,7 @@ class ServeContext:
     tp_rank: int = 0
     loads: dict[str, torch.Tensor] = field(default_factory=dict)
     record: bool = False
+    prepared: dict[Any, Any] = field(default_factory=dict)  # what ops derive once from the rank's fixed weights
 
     def observe(self, site: str, route: Any) -> None:
         """Routing statistics when asked for (expert loads per MoE layer)."""

@@ -29,7 +29,7 @@ def program_files(plan_dir):
     ("world1", (*BF16, "model.attention.qk_norm=head"), "native_cpu"),
     ("world1", (), "ops"),  # float64: the reference ops
     ("world1", ("serve.dtype=float32",), "ops"),
-    ("world1", (*BF16, "quantization.experts=null"), "ops"),
+    ("world1", (*BF16, "quantization.experts=null"), "native_cpu"),  # through the dense kernel
     ("world1", (*BF16, "model.moe.n_shared_experts=1"), "ops"),
     ("world1", (*BF16, "serve.cpu_kernels=torch"), "ops"),
     ("ep2_dp2", BF16, "ops"),  # the experts' exchange sits inside the layer
@@ -73,10 +73,18 @@ def counted(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("extra", [BF16, (*BF16, "model.attention.qk_norm=head"),
-                                   (*BF16, "quantization.experts={bits: 4, group_size: 32, symmetric: false}")],
-                         ids=["int4", "qk_norm_head", "asymmetric"])
-def test_decode_steps_equal_forwards_bit_for_bit(tmp_path, monkeypatch, extra):
+                                   (*BF16, "quantization.experts={bits: 4, group_size: 32, symmetric: false}"),
+                                   (*BF16, "quantization.experts=null")],
+                         ids=["int4", "qk_norm_head", "asymmetric", "bf16_experts"])
+@pytest.mark.parametrize("max_rows", [32, 0], ids=["kernel_rows", "past_the_kernel_rows"])
+def test_decode_steps_equal_forwards_bit_for_bit(tmp_path, monkeypatch, extra, max_rows):
+    """3 sequences decoding: within the dense kernel's rows, and past them (0: every projection and every
+    unquantised expert's segment through PyTorch's matmul, as forward's ops then run them)."""
+    from lcc.backends.cpu import dense
+
     from lcc.serve.rank import SeqPart, ServeRank, StepPlan
+
+    monkeypatch.setattr(dense, "MAX_ROWS", max_rows)
 
     plan_dir = serve_plan(tmp_path, "world1", extra)
     fused, lines = ServeRank(plan_dir, 0), ServeRank(plan_dir, 0)

@@ -10,6 +10,9 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -411,30 +414,61 @@ Tensor combine(const Tensor& y, const Tensor& token_S, const Tensor& gate_S, int
 }
 
 
-// One transformer layer of a decode step (every sequence one token, the rows in order), world 1: what the
-// serve program's lines of a MoE layer run one after another (lcc.ops.serve.decode_layer), called here
-// without Python between them: the same operators in the same order on the same tensors, so the result is
-// the op-by-op layer's to the bit. x [T, D] bfloat16, the residual stream; returns x after the layer.
+// A projection as ops.linear runs it on a serving weight held for the dense kernel (lcc.backends.cpu.dense):
+// lcc's kernel up to max_rows rows, PyTorch's matmul beyond.
+Tensor project(const Tensor& x, const Tensor& w, int64_t max_rows) {
+  return x.numel() <= max_rows * x.size(-1) ? bf16_linear(x, w, std::nullopt) : at::linear(x, w);
+}
+
+// Unquantised experts as lcc.backends.cpu.dense.swiglu_segments runs them: the layer in one call when no
+// segment has more than max_rows rows, else segment by segment.
+Tensor dense_experts(const Tensor& xs, IntArrayRef counts, const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                     int64_t max_rows) {
+  const int64_t most = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  if (most <= max_rows) return bf16_swiglu(xs, counts, w1, w3, w2, std::nullopt);
+  check_counts(counts, w1.size(0), xs.size(0));
+  Tensor out = at::empty({xs.size(0), w2.size(1)}, xs.options());
+  for (int64_t e = 0, start = 0; e < static_cast<int64_t>(counts.size()); start += counts[e], ++e) {
+    if (!counts[e]) continue;
+    const Tensor x = xs.narrow(0, start, counts[e]);
+    const Tensor h = at::mul(at::silu(project(x, w1.select(0, e), max_rows)), project(x, w3.select(0, e), max_rows));
+    out.narrow(0, start, counts[e]).copy_(project(h, w2.select(0, e), max_rows));
+  }
+  return out;
+}
+
+// One transformer layer of a decode step (every sequence one token, the rows in order): what the serve
+// program's lines of a MoE layer run one after another (lcc.ops.decode.decode_layer), called here without
+// Python between them: the same operators in the same order on the same tensors, so the result is the
+// op-by-op layer's to the bit. x [T, D] bfloat16, the residual stream; returns x after the layer. The experts
+// are int4 (codes and scales, lcc_int4_swiglu) or unquantised bfloat16 stacks (w1, w3, w2); max_rows is the
+// dense kernel's (lcc.backends.cpu.dense.MAX_ROWS).
 Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, const Tensor& wk, const Tensor& wv,
                     const Tensor& wo, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
                     int64_t head_dim, double eps, const Tensor& both, const Tensor& sign, const Tensor& slots,
                     Tensor& k_cache, Tensor& v_cache, const Tensor& rows, const Tensor& context_slots,
-                    const Tensor& lengths,
-                    const Tensor& ffn_norm, const Tensor& centroids, const Tensor& router, const std::optional<Tensor>& bias,
-                    double temperature, int64_t top, bool softmax, int64_t k, int64_t k_min, double threshold,
-                    bool renormalize, double gate_scale, const Tensor& codes13, const Tensor& scales13,
-                    const std::optional<Tensor>& shifts13, const Tensor& codes2, const Tensor& scales2,
-                    const std::optional<Tensor>& shifts2, int64_t group_size, int64_t amx_min_rows) {
+                    const Tensor& lengths, const Tensor& ffn_norm, const Tensor& centroids, const Tensor& router,
+                    const std::optional<Tensor>& bias, double temperature, int64_t top, bool softmax, int64_t k,
+                    int64_t k_min, double threshold, bool renormalize, double gate_scale,
+                    const std::optional<Tensor>& codes13, const std::optional<Tensor>& scales13,
+                    const std::optional<Tensor>& shifts13, const std::optional<Tensor>& codes2,
+                    const std::optional<Tensor>& scales2, const std::optional<Tensor>& shifts2, int64_t group_size,
+                    int64_t amx_min_rows, const std::optional<Tensor>& w1, const std::optional<Tensor>& w3,
+                    const std::optional<Tensor>& w2, int64_t max_rows) {
   check_tensor(x, "x", {at::kBFloat16}, 2);
   TORCH_CHECK(head_dim > 0, "head_dim must be positive, not ", head_dim);
+  TORCH_CHECK(max_rows >= 0, "max_rows must not be negative, not ", max_rows);
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm: both or neither");
+  const bool int4 = codes13 && scales13 && codes2 && scales2;
+  TORCH_CHECK(int4 != (w1 && w3 && w2) && (int4 || !(codes13 || scales13 || codes2 || scales2)),
+              "the experts: int4 codes and scales, or bfloat16 stacks w1, w3 and w2, not both or neither");
   const int64_t T = x.size(0);
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == T && rows.dim() == 1 && rows.size(0) == T,
               "a decode layer attends one token per sequence: ", T, " rows, ", rows.numel(), " attending and ",
               lengths.numel(), " context lengths");
   const Tensor h = rms_norm(x, attn_norm, eps);
-  Tensor q = bf16_linear(h, wq, std::nullopt), kk = bf16_linear(h, wk, std::nullopt);
-  const Tensor v = bf16_linear(h, wv, std::nullopt);
+  Tensor q = project(h, wq, max_rows), kk = project(h, wk, max_rows);
+  const Tensor v = project(h, wv, max_rows);
   if (q_norm) {
     q = rms_norm(q, *q_norm, eps);
     kk = rms_norm(kk, *k_norm, eps);
@@ -446,14 +480,16 @@ Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, 
                                v.view({T, v.size(1) / head_dim, head_dim}), both, sign, slots, k_cache, v_cache);
   Tensor attended = at::empty_like(qr);
   decode_attention(qr, k_cache, v_cache, rows, context_slots, lengths, attended);
-  const Tensor x1 = at::add(x, bf16_linear(attended.view({T, q.size(1)}), wo, std::nullopt));
+  const Tensor x1 = at::add(x, project(attended.view({T, q.size(1)}), wo, max_rows));
   const Tensor h2 = rms_norm(x1, ffn_norm, eps);
   const auto [experts, gates, mask, k_T, counts, load, token_S, gate_S] =
       route(h2, centroids, router, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale);
   const int64_t* cp = counts.const_data_ptr<int64_t>();
   const std::vector<int64_t> host(cp, cp + counts.numel());
-  const Tensor y = int4_swiglu(h2.index_select(0, token_S), host, codes13, scales13, shifts13, codes2, scales2,
-                               shifts2, group_size, amx_min_rows);
+  const Tensor xs = h2.index_select(0, token_S);
+  const Tensor y = int4 ? int4_swiglu(xs, host, *codes13, *scales13, shifts13, *codes2, *scales2, shifts2, group_size,
+                                      amx_min_rows)
+                        : dense_experts(xs, host, *w1, *w3, *w2, max_rows);
   return at::add(x1, combine(y, token_S, gate_S, T));
 }
 
@@ -482,8 +518,9 @@ TORCH_LIBRARY(lcc, m) {
         "Tensor? k_norm, int head_dim, float eps, Tensor both, Tensor sign, Tensor slots, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor rows, Tensor context_slots, Tensor lengths, Tensor ffn_norm, Tensor centroids, "
         "Tensor router, Tensor? bias, float temperature, int top, bool softmax, int k, int k_min, float threshold, "
-        "bool renormalize, float gate_scale, Tensor codes13, Tensor scales13, Tensor? shifts13, Tensor codes2, "
-        "Tensor scales2, Tensor? shifts2, int group_size, int amx_min_rows) -> Tensor");
+        "bool renormalize, float gate_scale, Tensor? codes13, Tensor? scales13, Tensor? shifts13, Tensor? codes2, "
+        "Tensor? scales2, Tensor? shifts2, int group_size, int amx_min_rows, Tensor? w1, Tensor? w3, Tensor? w2, "
+        "int max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lcc, CPU, m) {
