@@ -8,28 +8,16 @@ those only ever multiplied by the programs' `ops.linear`, held as `NativeDense`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from lcc.backends.cpu.held import HeldWeight
 from lcc.backends.cpu.native import load
 
 MAX_ROWS = 32  # measured: 1.7-2.3x PyTorch's bfloat16 matmul (oneDNN, no AMX) at 1-16 rows, 1.3x at 32, slower from 64
 
 
-@dataclass(frozen=True)
-class NativeDense:
+class NativeDense(HeldWeight):
     """A bfloat16 weight `[out, in]` (contiguous) for `linear`."""
-
-    weight: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.weight.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
 
 
 def prepare(weight: torch.Tensor) -> NativeDense:
@@ -44,19 +32,8 @@ def linear(x: torch.Tensor, w: NativeDense) -> torch.Tensor:
     return load().ops.bf16_linear(x, w.weight)
 
 
-@dataclass(frozen=True)
-class NativeDenseExperts:
+class NativeDenseExperts(HeldWeight):
     """A layer's unquantised bfloat16 expert stack `[E, out, in]` (contiguous) for `swiglu_segments`."""
-
-    weight: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.weight.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
 
 
 def prepare_experts(weight: torch.Tensor) -> NativeDenseExperts:

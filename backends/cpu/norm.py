@@ -8,25 +8,13 @@ norms' weights, held as `NativeNorm` in the serve dtype."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from lcc.backends.cpu.held import HeldWeight
 from lcc.backends.cpu.native import load
 
 
-@dataclass(frozen=True)
-class NativeNorm:
+class NativeNorm(HeldWeight):
     """An RMS norm's weight `[D]` (contiguous, in the serve dtype)."""
-
-    weight: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.weight.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
 
 
 def prepare(weight: torch.Tensor, dtype: torch.dtype) -> NativeNorm:
