@@ -10,8 +10,10 @@ pre-tokenizer it does not know: it runs here with the pre-tokenizer named `qwen2
 handling, not the model's speed, is what that name is about).
 
 Decode tokens/s at batch 1 and 16, 32-token prompts, 64 greedy tokens, the same threads: lcc's engine in this
-process, (time of 64 tokens - time of 1 token) / 63 steps, median of the repeats; llama.cpp's
-`llama-batched-bench` token generation rate (S_TG) for the same prompt and generation lengths. For each: the
+process, 63 steps / (time of 64 tokens - time of 1 token); llama.cpp's `llama-batched-bench` token generation
+rate (S_TG) for the same prompt and generation lengths. The two are measured in turn, `--repeats` rounds per
+row (this machine's speed drifts over minutes): the medians of each side, and the median of the rounds'
+ratios. For each: the
 bytes a decode step reads per token (every non-expert weight, and the experts a step reaches: 2 per layer at
 batch 1, the expected distinct ones of 32 uniform draws of 16 at batch 16) and that rate against this
 machine's read bandwidth (measured here: summing a 1 GiB tensor).
@@ -171,7 +173,9 @@ def llama_decode(tree: Path, gguf: Path, batch: int, threads: int) -> float:
     return float(rows[-1]["speed_tg"])
 
 
-def lcc_decode(spec: Path, ckpt: Path, overrides: list[str], batch: int, repeats: int) -> tuple[float, object]:
+def lcc_session(spec: Path, ckpt: Path, overrides: list[str], batch: int) -> tuple[object, object]:
+    """lcc's serving rank for the spec, and a function that generates n tokens for each of `batch` prompts and
+    returns the wall time."""
     from lcc.cache import write_atomically
     from lcc.compiler.plan import compile_plan
     from lcc.serve.engine import Engine
@@ -192,11 +196,21 @@ def lcc_decode(spec: Path, ckpt: Path, overrides: list[str], batch: int, repeats
         assert sum(len(u.token_ids) for u in engine.run()) == n * batch
         return time.perf_counter() - start
 
-    generate(NEW)
-    steps = []
+    return rank, generate
+
+
+def side_by_side(tree: Path, gguf: Path, spec: Path, ckpt: Path, overrides: list[str], batch: int, threads: int,
+                 repeats: int) -> tuple[float, float, float, object]:
+    """lcc's and llama.cpp's decode tokens/s, measured in turn `repeats` times (this machine's speed drifts
+    over minutes): the medians of each and of the rounds' ratios, and lcc's rank."""
+    rank, generate = lcc_session(spec, ckpt, overrides, batch)
+    generate(NEW)  # warm-up
+    ours, theirs = [], []
     for _ in range(repeats):
-        steps.append((generate(NEW) - generate(1)) / (NEW - 1))
-    return batch / statistics.median(steps), rank
+        ours.append(batch * (NEW - 1) / (generate(NEW) - generate(1)))
+        theirs.append(llama_decode(tree, gguf, batch, threads))
+    ratio = statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
+    return statistics.median(ours), statistics.median(theirs), ratio, rank
 
 
 def lcc_bytes(rank) -> tuple[int, int]:
@@ -258,18 +272,19 @@ def main() -> None:
         for label, overrides, gguf in sides:
             g_dense, g_expert = gguf_bytes(tree, files[gguf])
             for batch in BATCHES:
-                ours, rank = lcc_decode(spec, ckpt, ["serve.dtype=bfloat16", *overrides], batch, args.repeats)
-                theirs = llama_decode(tree, files[gguf], batch, args.threads)
+                ours, theirs, ratio, rank = side_by_side(tree, files[gguf], spec, ckpt,
+                                                         ["serve.dtype=bfloat16", *overrides], batch, args.threads,
+                                                         args.repeats)
                 mine_b, their_b = per_token(*lcc_bytes(rank), batch), per_token(g_dense, g_expert, batch)
                 row = {"lcc": label, "llama_cpp": gguf, "batch": batch, "lcc_tokens_per_s": ours,
-                       "llama_cpp_tokens_per_s": theirs, "ratio": ours / theirs, "lcc_bytes_per_token": mine_b,
+                       "llama_cpp_tokens_per_s": theirs, "ratio": ratio, "lcc_bytes_per_token": mine_b,
                        "llama_cpp_bytes_per_token": their_b, "lcc_bandwidth_fraction": ours * mine_b / read,
                        "llama_cpp_bandwidth_fraction": theirs * their_b / read}
                 result["rows"].append(row)
                 print(f"{label:36} / {gguf:13} batch {batch:2}: lcc {ours:7.1f} tokens/s ({mine_b / 1e6:.1f} "
                       f"MB/token, {row['lcc_bandwidth_fraction']:.0%} of bandwidth), llama.cpp {theirs:7.1f} "
                       f"({their_b / 1e6:.1f} MB/token, {row['llama_cpp_bandwidth_fraction']:.0%}): "
-                      f"{ours / theirs:.2f}x", flush=True)
+                      f"{ratio:.2f}x (median of the rounds' ratios)", flush=True)
     write("serve_llamacpp", result, args.out)
 
 
