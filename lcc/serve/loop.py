@@ -136,9 +136,9 @@ class EngineLoop:
             if engine.has_work:
                 updates = engine.step()
                 last_step = time.monotonic()
+                self._gauges()  # before any reply leaves: a client that has its answer sees the step's state
                 for u in updates:
                     self._deliver(u)
-                self._gauges()
             elif time.monotonic() - last_step >= self.keep_alive_s:
                 keep_alive(engine)
                 last_step = time.monotonic()
