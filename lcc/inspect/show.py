@@ -50,6 +50,9 @@ def overview(plan: Plan) -> dict[str, Any]:
         out["decode_step"] = {"seconds": decode["seconds"], "tokens_per_second": decode["tokens_per_second"],
                               "batch_per_dp_rank": decode["batch_per_dp_rank"],
                               "worst_rank_bytes": cost["serve"]["worst_rank_bytes"]}
+        sv = plan.serving
+        out["kernels"] = {"experts": sv.expert_kernel, "attention": sv.attention_kernel, "routing": sv.routing_kernel,
+                          "dense": sv.dense_kernel, "norms": sv.norm_kernel, "decode_layers": sv.decode_kernel}
     else:
         out["step_seconds_estimate"] = cost["time"]["step_seconds_estimate"]
         out["communication_bytes_per_step"] = cost["comm"]["bytes_per_step"]
@@ -119,6 +122,11 @@ def render_overview(console: Console, target: Target, o: dict[str, Any]) -> None
         console.print(f"serving: the stages in order each step; a decode step of {d['batch_per_dp_rank']} sequences "
                       f"per dp rank {d['seconds'] * 1e3:.3f} ms ({d['tokens_per_second']:,.0f} tokens/s, "
                       "memory-bound estimate)")
+        k = o["kernels"]
+        fused = ("; a step of decode tokens only runs decode_forward, each MoE layer one native call"
+                 if k["decode_layers"] == "native_cpu" else "")
+        console.print("kernels: " + ", ".join(f"{part} {name}" for part, name in k.items() if part != "decode_layers")
+                      + fused)
     else:
         comm = o["communication_bytes_per_step"]
         console.print(f"schedule: {s['kind']}, {s['microbatches']} micro-batch(es), {s['virtual_stages']} virtual "

@@ -121,6 +121,13 @@ def test_show_a_rank_and_a_role():
     assert sum(p["bytes"] for p in facts["parameters"]) > 0
     code, output = run("plan", "show", GENERATED / "tiny-moe" / "serve", "--role", "stage1")
     assert code == 0 and "role stage1" in output and "kv cache" in output
+    code, output = run("plan", "show", GENERATED / "tiny-moe" / "serve", "--json")
+    assert json.loads(output)["kernels"] == {  # tiny-moe's shipped layout: ep 4, so no decode_forward
+        "experts": "int4_native_cpu", "attention": "native_cpu", "routing": "native_cpu", "dense": "native_cpu",
+        "norms": "native_cpu", "decode_layers": "ops"}
+    code, output = run("plan", "show", SPECS / "tiny-moe.yaml", "--mode", "serve", "--set", "parallelism.pp=1",
+                       "--set", "parallelism.dp=1", "--set", "parallelism.ep=1", "--set", "cluster.gpus_per_node=1")
+    assert code == 0 and "a step of decode tokens only runs decode_forward" in " ".join(output.split()), output
     code, output = run("plan", "show", SPECS / "tiny-moe.yaml", "--set", "parallelism.tp=2",
                        "--set", "parallelism.dp=2")
     assert code == 0 and "tiny-moe train plan, 8 ranks" in output
