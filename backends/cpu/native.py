@@ -229,7 +229,8 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], codes.shape[1] * 16, dtype=torch.float32)
 
     @torch.library.register_fake("lcc::int4_swiglu")
-    def _(x, counts, codes13, scales13, shifts13, codes2, scales2, shifts2, group_size, amx_min_rows):
+    def _(x, counts, codes13, scales13, shifts13, codes2, scales2, shifts2, group_size, amx_min_rows,
+          dot_products=None):
         return x.new_empty(x.shape[0], codes2.shape[1] * 16)
 
     @torch.library.register_fake("lcc::rope_cache")

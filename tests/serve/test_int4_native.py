@@ -76,6 +76,37 @@ def test_native_swiglu_equals_the_reference_op(dtype, symmetric, group):
     assert relative_error(got, want) < TOLERANCE[dtype]
 
 
+BF16_PATHS = [pytest.param(False, id="float32_fma"),
+              pytest.param(True, id="avx512bf16_dot_products", marks=pytest.mark.skipif(
+                  not native.load().ops.has_avx512_bf16(), reason="this CPU has no AVX512-BF16"))]
+
+
+@pytest.mark.parametrize("dot_products", BF16_PATHS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [2, 32])  # 2: one sum per row; 32: four (few rows) or two
+def test_each_bfloat16_path_equals_the_reference_op(dot_products, symmetric, group):
+    """bfloat16 activations on each AVX-512 path, named, not left to the CPU: dequantising to float32 for FMAs,
+    and pairs of bfloat16 codes through vdpbf16ps (AMX off: amx_min_rows 0)."""
+    E, D, F = len(COUNTS), 128, 64
+    q = experts(E, D, F, group, symmetric)
+    x = torch.randn(sum(COUNTS), D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = int4_swiglu_segments(x.double(), COUNTS, *q)
+    w13, w2 = pack_gate_up(q[0], q[1]), pack(q[2])
+    got = native.load().ops.int4_swiglu(x, COUNTS, w13.codes, w13.scales, w13.shifts, w2.codes, w2.scales, w2.shifts,
+                                        group, 0, dot_products)
+    assert got.dtype == torch.bfloat16 and relative_error(got, want) < TOLERANCE[torch.bfloat16]
+
+
+def test_dot_products_need_the_cpu_to_have_them():
+    if native.load().ops.has_avx512_bf16():
+        pytest.skip("this CPU has AVX512-BF16: the refusal cannot be shown here")
+    q = experts(2, 32, 32, 32, True)
+    w13, w2 = pack_gate_up(q[0], q[1]), pack(q[2])
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+        native.load().ops.int4_swiglu(torch.randn(2, 32).bfloat16(), [1, 1], w13.codes, w13.scales, w13.shifts,
+                                      w2.codes, w2.scales, w2.shifts, 32, 0, True)
+
+
 SHAPES = [(64, 96), (96, 64), (48, 32)]  # (out, in): 48 columns and 32 inputs miss AMX's blocks of 32
 
 

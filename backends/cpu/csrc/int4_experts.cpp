@@ -183,12 +183,6 @@ const DpFn kDpFewRows[5] = {nullptr, dp_block<1, 4>, dp_block<2, 4>, dp_block<3,
 
 inline DpFn dp_for(int64_t rows, int g) { return rows <= 4 && g % 8 == 0 ? kDpFewRows[rows] : kDpBlocks[rows]; }
 
-// Whether this CPU has AVX512-BF16 (vdpbf16ps): bfloat16 activations then take dp_block.
-inline bool has_bf16_dp() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 #if defined(LCC_AMX)
 // 16 columns x K dequantised into AMX's pair layout: row p holds (w[j][2p], w[j][2p+1]) for j = 0..15.
 void dequant_pairs(const uint8_t* codes, const float* sc, const float* ze, int K, int g, uint32_t* dst) {
@@ -498,7 +492,8 @@ void lcc_int4_matmul(const float* x, const int64_t* counts, int E, const uint8_t
 // Between the projections everything is float32. amx_min_rows as in lcc_int4_matmul.
 void lcc_int4_swiglu(const void* x, const int64_t* counts, int E, int bf16, const uint8_t* codes13,
                      const float* scales13, const float* shifts13, const uint8_t* codes2, const float* scales2,
-                     const float* shifts2, int D, int F, int g, void* out, int threads, int amx_min_rows) {
+                     const float* shifts2, int D, int F, int g, void* out, int threads, int amx_min_rows,
+                     int dot_products) {
   const Weights w13{codes13, scales13, shifts13, 2 * F, D, g}, w2{codes2, scales2, shifts2, D, F, g};
   const Segments seg(counts, E, amx_min_rows > 0, amx_min_rows);
   const Items up(seg, w13), down(seg, w2);
@@ -516,7 +511,7 @@ void lcc_int4_swiglu(const void* x, const int64_t* counts, int E, int bf16, cons
   float* hs = grow(hs_buf, (size_t)S * (F / g));
   // bfloat16 activations on a CPU with AVX512-BF16: the items not on AMX take the dot-product path, and the
   // activation between the projections is rounded to bfloat16 (as AMX and PyTorch's bfloat16 experts round it)
-  const bool dp = bf16 && has_bf16_dp();
+  const bool dp = bf16 && dot_products;
   uint16_t* hbf = dp ? grow(hbf_buf, (size_t)S * F) : nullptr;
   const Input x_in{xf, xs, xb, dp ? static_cast<const uint16_t*>(x) : nullptr}, h_in{h, hs, hb, hbf};
 #pragma omp parallel num_threads(threads)

@@ -18,10 +18,12 @@ void lcc_exp(const float* x, float* out, int64_t n);
 void lcc_int4_matmul(const float* x, const int64_t* counts, int E, const uint8_t* codes, const float* scales,
                      const float* shifts, int N, int K, int g, float* out, int threads, int amx_min_rows);
 // The experts' SwiGLU: out [S, D] = (silu(x W1^T) * (x W3^T)) W2^T per expert segment, x [S, D] and out in
-// bfloat16 (bf16 != 0) or float32. w13 holds W1 and W3 stacked along the outputs ([2F, D]), w2 is [D, F].
+// bfloat16 (bf16 != 0) or float32. dot_products (bfloat16 only; the CPU must have AVX512-BF16): the segments not
+// on AMX take the vdpbf16ps path, the activation between the projections rounded to bfloat16. w13 holds W1 and W3 stacked along the outputs ([2F, D]), w2 is [D, F].
 void lcc_int4_swiglu(const void* x, const int64_t* counts, int E, int bf16, const uint8_t* codes13,
                      const float* scales13, const float* shifts13, const uint8_t* codes2, const float* scales2,
-                     const float* shifts2, int D, int F, int g, void* out, int threads, int amx_min_rows);
+                     const float* shifts2, int D, int F, int g, void* out, int threads, int amx_min_rows,
+                     int dot_products);
 
 // q_out [T, H, d] = q rotated; k rotated and v copied into the caches [slots, KV, d] at slots[t].
 void lcc_rope_cache(const void* q, const void* k, const void* v, const float* both, const float* sign,

@@ -152,7 +152,10 @@ Tensor int4_matmul(const Tensor& x, IntArrayRef counts, const Tensor& codes, con
 
 Tensor int4_swiglu(const Tensor& x, IntArrayRef counts, const Tensor& codes13, const Tensor& scales13,
                    const std::optional<Tensor>& shifts13, const Tensor& codes2, const Tensor& scales2,
-                   const std::optional<Tensor>& shifts2, int64_t group_size, int64_t amx_min_rows) {
+                   const std::optional<Tensor>& shifts2, int64_t group_size, int64_t amx_min_rows,
+                   std::optional<bool> dot_products) {
+  const bool has = lcc_has_avx512_bf16() != 0;
+  TORCH_CHECK(!dot_products.value_or(false) || has, "dot_products=True needs a CPU with AVX512-BF16, which this one lacks");
   const auto [E, F2, D] = check_int4(codes13, scales13, shifts13, group_size, "w13");
   const auto [E2, D2, F] = check_int4(codes2, scales2, shifts2, group_size, "w2");
   TORCH_CHECK(E2 == E && D2 == D && F2 == 2 * F, "w13 ", IntArrayRef({E, F2, D}), " and w2 ", IntArrayRef({E2, D2, F}),
@@ -171,7 +174,8 @@ Tensor int4_swiglu(const Tensor& x, IntArrayRef counts, const Tensor& codes13, c
   lcc_int4_swiglu(xc.const_data_ptr(), counts.data(), as_int(E, "experts"), bf16, codes13.const_data_ptr<uint8_t>(),
                   scales13.const_data_ptr<float>(), optional_ptr(shifts13), codes2.const_data_ptr<uint8_t>(),
                   scales2.const_data_ptr<float>(), optional_ptr(shifts2), as_int(D, "D"), as_int(F, "F"),
-                  as_int(group_size, "group size"), out.mutable_data_ptr(), threads(), amx_rows(amx_min_rows));
+                  as_int(group_size, "group size"), out.mutable_data_ptr(), threads(), amx_rows(amx_min_rows),
+                  bf16 && dot_products.value_or(has));
   return out;
 }
 
@@ -488,7 +492,7 @@ Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, 
   const std::vector<int64_t> host(cp, cp + counts.numel());
   const Tensor xs = h2.index_select(0, token_S);
   const Tensor y = int4 ? int4_swiglu(xs, host, *codes13, *scales13, shifts13, *codes2, *scales2, shifts2, group_size,
-                                      amx_min_rows)
+                                      amx_min_rows, std::nullopt)
                         : dense_experts(xs, host, *w1, *w3, *w2, max_rows);
   return at::add(x1, combine(y, token_S, gate_S, T));
 }
@@ -501,7 +505,7 @@ TORCH_LIBRARY(lcc, m) {
   m.def("int4_matmul(Tensor x, int[] counts, Tensor codes, Tensor scales, Tensor? shifts, int group_size, "
         "int amx_min_rows) -> Tensor");
   m.def("int4_swiglu(Tensor x, int[] counts, Tensor codes13, Tensor scales13, Tensor? shifts13, Tensor codes2, "
-        "Tensor scales2, Tensor? shifts2, int group_size, int amx_min_rows) -> Tensor");
+        "Tensor scales2, Tensor? shifts2, int group_size, int amx_min_rows, bool? dot_products=None) -> Tensor");
   m.def("rope_cache(Tensor q, Tensor k, Tensor v, Tensor both, Tensor sign, Tensor slots, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor slots, Tensor lengths, "
