@@ -211,6 +211,7 @@ def run_train(
 ) -> None:
     """Train on local ranks (gloo on CPU, NCCL on CUDA GPUs), one process per rank of the plan."""
     from lcc.runtime.preflight import check_outputs
+    from lcc.runtime.rendezvous import rank_outputs
     from lcc.runtime.support import RunError
     from lcc.spec.data import check_data, spec_folder
 
@@ -223,9 +224,9 @@ def run_train(
     if (resume or resume_if_any) and checkpoint_dir is None:
         typer.echo(f"{'--resume' if resume else '--resume-if-any'} needs --checkpoint-dir", err=True)
         raise typer.Exit(2)
-    # before torch is imported, and compiling: tried by creating them
-    exit_on_run_error(check_outputs, {"--metrics": metrics, "--transcript": transcript,
-                                       "--checkpoint-dir": checkpoint_dir})
+    # before torch is imported, and compiling: tried by creating them (under torchrun, what this rank writes)
+    exit_on_run_error(check_outputs, rank_outputs({"--metrics": metrics, "--transcript": transcript,
+                                                   "--checkpoint-dir": checkpoint_dir}))
     if target.is_dir():
         if set_:
             typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
@@ -288,10 +289,12 @@ def run_generate(
                                         "for them.")] = False,
 ) -> None:
     """Generate continuations of prompts with a serve plan on local ranks, printing them as they come."""
+    from lcc.runtime.rendezvous import refuse_under_torchrun
     from lcc.runtime.support import RunError
     from lcc.serve.launch import Job, generate
     from lcc.serve.sampling import SamplingParams
 
+    exit_on_run_error(refuse_under_torchrun, "lcc run generate")  # it starts its ranks itself
     prompts_ids: list[list[int]] = []
     for text in prompt_ids or []:
         try:
@@ -355,9 +358,11 @@ def run_serve(
                                         "for them.")] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /health, /metrics)."""
+    from lcc.runtime.rendezvous import refuse_under_torchrun
     from lcc.runtime.support import RunError
     from lcc.serve.launch import ServeOptions, serve
 
+    exit_on_run_error(refuse_under_torchrun, "lcc run serve")  # it starts its ranks itself
     plan_dir = _serve_plan(target, set_)
     opts = ServeOptions(str(checkpoint) if checkpoint else None, host, port, max_queued, shutdown_timeout,
                         max_num_seqs, max_batched_tokens)

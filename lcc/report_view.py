@@ -63,6 +63,24 @@ def render_serve(report: dict[str, Any], console: Console) -> None:
                   f"tokens/s; stages in turn, full context, {step['experts_touched_share']:.0%} of experts reached")
 
 
+def _exchange(report: dict[str, Any], console: Console) -> None:
+    """The expert exchange: where a token's experts sit on nodes, and what crosses nodes."""
+    ex = report["comm"].get("expert_exchange")
+    if ex is None:
+        return
+    t = _table("Expert exchange", "", "value")
+    t.add_row("exchange", ex["exchange"])
+    t.add_row("EP group", f"{ex['ep_nodes']} node(s) x {ex['ranks_per_node']} ranks" if ex["ep_nodes"] is not None
+              else "straddles nodes unevenly")
+    t.add_row("nodes a token's experts can span", str(ex["token_nodes"]))
+    t.add_row("nodes a token reaches (expected, uniform routing)",
+              f"{ex['nodes_per_token']:.2f} of {ex['reachable_nodes']}")
+    t.add_row("dedup ratio (slots per destination node)", f"{ex['dedup_ratio']:.2f}")
+    t.add_row("inter-node bytes per step", human(ex["inter_node_bytes_per_step"], "B"))
+    t.add_row("inter-node seconds per step (busiest rank)", f"{ex['inter_node_seconds']:.3f} s")
+    console.print(t)
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     lay, params, mem = report["layout"], report["params"], report["memory"]
     _header(report, console)
@@ -126,6 +144,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     t.add_row("tokens / s", human(time["tokens_per_second"]))
     t.add_row("model FLOPs utilisation", f"{time['utilization']:.1%}")
     console.print(t)
+    _exchange(report, console)
 
     serve = report["serve"]
     if serve is not None:

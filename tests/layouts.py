@@ -38,3 +38,17 @@ LAYOUTS = {
                                        "parallelism.zero=3", "parallelism.activation_checkpointing=selective",
                                        "parallelism.pipeline.microbatches=2"],
 }
+
+# expert-parallel groups across nodes (cluster.gpus_per_node ranks are a node): node-limited routing and the
+# hierarchical exchange, at 2 nodes x 2 ranks and, with pp 2, at 4 nodes x 2 ranks (each stage's EP group
+# spans two nodes; pipeline stages are the outermost rank axis, so an EP group can span nodes only where a
+# stage does)
+NODE_LAYOUTS = {
+    "nodes2_dp4_ep4_sets_hier": ["parallelism.pp=1", "parallelism.dp=4", "parallelism.ep=4", "cluster.nodes=2",
+                                 "cluster.gpus_per_node=2", "parallelism.expert_exchange=hierarchical",
+                                 "routing.groups.sets=2", "routing.groups.max_sets=1"],
+    "pp2_nodes4_dp4_ep4_hier_selective": ["parallelism.pp=2", "parallelism.dp=4", "parallelism.ep=4",
+                                          "cluster.nodes=4", "cluster.gpus_per_node=2",
+                                          "parallelism.expert_exchange=hierarchical",
+                                          "parallelism.activation_checkpointing=selective"],
+}

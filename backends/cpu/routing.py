@@ -22,6 +22,8 @@ def route(x_TD: torch.Tensor, unit_centroids_GD: torch.Tensor, weight_ED: torch.
     float64."""
     if cfg.capacity_factor is not None or cfg.balance.aux_loss_coef or cfg.balance.z_loss_coef:
         raise ValueError("the native router decides as serving routes: no capacity, no losses")
+    if cfg.groups.node_limited:
+        raise ValueError("the native router keeps every set of groups: node-limited routing runs in PyTorch")
     least_loaded = cfg.experts.selection == "least_loaded"
     if least_loaded and bias_E.dtype != torch.float64:
         bias_E = bias_E.to(torch.float64)

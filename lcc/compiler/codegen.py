@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lcc.compiler import moe_lines
 from lcc.compiler.kernels import decode_kernel
 from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, Comm, CompileState
 from lcc.compiler.trace import layer_of
@@ -171,28 +172,10 @@ class _Emitter:
             self.after(target, name, ("unit_balance",))
             self.emit(f'ctx.observe("{target.rsplit(".", 1)[0]}", {name})', "loads, k per token, losses")
         elif target.endswith("ffn.dispatch"):
-            counts = self.take(target, AT, "moe_plan")
-            self.emit(f"{name} = {call('moe_plan', args[0], n_experts=str(spec.model.moe.n_experts), group='G.ep')}",
-                      "exchanges per-expert counts over ep" if counts is not None else "")
+            moe_lines.dispatch(self, target, name, args[0])
         elif target.endswith("ffn.experts"):
-            gathered = args[0]
             plan = _ref(n.args[1].args[0])  # counts_E's getattr source: the MoE plan
-            dispatch = self.take(target, BEFORE, "all_to_all")
-            if dispatch is not None:
-                self.emit(f"{gathered} = {call('all_to_all', gathered, f'{plan}.send', f'{plan}.recv', 'G.ep')}",
-                          "dispatch")
-                self.emit(f"{gathered} = {gathered}.index_select(0, {plan}.order)", "group rows by local expert")
-            self.region = None
-            w = [f'P["{target}.{p}"]' for p in ("w1_EFD", "w3_EFD", "w2_EDF")]
-            int4 = any(params[f"{target}.{p}"].serve for p in ("w1_EFD", "w3_EFD", "w2_EDF"))
-            self.emit(f"{name} = " + call("grouped_swiglu_int4" if int4 else "grouped_swiglu", gathered,
-                                          f"{plan}.local_counts_E", *w),
-                      "int4 experts, through the plan's expert kernel" if int4 else
-                      "counts on the device: no host read")
-            combine = self.take(target, AFTER, "all_to_all")
-            if combine is not None:
-                self.emit(f"{name} = {name}.index_select(0, {plan}.inverse)")
-                self.emit(f"{name} = {call('all_to_all', name, f'{plan}.recv', f'{plan}.send', 'G.ep')}", "combine")
+            moe_lines.experts(self, target, name, args[0], plan)
         elif target.endswith("ffn.combine"):
             self.emit(f"{name} = {call('combine_tokens', *args[:3])}")
             gather = self.take(target, AFTER, "gather_tokens")

@@ -32,7 +32,9 @@ def attention_kernel(spec: Spec) -> str:
 
 def routing_kernel(spec: Spec) -> str:
     """What decides a serve plan's routing from its tables (plan.serving.routing_kernel)."""
-    return "native_cpu" if native_cpu(spec) and spec.serve.routing_tables and spec.model.moe is not None else "torch"
+    native = native_cpu(spec) and spec.serve.routing_tables and spec.model.moe is not None
+    # lcc's native router keeps every set of groups: node-limited routing runs in PyTorch
+    return "native_cpu" if native and not spec.routing.groups.node_limited else "torch"
 
 
 def dense_kernel(spec: Spec) -> str:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from lcc.spec.models import Parallelism
+from lcc.spec.models import Parallelism, Spec
 
 AXES = ("pp", "dp", "tp", "ep", "edp")
 
@@ -87,6 +87,34 @@ def group_ep_ranks(n_experts: int, n_groups: int, ep: int, group: int) -> range:
     per_group, per_rank = n_experts // n_groups, n_experts // ep
     first = group * per_group
     return range(first // per_rank, (first + per_group - 1) // per_rank + 1)
+
+
+@dataclass(frozen=True)
+class NodeSpan:
+    """How one expert-parallel group sits on nodes, and what that means for a token (docs/cost-model.md)."""
+
+    nodes: int  # nodes one EP group spans
+    ranks_per_node: int  # its ranks on each of them
+    nodes_per_group: int  # nodes one expert group spans (1: each group inside one node)
+    token_nodes: int  # the most nodes one token's experts can span
+
+
+def node_span(spec: Spec) -> NodeSpan:
+    """Where the EP groups sit on nodes. Experts lie contiguously on the EP ranks in order, and an EP group is
+    consecutive ranks, so a node holds E / nodes consecutive experts: whole groups when n_groups divides by
+    the nodes, and whole sets of groups when the sets do (the spec checks refuse sets that would not). A
+    token's experts then span at most min(nodes, k.max, top groups x nodes per group, kept sets x nodes per
+    set) nodes. Irregular spans (refused for sets and the hierarchical exchange) count every rank's node."""
+    moe, routing = spec.model.moe, spec.routing
+    span = spec.ep_nodes
+    nodes, per_node = span if span is not None else (spec.parallelism.ep, 1)
+    if moe is None or routing is None:
+        return NodeSpan(nodes, per_node, 1, 1)
+    per_group = max(1, nodes // moe.n_groups) if nodes >= moe.n_groups else 1
+    groups = routing.groups
+    per_set = max(1, nodes // groups.sets)
+    token = min(nodes, routing.k.max, groups.top * per_group, groups.kept_sets * per_set)
+    return NodeSpan(nodes, per_node, per_group, token)
 
 
 # ------------------------------------------------------------------------------------ the pipeline

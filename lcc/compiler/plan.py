@@ -118,7 +118,7 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
         mesh=Mesh(["pp", "dp", "tp"], [par.pp, par.dp, par.tp], par.ep, par.edp, spec.cluster.gpus_per_node,
                   "rank = (pp * dp_size + dp) * tp_size + tp; f = dp * tp_size + tp; ep = f % ep_size; "
                   "edp = f // ep_size; node = rank // gpus_per_node",
-                  max(1, par.tp // spec.model.attention.n_kv_heads)),
+                  max(1, par.tp // spec.model.attention.n_kv_heads), *_exchange_axes(spec)),
         ranks=_ranks(spec), passes=state.applied, roles=_roles(state), parameters=list(state.params.values()),
         buffers=state.buffers, experts=state.experts, partition=state.partition, memory=state.memory,
         data=Data(spec.train.seq_len, spec.train.global_batch, par.dp * par.pipeline.microbatches,
@@ -339,3 +339,10 @@ def _counted(ops: list[str]) -> str:
 def action_on(serving: Serving, pp_rank: int, plan: Plan) -> bool:
     """Whether the serve plan's after-step actions concern `pp_rank`: the last stage's, and rank 0's."""
     return pp_rank in (0, (plan.schedule.n_stages - 1) % plan.mesh.size("pp"))
+
+
+def _exchange_axes(spec: Spec) -> tuple[int, int]:
+    """(ep_inter, ep_intra): the hierarchical exchange's two levels, (1, 1) for the flat one."""
+    if spec.parallelism.expert_exchange != "hierarchical" or spec.ep_nodes is None:
+        return 1, 1
+    return spec.ep_nodes

@@ -353,6 +353,20 @@ class _Reader:
         fields["gates"] = route.fields["gates_TK"]
         return Struct(fields)
 
+    def rule_node_plan(self, op: Op, args, kw, name, target):
+        """Rows per (token, node) out; in, the slots this rank forwards: rows, gates, slots per expert."""
+        route, n_experts, g = args[0], kw["n_experts"], kw["group"]
+        gates = route.fields["gates_TK"].dtype
+        forwarded = {"token_S": self.new(f"{name}.forwarded.token_S", "int64", ["forwarded_slots"]),
+                     "gates_TK": self.new(f"{name}.forwarded.gates", gates, ["forwarded_slots"]),
+                     "counts_E": self.new(f"{name}.forwarded.counts_E", "int64", [n_experts // g.size])}
+        fields = {"token_S": self.new(f"{name}.token_S", "int64", ["node_rows"]),
+                  **{k: self.new(f"{name}.{k}", "int64", [g.size]) for k in ("send", "recv")}}
+        self.node("node_plan", list(route.fields.values()), [*fields.values(), *forwarded.values()],
+                  n_experts=n_experts, **self._group(g))
+        ones = self.new(f"{name}.ones", gates, ["node_rows"])
+        return Struct({**fields, "gates": ones, "forwarded": Struct(forwarded)})
+
     def rule_all_to_all(self, op: Op, args, kw, name, target):
         x, send, recv, g = args
         rows = "received_rows" if recv.name.endswith(".recv") else "slots"

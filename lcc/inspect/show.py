@@ -59,7 +59,9 @@ def overview(plan: Plan) -> dict[str, Any]:
     if plan.experts is not None:
         e = plan.experts
         out["experts"] = {"n_experts": e.n_experts, "n_groups": e.n_groups, "experts_per_rank": e.experts_per_rank,
-                          "ep": e.ep, "replicas": e.edp, "alltoall_inter_node_share": e.alltoall_inter_node_share}
+                          "ep": e.ep, "replicas": e.edp, "alltoall_inter_node_share": e.alltoall_inter_node_share,
+                          "exchange": e.exchange, "ep_nodes": e.nodes, "ranks_per_node": e.ranks_per_node,
+                          "sets": e.sets, "kept_sets": e.kept_sets, "token_nodes": e.token_nodes}
     return out
 
 
@@ -138,6 +140,10 @@ def render_overview(console: Console, target: Target, o: dict[str, Any]) -> None
         console.print(f"experts: {e['n_experts']} in {e['n_groups']} groups, {e['experts_per_rank']} per rank over "
                       f"ep {e['ep']}, {e['replicas']} replica(s); {e['alltoall_inter_node_share']:.0%} of all-to-all "
                       "bytes cross nodes")
+        limit = f", {e['kept_sets']} of {e['sets']} sets per token" if e["kept_sets"] < e["sets"] else ""
+        console.print(f"expert exchange: {e['exchange']}; an EP group spans {e['ep_nodes']} node(s) of "
+                      f"{e['ranks_per_node']} rank(s); a token's experts span at most {e['token_nodes']} node(s)"
+                      + limit)
 
 
 def render_rank(console: Console, f: dict[str, Any]) -> None:

@@ -74,10 +74,25 @@ class RouterMath:
         """Steps 1-2: kept groups (ascending id) and their weights q (softmax over the kept affinities)."""
         cfg = self.cfg.groups
         affinity_TG = F.normalize(x_TD, dim=-1) @ self.unit_centroids(x_TD.dtype).T / cfg.temperature
-        _, kept_TGk = stable_topk(affinity_TG.detach(), cfg.top)
+        _, kept_TGk = stable_topk(self.set_limited(affinity_TG.detach()), cfg.top)
         kept_TGk, _ = torch.sort(kept_TGk, dim=-1)  # ascending group id -> candidates in ascending expert id
         q_TGk = torch.softmax(affinity_TG.gather(1, kept_TGk), dim=-1)
         return kept_TGk, q_TGk
+
+    def set_limited(self, affinity_TG: torch.Tensor) -> torch.Tensor:
+        """Node-limited routing (`groups.max_sets` of `groups.sets`): each set of consecutive groups is scored
+        by its best group; the groups outside a token's best `max_sets` sets (ties: the lower set) score -inf,
+        so the top groups come from those sets only. Unchanged without a limit."""
+        cfg = self.cfg.groups
+        if not cfg.node_limited:
+            return affinity_TG
+        T = affinity_TG.shape[0]
+        per_set = self.n_groups // cfg.sets
+        best_TS = affinity_TG.view(T, cfg.sets, per_set).amax(dim=-1)
+        _, kept_TSk = stable_topk(best_TS, cfg.kept_sets)
+        allowed_TS = torch.zeros_like(best_TS, dtype=torch.bool).scatter_(1, kept_TSk, True)
+        allowed_TG = allowed_TS.repeat_interleave(per_set, dim=1)
+        return affinity_TG.masked_fill(~allowed_TG, float("-inf"))
 
     def expert_logits(self, x_TD: torch.Tensor, kept_TGk: torch.Tensor) -> torch.Tensor:
         """Step 3: logits of the kept groups' experts only, group-major: each group's tokens meet the

@@ -28,6 +28,7 @@ from lcc.ops.moe import (
     route,
     unit_balance,
 )
+from lcc.ops.node_exchange import NodePlan, node_plan
 from lcc.ops.recompute import recompute
 from lcc.ops.serve import last_positions, paged_attention, route_tables
 from lcc.ops.zero import offload_gathered, zero_gather, zero_prefetch
@@ -54,6 +55,8 @@ __all__ = [
     "last_positions",
     "linear",
     "moe_plan",
+    "NodePlan",
+    "node_plan",
     "offload_gathered",
     "paged_attention",
     "recompute",

@@ -62,35 +62,46 @@ def unit_balance(route: RouteResult, group: Group) -> RouteResult:
     return dataclasses.replace(route, balance_counts=counts, aux_loss=aux)
 
 
-def moe_plan(routed: RouteResult, n_experts: int, group: Group) -> MoEPlan:
+def moe_plan(routed: RouteResult | Dispatch, n_experts: int, group: Group) -> MoEPlan:
     """Sort the slots by expert and exchange per-expert counts with the EP group (a small all-to-all).
-    Everything stays on the device except one small tensor read once on the host (see below)."""
+    Everything stays on the device except one small tensor read once on the host (see below). `routed`
+    is a routing result, or (the hierarchical exchange's second level) the slots a node plan forwards,
+    already sorted by the node's experts."""
     ep = group_size(group)
+    counts = routed.counts_E if isinstance(routed, Dispatch) else routing.route_counts(routed, n_experts)
+    native = isinstance(routed, RouteResult) and routed.slots_S is not None
     if ep == 1:  # nothing to exchange: the rows stay in expert order, and the counts are read once
-        counts = routing.route_counts(routed, n_experts)
         local_counts = counts.tolist()
         rows = sum(local_counts)
         identity = torch.arange(rows, device=counts.device)
-        local = dispatch(routed, n_experts, n_slots=rows)
-        return MoEPlan(local, [rows], [rows], identity, identity, local_counts, counts, routed.slots_S is not None)
-    per = n_experts // ep
-    counts = routing.route_counts(routed, n_experts).view(ep, per)
-    received = exchange_counts(counts, group)  # row s: what source s sends to my experts
-    # The MoE layer's one host synchronisation: the all-to-all's split sizes (rows to and from each EP
-    # rank) are host ints, and so are the shapes that follow from them; one read brings all of it.
+        local = routed if isinstance(routed, Dispatch) else dispatch(routed, n_experts, n_slots=rows)
+        return MoEPlan(local, [rows], [rows], identity, identity, local_counts, counts, native)
+    send, recv, local_counts, order, inverse, received = exchange_plan(counts.view(ep, n_experts // ep), group)
+    local = routed if isinstance(routed, Dispatch) else dispatch(routed, n_experts, n_slots=sum(send))
+    return MoEPlan(local, send, recv, order, inverse, local_counts, received.sum(0), native)
+
+
+def exchange_plan(counts: torch.Tensor, group: Group) -> tuple[list[int], list[int], list[int], torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    """`counts` [members, k]: rows this rank sends to each member's k buckets (experts). Exchanges them
+    (a small all-to-all) and returns (rows to each member, rows from each member, rows per local bucket;
+    order: received rows, source-major, -> bucket-major; its inverse; the received counts [members, k])."""
+    n = counts.shape[0]
+    received = exchange_counts(counts, group)  # row s: what source s sends to my buckets
+    # The one host synchronisation: the all-to-all's split sizes (rows to and from each member) are host
+    # ints, and so are the shapes that follow from them; one read brings all of it.
     host = torch.cat([counts.sum(1), received.sum(1), received.sum(0)]).tolist()
-    send, recv, local_counts = host[:ep], host[ep:2 * ep], host[2 * ep:]
-    local = dispatch(routed, n_experts, n_slots=sum(send))
+    send, recv, local_counts = host[:n], host[n:2 * n], host[2 * n:]
     device, rows = received.device, sum(recv)
-    # received rows are source-major (source s, then its experts); order lists them expert-major
-    starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(ep, per)
-    sizes, firsts = received.t().reshape(-1), starts.t().reshape(-1)  # blocks (e, s) in expert-major order
+    # received rows are source-major (source s, then its buckets); order lists them bucket-major
+    starts = (torch.cumsum(received.view(-1), 0) - received.view(-1)).view(received.shape)
+    sizes, firsts = received.t().reshape(-1), starts.t().reshape(-1)  # blocks (e, s) in bucket-major order
     block = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=rows)
     block_start = torch.cumsum(sizes, 0) - sizes
     order = firsts[block] + torch.arange(rows, device=device) - block_start[block]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(rows, device=device)
-    return MoEPlan(local, send, recv, order, inverse, local_counts, received.sum(0), routed.slots_S is not None)
+    return send, recv, local_counts, order, inverse, received
 
 
 def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor | ExpertStack,

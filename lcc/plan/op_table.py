@@ -60,6 +60,10 @@ QK_ALL = (*TP2, "model.attention.qk_norm=all")
 DECODE = ("parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
           "serve.dtype=bfloat16")
 
+# tiny-moe on 2 nodes x 2 ranks with the hierarchical expert exchange: its programs call node_plan
+NODES = ("parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=4", "parallelism.ep=4", "cluster.nodes=2",
+         "cluster.gpus_per_node=2", "parallelism.expert_exchange=hierarchical")
+
 TABLE: tuple[Op, ...] = (
     # ---------------------------------------------------------------------------------------------- compute
     Op("embedding_shard", "compute", "embedding_shard", keywords=("vocab_start",), attrs=(("vocab_start", str),),
@@ -94,6 +98,9 @@ TABLE: tuple[Op, ...] = (
     Op("gather_tokens", "collective", "gather_tokens", forward=("all_gather",), keywords=("rows",)),
     Op("all_to_all", "collective", "all_to_all", forward=("all_to_all",), backward=("all_to_all",)),
     Op("moe_plan", "collective", "moe_plan", forward=("all_to_all",), keywords=("n_experts", "group")),
+    # the hierarchical exchange's first level: counts, each slot's row index and gate to each node
+    Op("node_plan", "collective", "node_plan", forward=("all_to_all", "all_to_all", "all_to_all"),
+       backward=("all_to_all",), keywords=("n_experts", "group"), layout=NODES),
     Op("unit_balance", "collective", "unit_balance", forward=("all_reduce",),
        layout=QK_HEAD),
     Op("gather_sequence", "collective", "grow", forward=("all_gather",), backward=("reduce_scatter", "all_gather"),

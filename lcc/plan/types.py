@@ -167,11 +167,15 @@ class Mesh:
     gpus_per_node: int
     rank_order: str
     kv: int = 1  # tp ranks holding the same key/value heads (fewer kv heads than tp): their gradients add
+    # the hierarchical expert exchange (parallelism.expert_exchange): an EP group as nodes x ranks per node;
+    # ep_inter joins the EP ranks at the same place on each node, ep_intra the EP ranks of one node (1 x 1: flat)
+    ep_inter: int = 1
+    ep_intra: int = 1
 
     def size(self, axis: str) -> int:
         sizes = dict(zip(self.axes, self.sizes, strict=True))
         sizes.update(ep=self.ep, edp=self.edp, stage=sizes["dp"] * sizes["tp"], world=math.prod(self.sizes),
-                     kv=self.kv)
+                     kv=self.kv, ep_inter=self.ep_inter, ep_intra=self.ep_intra)
         return sizes[axis]
 
 
@@ -237,6 +241,12 @@ class Experts:
     rule: str
     group_ep_ranks: list[list[int]]
     alltoall_inter_node_share: float
+    exchange: str = "flat"  # parallelism.expert_exchange: flat | hierarchical
+    nodes: int = 1  # nodes one EP group spans
+    ranks_per_node: int = 1  # its ranks on each node (the hierarchical exchange's intra-node group)
+    sets: int = 1  # routing.groups.sets: consecutive groups a node holds whole
+    kept_sets: int = 1  # sets a token may use (routing.groups.max_sets, or every set)
+    token_nodes: int = 1  # the most nodes one token's experts can span
 
 
 @dataclass(frozen=True)
@@ -346,4 +356,5 @@ class Plan:
         return [r for r in self.roles if r.pp_rank == pp_rank]
 
     def axis_sizes(self) -> dict[str, int]:
-        return {a: self.mesh.size(a) for a in ("pp", "dp", "tp", "ep", "edp", "stage", "world")}
+        return {a: self.mesh.size(a)
+                for a in ("pp", "dp", "tp", "ep", "edp", "stage", "world", "ep_inter", "ep_intra")}

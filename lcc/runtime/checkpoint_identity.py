@@ -19,6 +19,9 @@ LAYOUT_SECTIONS = ("name", "parallelism", "cluster", "serve")
 OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s", "train.compile")
 # training-only routing fields: a checkpoint's weights serve, or start a run, whatever they were
 IGNORED = ("routing.balance", "routing.capacity_factor")
+# model fields added since checkpoints were first written, left out of the identity at their defaults, so
+# that a checkpoint written before them resumes under the spec it was trained from
+ADDED = (("routing.groups.sets", 1), ("routing.groups.max_sets", None))
 
 
 def layout_of(spec: dict[str, Any]) -> dict[str, Any]:
@@ -45,9 +48,17 @@ def trained(spec: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in tree.items() if k != parts[0]}
         return {**tree, parts[0]: drop(tree[parts[0]], parts[1:])}
 
+    def value(tree: Any, parts: list[str]) -> Any:
+        for part in parts:
+            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        return tree
+
     out = {k: v for k, v in spec.items() if k not in LAYOUT_SECTIONS}
     for field in OPERATIONAL:
         out = drop(out, field.split("."))
+    for field, default in ADDED:
+        if value(out, field.split(".")) == default:
+            out = drop(out, field.split("."))
     return out
 
 
@@ -96,6 +107,9 @@ def spec_differences(saved: Any, current: Any, path: str = "") -> list[tuple[str
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
         return [d for i, (a, b) in enumerate(zip(saved, current, strict=True))
                 for d in spec_differences(a, b, f"{path}[{i}]")]
+    default = dict(ADDED).get(path, ABSENT)
+    if default is not ABSENT and all(v is ABSENT or v == default for v in (saved, current)):  # an older spec
+        return []
     return [] if saved == current else [(path, saved, current)]
 
 

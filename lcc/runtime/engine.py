@@ -99,7 +99,8 @@ class RankEngine:
             self.memory.track(self.model_states())
             for p in self.params.values():  # a gradient is a model state from the moment it is accumulated
                 p.register_post_accumulate_grad_hook(self._mark_gradient)
-        self.transcript = Transcript(transcript, rank, self.mesh.axis_of()) if transcript else None
+        self.transcript = (Transcript(transcript, rank, self.mesh.axis_of(), plan.mesh.gpus_per_node)
+                           if transcript else None)
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
         self.stream = TokenStream(train.to(device), plan.data.seq_len)
 

@@ -41,7 +41,7 @@ from lcc.runtime.parent_death import adopt_environment, start_fork_server
 from lcc.runtime.preflight import LaunchRefused, check_machine, check_outputs, check_steps
 from lcc.runtime.progress import StepProgress
 from lcc.runtime.rank_link import RankLink
-from lcc.runtime.rendezvous import host_store
+from lcc.runtime.rendezvous import check_torchrun, host_store, rank_outputs, torchrun_rank
 from lcc.runtime.supervise import Run
 from lcc.runtime.support import RunError
 from lcc.runtime.threads import threads_per_rank
@@ -190,11 +190,15 @@ def check_plan(plan_dir: Path, mode: str = "train") -> Plan:
 
 def preflight(plan: Plan, steps: int, outputs: dict[str, Path | None], force: bool) -> None:
     """Before any rank starts (LaunchRefused, exit code 2): positive steps, writable outputs, and a machine
-    that can hold the plan's ranks (lcc.runtime.preflight)."""
+    that can hold the plan's ranks (lcc.runtime.preflight); under torchrun, where this process is one rank:
+    the outputs this rank writes, and torchrun's placement of the ranks is the plan's
+    (lcc.runtime.rendezvous.check_torchrun)."""
     check_steps(steps)
-    check_outputs(outputs)
-    if "RANK" not in os.environ:  # under torchrun the ranks are already placed
+    check_outputs(rank_outputs(outputs))
+    if torchrun_rank() is None:
         check_machine(plan, force)
+    else:  # the ranks are already placed: as the plan places them
+        check_torchrun(plan)
 
 
 def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False,
@@ -218,7 +222,7 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     if (resume or resume_if_any or fallback) and checkpoints is None:
         raise LaunchRefused("resuming needs a checkpoint directory (--checkpoint-dir)")
     world = plan.world_size
-    leader = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or os.environ["RANK"] == "0"
+    leader = torchrun_rank() in (None, 0)  # the launcher, or rank 0 under torchrun
     with contextlib.ExitStack() as held:
         start = None
         with _refused_on_checkpoint_error():
@@ -239,7 +243,7 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
             _launch(plan_dir, world, steps, metrics, quiet, checkpoints, start, track_memory, transcript, spec_dir,
                     spec)
         finally:
-            if transcript is not None and "RANK" not in os.environ:  # under torchrun each rank keeps its part
+            if transcript is not None and torchrun_rank() is None:  # under torchrun each rank keeps its part
                 merge(Path(transcript), world)
 
 
@@ -278,9 +282,7 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
             resume: Resume | None, track_memory: bool, transcript: Path | None, spec_dir: Path | None,
             spec: dict[str, Any]) -> None:
     extra = (str(transcript) if transcript else None, str(spec_dir) if spec_dir else None)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
-        if int(os.environ["WORLD_SIZE"]) != world:
-            raise RunError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; the plan needs {world}")
+    if torchrun_rank() is not None:  # started by torchrun: this process is one rank (placement checked)
         _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]), checkpoints,
                          resume, track_memory, extra)
         return

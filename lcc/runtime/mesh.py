@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lcc.plan.types import Plan
 
-AXES = ("tp", "dp", "ep", "edp", "kv")
+AXES = ("tp", "dp", "ep", "edp", "kv", "ep_inter", "ep_intra")
 
 
 @dataclass
@@ -70,12 +70,19 @@ def build_mesh(plan: Plan, rank: int) -> Mesh:
                   for name, axes in shapes.items()}
         meshes["stages"] = DeviceMesh(kind, ranks.view(sizes["pp"], -1), mesh_dim_names=("pp", "stage"))
         mine = {"dp": meshes["dense"].get_group("dp"), "tp": meshes["dense"].get_group("tp"),
-                "edp": meshes["experts"].get_group("edp"), "ep": meshes["experts"].get_group("ep"), "kv": None}
+                "edp": meshes["experts"].get_group("edp"), "ep": meshes["experts"].get_group("ep"), "kv": None,
+                "ep_inter": None, "ep_intra": None}
         if plan.mesh.kv > 1:  # consecutive tp ranks holding the same kv heads
             kv = plan.mesh.kv
             meshes["kv"] = DeviceMesh(kind, ranks.view(sizes["pp"], sizes["dp"], sizes["tp"] // kv, kv),
                                       mesh_dim_names=("pp", "dp", "kv_heads", "kv"))
             mine["kv"] = meshes["kv"].get_group("kv")
+        if plan.mesh.ep_inter > 1:  # the hierarchical expert exchange: an EP group as nodes x ranks per node
+            meshes["expert_nodes"] = DeviceMesh(
+                kind, ranks.view(sizes["pp"], sizes["edp"], plan.mesh.ep_inter, plan.mesh.ep_intra),
+                mesh_dim_names=("pp", "edp", "ep_inter", "ep_intra"))
+            mine["ep_inter"] = meshes["expert_nodes"].get_group("ep_inter")
+            mine["ep_intra"] = meshes["expert_nodes"].get_group("ep_intra")
         stage_group = meshes["stages"].get_group("stage")
     return Mesh(rank, len(rows), {k: me[k] for k in ("pp", "dp", "tp", "ep", "edp", "node")}, sizes,
                 types.SimpleNamespace(**mine), stage_group,

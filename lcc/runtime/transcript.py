@@ -1,7 +1,7 @@
 """`lcc run train --transcript FILE`: every collective a rank issues during its training steps, as it
 issues it (op; mesh axis, `tp|stage` where one group is both; shape; dtype; for all-to-alls the row
-splits, and for the small all-to-all of expert counts the counts themselves), so that a run can be
-compared with what its plan says.
+splits, the bytes this rank sends to ranks on other nodes, and for the small all-to-all of expert counts
+the counts themselves), so that a run can be compared with what its plan says.
 
 Recording wraps torch.distributed's collective functions while a step runs; the axis is found from the
 process group (the plan's mesh groups; `world`; `pp` for point-to-point).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ RECORDED = {"all_reduce": ("all_reduce", 0, 2), "all_gather": ("all_gather", 1, 
 
 
 class Transcript:
-    def __init__(self, path: Path, rank: int, axis_of: dict[Any, str]):
-        self.path, self.rank, self.axis_of = Path(path), rank, axis_of
+    def __init__(self, path: Path, rank: int, axis_of: dict[Any, str], gpus_per_node: int = 1):
+        self.path, self.rank, self.axis_of, self.per_node = Path(path), rank, axis_of, gpus_per_node
         self.step: int | None = None
         self.records: list[dict[str, Any]] = []
 
@@ -60,6 +61,8 @@ class Transcript:
                 in_splits = args[3] if len(args) > 3 else kwargs.get("input_split_sizes")
                 record["in_splits"] = list(in_splits) if in_splits is not None else None
                 record["out_splits"] = list(out_splits) if out_splits is not None else None
+                group = kwargs.get("group", args[4] if len(args) > 4 else None)
+                record["inter_node_bytes"] = self._inter_node_bytes(inp, in_splits, group)
             result = original(*args, **kwargs)
             if name == "all_to_all_single" and inp.dtype == torch.int64:  # the expert counts: what went where
                 record["sent"], record["received"] = inp.tolist(), out.tolist()
@@ -67,6 +70,15 @@ class Transcript:
             return result
 
         return recorded
+
+    def _inter_node_bytes(self, inp: torch.Tensor, in_splits: Any, group: Any) -> int:
+        """Bytes of an all-to-all's input that go to ranks on other nodes (node = rank // gpus_per_node)."""
+        peers = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        n = len(peers)
+        splits = list(in_splits) if in_splits is not None else [inp.shape[0] // n] * n
+        row = math.prod(inp.shape[1:]) * inp.element_size()
+        mine = self.rank // self.per_node
+        return sum(rows * row for rows, peer in zip(splits, peers, strict=True) if peer // self.per_node != mine)
 
     @contextlib.contextmanager
     def recording(self, step: int) -> Iterator[None]:

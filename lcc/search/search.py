@@ -2,8 +2,10 @@
 step time (or peak memory), with bounds that skip what cannot reach the top K.
 
 Each layout is checked by the spec's own validation rules, then estimated by the cost report: the same
-step time and memory `lcc report` gives that layout. Two lower bounds, exact consequences of the report's
-formulas, prune:
+step time and memory `lcc report` gives that layout. The expert exchange is searched too: a hierarchical one
+is tried where the spec's `expert_exchange` rule allows it (that rule reads only the mesh and the cluster, so
+its verdict is kept per mesh), and the routing's sets must map onto the nodes of each layout's EP groups.
+Two lower bounds, exact consequences of the report's formulas, prune:
 - memory: the worst rank holds at least the mean over pipeline ranks of the model states (weights,
   gradients, optimizer states at its ZeRO stage), which a layout's tp, pp, dp, ep and ZeRO decide; a layout
   whose bound exceeds the device memory cannot fit;
@@ -17,7 +19,7 @@ layout can enter the top K (ties included), and the rest are pruned.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ from lcc.compiler.cost.traffic import all_gather, all_reduce, links
 from lcc.compiler.cost.work import act_bytes, layer_comm, microbatch_tokens
 from lcc.compiler.layout import AXES, bubble_fraction
 from lcc.search.space import FIELDS, Layout, layouts
-from lcc.spec.checks import RULES
+from lcc.spec.checks import RULES, expert_exchange
 from lcc.spec.models import Spec
 
 
@@ -48,6 +50,8 @@ class Estimate:
     exposed: dict[str, float]  # communication seconds by kind and link, on that rank
     recompute: float  # extra FLOPs of recomputation over the model's
     mfu: float
+    alltoall_inter_seconds: float = 0.0  # the expert exchange's inter-node bytes at the inter-node rate, a step
+    # (the busiest pipeline rank's: the report's comm.expert_exchange.inter_node_seconds)
 
     @property
     def headroom(self) -> float:
@@ -74,8 +78,8 @@ def on_cluster(spec: Spec, layout: Layout, nodes: int, per_node: int) -> Spec:
     return spec.model_copy(update={"parallelism": layout.parallelism(), "cluster": cluster})
 
 
-def problems(spec: Spec) -> list[str]:
-    return [f"{'.'.join(map(str, found.path))}: {found.message}" for fn in RULES for found in fn(spec)]
+def problems(spec: Spec, rules: Iterable[Callable] = RULES) -> list[str]:
+    return [f"{'.'.join(map(str, found.path))}: {found.message}" for fn in rules for found in fn(spec)]
 
 
 def _estimate(spec: Spec, layout: Layout) -> Estimate:
@@ -85,19 +89,20 @@ def _estimate(spec: Spec, layout: Layout) -> Estimate:
     compute, _, _ = cm.role_seconds(worst)
     c = cm.role_comm(worst)
     share = cm.dense_share(worst)
-    exposed = {f"tp ({_link(cm, 'tp')})": cm.ring_seconds("tp", c["tensor_parallel"]),
-               f"ep all-to-all ({_link(cm, 'ep')})": cm.alltoall_seconds(c["expert_alltoall"]),
+    exposed = {f"tp ({_link(cm, 'tp')})": cm.ring_seconds("tp", c["tensor_parallel"]),  # one key per kind, whatever
+               f"ep all-to-all ({_link(cm, 'ep')})": cm.alltoall_seconds(c["expert_alltoall"]),  # the exchange
                f"pp sends ({_link(cm, 'pp')})": cm.ring_seconds("pp", c["pipeline_p2p"])}
     for kind in ("grad_reduce", "param_gather"):
         exposed[f"{kind.replace('_', ' ')} dp+edp ({_link(cm, 'dp')})"] = (
             cm.ring_seconds("dp", c[kind] * share) + cm.ring_seconds("edp", c[kind] * (1 - share)))
     exposed["fixed costs (collective latency)"] = sum(cm.role_latency(worst))
     memory = report["memory"]
+    exchange = report["comm"]["expert_exchange"] or {}
     return Estimate(layout, report["time"]["step_seconds_estimate"], memory["worst_rank"]["total_bytes"],
                     memory["device_bytes"], report["pipeline"]["bubble_fraction"], compute,
                     {k: v for k, v in exposed.items() if v > 0},
                     report["flops"]["per_step_with_recompute"] / report["flops"]["per_step"] - 1,
-                    report["time"]["utilization"])
+                    report["time"]["utilization"], exchange.get("inter_node_seconds", 0.0))
 
 
 def _link(cm: CostModel, axis: str) -> str:
@@ -132,12 +137,14 @@ class _SharedModel(CostModel):
 
 class _Bounds:
     """The two lower bounds and the estimates, with what layouts share computed once: each axis's link
-    split (it depends on tp, pp, dp and ep only), whole-model sums per layer shape."""
+    split (it depends on tp, pp, dp and ep only; the expert exchange's also on the exchange and the
+    recomputation), whole-model sums per layer shape."""
 
     def __init__(self, spec: Spec):
         self.spec = spec
         self._sums: dict[tuple, tuple[float, float, float]] = {}
         self._links: dict[tuple, dict[str, Any]] = {}
+        self._ep_links: dict[tuple, Any] = {}
         self._local: dict[tuple, Any] = {}
         self._local_roles: dict[tuple, Any] = {}
         self._stages: dict[tuple, list[tuple[int, int]]] = {}
@@ -152,6 +159,10 @@ class _Bounds:
             self._links[key] = {axis: links(spec, axis) for axis in AXES}
         cm = _SharedModel(spec, self._local_roles)
         cm.__dict__["links"] = self._links[key]
+        ep_key = (*key, par.expert_exchange, par.activation_checkpointing)
+        if ep_key not in self._ep_links:
+            self._ep_links[ep_key] = cm.ep_links
+        cm.__dict__["ep_links"] = self._ep_links[ep_key]
         if self._stage_key(par) in self._stages:
             cm.__dict__["stage_bounds"] = self._stages[self._stage_key(par)]
         return cm
@@ -159,7 +170,7 @@ class _Bounds:
     @staticmethod
     def _stage_key(par) -> tuple:  # noqa: ANN001
         return (par.tp, par.pp, par.dp, par.ep, par.sequence_parallel, par.activation_checkpointing,
-                par.pipeline.microbatches, par.pipeline.virtual_stages)
+                par.pipeline.microbatches, par.pipeline.virtual_stages, par.expert_exchange)
 
     def score(self, spec: Spec) -> tuple[float, int]:
         """(the report's step estimate, the worst rank's memory)."""
@@ -183,7 +194,8 @@ class _Bounds:
     def time(self, spec: Spec) -> float:
         par = spec.parallelism
         cm = self.model(spec)
-        key = (par.tp, par.ep, par.sequence_parallel, par.activation_checkpointing, par.dp, par.pipeline.microbatches)
+        key = (par.tp, par.ep, par.sequence_parallel, par.activation_checkpointing, par.dp, par.pipeline.microbatches,
+               par.expert_exchange)
         if key not in self._sums:
             n = spec.model.n_layers
             moe = sum(spec.model.is_moe(i) for i in range(n))
@@ -254,8 +266,17 @@ def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objec
     if space:
         say(f"{len(space):,} layouts of {gpus} GPUs ({nodes} x {per_node}): checking each against the spec's "
             f"rules{' and the bounds' if prune else ''} ...")
+    exchange_refused: dict[tuple[int, ...], list[str]] = {}
     for index, layout in space:
         result.considered += 1
+        if layout.exchange != "flat":  # the exchange's own rule first: it reads only the mesh and the cluster
+            mesh = (layout.tp, layout.pp, layout.dp, layout.ep, layout.exchange)
+            if mesh not in exchange_refused:
+                exchange_refused[mesh] = problems(on_cluster(spec, layout, nodes, per_node), [expert_exchange])
+            if exchange_refused[mesh]:
+                result.invalid += 1
+                first_refusal = first_refusal or exchange_refused[mesh][0]
+                continue
         candidate = on_cluster(spec, layout, nodes, per_node)
         found = problems(candidate)
         if found:

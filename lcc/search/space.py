@@ -3,9 +3,10 @@
 Searched: tp (a divisor of the devices per node), pp (a divisor of gpus / tp, at most n_layers), dp = gpus /
 (tp pp), ep (a divisor of dp tp), ZeRO 0-3, activation checkpointing none / selective / full, sequence
 parallelism (with tp > 1), the pipeline schedule (gpipe, 1f1b, interleaved_1f1b with 2, 4 or 8 virtual
-stages) and the micro-batches (every divisor of the sequences per dp rank). Without pipeline parallelism
-the schedule means nothing: one (1f1b, one virtual stage). The spec's own validation rules then decide
-which are valid.
+stages), the micro-batches (every divisor of the sequences per dp rank) and the expert exchange (flat,
+hierarchical). Without pipeline parallelism the schedule means nothing: one (1f1b, one virtual stage). The
+spec's own validation rules then decide which are valid (a hierarchical exchange needs EP groups that span
+whole nodes).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from dataclasses import asdict, dataclass
 from lcc.spec.models import Parallelism, Pipeline, Spec
 
 RECOMPUTE = ("none", "selective", "full")
+EXCHANGES = ("flat", "hierarchical")
 VIRTUAL = (2, 4, 8)
 # --fix FIELD: the searched fields, as spec paths
 FIELDS = {"parallelism.tp": "tp", "parallelism.pp": "pp", "parallelism.dp": "dp", "parallelism.ep": "ep",
           "parallelism.zero": "zero", "parallelism.activation_checkpointing": "recompute",
           "parallelism.sequence_parallel": "sp", "parallelism.pipeline.schedule": "schedule",
-          "parallelism.pipeline.microbatches": "microbatches", "parallelism.pipeline.virtual_stages": "virtual_stages"}
+          "parallelism.pipeline.microbatches": "microbatches", "parallelism.pipeline.virtual_stages": "virtual_stages",
+          "parallelism.expert_exchange": "exchange"}
 
 
 @dataclass(frozen=True, order=True)
@@ -36,10 +39,12 @@ class Layout:
     schedule: str
     microbatches: int
     virtual_stages: int
+    exchange: str = "flat"
 
     def parallelism(self) -> Parallelism:
         return Parallelism(tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep, zero=self.zero,
                            activation_checkpointing=self.recompute, sequence_parallel=self.sp,
+                           expert_exchange=self.exchange,
                            pipeline=Pipeline(schedule=self.schedule, microbatches=self.microbatches,
                                              virtual_stages=self.virtual_stages))
 
@@ -47,7 +52,7 @@ class Layout:
     def of(cls, par: Parallelism) -> Layout:
         p = par.pipeline
         return cls(par.tp, par.pp, par.dp, par.ep, par.zero, par.activation_checkpointing, par.sequence_parallel,
-                   p.schedule, p.microbatches, p.virtual_stages)
+                   p.schedule, p.microbatches, p.virtual_stages, par.expert_exchange)
 
     def value(self, field: str) -> object:
         return asdict(self)[FIELDS[field]]
@@ -81,4 +86,5 @@ def layouts(spec: Spec, gpus: int, per_node: int) -> Iterator[Layout]:
                         for sp in (False, True) if tp > 1 else (False,):
                             for schedule, v in schedules:
                                 for m in divisors(batch // dp):
-                                    yield Layout(tp, pp, dp, ep, zero, recompute, sp, schedule, m, v)
+                                    for exchange in EXCHANGES:
+                                        yield Layout(tp, pp, dp, ep, zero, recompute, sp, schedule, m, v, exchange)

@@ -196,6 +196,58 @@ def expert_parallel(spec: Spec) -> Iterator[_Found]:
                      "spread over the same number of EP ranks", "model.moe.n_groups")
 
 
+@rule
+def node_limited_routing(spec: Spec) -> Iterator[_Found]:
+    """Sets of groups (what one node holds) and the node limit, on the model; their placement on the layout."""
+    moe, routing = spec.model.moe, spec.routing
+    if moe is None or routing is None or moe.n_experts % moe.n_groups:
+        return
+    groups = routing.groups
+    if moe.n_groups % groups.sets:
+        yield _Found("routing.groups.sets", f"{groups.sets} sets do not divide the {moe.n_groups} expert groups",
+                     "model.moe.n_groups", hint=f"try sets {_try(nearest_divisors(moe.n_groups, groups.sets))}")
+        return
+    if groups.max_sets is not None and groups.max_sets > groups.sets:
+        yield _Found("routing.groups.max_sets", f"max_sets {groups.max_sets} is more than the {groups.sets} sets",
+                     "routing.groups.sets", hint=f"set max_sets to at most {groups.sets}, or null for no limit")
+        return
+    reachable = groups.kept_sets * (moe.n_groups // groups.sets)
+    if groups.top > reachable:
+        yield _Found("routing.groups.top", f"keeps {groups.top} groups, but the {groups.kept_sets} kept set(s) of "
+                     f"{moe.n_groups // groups.sets} groups hold only {reachable}", "routing.groups.max_sets",
+                     "routing.groups.sets", hint=f"set top to at most {reachable}, or keep more sets")
+    span = spec.ep_nodes
+    if groups.sets > 1 and moe.n_experts % spec.parallelism.ep == 0 and span is not None and span[0] > 1 \
+            and groups.sets % span[0]:
+        yield _Found("routing.groups.sets", f"{groups.sets} sets do not map onto whole nodes: an expert-parallel "
+                     f"group of ep {spec.parallelism.ep} spans {span[0]} nodes of {span[1]} ranks, so a set would "
+                     "span nodes", "parallelism.ep", "cluster.gpus_per_node",
+                     hint=f"use a multiple of {span[0]} sets, or an ep that spans fewer nodes")
+    elif groups.sets > 1 and span is None:
+        yield _Found("routing.groups.sets", f"sets cannot map onto nodes: expert-parallel groups of ep "
+                     f"{spec.parallelism.ep} straddle nodes of {spec.cluster.gpus_per_node} ranks unevenly",
+                     "parallelism.ep", "cluster.gpus_per_node",
+                     hint="make ep a multiple or a divisor of gpus_per_node")
+
+
+@rule
+def expert_exchange(spec: Spec) -> Iterator[_Found]:
+    par = spec.parallelism
+    if par.expert_exchange != "hierarchical":
+        return
+    span = spec.ep_nodes
+    if span is None:
+        yield _Found("parallelism.expert_exchange", f"a hierarchical exchange needs expert-parallel groups with the "
+                     f"same ranks on each node; ep {par.ep} straddles nodes of {spec.cluster.gpus_per_node} ranks "
+                     "unevenly", "parallelism.ep", "cluster.gpus_per_node",
+                     hint="make ep a multiple of gpus_per_node")
+    elif span[0] == 1:
+        yield _Found("parallelism.expert_exchange", f"a hierarchical exchange needs an expert-parallel group that "
+                     f"spans nodes; ep {par.ep} fits in one node of {spec.cluster.gpus_per_node} ranks",
+                     "parallelism.ep", "cluster.gpus_per_node",
+                     hint="use expert_exchange: flat, or an ep larger than gpus_per_node")
+
+
 def _fitting_ep(n_groups: int, folded: int, ep: int) -> list[int]:
     """EP degrees near `ep` that divide both n_groups and dp * tp."""
     ok = [d for d in divisors(n_groups) if folded % d == 0]

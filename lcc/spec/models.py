@@ -93,6 +93,20 @@ class Groups(_Section):
     similarity: Literal["cosine"] = Field("cosine", description="Stage 1: token vs learned group centroids.")
     top: Pos = Field(1, description="Groups kept per token.")
     temperature: PosFloat = Field(1.0, description="tau in cos(x, c) / tau.")
+    sets: Pos = Field(1, description="The groups split into this many consecutive sets; placement keeps a set "
+                      "inside one node.")
+    max_sets: Pos | None = Field(None, description="Sets a token may use (by each set's best group score), before "
+                                 "its top groups are chosen inside them: a token's experts span at most this many "
+                                 "nodes. null = every set (no limit).")
+
+    @property
+    def kept_sets(self) -> int:
+        """Sets a token's groups may come from (every set when there is no limit)."""
+        return self.sets if self.max_sets is None else self.max_sets
+
+    @property
+    def node_limited(self) -> bool:
+        return self.kept_sets < self.sets
 
 
 class ExpertSelection(_Section):
@@ -159,6 +173,9 @@ class Parallelism(_Section):
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage over dp (dense) and edp (experts).")
     activation_checkpointing: Literal["none", "selective", "full"] = Field("none", description="Recompute policy.")
     sequence_parallel: bool = Field(False, description="Split norms and residuals over tp along the sequence.")
+    expert_exchange: Literal["flat", "hierarchical"] = Field(
+        "flat", description="Expert all-to-all: flat (every slot to its expert's rank) or hierarchical (a token once "
+        "to each node it needs, then forwarded inside the node; combined in reverse, summed in the node first).")
     pipeline: Pipeline = Pipeline()
 
     @property
@@ -293,3 +310,15 @@ class Spec(_Section):
     @property
     def has_moe(self) -> bool:
         return self.model.moe is not None
+
+    @property
+    def ep_nodes(self) -> tuple[int, int] | None:
+        """(nodes one expert-parallel group spans, its ranks on each of them). An EP group is ep consecutive
+        ranks starting at a multiple of ep (docs/cost-model.md, rank order); nodes are gpus_per_node
+        consecutive ranks. None where the groups straddle nodes unevenly (neither divides the other)."""
+        ep, per_node = self.parallelism.ep, self.cluster.gpus_per_node
+        if per_node % ep == 0:
+            return 1, ep
+        if ep % per_node == 0:
+            return ep // per_node, per_node
+        return None

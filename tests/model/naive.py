@@ -19,7 +19,13 @@ def naive_moe(block, x_TD: torch.Tensor):
     for t in range(T):
         x = x_TD[t]
         aff = [F.cosine_similarity(x, r.centroids_GD[g], dim=0) / cfg.groups.temperature for g in range(G)]
-        kept = sorted(sorted(range(G), key=lambda g: (-float(aff[g]), g))[: cfg.groups.top])
+        allowed = range(G)
+        if cfg.groups.max_sets is not None:  # node-limited: the best max_sets sets by their best group
+            per_set = G // cfg.groups.sets
+            best = [max(float(aff[g]) for g in range(s * per_set, (s + 1) * per_set)) for s in range(cfg.groups.sets)]
+            sets = sorted(range(cfg.groups.sets), key=lambda s: (-best[s], s))[: cfg.groups.max_sets]
+            allowed = [g for g in range(G) if g // per_set in sets]
+        kept = sorted(sorted(allowed, key=lambda g: (-float(aff[g]), g))[: cfg.groups.top])
         q = torch.softmax(torch.stack([aff[g] for g in kept]), 0)
         cands, logits = [], []
         for gi, g in enumerate(kept):

@@ -10,9 +10,10 @@ from tests.model.naive import naive_moe
 
 
 def make_block(n_shared=0, capacity=None, score="softmax", selection="least_loaded", renormalize=False, seed=0,
-               kmin=1, kmax=3, threshold=0.5, dtype=torch.float32):
+               kmin=1, kmax=3, threshold=0.5, dtype=torch.float32, sets=1, max_sets=None):
     moe = MoE(n_experts=12, n_groups=4, expert_d_ff=8, n_shared_experts=n_shared)
-    routing = Routing(score=score, groups={"top": 2, "temperature": 0.5}, experts={"selection": selection},
+    routing = Routing(score=score, groups={"top": 2, "temperature": 0.5, "sets": sets, "max_sets": max_sets},
+                      experts={"selection": selection},
                       k={"min": kmin, "max": kmax, "threshold": threshold}, renormalize=renormalize,
                       capacity_factor=capacity, gate_scale=1.5)
     block = MoEBlock(16, moe, routing, dtype=dtype)
@@ -31,6 +32,7 @@ CONFIGS = {
     "capacity_shared_renorm": {"capacity": 0.75, "n_shared": 1, "renormalize": True},
     "sigmoid_topscore": {"score": "sigmoid", "selection": "top_score"},
     "fixed_k": {"kmin": 2, "kmax": 2},
+    "node_limited": {"sets": 2, "max_sets": 1},  # 2 sets of 2 groups: a token's groups both from its best set
 }
 
 
@@ -60,6 +62,23 @@ def test_block_equals_naive_loop_forward_and_backward(name):
     assert stats.load_E.sum() == sum(len(c) for c in chosen)
     if "capacity" in name:
         assert stats.dropped == int(stats.k_T.sum()) - sum(len(c) for c in chosen)
+
+
+def test_node_limited_routing_keeps_each_token_in_its_best_sets():
+    """sets 4 (one group each), max_sets 2, top 2: the same as unlimited (the best 2 sets are the best 2
+    groups); sets 2, max_sets 1: every token's experts in one set, chosen by the set's best group, and some
+    tokens route differently from unlimited routing."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    unlimited = make_block().router(x)
+    same = make_block(sets=4, max_sets=2).router(x)
+    assert torch.equal(same.experts_TK, unlimited.experts_TK) and torch.equal(same.gates_TK, unlimited.gates_TK)
+    limited = make_block(sets=2, max_sets=1).router(x)
+    per_set = 12 // 2
+    used = limited.experts_TK.masked_fill(~limited.mask_TK, -1)
+    for t in range(64):
+        sets = {int(e) // per_set for e in used[t] if e >= 0}
+        assert len(sets) == 1, (t, used[t])
+    assert not torch.equal(limited.experts_TK, unlimited.experts_TK)
 
 
 def test_gradient_shaping_two_experts():

@@ -3,6 +3,7 @@ loading (--set overrides, the spec's rules) and the cost report, nothing of lcc.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -26,13 +27,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def exhaustive(gpus: int) -> list[tuple[float, dict, int]]:
-    """(estimated step, layout, worst rank's memory) of every valid layout of tiny-moe on `gpus` devices in one
-    node that fits, as docs/search.md defines the space, sorted by step."""
-    base = load_spec(TINY, SMALL)
+def exhaustive(gpus: int, nodes: int = 1, exchanges: tuple[str, ...] = ("flat",), extra: tuple[str, ...] = (),
+               only: dict | None = None) -> list[tuple[float, dict, int]]:
+    """(estimated step, layout, worst rank's memory) of every valid layout of tiny-moe (with `extra` overrides) on
+    `gpus` devices in `nodes` nodes that fits, as docs/search.md defines the space, with the expert exchanges
+    `exchanges` (on one node the spec refuses every hierarchical one) and the fields in `only` fixed, sorted by
+    step."""
+    base = load_spec(TINY, [*SMALL, *extra])
     raw = TINY.read_bytes()
+    only = only or {}
     out = []
-    for tp in _divisors(gpus):
+    for tp in _divisors(gpus // nodes):
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
             pipes = [("1f1b", 1)] if pp == 1 else [("gpipe", 1), ("1f1b", 1)] + [
@@ -42,10 +47,13 @@ def exhaustive(gpus: int) -> list[tuple[float, dict, int]]:
                     for recompute in ("none", "selective", "full"):
                         for sp in (False, True) if tp > 1 else (False,):
                             for schedule, v in pipes:
-                                for m in _divisors(base.train.global_batch // dp):
+                                for m, exchange in itertools.product(_divisors(base.train.global_batch // dp),
+                                                                     exchanges):
                                     layout = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
                                               "recompute": recompute, "sp": sp, "schedule": schedule,
-                                              "microbatches": m, "virtual_stages": v}
+                                              "microbatches": m, "virtual_stages": v, "exchange": exchange}
+                                    if any(layout[field] != value for field, value in only.items()):
+                                        continue
                                     sets = [f"parallelism.tp={tp}", f"parallelism.pp={pp}", f"parallelism.dp={dp}",
                                             f"parallelism.ep={ep}", f"parallelism.zero={zero}",
                                             f"parallelism.activation_checkpointing={recompute}",
@@ -53,9 +61,11 @@ def exhaustive(gpus: int) -> list[tuple[float, dict, int]]:
                                             f"parallelism.pipeline.schedule={schedule}",
                                             f"parallelism.pipeline.microbatches={m}",
                                             f"parallelism.pipeline.virtual_stages={v}",
-                                            f"cluster.gpus_per_node={gpus}", "cluster.nodes=1"]
+                                            f"parallelism.expert_exchange={exchange}",
+                                            f"cluster.gpus_per_node={gpus // nodes}", f"cluster.nodes={nodes}"]
                                     try:  # what load_spec does, the file read once
-                                        spec = validate(apply_overrides(load_yaml(raw, str(TINY)), [*SMALL, *sets]))
+                                        spec = validate(apply_overrides(load_yaml(raw, str(TINY)),
+                                                                        [*SMALL, *extra, *sets]))
                                     except SpecError:
                                         continue
                                     report = cost_report(spec)
@@ -75,9 +85,11 @@ def run(*args: object) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def _search(*args: object) -> list[tuple[float, dict]]:
-    result = CliRunner().invoke(app, ["plan", "search", *map(str, (TINY, "--gpus", GPUS, "--nodes", 1, "--set",
-                                                                    SMALL[0], "--json", *args))])
+def _search(*args: object, gpus: int = GPUS) -> list[tuple[float, dict]]:
+    if "--nodes" not in args:
+        args = ("--nodes", 1, *args)
+    result = CliRunner().invoke(app, ["plan", "search", *map(str, (TINY, "--gpus", gpus, "--set", SMALL[0],
+                                                                    "--json", *args))])
     assert result.exit_code == 0, result.output
     return [(t["step_seconds"], t["layout"]) for t in json.loads(result.stdout)["top"]]  # progress: on stderr
 
@@ -106,6 +118,29 @@ def test_by_memory_the_top_k_is_the_exhaustive_top_k(reference):
     cut = by_memory[4][2]
     want = {_key(lay) for _, lay, memory in by_memory if memory <= cut}
     assert {_key(lay) for _, lay in _search("--objective", "memory", "--top", 5)} == want
+
+
+MULTI_NODE = {"pp": 1, "recompute": "none"}  # a small space of tiny-moe on 8 GPUs in 4 nodes of 2
+
+
+@pytest.mark.parametrize("extra", [(), ("routing.groups.sets=2", "routing.groups.max_sets=1")])
+def test_on_several_nodes_the_search_lists_hierarchical_exchanges_only_where_the_spec_allows(extra):
+    """A hierarchical exchange needs an EP group over whole nodes, at least two (ep 4 or 8 here); with 2 sets of
+    groups, an EP group over 4 nodes (ep 8) would split a set, so no layout with ep 8 is valid at all."""
+    reference = exhaustive(8, nodes=4, exchanges=("flat", "hierarchical"), extra=extra, only=MULTI_NODE)
+    sets = [a for e in extra for a in ("--set", e)]
+    fixes = ["--fix", "parallelism.pp=1", "--fix", "parallelism.activation_checkpointing=none"]
+
+    def found(*args: object) -> list[tuple[float, dict]]:
+        return _search("--nodes", 4, *sets, *fixes, *args, gpus=8)
+
+    everything = found("--no-prune", "--top", 100_000)
+    assert {_key(lay) for _, lay in everything} == {_key(lay) for _, lay, _ in reference}
+    hierarchical = {lay["ep"] for _, lay in everything if lay["exchange"] == "hierarchical"}
+    assert hierarchical == ({4} if extra else {4, 8})
+    assert all(lay["ep"] != 8 for _, lay in everything) if extra else True
+    cut = reference[2][0]
+    assert {_key(lay) for _, lay in found("--top", 3)} == {_key(lay) for s, lay, _ in reference if s <= cut}
 
 
 def test_fix_keeps_every_listed_layout_and_write_saves_a_compilable_spec(tmp_path):

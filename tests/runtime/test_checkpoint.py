@@ -22,7 +22,7 @@ from lcc.compiler.plan import compile_plan
 from lcc.plan.types import Parameter, Shard
 from lcc.runtime.checkpoint_dir import latest, prune
 from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError
-from lcc.runtime.checkpoint_identity import SCHEMA, spec_hash
+from lcc.runtime.checkpoint_identity import SCHEMA, spec_differences, spec_hash
 from lcc.runtime.checkpoint_info import describe
 from lcc.runtime.checkpoint_layout import Blocks, flat_boxes, local_blocks
 from lcc.runtime.checkpoint_lock import locked
@@ -506,3 +506,15 @@ def test_serving_takes_a_checkpoint_of_the_same_model_only(saved):
     other_model = {**spec, "model": {**spec["model"], "d_model": 64}}
     with pytest.raises(CheckpointError, match="another model: model.d_model is 128 there, 64 in the spec"):
         check_checkpoint(saved[1], other_model)
+
+
+def test_a_checkpoint_from_before_node_limited_routing_is_the_same_model():
+    """Its spec has no routing.groups.sets / max_sets: equal to the defaults (no node limit), not to a limit."""
+    saved = {"model": {"d_model": 8}, "routing": {"groups": {"top": 2, "temperature": 0.1}}}
+    unlimited = {"model": {"d_model": 8}, "routing": {"groups": {"top": 2, "temperature": 0.1, "sets": 1,
+                                                                 "max_sets": None}}}
+    limited = {"model": {"d_model": 8}, "routing": {"groups": {"top": 2, "temperature": 0.1, "sets": 2,
+                                                               "max_sets": 1}}}
+    assert spec_differences(saved, unlimited) == [] and spec_hash(saved) == spec_hash(unlimited)
+    assert [d[0] for d in spec_differences(saved, limited)] == ["routing.groups.max_sets", "routing.groups.sets"]
+    assert spec_hash(saved) != spec_hash(limited)

@@ -107,7 +107,7 @@ def check_rank(plan: dict, records: list[dict], rank: int, step: int = 0) -> int
         if r["op"] in ("send", "recv"):
             assert tuple(r["shape"][:2]) == mb_shape, (rank, r)
     actual = [(r["op"], r["axis"], ("mb",) if r["op"] in ("send", "recv")
-               else tuple(["rows", *r["shape"][1:]]) if r["op"] == "all_to_all" and r["dtype"] != "int64"
+               else tuple(["rows", *r["shape"][1:]]) if r["op"] == "all_to_all" and r["in_splits"] is not None
                else tuple(r["shape"]),
                r["dtype"]) for r in got]
     i = 0
@@ -129,11 +129,25 @@ def check_rank(plan: dict, records: list[dict], rank: int, step: int = 0) -> int
 
 
 def _check_splits(forward: list[dict], rank: int) -> None:
-    """In a forward, the dispatch all-to-all moves the rows the expert counts just exchanged announce, and
-    the combine all-to-all moves them back."""
-    counts = None
+    """In a forward, the dispatch all-to-all moves the rows the expert counts just exchanged over the same
+    axis announce, and the combine all-to-all moves them back. The hierarchical exchange's first level
+    (ep_inter) announces per node its rows (first column) and its slots per expert (the rest): each slot's
+    row index and gate move as the slots do."""
+    rows: dict[str, tuple] = {}
+    slots: dict[str, tuple] = {}
     for r in forward:
-        if r["op"] == "all_to_all" and r["dtype"] == "int64":
-            counts = ([sum(row) for row in r["sent"]], [sum(row) for row in r["received"]])
-        elif r["op"] == "all_to_all":
+        if r["op"] != "all_to_all":
+            continue
+        axis = r["axis"]
+        if r["in_splits"] is None:  # a counts exchange (no row splits)
+            sent, received = r["sent"], r["received"]
+            if axis == "ep_inter":
+                rows[axis] = ([row[0] for row in sent], [row[0] for row in received])
+                slots[axis] = ([sum(row[1:]) for row in sent], [sum(row[1:]) for row in received])
+            else:
+                rows[axis] = ([sum(row) for row in sent], [sum(row) for row in received])
+        elif len(r["shape"]) == 1:  # a value per slot: its row index or its gate
+            assert (r["in_splits"], r["out_splits"]) == slots.get(axis), (rank, r)
+        else:
+            counts = rows.get(axis)
             assert counts is not None and (r["in_splits"], r["out_splits"]) in (counts, counts[::-1]), (rank, r)

@@ -19,6 +19,9 @@ LAYOUTS = {
     "pp2": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.tp=1", "parallelism.ep=1", "cluster.gpus_per_node=2"],
     "pp2_tp2_ep2": ["parallelism.pp=2", "parallelism.dp=1", "parallelism.tp=2", "parallelism.ep=2",
                     "cluster.gpus_per_node=4"],
+    # 2 nodes x 2 ranks, one EP group over both nodes
+    "nodes2_ep4_dp4": ["parallelism.pp=1", "parallelism.dp=4", "parallelism.tp=1", "parallelism.ep=4",
+                       "cluster.nodes=2", "cluster.gpus_per_node=2"],
 }
 PROMPTS = [list(b"Hello"), list(b"The quick brown fox jumps over"), list(b"a"), list(b"0123456789" * 3)]
 

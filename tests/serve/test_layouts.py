@@ -54,6 +54,17 @@ def test_layout_generates_the_reference_tokens(plans, tmp_path, layout):
 
 
 @pytest.mark.slow
+def test_node_limited_routing_over_the_hierarchical_exchange(plans, tmp_path):
+    """ep 4 over 2 nodes of 2 ranks; each token's experts in one of 2 sets of groups (a node's); a token goes
+    once to each node it needs and is forwarded there: the reference model's tokens with the same routing."""
+    sets = ("routing.groups.sets=2", "routing.groups.max_sets=1")
+    model = reference_model(spec_of("world1", sets))
+    got = served(serve_plan(plans, "nodes2_ep4_dp4", (*sets, "parallelism.expert_exchange=hierarchical")), tmp_path)
+    for p, tokens in zip(PROMPTS, got, strict=True):
+        assert tokens == greedy(model, p, N, key=("tiny-init", *sets)), bytes(p)
+
+
+@pytest.mark.slow
 def test_virtual_stages_and_a_tied_head(plans, tmp_path):
     """Interleaved stages (pipeline rank 0 runs stages 0 and 2, rank 1 stages 1 and 3) and the LM head tied
     to the embedding, on the last stage."""

@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import Any
 
 from lcc.compiler.cost import params as P
+from lcc.compiler.cost.exchange import hierarchical_bytes
 from lcc.compiler.cost.memory import STATE_BYTES, ModelStates, model_states
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS, Links, all_gather, all_reduce, links
 from lcc.compiler.cost.work import (
@@ -27,6 +28,7 @@ from lcc.compiler.cost.work import (
     layer_weight_reads,
     microbatch_tokens,
     recompute_flops,
+    router_bytes,
 )
 from lcc.compiler.layout import bubble_fraction, inflight_chunks, partition, stage_ranks
 from lcc.spec.models import Spec
@@ -81,10 +83,28 @@ class CostModel:
         net = self.spec.cluster.network
         return self.links[axis].seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=True)
 
+    @cached_property
+    def ep_links(self) -> Links:
+        """How the expert exchange's bytes split between links: a flat exchange as its EP groups' peer pairs; a
+        hierarchical one as its rows between nodes and inside them (`lcc.compiler.cost.exchange`), in the
+        same proportion at any number of tokens."""
+        if self.par.expert_exchange != "hierarchical" or self.spec.model.moe is None:
+            return self.links["ep"]
+        split = hierarchical_bytes(self.spec, 1.0, self.spec.model.d_model * act_bytes(self.spec),
+                                   router_bytes(self.spec))
+        return Links(split.inter_share, True)
+
     def alltoall_seconds(self, nbytes: float) -> float:
-        """Seconds of an all-to-all of `nbytes` over the expert-parallel axis (bandwidth only)."""
+        """Seconds of the expert exchange's `nbytes` (bandwidth only): its intra- and inter-node parts move at
+        once, over the two kinds of link."""
         net = self.spec.cluster.network
-        return self.links["ep"].seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=False)
+        return self.ep_links.seconds(nbytes, _bps(net.intra_node_gbps), _bps(net.inter_node_gbps), ring=False)
+
+    def alltoall_inter_seconds(self, role: Role) -> float:
+        """Seconds one rank of this pipeline rank spends sending the expert exchange's inter-node bytes in a
+        step (its inter-node link alone)."""
+        inter = self.role_comm(role)["expert_alltoall"] * self.ep_links.inter_share
+        return inter / _bps(self.spec.cluster.network.inter_node_gbps)
 
     def layer_work(self, layer: int) -> Work:
         """Arithmetic and weight- and gradient-traffic time of one layer for one micro-batch on one rank."""
@@ -112,7 +132,10 @@ class CostModel:
         """Fixed costs of one layer for one micro-batch on one rank, whatever the sizes: each collective's
         latency (ZeRO-3's reduce-scatters are counted per step: `role_latency`)."""
         c = layer_collectives(self.spec, layer)
-        return c.tp * self.latency("tp") + c.ep * self.latency("ep") + c.zero_gathers * self.latency("dp")
+        fixed = c.tp * self.latency("tp") + c.ep * self.latency("ep") + c.zero_gathers * self.latency("dp")
+        if c.ep_intra:  # a hierarchical exchange's all-to-alls inside the node
+            fixed += c.ep_intra * 1e-6 * self.spec.cluster.network.intra_node_latency_us
+        return fixed
 
     def buckets(self, role: Role) -> int:
         """Gradient reductions after backward on one rank of this pipeline rank, per stage it holds: buckets of
@@ -322,14 +345,14 @@ class CostModel:
                 "by_link": {"intra_node": total - inter, "inter_node": inter},
                 "total": total,
             },
-            "expert_alltoall_inter_node_share": self.links["ep"].inter_share,
+            "expert_alltoall_inter_node_share": self.ep_links.inter_share,
         }
 
     def _inter_share(self, kind: str, dense_share: float) -> float:
         if kind == "tensor_parallel":
             return self.links["tp"].inter_share
         if kind == "expert_alltoall":
-            return self.links["ep"].inter_share
+            return self.ep_links.inter_share
         if kind == "pipeline_p2p":
             return self.links["pp"].inter_share
         return dense_share * self.links["dp"].inter_share + (1 - dense_share) * self.links["edp"].inter_share

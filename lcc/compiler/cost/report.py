@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lcc.compiler.cost import params as P
+from lcc.compiler.cost.exchange import token_spread
 from lcc.compiler.cost.memory import STATE_BYTES
 from lcc.compiler.cost.model import GIB, CostModel, step_seconds
 from lcc.compiler.cost.work import head_forward_flops, layer_forward_flops, recompute_flops
@@ -74,7 +75,7 @@ def cost_report(spec: Spec) -> dict[str, Any]:
             "per_step_with_recompute": hardware_flops,
             "per_token_forward": model_flops / tokens_per_step / 3,
         },
-        "comm": cm.comm(),
+        "comm": {**cm.comm(), "expert_exchange": _exchange(spec, cm)},
         "pipeline": {"bubble_fraction": bubble, "schedule": par.pipeline.schedule},
         "time": {
             "step_seconds_estimate": step,
@@ -88,6 +89,33 @@ def cost_report(spec: Spec) -> dict[str, Any]:
         "serve": _serve(spec, cm) if spec.serve is not None else None,
         "moe": None if moe is None else {"n_experts": moe.n_experts, "n_groups": moe.n_groups,
                                          "experts_per_rank": moe.n_experts // par.ep},
+    }
+
+
+def _exchange(spec: Spec, cm: CostModel) -> dict[str, Any] | None:
+    """The expert exchange: its kind, where an EP group and a token's experts sit on nodes, the routing's
+    expected distinct destination nodes per token (what a hierarchical exchange sends between nodes, per
+    token), and its bytes per step (all ranks) and seconds per step (the busiest pipeline rank's) by link."""
+    if spec.model.moe is None or spec.routing is None:
+        return None
+    s = token_spread(spec)
+    even = spec.ep_nodes is not None
+    per_pp = spec.parallelism.dp * spec.parallelism.tp
+    sent = sum(per_pp * cm.role_comm(r)["expert_alltoall"] for r in cm.roles)
+    inter = sent * cm.ep_links.inter_share
+    return {
+        "exchange": spec.parallelism.expert_exchange,
+        "ep_nodes": s.nodes if even else None,
+        "ranks_per_node": s.ranks_per_node if even else None,
+        "token_nodes": s.token_nodes,
+        "reachable_nodes": s.reachable,
+        "slots_per_token": s.slots,
+        "nodes_per_token": s.distinct,
+        "dedup_ratio": s.dedup_ratio,
+        "intra_node_bytes_per_step": sent - inter,
+        "inter_node_bytes_per_step": inter,
+        "seconds": max(cm.alltoall_seconds(cm.role_comm(r)["expert_alltoall"]) for r in cm.roles),
+        "inter_node_seconds": max(cm.alltoall_inter_seconds(r) for r in cm.roles),
     }
 
 

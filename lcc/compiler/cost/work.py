@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lcc.compiler.cost.exchange import exchange_passes, hierarchical_bytes
 from lcc.compiler.cost.memory import STATE_BYTES, LayerShape, MoEShape, dense_layer_activations, moe_activations
 from lcc.compiler.cost.params import embedding_params, layer_params, local_kv_heads, local_layer_params
 from lcc.compiler.cost.traffic import all_gather, all_reduce, all_to_all
@@ -135,7 +136,8 @@ def layer_activations(spec: Spec, layer: int, recompute: str | None = None) -> f
 
 @dataclass(frozen=True)
 class LayerComm:
-    """Bytes one rank sends for one layer and one micro-batch, forward + backward (+ recomputation)."""
+    """Bytes one rank sends for one layer and one micro-batch, forward + backward (+ recomputation). The expert
+    exchange's bytes are all it sends, on both kinds of link (`CostModel.ep_links` splits them)."""
 
     tp: float
     ep: float
@@ -158,9 +160,12 @@ def layer_comm(spec: Spec, layer: int) -> LayerComm:
     if spec.model.is_moe(layer):
         if not par.sequence_parallel:  # gather the tp ranks' token slices after combine (and in backward)
             tp_bytes += (forwards + 1) * all_gather(activation, tp)
-        slots = tokens / tp * spec.routing.k.planned * spec.model.d_model * ab
-        a2a = 4 + (2 if policy == "full" else 1 if policy == "selective" else 0)  # dispatch+combine, f+b
-        ep_bytes = a2a * all_to_all(slots, par.ep)
+        if par.expert_exchange == "hierarchical":  # a token once per node, forwarded inside it
+            ep_bytes = hierarchical_bytes(spec, tokens / tp, spec.model.d_model * ab, router_bytes(spec)).total
+        else:  # every slot to its expert's rank
+            slots = tokens / tp * spec.routing.k.planned * spec.model.d_model * ab
+            a2a, _ = exchange_passes(policy)  # dispatch+combine, f+b, and recomputation's
+            ep_bytes = a2a * all_to_all(slots, par.ep)
     return LayerComm(tp_bytes, ep_bytes)
 
 
@@ -170,9 +175,10 @@ class LayerCollectives:
     what they serve. Their fixed costs, not their bytes: `CostModel.layer_latency`."""
 
     tp: int
-    ep: int
+    ep: int  # the expert exchange's (between nodes, for a hierarchical exchange)
     zero_gathers: int  # ZeRO-3: the layer's parameters gathered (forward, backward), per micro-batch
     zero_scatters: int  # and its gradients reduce-scattered (every backward, or the step's last only)
+    ep_intra: int = 0  # a hierarchical exchange's all-to-alls inside the node
 
 
 def layer_collectives(spec: Spec, layer: int) -> LayerCollectives:
@@ -182,7 +188,12 @@ def layer_collectives(spec: Spec, layer: int) -> LayerCollectives:
       reverse plus the input's regather; an MoE layer without sequence parallelism gathers the tp ranks'
       tokens after combine (and its gradient in backward); full recomputation repeats the forward's;
     - ep: an MoE layer exchanges counts, dispatches and combines forward, combines and dispatches
-      backward; recomputation repeats part (selective: counts and dispatch) or all of the forward's;
+      backward; recomputation repeats part (selective: counts and dispatch) or all of the forward's. A
+      hierarchical exchange (lcc.ops.node_exchange) makes between nodes (`ep`) the node plan's three (counts,
+      each slot's row index and gate) and the gates' gradient, and dispatch and combine forward and
+      backward; inside the node (`ep_intra`) the node's counts and dispatch and combine forward and backward;
+      recomputation repeats the plans and dispatch (selective: 4 between nodes, 2 inside) or all of the
+      forward's (5 and 3);
     - ZeRO-3: a gather forward, a gather and a reduce-scatter backward, per axis the layer is sharded over.
     """
     par, model = spec.parallelism, spec.model
@@ -195,9 +206,13 @@ def layer_collectives(spec: Spec, layer: int) -> LayerCollectives:
             tp = blocks * (6 if policy == "full" else 5)
         else:
             tp = (blocks + int(moe)) * (3 if policy == "full" else 2)
-    ep = 5 + {"none": 0, "selective": 2, "full": 3}[policy] if moe and par.ep > 1 else 0
+    ep = ep_intra = 0
+    if moe and par.ep > 1:
+        ep = 5 + {"none": 0, "selective": 2, "full": 3}[policy]
+        if par.expert_exchange == "hierarchical":
+            ep, ep_intra = 8 + {"none": 0, "selective": 4, "full": 5}[policy], ep
     axes = int(par.dp > 1) + int(moe and par.edp > 1) if par.zero >= 3 else 0
-    return LayerCollectives(tp, ep, 2 * axes, axes)
+    return LayerCollectives(tp, ep, 2 * axes, axes, ep_intra)
 
 
 def edge_collectives(spec: Spec, first: bool, last: bool) -> int:

@@ -35,7 +35,9 @@ def run(state: CompileState) -> None:
             state.add(s, router, AFTER, "unit_balance", [Collective(
                 "all_reduce", "tp", router, "expert counts of the unit, for the balance loss", [moe.n_experts + 2],
                 d.wide)], region="routing")
-        if par.ep > 1:
+        if par.ep > 1 and par.expert_exchange == "hierarchical":
+            _hierarchical(state, s, dispatch, experts, d)
+        elif par.ep > 1:
             state.add(s, dispatch, AT, "moe_plan", [Collective(
                 "all_to_all", "ep", dispatch, "rows per (source, expert)", [par.ep, moe.n_experts // par.ep],
                 "int64")], region="routing")
@@ -48,3 +50,28 @@ def run(state: CompileState) -> None:
         if folding:
             state.add(s, combine, AFTER, "gather_tokens", [Collective(
                 "all_gather", "tp", combine, "the TP group's tokens", [d.T_moe, d.D], d.compute)])
+
+
+def _hierarchical(state: CompileState, s: int, dispatch: str, experts: str, d) -> None:
+    """Two levels (lcc.ops.node_exchange): over ep_inter (one EP rank per node) each token goes once to each
+    node it needs, with its slots' rows and gates; over ep_intra the node's ranks forward one row per slot to
+    the expert's rank; the combine reverses both, summing inside the node before crossing back."""
+    moe = state.spec.model.moe
+    nodes, per_node = state.spec.ep_nodes
+    node_experts = moe.n_experts // nodes
+    gates = Collective("all_to_all", "ep_inter", dispatch, "each slot's gate", [-1], d.wide)
+    state.add(s, dispatch, AT, "node_plan", [
+        Collective("all_to_all", "ep_inter", dispatch, "rows and slots per expert to each node", [nodes,
+                   1 + node_experts], "int64"),
+        Collective("all_to_all", "ep_inter", dispatch, "each slot's row", [-1], "int64"), gates], [gates],
+        region="routing")
+    state.add(s, dispatch, AT, "moe_plan", [Collective(
+        "all_to_all", "ep_intra", dispatch, "rows per (source, expert) in the node", [per_node,
+                                                                                       node_experts // per_node],
+        "int64")], region="routing")
+    for axis, what in (("ep_inter", "dispatch to nodes"), ("ep_intra", "dispatch in the node")):
+        rows = Collective("all_to_all", axis, experts, what, [-1, d.D], d.params)
+        state.add(s, experts, BEFORE, "all_to_all", [rows], [rows], region="routing")
+    for axis, what in (("ep_intra", "combine in the node"), ("ep_inter", "combine across nodes")):
+        back = Collective("all_to_all", axis, experts, what, [-1, d.D], d.compute)
+        state.add(s, experts, AFTER, "all_to_all", [back], [back])
