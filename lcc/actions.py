@@ -1,5 +1,6 @@
 """The pipeline action notation shared by the compiler (which writes schedules) and the runtime (which
-reads them): `{stage}{kind}{microbatch}`, as torch.distributed.pipelining writes it (`0F3`, `1SEND_B2`),
+reads them): `{stage}{kind}{microbatch}`, as torch.distributed.pipelining writes it (`0F3`, `1SEND_B2`; a
+zero-bubble schedule splits a backward `B` into its input gradient `I` and its weight gradients `W`),
 and `{stage}REDUCE_GRAD` (no micro-batch): the stage's gradient buckets are complete after its last
 backward."""
 
@@ -8,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "REDUCE_GRAD")
-_PATTERN = re.compile(r"^(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)|(REDUCE_GRAD))$")
+KINDS = ("F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "REDUCE_GRAD")
+_PATTERN = re.compile(r"^(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)|(REDUCE_GRAD))$")
 
 
 @dataclass(frozen=True, order=True)
@@ -42,3 +43,11 @@ def read_actions(text: str) -> list[list[Action]]:
         elif body and body[0].isdigit() and ranks:
             ranks[-1].append(Action.parse(body))
     return ranks
+
+
+def stage_rank(stage: int, pp: int, schedule: str) -> int:
+    """The pipeline rank that runs global (virtual) stage `stage`: `stage mod pp`, except zbv's V, where rank r
+    runs stages r and 2 pp - 1 - r (the first and the last stage on rank 0)."""
+    if schedule == "zbv":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp

@@ -201,6 +201,9 @@ def run_train(
     transcript: Annotated[Path | None, typer.Option("--transcript", help="Write every collective each rank issues "
                                                     "in its steps here (JSON lines: rank, step, op, axis, shape, "
                                                     "dtype).")] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Write a Perfetto trace (ui.perfetto.dev) of each "
+                                               "rank's pipeline actions, experts and overlapped exchanges "
+                                               "here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start the ranks even where this machine looks too small "
                                         "for them (more than 16 ranks per core, or more memory than is "
                                         "available).")] = False,
@@ -226,7 +229,7 @@ def run_train(
         raise typer.Exit(2)
     # before torch is imported, and compiling: tried by creating them (under torchrun, what this rank writes)
     exit_on_run_error(check_outputs, rank_outputs({"--metrics": metrics, "--transcript": transcript,
-                                                   "--checkpoint-dir": checkpoint_dir}))
+                                                   "--trace": trace, "--checkpoint-dir": checkpoint_dir}))
     if target.is_dir():
         if set_:
             typer.echo("--set applies to a spec, not to a compiled plan folder", err=True)
@@ -252,7 +255,8 @@ def run_train(
     try:  # spec_dir: the ranks read a relative train.data.path from it, which a plan does not record
         launch(plan_dir, steps if steps is not None else loaded.train.steps, metrics, checkpoints=checkpoint_dir,
                resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript,
-               resume_if_any=resume_if_any, fallback=fallback, keep=keep, force=force, init_from=init_from)
+               resume_if_any=resume_if_any, fallback=fallback, keep=keep, force=force, init_from=init_from,
+               trace=trace)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None  # 1; a stop by SIGINT or SIGTERM: 130 or 143

@@ -69,7 +69,7 @@ def _exchange(report: dict[str, Any], console: Console) -> None:
     if ex is None:
         return
     t = _table("Expert exchange", "", "value")
-    t.add_row("exchange", ex["exchange"])
+    t.add_row("exchange", ex["exchange"] + (", overlapped (two halves)" if ex.get("overlap") else ""))
     t.add_row("EP group", f"{ex['ep_nodes']} node(s) x {ex['ranks_per_node']} ranks" if ex["ep_nodes"] is not None
               else "straddles nodes unevenly")
     t.add_row("nodes a token's experts can span", str(ex["token_nodes"]))
@@ -141,9 +141,17 @@ def render(report: dict[str, Any], console: Console) -> None:
     if time["fixed_seconds"]:
         t.add_row("fixed costs: latency (busiest rank)", f"{time['fixed_seconds']:.3f} s")
     t.add_row("step time (estimate)", f"{time['step_seconds_estimate']:.3f} s")
+    t.add_row("  of it: exposed communication / bubble",
+              f"{time['exposed_communication_seconds']:.3f} s / {time['bubble_seconds']:.3f} s")
+    if time["hidden_communication_seconds"]:
+        t.add_row("  communication hidden behind compute", f"{time['hidden_communication_seconds']:.3f} s")
     t.add_row("tokens / s", human(time["tokens_per_second"]))
-    t.add_row("model FLOPs utilisation", f"{time['utilization']:.1%}")
+    t.add_row("model FLOPs utilisation (MFU)", f"{time['utilization']:.1%}")
+    t.add_row("busy time: share computing (busiest GPU)",
+              f"{time['busy_fraction']:.1%} ({time['busiest_busy_fraction']:.1%})")
     console.print(t)
+    console.print("busy time: the share of the step a GPU runs compute kernels. The article's 98% GPU utilisation "
+                  "compares with busy time, not with MFU, which counts only the model's FLOPs at the device's peak.")
     _exchange(report, console)
 
     serve = report["serve"]

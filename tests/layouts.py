@@ -52,3 +52,22 @@ NODE_LAYOUTS = {
                                           "parallelism.expert_exchange=hierarchical",
                                           "parallelism.activation_checkpointing=selective"],
 }
+
+# the overlapped expert exchange (each MoE layer's tokens in two halves), with pipeline stages, and with ZeRO-3 and
+# full recomputation (the halves' exchanges rerun in backward)
+OVERLAP_LAYOUTS = {
+    "dp2_ep2_overlap": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
+                        "parallelism.expert_overlap=true"],
+    "pp2_dp2_ep2_overlap_zero3_full": ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2",
+                                       "cluster.gpus_per_node=4", "parallelism.expert_overlap=true",
+                                       "parallelism.zero=3", "parallelism.activation_checkpointing=full"],
+}
+
+# zero-bubble schedules: each backward as I (the input's gradient) and W (the weights'), with expert and tensor
+# parallelism and ZeRO 1 / 2
+ZB_LAYOUTS = {
+    "zb_h1_pp2_dp4_ep4_zero2": ["parallelism.pipeline.schedule=zb_h1", "parallelism.zero=2"],
+    "zbv_pp2_dp2_tp2_ep2_zero1": ["parallelism.pipeline.schedule=zbv", "parallelism.pipeline.virtual_stages=2",
+                                  "parallelism.pp=2", "parallelism.dp=2", "parallelism.tp=2", "parallelism.ep=2",
+                                  "parallelism.zero=1"],
+}

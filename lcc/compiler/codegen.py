@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lcc.actions import stage_rank
 from lcc.compiler import moe_lines
 from lcc.compiler.kernels import decode_kernel
 from lcc.compiler.state import AFTER, AT, BEFORE, LOSS_POSITION, Comm, CompileState
@@ -410,8 +411,10 @@ def render_programs(state: CompileState) -> dict[str, str]:
         decode = _decode_lines(state, forward, functions)
         if zero3:
             _zero_gathers(state, functions)
+        kind = "serve" if state.mode == "serve" else state.spec.parallelism.pipeline.schedule
         programs[f"programs/stage{s}.py"] = template.render(
-            spec=state.spec.name, stage=s, n_stages=len(state.stage_bounds), pp_rank=s % state.spec.parallelism.pp,
+            spec=state.spec.name, stage=s, n_stages=len(state.stage_bounds),
+            pp_rank=stage_rank(s, state.spec.parallelism.pp, kind),
             layers=[a, b], passes=[p.name for p in state.applied], stage_input=inputs[0] if inputs else placeholder,
             first=s == 0, result=result, forward=forward, functions=functions, params=params, zero3=zero3,
             memory=state.memory, loss=loss, serving=state.mode == "serve", decode=decode,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from lcc.actions import stage_rank
 from lcc.spec.models import Parallelism, Spec
 
 AXES = ("pp", "dp", "tp", "ep", "edp")
@@ -120,9 +121,11 @@ def node_span(spec: Spec) -> NodeSpan:
 # ------------------------------------------------------------------------------------ the pipeline
 
 
-def stage_ranks(pp: int, virtual_stages: int, pp_rank: int) -> list[int]:
-    """Global (virtual) stages run by a pipeline rank: stage s runs on pp rank s mod pp."""
-    return [pp_rank + j * pp for j in range(virtual_stages)]
+def stage_ranks(pp: int, virtual_stages: int, pp_rank: int, schedule: str = "1f1b") -> list[int]:
+    """Global (virtual) stages run by a pipeline rank, in ascending order: stage s runs on pp rank
+    `lcc.actions.stage_rank(s, pp, schedule)`, s mod pp except zbv's V (rank r: stages r and 2 pp - 1 - r).
+    Serve plans (schedule kind `serve`) keep s mod pp whatever the spec's training schedule."""
+    return [s for s in range(pp * virtual_stages) if stage_rank(s, pp, schedule) == pp_rank]
 
 
 def partition(costs: list[float], n_stages: int) -> list[tuple[int, int]]:
@@ -171,15 +174,33 @@ def inflight_chunks(schedule: str, pp: int, virtual_stages: int, microbatches: i
     """Most (micro-batch, stage) forward activations a pipeline rank holds at once.
 
     gpipe keeps every micro-batch; 1f1b keeps pp - rank (its warm-up plus one); interleaved 1f1b warms up
-    with 2 (pp - rank - 1) + (v - 1) pp chunks, plus one.
+    with 2 (pp - rank - 1) + (v - 1) pp chunks, plus one. The zero-bubble schedules keep a forward's
+    activations until its W: zb_h1 pp on every rank (1F1B's peak), zbv m + rank + 1 up to 2 pp chunks of half
+    a rank's layers (also 1F1B's peak) (tests/compiler/test_schedule.py counts them on the schedules).
     """
     if schedule == "gpipe":
         return microbatches * virtual_stages
     if schedule == "1f1b":
         return min(microbatches, pp - pp_rank)
+    if schedule == "zb_h1":
+        return min(microbatches, pp)
+    if schedule == "zbv":
+        return min(2 * pp, microbatches + pp_rank + 1)
     return min(microbatches * virtual_stages, 2 * (pp - pp_rank - 1) + (virtual_stages - 1) * pp + 1)
 
 
-def bubble_fraction(pp: int, virtual_stages: int, microbatches: int) -> float:
-    """Idle share of a pipeline step: (p - 1) / (v m + p - 1) (Narayanan et al. 2021)."""
+def bubble_fraction(pp: int, virtual_stages: int, microbatches: int, schedule: str = "1f1b") -> float:
+    """Idle share of a pipeline step, in the schedule simulator's units (F = I = W = 1, B = 2), which is what
+    `lcc.compiler.schedule.simulate` measures on the generated schedules (tests/plan_views/test_search.py):
+
+    - gpipe, 1f1b, interleaved 1f1b: (p - 1) / (v m + p - 1) (Narayanan et al. 2021);
+    - zb_h1: the W passes fill the drain, a rank is idle p - 1 units against 3 m busy (F, I, W of each
+      micro-batch): (p - 1) / (3 m + p - 1), a third of 1F1B's for large m (Qi et al. 2024);
+    - zbv: 2 half-size stages a rank, 6 m busy units; idle max(p - 1, 2 (2 p - 1 - m)) units (the warm-up's
+      forwards cannot all run before the V turns when m < 2 p - 1)."""
+    if schedule == "zb_h1":
+        return (pp - 1) / (3 * microbatches + pp - 1)
+    if schedule == "zbv":
+        idle = max(pp - 1, 2 * (2 * pp - 1 - microbatches))
+        return idle / (6 * microbatches + idle)
     return (pp - 1) / (virtual_stages * microbatches + pp - 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from lcc.actions import Action
+from lcc.actions import Action, stage_rank
 from lcc.compiler.codegen import compiled_functions, render_programs
 from lcc.compiler.cost import cost_report
 from lcc.compiler.cost.params import local_kv_heads
@@ -101,9 +101,9 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
         state.applied.append(Pass(p.NAME, p.DESCRIPTION))
     par = spec.parallelism
     compute = _compute_only(spec, mode)
-    lowered = add_p2p(compute, par.n_stages)
+    lowered = add_p2p(compute, par.n_stages, placement(spec, mode))
     if mode == "train":
-        sim = simulate(lowered, par.n_stages, par.pipeline.microbatches)
+        sim = simulate(lowered, par.n_stages, par.pipeline.microbatches, placement=placement(spec, mode))
     else:  # one batch through the stages in order: each rank busy with its own stages, idle for the others
         busy = [len(actions) for actions in compute]
         sim = Simulation(par.n_stages, busy, 1 - sum(busy) / (par.pp * par.n_stages), {"F": COST["F"]})
@@ -119,13 +119,14 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
                   "rank = (pp * dp_size + dp) * tp_size + tp; f = dp * tp_size + tp; ep = f % ep_size; "
                   "edp = f // ep_size; node = rank // gpus_per_node",
                   max(1, par.tp // spec.model.attention.n_kv_heads), *_exchange_axes(spec)),
-        ranks=_ranks(spec), passes=state.applied, roles=_roles(state), parameters=list(state.params.values()),
+        ranks=_ranks(spec, mode), passes=state.applied, roles=_roles(state), parameters=list(state.params.values()),
         buffers=state.buffers, experts=state.experts, partition=state.partition, memory=state.memory,
         data=Data(spec.train.seq_len, spec.train.global_batch, par.dp * par.pipeline.microbatches,
                   par.pipeline.microbatches, b),
         schedule=Schedule(par.pipeline.schedule, par.pipeline.microbatches, par.pipeline.virtual_stages,
                           par.n_stages, sim if mode == "serve" else
-                          Simulation(sim.makespan, sim.busy, sim.bubble_fraction, dict(COST)),
+                          Simulation(sim.makespan, sim.busy, sim.bubble_fraction,
+                                     {k: c for k, c in COST.items() if any(a.kind == k for r in compute for a in r)}),
                           [[str(a) for a in actions] for actions in with_reductions(lowered, state)], state.step,
                           {"compute_only_csv": "schedule.csv", "full": "actions.txt"}, [b, d.s_local, d.D]),
         cost=report, serving=_serving(spec, state) if mode == "serve" else None,
@@ -134,6 +135,13 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
         plan.schedule.kind = "serve"
         plan.schedule.microbatches = 1
     return plan, state
+
+
+def placement(spec: Spec, mode: str) -> str:
+    """The schedule kind whose stage placement a plan uses (lcc.actions.stage_rank): the spec's training
+    schedule (zbv: a V), and `serve` for serve plans, which run the stages in order on rank `stage mod pp`
+    whatever the training schedule (lcc/serve/rank.py places them so)."""
+    return "serve" if mode == "serve" else spec.parallelism.pipeline.schedule
 
 
 FAST_INT4_GROUPS = (32, 64, 128, 256)  # what PyTorch's CPU int4 matmul takes
@@ -178,8 +186,8 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
     kernel = expert_kernel(spec)
     kv_heads = local_kv_heads(spec)
     per_layer = 2 * kv_heads * att.head_dim * DTYPE_BYTES[serve.dtype]
-    per_rank = [per_layer * sum(b - a for s, (a, b) in enumerate(state.stage_bounds) if s % par.pp == r)
-                for r in range(par.pp)]
+    per_rank = [per_layer * sum(b - a for s, (a, b) in enumerate(state.stage_bounds)
+                                if stage_rank(s, par.pp, "serve") == r) for r in range(par.pp)]
     V = spec.model.vocab_size
     before, after = [], []
     if par.world_size > 1:
@@ -198,11 +206,12 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:
     """Each pipeline rank's actions with `{stage}REDUCE_GRAD` after the last backward of every stage that
-    reduces gradients (gradient buckets, or ZeRO-3's reduce-scatters), and after that backward's send to
-    the previous stage, which then need not wait for the reduction."""
+    reduces gradients (gradient buckets, or ZeRO-3's reduce-scatters): its last B, and after that B's send
+    to the previous stage, which then need not wait for the reduction; or its last W (zero-bubble schedules:
+    the weight gradients are complete only then; the I's send went long before)."""
     out = []
     for actions in lowered:
-        last = {a.stage: i for i, a in enumerate(actions) if a.kind == "B"}
+        last = {a.stage: i for i, a in enumerate(actions) if a.kind in ("B", "W")}
         after = {}
         for s, i in last.items():
             if state.buckets.get(s) or _zero3_scatters(state, s):
@@ -239,19 +248,22 @@ def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
 
 def _compute_only(spec: Spec, mode: str = "train"):
     par = spec.parallelism
-    if mode == "serve":  # each step: the stages in order, one forward each
-        return [[Action(s, "F", 0) for s in range(r, par.n_stages, par.pp)] for r in range(par.pp)]
+    if mode == "serve":  # each step: the stages in order, one forward each, stage s on rank s mod pp
+        return [[Action(s, "F", 0) for s in range(par.n_stages) if stage_rank(s, par.pp, "serve") == r]
+                for r in range(par.pp)]
     return generate(par.pipeline.schedule, par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
 
 
-def _ranks(spec: Spec) -> RankTable:
+def _ranks(spec: Spec, mode: str) -> RankTable:
     par, per_node = spec.parallelism, spec.cluster.gpus_per_node
+    kind = placement(spec, mode)
     rows = []
     for r in range(par.world_size):
         c = coords(par, per_node, r)
         rows.append([r, c.pp, c.dp, c.tp, c.ep, c.edp, c.node])
     return RankTable(["rank", "pp", "dp", "tp", "ep", "edp", "node"], rows,
-                     {str(p): [f"stage{s}" for s in range(p, par.n_stages, par.pp)] for p in range(par.pp)})
+                     {str(p): [f"stage{s}" for s in range(par.n_stages) if stage_rank(s, par.pp, kind) == p]
+                      for p in range(par.pp)})
 
 
 def recomputed(state: CompileState, comm) -> bool:
@@ -267,6 +279,7 @@ def recomputed(state: CompileState, comm) -> bool:
 def _roles(state: CompileState) -> list[Role]:
     roles = []
     par = state.spec.parallelism
+    kind = placement(state.spec, state.mode)
     for s, (a, b) in enumerate(state.stage_bounds):
         comms = state.stage_comms(s)
         forward = [c for comm in comms for c in comm.forward]
@@ -276,7 +289,8 @@ def _roles(state: CompileState) -> list[Role]:
                 backward += comm.forward
             backward += comm.backward
         roles.append(Role(
-            name=f"stage{s}", stage=s, pp_rank=s % par.pp, layers=[a, b], embedding=s == 0, head=s == state.last_stage,
+            name=f"stage{s}", stage=s, pp_rank=stage_rank(s, par.pp, kind), layers=[a, b], embedding=s == 0,
+            head=s == state.last_stage,
             program=f"programs/stage{s}.py", parameters=sorted(n for n, p in state.params.items() if s in p.stages),
             buffers=[x.name for x in state.buffers if s in x.stages], forward=forward, backward=backward,
             grad_buckets=state.buckets.get(s, []), compiled=compiled_functions(state, a, b)))
@@ -289,6 +303,12 @@ def actions_text(plan: Plan) -> str:
         lines = [f"# lcc per-rank serve step for {plan.spec_name}: rank 0's batch to every rank, the stages in order",
                  "# (torch.distributed.pipelining actions, with the collectives each forward F issues), then each dp",
                  "# rank's last-position logits to rank 0. Stage s runs on pipeline rank s mod pp."]
+    elif plan.schedule.kind in ("zb_h1", "zbv"):
+        lines = [f"# lcc per-rank schedule for {plan.spec_name}: torch.distributed.pipelining actions, the",
+                 "# collectives each compute action issues per micro-batch (forward F; backward split into I, the",
+                 "# stage input's gradient, sent back at once, and W, the weight gradients, with the gradient",
+                 "# buckets issued during it), then the step's actions after the last W. Stage s runs on pipeline",
+                 "# rank " + ("s for s < pp, else 2 pp - 1 - s (a V)." if plan.schedule.kind == "zbv" else "s mod pp.")]
     else:
         lines = [f"# lcc per-rank schedule for {plan.spec_name}: torch.distributed.pipelining actions, the",
                  "# collectives each compute action issues per micro-batch (forward F, backward B, with the gradient",
@@ -303,7 +323,7 @@ def actions_text(plan: Plan) -> str:
         lines.append(f"pp_rank {r}:")
         for action in serving.before if serving else []:
             lines.append(f"  {action}")
-        last_b = {Action.parse(a).stage: i for i, a in enumerate(actions) if Action.parse(a).kind == "B"}
+        last_b = {Action.parse(a).stage: i for i, a in enumerate(actions) if Action.parse(a).kind in ("B", "W")}
         for index, text in enumerate(actions):
             extra = ""
             action = Action.parse(text)
@@ -315,14 +335,15 @@ def actions_text(plan: Plan) -> str:
                 further = [f"all_reduce({axis})" for b in buckets for axis in b.axes[1:]]
                 extra = "  # the stage's gradients complete" + (
                     ("; then " + _counted(further)) if further else "")
-            if kind in ("F", "B"):
+            if kind in ("F", "B", "I", "W"):  # I: the backward but the weights' parts, which W issues
                 issued = [c for c in (role.forward if kind == "F" else role.backward)
-                          if not (kind == "B" and once and not final and is_zero3_scatter(c))]
-                issued += [c for b in role.grad_buckets if kind == "B" and (final or b.when == "microbatch")
+                          if not (kind in ("B", "W") and once and not final and is_zero3_scatter(c))
+                          and (kind in ("F", "B") or (kind == "W") == is_zero3_scatter(c))]
+                issued += [c for b in role.grad_buckets if kind in ("B", "W") and (final or b.when == "microbatch")
                            for c in b.collectives(0, "")[:1]]
                 ops = [f"{c.op}({c.axis})" for c in issued]
                 extra = "  # " + _counted(ops) if ops else ""
-                if kind == "B" and recompute:
+                if kind in ("B", "I") and recompute:
                     extra += ("; " if extra else "  # ") + f"recomputes {recompute}"
             lines.append(f"  {text}{extra}")
         for action in plan.schedule.step[r] if plan.schedule.step else []:
@@ -338,7 +359,7 @@ def _counted(ops: list[str]) -> str:
 
 def action_on(serving: Serving, pp_rank: int, plan: Plan) -> bool:
     """Whether the serve plan's after-step actions concern `pp_rank`: the last stage's, and rank 0's."""
-    return pp_rank in (0, (plan.schedule.n_stages - 1) % plan.mesh.size("pp"))
+    return pp_rank in (0, stage_rank(plan.schedule.n_stages - 1, plan.mesh.size("pp"), plan.schedule.kind))
 
 
 def _exchange_axes(spec: Spec) -> tuple[int, int]:

@@ -6,7 +6,8 @@
   pipeline rank (pid = pipeline rank + 1: trace viewers treat pid 0 apart), named with its stages and
   ranks; threads for compute (forward, backward, and the bubble's idle time), sends and receives;
   complete events with durations from the cost model; a flow arrow from each send to its receive; the
-  step actions after the pipeline on a thread of their own.
+  step actions after the pipeline on a thread of their own; a training step timed with its communication,
+  compute and collectives on threads `timed compute` and `comm` (lcc.inspect.comm_timeline).
 - `dot`: Graphviz: each pipeline rank's stages, the activations and gradients they send each other, and
   the collective groups a rank belongs to (size, link).
 - `csv`: the compute schedule in torch.distributed.pipelining's notation (schedule.csv).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lcc.inspect.comm_timeline import comm_trace
 from lcc.inspect.ranks import RankIndex
 from lcc.inspect.target import Target
 from lcc.inspect.timeline import Slice, timeline
@@ -84,11 +86,15 @@ def perfetto(target: Target) -> str:
                            "cat": "step", "pid": r + 1,
                            "tid": TRACKS["step"], "ts": _us(tl.makespan), "dur": _us(seconds - tl.makespan),
                            "args": {"actions": kinds}})
-    doc = {"traceEvents": events, "displayTimeUnit": "ms",
-           "otherData": {"spec": plan.spec_name, "mode": plan.mode, "schedule": plan.schedule.kind,
-                         "microbatches": plan.schedule.microbatches, "pipeline_seconds": tl.makespan,
-                         "step_seconds_estimate": seconds, "bubble_fraction": plan.schedule.simulation.bubble_fraction,
-                         "compute_unit_seconds": tl.unit_seconds, "pipeline_boundaries": tl.boundaries}}
+    other = {"spec": plan.spec_name, "mode": plan.mode, "schedule": plan.schedule.kind,
+             "microbatches": plan.schedule.microbatches, "pipeline_seconds": tl.makespan,
+             "step_seconds_estimate": seconds, "bubble_fraction": plan.schedule.simulation.bubble_fraction,
+             "compute_unit_seconds": tl.unit_seconds, "pipeline_boundaries": tl.boundaries}
+    if plan.mode == "train":  # the step timed with its communication: threads `timed compute` and `comm`
+        timed, about = comm_trace(plan, target.text("spec.json"), _us)
+        events += timed
+        other.update(about)
+    doc = {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+from lcc.inspect.graph_moe import MoERules
 from lcc.inspect.graph_values import (
     Dim,
     Graph,
@@ -28,7 +29,7 @@ from lcc.plan.op_table import OPS, Op
 from lcc.plan.types import Plan, Role, chunk_size
 
 
-class _Reader:
+class _Reader(MoERules):
     def __init__(self, plan: Plan, role: Role, source: str, k_max: int):
         self.plan, self.role, self.k_max = plan, role, k_max
         self.tree = ast.parse(source)
@@ -313,91 +314,6 @@ class _Reader:
         rows = kw.get("rows")
         out = self.new(name, x.dtype, [rows if rows is not None else times(x.shape[0], g.size), *x.shape[1:]])
         self.node("gather_tokens", [x], [out], **self._group(g))
-        return out
-
-    def _route(self, x: Value, inputs: list[Value], name: str, op: str) -> Struct:
-        k = self.k_max
-        rows = x.shape[0]
-        fields = {"experts_TK": self.new(f"{name}.experts", "int64", [rows, k]),
-                  "gates_TK": self.new(f"{name}.gates", "float32", [rows, k]),
-                  "mask_TK": self.new(f"{name}.mask", "bool", [rows, k])}
-        self.node(op, inputs, list(fields.values()))
-        return Struct(fields)
-
-    def rule_route(self, op: Op, args, kw, name, target):
-        x, centroids, weight, bias = args[:4]
-        return self._route(x, [x, centroids, weight, bias], name, op.name)
-
-    def rule_route_tables(self, op: Op, args, kw, name, target):
-        x, tables = args
-        return self._route(x, [x, *tables.fields.values()], name, op.name)
-
-    def rule_unit_balance(self, op: Op, args, kw, name, target):
-        """The routing result passes on; the node all-reduces the unit's expert counts into its balance loss."""
-        route, g = args
-        self.node(op.name, list(route.fields.values()), [self.new(f"{name}.aux_loss", "float32", [])],
-                  **self._group(g))
-        return route
-
-    def rule_moe_plan(self, op: Op, args, kw, name, target):
-        route, n_experts, g = args[0], kw["n_experts"], kw["group"]
-        per = n_experts // g.size
-        fields = {"token_S": self.new(f"{name}.token_S", "int64", ["slots"]),
-                  "send": self.new(f"{name}.send", "int64", [g.size]),
-                  "recv": self.new(f"{name}.recv", "int64", [g.size]),
-                  "order": self.new(f"{name}.order", "int64", ["received_rows"]),
-                  "inverse": self.new(f"{name}.inverse", "int64", ["received_rows"]),
-                  "local_counts_E": self.new(f"{name}.local_counts_E", "int64", [per])}
-        self.node("moe_plan", list(route.fields.values()), list(fields.values()), n_experts=n_experts,
-                  **self._group(g))
-        fields["gates"] = route.fields["gates_TK"]
-        return Struct(fields)
-
-    def rule_node_plan(self, op: Op, args, kw, name, target):
-        """Rows per (token, node) out; in, the slots this rank forwards: rows, gates, slots per expert."""
-        route, n_experts, g = args[0], kw["n_experts"], kw["group"]
-        gates = route.fields["gates_TK"].dtype
-        forwarded = {"token_S": self.new(f"{name}.forwarded.token_S", "int64", ["forwarded_slots"]),
-                     "gates_TK": self.new(f"{name}.forwarded.gates", gates, ["forwarded_slots"]),
-                     "counts_E": self.new(f"{name}.forwarded.counts_E", "int64", [n_experts // g.size])}
-        fields = {"token_S": self.new(f"{name}.token_S", "int64", ["node_rows"]),
-                  **{k: self.new(f"{name}.{k}", "int64", [g.size]) for k in ("send", "recv")}}
-        self.node("node_plan", list(route.fields.values()), [*fields.values(), *forwarded.values()],
-                  n_experts=n_experts, **self._group(g))
-        ones = self.new(f"{name}.ones", gates, ["node_rows"])
-        return Struct({**fields, "gates": ones, "forwarded": Struct(forwarded)})
-
-    def rule_all_to_all(self, op: Op, args, kw, name, target):
-        x, send, recv, g = args
-        rows = "received_rows" if recv.name.endswith(".recv") else "slots"
-        out = self.new(name, x.dtype, [rows, *x.shape[1:]])
-        self.node("all_to_all", [x, send, recv], [out], split_sizes="data-dependent (send, recv)", **self._group(g))
-        return out
-
-    def _experts(self, args, name, op: str) -> Value:
-        x, counts, w1, w3, w2 = args
-        inputs = [x, counts]
-        attrs: dict[str, Any] = {}
-        for w in (w1, w3, w2):
-            inputs += list(w.fields.values()) if isinstance(w, Struct) else [w]
-        if isinstance(w2, Struct):
-            d = w2.fields["packed"].shape[1]
-            attrs["int4_group_size"] = self.plan.serving.group_size
-            attrs["expert_kernel"] = self.plan.serving.expert_kernel
-        else:
-            d = w2.shape[1]
-        dtype = self.compute if self.plan.mode == "train" else x.dtype  # grouped matmuls autocast
-        out = self.new(name, dtype, [x.shape[0], d])
-        self.node(op, inputs, [out], **attrs)
-        return out
-
-    def rule_experts(self, op: Op, args, kw, name, target):
-        return self._experts(args, name, op.name)
-
-    def rule_combine_tokens(self, op: Op, args, kw, name, target):
-        y, plan, x = args
-        out = self.new(name, y.dtype, x.shape)  # the experts' outputs, gate-weighted, in their dtype
-        self.node("combine_tokens", [y, plan.fields["token_S"], plan.fields["gates"]], [out])
         return out
 
     def rule_last_positions(self, op: Op, args, kw, name, target):

@@ -8,7 +8,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from lcc.actions import Action
+from lcc.actions import Action, stage_rank
 from lcc.plan.types import Collective, Plan, chunk_size, is_zero3_scatter
 from lcc.spec.models import DTYPE_BYTES
 
@@ -97,7 +97,7 @@ def collectives(plan: Plan, index: RankIndex, rank: int) -> list[dict[str, Any]]
     for action in plan.schedule.step[c["pp"]] if plan.schedule.step else []:  # serve plans have no step actions
         out += [collective_row(plan, index, rank, x, 1, f"step {action.kind}") for x in action.collectives]
     if plan.serving is not None and plan.serving.after:  # RETURN_LOGITS: the last stage's tp rank 0 -> rank 0
-        last = (plan.schedule.n_stages - 1) % c_pp(plan)
+        last = stage_rank(plan.schedule.n_stages - 1, c_pp(plan), plan.schedule.kind)
         sources = [index.rank_of(last, d, 0) for d in range(plan.mesh.size("dp"))]
         for a in plan.serving.after:
             for x in a.collectives:
@@ -126,7 +126,7 @@ def _p2p(plan: Plan, index: RankIndex, rank: int) -> list[dict[str, Any]]:
         a = Action.parse(text)
         forward = a.kind.endswith("_F")
         step = 1 if (a.kind == "SEND_F" or a.kind == "RECV_B") else -1
-        counts[(a.kind, (a.stage + step) % pp, forward)] += 1
+        counts[(a.kind, stage_rank(a.stage + step, pp, plan.schedule.kind), forward)] += 1
     shape = [d if d >= 0 else plan.serving.max_batched_tokens for d in plan.schedule.boundary_shape] \
         if plan.serving is not None else plan.schedule.boundary_shape
     nbytes = math.prod(shape) * dtype_bytes(plan, "params" if plan.mode == "train" else plan.dtype)

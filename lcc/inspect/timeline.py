@@ -1,10 +1,11 @@
 """One step of a plan's pipeline schedule as timed slices: the schedule simulator's timeline (the same run
 that measured the plan's bubble), in seconds from the cost model.
 
-A compute unit (a forward of one stage and micro-batch; a backward is two) lasts the rank's compute time
-per step over its busy units (serve plans: the report's memory-bound decode step over the stages); a send
-or receive lasts the boundary activation's bytes over the pipeline link's bandwidth. Gaps on a rank's
-compute track are its share of the bubble: busy plus idle is the step.
+A compute unit (a forward of one stage and micro-batch; a backward is two, its input-gradient half I and its
+weight-gradient half W one each) lasts the rank's compute time per step over its busy units (serve plans:
+the report's memory-bound decode step over the stages); a send or receive lasts the boundary activation's
+bytes over the pipeline link's bandwidth. Gaps on a rank's compute track are its share of the bubble: busy
+plus idle is the step.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lcc.actions import Action
+from lcc.actions import Action, stage_rank
 from lcc.compiler.schedule import COST, simulate
 from lcc.inspect.ranks import RankIndex, dtype_bytes
 from lcc.plan.types import Plan
+
+# compute slices' names: "<name> stage s mb m"
+NAMES = {"F": "forward", "B": "backward", "I": "backward input", "W": "backward weights"}
 
 
 @dataclass(frozen=True)
@@ -40,18 +44,19 @@ class Timeline:
 
 def timeline(plan: Plan, network: dict[str, float]) -> Timeline:
     """`network`: the spec's `cluster.network` (Gbit/s per device within and across nodes)."""
-    pp = plan.mesh.size("pp")
+    pp, kind = plan.mesh.size("pp"), plan.schedule.kind
     actions = [[Action.parse(a) for a in rank] for rank in plan.schedule.actions]
     actions = [[a for a in rank if a.mb is not None] for rank in actions]  # REDUCE_GRAD: the step's, after it
     events: list[tuple[int, Action, int, int]] = []
     if plan.mode == "train":
-        simulate(actions, plan.schedule.n_stages, plan.schedule.microbatches, events)
+        simulate(actions, plan.schedule.n_stages, plan.schedule.microbatches, events, placement=kind)
         units = plan.schedule.simulation.busy
     else:  # serve: one decode step's batch through the stages in order
         clock = 0
         for stage in range(plan.schedule.n_stages):
-            for a in (a for a in actions[stage % pp] if a.stage == stage):
-                events.append((stage % pp, a, clock, clock + (COST["F"] if a.kind == "F" else 0)))
+            home = stage_rank(stage, pp, kind)
+            for a in (a for a in actions[home] if a.stage == stage):
+                events.append((home, a, clock, clock + (COST["F"] if a.kind == "F" else 0)))
                 clock += COST["F"] if a.kind == "F" else 0
         units = [COST["F"] * sum(a.kind == "F" for a in rank) for rank in actions]
     if plan.mode == "train":
@@ -74,12 +79,11 @@ def timeline(plan: Plan, network: dict[str, float]) -> Timeline:
     slices, links = [], {}
     for r, a, start, end in events:
         if a.kind in COST:
-            name = f"{'forward' if a.kind == 'F' else 'backward'} stage {a.stage} mb {a.mb}"
+            name = f"{NAMES[a.kind]} stage {a.stage} mb {a.mb}"
             slices.append(Slice(r, "compute", name, start * unit, end * unit, a.stage, a.mb))
         else:
             send = a.kind.startswith("SEND")
-            peer = (a.stage + (1 if a.kind == "SEND_F" else -1)) % pp if send else \
-                (a.stage + (-1 if a.kind == "RECV_F" else 1)) % pp
+            peer = stage_rank(a.stage + (1 if a.kind in ("SEND_F", "RECV_B") else -1), pp, kind)
             what = "activations" if a.kind.endswith("_F") else "gradients"
             seconds, link = transfer(r, peer)
             links[f"{min(r, peer)}-{max(r, peer)}"] = {"link": link, "seconds": seconds}

@@ -8,7 +8,9 @@ rank every collective is the identity.
 from lcc.ops.collectives import (
     all_reduce,
     all_to_all,
+    all_to_all_start,
     copy_to_tp,
+    exchange_wait,
     gather_sequence,
     gather_tokens,
     gather_vocab,
@@ -29,6 +31,7 @@ from lcc.ops.moe import (
     unit_balance,
 )
 from lcc.ops.node_exchange import NodePlan, node_plan
+from lcc.ops.overlap import HalvesPlan, cat_rows, moe_plan_halves
 from lcc.ops.recompute import recompute
 from lcc.ops.serve import last_positions, paged_attention, route_tables
 from lcc.ops.zero import offload_gathered, zero_gather, zero_prefetch
@@ -57,6 +60,11 @@ __all__ = [
     "moe_plan",
     "NodePlan",
     "node_plan",
+    "HalvesPlan",
+    "moe_plan_halves",
+    "cat_rows",
+    "all_to_all_start",
+    "exchange_wait",
     "offload_gathered",
     "paged_attention",
     "recompute",

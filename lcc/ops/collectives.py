@@ -6,10 +6,12 @@ backward are explicit so a generated program shows every communication it will i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
-from lcc.ops import c10d
+from lcc.ops import c10d, timing
 from lcc.ops.groups import Group, all_reduce_copy, group_rank, group_size
 from lcc.ops.regather import register
 
@@ -239,3 +241,50 @@ def exchange_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
 def gather_vocab(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Serve plans: every rank's slice of the vocabulary (the last dim) in rank order: whole logits."""
     return x if group_size(group) == 1 else _gather_along(x, group, x.dim() - 1).contiguous()
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Forward: start the exchange (rows [sum send[:i], ...) to rank i) and return its output buffer, not yet
+    filled, with the pending work; `exchange_wait` waits. Backward: the reverse exchange, at once."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        work = dist.all_to_all_single(out, x.contiguous(), recv, send, group=group, async_op=True)
+        timing.on_arrival(work, "all_to_all")
+        return out, work
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
+class _Wait(torch.autograd.Function):
+    """Forward: wait for an exchange `all_to_all_start` began; its rows as a tensor of their own. Backward:
+    identity."""
+
+    @staticmethod
+    def forward(ctx, x, work):
+        work.wait()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def all_to_all_start(x: torch.Tensor, send: list[int], recv: list[int], group: Group) -> tuple[torch.Tensor, Any]:
+    """Begin exchanging rows as `all_to_all` does and return (the output, its pending work) at once, so that
+    computation can run while the rows travel; read the output only through `exchange_wait`. Backward: the
+    reverse exchange (synchronous)."""
+    if group_size(group) == 1:
+        return x, None
+    return _AllToAllStart.apply(x, send, recv, group)
+
+
+def exchange_wait(x: torch.Tensor, work: Any) -> torch.Tensor:
+    """The rows of an exchange `all_to_all_start` began, once they have arrived."""
+    return x if work is None else _Wait.apply(x, work)

@@ -20,6 +20,7 @@ from lcc.backends.triton.experts import ExpertStack
 from lcc.model import routing
 from lcc.model.moe import Dispatch, combine, dispatch, swiglu_segments
 from lcc.model.routing import RouteResult
+from lcc.ops import timing
 from lcc.ops.collectives import exchange_counts
 from lcc.ops.groups import Group, all_reduce_copy, group_size
 
@@ -86,11 +87,17 @@ def exchange_plan(counts: torch.Tensor, group: Group) -> tuple[list[int], list[i
     """`counts` [members, k]: rows this rank sends to each member's k buckets (experts). Exchanges them
     (a small all-to-all) and returns (rows to each member, rows from each member, rows per local bucket;
     order: received rows, source-major, -> bucket-major; its inverse; the received counts [members, k])."""
-    n = counts.shape[0]
     received = exchange_counts(counts, group)  # row s: what source s sends to my buckets
     # The one host synchronisation: the all-to-all's split sizes (rows to and from each member) are host
     # ints, and so are the shapes that follow from them; one read brings all of it.
-    host = torch.cat([counts.sum(1), received.sum(1), received.sum(0)]).tolist()
+    return plan_from(counts, received, torch.cat([counts.sum(1), received.sum(1), received.sum(0)]).tolist())
+
+
+def plan_from(counts: torch.Tensor, received: torch.Tensor, host: list[int]) -> tuple[
+        list[int], list[int], list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """exchange_plan's result from the exchanged counts and their sums read on the host (rows sent to each
+    member, rows received from each, rows per local bucket)."""
+    n = counts.shape[0]
     send, recv, local_counts = host[:n], host[n:2 * n], host[2 * n:]
     device, rows = received.device, sum(recv)
     # received rows are source-major (source s, then its buckets); order lists them bucket-major
@@ -109,6 +116,17 @@ def grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD:
     """The experts over their segments; pass `plan.local_counts_E` (device) so that grouped matmul needs no
     host sync: a list is copied to the device, which on a GPU waits for the stream. Weights prepared for
     the Triton kernels (`ExpertStack`, CUDA serve plans) run there."""
+    if timing.SPANS is None:
+        return _grouped_swiglu(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
+    start = timing.now()  # lcc run train --trace: the experts' compute as a span
+    try:
+        return _grouped_swiglu(x_SD, counts, w1_EFD, w3_EFD, w2_EDF)
+    finally:
+        timing.record("compute", "experts", start, timing.now())
+
+
+def _grouped_swiglu(x_SD: torch.Tensor, counts: torch.Tensor | list[int], w1_EFD: torch.Tensor | ExpertStack,
+                    w3_EFD: torch.Tensor | ExpertStack, w2_EDF: torch.Tensor | ExpertStack) -> torch.Tensor:
     if isinstance(w1_EFD, ExpertStack):
         return triton_experts.swiglu_segments(x_SD, _on(counts, x_SD), w1_EFD, w3_EFD, w2_EDF)
     if isinstance(w1_EFD, NativeDenseExperts):  # bfloat16 serving on CPU: lcc's dense kernel for few rows

@@ -35,13 +35,14 @@ class Op:
     after_call: bool = False  # a collective a pass may place right after any module's call (codegen emits
     # it there, in this table's order, wherever the plan records one)
     sized_by_values: bool = False  # its output's shape follows tensor values (torch.compile cannot trace it)
+    waits: bool = False  # waits for communication begun earlier (ends a compiled region, as collectives do)
 
     @property
     def traced(self) -> bool:
         """Whether torch.compile traces through the op (train.compile): compute whose shapes follow from its
         inputs' shapes. The others (collectives, ZeRO gathers, recomputation, value-sized compute) end a
         compiled region; the next region starts after them."""
-        return self.kind == "compute" and not self.sized_by_values
+        return self.kind == "compute" and not self.sized_by_values and not self.waits
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,6 +65,10 @@ DECODE = ("parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=1", "paralleli
 NODES = ("parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=4", "parallelism.ep=4", "cluster.nodes=2",
          "cluster.gpus_per_node=2", "parallelism.expert_exchange=hierarchical")
 
+# tiny-moe at dp 2 x ep 2 with the overlapped expert exchange: its programs split each MoE layer in halves
+OVERLAP = ("parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
+           "parallelism.expert_overlap=true")
+
 TABLE: tuple[Op, ...] = (
     # ---------------------------------------------------------------------------------------------- compute
     Op("embedding_shard", "compute", "embedding_shard", keywords=("vocab_start",), attrs=(("vocab_start", str),),
@@ -82,6 +87,8 @@ TABLE: tuple[Op, ...] = (
     Op("grouped_swiglu", "compute", "experts", sized_by_values=True),  # segments and padding from the counts
     Op("grouped_swiglu_int4", "compute", "experts", sized_by_values=True),
     Op("combine_tokens", "compute", "combine_tokens"),
+    Op("cat_rows", "compute", "cat_rows", layout=OVERLAP),
+    Op("exchange_wait", "compute", "exchange_wait", waits=True, layout=OVERLAP),
     Op("last_positions", "compute", "last_positions"),
     Op("flatten_logits", "compute", "flatten_logits"),
     Op("row_max", "compute", "rows"),
@@ -98,6 +105,11 @@ TABLE: tuple[Op, ...] = (
     Op("gather_tokens", "collective", "gather_tokens", forward=("all_gather",), keywords=("rows",)),
     Op("all_to_all", "collective", "all_to_all", forward=("all_to_all",), backward=("all_to_all",)),
     Op("moe_plan", "collective", "moe_plan", forward=("all_to_all",), keywords=("n_experts", "group")),
+    # the overlapped exchange: each half's counts; an exchange begun now, waited for later (exchange_wait)
+    Op("moe_plan_halves", "collective", "moe_plan_halves", forward=("all_to_all",),
+       keywords=("n_experts", "group"), layout=OVERLAP),
+    Op("all_to_all_start", "collective", "all_to_all_start", forward=("all_to_all",), backward=("all_to_all",),
+       layout=OVERLAP),
     # the hierarchical exchange's first level: counts, each slot's row index and gate to each node
     Op("node_plan", "collective", "node_plan", forward=("all_to_all", "all_to_all", "all_to_all"),
        backward=("all_to_all",), keywords=("n_experts", "group"), layout=NODES),

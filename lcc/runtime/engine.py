@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lcc.actions import Action
+from lcc.actions import Action, stage_rank
 from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, units_of_step
 from lcc.data.tokenizer import plan_tokenizer
 from lcc.model.routing import update_bias
@@ -32,11 +32,13 @@ from lcc.runtime.checkpoint_identity import identity
 from lcc.runtime.checkpoint_layout import rank_state
 from lcc.runtime.compiled import compile_programs, compile_seconds
 from lcc.runtime.device import running_on
-from lcc.runtime.grad_sync import GradSync
+from lcc.runtime.grad_sync import GradSync, held_gradients
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
 from lcc.runtime.mesh import Mesh, build_mesh
 from lcc.runtime.shards import counts_once, local_parameters
+from lcc.runtime.split_backward import backward_input, backward_weight
 from lcc.runtime.step_figures import peak_bytes, router_summary, squared_norm
+from lcc.runtime.trace import ActionTrace
 from lcc.runtime.transcript import Transcript
 from lcc.runtime.zero import ZeroLayout
 from lcc.spec import Spec
@@ -53,7 +55,8 @@ def load_program(path: Path) -> types.ModuleType:
 
 class RankEngine:
     def __init__(self, plan_dir: Path, rank: int, spec_dir: Path | None = None, keep_grads: bool = False,
-                 track_memory: bool = False, transcript: Path | None = None, device: torch.device | None = None):
+                 track_memory: bool = False, transcript: Path | None = None, device: torch.device | None = None,
+                 trace: Path | None = None):
         """`device`: where the rank's tensors live (lcc.runtime.device.join binds it); weights are built on
         the CPU, the same bits on every device, and moved there once."""
         self.dir = Path(plan_dir)
@@ -88,7 +91,8 @@ class RankEngine:
         compile_programs(self.programs, self.roles)
         self.compiles = any(role.compiled for role in self.roles.values())
         self.actions = [Action.parse(a) for a in plan.schedule.actions[c["pp"]]]
-        self.last_backward = {a.stage: i for i, a in enumerate(self.actions) if a.kind == "B"}
+        self.last_backward = {a.stage: i for i, a in enumerate(self.actions) if a.kind in ("B", "W")}
+        self.weights = list(self.params.values())
         self.step_actions: list[StepAction] = plan.schedule.step[c["pp"]]
         self.n_stages = plan.schedule.n_stages
         matrices = {n for n, m in self.meta.items() if len(m.global_shape) >= 2}
@@ -101,6 +105,7 @@ class RankEngine:
                 p.register_post_accumulate_grad_hook(self._mark_gradient)
         self.transcript = (Transcript(transcript, rank, self.mesh.axis_of(), plan.mesh.gpus_per_node)
                            if transcript else None)
+        self.trace = ActionTrace(trace, rank) if trace else None  # lcc run train --trace (lcc.runtime.trace)
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
         self.stream = TokenStream(train.to(device), plan.data.seq_len)
 
@@ -172,7 +177,8 @@ class RankEngine:
 
     def _record_step(self, step: int) -> dict[str, Any]:
         recording = self.transcript.recording(step) if self.transcript else contextlib.nullcontext()
-        with recording, running_on(self.device):
+        timed = self.trace.recording(step) if self.trace else contextlib.nullcontext()
+        with recording, timed, running_on(self.device):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             if self.memory is None:
@@ -190,7 +196,7 @@ class RankEngine:
 
     def _train_step(self, step: int) -> dict[str, Any]:
         c = self.mesh.coords
-        pp = self.mesh.sizes["pp"]
+        pp, kind = self.mesh.sizes["pp"], self.plan.schedule.kind
         units = self._my_units(step)
         data = self.plan.data
         step_tokens = data.global_batch * data.seq_len
@@ -201,14 +207,15 @@ class RankEngine:
         outputs: dict[Any, torch.Tensor] = {}
         grads_in: dict[tuple[int, int], torch.Tensor] = {}
         pending: list[Any] = []
+        split: dict[tuple[int, int], Any] = {}  # zero bubble: what each I leaves for its W
         ce_sum = torch.zeros((), dtype=torch.float64)
         mb_shape = tuple(self.plan.schedule.boundary_shape)
         self.optimizer.zero_grad(set_to_none=True)
-        for index, a in enumerate(self.actions):
+        for index, a in enumerate(self.trace.actions(self.actions) if self.trace else self.actions):
             key = (a.stage, a.mb)
             if a.kind == "RECV_F":
                 buf = torch.empty(mb_shape, dtype=self.dtype)
-                dist.recv(buf, src=self.mesh.peer((a.stage - 1) % pp))
+                dist.recv(buf, src=self.mesh.peer(stage_rank(a.stage - 1, pp, kind)))
                 inputs[key] = buf.requires_grad_()
             elif a.kind == "F":
                 if a.stage == 0:
@@ -232,34 +239,46 @@ class RankEngine:
                     outputs[key] = out.to(self.dtype)
                     outputs[(key, "aux")] = router_losses
             elif a.kind == "SEND_F":
-                pending.append(dist.isend(outputs[key].detach().contiguous(), dst=self.mesh.peer((a.stage + 1) % pp)))
+                peer = self.mesh.peer(stage_rank(a.stage + 1, pp, kind))
+                pending.append(dist.isend(outputs[key].detach().contiguous(), dst=peer))
             elif a.kind == "RECV_B":
                 buf = torch.empty(mb_shape, dtype=self.dtype)
-                dist.recv(buf, src=self.mesh.peer((a.stage + 1) % pp))
+                dist.recv(buf, src=self.mesh.peer(stage_rank(a.stage + 1, pp, kind)))
                 grads_in[key] = buf
-            elif a.kind == "B":
-                out = outputs.pop(key)
+            elif a.kind == "I":  # zero bubble: the input's gradient now, the weights' at W (the first stage: W)
+                ends = self._backward_ends(a, outputs, grads_in, inputs)
+                split[key] = ends if a.stage == 0 else backward_input(*ends, inputs[key], self.weights)
+            elif a.kind in ("B", "W"):
                 final = index == self.last_backward[a.stage]
                 self.sync.begin(a.stage, final)
                 ctx.accumulating = self.zero >= 3 and self.plan.memory.grad_reduce == "step" and not final
-                if a.stage == self.n_stages - 1:
-                    out.backward()
+                if a.kind == "W" and a.stage > 0:
+                    backward_weight(split.pop(key))
                 else:
-                    grad = grads_in.pop(key, None)
-                    if grad is None:  # the next stage ran on this rank
-                        grad = inputs[(a.stage + 1, a.mb)].grad
-                    aux = outputs.pop((key, "aux"))  # a stage without routers has no router loss
-                    ends, grads = ([out, aux], [grad, torch.ones(())]) if aux.requires_grad else ([out], [grad])
-                    torch.autograd.backward(ends, grads)
+                    torch.autograd.backward(*(split.pop(key) if a.kind == "W" else
+                                              self._backward_ends(a, outputs, grads_in, inputs)))
                 self.sync.after_backward()
             elif a.kind == "REDUCE_GRAD":
                 self.sync.reduce_grad(a.stage)
             elif a.kind == "SEND_B":
-                pending.append(dist.isend(inputs[key].grad.contiguous(), dst=self.mesh.peer((a.stage - 1) % pp)))
+                peer = self.mesh.peer(stage_rank(a.stage - 1, pp, kind))
+                pending.append(dist.isend(inputs[key].grad.contiguous(), dst=peer))
         for work in pending:
             work.wait()
         self.states_bytes = storage_bytes(self.model_states())  # weights, optimizer states, gradients
         return self._finish_step(step, ctx, ce_sum, step_tokens)
+
+    def _backward_ends(self, a: Any, outputs: dict, grads_in: dict, inputs: dict) -> tuple[list, list | None]:
+        """(tensors, their gradients) a backward of stage a.stage starts from: the loss on the last stage, else
+        the output with the next stage's input gradient and the router losses."""
+        out = outputs.pop((a.stage, a.mb))
+        if a.stage == self.n_stages - 1:
+            return [out], None
+        grad = grads_in.pop((a.stage, a.mb), None)
+        if grad is None:  # the next stage ran on this rank
+            grad = inputs[(a.stage + 1, a.mb)].grad
+        aux = outputs.pop(((a.stage, a.mb), "aux"))  # a stage without routers has no router loss
+        return ([out, aux], [grad, torch.ones(())]) if aux.requires_grad else ([out], [grad])
 
     def _router_losses(self, ctx: ProgramContext, before: dict[str, int], n_units: int) -> torch.Tensor:
         """z-loss (and Switch loss) of the router calls this forward made, per unit. With tp > 1 each rank
@@ -278,7 +297,7 @@ class RankEngine:
     # ----------------------------------------------------------------------------- step actions
     def _finish_step(self, step: int, ctx: ProgramContext, ce_sum: torch.Tensor, step_tokens: int) -> dict[str, Any]:
         """The plan's step actions for this pipeline rank, in order; each issues exactly its collectives."""
-        self.grads = self._held_gradients()
+        self.grads = held_gradients(self.sync, self.roles, self.params, self.zero, self.layout)
         self.in_pieces = False
         self.stats: dict[str, torch.Tensor] = {}
         self.ctx, self.step_tokens, self.grad_norm, self.record = ctx, step_tokens, 0.0, {}
@@ -288,27 +307,11 @@ class RankEngine:
         self.grads = {}
         return {"step": step, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": step_tokens, **self.record}
 
-    def _held_gradients(self) -> dict[str, torch.Tensor]:
-        """Each parameter's gradient as its bucket left it: whole local tensors, or (ZeRO 2, reduce-scattered;
-        ZeRO 3, from the programs' gathers) this rank's padded piece."""
-        reduced = self.sync.take()
-        pieces = {n for role in self.roles.values() for b in role.grad_buckets if b.op == "reduce_scatter"
-                  for n in b.params}
-        grads = {}
-        for name, p in self.params.items():
-            g = reduced.get(name)
-            if g is None:  # in no bucket: nothing to reduce it over
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if self.zero == 2 and name not in pieces:  # over a ZeRO axis of one rank: the whole piece
-                g = self.layout.shard(name, g)
-            p.grad = None
-            grads[name] = g
-        return grads
-
     def _do_sum_tied_grad(self, action: StepAction) -> None:
         """A tied head on the last stage holds a copy of the embedding: the two gradients are summed."""
         grad = self.grads["embed.weight"]
-        peer = self.mesh.peer((self.n_stages - 1) % self.mesh.sizes["pp"] if action.stage == 0 else 0)
+        peer = self.mesh.peer(stage_rank(self.n_stages - 1 if action.stage == 0 else 0, self.mesh.sizes["pp"],
+                                         self.plan.schedule.kind))
         other = torch.empty_like(grad)
         mine = grad.clone().contiguous()
         works = [dist.isend(mine, peer) if c.op == "send" else dist.irecv(other, peer) for c in action.collectives]

@@ -158,3 +158,21 @@ class GradSync:
     def held(self) -> list[torch.Tensor]:
         """What the buckets hold between backward and the step's end (for memory accounting)."""
         return [*self.flat.values(), *self.reduced.values()]
+
+
+def held_gradients(sync: GradSync, roles: dict, params: dict[str, torch.Tensor], zero: int,
+                   layout: Any) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient as its bucket left it: whole local tensors, or (ZeRO 2, reduce-scattered;
+    ZeRO 3, from the programs' gathers) this rank's padded piece. The parameters' own `.grad` are cleared."""
+    reduced = sync.take()
+    pieces = {n for role in roles.values() for b in role.grad_buckets if b.op == "reduce_scatter" for n in b.params}
+    grads = {}
+    for name, p in params.items():
+        g = reduced.get(name)
+        if g is None:  # in no bucket: nothing to reduce it over
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if zero == 2 and name not in pieces:  # over a ZeRO axis of one rank: the whole piece
+            g = layout.shard(name, g)
+        p.grad = None
+        grads[name] = g
+    return grads

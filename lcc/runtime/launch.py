@@ -45,6 +45,7 @@ from lcc.runtime.rendezvous import check_torchrun, host_store, rank_outputs, tor
 from lcc.runtime.supervise import Run
 from lcc.runtime.support import RunError
 from lcc.runtime.threads import threads_per_rank
+from lcc.runtime.trace import merge as merge_trace
 from lcc.runtime.transcript import merge, part_path
 from lcc.spec.models import Spec
 
@@ -71,6 +72,7 @@ class RankJob:
     env: dict[str, str] | None = None
     transcript: str | None = None
     spec_dir: str | None = None
+    trace: str | None = None
 
 
 def _worker(job: RankJob, rank: int, link: RankLink | None = None) -> None:
@@ -101,7 +103,8 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
         dump = os.environ.get("LCC_DUMP_GRADS")  # tests: save step-1 gradients of every rank here
         engine = RankEngine(Path(plan_dir), rank, spec_dir=Path(job.spec_dir) if job.spec_dir else None, device=device,
                             keep_grads=bool(dump), track_memory=job.track_memory,
-                            transcript=part_path(Path(job.transcript), rank) if job.transcript else None)
+                            transcript=part_path(Path(job.transcript), rank) if job.transcript else None,
+                            trace=part_path(Path(job.trace), rank) if job.trace else None)
         watch_engine(engine, beat)
         beat.beat("resuming")
         first = engine.resume(Path(resume.path)) if resume and resume.path else 0
@@ -149,6 +152,8 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
                 out.close()
             if engine.transcript is not None:
                 engine.transcript.write()
+            if engine.trace is not None:
+                engine.trace.write()
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -204,7 +209,8 @@ def preflight(plan: Plan, steps: int, outputs: dict[str, Path | None], force: bo
 def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool = False,
            checkpoints: Path | None = None, resume: bool = False, track_memory: bool = False,
            transcript: Path | None = None, spec_dir: Path | None = None, resume_if_any: bool = False,
-           fallback: bool = False, keep: int = 3, force: bool = False, init_from: Path | None = None) -> None:
+           fallback: bool = False, keep: int = 3, force: bool = False, init_from: Path | None = None,
+           trace: Path | None = None) -> None:
     """Run `steps` optimizer steps of a compiled plan. `track_memory`: on CPU, count the bytes of live
     tensors for the metrics' peak memory (exact, but slows each step; otherwise the peak resident size).
     `transcript`: write every collective each rank issues there (JSON lines). `spec_dir`: where a
@@ -214,9 +220,11 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     if there is none yet; `fallback`: resume from the newest older checkpoint if the latest fails its checks
     (all checked here, before any rank starts: checkpoint_resume.prepare). `force`: start the ranks even where
     this machine looks too small for them (lcc.runtime.preflight). `init_from`: a checkpoint (any layout, the
-    same model and routing) whose weights a run that starts at step 0 begins from, checked here."""
+    same model and routing) whose weights a run that starts at step 0 begins from, checked here. `trace`: write
+    a Perfetto trace of what each rank did and when there (lcc.runtime.trace)."""
     plan = check_plan(Path(plan_dir))
-    preflight(plan, steps, {"--metrics": metrics, "--transcript": transcript, "--checkpoint-dir": checkpoints}, force)
+    preflight(plan, steps, {"--metrics": metrics, "--transcript": transcript, "--trace": trace,
+                            "--checkpoint-dir": checkpoints}, force)
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
     check_plan_data(Path(plan_dir), spec, spec_dir)
     if (resume or resume_if_any or fallback) and checkpoints is None:
@@ -241,10 +249,12 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
             return
         try:
             _launch(plan_dir, world, steps, metrics, quiet, checkpoints, start, track_memory, transcript, spec_dir,
-                    spec)
+                    spec, trace)
         finally:
             if transcript is not None and torchrun_rank() is None:  # under torchrun each rank keeps its part
                 merge(Path(transcript), world)
+            if trace is not None and torchrun_rank() is None:
+                merge_trace(Path(trace), world)
 
 
 def check_plan_data(plan_dir: Path, spec: dict[str, Any], spec_dir: Path | None) -> None:
@@ -280,8 +290,9 @@ def _initial_weights(path: Path, spec: dict[str, Any], start: Resume | None, say
 
 def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet: bool, checkpoints: Path | None,
             resume: Resume | None, track_memory: bool, transcript: Path | None, spec_dir: Path | None,
-            spec: dict[str, Any]) -> None:
-    extra = (str(transcript) if transcript else None, str(spec_dir) if spec_dir else None)
+            spec: dict[str, Any], trace: Path | None = None) -> None:
+    extra = (str(transcript) if transcript else None, str(spec_dir) if spec_dir else None,
+             str(trace) if trace else None)
     if torchrun_rank() is not None:  # started by torchrun: this process is one rank (placement checked)
         _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]), checkpoints,
                          resume, track_memory, extra)
@@ -295,7 +306,7 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
             with run.in_process() as link:
                 _worker(RankJob(world, 0, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
                                 quiet, str(checkpoints) if checkpoints else None, resume, track_memory=track_memory,
-                                transcript=extra[0], spec_dir=extra[1]), 0, link)
+                                transcript=extra[0], spec_dir=extra[1], trace=extra[2]), 0, link)
             return
         # ranks fork from a server process that has imported torch and the runtime once (per parent process):
         # starting 8 ranks then costs a fork each instead of 8 fresh interpreters importing torch
@@ -316,13 +327,13 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
 
 def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bool, timeout_s: float,
                      checkpoints: Path | None, resume: Resume | None, track_memory: bool,
-                     extra: tuple[str | None, str | None]) -> None:
+                     extra: tuple[str | None, str | None, str | None]) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(RankJob(world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
                     threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,
-                    track_memory=track_memory, transcript=extra[0], spec_dir=extra[1]), rank)
+                    track_memory=track_memory, transcript=extra[0], spec_dir=extra[1], trace=extra[2]), rank)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -64,8 +64,8 @@ def torchrun_rank() -> int | None:
 
 def rank_outputs(outputs: dict[str, Path | None]) -> dict[str, Path | None]:
     """The outputs of a training run (its flag -> its path) that this process writes: all of them, or under
-    torchrun what this rank writes: the metrics on rank 0 only, its own part of the transcript
-    (`FILE.rank<N>`), and the checkpoint directory, which every rank writes into."""
+    torchrun what this rank writes: the metrics on rank 0 only, its own part of the transcript and of the
+    trace (`FILE.rank<N>`), and the checkpoint directory, which every rank writes into."""
     rank = torchrun_rank()
     if rank is None:
         return outputs
@@ -74,8 +74,9 @@ def rank_outputs(outputs: dict[str, Path | None]) -> dict[str, Path | None]:
     mine = dict(outputs)
     if rank != 0 and "--metrics" in mine:
         mine["--metrics"] = None
-    if mine.get("--transcript") is not None:
-        mine["--transcript"] = part_path(Path(mine["--transcript"]), rank)
+    for flag in ("--transcript", "--trace"):
+        if mine.get(flag) is not None:
+            mine[flag] = part_path(Path(mine[flag]), rank)
     return mine
 
 

@@ -29,9 +29,9 @@ from lcc.compiler.cost.params import local_params
 from lcc.compiler.cost.report import cost_report
 from lcc.compiler.cost.traffic import all_gather, all_reduce, links
 from lcc.compiler.cost.work import act_bytes, layer_comm, microbatch_tokens
-from lcc.compiler.layout import AXES, bubble_fraction
+from lcc.compiler.layout import AXES, bubble_fraction, stage_ranks
 from lcc.search.space import FIELDS, Layout, layouts
-from lcc.spec.checks import RULES, expert_exchange
+from lcc.spec.checks import RULES, expert_exchange, expert_overlap, pipeline
 from lcc.spec.models import Spec
 
 
@@ -52,6 +52,9 @@ class Estimate:
     mfu: float
     alltoall_inter_seconds: float = 0.0  # the expert exchange's inter-node bytes at the inter-node rate, a step
     # (the busiest pipeline rank's: the report's comm.expert_exchange.inter_node_seconds)
+    busy: float = 0.0  # share of the step a GPU computes (the report's time.busy_fraction)
+    hidden_seconds: float = 0.0  # communication hidden behind compute on the slowest pipeline rank
+    exposed_seconds: float = 0.0  # communication on the step's path (time.exposed_communication_seconds)
 
     @property
     def headroom(self) -> float:
@@ -73,8 +76,10 @@ class Result:
     top: list[Estimate] = field(default_factory=list)
 
 
-def on_cluster(spec: Spec, layout: Layout, nodes: int, per_node: int) -> Spec:
-    cluster = spec.cluster.model_copy(update={"nodes": nodes, "gpus_per_node": per_node})
+def on_cluster(spec: Spec, layout: Layout, nodes: int, per_node: int, cluster: Any = None) -> Spec:
+    """The spec with `layout` on `nodes` nodes of `per_node` devices (`cluster`: that cluster section, made
+    once by a caller that builds many layouts)."""
+    cluster = cluster or spec.cluster.model_copy(update={"nodes": nodes, "gpus_per_node": per_node})
     return spec.model_copy(update={"parallelism": layout.parallelism(), "cluster": cluster})
 
 
@@ -96,13 +101,18 @@ def _estimate(spec: Spec, layout: Layout) -> Estimate:
         exposed[f"{kind.replace('_', ' ')} dp+edp ({_link(cm, 'dp')})"] = (
             cm.ring_seconds("dp", c[kind] * share) + cm.ring_seconds("edp", c[kind] * (1 - share)))
     exposed["fixed costs (collective latency)"] = sum(cm.role_latency(worst))
+    hidden = cm.role_hidden(worst)
+    if hidden:  # what the overlapped exchange hides comes off the all-to-all's seconds
+        exposed[f"ep all-to-all ({_link(cm, 'ep')})"] -= hidden
     memory = report["memory"]
     exchange = report["comm"]["expert_exchange"] or {}
-    return Estimate(layout, report["time"]["step_seconds_estimate"], memory["worst_rank"]["total_bytes"],
+    t = report["time"]
+    return Estimate(layout, t["step_seconds_estimate"], memory["worst_rank"]["total_bytes"],
                     memory["device_bytes"], report["pipeline"]["bubble_fraction"], compute,
                     {k: v for k, v in exposed.items() if v > 0},
                     report["flops"]["per_step_with_recompute"] / report["flops"]["per_step"] - 1,
-                    report["time"]["utilization"], exchange.get("inter_node_seconds", 0.0))
+                    t["utilization"], exchange.get("inter_node_seconds", 0.0), t["busy_fraction"],
+                    t["hidden_communication_seconds"], t["exposed_communication_seconds"])
 
 
 def _link(cm: CostModel, axis: str) -> str:
@@ -119,10 +129,48 @@ class _SharedModel(CostModel):
         super().__init__(spec)
         self._cache = cache
 
+    def _mesh(self, layer: int) -> tuple:
+        par = self.par
+        return (par.tp, par.pp, par.dp, par.ep, par.sequence_parallel, par.activation_checkpointing, self.tokens,
+                par.expert_exchange, par.expert_overlap, self.spec.model.is_moe(layer))
+
+    def layer_bytes(self, layer: int):  # noqa: ANN201 - as CostModel.layer_bytes
+        key = ("bytes", *self._mesh(layer))
+        if key not in self._cache:
+            self._cache[key] = super().layer_bytes(layer)
+        return self._cache[key]
+
+    def layer_hidden(self, layer: int) -> float:
+        key = ("hidden", *self._mesh(layer))
+        if key not in self._cache:
+            self._cache[key] = super().layer_hidden(layer)
+        return self._cache[key]
+
+    def layer_latency(self, layer: int) -> float:
+        key = ("latency", self.par.zero, *self._mesh(layer))
+        if key not in self._cache:
+            self._cache[key] = super().layer_latency(layer)
+        return self._cache[key]
+
+    def buckets(self, role) -> int:  # noqa: ANN001 - as CostModel.buckets
+        par = self.par
+        key = ("buckets", par.tp, par.dp, par.ep, par.zero, self.par.n_stages,
+               tuple((s, self.stage_bounds[s]) for s in role.stages))
+        if key not in self._cache:
+            self._cache[key] = super().buckets(role)
+        return self._cache[key]
+
+    def layer_acts(self, layer: int, policy: str) -> float:
+        par = self.par
+        key = ("acts", par.tp, par.sequence_parallel, self.tokens, policy, self.spec.model.is_moe(layer))
+        if key not in self._cache:
+            self._cache[key] = super().layer_acts(layer, policy)
+        return self._cache[key]
+
     def layer_work(self, layer: int):  # noqa: ANN201 - as CostModel.layer_work
         par = self.par
         key = ("work", par.tp, par.ep, par.sequence_parallel, par.activation_checkpointing, self.tokens,
-               self.spec.model.is_moe(layer))
+               par.expert_overlap, self.spec.model.is_moe(layer))
         if key not in self._cache:
             self._cache[key] = super().layer_work(layer)
         return self._cache[key]
@@ -148,6 +196,7 @@ class _Bounds:
         self._local: dict[tuple, Any] = {}
         self._local_roles: dict[tuple, Any] = {}
         self._stages: dict[tuple, list[tuple[int, int]]] = {}
+        self._crossings: dict[tuple, int] = {}
 
     def model(self, spec: Spec) -> CostModel:
         """The cost model of a layout, with what it shares with other layouts computed once: the links of
@@ -170,7 +219,7 @@ class _Bounds:
     @staticmethod
     def _stage_key(par) -> tuple:  # noqa: ANN001
         return (par.tp, par.pp, par.dp, par.ep, par.sequence_parallel, par.activation_checkpointing,
-                par.pipeline.microbatches, par.pipeline.virtual_stages, par.expert_exchange)
+                par.pipeline.microbatches, par.pipeline.virtual_stages, par.expert_exchange, par.expert_overlap)
 
     def score(self, spec: Spec) -> tuple[float, int]:
         """(the report's step estimate, the worst rank's memory)."""
@@ -195,7 +244,7 @@ class _Bounds:
         par = spec.parallelism
         cm = self.model(spec)
         key = (par.tp, par.ep, par.sequence_parallel, par.activation_checkpointing, par.dp, par.pipeline.microbatches,
-               par.expert_exchange)
+               par.expert_exchange, par.expert_overlap)
         if key not in self._sums:
             n = spec.model.n_layers
             moe = sum(spec.model.is_moe(i) for i in range(n))
@@ -204,15 +253,25 @@ class _Bounds:
                                                   n - moe)) if count]
             work = sum(count * cm.layer_work(i).seconds for i, count in kinds) + cm.head_work().seconds
             comms = [(layer_comm(spec, i), count) for i, count in kinds]
-            self._sums[key] = (work, sum(c.tp * k for c, k in comms), sum(c.ep * k for c, k in comms))
-        work, tp_bytes, ep_bytes = self._sums[key]
-        m, pp = par.pipeline.microbatches, par.pp
+            self._sums[key] = (work, sum(c.tp * k for c, k in comms), sum(c.ep * k for c, k in comms), kinds)
+        work, tp_bytes, ep_bytes, kinds = self._sums[key]
+        m, pp, pipe = par.pipeline.microbatches, par.pp, par.pipeline
+        hidden = sum(count * cm.layer_hidden(i) for i, count in kinds)  # links differ by mesh: not in the sums
         activation = microbatch_tokens(spec) * spec.model.d_model * act_bytes(spec) / (
             par.tp if par.sequence_parallel else 1)
-        sends = m * 2 * (par.n_stages - 1) * activation
-        mean = (m * work + cm.ring_seconds("tp", m * tp_bytes) + cm.alltoall_seconds(m * ep_bytes)
+        sends = m * self._boundaries(pp, pipe.virtual_stages, pipe.schedule) * activation
+        mean = (m * work + cm.ring_seconds("tp", m * tp_bytes) + cm.alltoall_seconds(m * ep_bytes) - m * hidden
                 + cm.ring_seconds("pp", sends)) / pp
-        return mean / (1 - bubble_fraction(pp, par.pipeline.virtual_stages, m)) + self._sync(spec, cm)
+        return mean / (1 - bubble_fraction(pp, pipe.virtual_stages, m, pipe.schedule)) + self._sync(spec, cm)
+
+    def _boundaries(self, pp: int, virtual: int, schedule: str) -> int:
+        """Stage boundaries crossed between pipeline ranks, both ways, summed over the ranks (CostModel.boundaries
+        of every rank): each of the n_stages - 1 boundaries twice, less those inside a rank (zbv's turn)."""
+        key = (pp, virtual, schedule)
+        if key not in self._crossings:
+            ranks = {s: r for r in range(pp) for s in stage_ranks(pp, virtual, r, schedule)}
+            self._crossings[key] = 2 * sum(ranks[s] != ranks[s + 1] for s in range(pp * virtual - 1))
+        return self._crossings[key]
 
     def _sync(self, spec: Spec, cm: CostModel) -> float:
         """At least the mean over pipeline ranks of what follows the pipeline (ZeRO 0 and 1: gradient
@@ -229,6 +288,27 @@ class _Bounds:
                 nbytes += all_gather(count * w, ways)
         slowest = min(cm.ring_seconds("dp", nbytes), cm.ring_seconds("edp", nbytes))
         return slowest / par.pp
+
+
+# rules that read a few of a layout's fields (and the spec's model and cluster, the same for every layout):
+# their verdict is kept per value of those fields, and a layout they refuse is not built
+_FEW_FIELDS: tuple[tuple[Callable, Callable[[Layout], bool], Callable[[Layout], tuple]], ...] = (
+    (expert_exchange, lambda lay: lay.exchange != "flat", lambda lay: (lay.tp, lay.pp, lay.dp, lay.ep, lay.exchange)),
+    (expert_overlap, lambda lay: lay.overlap, lambda lay: (lay.ep, lay.exchange, lay.overlap, lay.recompute)),
+    (pipeline, lambda lay: lay.pp > 1, lambda lay: (lay.pp, lay.schedule, lay.virtual_stages, lay.microbatches)),
+)
+
+
+def _early_refusal(spec: Spec, layout: Layout, cluster: Any, seen: dict[tuple, list[str]]) -> list[str]:
+    """What the rules in _FEW_FIELDS say against `layout`, each asked once per value of the fields it reads."""
+    for fn, applies, fields in _FEW_FIELDS:
+        if applies(layout):
+            key = (fn.__name__, *fields(layout))
+            if key not in seen:
+                seen[key] = problems(on_cluster(spec, layout, cluster.nodes, cluster.gpus_per_node, cluster), [fn])
+            if seen[key]:
+                return seen[key]
+    return []
 
 
 def parse_fix(text: str) -> tuple[str, object]:
@@ -266,18 +346,16 @@ def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objec
     if space:
         say(f"{len(space):,} layouts of {gpus} GPUs ({nodes} x {per_node}): checking each against the spec's "
             f"rules{' and the bounds' if prune else ''} ...")
-    exchange_refused: dict[tuple[int, ...], list[str]] = {}
+    cluster = spec.cluster.model_copy(update={"nodes": nodes, "gpus_per_node": per_node})
+    refused: dict[tuple, list[str]] = {}
     for index, layout in space:
         result.considered += 1
-        if layout.exchange != "flat":  # the exchange's own rule first: it reads only the mesh and the cluster
-            mesh = (layout.tp, layout.pp, layout.dp, layout.ep, layout.exchange)
-            if mesh not in exchange_refused:
-                exchange_refused[mesh] = problems(on_cluster(spec, layout, nodes, per_node), [expert_exchange])
-            if exchange_refused[mesh]:
-                result.invalid += 1
-                first_refusal = first_refusal or exchange_refused[mesh][0]
-                continue
-        candidate = on_cluster(spec, layout, nodes, per_node)
+        early = _early_refusal(spec, layout, cluster, refused)
+        if early:
+            result.invalid += 1
+            first_refusal = first_refusal or early[0]
+            continue
+        candidate = on_cluster(spec, layout, nodes, per_node, cluster)
         found = problems(candidate)
         if found:
             result.invalid += 1

@@ -12,8 +12,10 @@ from lcc.spec.models import Spec
 
 def _layout(e: Estimate) -> str:
     lay = e.layout
-    pipe = "" if lay.pp == 1 else f" {lay.schedule}{'/v' + str(lay.virtual_stages) if lay.virtual_stages > 1 else ''}"
-    return (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} ep{lay.ep}{'h' if lay.exchange == 'hierarchical' else ''} z{lay.zero} "
+    virtual = lay.virtual_stages > 1 and lay.schedule != "zbv"  # zbv always runs 2
+    pipe = "" if lay.pp == 1 else f" {lay.schedule}{'/v' + str(lay.virtual_stages) if virtual else ''}"
+    exchange = ("h" if lay.exchange == "hierarchical" else "") + ("o" if lay.overlap else "")
+    return (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} ep{lay.ep}{exchange} z{lay.zero} "
             f"{lay.recompute}{' sp' if lay.sp else ''}{pipe} m{lay.microbatches}")
 
 
@@ -42,17 +44,21 @@ def table(result: Result) -> list[str]:
     lines = [f"{result.considered:,} layouts of {result.gpus} GPUs ({result.nodes} x {result.per_node}): "
              f"{result.invalid:,} invalid, {result.pruned_memory:,} pruned by memory, {result.pruned_time:,} by "
              f"the {bound} bound; {result.evaluated:,} estimated, {result.fitting:,} fit",
-             "", f"{'#':>3}  {'layout':<56} {'step s':>8} {'MFU':>6} {'bubble':>7} {'recomp':>7} {'headroom':>9} "
-             f"{'a2a x-node s':>12}  why"]
+             "", f"{'#':>3}  {'layout':<56} {'step s':>7} {'MFU':>6} {'busy':>6} {'bubble':>7} {'recomp':>7} "
+             f"{'headroom':>9} {'a2a x-node s':>12}  why"]
     for i, e in enumerate(result.top, 1):
-        lines.append(f"{i:>3}  {_layout(e):<56} {e.step_seconds:>8.3f} {e.mfu:>6.1%} {e.bubble:>7.1%} "
+        lines.append(f"{i:>3}  {_layout(e):<56} {e.step_seconds:>7.3f} {e.mfu:>6.1%} {e.busy:>6.1%} {e.bubble:>7.1%} "
                      f"{e.recompute:>7.1%} {e.headroom:>9.1%} {e.alltoall_inter_seconds:>12.3f}  "
                      f"{reason(e, best, result.objective)}")
+    notes = ["busy: the share of the step a GPU computes (what the article's 98% GPU utilisation compares with; "
+             "MFU: model FLOPs at peak)"]
     if any(e.layout.exchange == "hierarchical" for e in result.top):
-        lines.append("")
-        lines.append("ep<n>h: the hierarchical expert exchange (a token once per node, forwarded inside it); "
+        notes.append("ep<n>h: the hierarchical expert exchange (a token once per node, forwarded inside it); "
                      "a2a x-node: the expert all-to-all's inter-node seconds a step")
-    return lines
+    if any(e.layout.overlap for e in result.top):
+        notes.append("ep<n>o: the overlapped expert exchange (two halves: one half's all-to-all while the other's "
+                     "experts compute)")
+    return [*lines, "", *notes]
 
 
 def as_json(result: Result) -> dict[str, Any]:
@@ -61,7 +67,9 @@ def as_json(result: Result) -> dict[str, Any]:
             "top": [{"layout": asdict(e.layout), "overrides": e.layout.overrides(), "step_seconds": e.step_seconds,
                      "mfu": e.mfu, "memory_bytes": e.memory_bytes, "device_bytes": e.device_bytes,
                      "bubble": e.bubble, "recompute": e.recompute, "compute_seconds": e.compute_seconds,
-                     "exposed_seconds": e.exposed, "alltoall_inter_seconds": e.alltoall_inter_seconds}
+                     "exposed_seconds": e.exposed, "alltoall_inter_seconds": e.alltoall_inter_seconds,
+                     "busy_fraction": e.busy, "hidden_communication_seconds": e.hidden_seconds,
+                     "exposed_communication_seconds": e.exposed_seconds}
                     for e in result.top]}
 
 

@@ -231,6 +231,24 @@ def node_limited_routing(spec: Spec) -> Iterator[_Found]:
 
 
 @rule
+def expert_overlap(spec: Spec) -> Iterator[_Found]:
+    par = spec.parallelism
+    if par.expert_overlap and (spec.model.moe is None or par.ep == 1):
+        yield _Found("parallelism.expert_overlap", f"expert_overlap hides the expert all-to-all behind the experts' "
+                     f"compute, but with ep {par.ep} there is no all-to-all", "parallelism.ep",
+                     hint="set expert_overlap: false, or ep >= 2")
+    elif par.expert_overlap and par.expert_exchange == "hierarchical":
+        yield _Found("parallelism.expert_overlap", "expert_overlap runs the flat exchange in two halves; the "
+                     "hierarchical exchange is not overlapped", "parallelism.expert_exchange",
+                     hint="choose one: expert_overlap: true with expert_exchange: flat, or expert_overlap: false")
+    elif par.expert_overlap and par.activation_checkpointing == "selective":
+        yield _Found("parallelism.expert_overlap", "selective recomputation reruns the routing and the dispatch "
+                     "all-to-all in backward, which the overlapped exchange splits around the experts",
+                     "parallelism.activation_checkpointing",
+                     hint="use activation_checkpointing: none or full with expert_overlap")
+
+
+@rule
 def expert_exchange(spec: Spec) -> Iterator[_Found]:
     par = spec.parallelism
     if par.expert_exchange != "hierarchical":
@@ -261,16 +279,28 @@ def pipeline(spec: Spec) -> Iterator[_Found]:
         yield _Found("parallelism.pp", f"pp * virtual_stages = {par.pp}*{pipe.virtual_stages} = {par.n_stages} "
                      f"stages but only {spec.model.n_layers} layers", "parallelism.pipeline.virtual_stages",
                      "model.n_layers", hint="every stage needs at least one layer")
-    if pipe.virtual_stages > 1 and pipe.schedule != "interleaved_1f1b":
+    if pipe.schedule == "zbv" and pipe.virtual_stages != 2:
+        yield _Found("parallelism.pipeline.virtual_stages", f"zbv runs 2 stages per pipeline rank (a V), not "
+                     f"{pipe.virtual_stages}", "parallelism.pipeline.schedule", hint="set virtual_stages: 2")
+    elif pipe.virtual_stages > 1 and pipe.schedule not in ("interleaved_1f1b", "zbv"):
         yield _Found("parallelism.pipeline.virtual_stages",
-                     f"virtual_stages {pipe.virtual_stages} needs schedule interleaved_1f1b, not {pipe.schedule}",
-                     "parallelism.pipeline.schedule")
+                     f"virtual_stages {pipe.virtual_stages} needs schedule interleaved_1f1b or zbv, not "
+                     f"{pipe.schedule}", "parallelism.pipeline.schedule")
     if pipe.schedule == "interleaved_1f1b" and pipe.virtual_stages < 2:
         yield _Found("parallelism.pipeline.schedule", "interleaved_1f1b needs virtual_stages >= 2",
                      "parallelism.pipeline.virtual_stages", hint="use 1f1b, or set virtual_stages: 2")
-    if pipe.schedule in ("1f1b", "interleaved_1f1b") and pipe.microbatches < par.pp:
+    if pipe.schedule in ("1f1b", "interleaved_1f1b", "zb_h1", "zbv") and pipe.microbatches < par.pp:
         yield _Found("parallelism.pipeline.microbatches", f"{pipe.schedule} needs microbatches >= pp: "
                      f"{pipe.microbatches} < {par.pp}", "parallelism.pp", hint=f"set microbatches: {par.pp}")
+    if pipe.schedule in ("zb_h1", "zbv") and par.activation_checkpointing != "none":
+        yield _Found("parallelism.pipeline.schedule", f"{pipe.schedule} splits each backward into its input's and "
+                     "its weights' gradients; a recomputed layer computes both at once in its backward",
+                     "parallelism.activation_checkpointing",
+                     hint="use activation_checkpointing: none with a zero-bubble schedule, or 1f1b")
+    if pipe.schedule in ("zb_h1", "zbv") and par.zero == 3:
+        yield _Found("parallelism.pipeline.schedule", f"{pipe.schedule} with ZeRO-3: the gradients' reduce-scatter of "
+                     "each layer's gathered weights would run in W, which the runtime does not split yet",
+                     "parallelism.zero", hint="use zero: 1 or 2 with a zero-bubble schedule")
     if pipe.schedule == "interleaved_1f1b" and pipe.microbatches % par.pp:
         yield _Found("parallelism.pipeline.microbatches", f"interleaved_1f1b runs micro-batches in rounds of pp: "
                      f"{pipe.microbatches} is not a multiple of pp {par.pp}", "parallelism.pp",

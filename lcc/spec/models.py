@@ -160,9 +160,11 @@ class Quantization(_Section):
 
 
 class Pipeline(_Section):
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule.")
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"] = Field(
+        "1f1b", description="Pipeline schedule; zb_h1 and zbv (zero bubble) split each backward into its input "
+        "gradient (I) and its weight gradients (W), which fill the bubbles.")
     microbatches: Pos = Field(1, description="Micro-batches per data-parallel rank per optimizer step.")
-    virtual_stages: Pos = Field(1, description="Stages per pipeline rank (interleaved_1f1b).")
+    virtual_stages: Pos = Field(1, description="Stages per pipeline rank (interleaved_1f1b; zbv: 2).")
 
 
 class Parallelism(_Section):
@@ -173,6 +175,9 @@ class Parallelism(_Section):
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage over dp (dense) and edp (experts).")
     activation_checkpointing: Literal["none", "selective", "full"] = Field("none", description="Recompute policy.")
     sequence_parallel: bool = Field(False, description="Split norms and residuals over tp along the sequence.")
+    expert_overlap: bool = Field(
+        False, description="Split each micro-batch's tokens in two halves per MoE layer: one half's dispatch and "
+        "combine all-to-alls run while the other half's experts compute.")
     expert_exchange: Literal["flat", "hierarchical"] = Field(
         "flat", description="Expert all-to-all: flat (every slot to its expert's rank) or hierarchical (a token once "
         "to each node it needs, then forwarded inside the node; combined in reverse, summed in the node first).")

@@ -28,6 +28,9 @@ LAYOUTS = [  # world 4: tp, sequence parallelism, ep, ZeRO, recomputation, pipel
     "pp=2 dp=2 ep=2 pipeline.microbatches=2",
     "pp=2 tp=2 dp=1 ep=2 pipeline.schedule=interleaved_1f1b pipeline.virtual_stages=2 pipeline.microbatches=4",
     "pp=4 dp=1 ep=1 pipeline.schedule=gpipe pipeline.microbatches=2",
+    "dp=4 ep=4 expert_overlap=true",  # each half's counts, dispatch and combine; both transposes backward
+    "tp=2 dp=2 ep=2 expert_overlap=true activation_checkpointing=full",
+    "pp=2 dp=2 ep=2 pipeline.schedule=zbv pipeline.virtual_stages=2 pipeline.microbatches=2",
 ]
 
 

@@ -31,8 +31,8 @@ def exhaustive(gpus: int, nodes: int = 1, exchanges: tuple[str, ...] = ("flat",)
                only: dict | None = None) -> list[tuple[float, dict, int]]:
     """(estimated step, layout, worst rank's memory) of every valid layout of tiny-moe (with `extra` overrides) on
     `gpus` devices in `nodes` nodes that fits, as docs/search.md defines the space, with the expert exchanges
-    `exchanges` (on one node the spec refuses every hierarchical one) and the fields in `only` fixed, sorted by
-    step."""
+    `exchanges` (on one node the spec refuses every hierarchical one; with ep >= 2 the flat one also
+    overlapped) and the fields in `only` fixed, sorted by step."""
     base = load_spec(TINY, [*SMALL, *extra])
     raw = TINY.read_bytes()
     only = only or {}
@@ -41,17 +41,20 @@ def exhaustive(gpus: int, nodes: int = 1, exchanges: tuple[str, ...] = ("flat",)
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
             pipes = [("1f1b", 1)] if pp == 1 else [("gpipe", 1), ("1f1b", 1)] + [
-                ("interleaved_1f1b", v) for v in (2, 4, 8) if pp * v <= base.model.n_layers]
+                ("interleaved_1f1b", v) for v in (2, 4, 8) if pp * v <= base.model.n_layers] + [("zb_h1", 1)] + (
+                [("zbv", 2)] if 2 * pp <= base.model.n_layers else [])
             for ep in _divisors(dp * tp):
+                kinds = [(e, False) for e in exchanges] + ([("flat", True)] if ep > 1 and "flat" in exchanges else [])
                 for zero in range(4):
                     for recompute in ("none", "selective", "full"):
                         for sp in (False, True) if tp > 1 else (False,):
                             for schedule, v in pipes:
-                                for m, exchange in itertools.product(_divisors(base.train.global_batch // dp),
-                                                                     exchanges):
+                                for m, (exchange, overlap) in itertools.product(
+                                        _divisors(base.train.global_batch // dp), kinds):
                                     layout = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "zero": zero,
                                               "recompute": recompute, "sp": sp, "schedule": schedule,
-                                              "microbatches": m, "virtual_stages": v, "exchange": exchange}
+                                              "microbatches": m, "virtual_stages": v, "exchange": exchange,
+                                              "overlap": overlap}
                                     if any(layout[field] != value for field, value in only.items()):
                                         continue
                                     sets = [f"parallelism.tp={tp}", f"parallelism.pp={pp}", f"parallelism.dp={dp}",
@@ -62,6 +65,7 @@ def exhaustive(gpus: int, nodes: int = 1, exchanges: tuple[str, ...] = ("flat",)
                                             f"parallelism.pipeline.microbatches={m}",
                                             f"parallelism.pipeline.virtual_stages={v}",
                                             f"parallelism.expert_exchange={exchange}",
+                                            f"parallelism.expert_overlap={str(overlap).lower()}",
                                             f"cluster.gpus_per_node={gpus // nodes}", f"cluster.nodes={nodes}"]
                                     try:  # what load_spec does, the file read once
                                         spec = validate(apply_overrides(load_yaml(raw, str(TINY)),
@@ -104,6 +108,18 @@ def test_without_pruning_the_search_finds_exactly_the_valid_fitting_layouts(refe
     assert [s for s, _ in found] == sorted(s for s, _ in found)  # sorted by estimate
     steps = {_key(lay): s for s, lay, _ in reference}
     assert all(s == steps[_key(lay)] for s, lay in found)  # the cost report's own estimate
+
+
+def test_overlapped_exchanges_and_zero_bubble_schedules_are_listed_only_where_valid(reference):
+    """The listed set is the reference (above); in it, the overlapped exchange has ep >= 2, the flat exchange
+    and no selective recomputation, and the zero-bubble schedules run on a pipeline with at least pp
+    micro-batches, zbv with its 2 stages a rank."""
+    overlapped = [lay for _, lay, _ in reference if lay["overlap"]]
+    zero_bubble = [lay for _, lay, _ in reference if lay["schedule"] in ("zb_h1", "zbv")]
+    assert overlapped and zero_bubble
+    assert all(lay["ep"] >= 2 and lay["exchange"] == "flat" and lay["recompute"] != "selective" for lay in overlapped)
+    assert all(lay["pp"] > 1 and lay["microbatches"] >= lay["pp"] for lay in zero_bubble)
+    assert all(lay["virtual_stages"] == (2 if lay["schedule"] == "zbv" else 1) for lay in zero_bubble)
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
@@ -194,16 +210,18 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
 
 @pytest.mark.parametrize("schedule,pp,virtual", [("gpipe", 2, 1), ("gpipe", 4, 1), ("1f1b", 2, 1), ("1f1b", 4, 1),
                                                   ("interleaved_1f1b", 2, 2), ("interleaved_1f1b", 2, 4),
-                                                  ("interleaved_1f1b", 4, 2)])
+                                                  ("interleaved_1f1b", 4, 2), ("zb_h1", 2, 1), ("zb_h1", 4, 1),
+                                                  ("zb_h1", 8, 1), ("zbv", 2, 2), ("zbv", 4, 2), ("zbv", 8, 2)])
 def test_ranked_bubble_is_the_schedule_simulators(schedule, pp, virtual):
     """The search ranks by the report's closed-form bubble; it is the schedule simulator's figure (the one
     plans carry) for every schedule and micro-batch count it enumerates."""
     from lcc.compiler.layout import bubble_fraction
     from lcc.compiler.schedule import add_p2p, generate, simulate
 
-    for m in (1, 2, 4, 8, 16):
-        if schedule == "interleaved_1f1b" and m % pp:
-            continue
+    for m in (1, 2, 3, 4, 6, 8, 12, 16, 32):
+        if schedule == "interleaved_1f1b" and m % pp or schedule.startswith("zb") and m < pp:
+            continue  # the spec's rules refuse these
         n_stages = pp * virtual
-        sim = simulate(add_p2p(generate(schedule, pp, virtual, m), n_stages), n_stages, m)
-        assert sim.bubble_fraction == pytest.approx(bubble_fraction(pp, virtual, m), abs=1e-12), (m, sim)
+        lowered = add_p2p(generate(schedule, pp, virtual, m), n_stages, schedule)
+        sim = simulate(lowered, n_stages, m, placement=schedule)
+        assert sim.bubble_fraction == pytest.approx(bubble_fraction(pp, virtual, m, schedule), abs=1e-12), (m, sim)

@@ -53,16 +53,21 @@ def expected(plan: dict, pp_rank: int) -> list[tuple[str, list[tuple]]]:
             continue
         if kind == "F":
             out.append(("forward", [_key(c) for c in role["forward"]]))
-        elif kind == "B":
+        elif kind == "I":  # zero bubble: the input's gradient, the backward's collectives (the first stage: at W)
+            if stage > 0:
+                out.append(("set", [_key(c) for c in role["backward"]]))
+        elif kind in ("B", "W"):
             # buckets issued as backward completes them: `microbatch` ones in every backward of the stage,
-            # all of them in its last (the stage's REDUCE_GRAD issues what was left)
-            final = index == max(i for i, a in enumerate(actions) if a.startswith(f"{stage}B"))
+            # all of them in its last (the stage's REDUCE_GRAD issues what was left); a W, the weights' part
+            final = index == max(i for i, a in enumerate(actions) if a.startswith(f"{stage}{kind}"))
             buckets = [("reduce_scatter" if b["op"] == "reduce_scatter" else "all_reduce", b["axes"][0],
                         (b["elements"],), params) for b in role["grad_buckets"] if final or b["when"] == "microbatch"]
             # ZeRO 3 reducing once per step: the programs' reduce-scatters over dp / edp in the last backward only
             once = plan["memory"]["zero"] >= 3 and plan["memory"]["grad_reduce"] == "step"
             backward = [c for c in role["backward"] if final or not once
                         or not (c["op"] == "reduce_scatter" and c["axis"] in ("dp", "edp"))]
+            if kind == "W" and stage > 0:
+                backward = []
             sends = []
             if final and f"{stage}REDUCE_GRAD" in actions[index + 1:index + 3]:
                 # a bucket on a group the program also uses is issued by REDUCE_GRAD, after the backward's
@@ -132,8 +137,9 @@ def _check_splits(forward: list[dict], rank: int) -> None:
     """In a forward, the dispatch all-to-all moves the rows the expert counts just exchanged over the same
     axis announce, and the combine all-to-all moves them back. The hierarchical exchange's first level
     (ep_inter) announces per node its rows (first column) and its slots per expert (the rest): each slot's
-    row index and gate move as the slots do."""
-    rows: dict[str, tuple] = {}
+    row index and gate move as the slots do. The overlapped exchange announces both halves in one exchange,
+    then moves each."""
+    rows: dict[str, list[tuple]] = {}  # the counts exchanged on each axis, latest last
     slots: dict[str, tuple] = {}
     for r in forward:
         if r["op"] != "all_to_all":
@@ -142,12 +148,15 @@ def _check_splits(forward: list[dict], rank: int) -> None:
         if r["in_splits"] is None:  # a counts exchange (no row splits)
             sent, received = r["sent"], r["received"]
             if axis == "ep_inter":
-                rows[axis] = ([row[0] for row in sent], [row[0] for row in received])
+                rows.setdefault(axis, []).append(([row[0] for row in sent], [row[0] for row in received]))
                 slots[axis] = ([sum(row[1:]) for row in sent], [sum(row[1:]) for row in received])
-            else:
-                rows[axis] = ([sum(row) for row in sent], [sum(row) for row in received])
+            else:  # with the overlapped exchange each row is half A's counts, then half B's
+                k = len(sent[0])
+                for lo, hi in ((0, k), (0, k // 2), (k // 2, k)):
+                    rows.setdefault(axis, []).append(([sum(row[lo:hi]) for row in sent],
+                                                      [sum(row[lo:hi]) for row in received]))
         elif len(r["shape"]) == 1:  # a value per slot: its row index or its gate
             assert (r["in_splits"], r["out_splits"]) == slots.get(axis), (rank, r)
-        else:
-            counts = rows.get(axis)
-            assert counts is not None and (r["in_splits"], r["out_splits"]) in (counts, counts[::-1]), (rank, r)
+        else:  # the latest counts (all of them, or either half's)
+            splits = (r["in_splits"], r["out_splits"])
+            assert any(splits in (c, c[::-1]) for c in rows.get(axis, [])[-3:]), (rank, r)

@@ -12,12 +12,15 @@ from functools import cached_property
 from typing import Any
 
 from lcc.compiler.cost import params as P
-from lcc.compiler.cost.exchange import hierarchical_bytes
+from lcc.compiler.cost.exchange import exchange_passes, hierarchical_bytes
 from lcc.compiler.cost.memory import STATE_BYTES, ModelStates, model_states
+from lcc.compiler.cost.overlap import hidden
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS, Links, all_gather, all_reduce, links
 from lcc.compiler.cost.work import (
+    LayerComm,
     act_bytes,
     edge_collectives,
+    expert_forward,
     head_forward_flops,
     head_weight_reads,
     layer_activations,
@@ -116,11 +119,49 @@ class CostModel:
         return Work(3 * head_forward_flops(self.spec) * self.tokens / self.par.tp / self.peak,
                     head_weight_reads(self.spec) / self.bandwidth)
 
+    def layer_bytes(self, layer: int) -> LayerComm:
+        """Bytes one rank sends for one layer and one micro-batch (`layer_comm`; the search caches it)."""
+        return layer_comm(self.spec, layer)
+
+    def layer_acts(self, layer: int, policy: str) -> float:
+        """Activation bytes one layer keeps per micro-batch on one rank (`layer_activations`; cached by the search)."""
+        return layer_activations(self.spec, layer, policy)
+
     def layer_seconds(self, layer: int) -> float:
-        """Compute (roofline) + communication time + fixed costs of one layer for one micro-batch on one rank."""
-        comm = layer_comm(self.spec, layer)
+        """Compute (roofline) + communication time (less what hides behind compute) + fixed costs of one layer
+        for one micro-batch on one rank."""
+        comm = self.layer_bytes(layer)
         return (self.layer_work(layer).seconds + self.ring_seconds("tp", comm.tp) + self.alltoall_seconds(comm.ep)
-                + self.layer_latency(layer))
+                - self.layer_hidden(layer) + self.layer_latency(layer))
+
+    def layer_exchange(self, layer: int) -> tuple[float, float, float]:
+        """(one half's dispatch, one half's combine, one half's experts) seconds of an overlapped MoE layer's
+        forward on one rank (bandwidth only: latencies are fixed costs), for lcc.compiler.cost.overlap."""
+        comm = self.layer_bytes(layer)
+        one = self.alltoall_seconds(comm.ep) / exchange_passes(self.par.activation_checkpointing)[0] / 2
+        flops, reads = expert_forward(self.spec, layer, 0.5)
+        return one, one, max(flops / self.peak, reads / self.bandwidth)
+
+    def layer_hidden(self, layer: int) -> float:
+        """Seconds of the expert exchange that hide behind the experts in one layer and micro-batch on one
+        rank: with `expert_overlap`, in each forward (the recomputed one too); backward's exchanges are
+        synchronous."""
+        par = self.par
+        if not (par.expert_overlap and par.ep > 1 and self.spec.model.is_moe(layer)):
+            return 0.0
+        forwards = 2 if par.activation_checkpointing == "full" else 1
+        return forwards * hidden(*self.layer_exchange(layer))
+
+    def role_hidden(self, role: Role) -> float:
+        """Seconds of communication one step on this pipeline rank hides behind its compute."""
+        return self.m * sum(self.layer_hidden(i) for i in role.layers)
+
+    def boundaries(self, role: Role) -> int:
+        """Stage boundaries this pipeline rank sends and receives across (zbv hands stage pp - 1 to stage pp on
+        the same rank)."""
+        stages, last = role.stages, self.par.n_stages - 1
+        return sum(s < last and s + 1 not in stages for s in stages) + sum(s > 0 and s - 1 not in stages
+                                                                          for s in stages)
 
     def latency(self, axis: str) -> float:
         """Fixed seconds of one collective or message over a mesh axis (inter-node if its groups span nodes)."""
@@ -162,8 +203,7 @@ class CostModel:
         par, m = self.par, self.m
         layers = sum(self.layer_latency(i) for i in role.layers)
         edges = edge_collectives(self.spec, role.first, role.last) * self.latency("tp" if par.tp > 1 else "dp")
-        boundaries = sum(s < par.n_stages - 1 for s in role.stages) + sum(s > 0 for s in role.stages)
-        inside = m * (layers + edges) + 2 * m * boundaries * self.latency("pp")
+        inside = m * (layers + edges) + 2 * m * self.boundaries(role) * self.latency("pp")
         reductions = self.buckets(role) * (2 if par.zero == 1 else 1)
         scatters = sum(layer_collectives(self.spec, i).zero_scatters for i in role.layers)
         per_microbatch = par.zero >= 2 and self.grad_reduce_when == "microbatch"
@@ -196,7 +236,7 @@ class CostModel:
         out = []
         n_stages = self.par.n_stages
         for r in range(self.par.pp):
-            stages = stage_ranks(self.par.pp, self.par.pipeline.virtual_stages, r)
+            stages = stage_ranks(self.par.pp, self.par.pipeline.virtual_stages, r, self.par.pipeline.schedule)
             layers = [i for s in stages for i in range(*self.stage_bounds[s])]
             out.append(Role(r, stages, layers, 0 in stages, n_stages - 1 in stages))
         return out
@@ -244,10 +284,10 @@ class CostModel:
             largest = local.largest_layer_dense + local.largest_layer_experts
             gathered, gathered_grads = largest * 2 * b.weights, largest * b.grads
         chunks = inflight_chunks(par.pipeline.schedule, par.pp, par.pipeline.virtual_stages, self.m, role.pp_rank)
-        per_chunk = sum(layer_activations(spec, i, policy) for i in role.layers) / len(role.stages)
+        per_chunk = sum(self.layer_acts(i, policy) for i in role.layers) / len(role.stages)
         activations = chunks * per_chunk
         if policy == "full":  # the layer being recomputed holds its full activations for a moment
-            activations += max(layer_activations(spec, i, "none") for i in role.layers)
+            activations += max(self.layer_acts(i, "none") for i in role.layers)
         if role.last:  # logits and the float32 softmax of the cross-entropy, one micro-batch at a time
             activations += self.tokens * spec.model.vocab_size / par.tp * (act_bytes(spec) + 4)
         weights = states.weights + gathered
@@ -304,10 +344,10 @@ class CostModel:
         spec, par, m = self.spec, self.par, self.m
         tp = ep = 0.0
         for i in role.layers:
-            c = layer_comm(spec, i)
+            c = self.layer_bytes(i)
             tp, ep = tp + c.tp * m, ep + c.ep * m
         activation = self.tokens * spec.model.d_model * act_bytes(spec) / (par.tp if par.sequence_parallel else 1)
-        sends = sum(s < par.n_stages - 1 for s in role.stages) + sum(s > 0 for s in role.stages)
+        sends = self.boundaries(role)
         local = self.local(role)
         g = STATE_BYTES[spec.train.dtype].grads
         w = STATE_BYTES[spec.train.dtype].weights
@@ -365,12 +405,13 @@ class CostModel:
                 self.m * sum(w.memory for w in parts))
 
     def role_seconds(self, role: Role) -> tuple[float, float, float]:
-        """(compute, communication and fixed costs inside the pipeline, after it) for one step."""
+        """(compute, communication and fixed costs inside the pipeline less what hides behind compute, after
+        it) for one step."""
         c = self.role_comm(role)
         share = self.dense_share(role)
         fixed_inside, sync = self.role_latency(role)
         inside = (self.ring_seconds("tp", c["tensor_parallel"]) + self.alltoall_seconds(c["expert_alltoall"])
-                  + self.ring_seconds("pp", c["pipeline_p2p"]) + fixed_inside)
+                  + self.ring_seconds("pp", c["pipeline_p2p"]) + fixed_inside - self.role_hidden(role))
         for kind in ("grad_reduce", "param_gather"):
             sync += (self.ring_seconds("dp", c[kind] * share) + self.ring_seconds("edp", c[kind] * (1 - share)))
         if self.par.zero >= 2:  # per-micro-batch reductions and gathers happen inside the pipeline
@@ -382,7 +423,7 @@ def step_seconds(cm: CostModel) -> float:
     """The estimated step: the slowest pipeline rank's compute and communication inside the pipeline,
     stretched by the bubble, then what follows the pipeline (gradient reduction, parameter gathers)."""
     par = cm.par
-    bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
+    bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches, par.pipeline.schedule)
     seconds = [cm.role_seconds(r) for r in cm.roles]
     return max(c + i for c, i, _ in seconds) / (1 - bubble) + max(s for _, _, s in seconds)
 

@@ -11,7 +11,8 @@ from typing import Any
 from lcc.compiler.cost import params as P
 from lcc.compiler.cost.exchange import token_spread
 from lcc.compiler.cost.memory import STATE_BYTES
-from lcc.compiler.cost.model import GIB, CostModel, step_seconds
+from lcc.compiler.cost.model import GIB, CostModel
+from lcc.compiler.cost.step import step_time
 from lcc.compiler.cost.work import head_forward_flops, layer_forward_flops, recompute_flops
 from lcc.compiler.layout import bubble_fraction
 from lcc.spec.models import DTYPE_BYTES, Spec
@@ -28,9 +29,10 @@ def cost_report(spec: Spec) -> dict[str, Any]:
     layers = [P.layer_params(spec, i) for i in range(n_layers)]
     routed = sum(p.experts for p in layers)
 
-    bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches)
+    bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches, par.pipeline.schedule)
     busiest = max((cm.role_work(r) for r in cm.roles), key=lambda w: w[0])
-    step = step_seconds(cm)
+    timing = step_time(cm)
+    step = timing.seconds
     tokens_per_step = spec.train.global_batch * spec.train.seq_len
     model_flops = tokens_per_step * (3 * sum(layer_forward_flops(spec, i) for i in range(n_layers))
                                      + 3 * head_forward_flops(spec))
@@ -48,7 +50,7 @@ def cost_report(spec: Spec) -> dict[str, Any]:
             "activation_checkpointing": par.activation_checkpointing,
             "sequence_parallel": par.sequence_parallel,
             "schedule": par.pipeline.schedule, "microbatches": par.pipeline.microbatches,
-            "virtual_stages": par.pipeline.virtual_stages,
+            "virtual_stages": par.pipeline.virtual_stages, "expert_overlap": par.expert_overlap,
             "stage_layers": [list(b) for b in cm.stage_bounds],
             "stage_imbalance": cm.stage_imbalance(),
             "microbatch_tokens": cm.tokens,
@@ -85,6 +87,11 @@ def cost_report(spec: Spec) -> dict[str, Any]:
             "fixed_seconds": max(sum(cm.role_latency(r)) for r in cm.roles),
             "tokens_per_second": tokens_per_step / step,
             "utilization": model_flops / (step * par.world_size * cm.peak),
+            "busy_fraction": timing.busy_fraction,
+            "busiest_busy_fraction": timing.busiest_fraction,
+            "exposed_communication_seconds": timing.exposed,
+            "hidden_communication_seconds": timing.hidden,
+            "bubble_seconds": timing.bubble_seconds,
         },
         "serve": _serve(spec, cm) if spec.serve is not None else None,
         "moe": None if moe is None else {"n_experts": moe.n_experts, "n_groups": moe.n_groups,
@@ -116,6 +123,8 @@ def _exchange(spec: Spec, cm: CostModel) -> dict[str, Any] | None:
         "inter_node_bytes_per_step": inter,
         "seconds": max(cm.alltoall_seconds(cm.role_comm(r)["expert_alltoall"]) for r in cm.roles),
         "inter_node_seconds": max(cm.alltoall_inter_seconds(r) for r in cm.roles),
+        "overlap": spec.parallelism.expert_overlap,
+        "hidden_seconds": max(cm.role_hidden(r) for r in cm.roles),
     }
 
 

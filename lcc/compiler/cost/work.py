@@ -71,18 +71,45 @@ def head_forward_flops(spec: Spec) -> float:
     return 2 * spec.model.vocab_size * spec.model.d_model
 
 
+def halves(spec: Spec, layer: int) -> int:
+    """How many times the experts of one MoE layer run per micro-batch: twice with `expert_overlap` (each half
+    of the tokens through its own grouped matmuls, lcc.ops.overlap), else once."""
+    par = spec.parallelism
+    return 2 if par.expert_overlap and par.ep > 1 and spec.model.is_moe(layer) else 1
+
+
+def expert_reads(spec: Spec, layer: int, share: float = 1.0) -> float:
+    """Parameters of one rank's routed experts that one forward over `share` of a micro-batch's tokens reads:
+    those the tokens reach, at most one per routed slot (`tokens / tp * k.expected` slots arrive on each EP
+    rank under uniform routing)."""
+    _, experts = local_layer_params(spec, layer)
+    if not experts:
+        return 0.0
+    local_experts = spec.model.moe.n_experts // spec.parallelism.ep
+    slots = share * microbatch_tokens(spec) / spec.parallelism.tp * spec.routing.k.planned
+    return experts * min(1.0, slots / local_experts)
+
+
+def expert_forward(spec: Spec, layer: int, share: float = 1.0) -> tuple[float, float]:
+    """(FLOPs, weight bytes read) of one rank's routed experts in the forward of one MoE layer over `share` of a
+    micro-batch: the slots that arrive on the rank times 2 per multiply-add of an expert, and expert_reads."""
+    if not spec.model.is_moe(layer):
+        return 0.0, 0.0
+    expert = layer_params(spec, layer).experts // spec.model.moe.n_experts
+    slots = share * microbatch_tokens(spec) / spec.parallelism.tp * spec.routing.k.planned
+    return 2 * slots * expert, expert_reads(spec, layer, share) * STATE_BYTES[spec.train.dtype].weights
+
+
 def layer_weight_reads(spec: Spec, layer: int) -> float:
     """Bytes of weights one rank reads from device memory for one layer and one micro-batch.
 
     Forward and backward each read the rank's weights of the layer once (full checkpointing reads them once
-    more, to recompute the forward); of the routed experts only those that tokens reach, at most one per
-    routed slot: `tokens / tp * k.expected` slots arrive on each EP rank under uniform routing.
+    more, to recompute the forward); of the routed experts only those that tokens reach (expert_reads), once
+    per half of the tokens with `expert_overlap` (each half's grouped matmul reads them again).
     """
-    dense, experts = local_layer_params(spec, layer)
-    if experts:
-        local_experts = spec.model.moe.n_experts // spec.parallelism.ep
-        slots = microbatch_tokens(spec) / spec.parallelism.tp * spec.routing.k.planned
-        experts *= min(1.0, slots / local_experts)
+    dense, _ = local_layer_params(spec, layer)
+    n = halves(spec, layer)
+    experts = n * expert_reads(spec, layer, 1 / n)
     passes = 3 if spec.parallelism.activation_checkpointing == "full" else 2
     return passes * (dense + experts) * STATE_BYTES[spec.train.dtype].weights
 
@@ -94,9 +121,10 @@ def layer_grad_bytes(spec: Spec, layer: int) -> float:
     """Bytes of gradient traffic one rank's backward makes for one layer and one micro-batch: each local
     parameter's gradient comes out whole (a grouped matmul's weight gradient is the whole stack of local
     experts, those no token reached included), is written, then read and written again as it is added to
-    the gradient accumulated so far."""
+    the gradient accumulated so far. With `expert_overlap` each half's grouped matmul writes the whole stack
+    of expert gradients, and both are accumulated: twice the experts' traffic."""
     dense, experts = local_layer_params(spec, layer)
-    return GRAD_PASSES * (dense + experts) * STATE_BYTES[spec.train.dtype].grads
+    return GRAD_PASSES * (dense + halves(spec, layer) * experts) * STATE_BYTES[spec.train.dtype].grads
 
 
 def head_weight_reads(spec: Spec) -> float:
@@ -193,7 +221,8 @@ def layer_collectives(spec: Spec, layer: int) -> LayerCollectives:
       each slot's row index and gate) and the gates' gradient, and dispatch and combine forward and
       backward; inside the node (`ep_intra`) the node's counts and dispatch and combine forward and backward;
       recomputation repeats the plans and dispatch (selective: 4 between nodes, 2 inside) or all of the
-      forward's (5 and 3);
+      forward's (5 and 3). The overlapped exchange (lcc.ops.overlap) makes each half's: counts, dispatch and
+      combine forward, combine and dispatch backward (10); recomputation repeats the forward's 6;
     - ZeRO-3: a gather forward, a gather and a reduce-scatter backward, per axis the layer is sharded over.
     """
     par, model = spec.parallelism, spec.model
@@ -207,7 +236,9 @@ def layer_collectives(spec: Spec, layer: int) -> LayerCollectives:
         else:
             tp = (blocks + int(moe)) * (3 if policy == "full" else 2)
     ep = ep_intra = 0
-    if moe and par.ep > 1:
+    if moe and par.ep > 1 and par.expert_overlap:  # each half's counts, dispatch, combine; the two backward
+        ep = 10 + {"none": 0, "selective": 4, "full": 6}[policy]
+    elif moe and par.ep > 1:
         ep = 5 + {"none": 0, "selective": 2, "full": 3}[policy]
         if par.expert_exchange == "hierarchical":
             ep, ep_intra = 8 + {"none": 0, "selective": 4, "full": 5}[policy], ep

@@ -16,6 +16,7 @@ forward's, as backward produces them):
 
 from __future__ import annotations
 
+from lcc.actions import stage_rank
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS
 from lcc.compiler.state import CompileState
 from lcc.plan.types import GradBucket, Parameter, chunk_size
@@ -25,10 +26,12 @@ DESCRIPTION = ("bucketed gradient reduction issued during backward: dense parame
                "over edp")
 
 
-def owner(p: Parameter, stage: int, pp: int) -> int | None:
+def owner(p: Parameter, stage: int, pp: int, schedule: str) -> int | None:
     """The stage whose buckets hold `p` on the pipeline rank of `stage`: its first stage there (a tied
-    embedding on two stages of one pipeline rank is one tensor, with one gradient to reduce)."""
-    here = [s for s in p.stages if s % pp == stage % pp]
+    embedding on two stages of one pipeline rank is one tensor, with one gradient to reduce: zbv's V puts
+    the first and the last stage on rank 0). `schedule`: the plan's schedule kind (lcc.actions.stage_rank)."""
+    rank = stage_rank(stage, pp, schedule)
+    here = [s for s in p.stages if stage_rank(s, pp, schedule) == rank]
     return min(here) if here else None
 
 
@@ -42,7 +45,7 @@ def run(state: CompileState) -> None:
     when = state.memory.grad_reduce if state.memory is not None else "step"
     for stage in range(len(state.stage_bounds)):
         buckets: list[GradBucket] = []
-        held = [p for p in state.params.values() if owner(p, stage, par.pp) == stage]
+        held = [p for p in state.params.values() if owner(p, stage, par.pp, par.pipeline.schedule) == stage]
         for reduce in dict.fromkeys(tuple(p.grad_reduce) for p in held):  # edp; dp; dp, tp; dp, kv
             zero_axis = "edp" if reduce == ("edp",) else "dp"
             axes = [a for a in reduce if sizes[a] > 1 and not (zero >= 3 and a == zero_axis)]

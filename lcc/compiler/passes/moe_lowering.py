@@ -35,7 +35,9 @@ def run(state: CompileState) -> None:
             state.add(s, router, AFTER, "unit_balance", [Collective(
                 "all_reduce", "tp", router, "expert counts of the unit, for the balance loss", [moe.n_experts + 2],
                 d.wide)], region="routing")
-        if par.ep > 1 and par.expert_exchange == "hierarchical":
+        if par.ep > 1 and par.expert_overlap:
+            _halves(state, s, dispatch, experts, d)
+        elif par.ep > 1 and par.expert_exchange == "hierarchical":
             _hierarchical(state, s, dispatch, experts, d)
         elif par.ep > 1:
             state.add(s, dispatch, AT, "moe_plan", [Collective(
@@ -75,3 +77,18 @@ def _hierarchical(state: CompileState, s: int, dispatch: str, experts: str, d) -
     for axis, what in (("ep_intra", "combine in the node"), ("ep_inter", "combine across nodes")):
         back = Collective("all_to_all", axis, experts, what, [-1, d.D], d.compute)
         state.add(s, experts, AFTER, "all_to_all", [back], [back])
+
+
+def _halves(state: CompileState, s: int, dispatch: str, experts: str, d) -> None:
+    """The overlapped exchange (lcc.ops.overlap): each half's counts, then both halves' dispatches begun at
+    once, and each half's combine begun as soon as its experts are done (half A's while B's compute)."""
+    par, moe = state.spec.parallelism, state.spec.model.moe
+    counts = Collective("all_to_all", "ep", dispatch, "rows per (source, expert), half A's then B's",
+                        [par.ep, 2 * moe.n_experts // par.ep], "int64")
+    state.add(s, dispatch, AT, "moe_plan_halves", [counts], region="routing")
+    for h in "AB":
+        rows = Collective("all_to_all", "ep", experts, f"dispatch, half {h} (begun)", [-1, d.D], d.params)
+        state.add(s, experts, BEFORE, "all_to_all_start", [rows], [rows], region="routing")
+    for h in "AB":
+        back = Collective("all_to_all", "ep", experts, f"combine, half {h} (begun)", [-1, d.D], d.compute)
+        state.add(s, experts, AFTER, "all_to_all_start", [back], [back])

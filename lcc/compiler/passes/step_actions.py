@@ -33,11 +33,11 @@ def run(state: CompileState) -> None:
 
     state.step = []
     for pp_rank in range(par.pp):
-        stages = stage_ranks(par.pp, par.pipeline.virtual_stages, pp_rank)
+        stages = stage_ranks(par.pp, par.pipeline.virtual_stages, pp_rank, par.pipeline.schedule)
         actions: list[StepAction] = []
         if tied:
             mine = [s for s in (0, last) if s in stages]
-            if len(mine) == 1:  # the first and the last stage are on different pipeline ranks
+            if len(mine) == 1:  # the first and the last stage are on different pipeline ranks (not zbv's V)
                 embed = state.params["embed.weight"]
                 shape = [chunk_size(embed.local_numel, embed.zero.parts)] if zero >= 2 else embed.local_shape
                 what = "the tied embedding's gradient, with the other copy's stage"
@@ -59,7 +59,7 @@ def run(state: CompileState) -> None:
             for s in stages:
                 for axis in ("dp", "edp"):
                     names = [n for n, p in state.params.items()
-                             if owner(p, s, par.pp) == s and p.zero.axis == axis]
+                             if owner(p, s, par.pp, par.pipeline.schedule) == s and p.zero.axis == axis]
                     if names and sizes[axis] > 1:
                         chunk = sum(chunk_size(state.params[n].local_numel, sizes[axis]) for n in names)
                         actions.append(StepAction("UNSHARD", s, params=names, collectives=[Collective(
