@@ -347,6 +347,9 @@ def run_serve(
                                                     "under any layout. Default: the deterministic initialisation.")]
     = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LCC_API_KEY", show_envvar=True, help="Answer "
+                                                "the /v1/ routes only with `Authorization: Bearer KEY` (401 "
+                                                "otherwise); /health and /metrics stay open.")] = None,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: one the "
                                               "system chooses, named in the ready line).")] = 8000,
     max_queued: Annotated[int, typer.Option("--max-queued", min=1, help="Requests waiting for their first step "
@@ -369,7 +372,7 @@ def run_serve(
     exit_on_run_error(refuse_under_torchrun, "lcc run serve")  # it starts its ranks itself
     plan_dir = _serve_plan(target, set_)
     opts = ServeOptions(str(checkpoint) if checkpoint else None, host, port, max_queued, shutdown_timeout,
-                        max_num_seqs, max_batched_tokens)
+                        max_num_seqs, max_batched_tokens, api_key or None)
     try:
         serve(plan_dir, opts, force=force)
     except RunError as exc:

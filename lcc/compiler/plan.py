@@ -36,8 +36,9 @@ from lcc.compiler.passes import (
 from lcc.compiler.schedule import COST, add_p2p, generate, simulate, to_csv
 from lcc.compiler.state import CompileState
 from lcc.compiler.trace import trace
+from lcc.data.chat_template import PLAN_FILE as PLAN_CHAT_TEMPLATE
 from lcc.data.tokenizer import PLAN_FILE as PLAN_TOKENIZER
-from lcc.data.tokenizer import tokenizer_text
+from lcc.data.tokenizer import chat_template_text, tokenizer_text
 from lcc.plan import codec
 from lcc.plan.program_check import check_programs
 from lcc.plan.types import (
@@ -236,9 +237,11 @@ def compile_plan(spec: Spec, mode: str = "train") -> dict[str, str]:
     programs = render_programs(state)
     check_programs(plan, programs)
     tokenizer = tokenizer_text(spec)  # a plan carries its spec's tokenizer: it serves and trains on its own
+    chat = chat_template_text(spec)  # and the chat template beside it
     return {
         **programs,
         **({PLAN_TOKENIZER: tokenizer} if tokenizer is not None else {}),
+        **({PLAN_CHAT_TEMPLATE: chat} if chat is not None else {}),
         "plan.json": codec.dumps(plan),
         "spec.json": json.dumps(resolved(spec), indent=1, sort_keys=True) + "\n",
         "schedule.csv": to_csv(_compute_only(spec, mode)),

@@ -36,7 +36,7 @@ class ByteTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:  # bytes: no special tokens to add
         ids = list(text.encode("utf-8"))
         too_big = [i for i in ids if i >= self.vocab_size]
         if too_big:
@@ -78,8 +78,9 @@ class HFTokenizer:
             raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers package reads ({exc})") from None
         self.path, self.vocab_size = Path(path), vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """`special`: add the special tokens the post-processor adds (a chat template writes its own)."""
+        ids = self._tok.encode(text, add_special_tokens=special).ids
         too_big = [i for i in ids if i >= self.vocab_size]
         if too_big:
             raise TokenizerError(f"{self.path}: token {too_big[0]} is outside the model's vocabulary of "
@@ -147,6 +148,24 @@ def tokenizer_text(spec: Spec, spec_dir: Path | None = None) -> str | None:
                 else None)
         raise SpecError([Problem(locate(spec, FIELD), FIELD, f"cannot read tokenizer {path}: {why}", hint)]) from None
     return text
+
+
+def chat_template_text(spec: Spec, spec_dir: Path | None = None) -> str | None:
+    """The chat template beside the spec's tokenizer (lcc.data.chat_template.find), as a plan carries it
+    (chat_template.json), or None; a SpecError at `model.tokenizer` for one that cannot be read or parsed."""
+    from lcc.data.chat_template import ChatTemplate, ChatTemplateError, find
+
+    path = tokenizer_file(spec, spec_dir)
+    if path is None:
+        return None
+    try:
+        found = find(path)
+        if found is None:
+            return None
+        ChatTemplate(found, f"the chat template beside {path}")
+    except ChatTemplateError as exc:
+        raise SpecError([Problem(locate(spec, FIELD), FIELD, str(exc))]) from None
+    return json.dumps(found, indent=1, sort_keys=True) + "\n"
 
 
 def tokenizer_digest(spec: Spec, spec_dir: Path | None = None) -> str | None:

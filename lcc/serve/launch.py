@@ -204,6 +204,7 @@ class ServeOptions:
     shutdown_timeout: float
     max_num_seqs: int | None = None
     max_batched_tokens: int | None = None
+    api_key: str | None = None  # /v1/ routes need `Authorization: Bearer <api_key>`
 
 
 def serve(plan_dir: Path, opts: ServeOptions, force: bool = False) -> None:
@@ -304,6 +305,7 @@ def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeO
 
 def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
                  timeout_s: float, beat: Heartbeat, terminal: int | None = None) -> None:
+    from lcc.data.chat_template import plan_chat_template
     from lcc.data.tokenizer import plan_tokenizer
     from lcc.serve.engine import Engine, follow
     from lcc.serve.loop import EngineLoop
@@ -335,7 +337,8 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
         loop.begin()
         try:
             run_server(loop, metrics, plan.serving, plan.spec_name, plan_tokenizer(Path(plan_dir)), sock,
-                       opts.max_queued, opts.shutdown_timeout, _teller(terminal))
+                       opts.max_queued, opts.shutdown_timeout, _teller(terminal),
+                       chat_template=plan_chat_template(Path(plan_dir)), api_key=opts.api_key)
         finally:
             loop.stop()  # (done already but where run_server failed) aborts what is left, releases the other ranks
         if loop.failure is not None:

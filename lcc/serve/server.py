@@ -17,6 +17,7 @@ aborts the rest and releases the other ranks.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from lcc.data.chat_template import ChatTemplate
 from lcc.data.tokenizer import Tokenizer
 from lcc.plan.types import Serving
 from lcc.serve import api
@@ -72,7 +74,9 @@ class Metrics:
 
 
 def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer,
-              max_queued: int) -> FastAPI:
+              max_queued: int, chat_template: ChatTemplate | None = None, api_key: str | None = None) -> FastAPI:
+    """`chat_template`: the model's (its plan's chat_template.json), else lcc's own format. `api_key`: the
+    /v1/ routes answer 401 without `Authorization: Bearer <api_key>`; /health and /metrics stay open."""
     app = FastAPI(title="lcc", docs_url=None, redoc_url=None, openapi_url=None)
     vocab = tokenizer.vocab_size
     limit = api.body_limit(serving.max_seq_len)
@@ -80,6 +84,23 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
     def refuse(exc: api.ApiError) -> JSONResponse:
         metrics.rejected.labels(status=str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next: Callable[[Request], Any]) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                return refuse(api.ApiError(401, "a valid API key is needed: Authorization: Bearer <key>",
+                                           kind="invalid_request_error", code="invalid_api_key"))
+            return await call_next(request)
+
+    def chat_tokens(messages: list[api.Message]) -> list[int]:
+        if chat_template is None:
+            return tokenizer.encode(api.chat_prompt(messages))
+        text = chat_template.render([m.model_dump() for m in messages])
+        return tokenizer.encode(text, special=False)
 
     @app.get("/health")
     async def health() -> Response:
@@ -110,7 +131,7 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
         field = "messages" if chat else "prompt"
         try:
             if chat:
-                prompt = tokenizer.encode(api.chat_prompt(req.messages))
+                prompt = chat_tokens(req.messages)
             else:
                 prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         except ValueError as exc:
@@ -282,11 +303,12 @@ def url_of(sock: socket.socket) -> str:
 
 
 def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer,
-               sock: socket.socket, max_queued: int, shutdown_timeout: float, say: Callable[[str], None]) -> None:
+               sock: socket.socket, max_queued: int, shutdown_timeout: float, say: Callable[[str], None],
+               chat_template: ChatTemplate | None = None, api_key: str | None = None) -> None:
     """Serve on the bound socket `sock` until SIGTERM/SIGINT (then drain for up to `shutdown_timeout` s) or the
     engine fails; `say` is told when the server is ready and listening. The engine loop is stopped before
     the event loop closes (what it aborts is delivered while something still listens)."""
-    app = build_app(loop, metrics, serving, model, tokenizer, max_queued)
+    app = build_app(loop, metrics, serving, model, tokenizer, max_queued, chat_template, api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=FLUSH_S,
                             lifespan="off")
     server = Server(config, loop, shutdown_timeout)
