@@ -202,7 +202,8 @@ def _serving(spec: Spec, state: CompileState) -> Serving:
                    serve.n_kv_blocks, kv_heads, att.head_dim, per_rank, serve.routing_tables, kernel,
                    quant.group_size if quant is not None else None, before, after,
                    attention_kernel=attention_kernel(spec), routing_kernel=routing_kernel(spec),
-                   dense_kernel=dense_kernel(spec), norm_kernel=norm_kernel(spec), decode_kernel=decode_kernel(spec))
+                   dense_kernel=dense_kernel(spec), norm_kernel=norm_kernel(spec), decode_kernel=decode_kernel(spec),
+                   prefix_caching=serve.prefix_caching)
 
 
 def with_reductions(lowered: list[list[Action]], state: CompileState) -> list[list[Action]]:

@@ -310,6 +310,7 @@ class Serving:
     dense_kernel: str = "torch"  # dense projections: "native_cpu" (lcc's bfloat16 kernel, few rows) or "torch"
     norm_kernel: str = "torch"  # RMS norms: "native_cpu" (lcc's CPU kernel) or "torch"
     decode_kernel: str = "ops"  # MoE layers of decode-only steps: "native_cpu" (one call each) or "ops"
+    prefix_caching: bool = False  # serve.prefix_caching: full KV blocks of a shared prefix are reused
 
 
 @dataclass(frozen=True)

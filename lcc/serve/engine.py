@@ -93,7 +93,7 @@ class Engine:
         if self.max_num_seqs < 1 or self.max_batched_tokens < 1:
             raise ValueError("--max-num-seqs and --max-batched-tokens must be positive")
         self.scheduler = Scheduler(rank.mesh.sizes["dp"], serving.kv_blocks, serving.block_size, self.max_num_seqs,
-                                   self.max_batched_tokens)
+                                   self.max_batched_tokens, serving.prefix_caching)
         self.tokenizer = plan_tokenizer(rank.dir)
         self.stop_tokens = frozenset(rank.spec.serve.stop_token_ids if rank.spec.serve is not None else ())
         self.sequences: dict[int, Sequence] = {}
@@ -167,6 +167,7 @@ class Engine:
             else:
                 self.stats.prefill_tokens += n
             seq.computed += n
+            self.scheduler.computed(seq)
             if isinstance(token, Exception):
                 updates.append(self._fail(seq, token))
             elif token is not None:

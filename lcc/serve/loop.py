@@ -59,6 +59,7 @@ class EngineLoop:
         self.failure: BaseException | None = None
         self.engine: Engine | None = None
         self.stopped = threading.Event()
+        self.prefix_counted = (0, 0)  # prefix-cache hit and query tokens already in the metrics
         self.thread = threading.Thread(target=self._main, name="lcc-engine", daemon=True)
 
     # ------------------------------------------------------------------------- from any thread
@@ -242,3 +243,7 @@ class EngineLoop:
         total = sum(b.n_blocks for b in sched.blocks)
         m.kv_blocks_used.set(sched.used_blocks)
         m.kv_usage.set(sched.used_blocks / total if total else 0.0)
+        hits, queries = (sum(getattr(b, k) for b in sched.blocks) for k in ("hit_tokens", "query_tokens"))
+        m.prefix_hit_tokens.inc(hits - self.prefix_counted[0])
+        m.prefix_query_tokens.inc(queries - self.prefix_counted[1])
+        self.prefix_counted = (hits, queries)

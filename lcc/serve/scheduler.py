@@ -5,7 +5,8 @@ tokens of its running sequences, then prefill chunks (running sequences whose pr
 cache yet, then waiting ones, oldest first) up to `max_batched_tokens` tokens and `max_num_seqs`
 sequences. When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it waits again, to be recomputed (prompt and generated tokens, as one
-prefill) when blocks are free. A sequence's logits are wanted when its chunk reaches its last token.
+prefill) when blocks are free. A sequence's logits are wanted when its chunk reaches its last token. With
+prefix caching a sequence admitted from the queue starts after its longest cached prefix (lcc.serve.blocks).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, dp: int, n_blocks: int, block_size: int, max_num_seqs: int, max_batched_tokens: int):
+    def __init__(self, dp: int, n_blocks: int, block_size: int, max_num_seqs: int, max_batched_tokens: int,
+                 prefix_caching: bool = False):
         self.dp = dp
-        self.blocks = [BlockManager(n_blocks, block_size) for _ in range(dp)]
+        self.blocks = [BlockManager(n_blocks, block_size, prefix_caching) for _ in range(dp)]
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.waiting: list[collections.deque[Sequence]] = [collections.deque() for _ in range(dp)]
         self.running: list[list[Sequence]] = [[] for _ in range(dp)]
@@ -103,15 +105,27 @@ class Scheduler:
         while waiting and budget > 0 and len(running) < self.max_num_seqs and self.preemptions == preempted:
             # (after a preemption the cache is full: nothing is admitted in this step)
             seq = waiting[0]
+            fresh = seq.computed == 0 and seq.id not in blocks.tables
+            if fresh:  # its cached prefix (prefix caching), held while it is admitted
+                seq.computed = blocks.match(seq.id, seq.tokens)
             n = min(seq.remaining, budget)
             if not blocks.can_hold(seq.id, seq.computed + n):
+                if fresh:  # not admitted: a waiting sequence holds no block
+                    blocks.release(seq.id)
+                    seq.computed = 0
                 break
+            if fresh:
+                blocks.counted(seq.computed, len(seq.tokens))
             waiting.popleft()
             running.append(seq)
             blocks.grow(seq.id, seq.computed + n)
             out.append((seq, n))
             budget -= n
         return out
+
+    def computed(self, seq: Sequence) -> None:
+        """After a step: the sequence's full blocks so far are cached for later requests (prefix caching)."""
+        self.blocks[seq.dp].commit(seq.id, seq.tokens, seq.computed)
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it waits (first in line) to be computed again."""

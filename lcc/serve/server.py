@@ -59,6 +59,10 @@ class Metrics:
         self.kv_blocks_used = Gauge("lcc_kv_cache_blocks_used", "KV cache blocks held by sequences, all dp ranks.",
                                     registry=r)
         self.kv_usage = Gauge("lcc_kv_cache_usage_ratio", "Share of the KV cache blocks in use.", registry=r)
+        self.prefix_hit_tokens = Counter("lcc_prefix_cache_hit_tokens", "Prompt tokens whose keys and values "
+                                         "came from the prefix cache.", registry=r)
+        self.prefix_query_tokens = Counter("lcc_prefix_cache_query_tokens", "Prompt tokens looked up in the "
+                                           "prefix cache.", registry=r)
         self.time_to_first_token = Histogram("lcc_time_to_first_token_seconds", "From arrival to the first token.",
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token_latency = Histogram("lcc_inter_token_latency_seconds", "Between a request's tokens.",

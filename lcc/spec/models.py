@@ -278,6 +278,9 @@ class Serve(_Section):
         "AVX512-BF16 where present; built at first use with the system's C++ compiler) or PyTorch's (the int4 experts "
         "through aten._weight_int4pack_mm_for_cpu; group sizes 32-256).")
     block_size: Pos = Field(16, description="Tokens per block of the paged KV cache.")
+    prefix_caching: bool = Field(True, description="Reuse the cached key/value blocks of a prompt's prefix that "
+                                 "an earlier request computed (whole blocks, identified by their tokens and "
+                                 "everything before them; least recently used evicted first).")
     kv_blocks: Pos | None = Field(None, description="KV cache blocks per rank; null: enough for max_batch sequences "
                                   "of max_seq_len tokens.")
     max_batched_tokens: Pos = Field(256, description="Tokens per engine step (decodes first, then prefill chunks).")
