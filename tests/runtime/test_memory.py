@@ -19,17 +19,12 @@ from lcc.runtime.rendezvous import host_store, join_group
 from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.layouts import LAYOUTS
-from tests.runtime.equivalence import LIGHT, References, assert_run_matches_reference
+from tests.runtime.equivalence import LIGHT, assert_run_matches_reference
 
 
 def memory_spec(layout: str, zero: int, checkpointing: str, extra: tuple[str, ...] = ()):
     return load_spec(SPECS / "tiny-moe.yaml", [*LIGHT, *LAYOUTS[layout], f"parallelism.zero={zero}",
                                                f"parallelism.activation_checkpointing={checkpointing}", *extra])
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return References()
 
 
 @pytest.mark.slow

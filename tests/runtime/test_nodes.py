@@ -16,12 +16,7 @@ from lcc.runtime.launch import launch, read_metrics
 from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.layouts import NODE_LAYOUTS
-from tests.runtime.equivalence import LIGHT, SMALL, References, assert_run_matches_reference
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return References()
+from tests.runtime.equivalence import LIGHT, SMALL, assert_run_matches_reference
 
 
 @pytest.mark.slow

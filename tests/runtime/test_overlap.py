@@ -9,12 +9,7 @@ import pytest
 from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.layouts import OVERLAP_LAYOUTS, ZB_LAYOUTS
-from tests.runtime.equivalence import SMALL, References, assert_run_matches_reference
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return References()
+from tests.runtime.equivalence import SMALL, assert_run_matches_reference
 
 
 @pytest.mark.slow
