@@ -7,7 +7,9 @@ and keys where the model has them, rotary embeddings and the cache writes, decod
 cache, the output projection and the residual, the MoE block's norm, routing from the tables (the slots
 sorted by expert), the experts (int4, or unquantised bfloat16), the combine and the residual: the same
 operators as the layer's lines in `forward`, in the same order, on the same tensors, so the layer's output
-is theirs bit for bit (the dense kernel's row limit, `lcc.backends.cpu.dense.MAX_ROWS`, included).
+is theirs bit for bit (the dense kernel's row limit, `lcc.backends.cpu.dense.MAX_ROWS`, included). The
+kernel also counts the tokens routed to each expert and, when the step asks for them, returns each token's
+experts, as `ServeContext.observe` does on the op-by-op path.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ def decode_layer(x: torch.Tensor, P: dict[str, Any], ctx: Any, layer: int, head_
     attention, routing, experts = fixed
     both, sign = batch.rope(head_dim, theta, torch.float32)
     T, D = x.shape[1], x.shape[2]
+    site = f"layers.{layer}.ffn"
+    counts = ctx.expert_counts.get(site)
+    if counts is None:
+        counts = ctx.expert_counts[site] = torch.zeros(routing[4].shape[0], dtype=torch.int64)
+    routed = None if ctx.routes is None else torch.empty((T, routing[9]), dtype=torch.int64)
     out = load().ops.decode_layer(x.view(T, D), *attention, both, sign, batch.slots, *routing[:2], d.rows, d.slots,
-                                  d.lengths, *routing[2:], *experts)
+                                  d.lengths, *routing[2:], *experts, routed, counts)
+    if routed is not None:  # every row of a decode step returns its logits
+        ctx.routes[site] = routed
     return out.view(1, T, D)
 
 

@@ -64,6 +64,7 @@ class RequestBody(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    return_routed_experts: bool = False  # lcc's: each generated token's experts per MoE layer
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -145,37 +146,50 @@ def chat_prompt(messages: list[Message]) -> str:
 
 def sampling(req: RequestBody, max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                          stop=[s for s in req.stops() if s])
+                          stop=[s for s in req.stops() if s], return_routed_experts=req.return_routed_experts)
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+Routed = list[list[list[int]]]  # per generated token, per MoE layer: the experts it chose
+
+
 def completion(key: int, model: str, chat: bool, text: str, reason: str | None, prompt: int, completion_tokens: int,
-               created: int) -> dict[str, Any]:
+               created: int, routed: Routed | None = None) -> dict[str, Any]:
+    """`routed`: the choice's `routed_experts` (a request with return_routed_experts)."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": reason}
-        return {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
-                "choices": [choice], "usage": usage(prompt, completion_tokens)}
-    return {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": usage(prompt, completion_tokens)}
+        out = {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": created, "model": model,
+               "choices": [choice], "usage": usage(prompt, completion_tokens)}
+    else:
+        out = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+               "usage": usage(prompt, completion_tokens)}
+    if routed is not None:
+        out["choices"][0]["routed_experts"] = routed
+    return out
 
 
 def chunk(key: int, model: str, chat: bool, text: str | None, reason: str | None, created: int,
-          first: bool = False) -> dict[str, Any]:
-    """One streamed chunk (text None: the final usage chunk's empty choices are set by the caller)."""
+          first: bool = False, routed: Routed | None = None) -> dict[str, Any]:
+    """One streamed chunk (text None: the final usage chunk's empty choices are set by the caller); `routed`:
+    the experts of the tokens since the last chunk."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
         if reason is not None and not text:
             delta = {}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"id": f"chatcmpl-{key}", "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice]}
-    return {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+        out = {"id": f"chatcmpl-{key}", "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [choice]}
+    else:
+        out = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+    if routed is not None:
+        out["choices"][0]["routed_experts"] = routed
+    return out
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lcc.data.tokenizer import plan_tokenizer
 from lcc.plan.types import Serving
 from lcc.serve.rank import ServeRank, StepPlan
+from lcc.serve.routed import gather_counts, gather_routes, routed_lists
 from lcc.serve.sampling import SamplingParams, generator_for, sample
 from lcc.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
+
+COUNTS_EVERY_S = 1.0  # how often, at world > 1, rank 0 collects the other ranks' per-expert counts
 
 
 class RequestError(ValueError):
@@ -66,6 +71,9 @@ class Update:
     text: str  # new text of this step
     finished: str | None = None  # stop | length | abort | error
     error: str | None = None  # why serving it failed (finished: error)
+    # per new token, when the request asked for them: the experts each MoE layer chose at the position that
+    # produced it, in layer order (lcc.serve.routed)
+    routed_experts: list[list[list[int]]] | None = None
 
 
 @dataclass
@@ -102,6 +110,11 @@ class Engine:
         self.closed = False
         self.interrupted = False  # a step's collectives began and did not end
         self.beat = beat  # the launcher's heartbeat of this rank (lcc.runtime.supervise), if any
+        moe = rank.spec.model.moe
+        # the per-expert counts other ranks reported (rank 0's own stay in its context): every MoE layer's
+        sites = [f"layers.{i}.ffn" for i in rank.spec.model.moe_layers]
+        self.collected = {s: torch.zeros(moe.n_experts, dtype=torch.int64) for s in sites} if moe else {}
+        self.counts_due = time.monotonic() + COUNTS_EVERY_S
 
     # ------------------------------------------------------------------------------------- requests
     def submit(self, prompt: list[int], params: SamplingParams) -> int:
@@ -137,8 +150,12 @@ class Engine:
         plan, chosen = self.scheduler.schedule()
         if not chosen:
             raise RuntimeError("the scheduler chose nothing although requests wait (the KV cache cannot hold any)")
+        plan.routes = self.collected != {} and any(
+            s.params.return_routed_experts and s.computed + n == len(s.tokens) for s, n in chosen)
+        if self.rank.mesh.world > 1 and time.monotonic() >= self.counts_due:
+            plan.counts, self.counts_due = True, time.monotonic() + COUNTS_EVERY_S
         try:
-            logits = self._run(plan)
+            logits, routes = self._run(plan)
         except Exception as exc:
             if self.rank.mesh.world > 1:
                 raise  # the other ranks are inside this step's collectives: the engine cannot go on
@@ -149,19 +166,23 @@ class Engine:
             return self._ended(self._fail(seq, exc) for seq, _ in chosen)
         rows = {d: 0 for d in range(len(plan.parts))}
         tokens: list[int | Exception | None] = []  # sampled before any sequence changes
+        routed: list[list[list[int]] | None] = []
         for seq, n in chosen:
+            routed.append(None)
             if seq.computed + n < len(seq.tokens):
                 tokens.append(None)  # a prefill chunk short of the last token
                 continue
             try:
                 tokens.append(sample(logits[seq.dp][rows[seq.dp]], seq.params, seq.generator))
+                if seq.params.return_routed_experts and routes is not None:
+                    routed[-1] = routed_lists(routes[seq.dp][rows[seq.dp]])
             except Exception as exc:  # noqa: BLE001 - this sequence fails, the others go on
                 tokens.append(exc)
             rows[seq.dp] += 1
         self.stats.steps += 1
         self.stats.max_step_tokens = max(self.stats.max_step_tokens, sum(n for _, n in chosen))
         updates = []
-        for (seq, n), token in zip(chosen, tokens, strict=True):
+        for (seq, n), token, experts in zip(chosen, tokens, routed, strict=True):
             if n == 1 and seq.computed == len(seq.tokens) - 1 and len(seq.tokens) > len(seq.prompt):
                 self.stats.decode_tokens += 1
             else:
@@ -172,7 +193,7 @@ class Engine:
                 updates.append(self._fail(seq, token))
             elif token is not None:
                 try:
-                    updates.append(self._advance(seq, token))
+                    updates.append(self._advance(seq, token, experts))
                 except Exception as exc:  # noqa: BLE001 - this sequence fails, the others go on
                     updates.append(self._fail(seq, exc))
         self.stats.preemptions = self.scheduler.preemptions
@@ -195,18 +216,25 @@ class Engine:
         self.stats.failed += 1
         return Update(seq.id, [], "", "error", f"{type(exc).__name__}: {exc}")
 
-    def _run(self, plan: StepPlan) -> list:
-        """The step on every rank. Cut short by an error here, the other ranks are inside the step's
-        collectives: `close` then must not broadcast (the launcher ends them, named by rank 0's error)."""
+    def _run(self, plan: StepPlan) -> tuple[list, list | None]:
+        """The step on every rank: each dp rank's logits and, when the plan asks for them, its returned rows'
+        experts. Cut short by an error here, the other ranks are inside the step's collectives: `close` then
+        must not broadcast (the launcher ends them, named by rank 0's error)."""
         self.interrupted = True
         if self.rank.mesh.world > 1:
             dist.broadcast_object_list([plan], src=0)
-        local = self.rank.step(plan)
-        logits = self.rank.gather_logits(plan, local)
+        out = finish_step(self.rank, plan, self.collected)
         self.interrupted = False
-        return logits
+        return out
 
-    def _advance(self, seq: Sequence, token: int) -> Update:
+    def expert_counts(self) -> dict[int, torch.Tensor]:
+        """Tokens routed to each expert since the server started, by MoE layer (other ranks' as of their last
+        collection, at most COUNTS_EVERY_S old). Safe to call from another thread: it only reads."""
+        own = self.rank.ctx.expert_counts
+        return {int(site.split(".")[1]): total + own[site].cpu() if site in own else total.clone()
+                for site, total in self.collected.items()}
+
+    def _advance(self, seq: Sequence, token: int, experts: list[list[int]] | None = None) -> Update:
         seq.tokens.append(token)
         end = token in self.stop_tokens  # the model's end of sequence: generated, its text not shown
         text, stopped = seq.out.add("" if end else seq.decoder.add(token))
@@ -221,7 +249,7 @@ class Engine:
             text += seq.out.flush() + seq.decoder.final()
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return Update(seq.id, [token], text, reason)
+        return Update(seq.id, [token], text, reason, routed_experts=None if experts is None else [experts])
 
     def run(self) -> Iterator[Update]:
         """Step until every submitted request has finished."""
@@ -233,6 +261,17 @@ class Engine:
         if not self.closed and not self.interrupted and self.rank.mesh.world > 1:
             dist.broadcast_object_list([None], src=0)
         self.closed = True
+
+
+def finish_step(rank: ServeRank, plan: StepPlan, collected: dict[str, torch.Tensor]) -> tuple[list, list | None]:
+    """A step on this rank and what it brings to rank 0, in the order every rank follows: the logits, the
+    returned rows' experts (plan.routes), the other ranks' per-expert counts, added to `collected`
+    (plan.counts). Rank 0 gets the logits and the experts; the others, empty lists and None."""
+    logits = rank.gather_logits(plan, rank.step(plan))
+    routes = gather_routes(rank, plan) if plan.routes else None
+    if plan.counts:
+        gather_counts(rank, collected)
+    return logits, routes
 
 
 IDLE = "idle"  # broadcast instead of a step when there is nothing to do: keeps the other ranks' waits short
@@ -259,7 +298,7 @@ def follow(rank: ServeRank, beat: Any = None) -> None:
             continue
         if beat is not None:
             beat.step(steps)
-        rank.gather_logits(box[0], rank.step(box[0]))
+        finish_step(rank, box[0], {})
         steps += 1
         if beat is not None:
             beat.completed(steps)

@@ -171,6 +171,7 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
     index = {rid: i for i, rid in enumerate(ids)}
     tokens: dict[int, list[int]] = {rid: [] for rid in ids}
     texts: dict[int, str] = {rid: "" for rid in ids}
+    routed: dict[int, list] = {rid: [] for rid in ids}
     reasons: dict[int, str] = {}
     errors: dict[int, str | None] = {}  # of the requests whose serving failed
     single = len(ids) == 1 and job.stream and not job.as_json
@@ -179,6 +180,7 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
             errors[u.request] = u.error
         tokens[u.request] += u.token_ids
         texts[u.request] += u.text
+        routed[u.request] += u.routed_experts or []
         if single and u.text:
             sys.stdout.write(u.text)
             sys.stdout.flush()
@@ -191,7 +193,9 @@ def run_job(engine: Any, job: Job) -> list[dict[str, Any]]:
     failed = next((rid for rid in ids if rid in errors), None)
     if failed is not None:  # the others were served; the run fails, naming the first that was not
         raise RuntimeError(f"prompt {index[failed] + 1} failed: {errors[failed]}")
-    return [{"token_ids": tokens[rid], "text": texts[rid], "finish_reason": reasons.get(rid)} for rid in ids]
+    extra = (lambda rid: {"routed_experts": routed[rid]}) if job.params.return_routed_experts else (lambda rid: {})
+    return [{"token_ids": tokens[rid], "text": texts[rid], "finish_reason": reasons.get(rid), **extra(rid)}
+            for rid in ids]
 
 
 # ------------------------------------------------------------------------------------ lcc run serve
@@ -305,11 +309,10 @@ def _server_worker(rank: int, world: int, port: int, plan_dir: str, opts: ServeO
 
 def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOptions, threads: int,
                  timeout_s: float, beat: Heartbeat, terminal: int | None = None) -> None:
-    from lcc.data.chat_template import plan_chat_template
-    from lcc.data.tokenizer import plan_tokenizer
     from lcc.serve.engine import Engine, follow
     from lcc.serve.loop import EngineLoop
     from lcc.serve.rank import ServeRank
+    from lcc.serve.served import ServedModel
     from lcc.serve.server import Metrics, listen, run_server
 
     torch.set_num_threads(threads)
@@ -336,9 +339,8 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
         sock = listen(opts.host, opts.port)  # port 0: the system's choice, which the ready line names
         loop.begin()
         try:
-            run_server(loop, metrics, plan.serving, plan.spec_name, plan_tokenizer(Path(plan_dir)), sock,
-                       opts.max_queued, opts.shutdown_timeout, _teller(terminal),
-                       chat_template=plan_chat_template(Path(plan_dir)), api_key=opts.api_key)
+            run_server(loop, metrics, plan.serving, ServedModel.of_plan(Path(plan_dir), plan.spec_name), sock,
+                       opts.max_queued, opts.shutdown_timeout, _teller(terminal), api_key=opts.api_key)
         finally:
             loop.stop()  # (done already but where run_server failed) aborts what is left, releases the other ranks
         if loop.failure is not None:

@@ -16,6 +16,7 @@ however the loop ends.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -100,6 +101,8 @@ class EngineLoop:
     def _main(self) -> None:
         try:
             self.engine = self.start()
+            if self.metrics is not None:
+                self.metrics.watch_experts(self.engine.expert_counts)
             self.ready.set()
             self._serve()
         except BaseException as exc:  # noqa: BLE001 - the server reports it and ends
@@ -231,7 +234,7 @@ class EngineLoop:
             if m is not None:
                 m.e2e_latency.observe(now - t.arrived)
             self._count_finished(u.finished)
-        self._call(t, Update(t.key, u.token_ids, u.text, u.finished, u.error))
+        self._call(t, dataclasses.replace(u, request=t.key))
 
     def _gauges(self) -> None:
         m, engine = self.metrics, self.engine

@@ -23,6 +23,7 @@ from lcc.plan import read_plan
 from lcc.runtime.device import running_on
 from lcc.runtime.engine import load_program
 from lcc.runtime.mesh import build_mesh
+from lcc.serve.routed import moe_sites, returned_rows
 from lcc.serve.weights import DTYPES, check_checkpoint, load_shards, serving_weights, weight_bytes
 from lcc.spec import Spec
 
@@ -41,6 +42,12 @@ class SeqPart:
 @dataclass
 class StepPlan:
     parts: list[list[SeqPart]]  # per dp rank
+    routes: bool = False  # the returned rows' experts come back to rank 0 (lcc.serve.routed)
+    counts: bool = False  # the reporting ranks' per-expert counts come back to rank 0
+
+    def wanted(self) -> list[int]:
+        """Rows whose logits each dp rank returns."""
+        return [sum(p.wants_logits for p in parts) for parts in self.parts]
 
 
 @dataclass
@@ -51,12 +58,26 @@ class ServeContext:
     tables: dict[str, RoutingTables]
     batch: StepBatch | None = None
     tp_rank: int = 0
+    tp_size: int = 1
     loads: dict[str, torch.Tensor] = field(default_factory=dict)
     record: bool = False
     prepared: dict[Any, Any] = field(default_factory=dict)  # what ops derive once from the rank's fixed weights
+    # tokens routed to each expert since the rank started (or since rank 0 last collected them), by MoE site
+    expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    routes: dict[str, torch.Tensor] | None = None  # this step's: the experts of the rows whose logits it returns
 
     def observe(self, site: str, route: Any) -> None:
-        """Routing statistics when asked for (expert loads per MoE layer)."""
+        """Every step: the tokens routed to each expert; the experts of the rows whose logits the step returns
+        when the step asks for them (`routes` not None); routing statistics when asked for (`record`)."""
+        counts = route.counts_E if route.counts_E is not None else route.load_E.to(torch.int64)
+        if site in self.expert_counts:
+            self.expert_counts[site] += counts.to(self.expert_counts[site].device)
+        else:
+            self.expert_counts[site] = counts.to(torch.int64).clone()
+        if self.routes is not None:  # under tp, this rank routes its share of the step's tokens
+            chosen_TK = route.experts_TK.masked_fill(~route.mask_TK, -1)
+            rows = returned_rows(self.batch.last_rows.cpu(), self.batch.tokens, self.tp_size, self.tp_rank)
+            self.routes[site] = chosen_TK.index_select(0, rows.to(chosen_TK.device)).cpu()
         if self.record:
             load = route.load_E
             self.loads[site] = self.loads[site] + load if site in self.loads else load.clone()
@@ -93,7 +114,10 @@ class ServeRank:
                                       serving.head_dim, self.dtype, device)
         routing = serving_routing(spec.routing) if spec.routing is not None else None
         self.tables = self._tables(routing) if serving.routing_tables else {}
-        self.ctx = ServeContext(routing, self.tables, tp_rank=c["tp"])
+        self.ctx = ServeContext(routing, self.tables, tp_rank=c["tp"], tp_size=self.mesh.sizes["tp"])
+        if spec.model.moe is not None:  # every MoE layer here counted from the start (the server reads them)
+            self.ctx.expert_counts = {site: torch.zeros(spec.model.moe.n_experts, dtype=torch.int64, device=device)
+                                      for site in self.moe_sites}
         self.d_model = spec.model.d_model
 
     def _tables(self, routing: Any) -> dict[str, RoutingTables]:
@@ -103,6 +127,11 @@ class ServeRank:
             out[site] = RoutingTables(self.params[f"{site}.centroids_GD"], self.params[f"{site}.weight_ED"],
                                       self.buffers[name], routing, self.plan.serving.routing_kernel == "native_cpu")
         return out
+
+    @property
+    def moe_sites(self) -> list[str]:
+        """The MoE layers of this rank's stages, in layer order."""
+        return [site for _, site in moe_sites(self, self.mesh.coords["pp"])]
 
     @property
     def weight_bytes(self) -> int:
@@ -123,6 +152,7 @@ class ServeRank:
         mine = plan.parts[self.mesh.coords["dp"]]
         batch = StepBatch.build(self.cache, [(p.first, len(p.tokens), p.table, p.wants_logits) for p in mine],
                                 self.plan.serving.attention_kernel)
+        self.ctx.routes = {} if plan.routes else None
         with running_on(self.device):
             return self._step(mine, batch.to(self.device))
 
@@ -165,7 +195,7 @@ class ServeRank:
 
     def _gather_logits(self, plan: StepPlan, local: torch.Tensor | None) -> list[torch.Tensor | None]:
         me = self.mesh.rank
-        wanted = [sum(p.wants_logits for p in parts) for parts in plan.parts]
+        wanted = plan.wanted()
         V = self.spec.model.vocab_size
         if me != 0:
             if local is not None and wanted[self.mesh.coords["dp"]]:

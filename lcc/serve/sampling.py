@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    return_routed_experts: bool = False  # each generated token's experts per MoE layer (lcc.serve.routed)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -20,7 +20,7 @@ import asyncio
 import hmac
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -35,14 +35,14 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
-from lcc.data.chat_template import ChatTemplate
-from lcc.data.tokenizer import Tokenizer
 from lcc.plan.types import Serving
 from lcc.serve import api
 from lcc.serve.engine import RequestError, Update, check_request
 from lcc.serve.loop import EngineLoop
 from lcc.serve.sampling import SamplingParams
+from lcc.serve.served import ServedModel
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request looks whether its client is still there
 DRAIN_POLL_S = 0.05  # how often a drain looks whether every request has finished
@@ -76,12 +76,39 @@ class Metrics:
         self.rejected = Counter("lcc_requests_rejected", "Requests refused by status code.", ["status"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes and the like, of this rank (0)
 
+    def watch_experts(self, counts: Callable[[], dict[int, Any]]) -> None:
+        """Export `lcc_expert_tokens_total{layer, expert}`, read from `counts()` (per MoE layer, an int64 tensor
+        of tokens per expert) at each scrape."""
+        self.registry.register(_ExpertCounts(counts))
 
-def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer,
-              max_queued: int, chat_template: ChatTemplate | None = None, api_key: str | None = None) -> FastAPI:
-    """`chat_template`: the model's (its plan's chat_template.json), else lcc's own format. `api_key`: the
-    /v1/ routes answer 401 without `Authorization: Bearer <api_key>`; /health and /metrics stay open."""
+
+class _ExpertCounts:
+    def __init__(self, counts: Callable[[], dict[int, Any]]):
+        self.counts = counts
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for layer, per_expert in sorted(self.counts().items()):
+            for expert, n in enumerate(per_expert.tolist()):
+                family.add_metric([str(layer), str(expert)], n)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily("lcc_expert_tokens", "Tokens routed to each expert, by MoE layer (a token counts "
+                                   "once for each expert it chose; prompt tokens included).",
+                                   labels=["layer", "expert"])
+
+
+def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, served: ServedModel, max_queued: int,
+              api_key: str | None = None) -> FastAPI:
+    """`api_key`: the /v1/ routes answer 401 without `Authorization: Bearer <api_key>`; /health and /metrics
+    stay open."""
     app = FastAPI(title="lcc", docs_url=None, redoc_url=None, openapi_url=None)
+    model, tokenizer, chat_template = served.name, served.tokenizer, served.chat_template
     vocab = tokenizer.vocab_size
     limit = api.body_limit(serving.max_seq_len)
 
@@ -132,6 +159,8 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
         if req.model != model:
             raise api.ApiError(400, f"model {req.model!r} does not exist; this server serves {model!r}", "model",
                                "model_not_found")
+        if req.return_routed_experts and not served.moe_layers:
+            raise api.ApiError(400, f"return_routed_experts: {model} has no MoE layers", "return_routed_experts")
         field = "messages" if chat else "prompt"
         try:
             if chat:
@@ -173,11 +202,12 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, 
         aio = asyncio.get_running_loop()
         key = loop.submit(prompt, params, lambda u: aio.call_soon_threadsafe(events.put_nowait, u))
         created = api.now()
+        routed = [] if req.return_routed_experts else None
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_stream(loop, events, key, model, chat, created, len(prompt), usage),
+            return StreamingResponse(_stream(loop, events, key, model, chat, created, len(prompt), usage, routed),
                                      media_type="text/event-stream")
-        return await _answer(request, loop, events, key, model, chat, created, len(prompt))
+        return await _answer(request, loop, events, key, model, chat, created, len(prompt), routed)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -214,8 +244,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Update], key: int, model: str,
-                  chat: bool, created: int, prompt: int) -> Response:
-    """A non-streamed request's response, once it has finished; a client that went away aborts it."""
+                  chat: bool, created: int, prompt: int, routed: api.Routed | None) -> Response:
+    """A non-streamed request's response, once it has finished; a client that went away aborts it. `routed`:
+    a list the tokens' experts are collected into (return_routed_experts), else None."""
     aio = asyncio.get_running_loop()
     text, n, last = [], 0, None
     getter: asyncio.Future[Update] | None = None
@@ -228,6 +259,8 @@ async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Upda
                 last, getter = getter.result(), None
                 text.append(last.text)
                 n += len(last.token_ids)
+                if routed is not None:
+                    routed.extend(last.routed_experts or ())
             if (last is None or last.finished is None) and aio.time() - checked >= DISCONNECT_POLL_S:
                 # also while tokens keep coming: a request that outpaces the poll is still looked after
                 checked = aio.time()
@@ -242,25 +275,29 @@ async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Upda
             getter.cancel()
     if last.error is not None:
         return JSONResponse(api.server_error(last.error), status_code=500)
-    return JSONResponse(api.completion(key, model, chat, "".join(text), last.finished, prompt, n, created))
+    return JSONResponse(api.completion(key, model, chat, "".join(text), last.finished, prompt, n, created, routed))
 
 
 async def _stream(loop: EngineLoop, events: asyncio.Queue[Update], key: int, model: str, chat: bool, created: int,
-                  prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
-    """The request's server-sent events; a client that goes away aborts the request (finally)."""
+                  prompt: int, include_usage: bool, routed: api.Routed | None) -> AsyncIterator[bytes]:
+    """The request's server-sent events; a client that goes away aborts the request (finally). `routed`: a
+    list the experts of tokens not yet sent are held in (return_routed_experts), else None."""
     n, done, first = 0, False, True
     try:
         while not done:
             u = await events.get()
             n += len(u.token_ids)
             done = u.finished is not None
+            if routed is not None:
+                routed.extend(u.routed_experts or ())
             if u.error is not None:  # OpenAI's clients raise on an event with an error body
                 yield api.sse(api.server_error(u.error))
                 yield api.sse("[DONE]")
                 return
             if u.text or done or first:
-                yield api.sse(api.chunk(key, model, chat, u.text, u.finished, created, first))
+                yield api.sse(api.chunk(key, model, chat, u.text, u.finished, created, first, routed))
                 first = False
+                routed = [] if routed is not None else None
         if include_usage:
             final = api.chunk(key, model, chat, None, None, created)
             final["choices"] = []
@@ -306,13 +343,13 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, model: str, tokenizer: Tokenizer,
-               sock: socket.socket, max_queued: int, shutdown_timeout: float, say: Callable[[str], None],
-               chat_template: ChatTemplate | None = None, api_key: str | None = None) -> None:
+def run_server(loop: EngineLoop, metrics: Metrics, serving: Serving, served: ServedModel, sock: socket.socket,
+               max_queued: int, shutdown_timeout: float, say: Callable[[str], None],
+               api_key: str | None = None) -> None:
     """Serve on the bound socket `sock` until SIGTERM/SIGINT (then drain for up to `shutdown_timeout` s) or the
     engine fails; `say` is told when the server is ready and listening. The engine loop is stopped before
     the event loop closes (what it aborts is delivered while something still listens)."""
-    app = build_app(loop, metrics, serving, model, tokenizer, max_queued, chat_template, api_key)
+    app = build_app(loop, metrics, serving, served, max_queued, api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=FLUSH_S,
                             lifespan="off")
     server = Server(config, loop, shutdown_timeout)

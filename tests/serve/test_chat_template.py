@@ -15,6 +15,7 @@ from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.data.chat_template import ChatTemplate, ChatTemplateError, find, plan_chat_template
 from lcc.data.tokenizer import HFTokenizer
+from lcc.serve.served import ServedModel
 from lcc.serve.server import Metrics, build_app
 from lcc.spec import load_spec
 from tests.conftest import SPECS
@@ -78,7 +79,7 @@ def test_the_server_renders_the_template_and_asks_for_the_key(engine):  # noqa: 
                                          "{% if messages[-1].role == 'system' %}{{ raise_exception('no reply "
                                          "to a system turn') }}{% endif %}<assistant>"})
     loop = started(engine)
-    app = build_app(loop, Metrics(), engine.serving, MODEL, engine.tokenizer, max_queued=8, chat_template=template,
+    app = build_app(loop, Metrics(), engine.serving, ServedModel(MODEL, engine.tokenizer, template), max_queued=8,
                     api_key="s3cret")
 
     async def scenario() -> list[httpx.Response]:

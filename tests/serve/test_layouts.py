@@ -1,5 +1,6 @@
 """Serving under every kind of layout equals the reference model's uncached greedy generation token for
-token (float64): tp 2, ep 2 over dp 2, pp 2, and pp 2 x tp 2 x ep 2 from a checkpoint trained under
+token, and each token's routed experts (return_routed_experts) the reference routers' choices (float64):
+tp 2, ep 2 over dp 2, pp 2, and pp 2 x tp 2 x ep 2 from a checkpoint trained under
 another layout. Each runs `lcc run generate`'s launcher: one process per rank, gloo on loopback."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lcc.spec import load_spec
 from tests.conftest import SPECS, native_cpu_kernels
 from tests.serve.plans import PROMPTS, serve_plan, spec_of
 from tests.serve.reference import greedy, reference_model
+from tests.serve.test_routed_experts import expected
 
 N = 64
 TRAIN = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.tp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
@@ -29,11 +31,21 @@ TRAIN = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.tp=1", "parallelis
 
 
 def served(plan: Path, tmp_path: Path, checkpoint: Path | None = None, prompts: list[list[int]] = PROMPTS,
-           max_num_seqs: int | None = None) -> list[list[int]]:
+           max_num_seqs: int | None = None, routed: bool = False) -> list[list[int]] | list[dict]:
+    """The generated token ids per prompt; with `routed`, each prompt's results (token_ids, routed_experts)."""
     out = tmp_path / "out.json"
-    generate(plan, Job(prompts, SamplingParams(max_tokens=N), str(checkpoint) if checkpoint else None, stream=False,
-                       out=str(out), max_num_seqs=max_num_seqs))
-    return [r["token_ids"] for r in json.loads(out.read_text())]
+    params = SamplingParams(max_tokens=N, return_routed_experts=routed)
+    generate(plan, Job(prompts, params, str(checkpoint) if checkpoint else None, stream=False, out=str(out),
+                       max_num_seqs=max_num_seqs))
+    results = json.loads(out.read_text())
+    return results if routed else [r["token_ids"] for r in results]
+
+
+def assert_routed_like_the_reference(model, prompts: list[list[int]], results: list[dict]) -> None:
+    """Tokens and each token's experts (return_routed_experts) equal the reference model's."""
+    for p, r in zip(prompts, results, strict=True):
+        assert r["token_ids"] == greedy(model, p, N), bytes(p)
+        assert r["routed_experts"] == expected(model, p, r["token_ids"]), bytes(p)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +60,8 @@ def test_layout_generates_the_reference_tokens(plans, tmp_path, layout):
     prompts, one = PROMPTS, None
     if layout == "ep2_dp2":  # one sequence at a time per dp rank: dp rank 1 has one, then idles 64 steps while
         prompts, one = PROMPTS[:3], 1  # dp rank 0 serves its second (its ranks still join the all-to-alls)
-    got = served(serve_plan(plans, layout), tmp_path, prompts=prompts, max_num_seqs=one)
-    for p, tokens in zip(prompts, got, strict=True):
-        assert tokens == greedy(model, p, N, key=("tiny-init",)), bytes(p)
+    got = served(serve_plan(plans, layout), tmp_path, prompts=prompts, max_num_seqs=one, routed=True)
+    assert_routed_like_the_reference(model, prompts, got)
 
 
 @pytest.mark.slow
@@ -71,8 +82,8 @@ def test_virtual_stages_and_a_tied_head(plans, tmp_path):
     extra = ("parallelism.pipeline.schedule=interleaved_1f1b", "parallelism.pipeline.virtual_stages=2",
              "model.tie_embeddings=true")
     model = reference_model(spec_of("pp2", extra))
-    got = served(serve_plan(plans, "pp2", extra), tmp_path, prompts=PROMPTS[:2])
-    assert got == [greedy(model, p, N) for p in PROMPTS[:2]]
+    got = served(serve_plan(plans, "pp2", extra), tmp_path, prompts=PROMPTS[:2], routed=True)
+    assert_routed_like_the_reference(model, PROMPTS[:2], got)
 
 
 @pytest.mark.slow
@@ -84,9 +95,8 @@ def test_generation_from_a_checkpoint_of_another_layout(plans, tmp_path):
     launch(train_plan, 2, quiet=True, checkpoints=tmp_path / "ckpt")
     checkpoint = tmp_path / "ckpt" / "step-000002"
     model = reference_model(spec_of("world1"), checkpoint)
-    got = served(serve_plan(plans, "pp2_tp2_ep2"), tmp_path, tmp_path / "ckpt")
-    for p, tokens in zip(PROMPTS, got, strict=True):
-        assert tokens == greedy(model, p, N), bytes(p)
+    got = served(serve_plan(plans, "pp2_tp2_ep2"), tmp_path, tmp_path / "ckpt", routed=True)
+    assert_routed_like_the_reference(model, PROMPTS, got)
 
 
 @pytest.mark.slow

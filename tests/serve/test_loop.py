@@ -19,6 +19,7 @@ from lcc.serve.engine import Engine, Update
 from lcc.serve.loop import EngineLoop
 from lcc.serve.rank import ServeRank
 from lcc.serve.sampling import SamplingParams
+from lcc.serve.served import ServedModel
 from lcc.serve.server import Metrics, build_app
 from tests.serve.plans import PROMPTS, serve_plan
 
@@ -113,7 +114,7 @@ class SlowTokenizer:
 
 
 def app_for(engine: Engine, loop: EngineLoop, tokenizer=None) -> httpx.AsyncClient:
-    app = build_app(loop, Metrics(), engine.serving, MODEL, tokenizer or engine.tokenizer, max_queued=8)
+    app = build_app(loop, Metrics(), engine.serving, ServedModel(MODEL, tokenizer or engine.tokenizer), max_queued=8)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lcc", timeout=60)
 
 

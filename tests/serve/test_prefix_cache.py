@@ -14,6 +14,7 @@ from lcc.serve.engine import Engine
 from lcc.serve.loop import EngineLoop
 from lcc.serve.rank import ServeRank
 from lcc.serve.sampling import SamplingParams
+from lcc.serve.served import ServedModel
 from lcc.serve.server import Metrics, build_app
 from tests.serve.plans import serve_plan
 from tests.serve.test_loop import MODEL
@@ -83,7 +84,7 @@ def test_metrics_count_hit_and_queried_tokens(plans):
     loop = EngineLoop(lambda: engine, keep_alive_s=60, metrics=metrics)
     loop.begin()
     assert loop.ready.wait(30)
-    app = build_app(loop, metrics, engine.serving, MODEL, engine.tokenizer, max_queued=8)
+    app = build_app(loop, metrics, engine.serving, ServedModel(MODEL, engine.tokenizer), max_queued=8)
 
     async def scenario() -> str:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lcc",

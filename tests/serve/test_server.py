@@ -22,13 +22,18 @@ import httpx
 import openai
 import pytest
 
+from lcc.serve.engine import COUNTS_EVERY_S
 from lcc.serve.launch import RankLog
 from tests.conftest import ROOT, SPECS
-from tests.serve.plans import FLOAT64, LAYOUTS, serve_plan
+from tests.serve.plans import FLOAT64, LAYOUTS, PROMPTS, serve_plan, spec_of
+from tests.serve.reference import greedy, reference_model
+from tests.serve.test_routed_experts import counts_of, expected
 
 WORLD1 = [a for s in [*LAYOUTS["world1"], *FLOAT64] for a in ("--set", s)]
 MODEL = "tiny-moe"
+API_KEY = "sk-lcc-test-0123"
 READY = re.compile(r"^lcc run serve: ready, listening at (http://\S+)/v1$")
+N_ROUTED = 4
 LOGS = re.compile(r"their stderr: (\S+)/rank<N>\.log")
 
 
@@ -87,10 +92,11 @@ class Server:
                 and self.metric("lcc_requests_waiting") == 0)
 
 
-def start(*extra: str, target: Path = SPECS / "tiny-moe.yaml", sets: list[str] = WORLD1) -> Server:
+def start(*extra: str, target: Path = SPECS / "tiny-moe.yaml", sets: list[str] = WORLD1,
+          env: dict[str, str] | None = None) -> Server:
     proc = subprocess.Popen([sys.executable, "-m", "lcc", "run", "serve", str(target), *sets, "--port", "0", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})})
     server = Server(proc)
     server.reader = threading.Thread(target=server.read_stderr, daemon=True)
     server.reader.start()
@@ -111,10 +117,10 @@ def stop(server: Server) -> None:
 def servers(tmp_path_factory) -> Iterator[dict[str, Server]]:
     """Three servers started together (their start-ups overlap): one for the API; one that admits one
     sequence at a time with at most 2 waiting (overload), then stopped with SIGTERM; and one of two ranks
-    (tp 2), whose rank 1 is killed last."""
-    tp2 = serve_plan(tmp_path_factory.mktemp("serve-plans"), "tp2")
+    (pp 2, with an API key from LCC_API_KEY), whose rank 1 is killed last."""
+    pp2 = serve_plan(tmp_path_factory.mktemp("serve-plans"), "pp2", ("serve.prefix_caching=false",))
     out = {"api": start(), "small": start("--max-num-seqs", "1", "--max-queued", "2", "--shutdown-timeout", "60"),
-           "tp2": start(target=tp2, sets=[])}
+           "pp2": start(target=pp2, sets=[], env={"LCC_API_KEY": API_KEY})}
     try:
         for s in out.values():
             s.wait_ready()
@@ -163,7 +169,7 @@ def test_each_rank_writes_its_stderr_into_a_file_of_the_log_folder_it_names(serv
     for server in servers.values():
         assert server.proc.poll() is None
         folder = server.logs()
-        world = 2 if server is servers["tp2"] else 1
+        world = 2 if server is servers["pp2"] else 1
         assert sorted(p.name for p in folder.iterdir()) == [f"rank{r}.log" for r in range(world)]
         assert sorted(ranks_by_log(folder)) == list(range(world))
 
@@ -361,10 +367,39 @@ def test_sigterm_drains_running_requests_then_exits(servers):
 
 
 @pytest.mark.slow
+def test_an_api_key_and_routed_experts_across_two_ranks(servers):
+    """LCC_API_KEY: /v1/ without the key (or with another) is 401 in OpenAI's error body, /health and /metrics
+    stay open; with it, the official client is served. Across pp 2 (layers 0-1 on rank 0, 2-3 on rank 1),
+    return_routed_experts and the per-expert counts in /metrics equal the reference model's routers."""
+    server = servers["pp2"]
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = server.post("/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert server.get("/v1/models").status_code == 401
+    assert server.get("/health").status_code == 200 and server.get("/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        client(server).models.list()
+    ok = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+    first = ok.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=N_ROUTED, temperature=0,
+                                  extra_body={"return_routed_experts": True})
+    time.sleep(COUNTS_EVERY_S + 0.1)  # the next step collects rank 1's counts
+    ok.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=1, temperature=0)
+    model = reference_model(spec_of("world1"))
+    tokens = greedy(model, PROMPTS[1], N_ROUTED)
+    assert first.choices[0].model_extra["routed_experts"] == expected(model, PROMPTS[1], tokens)
+    text = server.get("/metrics").text
+    got = {(int(layer), int(expert)): float(n)  # the exposition sorts the labels
+           for expert, layer, n in re.findall(r'lcc_expert_tokens_total\{expert="(\d+)",layer="(\d+)"\} (\S+)', text)}
+    want = counts_of(model, [PROMPTS[1] + tokens[:-1], PROMPTS[3]], spec_of("world1").model.moe.n_experts)
+    assert got == {(layer, e): float(n) for layer, row in want.items() for e, n in enumerate(row)}
+
+
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_server_with_its_error(servers):
-    """At tp 2: rank 1 is killed while the server runs; the launcher ends (exit 1), naming it, with the end
+    """At pp 2: rank 1 is killed while the server runs; the launcher ends (exit 1), naming it, with the end
     of the rank's log file in its report, and the server is gone; never a hang."""
-    server = servers["tp2"]
+    server = servers["pp2"]
     folder = server.logs()
     with open(folder / "rank1.log", "a") as log:  # as if rank 1 had written it
         log.write("a line rank 1 wrote before it was killed\n")

@@ -446,7 +446,9 @@ Tensor dense_experts(const Tensor& xs, IntArrayRef counts, const Tensor& w1, con
 // Python between them: the same operators in the same order on the same tensors, so the result is the
 // op-by-op layer's to the bit. x [T, D] bfloat16, the residual stream; returns x after the layer. The experts
 // are int4 (codes and scales, lcc_int4_swiglu) or unquantised bfloat16 stacks (w1, w3, w2); max_rows is the
-// dense kernel's (lcc.backends.cpu.dense.MAX_ROWS).
+// dense kernel's (lcc.backends.cpu.dense.MAX_ROWS). Where given, `routed` [T, k] int64 receives each token's
+// experts in slot order (-1 for a slot the token does not use) and `expert_counts` [E] int64 is added the
+// tokens routed to each expert.
 Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, const Tensor& wk, const Tensor& wv,
                     const Tensor& wo, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
                     int64_t head_dim, double eps, const Tensor& both, const Tensor& sign, const Tensor& slots,
@@ -458,7 +460,8 @@ Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, 
                     const std::optional<Tensor>& shifts13, const std::optional<Tensor>& codes2,
                     const std::optional<Tensor>& scales2, const std::optional<Tensor>& shifts2, int64_t group_size,
                     int64_t amx_min_rows, const std::optional<Tensor>& w1, const std::optional<Tensor>& w3,
-                    const std::optional<Tensor>& w2, int64_t max_rows) {
+                    const std::optional<Tensor>& w2, int64_t max_rows, const std::optional<Tensor>& routed,
+                    const std::optional<Tensor>& expert_counts) {
   check_tensor(x, "x", {at::kBFloat16}, 2);
   TORCH_CHECK(head_dim > 0, "head_dim must be positive, not ", head_dim);
   TORCH_CHECK(max_rows >= 0, "max_rows must not be negative, not ", max_rows);
@@ -488,6 +491,16 @@ Tensor decode_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wq, 
   const Tensor h2 = rms_norm(x1, ffn_norm, eps);
   const auto [experts, gates, mask, k_T, counts, load, token_S, gate_S] =
       route(h2, centroids, router, bias, temperature, top, softmax, k, k_min, threshold, renormalize, gate_scale);
+  if (routed) {
+    TORCH_CHECK(routed->scalar_type() == at::kLong && routed->dim() == 2 && routed->size(0) == T &&
+                routed->size(1) == k, "routed must be int64 [", T, ", ", k, "]");
+    routed->copy_(experts.masked_fill(mask.logical_not(), -1));
+  }
+  if (expert_counts) {
+    TORCH_CHECK(expert_counts->scalar_type() == at::kLong && expert_counts->dim() == 1 &&
+                expert_counts->size(0) == counts.size(0), "expert_counts must be int64 [", counts.size(0), "]");
+    expert_counts->add_(counts);
+  }
   const int64_t* cp = counts.const_data_ptr<int64_t>();
   const std::vector<int64_t> host(cp, cp + counts.numel());
   const Tensor xs = h2.index_select(0, token_S);
@@ -524,7 +537,7 @@ TORCH_LIBRARY(lcc, m) {
         "Tensor router, Tensor? bias, float temperature, int top, bool softmax, int k, int k_min, float threshold, "
         "bool renormalize, float gate_scale, Tensor? codes13, Tensor? scales13, Tensor? shifts13, Tensor? codes2, "
         "Tensor? scales2, Tensor? shifts2, int group_size, int amx_min_rows, Tensor? w1, Tensor? w3, Tensor? w2, "
-        "int max_rows) -> Tensor");
+        "int max_rows, Tensor(c!)? routed=None, Tensor(d!)? expert_counts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lcc, CPU, m) {
