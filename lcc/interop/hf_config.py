@@ -346,9 +346,10 @@ def hf_config(spec: Any) -> tuple[str, dict[str, Any]]:
         "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu",
         "rope_parameters": {"rope_type": "default", "rope_theta": att.rope_theta}, "rope_theta": att.rope_theta,
         "num_experts_per_tok": r.k.max, "attention_bias": False, "attention_dropout": 0.0, "dtype": dtype,
-        "torch_dtype": dtype, "output_router_logits": False, "router_aux_loss_coef": 0.0, "use_cache": True,
-        "initializer_range": 0.02,
+        "torch_dtype": dtype, "output_router_logits": False, "use_cache": True, "initializer_range": 0.02,
     }
+    if r.balance.aux_loss_coef > 0:  # lcc's own balance loss (per layer); without one, the family's default
+        config["router_aux_loss_coef"] = r.balance.aux_loss_coef
     if family == "mixtral":
         config.update(num_local_experts=m.moe.n_experts, intermediate_size=m.moe.expert_d_ff, sliding_window=None,
                       router_jitter_noise=0.0)

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from lcc.interop.hf_config import ImportRefused, hf_config
+from lcc.interop.hf_files import write_model_files, write_text_atomically
 from lcc.interop.hf_names import Part, dense_names, expert_parts, fused_prefix, moe_prefix, to_hf_heads, to_lcc_heads
 from lcc.model import build_model
 from lcc.model.build import is_expert_param
@@ -39,6 +40,7 @@ from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError, write_synced
 from lcc.runtime.checkpoint_identity import identity, read_identity
 from lcc.runtime.checkpoint_layout import Blocks
 from lcc.runtime.checkpoint_verify import verify
+from lcc.runtime.model_files import copy_into, hf_files
 from lcc.spec import resolved
 from lcc.spec.models import Spec
 
@@ -214,6 +216,7 @@ def import_weights(model_dir: Path, spec: Spec, family: str, out: Path) -> dict[
                     raise error from None
                 message = f"{out}: writing the checkpoint failed:\n{checkpoint.failures_text(exc)}"
                 raise CheckpointError(message + checkpoint.disk_full_note(out.parent, message)) from None
+        copy_into(tmp, hf_files(model_dir))  # what lcc does not read into the spec, for an export to write back
         tokenizer = Path(model_dir) / TOKENIZER
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
@@ -246,21 +249,6 @@ def _tied_copy(name: str, spec: Spec) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- export
-def write_text_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` complete or is untouched: written to a new file in the same folder, synced, then
-    renamed over it, so that an interrupted export (a full disk, a kill) never leaves a truncated file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
                       metadata: dict[str, str] | None = None) -> None:
     """A safetensors file written as it is read: the header (names, dtypes, shapes, offsets) first, from
@@ -367,9 +355,5 @@ def export_weights(ckpt: Path, out: Path, max_shard_bytes: int = 2 << 30, tokeni
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_text_atomically(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-    write_text_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
-    source = tokenizer if tokenizer is not None else folder / TOKENIZER
-    copied = source.is_file()
-    if copied:
-        shutil.copyfile(source, out / TOKENIZER)
-    return {"family": family, "files": names, "tensors": len(weight_map), "bytes": total, "tokenizer": copied}
+    written = write_model_files(out, folder, spec, config, tokenizer)
+    return {"family": family, "files": names, "tensors": len(weight_map), "bytes": total, **written}

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from lcc.runtime.checkpoint_dir import LATEST, prune
 from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError, remove, sync_folder, write_synced, written_files
+from lcc.runtime.model_files import HF_FOLDER, copy_into, hf_files
 
 
 def _distributed() -> bool:
@@ -45,12 +46,13 @@ def _barrier() -> None:
 
 
 def save(directory: Path, step: int, state: dict[str, Any], rank: int, identity: dict[str, Any],
-         keep: int = 0) -> Path:
+         keep: int = 0, kept: dict[str, Path] | None = None) -> Path:
     """Write `state` (this rank's part, lcc.runtime.checkpoint_layout.rank_state) as the checkpoint after
     `step` optimizer steps; rank 0 adds `identity` with every file's size and sha256 (each rank hashes the
     files it wrote) as lcc-checkpoint.json, and the RNG state (one copy). A save that fails (a full disk:
     OSError ENOSPC) raises a CheckpointError and leaves `latest` naming the previous checkpoint. `keep`:
-    then remove all but the newest `keep`."""
+    then remove all but the newest `keep`. `kept`: files rank 0 copies in beside the tensors, by name
+    (lcc.runtime.model_files)."""
     directory = Path(directory)
     final = directory / f"step-{step:06d}"
     tmp = directory / f"step-{step:06d}.tmp"
@@ -64,6 +66,8 @@ def save(directory: Path, step: int, state: dict[str, Any], rank: int, identity:
     try:
         with single_process_quiet():
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+        if rank == 0:
+            copy_into(tmp, kept or {})
         files = written_files(tmp, rank, dist.get_world_size() if _distributed() else 1)
     except CheckpointException as exc:  # every rank raises it once all are done, with each failing rank's error
         message = f"{_failed(tmp, step)}:\n{failures_text(exc)}"
@@ -148,13 +152,16 @@ def failures_text(exc: CheckpointException) -> str:
     return "\n".join(lines)
 
 
-def load(path: Path, state: dict[str, Any]) -> None:
-    """Fill `state` (this rank's blocks, keyed as when saved) from a checkpoint of any layout, in place."""
+def load(path: Path, state: dict[str, Any]) -> dict[str, Path]:
+    """Fill `state` (this rank's blocks, keyed as when saved) from a checkpoint of any layout, in place;
+    returns the Hugging Face model files it keeps (lcc.runtime.model_files), for the checkpoints that
+    follow to keep too."""
     try:
         with single_process_quiet():
             dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     except CheckpointException as exc:  # a BaseException: made a RunError for the launcher to report
         raise CheckpointError(f"{path}: loading the checkpoint failed:\n{failures_text(exc)}") from None
+    return hf_files(path, HF_FOLDER)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from lcc.runtime.device import running_on
 from lcc.runtime.grad_sync import GradSync, held_gradients
 from lcc.runtime.memory import LiveTensorBytes, storage_bytes
 from lcc.runtime.mesh import Mesh, build_mesh
+from lcc.runtime.model_files import plan_files
 from lcc.runtime.shards import counts_once, local_parameters
 from lcc.runtime.split_backward import backward_input, backward_weight
 from lcc.runtime.step_figures import peak_bytes, router_summary, squared_norm
@@ -106,6 +107,7 @@ class RankEngine:
         self.transcript = (Transcript(transcript, rank, self.mesh.axis_of(), plan.mesh.gpus_per_node)
                            if transcript else None)
         self.trace = ActionTrace(trace, rank) if trace else None  # lcc run train --trace (lcc.runtime.trace)
+        self.kept = plan_files(plan_dir)  # what checkpoints keep beside the tensors (lcc.runtime.model_files)
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
         self.stream = TokenStream(train.to(device), plan.data.seq_len)
 
@@ -121,20 +123,20 @@ class RankEngine:
     def save(self, directory: Path, step: int, keep: int = 0) -> Path:
         """Save the checkpoint after `step` steps in `directory`; then keep only the newest `keep` (0: all)."""
         spec = json.loads((self.dir / "spec.json").read_text())
-        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, identity(spec, step),
-                               keep)
+        return checkpoint.save(directory, step, self.state(step), self.mesh.rank, identity(spec, step), keep,
+                               self.kept)
 
     def load_weights(self, path: Path) -> None:
         """Take the parameters and load biases of checkpoint folder `path` (saved under any layout, or
         converted by lcc checkpoint import-hf); the optimizer starts afresh."""
         state = {k: v for k, v in self.state(0).items() if k.startswith(("model/", "bias/"))}
-        checkpoint.load(path, state)
+        self.kept.update(checkpoint.load(path, state))  # a Hugging Face model's own files go on with it
 
     def resume(self, path: Path) -> int:
         """Load checkpoint folder `path` (the launcher chose and checked it: checkpoint_resume.prepare), whatever
         layout saved it; returns the number of steps it had taken."""
         state = self.state(0)
-        checkpoint.load(path, state)
+        self.kept.update(checkpoint.load(path, state))
         torch.set_rng_state(state["meta/rng"])
         return int(state["meta/step"])
 

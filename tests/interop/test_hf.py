@@ -41,6 +41,7 @@ MULTI = {
     "olmoe": ["parallelism.tp=2", "parallelism.ep=2", "cluster.gpus_per_node=2"],  # the norm over all heads, under tp
 }
 SHORT = ["train.seq_len=48", "train.global_batch=4"]
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -53,6 +54,8 @@ class Imported:
         self.family = family
         self.hf_dir = base / f"hf-{family}"
         self.model = save_model(family, self.hf_dir)
+        (self.hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # as transformers 5 saves one
+        (self.hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
         self.spec_path = base / f"{family}.yaml"
         self.ckpt = base / f"{family}-ckpt"
         code, out = cli("import", "hf", self.hf_dir, "--out", self.spec_path)
@@ -140,7 +143,15 @@ def test_step_one_equals_transformers_float64(imported, layout, tmp_path, monkey
     plan_dir = tmp_path / "plan"
     write(compile_plan(spec), plan_dir)
     monkeypatch.setenv("LCC_DUMP_GRADS", str(tmp_path))
-    launch(plan_dir, 1, tmp_path / "metrics.jsonl", quiet=True, init_from=imported.ckpt)
+    launch(plan_dir, 1, tmp_path / "metrics.jsonl", quiet=True, init_from=imported.ckpt,
+           checkpoints=tmp_path / "run" if layout == "world1" else None)
+    if layout == "world1":  # the trained checkpoint keeps the model's files: exported without --tokenizer
+        code, text = cli("checkpoint", "export-hf", tmp_path / "run", "--out", tmp_path / "exported")
+        assert code == 0 and "give --tokenizer" not in text, text
+        for name in ("tokenizer.json", "chat_template.jinja", "tokenizer_config.json", "generation_config.json"):
+            assert (tmp_path / "exported" / name).read_bytes() == (imported.hf_dir / name).read_bytes() or \
+                json.loads((tmp_path / "exported" / name).read_text()) == \
+                json.loads((imported.hf_dir / name).read_text()), name
     loss, grads = _hf_step_one(imported, spec, monkeypatch)
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == pytest.approx(loss, rel=1e-11, abs=0)
     for name in [n for n, _ in build_model(spec, device="meta").named_parameters() if "centroids" in n]:
@@ -234,6 +245,33 @@ def test_export_then_import_is_bitwise_identical(imported, tmp_path):
     assert type(reloaded) is type(imported.model)
     theirs, again = imported.model.state_dict(), reloaded.state_dict()
     assert theirs.keys() == again.keys() and all(torch.equal(theirs[k], again[k]) for k in theirs)
+
+
+def test_export_then_import_then_export_writes_the_same_files(imported, tmp_path):
+    """What was imported is written back: the end-of-sequence ids, the generation config, the tokenizer, its
+    chat template and the original config's own values; and an export imported again exports the same bytes."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, text = cli("checkpoint", "export-hf", imported.ckpt, "--out", first)
+    assert code == 0 and "give --tokenizer" not in text, text
+    files = {p.name: p.read_bytes() for p in first.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
+            "tokenizer_config.json"} <= files.keys()
+    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (imported.hf_dir, first))
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id", "router_aux_loss_coef", "initializer_range"):
+        assert ours.get(key) == theirs.get(key), key
+    assert json.loads(files["generation_config.json"]) == json.loads((imported.hf_dir / "generation_config.json"
+                                                                      ).read_text())
+    assert files["chat_template.jinja"].decode() == CHAT_TEMPLATE
+    assert files["tokenizer.json"] == (imported.hf_dir / "tokenizer.json").read_bytes()
+    spec = tmp_path / "again.yaml"
+    code, text = cli("import", "hf", first, "--out", spec)
+    assert code == 0, text
+    assert load_spec(spec).serve.stop_token_ids == imported.spec().serve.stop_token_ids
+    code, text = cli("checkpoint", "import-hf", first, "--spec", spec, "--out", tmp_path / "ckpt")
+    assert code == 0, text
+    code, text = cli("checkpoint", "export-hf", tmp_path / "ckpt", "--out", second)
+    assert code == 0, text
+    assert {p.name: p.read_bytes() for p in second.iterdir()} == files
 
 
 def test_fused_expert_stacks_import_as_per_expert_tensors(imported, tmp_path):
