@@ -65,6 +65,9 @@ class RequestBody(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     return_routed_experts: bool = False  # lcc's: each generated token's experts per MoE layer
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (lcc.serve.structured)
+    guided_regex: str | None = None  # the text matches this regular expression
+    guided_grammar: str | None = None  # the text follows this Lark grammar (llguidance's dialect)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -144,9 +147,39 @@ def chat_prompt(messages: list[Message]) -> str:
     return "".join(CHAT_TEMPLATE.format(role=m.role, content=m.content) for m in messages) + ASSISTANT
 
 
-def sampling(req: RequestBody, max_tokens: int) -> SamplingParams:
+def structure(req: RequestBody) -> tuple[str, str, Any] | None:
+    """What the request's text must follow: (the field that says so, a kind of lcc.serve.structured.KINDS, its
+    schema or text), or None; ApiError 400 for a response_format of the wrong shape or more than one ask."""
+    asked = []
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", "json_object", None))
+        elif kind == "json_schema":
+            inner = fmt.get("json_schema")
+            schema = inner.get("schema") if isinstance(inner, dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format.json_schema.schema: a JSON schema (an object) is required",
+                               "response_format.json_schema.schema")
+            asked.append(("response_format.json_schema.schema", "json_schema", schema))
+        elif kind != "text":
+            raise ApiError(400, f"response_format.type: {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                           "response_format.type")
+    if req.guided_regex is not None:
+        asked.append(("guided_regex", "regex", req.guided_regex))
+    if req.guided_grammar is not None:
+        asked.append(("guided_grammar", "grammar", req.guided_grammar))
+    if len(asked) > 1:
+        raise ApiError(400, f"{asked[1][0]}: only one of response_format, guided_regex and guided_grammar is taken",
+                       asked[1][0])
+    return asked[0] if asked else None
+
+
+def sampling(req: RequestBody, max_tokens: int, grammar: str | None = None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                          stop=[s for s in req.stops() if s], return_routed_experts=req.return_routed_experts)
+                          stop=[s for s in req.stops() if s], return_routed_experts=req.return_routed_experts,
+                          grammar=grammar)
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:

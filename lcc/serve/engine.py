@@ -30,6 +30,7 @@ from lcc.serve.rank import ServeRank, StepPlan
 from lcc.serve.routed import gather_counts, gather_routes, routed_lists
 from lcc.serve.sampling import SamplingParams, generator_for, sample
 from lcc.serve.scheduler import Scheduler, Sequence
+from lcc.serve.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Engine:
                                    self.max_batched_tokens, serving.prefix_caching)
         self.tokenizer = plan_tokenizer(rank.dir)
         self.stop_tokens = frozenset(rank.spec.serve.stop_token_ids if rank.spec.serve is not None else ())
+        self.grammars = Grammars(self.tokenizer, sorted(self.stop_tokens), rank.spec.model.vocab_size)
         self.sequences: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.stats = EngineStats()
@@ -123,6 +125,8 @@ class Engine:
         rid = next(self.ids)
         seq = Sequence(rid, list(prompt), params, self.scheduler.least_loaded(), generator_for(params),
                        self.tokenizer.decoder(), tokens=list(prompt))
+        if params.grammar is not None:
+            seq.constraint = self.grammars.constraint(params.grammar)
         self.sequences[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -173,7 +177,8 @@ class Engine:
                 tokens.append(None)  # a prefill chunk short of the last token
                 continue
             try:
-                tokens.append(sample(logits[seq.dp][rows[seq.dp]], seq.params, seq.generator))
+                allowed = seq.constraint.allowed() if seq.constraint is not None else None
+                tokens.append(sample(logits[seq.dp][rows[seq.dp]], seq.params, seq.generator, allowed))
                 if seq.params.return_routed_experts and routes is not None:
                     routed[-1] = routed_lists(routes[seq.dp][rows[seq.dp]])
             except Exception as exc:  # noqa: BLE001 - this sequence fails, the others go on
@@ -237,11 +242,13 @@ class Engine:
     def _advance(self, seq: Sequence, token: int, experts: list[list[int]] | None = None) -> Update:
         seq.tokens.append(token)
         end = token in self.stop_tokens  # the model's end of sequence: generated, its text not shown
+        if seq.constraint is not None and not end:
+            seq.constraint.advance(token)
         text, stopped = seq.out.add("" if end else seq.decoder.add(token))
         reason = None
         if stopped:
             reason = "stop"
-        elif end:
+        elif end or (seq.constraint is not None and seq.constraint.done):  # the grammar is complete
             reason = "stop"
             text += seq.out.flush() + seq.decoder.final()
         elif len(seq.generated) >= seq.params.max_tokens or len(seq.tokens) >= self.serving.max_seq_len:

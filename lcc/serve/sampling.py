@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     return_routed_experts: bool = False  # each generated token's experts per MoE layer (lcc.serve.routed)
+    grammar: str | None = None  # what the text must follow (lcc.serve.structured: a compiled llguidance grammar)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -41,10 +42,16 @@ def generator_for(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
-def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           allowed_V: torch.Tensor | None = None) -> int:
     """Greedy: the largest logit (ties: the lower id). Otherwise: softmax(logits / temperature), the
-    smallest set of most likely tokens whose mass reaches top_p, one draw."""
+    smallest set of most likely tokens whose mass reaches top_p, one draw. `allowed_V`: only these tokens
+    (structured output)."""
     logits = logits_V.to(torch.float64)
+    if allowed_V is not None:
+        if not bool(allowed_V.any()):
+            raise ValueError("the grammar allows no token of the vocabulary here")
+        logits = logits.masked_fill(~allowed_V, float("-inf"))
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # finite for any temperature > 0

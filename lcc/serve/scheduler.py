@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class Sequence:
     computed: int = 0  # tokens whose keys and values are in the cache
     finished: str | None = None  # stop | length | abort | error
     preemptions: int = 0
+    constraint: Any = None  # its grammar, when the request has one (lcc.serve.structured.Constraint)
     out: StopScan = field(init=False)  # its text on the way out, against its stop strings
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ from lcc.serve.engine import RequestError, Update, check_request
 from lcc.serve.loop import EngineLoop
 from lcc.serve.sampling import SamplingParams
 from lcc.serve.served import ServedModel
+from lcc.serve.structured import GrammarError
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request looks whether its client is still there
 DRAIN_POLL_S = 0.05  # how often a drain looks whether every request has finished
@@ -176,8 +177,16 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, served: Serv
             raise api.ApiError(400, f"{name}: {asked} tokens do not fit: the prompt has {len(prompt)} tokens and "
                                f"serve.max_seq_len is {serving.max_seq_len} (at most {room} more)", name)
         default = max(1, room) if chat else min(DEFAULT_MAX_TOKENS, max(1, room))  # a chat reply may fill it
+        grammar = None
+        structure = api.structure(req)
+        if structure is not None:
+            param, kind, value = structure
+            try:
+                grammar = served.grammars.compile(kind, value)
+            except GrammarError as exc:
+                raise api.ApiError(400, f"{param}: {exc}", param) from None
         try:
-            params = api.sampling(req, asked if asked is not None else default)
+            params = api.sampling(req, asked if asked is not None else default, grammar)
         except ValueError as exc:  # what the fields' bounds let through and the sampler still refuses
             raise api.ApiError(400, str(exc)) from None
         try:
