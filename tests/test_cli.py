@@ -107,7 +107,8 @@ COMMANDS = list(_commands(typer.main.get_command(app)))
 def test_usage_lines_name_the_arguments(path, command):
     result = CliRunner().invoke(app, [*path, "--help"], prog_name="lcc")
     assert result.exit_code == 0, result.output
-    names = [p.metavar or p.name.upper() for p in command.params if p.param_type_name == "argument"]
+    names = [(p.metavar or p.name.upper()) + ("..." if p.nargs == -1 else "")  # variadic: NAME...
+                 for p in command.params if p.param_type_name == "argument"]
     assert result.output.splitlines()[0] == " ".join(["Usage: lcc", *path, "[OPTIONS]", *names])
 
 

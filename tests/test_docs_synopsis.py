@@ -93,7 +93,8 @@ def test_synopsis_lists_the_commands_arguments_and_flags(synopsis):
     words, rest = command_of(synopsis)
     command = COMMANDS[words]
     params = [p for p in command.params if not p.hidden]
-    arguments = [p.metavar or p.name.upper() for p in params if p.param_type_name == "argument"]
+    arguments = [(p.metavar or p.name.upper()) + ("..." if p.nargs == -1 else "")  # variadic: NAME...
+                 for p in params if p.param_type_name == "argument"]
     positional = []
     for word in rest:
         if word.startswith(("[", "-", "(")):

@@ -30,10 +30,15 @@ class DataError(RuntimeError):
 
 
 def corpus_tokens(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer | None = None) -> torch.Tensor:
-    """The whole corpus as token ids (int64). A relative `train.data.path` is read from `spec_dir` when given,
-    else from the folder the spec was loaded from (lcc.spec.data.data_file). Text becomes ids through
-    `tokenizer` (default: the spec's, lcc.data.tokenizer): one per byte, or the model's tokenizer.json."""
+    """The whole corpus as token ids (int64); a prepared dataset's, memory-mapped (lcc.data.prepared). A
+    relative `train.data.path` is read from `spec_dir` when given, else from the folder the spec was loaded
+    from (lcc.spec.data.data_file). Text becomes ids through `tokenizer` (default: the spec's,
+    lcc.data.tokenizer): one per byte, or the model's tokenizer.json."""
     data = spec.train.data
+    if data.kind == "prepared":  # memory-mapped, read a sequence at a time (lcc.data.prepared)
+        from lcc.data.prepared import prepared_tokens
+
+        return prepared_tokens(data_file(spec, spec_dir))
     if data.kind == "builtin":
         raw = builtin_corpus()
     elif data.kind == "text":
@@ -63,17 +68,18 @@ def _markov(vocab: int, seed: int, n: int) -> torch.Tensor:
 
 
 class TokenStream:
-    """Sequences of seq_len + 1 tokens, cut one after another from a token array (cycling)."""
+    """Sequences of seq_len + 1 tokens, cut one after another from a token array (cycling), on `device`."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, device: torch.device | None = None):
         if tokens.numel() < seq_len + 1:
             raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one sequence of {seq_len + 1}")
-        self.tokens, self.seq_len = tokens, seq_len
+        self.tokens, self.seq_len, self.device = tokens.to(device) if device else tokens, seq_len, device
 
     def sequences(self, start: int, count: int) -> torch.Tensor:
         n, L = self.tokens.numel(), self.seq_len
         idx = (torch.arange(start, start + count).unsqueeze(1) * L + torch.arange(L + 1)) % n
-        return self.tokens[idx]
+        out = self.tokens[idx]
+        return out.to(self.device) if self.device is not None else out
 
 
 def training_part(n_tokens: int) -> int:
@@ -93,7 +99,16 @@ def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer 
     for `corpus_tokens`; a corpus is tokenized here only when it is small (BYTES_PER_TOKEN_BOUND)."""
     need = spec.train.seq_len + 1
     data = spec.train.data
-    if data.kind == "synthetic":
+    if data.kind == "prepared":
+        from lcc.data.prepared import manifest, mismatch
+        from lcc.data.tokenizer import tokenizer_digest
+
+        folder = data_file(spec, spec_dir)
+        why = mismatch(folder, tokenizer_digest(spec, spec_dir), spec.model.vocab_size)
+        if why is not None:
+            raise DataError(f"train.data.path: {why}")
+        n, what = manifest(folder)["tokens"], f"train.data.path: the prepared dataset {folder}"
+    elif data.kind == "synthetic":
         n, what = SYNTHETIC_TOKENS, "train.data: the synthetic corpus"
     else:
         n, what = _corpus_bytes(spec, spec_dir), "train.data: the built-in corpus"

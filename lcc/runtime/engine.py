@@ -109,7 +109,7 @@ class RankEngine:
         self.trace = ActionTrace(trace, rank) if trace else None  # lcc run train --trace (lcc.runtime.trace)
         self.kept = plan_files(plan_dir)  # what checkpoints keep beside the tensors (lcc.runtime.model_files)
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
-        self.stream = TokenStream(train.to(device), plan.data.seq_len)
+        self.stream = TokenStream(train, plan.data.seq_len, device)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state(self, step: int) -> dict[str, Any]:

@@ -329,8 +329,8 @@ def batch(spec: Spec) -> Iterator[_Found]:
         yield _Found("model.vocab_size", f"vocab_size {spec.model.vocab_size} is smaller than the 256 byte tokens "
                      f"of data kind {train.data.kind}", "train.data.kind",
                      hint="use vocab_size >= 256, a model.tokenizer, or data kind synthetic")
-    if train.data.kind == "text" and not train.data.path:
-        yield _Found("train.data.path", "data kind text needs a path", "train.data.kind")
+    if train.data.kind in ("text", "prepared") and not train.data.path:
+        yield _Found("train.data.path", f"data kind {train.data.kind} needs a path", "train.data.kind")
     if spec.serve is not None and spec.serve.max_seq_len > spec.model.max_seq_len:
         yield _Found("serve.max_seq_len", f"serve.max_seq_len {spec.serve.max_seq_len} exceeds model.max_seq_len "
                      f"{spec.model.max_seq_len}", "model.max_seq_len")

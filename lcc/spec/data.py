@@ -21,14 +21,14 @@ def spec_folder(spec: Spec) -> Path | None:
 
 
 def data_file(spec: Spec, spec_dir: Path | None = None) -> Path | None:
-    """The text corpus that `train.data.path` names; None unless `train.data.kind` is text.
+    """The text corpus or prepared folder that `train.data.path` names; None for the other kinds.
 
     An absolute path is used as is. A relative one is relative to the spec file's folder: `spec_dir` when
     given (a plan's spec.json does not know where its spec was, so whoever runs the plan passes the folder),
     else the folder the spec was loaded from, else (a plan folder run on its own) the working directory.
     """
     data = spec.train.data
-    if data.kind != "text" or not data.path:
+    if data.kind not in ("text", "prepared") or not data.path:
         return None
     path = Path(data.path)
     folder = spec_dir if spec_dir is not None else spec_folder(spec)
@@ -42,7 +42,7 @@ def check_data(spec: Spec, spec_dir: Path | None = None, where: Location | None 
     if path is None:
         return
     try:
-        with open(path, "rb"):
+        with open(path / "manifest.json" if spec.train.data.kind == "prepared" else path, "rb"):
             pass
     except OSError as exc:
         folder = spec_dir if spec_dir is not None else spec_folder(spec)
@@ -52,5 +52,6 @@ def check_data(spec: Spec, spec_dir: Path | None = None, where: Location | None 
             hint = f"a relative path is read from the spec file's folder, {folder}"
         else:
             hint = "a compiled plan folder run on its own reads a relative path from the working directory"
-        raise SpecError([Problem(where or locate(spec, FIELD), FIELD,
-                                 f"cannot read data file {path}: {exc.strerror or exc}", hint)]) from None
+        what = (f"no prepared dataset at {path} (lcc data prepare writes one)" if spec.train.data.kind == "prepared"
+                else f"cannot read data file {path}: {exc.strerror or exc}")
+        raise SpecError([Problem(where or locate(spec, FIELD), FIELD, what, hint)]) from None

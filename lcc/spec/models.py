@@ -246,8 +246,10 @@ class GradientShaping(_Section):
 
 
 class Data(_Section):
-    kind: Literal["builtin", "text", "synthetic"] = Field("builtin", description="Corpus.")
-    path: str | None = Field(None, description="Text file for kind: text, relative to the spec file.")
+    kind: Literal["builtin", "text", "synthetic", "prepared"] = Field("builtin", description="Corpus: prepared is a "
+                                                                      "folder written by lcc data prepare.")
+    path: str | None = Field(None, description="The text file (kind: text) or prepared folder (kind: prepared), "
+                             "relative to the spec file.")
 
 
 class Train(_Section):

@@ -19,6 +19,8 @@ import torch.distributed.checkpoint as dcp
 import lcc
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
+from lcc.data.corpus import builtin_corpus
+from lcc.data.prepare import Encoder, prepare
 from lcc.plan.types import Parameter, Shard
 from lcc.runtime.checkpoint_dir import latest, prune
 from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError
@@ -52,16 +54,21 @@ WORLD1 = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.tp=1", "paralleli
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_resume_under_other_layouts_continues_the_run(tmp_path):
-    """tiny-moe trained 10 steps under dp 4 x ep 4 with ZeRO 2, saved, resumed to step 12 under the same
-    layout (bitwise), under pp 2 x tp 2 and under dp 2 x ep 2 x tp 2 with ZeRO 3 and sequence parallelism
-    (1e-8): the losses of an uninterrupted run."""
+    """tiny-moe trained 10 steps under dp 4 x ep 4 with ZeRO 2 on a prepared dataset (lcc data prepare), saved,
+    resumed to step 12 under the same layout (bitwise), under pp 2 x tp 2 and under dp 2 x ep 2 x tp 2 with
+    ZeRO 3 and sequence parallelism (1e-8): the losses of an uninterrupted run, which read the same samples."""
     layouts = {"same": DP4_EP4_ZERO2, "pp2_tp2": PP2_TP2, "zero3_sp": DP2_EP2_TP2_ZERO3_SP}
+    text = builtin_corpus()[:96_000].decode()
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": text[i:i + 3000]}) + "\n"
+                                                 for i in range(0, len(text), 3000)))
+    prepare([tmp_path / "docs.jsonl"], Encoder(256, None, None, False, None), None, tmp_path / "data")
+    data = ["train.data.kind=prepared", f"train.data.path={tmp_path / 'data'}"]
     plans = {}
     for name, layout in layouts.items():
         plans[name] = tmp_path / name
         # saving every 10 steps is not part of what a resume compares (train.checkpoint_every)
-        write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *layout, "train.checkpoint_every=10"])),
-              plans[name])
+        write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*SMALL, *layout, *data,
+                                                               "train.checkpoint_every=10"])), plans[name])
     # the uninterrupted run, which saves after step 10 (and at its end)
     launch(plans["same"], 12, tmp_path / "straight.jsonl", quiet=True, checkpoints=tmp_path / "ckpt")
     assert latest(tmp_path / "ckpt").name == "step-000012"

@@ -227,10 +227,10 @@ def test_a_request_whose_sampling_fails_ends_alone(shared, expected, monkeypatch
     next request are served token for token as ever, and every block is free."""
     real = engine_module.sample
 
-    def sample(logits, params, generator):
+    def sample(logits, params, generator, allowed=None):
         if params.seed == 666:
             raise RuntimeError("the sampler broke")
-        return real(logits, params, generator)
+        return real(logits, params, generator, allowed)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     bad = shared.submit(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.5, seed=666))
@@ -271,11 +271,11 @@ def test_lcc_run_generate_fails_naming_the_prompt_whose_serving_failed(shared, m
     """The other prompts are served (and printed); then the run fails with the first failure's prompt."""
     real, calls = engine_module.sample, []
 
-    def sample(logits, params, generator):
+    def sample(logits, params, generator, allowed=None):
         calls.append(1)
         if len(calls) == 2:  # the second prompt's first token
             raise RuntimeError("the sampler broke")
-        return real(logits, params, generator)
+        return real(logits, params, generator, allowed)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     with pytest.raises(RuntimeError, match="^prompt 2 failed: RuntimeError: the sampler broke$"):

@@ -36,10 +36,10 @@ def engine(tmp_path_factory) -> Engine:
 def broken_sampler(monkeypatch):
     real = engine_module.sample
 
-    def sample(logits, params, generator):
+    def sample(logits, params, generator, allowed=None):
         if params.seed == BROKEN_SEED:
             raise RuntimeError("the sampler broke")
-        return real(logits, params, generator)
+        return real(logits, params, generator, allowed)
 
     monkeypatch.setattr(engine_module, "sample", sample)
 
