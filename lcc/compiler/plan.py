@@ -55,6 +55,7 @@ from lcc.plan.types import (
     Serving,
     Simulation,
     StepAction,
+    Validation,
     is_zero3_scatter,
 )
 from lcc.spec import Problem, SpecError, locate, resolved, spec_hash
@@ -123,7 +124,7 @@ def build_plan(spec: Spec, mode: str = "train") -> tuple[Plan, CompileState]:
         ranks=_ranks(spec, mode), passes=state.applied, roles=_roles(state), parameters=list(state.params.values()),
         buffers=state.buffers, experts=state.experts, partition=state.partition, memory=state.memory,
         data=Data(spec.train.seq_len, spec.train.global_batch, par.dp * par.pipeline.microbatches,
-                  par.pipeline.microbatches, b),
+                  par.pipeline.microbatches, b, _validation(spec, mode)),
         schedule=Schedule(par.pipeline.schedule, par.pipeline.microbatches, par.pipeline.virtual_stages,
                           par.n_stages, sim if mode == "serve" else
                           Simulation(sim.makespan, sim.busy, sim.bubble_fraction,
@@ -364,6 +365,14 @@ def _counted(ops: list[str]) -> str:
 def action_on(serving: Serving, pp_rank: int, plan: Plan) -> bool:
     """Whether the serve plan's after-step actions concern `pp_rank`: the last stage's, and rank 0's."""
     return pp_rank in (0, stage_rank(plan.schedule.n_stages - 1, plan.mesh.size("pp"), plan.schedule.kind))
+
+
+def _validation(spec: Spec, mode: str) -> Validation | None:
+    if mode != "train" or spec.train.eval_every is None:
+        return None
+    return Validation(spec.train.eval_every, spec.train.eval_batches,
+                      Collective("all_reduce", "world", "loss", "the validation batches' summed cross-entropy", [1],
+                                 "float64"))
 
 
 def _exchange_axes(spec: Spec) -> tuple[int, int]:

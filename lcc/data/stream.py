@@ -123,6 +123,10 @@ def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer 
         raise DataError(f"{what} has {n} tokens, of which {training_part(n)} train (the last {HELD_OUT:.0%} are "
                         f"held out), fewer than one sequence of train.seq_len + 1 = {need}: give a longer corpus "
                         "or a shorter train.seq_len")
+    if spec.train.eval_every is not None and n - training_part(n) < need:
+        raise DataError(f"train.eval_every: {what.split(': ', 1)[1]} holds out {n - training_part(n)} tokens (the "
+                        f"last {HELD_OUT:.0%}) to validate on, fewer than one sequence of train.seq_len + 1 = {need}: "
+                        "give a longer corpus, a shorter train.seq_len, or no train.eval_every")
 
 
 def _corpus_bytes(spec: Spec, spec_dir: Path | None) -> int:

@@ -211,6 +211,18 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """Every `every` optimizer steps, after the step: the schedule's forward actions alone (F, SEND_F, RECV_F,
+    in order) over `batches` global batches of the validation split (the same ones every time, cut into
+    units as the training batches are), then `reduce`: the summed cross-entropy of the last stage's tp rank 0
+    over the world. The loss is that sum over the batches' target tokens."""
+
+    every: int
+    batches: int
+    reduce: Collective
+
+
+@dataclass(frozen=True)
 class Data:
     """The data order (docs/model.md): each step's global batch cut into dp x microbatches units."""
 
@@ -219,6 +231,7 @@ class Data:
     units_per_step: int
     microbatches: int  # units per data-parallel rank
     sequences_per_unit: int
+    validation: Validation | None = None  # train.eval_every
 
 
 @dataclass(frozen=True)

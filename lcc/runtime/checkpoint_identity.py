@@ -14,9 +14,10 @@ from lcc.runtime.checkpoint_files import IDENTITY, CheckpointError
 
 SCHEMA = "lcc.checkpoint/2"
 # spec fields that are layout, or that do not change what training computes (top-level sections, and
-# how often to save and how long to wait on a collective)
+# how often to save, to validate, and how long to wait on a collective)
 LAYOUT_SECTIONS = ("name", "parallelism", "cluster", "serve")
-OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s", "train.compile")
+OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s", "train.compile", "train.eval_every",
+               "train.eval_batches")
 # training-only routing fields: a checkpoint's weights serve, or start a run, whatever they were
 IGNORED = ("routing.balance", "routing.capacity_factor")
 # model fields added since checkpoints were first written, left out of the identity at their defaults, so

@@ -110,6 +110,7 @@ class RankEngine:
         self.kept = plan_files(plan_dir)  # what checkpoints keep beside the tensors (lcc.runtime.model_files)
         train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
         self.stream = TokenStream(train, plan.data.seq_len, device)
+        self.val_stream = TokenStream(held_out, plan.data.seq_len, device) if plan.data.validation else None
 
     # ------------------------------------------------------------------------------ checkpoints
     def state(self, step: int) -> dict[str, Any]:
@@ -170,12 +171,10 @@ class RankEngine:
     # ---------------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (tracking the bytes of live tensors, and recording collectives, when asked to)."""
-        if self.compiles:
-            before = compile_seconds()
-            record = self._record_step(step)
-            record["compile_seconds"] = compile_seconds() - before
-            return record
-        return self._record_step(step)
+        if not self.compiles:
+            return self._record_step(step)
+        before, record = compile_seconds(), self._record_step(step)
+        return {**record, "compile_seconds": compile_seconds() - before}
 
     def _record_step(self, step: int) -> dict[str, Any]:
         recording = self.transcript.recording(step) if self.transcript else contextlib.nullcontext()

@@ -36,6 +36,7 @@ from lcc.runtime.checkpoint_resume import Resume, prepare
 from lcc.runtime.checkpoint_verify import check_checkpoint
 from lcc.runtime.compiled import CompileUnavailable, check_compile
 from lcc.runtime.device import check_device, join_plan
+from lcc.runtime.evaluate import validation_loss
 from lcc.runtime.heartbeat import Beats, Heartbeat, watch_engine
 from lcc.runtime.parent_death import adopt_environment, start_fork_server
 from lcc.runtime.preflight import LaunchRefused, check_machine, check_outputs, check_steps
@@ -131,6 +132,10 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
                     torch.save(engine.last_grads, Path(dump) / f"grads_rank{rank}.pt")
                 record["seconds"] = time.perf_counter() - start
                 record["tokens_per_second"] = record["tokens"] / record["seconds"]
+                check = engine.plan.data.validation  # train.eval_every: every rank, after the same steps
+                if check is not None and (step + 1) % check.every == 0 and math.isfinite(record["loss"]):
+                    beat.beat(f"evaluating on the validation split after step {step + 1}")
+                    record.update(validation_loss(engine))
                 if rank == 0:
                     if out is not None:
                         out.write(json.dumps(record, sort_keys=True) + "\n")

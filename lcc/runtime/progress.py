@@ -30,6 +30,8 @@ class StepProgress:
         worst = max((r["imbalance_expert"] for r in record["router"].values()), default=1.0)
         info = (f"loss {record['loss']:.4f}  {record['tokens_per_second']:.0f} tokens/s  "
                 f"router imbalance {worst:.2f}")
+        if "val_loss" in record:
+            info += f"  val loss {record['val_loss']:.4f} (perplexity {record['val_perplexity']:.2f})"
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=info)
         else:

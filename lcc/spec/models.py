@@ -261,6 +261,10 @@ class Train(_Section):
     init: Init = Init()
     gradient_shaping: GradientShaping = GradientShaping()
     data: Data = Data()
+    eval_every: Pos | None = Field(None, description="Every this many steps, the loss on the validation split "
+                                   "(val_loss, val_perplexity in the step's metrics); null: never.")
+    eval_batches: Pos = Field(1, description="Global batches of the validation split each evaluation reads (the "
+                              "same ones every time).")
     collective_timeout_s: PosFloat = Field(120.0, description="A rank waiting longer on a collective ends the run.")
     checkpoint_every: NonNeg = Field(0, description="Steps between checkpoints; 0 = only at the end.")
     compile: Literal["inductor", "none"] = Field(
