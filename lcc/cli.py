@@ -419,9 +419,11 @@ checkpoint_app.command("import-hf")(checkpoint_import_hf)
 checkpoint_app.command("export-hf")(checkpoint_export_hf)
 
 from lcc.data.commands import data_app  # noqa: E402
+from lcc.inspect.metrics_plot import plot_command  # noqa: E402
 from lcc.runtime.checkpoint_command import checkpoint_info  # noqa: E402
 
 app.add_typer(data_app, name="data")
+app.command("plot")(plot_command)
 
 checkpoint_app.command("info")(checkpoint_info)
 

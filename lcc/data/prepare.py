@@ -110,16 +110,27 @@ def _with_offsets(tok: Any, text: str) -> tuple[list[int], list[int]]:
     return list(enc.ids), [a for a, _ in enc.offsets]
 
 
+_LOADED: dict[str, tuple[Any, Any]] = {}
+
+
+def _loaded(enc: Encoder) -> tuple[Any, Any]:
+    """The tokenizer and chat template of `enc`, loaded once per process (a worker takes many pieces)."""
+    key = json.dumps([enc.vocab_size, enc.tokenizer, enc.chat, enc.template], sort_keys=True)
+    if key not in _LOADED:
+        template = None
+        if enc.chat and enc.template is not None:
+            from lcc.data.chat_template import ChatTemplate
+
+            template = ChatTemplate(enc.template)
+        _LOADED[key] = (enc.load(), template)
+    return _LOADED[key]
+
+
 def _work(job: tuple[Encoder, Piece, str, str]) -> tuple[list[int], int]:
     """One piece: its documents' ids (and loss mask) written to `out`(.mask); returns each document's
     length and the piece's bytes read."""
     enc, piece, field, out = job
-    tok = enc.load()
-    template = None
-    if enc.chat and enc.template is not None:
-        from lcc.data.chat_template import ChatTemplate
-
-        template = ChatTemplate(enc.template)
+    tok, template = _loaded(enc)
     lengths, ids_all, mask_all = [], [], []
     for doc in documents(piece, field, enc.chat):
         try:

@@ -19,7 +19,7 @@ from typing import Any
 JSONL = (".jsonl", ".json", ".ndjson")
 PARQUET = (".parquet",)
 TEXT = (".txt", ".text", ".md")
-PIECE_BYTES = 32 << 20  # a JSON Lines file is cut into runs of whole lines of about this many bytes
+PIECE_BYTES = 8 << 20  # a JSON Lines file is cut into runs of whole lines of about this many bytes
 
 
 class SourceError(ValueError):

@@ -21,7 +21,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise InspectError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise InspectError("drawing needs matplotlib: pip install -e '.[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
