@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The demo trains tiny-moe on one rank (fastest on a small machine: no communication), then serves the
+# The demo prepares a dataset and trains tiny-moe on it on one rank (fastest on a small machine: no
+# communication), draws its loss curves, then serves the
 # checkpoint under the spec's own layout (8 ranks: pp 2 x dp 4, experts over 4 ranks). Run again, it
 # finds the training done and only generates.
 DEMO_RUN   := runs/tiny-moe-demo
 ONE_RANK   := --set parallelism.pp=1 --set parallelism.dp=1 --set parallelism.ep=1 --set cluster.gpus_per_node=1 \
               --set parallelism.pipeline.microbatches=1
+# the built-in corpus written as JSON Lines documents and prepared as a user's data is (docs/data.md),
+# validated every 25 steps
+DEMO_DATA  := --set train.data.kind=prepared --set train.data.path=$(CURDIR)/$(DEMO_RUN)/data --set train.eval_every=25
 
 # lcc's native CPU kernels need x86-64 with AVX-512 and a C++ compiler; elsewhere the demo serves through
 # PyTorch's kernels (docs/serve.md)
@@ -33,8 +37,12 @@ CPU_KERNELS = $(shell $(BIN)/python -c "from lcc.backends.cpu.native import unav
 demo: $(STAMP)
 	$(BIN)/lcc report specs/longcat-2.0.yaml
 	$(BIN)/lcc compile specs/longcat-2.0.yaml
-	$(BIN)/lcc run train specs/tiny-moe.yaml $(ONE_RANK) --steps 100 --metrics $(DEMO_RUN)/metrics.jsonl \
-	  --checkpoint-dir $(DEMO_RUN)/checkpoints --resume-if-any
+	mkdir -p $(DEMO_RUN)
+	$(BIN)/python -m lcc.data.corpus $(DEMO_RUN)/corpus.jsonl
+	$(BIN)/lcc data prepare $(DEMO_RUN)/corpus.jsonl --spec specs/tiny-moe.yaml --out $(DEMO_RUN)/data
+	$(BIN)/lcc run train specs/tiny-moe.yaml $(ONE_RANK) $(DEMO_DATA) --steps 100 \
+	  --metrics $(DEMO_RUN)/metrics.jsonl --checkpoint-dir $(DEMO_RUN)/checkpoints --resume-if-any
+	$(BIN)/lcc plot $(DEMO_RUN)/metrics.jsonl --out $(DEMO_RUN)/loss.png
 	$(BIN)/lcc run generate specs/tiny-moe.yaml --checkpoint $(DEMO_RUN)/checkpoints --prompt "The teacher" \
 	  --max-tokens 200 --temperature 0.5 --seed 1 $(CPU_KERNELS)
 

@@ -2,12 +2,14 @@
 prepared dataset.
 
 Throughput: a JSON Lines file of --mib MiB of English-like documents (the built-in corpus's sentences, 2-4 KB a
-document) written in a temporary folder, prepared with small-moe's spec (one token per byte) by 1 and by 2
-worker processes, each --repeats times alternating; tokens/s of the median run. Memory: tiny-moe at world 1
+document) written in a temporary folder, tokenized with a byte-level BPE tokenizer.json of --vocab tokens
+(trained here with `tokenizers` on the built-in corpus) by 1 and by 2 worker processes, each --repeats times
+alternating; tokens/s of the median run. Memory: tiny-moe at world 1
 trained --steps steps on a prepared dataset of --small-mib MiB and of --large-mib MiB (the large one made by
 writing the small one's tokens over and over: preparing it would take long and prove nothing more), each in
 its own process; the peak resident memory of each (ru_maxrss), side by side.
-Usage: python benchmarks/data_prepare.py [--mib 64] [--repeats 3] [--small-mib 1] [--large-mib 2048] [--steps 4]
+Usage: python benchmarks/data_prepare.py [--mib 64] [--vocab 8192] [--repeats 3] [--small-mib 1] [--large-mib 2048]
+       [--steps 4]
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def documents_file(path: Path, mib: int) -> None:
             at += size
 
 
+def bpe_tokenizer(path: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = builtin_corpus().decode()
+    tok.train_from_iterator([text[i:i + 4096] for i in range(0, len(text), 4096)],
+                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
 def grown(small: Path, large: Path, mib: int) -> None:
     """A prepared dataset of about `mib` MiB: the small one's tokens repeated (its manifest made to match)."""
     large.mkdir()
@@ -87,6 +101,7 @@ def peak_bytes(folder: Path, steps: int, work: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small-mib", type=int, default=1)
     parser.add_argument("--large-mib", type=int, default=2048)
@@ -97,7 +112,8 @@ def main() -> None:
     try:
         source = work / "docs.jsonl"
         documents_file(source, args.mib)
-        enc = Encoder(256, None, None, False, None)
+        bpe_tokenizer(work / "tokenizer.json", args.vocab)
+        bpe = Encoder(args.vocab, str(work / "tokenizer.json"), 0, False, None)
         seconds: dict[int, list[float]] = {1: [], 2: []}
         tokens = 0
         for r in range(args.repeats):
@@ -105,14 +121,14 @@ def main() -> None:
                 out = work / f"out-{workers}"
                 shutil.rmtree(out, ignore_errors=True)
                 start = time.perf_counter()
-                tokens = prepare([source], enc, None, out, workers=workers)["tokens"]
+                tokens = prepare([source], bpe, None, out, workers=workers)["tokens"]
                 seconds[workers].append(time.perf_counter() - start)
         rates = {w: tokens / statistics.median(s) for w, s in seconds.items()}
         print(f"prepare {args.mib} MiB: {rates[1]:,.0f} tokens/s with 1 process, {rates[2]:,.0f} with 2 "
               f"({rates[2] / rates[1]:.2f}x)", flush=True)
         small = work / "small"
         documents_file(work / "small.jsonl", args.small_mib)
-        prepare([work / "small.jsonl"], enc, None, small)
+        prepare([work / "small.jsonl"], Encoder(256, None, None, False, None), None, small)
         large = work / "large"
         grown(small, large, args.large_mib)
         peaks = {"small": peak_bytes(small, args.steps, work), "large": peak_bytes(large, args.steps, work)}
@@ -121,7 +137,7 @@ def main() -> None:
               f"{peaks['large'] / 2**20:.0f} MiB on {sizes['large'] / 2**20:.0f} MiB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write("data_prepare", {"source_mib": args.mib, "tokens": tokens, "tokens_per_s": rates,
+    write("data_prepare", {"source_mib": args.mib, "vocab": args.vocab, "tokens": tokens, "tokens_per_s": rates,
                            "seconds": seconds, "token_file_bytes": sizes, "training_peak_rss_bytes": peaks,
                            "steps": args.steps, "machine": machine()}, args.out)
 

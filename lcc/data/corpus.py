@@ -65,3 +65,26 @@ def builtin_corpus(n_bytes: int = BUILTIN_BYTES) -> bytes:
         out.append(paragraph)
         size += len(paragraph)
     return "".join(out).encode("ascii")[:n_bytes]
+
+
+def write_documents(path: str, per_document: int = 1 << 12) -> int:
+    """The built-in corpus as JSON Lines documents ({"text": ...}, paragraphs gathered up to about
+    `per_document` bytes) whose texts, one after another, are the corpus byte for byte: what `make demo`
+    prepares with `lcc data prepare`. Returns the number of documents."""
+    import json
+
+    text, docs, start = builtin_corpus().decode("ascii"), [], 0
+    while start < len(text):
+        end = text.find("\n", start + per_document)
+        end = len(text) if end < 0 else end + 1
+        docs.append(text[start:end])
+        start = end
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    return len(docs)
+
+
+if __name__ == "__main__":  # python -m lcc.data.corpus PATH.jsonl
+    import sys
+
+    print(f"wrote {sys.argv[1]}: {write_documents(sys.argv[1])} documents of the built-in corpus")
