@@ -368,7 +368,7 @@ def _loss_lines(state: CompileState) -> list[Line]:
             Line(f"peak_T = {call('all_reduce_max', call('row_max', 'logits_TV'), 'G.tp')}", comments[0]),
             Line(f"sum_exp_T = {call('all_reduce', call('sum_exp', 'logits_TV', 'peak_T'), 'G.tp')}", comments[1]),
             Line(f"target_T = {call('all_reduce', target, 'G.tp')}", comments[2]),
-            Line(f"ce = {call('cross_entropy', 'sum_exp_T', 'target_T')}")]
+            Line(f"ce = {call('cross_entropy', 'sum_exp_T', 'target_T', 'targets_T')}", "targets of -1: left out")]
 
 
 def compiled_functions(state: CompileState, first: int, end: int) -> list[str]:

@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcc.data.prepare import FORMAT, MANIFEST, TOKENS
+from lcc.data.prepare import FORMAT, MANIFEST, MASK, TOKENS
 
 
 class MappedTokens:
     """A prepared dataset's tokens (or a stretch of them) as the token stream reads them: only the sequences
     a step takes are read from the file."""
 
-    def __init__(self, path: Path, start: int = 0, stop: int | None = None, array: Any = None):
+    def __init__(self, path: Path, start: int = 0, stop: int | None = None, array: Any = None, dtype: str = "<i4"):
         self.path = Path(path)
-        self.array = array if array is not None else np.memmap(self.path, dtype="<i4", mode="r")
+        self.array = array if array is not None else np.memmap(self.path, dtype=dtype, mode="r")
         self.start, self.stop = start, len(self.array) if stop is None else stop
 
     def numel(self) -> int:
@@ -45,6 +45,12 @@ def prepared_tokens(folder: Path) -> MappedTokens:
     return MappedTokens(Path(folder) / TOKENS)
 
 
+def prepared_mask(folder: Path) -> MappedTokens | None:
+    """A chat dataset's loss mask (1: a token trained on as a target), memory-mapped; None for text data."""
+    path = Path(folder) / MASK
+    return MappedTokens(path, dtype="u1") if path.is_file() else None
+
+
 def mismatch(folder: Path, tokenizer_sha: str | None, vocab_size: int) -> str | None:
     """Why the prepared dataset in `folder` cannot train this spec's model (its tokenizer, its format, a
     missing or truncated file), or None."""
@@ -64,7 +70,4 @@ def mismatch(folder: Path, tokenizer_sha: str | None, vocab_size: int) -> str | 
         path = folder / name
         if not path.is_file() or path.stat().st_size != f["bytes"]:
             return f"{path}: missing or not the {f['bytes']} bytes its manifest lists; prepare it again"
-    if m.get("mode") == "chat":
-        return (f"{folder} was prepared in chat mode, with a loss mask that training does not apply yet; prepare "
-                "it in text mode")
     return None

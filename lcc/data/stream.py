@@ -8,8 +8,10 @@ the corpus; the last 5% is held out for evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,18 +70,35 @@ def _markov(vocab: int, seed: int, n: int) -> torch.Tensor:
 
 
 class TokenStream:
-    """Sequences of seq_len + 1 tokens, cut one after another from a token array (cycling), on `device`."""
+    """Sequences of seq_len + 1 tokens, cut one after another from a token array (cycling), on `device`.
+    `mask`: a loss mask beside the tokens (a prepared chat dataset's), 1 where a token is trained on as a
+    target."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, device: torch.device | None = None):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, device: torch.device | None = None, mask: Any = None):
         if tokens.numel() < seq_len + 1:
             raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one sequence of {seq_len + 1}")
         self.tokens, self.seq_len, self.device = tokens.to(device) if device else tokens, seq_len, device
+        self.mask = mask
+
+    def _index(self, start: int, count: int) -> torch.Tensor:
+        n, L = self.tokens.numel(), self.seq_len
+        return (torch.arange(start, start + count).unsqueeze(1) * L + torch.arange(L + 1)) % n
 
     def sequences(self, start: int, count: int) -> torch.Tensor:
-        n, L = self.tokens.numel(), self.seq_len
-        idx = (torch.arange(start, start + count).unsqueeze(1) * L + torch.arange(L + 1)) % n
-        out = self.tokens[idx]
+        out = self.tokens[self._index(start, count)]
         return out.to(self.device) if self.device is not None else out
+
+    def targets(self, start: int, count: int) -> torch.Tensor | None:
+        """Which targets of those sequences are trained on (bool [count, seq_len]); None: all of them."""
+        if self.mask is None:
+            return None
+        out = self.mask[self._index(start, count)[:, 1:]] != 0
+        return out.to(self.device) if self.device is not None else out
+
+    def trained(self, start: int, count: int) -> int:
+        """How many targets of those sequences the loss counts."""
+        mask = self.targets(start, count)
+        return count * self.seq_len if mask is None else int(mask.sum())
 
 
 def training_part(n_tokens: int) -> int:
@@ -101,10 +120,12 @@ def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer 
     data = spec.train.data
     if data.kind == "prepared":
         from lcc.data.prepared import manifest, mismatch
-        from lcc.data.tokenizer import tokenizer_digest
 
         folder = data_file(spec, spec_dir)
-        why = mismatch(folder, tokenizer_digest(spec, spec_dir), spec.model.vocab_size)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir)
+        digest = (None if isinstance(tokenizer, ByteTokenizer)  # the file's text, as lcc data prepare hashed it
+                  else hashlib.sha256(tokenizer.path.read_text().encode()).hexdigest())
+        why = mismatch(folder, digest, spec.model.vocab_size)
         if why is not None:
             raise DataError(f"train.data.path: {why}")
         n, what = manifest(folder)["tokens"], f"train.data.path: the prepared dataset {folder}"
@@ -137,6 +158,33 @@ def _corpus_bytes(spec: Spec, spec_dir: Path | None) -> int:
         return path.stat().st_size
     except OSError as exc:
         raise DataError(f"train.data.path: cannot read data file {path}: {exc.strerror or exc}") from None
+
+
+def streams(spec: Spec, spec_dir: Path | None, tokenizer: Tokenizer, seq_len: int, device: torch.device,
+            validation: bool) -> tuple[TokenStream, TokenStream | None]:
+    """The training stream (the first 95% of the corpus) and, with `validation`, the held-out one, each with
+    its part of a prepared chat dataset's loss mask."""
+    train, held_out = split_corpus(corpus_tokens(spec, spec_dir, tokenizer))
+    mask = None
+    if spec.train.data.kind == "prepared":
+        from lcc.data.prepared import prepared_mask
+
+        mask = prepared_mask(data_file(spec, spec_dir))
+    train_mask, held_mask = split_corpus(mask) if mask is not None else (None, None)
+    val = TokenStream(held_out, seq_len, device, held_mask) if validation else None
+    return TokenStream(train, seq_len, device, train_mask), val
+
+
+def rank_units(stream: TokenStream, data: Any, dp: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """dp rank `dp`'s units of global batch `batch` (the plan's data: dp x microbatches units a batch):
+    (inputs, targets) each [sequences, seq_len]; a target the loss mask leaves out is -1 (the programs'
+    cross-entropy counts only targets >= 0)."""
+    tokens = units_of_step(stream, data.global_batch, data.units_per_step, batch)
+    mask = stream.targets(batch * data.global_batch, data.global_batch)
+    masks = list(mask.chunk(data.units_per_step)) if mask is not None else [None] * len(tokens)
+    mine = slice(dp * data.microbatches, (dp + 1) * data.microbatches)
+    return [(u[:, :-1], u[:, 1:] if m is None else u[:, 1:].masked_fill(~m, -1))
+            for u, m in zip(tokens[mine], masks[mine], strict=True)]
 
 
 def step_units(stream: TokenStream, spec: Spec, step: int) -> list[torch.Tensor]:

@@ -42,7 +42,10 @@ def target_logit(logits_TV: torch.Tensor, peak_T: torch.Tensor, targets_T: torch
     return (picked - peak_T) * mine
 
 
-def cross_entropy(sum_exp_T: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy from the whole vocabulary's sums."""
+def cross_entropy(sum_exp_T: torch.Tensor, target_T: torch.Tensor, targets_T: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Summed cross-entropy from the whole vocabulary's sums; with `targets_T`, over the tokens whose target
+    is a token id (a loss mask marks the others -1)."""
     with torch.autocast(sum_exp_T.device.type, enabled=False):
-        return (sum_exp_T.log() - target_T).sum()
+        per_token = sum_exp_T.log() - target_T
+        return (per_token if targets_T is None else per_token * (targets_T >= 0)).sum()

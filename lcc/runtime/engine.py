@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lcc.actions import Action, stage_rank
-from lcc.data.stream import TokenStream, corpus_tokens, split_corpus, units_of_step
+from lcc.data.stream import rank_units, streams
 from lcc.data.tokenizer import plan_tokenizer
 from lcc.model.routing import update_bias
 from lcc.model.shaping import token_count_factors
@@ -108,9 +108,8 @@ class RankEngine:
                            if transcript else None)
         self.trace = ActionTrace(trace, rank) if trace else None  # lcc run train --trace (lcc.runtime.trace)
         self.kept = plan_files(plan_dir)  # what checkpoints keep beside the tensors (lcc.runtime.model_files)
-        train, held_out = split_corpus(corpus_tokens(spec, spec_dir, plan_tokenizer(plan_dir)))
-        self.stream = TokenStream(train, plan.data.seq_len, device)
-        self.val_stream = TokenStream(held_out, plan.data.seq_len, device) if plan.data.validation else None
+        self.stream, self.val_stream = streams(spec, spec_dir, plan_tokenizer(plan_dir), plan.data.seq_len, device,
+                                               plan.data.validation is not None)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state(self, step: int) -> dict[str, Any]:
@@ -155,11 +154,9 @@ class RankEngine:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
         return t
 
-    def _my_units(self, step: int) -> list[torch.Tensor]:
-        data = self.plan.data
-        units = units_of_step(self.stream, data.global_batch, data.units_per_step, step)
-        dp = self.mesh.coords["dp"]
-        return units[dp * data.microbatches:(dp + 1) * data.microbatches]
+    def _my_units(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This dp rank's (inputs, targets) of the step (lcc.data.stream.rank_units)."""
+        return rank_units(self.stream, self.plan.data, self.mesh.coords["dp"], step)
 
     def model_states(self) -> list[torch.Tensor]:
         """Parameters, optimizer states, gradients (as backward leaves them) and load biases."""
@@ -200,7 +197,7 @@ class RankEngine:
         pp, kind = self.mesh.sizes["pp"], self.plan.schedule.kind
         units = self._my_units(step)
         data = self.plan.data
-        step_tokens = data.global_batch * data.seq_len
+        step_tokens = max(1, self.stream.trained(step * data.global_batch, data.global_batch))  # targets counted
         ctx = ProgramContext(self.spec.routing, c["tp"])
         saving = offload_gathered if self.plan.memory.regathered else contextlib.nullcontext
         groups = self.mesh.groups
@@ -220,7 +217,7 @@ class RankEngine:
                 inputs[key] = buf.requires_grad_()
             elif a.kind == "F":
                 if a.stage == 0:
-                    x = units[a.mb][:, :-1]
+                    x = units[a.mb][0]
                 elif key not in inputs:  # the previous stage ran on this rank
                     x = outputs[(a.stage - 1, a.mb)].detach().requires_grad_()
                     inputs[key] = x
@@ -233,7 +230,7 @@ class RankEngine:
                 router_losses = self._router_losses(ctx, routes_before, data.units_per_step)
                 if a.stage == self.n_stages - 1:
                     with saving(), self._compute():
-                        ce = program.loss(self.params, self.bias, out, units[a.mb][:, 1:], groups, ctx)
+                        ce = program.loss(self.params, self.bias, out, units[a.mb][1], groups, ctx)
                     ce_sum += ce.detach().double()
                     outputs[key] = ce / step_tokens + router_losses
                 else:
@@ -306,7 +303,8 @@ class RankEngine:
         for action in self.step_actions:
             getattr(self, f"_do_{action.kind.lower()}")(action)
         self.grads = {}
-        return {"step": step, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": step_tokens, **self.record}
+        tokens = self.plan.data.global_batch * self.plan.data.seq_len  # run, whatever a loss mask counts
+        return {"step": step, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": tokens, **self.record}
 
     def _do_sum_tied_grad(self, action: StepAction) -> None:
         """A tied head on the last stage holds a copy of the embedding: the two gradients are summed."""
@@ -360,7 +358,8 @@ class RankEngine:
         if self.spec.train.gradient_shaping.experts == "token_count":
             per = self.plan.experts.experts_per_rank if self.plan.experts else 0
             for site, row in self.stats.items():
-                factors = token_count_factors(row[:self.spec.model.moe.n_experts], self.step_tokens)
+                tokens = self.plan.data.global_batch * self.plan.data.seq_len  # routed, masked or not
+                factors = token_count_factors(row[:self.spec.model.moe.n_experts], tokens)
                 mine = factors[c["ep"] * per:(c["ep"] + 1) * per]
                 for w in ("w1_EFD", "w3_EFD", "w2_EDF"):
                     name = f"{site}.experts.{w}"

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lcc.actions import stage_rank
-from lcc.data.stream import units_of_step
+from lcc.data.stream import rank_units
 from lcc.ops import ProgramContext
 
 FORWARD = ("F", "SEND_F", "RECV_F")
@@ -29,10 +29,10 @@ def validation_loss(engine: Any) -> dict[str, float]:
     data, spec = plan.data, plan.data.validation
     pp, kind = mesh.sizes["pp"], plan.schedule.kind
     dp = mesh.coords["dp"]
-    total = torch.zeros((), dtype=torch.float64)
+    total, counted = torch.zeros((), dtype=torch.float64), 0
     for batch in range(spec.batches):
-        units = units_of_step(engine.val_stream, data.global_batch, data.units_per_step, batch)
-        units = units[dp * data.microbatches:(dp + 1) * data.microbatches]
+        units = rank_units(engine.val_stream, data, dp, batch)
+        counted += engine.val_stream.trained(batch * data.global_batch, data.global_batch)
         ctx = ProgramContext(engine.spec.routing, mesh.coords["tp"])
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -44,14 +44,14 @@ def validation_loss(engine: Any) -> dict[str, float]:
                 dist.recv(buf, src=mesh.peer(stage_rank(a.stage - 1, pp, kind)))
                 inputs[key] = buf
             elif a.kind == "F":
-                x = units[a.mb][:, :-1] if a.stage == 0 else inputs.pop(key, None)
+                x = units[a.mb][0] if a.stage == 0 else inputs.pop(key, None)
                 if x is None:  # the previous stage ran on this rank
                     x = outputs.pop((a.stage - 1, a.mb))
                 program = engine.programs[a.stage]
                 with engine._compute():
                     out = program.forward(engine.params, engine.bias, x, mesh.groups, ctx)
                     if a.stage == engine.n_stages - 1:
-                        ce = program.loss(engine.params, engine.bias, out, units[a.mb][:, 1:], mesh.groups, ctx)
+                        ce = program.loss(engine.params, engine.bias, out, units[a.mb][1], mesh.groups, ctx)
                         if mesh.coords["tp"] == 0:
                             total += ce.double()
                         continue
@@ -63,5 +63,5 @@ def validation_loss(engine: Any) -> dict[str, float]:
             work.wait()
     if mesh.world > 1:  # the plan's data.validation.reduce
         dist.all_reduce(total)
-    loss = float(total) / (spec.batches * data.global_batch * data.seq_len)
+    loss = float(total) / max(1, counted)  # per target token the loss counts (a loss mask's)
     return {"val_loss": loss, "val_perplexity": math.exp(loss) if loss < 700 else math.inf}

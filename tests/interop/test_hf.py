@@ -12,6 +12,7 @@ import signal
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -426,3 +427,32 @@ def test_a_truncated_safetensors_file_is_refused_with_the_file_named(imported, t
     code, text = cli("checkpoint", "import-hf", folder, "--spec", imported.spec_path, "--out", out)
     assert code == 2 and f"{weights}: not a readable safetensors file" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@ONE_FAMILY
+def test_fine_tuning_on_chat_records_trains_on_the_assistant_turns_alone(imported, tmp_path, monkeypatch):
+    """Chat records prepared with the model's template (lcc data prepare --chat) and trained from the imported
+    weights: step 1's loss is transformers' per-token cross-entropy averaged over the assistant turns' tokens
+    alone (float64), the other positions contributing nothing."""
+    chats = [[{"role": "user", "content": f"where is the {w} number {i}?"},
+              {"role": "assistant", "content": f"the {w} is near the river, {i} times"}]
+             for i, w in enumerate(["cat", "dog", "ship", "bird"] * 8)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    data = tmp_path / "data"
+    code, text = cli("data", "prepare", tmp_path / "chat.jsonl", "--spec", imported.spec_path, "--out", data, "--chat")
+    assert code == 0, text
+    spec = imported.spec("train.dtype=float64", *SHORT, "train.data.kind=prepared", f"train.data.path={data}")
+    write(compile_plan(spec), tmp_path / "plan")
+    launch(tmp_path / "plan", 1, tmp_path / "metrics.jsonl", quiet=True, init_from=imported.ckpt)
+    loss = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
+    float64_throughout(monkeypatch)
+    tokens = torch.from_numpy(np.fromfile(data / "tokens.bin", dtype="<i4").astype("int64"))
+    mask = torch.from_numpy(np.fromfile(data / "loss_mask.bin", dtype=np.uint8).astype("int64"))
+    L, B = spec.train.seq_len, spec.train.global_batch
+    seqs = torch.stack([tokens[i * L:i * L + L + 1] for i in range(B)])
+    trained = torch.stack([mask[i * L + 1:i * L + L + 1] for i in range(B)]).flatten().double()
+    assert 0 < trained.sum() < trained.numel()  # both kinds of position in the batch
+    with torch.no_grad():
+        logits = imported.hf(torch.float64)(seqs[:, :-1]).logits
+    per_token = F.cross_entropy(logits.flatten(0, 1), seqs[:, 1:].flatten(), reduction="none")
+    assert loss == pytest.approx(float((per_token * trained).sum() / trained.sum()), rel=1e-9, abs=0)

@@ -513,5 +513,5 @@ def loss(P, B, logits, targets, G, ctx):
     peak_T = ops.all_reduce_max(ops.row_max(logits_TV), G.tp)  # vocab-parallel cross-entropy: the logits' maximum over the vocabulary
     sum_exp_T = ops.all_reduce(ops.sum_exp(logits_TV, peak_T), G.tp)  # vocab-parallel cross-entropy: the sum of exponentials
     target_T = ops.all_reduce(ops.target_logit(logits_TV, peak_T, targets_T, vocab_start=ctx.tp_rank * 16384), G.tp)  # vocab-parallel cross-entropy: the target's logit
-    ce = ops.cross_entropy(sum_exp_T, target_T)
+    ce = ops.cross_entropy(sum_exp_T, target_T, targets_T)  # targets of -1: left out
     return ce

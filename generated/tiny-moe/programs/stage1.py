@@ -120,5 +120,5 @@ def loss(P, B, logits, targets, G, ctx):
     peak_T = ops.all_reduce_max(ops.row_max(logits_TV), G.tp)
     sum_exp_T = ops.all_reduce(ops.sum_exp(logits_TV, peak_T), G.tp)
     target_T = ops.all_reduce(ops.target_logit(logits_TV, peak_T, targets_T, vocab_start=0), G.tp)
-    ce = ops.cross_entropy(sum_exp_T, target_T)
+    ce = ops.cross_entropy(sum_exp_T, target_T, targets_T)  # targets of -1: left out
     return ce
