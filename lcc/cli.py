@@ -204,6 +204,8 @@ def run_train(
     trace: Annotated[Path | None, typer.Option("--trace", help="Write a Perfetto trace (ui.perfetto.dev) of each "
                                                "rank's pipeline actions, experts and overlapped exchanges "
                                                "here.")] = None,
+    tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="Write each step's figures here as "
+                                                     "TensorBoard scalars (the tensorboard extra).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start the ranks even where this machine looks too small "
                                         "for them (more than 16 ranks per core, or more memory than is "
                                         "available).")] = False,
@@ -256,7 +258,7 @@ def run_train(
         launch(plan_dir, steps if steps is not None else loaded.train.steps, metrics, checkpoints=checkpoint_dir,
                resume=resume, track_memory=track_memory, spec_dir=spec_dir, transcript=transcript,
                resume_if_any=resume_if_any, fallback=fallback, keep=keep, force=force, init_from=init_from,
-               trace=trace)
+               trace=trace, tensorboard=tensorboard)
     except RunError as exc:
         typer.echo(f"lcc run train: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None  # 1; a stop by SIGINT or SIGTERM: 130 or 143

@@ -45,6 +45,7 @@ from lcc.runtime.rank_link import RankLink
 from lcc.runtime.rendezvous import check_torchrun, host_store, rank_outputs, torchrun_rank
 from lcc.runtime.supervise import Run
 from lcc.runtime.support import RunError
+from lcc.runtime.tensorboard import Board, available
 from lcc.runtime.threads import threads_per_rank
 from lcc.runtime.trace import merge as merge_trace
 from lcc.runtime.transcript import merge, part_path
@@ -74,6 +75,7 @@ class RankJob:
     transcript: str | None = None
     spec_dir: str | None = None
     trace: str | None = None
+    tensorboard: str | None = None
 
 
 def _worker(job: RankJob, rank: int, link: RankLink | None = None) -> None:
@@ -119,6 +121,7 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
         if metrics and rank == 0:
             Path(metrics).parent.mkdir(parents=True, exist_ok=True)
         out = open(metrics, mode) if metrics and rank == 0 else None  # noqa: SIM115 - closed below
+        board = Board(Path(job.tensorboard)) if job.tensorboard and rank == 0 else None
         progress = StepProgress(first, steps, enabled=rank == 0 and not job.quiet)
         beat.completed(first)
         try:
@@ -140,6 +143,8 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
                     if out is not None:
                         out.write(json.dumps(record, sort_keys=True) + "\n")
                         out.flush()
+                    if board is not None:
+                        board.add(record)
                     progress.update(record)
                 done = step + 1
                 if not math.isfinite(record["loss"]):  # reduced over the world: every rank stops here
@@ -155,6 +160,8 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
             progress.close()
             if out is not None:
                 out.close()
+            if board is not None:
+                board.close()
             if engine.transcript is not None:
                 engine.transcript.write()
             if engine.trace is not None:
@@ -215,7 +222,7 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
            checkpoints: Path | None = None, resume: bool = False, track_memory: bool = False,
            transcript: Path | None = None, spec_dir: Path | None = None, resume_if_any: bool = False,
            fallback: bool = False, keep: int = 3, force: bool = False, init_from: Path | None = None,
-           trace: Path | None = None) -> None:
+           trace: Path | None = None, tensorboard: Path | None = None) -> None:
     """Run `steps` optimizer steps of a compiled plan. `track_memory`: on CPU, count the bytes of live
     tensors for the metrics' peak memory (exact, but slows each step; otherwise the peak resident size).
     `transcript`: write every collective each rank issues there (JSON lines). `spec_dir`: where a
@@ -226,8 +233,11 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
     (all checked here, before any rank starts: checkpoint_resume.prepare). `force`: start the ranks even where
     this machine looks too small for them (lcc.runtime.preflight). `init_from`: a checkpoint (any layout, the
     same model and routing) whose weights a run that starts at step 0 begins from, checked here. `trace`: write
-    a Perfetto trace of what each rank did and when there (lcc.runtime.trace)."""
+    a Perfetto trace of what each rank did and when there (lcc.runtime.trace). `tensorboard`: rank 0 writes
+    each step's figures there as TensorBoard scalars (lcc.runtime.tensorboard)."""
     plan = check_plan(Path(plan_dir))
+    if tensorboard is not None and available() is not None:
+        raise LaunchRefused(available())
     preflight(plan, steps, {"--metrics": metrics, "--transcript": transcript, "--trace": trace,
                             "--checkpoint-dir": checkpoints}, force)
     spec = json.loads((Path(plan_dir) / "spec.json").read_text())
@@ -254,7 +264,7 @@ def launch(plan_dir: Path, steps: int, metrics: Path | None = None, quiet: bool 
             return
         try:
             _launch(plan_dir, world, steps, metrics, quiet, checkpoints, start, track_memory, transcript, spec_dir,
-                    spec, trace)
+                    spec, trace, tensorboard)
         finally:
             if transcript is not None and torchrun_rank() is None:  # under torchrun each rank keeps its part
                 merge(Path(transcript), world)
@@ -295,9 +305,9 @@ def _initial_weights(path: Path, spec: dict[str, Any], start: Resume | None, say
 
 def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet: bool, checkpoints: Path | None,
             resume: Resume | None, track_memory: bool, transcript: Path | None, spec_dir: Path | None,
-            spec: dict[str, Any], trace: Path | None = None) -> None:
+            spec: dict[str, Any], trace: Path | None = None, tensorboard: Path | None = None) -> None:
     extra = (str(transcript) if transcript else None, str(spec_dir) if spec_dir else None,
-             str(trace) if trace else None)
+             str(trace) if trace else None, str(tensorboard) if tensorboard else None)
     if torchrun_rank() is not None:  # started by torchrun: this process is one rank (placement checked)
         _torchrun_worker(plan_dir, steps, metrics, quiet, float(spec["train"]["collective_timeout_s"]), checkpoints,
                          resume, track_memory, extra)
@@ -311,7 +321,8 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
             with run.in_process() as link:
                 _worker(RankJob(world, 0, str(plan_dir), steps, str(metrics) if metrics else None, threads, timeout_s,
                                 quiet, str(checkpoints) if checkpoints else None, resume, track_memory=track_memory,
-                                transcript=extra[0], spec_dir=extra[1], trace=extra[2]), 0, link)
+                                transcript=extra[0], spec_dir=extra[1], trace=extra[2], tensorboard=extra[3]), 0,
+                        link)
             return
         # ranks fork from a server process that has imported torch and the runtime once (per parent process):
         # starting 8 ranks then costs a fork each instead of 8 fresh interpreters importing torch
@@ -338,7 +349,8 @@ def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bo
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(RankJob(world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
                     threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,
-                    track_memory=track_memory, transcript=extra[0], spec_dir=extra[1], trace=extra[2]), rank)
+                    track_memory=track_memory, transcript=extra[0], spec_dir=extra[1], trace=extra[2],
+                    tensorboard=extra[3]), rank)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

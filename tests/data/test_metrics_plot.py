@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lcc.cli import app
@@ -31,3 +32,27 @@ def test_a_file_that_is_not_a_metrics_file_is_named_with_its_line(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "m.png")])
     assert result.exit_code == 2 and f"{tmp_path / 'm.jsonl'}:2: not a step record" in result.output
     assert not (tmp_path / "m.png").exists()
+
+
+def test_tensorboard_scalars_are_the_metrics_records(tmp_path):
+    """lcc run train --tensorboard: rank 0's event files hold each step's loss, validation loss and expert
+    imbalance, as the metrics file has them (read back with TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lcc.compiler.output import write
+    from lcc.compiler.plan import compile_plan
+    from lcc.runtime.launch import launch, read_metrics
+    from lcc.spec import load_spec
+    from tests.conftest import SPECS
+    from tests.data.test_prepare import WORLD1
+
+    write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*WORLD1, "train.eval_every=2"])), tmp_path / "plan")
+    launch(tmp_path / "plan", 2, tmp_path / "m.jsonl", quiet=True, tensorboard=tmp_path / "tb")
+    records = read_metrics(tmp_path / "m.jsonl")
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    loss = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+    assert [(e.step, e.value) for e in board.Scalars("validation/loss")] == \
+        [(2, pytest.approx(records[1]["val_loss"], rel=1e-6))]
+    assert "experts/imbalance/layers.0.ffn" in board.Tags()["scalars"]
