@@ -3,6 +3,7 @@ its tokens memory-mapped, never read whole, and checked against the spec before 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,115 @@ def mismatch(folder: Path, tokenizer_sha: str | None, vocab_size: int) -> str | 
         if not path.is_file() or path.stat().st_size != f["bytes"]:
             return f"{path}: missing or not the {f['bytes']} bytes its manifest lists; prepare it again"
     return None
+
+
+def check_prepared(spec: Any, spec_dir: Path | None, tokenizer: Any) -> None:
+    """DataError, naming the field and the folder, unless every prepared folder of the spec (its path or
+    blend, and its validation folder) was prepared with the spec's tokenizer, is complete, and holds one
+    sequence to train on (and, with train.eval_every, one to validate on)."""
+    from lcc.data.stream import HELD_OUT, DataError, training_part
+    from lcc.data.tokenizer import ByteTokenizer
+    from lcc.spec.data import prepared_folders, validation_folder
+
+    digest = (None if isinstance(tokenizer, ByteTokenizer)  # the file's text, as lcc data prepare hashed it
+              else hashlib.sha256(tokenizer.path.read_text().encode()).hexdigest())
+    need = spec.train.seq_len + 1
+    data = spec.train.data
+    named = (["train.data.path"] if data.blend is None
+             else [f"train.data.blend[{i}].path" for i in range(len(data.blend))])
+    val = validation_folder(spec, spec_dir)
+    for field, folder in [*zip(named, (f for f, _ in prepared_folders(spec, spec_dir)), strict=True),
+                          *([("train.data.validation", val)] if val is not None else [])]:
+        why = mismatch(folder, digest, spec.model.vocab_size)
+        if why is not None:
+            raise DataError(f"{field}: {why}")
+        n = manifest(folder)["tokens"]
+        if field == "train.data.validation":
+            if spec.train.eval_every is not None and n < need:
+                raise DataError(f"{field}: the prepared dataset {folder} has {n} tokens, fewer than one sequence of "
+                                f"train.seq_len + 1 = {need}")
+            continue
+        if training_part(n) < need:
+            raise DataError(f"{field}: the prepared dataset {folder} has {n} tokens, of which {training_part(n)} "
+                            f"train (the last {HELD_OUT:.0%} are held out), fewer than one sequence of "
+                            f"train.seq_len + 1 = {need}: give a longer corpus or a shorter train.seq_len")
+        if spec.train.eval_every is not None and val is None and n - training_part(n) < need:
+            raise DataError(f"train.eval_every: the prepared dataset {folder} holds out {n - training_part(n)} "
+                            f"tokens (the last {HELD_OUT:.0%}) to validate on, fewer than one sequence of "
+                            f"train.seq_len + 1 = {need}: give a longer corpus, train.data.validation, a shorter "
+                            "train.seq_len, or no train.eval_every")
+
+
+def prepared_streams(spec: Any, spec_dir: Path | None, seq_len: int, device: Any, validation: bool) -> tuple[Any, Any]:
+    """The training stream of a prepared dataset (each folder's first 95%, blended by weight) and, with
+    `validation`, the validation stream: train.data.validation's folder whole, else the folders' last 5%,
+    blended alike. Each carries its part of a chat dataset's loss mask."""
+    from lcc.data.stream import TokenStream, split_corpus
+    from lcc.spec.data import prepared_folders, validation_folder
+
+    trains, helds, weights = [], [], []
+    for folder, weight in prepared_folders(spec, spec_dir):
+        tokens, mask = prepared_tokens(folder), prepared_mask(folder)
+        (train, held), (train_mask, held_mask) = split_corpus(tokens), split_corpus(mask) if mask else (None, None)
+        trains.append(TokenStream(train, seq_len, device, train_mask))
+        helds.append(TokenStream(held, seq_len, device, held_mask) if validation else None)
+        weights.append(weight)
+    stream = trains[0] if len(trains) == 1 else BlendedStream(trains, weights)
+    if not validation:
+        return stream, None
+    val = validation_folder(spec, spec_dir)
+    if val is not None:
+        return stream, TokenStream(prepared_tokens(val), seq_len, device, prepared_mask(val))
+    return stream, helds[0] if len(helds) == 1 else BlendedStream(helds, weights)
+
+
+BLOCK = 1024  # a blend's pattern repeats every this many sequences
+
+
+class BlendedStream:
+    """Several token streams as one: of every BLOCK sequences, each stream gives its share by weight (the
+    largest remainders rounded up, at least one), interleaved so that each stream's sequences come as evenly
+    as they can (the one furthest behind its share goes next); each stream is read in its own order, from
+    its first sequence on, so a blend is resumable from the step alone like any stream."""
+
+    def __init__(self, parts: list[Any], weights: list[float]):
+        total = sum(weights)
+        exact = [w / total * BLOCK for w in weights]
+        counts = [max(1, int(x)) for x in exact]
+        for i in sorted(range(len(parts)), key=lambda i: int(exact[i]) - exact[i])[:BLOCK - sum(counts)]:
+            counts[i] += 1
+        while sum(counts) > BLOCK:  # the minimum of one each took more than the block
+            counts[counts.index(max(counts))] -= 1
+        self.parts, self.counts, self.seq_len = parts, counts, parts[0].seq_len
+        taken = [0] * len(parts)
+        self.order: list[tuple[int, int]] = []  # (stream, its index within the block) for each position
+        for p in range(BLOCK):
+            d = max((i for i in range(len(parts)) if taken[i] < counts[i]),
+                    key=lambda i: (counts[i] * (p + 1) / BLOCK - taken[i], -i))
+            self.order.append((d, taken[d]))
+            taken[d] += 1
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Which stream sequence `i` of the blend comes from, and which of its sequences it is."""
+        block, p = divmod(i, BLOCK)
+        d, within = self.order[p]
+        return d, block * self.counts[d] + within
+
+    def _each(self, start: int, count: int, get: str) -> list[Any]:
+        return [getattr(self.parts[d], get)(j, 1) for d, j in map(self.locate, range(start, start + count))]
+
+    def sequences(self, start: int, count: int) -> torch.Tensor:
+        return torch.cat(self._each(start, count, "sequences"))
+
+    def targets(self, start: int, count: int) -> torch.Tensor | None:
+        if all(p.mask is None for p in self.parts):
+            return None
+        rows = []
+        for d, j in map(self.locate, range(start, start + count)):
+            mine = self.parts[d].targets(j, 1)  # a stream without a mask trains on every target
+            rows.append(mine if mine is not None else
+                        torch.ones((1, self.seq_len), dtype=torch.bool, device=self.parts[d].device))
+        return torch.cat(rows)
+
+    def trained(self, start: int, count: int) -> int:
+        return sum(self.parts[d].trained(j, 1) for d, j in map(self.locate, range(start, start + count)))

@@ -8,7 +8,6 @@ the corpus; the last 5% is held out for evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,9 @@ def corpus_tokens(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer
     data = spec.train.data
     if data.kind == "prepared":  # memory-mapped, read a sequence at a time (lcc.data.prepared)
         from lcc.data.prepared import prepared_tokens
+        from lcc.spec.data import prepared_folders
 
-        return prepared_tokens(data_file(spec, spec_dir))
+        return prepared_tokens(prepared_folders(spec, spec_dir)[0][0])
     if data.kind == "builtin":
         raw = builtin_corpus()
     elif data.kind == "text":
@@ -118,18 +118,12 @@ def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer 
     for `corpus_tokens`; a corpus is tokenized here only when it is small (BYTES_PER_TOKEN_BOUND)."""
     need = spec.train.seq_len + 1
     data = spec.train.data
-    if data.kind == "prepared":
-        from lcc.data.prepared import manifest, mismatch
+    if data.kind == "prepared":  # each folder of it (lcc.data.prepared)
+        from lcc.data.prepared import check_prepared
 
-        folder = data_file(spec, spec_dir)
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir)
-        digest = (None if isinstance(tokenizer, ByteTokenizer)  # the file's text, as lcc data prepare hashed it
-                  else hashlib.sha256(tokenizer.path.read_text().encode()).hexdigest())
-        why = mismatch(folder, digest, spec.model.vocab_size)
-        if why is not None:
-            raise DataError(f"train.data.path: {why}")
-        n, what = manifest(folder)["tokens"], f"train.data.path: the prepared dataset {folder}"
-    elif data.kind == "synthetic":
+        check_prepared(spec, spec_dir, tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir))
+        return
+    if data.kind == "synthetic":
         n, what = SYNTHETIC_TOKENS, "train.data: the synthetic corpus"
     else:
         n, what = _corpus_bytes(spec, spec_dir), "train.data: the built-in corpus"
@@ -162,17 +156,14 @@ def _corpus_bytes(spec: Spec, spec_dir: Path | None) -> int:
 
 def streams(spec: Spec, spec_dir: Path | None, tokenizer: Tokenizer, seq_len: int, device: torch.device,
             validation: bool) -> tuple[TokenStream, TokenStream | None]:
-    """The training stream (the first 95% of the corpus) and, with `validation`, the held-out one, each with
-    its part of a prepared chat dataset's loss mask."""
-    train, held_out = split_corpus(corpus_tokens(spec, spec_dir, tokenizer))
-    mask = None
+    """The training stream (the first 95% of the corpus) and, with `validation`, the held-out one (a prepared
+    dataset's: lcc.data.prepared.prepared_streams)."""
     if spec.train.data.kind == "prepared":
-        from lcc.data.prepared import prepared_mask
+        from lcc.data.prepared import prepared_streams
 
-        mask = prepared_mask(data_file(spec, spec_dir))
-    train_mask, held_mask = split_corpus(mask) if mask is not None else (None, None)
-    val = TokenStream(held_out, seq_len, device, held_mask) if validation else None
-    return TokenStream(train, seq_len, device, train_mask), val
+        return prepared_streams(spec, spec_dir, seq_len, device, validation)
+    train, held_out = split_corpus(corpus_tokens(spec, spec_dir, tokenizer))
+    return TokenStream(train, seq_len, device), TokenStream(held_out, seq_len, device) if validation else None
 
 
 def rank_units(stream: TokenStream, data: Any, dp: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -329,8 +329,16 @@ def batch(spec: Spec) -> Iterator[_Found]:
         yield _Found("model.vocab_size", f"vocab_size {spec.model.vocab_size} is smaller than the 256 byte tokens "
                      f"of data kind {train.data.kind}", "train.data.kind",
                      hint="use vocab_size >= 256, a model.tokenizer, or data kind synthetic")
-    if train.data.kind in ("text", "prepared") and not train.data.path:
-        yield _Found("train.data.path", f"data kind {train.data.kind} needs a path", "train.data.kind")
+    data = train.data
+    if data.kind == "text" and not data.path:
+        yield _Found("train.data.path", "data kind text needs a path", "train.data.kind")
+    if data.kind == "prepared" and (data.path is None) == (data.blend is None):
+        yield _Found("train.data.path", "data kind prepared needs a path or a blend (not both)", "train.data.blend")
+    for field in ("blend", "validation"):
+        if getattr(data, field) is not None and data.kind != "prepared":
+            yield _Found(f"train.data.{field}", f"applies to data kind prepared, not {data.kind}", "train.data.kind")
+    if data.blend is not None and not data.blend:
+        yield _Found("train.data.blend", "a blend of no datasets")
     if spec.serve is not None and spec.serve.max_seq_len > spec.model.max_seq_len:
         yield _Found("serve.max_seq_len", f"serve.max_seq_len {spec.serve.max_seq_len} exceeds model.max_seq_len "
                      f"{spec.model.max_seq_len}", "model.max_seq_len")

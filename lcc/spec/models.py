@@ -245,11 +245,20 @@ class GradientShaping(_Section):
     experts: Literal["none", "token_count"] = Field("none", description="Scale expert grads by T / n_e per step.")
 
 
+class Blended(_Section):
+    path: str = Field(description="A prepared folder (lcc data prepare), relative to the spec file.")
+    weight: PosFloat = Field(description="Its share of the training sequences (the weights are normalised).")
+
+
 class Data(_Section):
     kind: Literal["builtin", "text", "synthetic", "prepared"] = Field("builtin", description="Corpus: prepared is a "
                                                                       "folder written by lcc data prepare.")
     path: str | None = Field(None, description="The text file (kind: text) or prepared folder (kind: prepared), "
                              "relative to the spec file.")
+    blend: list[Blended] | None = Field(None, description="kind: prepared, instead of path: several prepared "
+                                        "folders, each sequence from one of them in proportion to their weights.")
+    validation: str | None = Field(None, description="kind: prepared: a prepared folder to validate on "
+                                   "(train.eval_every), whole; null: the last 5% of the training data.")
 
 
 class Train(_Section):

@@ -188,3 +188,32 @@ def test_training_reads_prepared_data_and_refuses_what_does_not_fit(made, tmp_pa
         with pytest.raises(RunError) as err:
             launch(plan, 1, quiet=True)
         assert says in str(err.value) and "train.data.path" in str(err.value), str(err.value)
+
+
+def test_a_blend_takes_each_dataset_in_its_share_and_order_and_a_validation_folder_of_its_own(tmp_path):
+    """Three prepared datasets of one letter each, blended 3 : 1 (and validated on the third): of every 1,024
+    sequences 768 come from the first, each dataset read in its own order from its start; training and
+    validation run on them."""
+    from lcc.data.prepared import BlendedStream
+    from lcc.data.stream import streams
+
+    for letter in "abc":
+        (tmp_path / f"{letter}.txt").write_text(letter * 3000 + "\n")
+        assert cli("data", "prepare", tmp_path / f"{letter}.txt", "--spec", SPECS / "tiny-moe.yaml", "--out",
+                   tmp_path / letter)[0] == 0
+    blend = ["train.data.kind=prepared", f"train.data.blend=[{{path: {tmp_path / 'a'}, weight: 3}}, "
+             f"{{path: {tmp_path / 'b'}, weight: 1}}]", f"train.data.validation={tmp_path / 'c'}",
+             "train.eval_every=1"]
+    spec = load_spec(SPECS / "tiny-moe.yaml", [*WORLD1, *blend])
+    stream, val = streams(spec, None, None, spec.train.seq_len, None, True)
+    assert isinstance(stream, BlendedStream)
+    first = stream.sequences(0, 2048)[:, 0].tolist()
+    assert [first[:1024].count(c) for c in (ord("a"), ord("b"))] == [768, 256]
+    assert first[:1024] == first[1024:]
+    assert set(val.sequences(0, 4).flatten().tolist()) <= {ord("c"), ord("\n")}
+    write(compile_plan(spec), tmp_path / "plan")
+    launch(tmp_path / "plan", 1, tmp_path / "m.jsonl", quiet=True)
+    assert "val_loss" in read_metrics(tmp_path / "m.jsonl")[0]
+    code, text = cli("compile", SPECS / "tiny-moe.yaml", "--out", tmp_path / "bad", "--set", "train.data.kind=prepared",
+                     "--set", f"train.data.path={tmp_path / 'a'}", "--set", "train.data.blend=[{path: x, weight: 1}]")
+    assert code == 2 and "train.data.path: data kind prepared needs a path or a blend (not both)" in text, text
