@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a fi
 from lcc.backends.cpu import native
 
 from benchmarks.common import machine, write
+from benchmarks.grammar_libraries import SCHEMA  # the schema the libraries were chosen on
 from lcc.cache import write_atomically
 from lcc.compiler.plan import compile_plan
 from lcc.serve import structured
@@ -37,12 +38,6 @@ from lcc.spec import load_spec
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["model.moe.n_shared_experts=0", "parallelism.dp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
         "serve.prefix_caching=false"]
-SCHEMA = {"type": "object",
-          "properties": {"name": {"type": "string", "maxLength": 16},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
-                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
-                         "ok": {"type": "boolean"}},
-          "required": ["name", "age", "tags", "ok"], "additionalProperties": False}
 
 
 class GrammarClock:
