@@ -325,6 +325,12 @@ class Serving:
     decode_kernel: str = "ops"  # MoE layers of decode-only steps: "native_cpu" (one call each) or "ops"
     prefix_caching: bool = False  # serve.prefix_caching: full KV blocks of a shared prefix are reused
 
+    @property
+    def native_cpu(self) -> bool:
+        """Whether any step runs lcc's native CPU kernels (x86-64 with AVX-512)."""
+        return ("native_cpu" in (self.attention_kernel, self.routing_kernel, self.dense_kernel, self.norm_kernel,
+                                 self.decode_kernel) or self.expert_kernel == "int4_native_cpu")
+
 
 @dataclass(frozen=True)
 class Pass:

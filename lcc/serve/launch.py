@@ -57,9 +57,7 @@ def check_serve_plan(plan_dir: Path) -> Plan:
     if plan.serving is None:
         raise LaunchRefused(f"{plan_dir}: a serve plan without its serving section; compile it again")
     serving = plan.serving
-    if ("native_cpu" in (serving.attention_kernel, serving.routing_kernel, serving.dense_kernel,
-                          serving.norm_kernel)
-            or serving.expert_kernel == "int4_native_cpu"):
+    if serving.native_cpu:
         why = native.unavailable()  # built here once, before any rank starts
         if why is not None:
             raise LaunchRefused(f"{plan_dir}: the plan runs lcc's native CPU kernels, and {why}; compile the plan "

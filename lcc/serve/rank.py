@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lcc.actions import Action
+from lcc.backends.cpu import native
 from lcc.ops.serve import KVCache, RoutingTables, StepBatch, serving_routing
 from lcc.plan import read_plan
 from lcc.runtime.device import running_on
@@ -97,6 +98,9 @@ class ServeRank:
         self.mesh = build_mesh(plan, rank)
         c = self.mesh.coords
         serving = plan.serving
+        if serving.native_cpu and device.type == "cpu" and (why := native.unavailable()) is not None:
+            raise RuntimeError(f"{plan_dir}: the plan runs lcc's native CPU kernels, and {why}; compile the plan "
+                               "with serve.cpu_kernels torch (PyTorch's kernels)")
         self.dtype = DTYPES[serving.dtype]
         folder, ident = (check_checkpoint(checkpoint_dir, spec_data, verify) if checkpoint_dir is not None
                          else (None, None))

@@ -281,3 +281,12 @@ def test_lcc_run_generate_fails_naming_the_prompt_whose_serving_failed(shared, m
     with pytest.raises(RuntimeError, match="^prompt 2 failed: RuntimeError: the sampler broke$"):
         run_job(shared, Job([PROMPTS[0], PROMPTS[1], PROMPTS[2]], SamplingParams(max_tokens=2)))
     assert capsys.readouterr().out.count("\n") == 3 and shared.scheduler.used_blocks == 0
+
+
+@pytest.mark.skipif(native_cpu_kernels() is None, reason="this CPU runs lcc's native kernels: nothing to refuse")
+def test_a_plan_of_native_kernels_is_refused_where_the_cpu_cannot_run_them(tmp_path):
+    """Built as a library (not through the launcher, which refuses it before any rank starts), a serving rank
+    of a plan that runs lcc's native CPU kernels says why it cannot run here, rather than crash the process."""
+    plan = serve_plan(tmp_path, "world1", ("serve.dtype=bfloat16",))
+    with pytest.raises(RuntimeError, match="the plan runs lcc's native CPU kernels, and .*serve.cpu_kernels torch"):
+        ServeRank(plan, 0)
