@@ -153,8 +153,10 @@ class _Emitter:
                                               head_dim=str(att.head_dim), theta=repr(att.rope_theta)),
                           "writes this step's keys and values into the paged KV cache, reads the context")
             else:
+                masked = {"segments": "ctx.segments"} if spec.train.data.document_mask else {}
                 self.emit(f"{name} = " + call("attention", *args[:3], head_dim=str(att.head_dim),
-                                              theta=repr(att.rope_theta)))
+                                              theta=repr(att.rope_theta), **masked),
+                          "attention within each document" if masked else "")
             self.region = None
         elif target.endswith("ffn.router"):
             tokens = args[0]

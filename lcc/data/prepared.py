@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcc.data.prepare import FORMAT, MANIFEST, MASK, TOKENS
+from lcc.data.prepare import ENDS, FORMAT, MANIFEST, MASK, TOKENS
 
 
 class MappedTokens:
@@ -50,6 +50,11 @@ def prepared_mask(folder: Path) -> MappedTokens | None:
     """A chat dataset's loss mask (1: a token trained on as a target), memory-mapped; None for text data."""
     path = Path(folder) / MASK
     return MappedTokens(path, dtype="u1") if path.is_file() else None
+
+
+def document_ends(folder: Path, wanted: bool) -> np.ndarray | None:
+    """Where each document of a prepared dataset ends (documents.bin), when train.data.document_mask asks."""
+    return np.fromfile(Path(folder) / ENDS, dtype="<i8") if wanted else None
 
 
 def mismatch(folder: Path, tokenizer_sha: str | None, vocab_size: int) -> str | None:
@@ -119,18 +124,20 @@ def prepared_streams(spec: Any, spec_dir: Path | None, seq_len: int, device: Any
     from lcc.spec.data import prepared_folders, validation_folder
 
     trains, helds, weights = [], [], []
+    documents = spec.train.data.document_mask
     for folder, weight in prepared_folders(spec, spec_dir):
-        tokens, mask = prepared_tokens(folder), prepared_mask(folder)
+        tokens, mask, ends = prepared_tokens(folder), prepared_mask(folder), document_ends(folder, documents)
         (train, held), (train_mask, held_mask) = split_corpus(tokens), split_corpus(mask) if mask else (None, None)
-        trains.append(TokenStream(train, seq_len, device, train_mask))
-        helds.append(TokenStream(held, seq_len, device, held_mask) if validation else None)
+        trains.append(TokenStream(train, seq_len, device, train_mask, ends))
+        helds.append(TokenStream(held, seq_len, device, held_mask, ends, held.start) if validation else None)
         weights.append(weight)
     stream = trains[0] if len(trains) == 1 else BlendedStream(trains, weights)
     if not validation:
         return stream, None
     val = validation_folder(spec, spec_dir)
     if val is not None:
-        return stream, TokenStream(prepared_tokens(val), seq_len, device, prepared_mask(val))
+        return stream, TokenStream(prepared_tokens(val), seq_len, device, prepared_mask(val),
+                                   document_ends(val, documents))
     return stream, helds[0] if len(helds) == 1 else BlendedStream(helds, weights)
 
 
@@ -181,6 +188,11 @@ class BlendedStream:
             rows.append(mine if mine is not None else
                         torch.ones((1, self.seq_len), dtype=torch.bool, device=self.parts[d].device))
         return torch.cat(rows)
+
+    def segments(self, start: int, count: int) -> torch.Tensor | None:
+        if all(p.ends is None for p in self.parts):
+            return None
+        return torch.cat(self._each(start, count, "segments"))
 
     def trained(self, start: int, count: int) -> int:
         return sum(self.parts[d].trained(j, 1) for d, j in map(self.locate, range(start, start + count)))

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lcc.data.corpus import BUILTIN_BYTES, builtin_corpus
@@ -72,13 +73,15 @@ def _markov(vocab: int, seed: int, n: int) -> torch.Tensor:
 class TokenStream:
     """Sequences of seq_len + 1 tokens, cut one after another from a token array (cycling), on `device`.
     `mask`: a loss mask beside the tokens (a prepared chat dataset's), 1 where a token is trained on as a
-    target."""
+    target. `ends`: where each document ends (a prepared dataset's index, counted from the dataset's first
+    token; the tokens here start at its `offset`), for attention kept inside documents."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, device: torch.device | None = None, mask: Any = None):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, device: torch.device | None = None, mask: Any = None,
+                 ends: Any = None, offset: int = 0):
         if tokens.numel() < seq_len + 1:
             raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one sequence of {seq_len + 1}")
         self.tokens, self.seq_len, self.device = tokens.to(device) if device else tokens, seq_len, device
-        self.mask = mask
+        self.mask, self.ends, self.offset = mask, ends, offset
 
     def _index(self, start: int, count: int) -> torch.Tensor:
         n, L = self.tokens.numel(), self.seq_len
@@ -93,6 +96,15 @@ class TokenStream:
         if self.mask is None:
             return None
         out = self.mask[self._index(start, count)[:, 1:]] != 0
+        return out.to(self.device) if self.device is not None else out
+
+    def segments(self, start: int, count: int) -> torch.Tensor | None:
+        """The document of each input position of those sequences (int64 [count, seq_len]); None without
+        document ends."""
+        if self.ends is None:
+            return None
+        where = self._index(start, count)[:, :-1].numpy() + self.offset
+        out = torch.from_numpy(np.searchsorted(self.ends, where, side="right"))
         return out.to(self.device) if self.device is not None else out
 
     def trained(self, start: int, count: int) -> int:
@@ -166,16 +178,21 @@ def streams(spec: Spec, spec_dir: Path | None, tokenizer: Tokenizer, seq_len: in
     return TokenStream(train, seq_len, device), TokenStream(held_out, seq_len, device) if validation else None
 
 
-def rank_units(stream: TokenStream, data: Any, dp: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rank_units(stream: TokenStream, data: Any, dp: int, batch: int) -> list[tuple[Any, ...]]:
     """dp rank `dp`'s units of global batch `batch` (the plan's data: dp x microbatches units a batch):
-    (inputs, targets) each [sequences, seq_len]; a target the loss mask leaves out is -1 (the programs'
-    cross-entropy counts only targets >= 0)."""
+    (inputs, targets, segments), inputs and targets [sequences, seq_len]; a target the loss mask leaves out
+    is -1 (the programs' cross-entropy counts only targets >= 0); segments: each input position's document
+    (train.data.document_mask), else None."""
     tokens = units_of_step(stream, data.global_batch, data.units_per_step, batch)
-    mask = stream.targets(batch * data.global_batch, data.global_batch)
-    masks = list(mask.chunk(data.units_per_step)) if mask is not None else [None] * len(tokens)
+    first = batch * data.global_batch
+
+    def cut(t: torch.Tensor | None) -> list[Any]:
+        return list(t.chunk(data.units_per_step)) if t is not None else [None] * len(tokens)
+
     mine = slice(dp * data.microbatches, (dp + 1) * data.microbatches)
-    return [(u[:, :-1], u[:, 1:] if m is None else u[:, 1:].masked_fill(~m, -1))
-            for u, m in zip(tokens[mine], masks[mine], strict=True)]
+    masks, segments = cut(stream.targets(first, data.global_batch)), cut(stream.segments(first, data.global_batch))
+    return [(u[:, :-1], u[:, 1:] if m is None else u[:, 1:].masked_fill(~m, -1), s)
+            for u, m, s in zip(tokens[mine], masks[mine], segments[mine], strict=True)]
 
 
 def step_units(stream: TokenStream, spec: Spec, step: int) -> list[torch.Tensor]:

@@ -78,14 +78,21 @@ class AttentionCore(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim, self.theta = n_heads, n_kv_heads, head_dim, theta
 
-    def forward(self, q_BSH: torch.Tensor, k_BSH: torch.Tensor, v_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, q_BSH: torch.Tensor, k_BSH: torch.Tensor, v_BSH: torch.Tensor,
+                segments_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """`segments_BS`: each position's document; a position then attends only within its document."""
         B, S, _ = q_BSH.shape
         q = q_BSH.view(B, S, -1, self.head_dim).transpose(1, 2)
         k = k_BSH.view(B, S, -1, self.head_dim).transpose(1, 2)
         v = v_BSH.view(B, S, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope_tables(S, self.head_dim, self.theta, device=q_BSH.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if segments_BS is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            same = segments_BS.unsqueeze(2) == segments_BS.unsqueeze(1)
+            allowed = (same & torch.ones(S, S, dtype=torch.bool, device=same.device).tril()).unsqueeze(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(B, S, -1)
 
 

@@ -22,6 +22,9 @@ class ProgramContext:
     # accumulate whole (by gathered parameters) instead of being reduce-scattered
     accumulating: bool = False
     held_grads: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    # train.data.document_mask: the document of each position of the micro-batch being run (int64 [B, S]); set
+    # by the runtime before each forward and backward action, read by the attention lines
+    segments: Any = None
 
     @torch.compiler.disable
     def observe(self, site: str, route: RouteResult) -> None:

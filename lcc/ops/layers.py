@@ -52,10 +52,12 @@ def rms_norm_tp(x: torch.Tensor, weight: torch.Tensor | NativeNorm, group, eps: 
     return (xf * torch.rsqrt(total / (xf.shape[-1] * size) + eps)).to(x.dtype) * weight
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """RoPE + causal attention over this rank's heads (the head counts follow from the widths)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, theta: float,
+              segments: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE + causal attention over this rank's heads (the head counts follow from the widths); with
+    `segments` (the document of each position, [B, S]), a position attends only to its own document's."""
     core = AttentionCore(q.shape[-1] // head_dim, k.shape[-1] // head_dim, head_dim, theta)
-    return core(q, k, v)
+    return core(q, k, v, segments)
 
 
 def embedding_shard(tokens: torch.Tensor, weight: torch.Tensor | NativeDense, vocab_start: int) -> torch.Tensor:

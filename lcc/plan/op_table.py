@@ -77,7 +77,8 @@ TABLE: tuple[Op, ...] = (
     Op("head_norm", "compute", "same", keywords=("head_dim", "eps"), attrs=(("head_dim", int), ("eps", float)),
        layout=QK_HEAD),
     Op("linear", "compute", "linear"),
-    Op("attention", "compute", "same", keywords=("head_dim", "theta"), attrs=(("head_dim", int), ("theta", float))),
+    Op("attention", "compute", "same", keywords=("head_dim", "theta", "segments"),
+       attrs=(("head_dim", int), ("theta", float))),
     Op("paged_attention", "compute", "same", keywords=("layer", "head_dim", "theta"),
        attrs=(("layer", int), ("head_dim", int), ("theta", float))),
     Op("route", "compute", "route", sized_by_values=True),  # group-major logits: rows per group from the scores

@@ -211,6 +211,7 @@ class RankEngine:
         self.optimizer.zero_grad(set_to_none=True)
         for index, a in enumerate(self.trace.actions(self.actions) if self.trace else self.actions):
             key = (a.stage, a.mb)
+            ctx.segments = units[a.mb][2] if a.mb is not None else None  # document_mask: the micro-batch's
             if a.kind == "RECV_F":
                 buf = torch.empty(mb_shape, dtype=self.dtype)
                 dist.recv(buf, src=self.mesh.peer(stage_rank(a.stage - 1, pp, kind)))

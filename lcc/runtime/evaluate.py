@@ -38,7 +38,7 @@ def validation_loss(engine: Any) -> dict[str, float]:
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         pending = []
         for a in (a for a in engine.actions if a.kind in FORWARD):
-            key = (a.stage, a.mb)
+            key, ctx.segments = (a.stage, a.mb), units[a.mb][2]
             if a.kind == "RECV_F":
                 buf = torch.empty(tuple(plan.schedule.boundary_shape), dtype=engine.dtype)
                 dist.recv(buf, src=mesh.peer(stage_rank(a.stage - 1, pp, kind)))

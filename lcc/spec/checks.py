@@ -334,8 +334,8 @@ def batch(spec: Spec) -> Iterator[_Found]:
         yield _Found("train.data.path", "data kind text needs a path", "train.data.kind")
     if data.kind == "prepared" and (data.path is None) == (data.blend is None):
         yield _Found("train.data.path", "data kind prepared needs a path or a blend (not both)", "train.data.blend")
-    for field in ("blend", "validation"):
-        if getattr(data, field) is not None and data.kind != "prepared":
+    for field in ("blend", "validation", "document_mask"):
+        if getattr(data, field) not in (None, False) and data.kind != "prepared":
             yield _Found(f"train.data.{field}", f"applies to data kind prepared, not {data.kind}", "train.data.kind")
     if data.blend is not None and not data.blend:
         yield _Found("train.data.blend", "a blend of no datasets")

@@ -259,6 +259,8 @@ class Data(_Section):
                                         "folders, each sequence from one of them in proportion to their weights.")
     validation: str | None = Field(None, description="kind: prepared: a prepared folder to validate on "
                                    "(train.eval_every), whole; null: the last 5% of the training data.")
+    document_mask: bool = Field(False, description="kind: prepared: attention stays inside each document of a "
+                                "packed sequence (as if each document were run on its own).")
 
 
 class Train(_Section):
