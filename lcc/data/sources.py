@@ -1,8 +1,11 @@
-"""Documents out of a user's files, for `lcc data prepare`: JSON Lines, Parquet and plain text, or folders of them.
+"""Documents out of a user's files, for `lcc data prepare`: JSON Lines, Parquet, Arrow (a Hugging Face dataset
+saved with `save_to_disk`) and plain text, or folders of them.
 
 A source path is a file or a folder (its files of the known kinds, recursively, in name order). The work is
 cut into pieces that processes can take on their own, each naming where it reads: a JSON Lines file in runs
-of whole lines (about PIECE_BYTES each), a Parquet file by row group, a text file whole (one document). A
+of whole lines (about PIECE_BYTES each), a Parquet file by row group, an Arrow file (the IPC streams a
+Hugging Face dataset's `save_to_disk` writes) whole, read a record batch at a time, a text file whole (one
+document). A
 piece yields its documents in order: a text (`--text-field`, default `text`) or, in chat mode, a list of
 messages (`messages`: {role, content}). What cannot be read is a DataError naming the file (and line, or
 field) before anything is written.
@@ -18,6 +21,7 @@ from typing import Any
 
 JSONL = (".jsonl", ".json", ".ndjson")
 PARQUET = (".parquet",)
+ARROW = (".arrow",)
 TEXT = (".txt", ".text", ".md")
 PIECE_BYTES = 8 << 20  # a JSON Lines file is cut into runs of whole lines of about this many bytes
 
@@ -42,13 +46,20 @@ def source_files(sources: list[Path]) -> list[Path]:
     for src in sources:
         src = Path(src)
         if src.is_dir():
-            found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in JSONL + PARQUET + TEXT)
+            if (src / "dataset_dict.json").is_file():
+                splits = sorted(p.name for p in src.iterdir() if (p / "state.json").is_file())
+                raise SourceError(f"{src}: a Hugging Face DatasetDict; give the folder of one of its splits "
+                                  f"({', '.join(splits)})")
+            known = JSONL + PARQUET + ARROW + TEXT
+            found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in known
+                           and not (p.suffix.lower() == ".json" and (p.parent / "state.json").is_file()))
+            # (a Hugging Face dataset's folder: its Arrow files, not its state and info)
             if not found:
-                raise SourceError(f"{src}: no .jsonl, .parquet or .txt files in this folder")
+                raise SourceError(f"{src}: no .jsonl, .parquet, .arrow or .txt files in this folder")
             out += found
         elif src.is_file():
-            if src.suffix.lower() not in JSONL + PARQUET + TEXT:
-                raise SourceError(f"{src}: not a file lcc reads (.jsonl, .json, .parquet, .txt, .md)")
+            if src.suffix.lower() not in JSONL + PARQUET + ARROW + TEXT:
+                raise SourceError(f"{src}: not a file lcc reads (.jsonl, .json, .parquet, .arrow, .txt, .md)")
             out.append(src)
         else:
             raise SourceError(f"{src}: no such file or folder")
@@ -62,6 +73,8 @@ def pieces_of(path: Path) -> list[Piece]:
     if suffix in PARQUET:
         groups = _parquet(path).metadata.num_row_groups
         return [Piece(str(path), "parquet", g) for g in range(groups)]
+    if suffix in ARROW:
+        return [Piece(str(path), "arrow")]
     size, out, start, line = path.stat().st_size, [], 0, 1
     with open(path, "rb") as f:
         while start < size:
@@ -94,6 +107,9 @@ def documents(piece: Piece, field: str, chat: bool) -> Iterator[Any]:
         except UnicodeDecodeError as exc:
             raise SourceError(f"{piece.path}: not UTF-8 text (byte {exc.start})") from None
         return
+    if piece.kind == "arrow":
+        yield from _arrow(piece, field, chat)
+        return
     if piece.kind == "parquet":
         table = _parquet(Path(piece.path)).read_row_group(piece.start)
         if field not in table.column_names:
@@ -117,6 +133,24 @@ def documents(piece: Piece, field: str, chat: bool) -> Iterator[Any]:
         if field not in record:
             raise SourceError(f"{where}: no field {field!r} (its fields: {', '.join(sorted(record)) or 'none'})")
         yield _checked(record[field], chat, f"{where}: {field!r}")
+
+
+def _arrow(piece: Piece, field: str, chat: bool) -> Iterator[Any]:
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise SourceError(f"{piece.path}: reading Arrow needs pyarrow: pip install 'lcc[data]'") from None
+    try:
+        stream = pa.ipc.open_stream(piece.path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
+        raise SourceError(f"{piece.path}: not an Arrow stream pyarrow reads ({exc})") from None
+    if field not in stream.schema.names:
+        raise SourceError(f"{piece.path}: no column {field!r} (its columns: {', '.join(stream.schema.names)})")
+    row = 0
+    for batch in stream:
+        for value in batch.column(field).to_pylist():
+            yield _checked(value, chat, f"{piece.path}: row {row}: {field!r}")
+            row += 1
 
 
 def _checked(value: Any, chat: bool, where: str) -> Any:

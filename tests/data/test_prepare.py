@@ -217,3 +217,23 @@ def test_a_blend_takes_each_dataset_in_its_share_and_order_and_a_validation_fold
     code, text = cli("compile", SPECS / "tiny-moe.yaml", "--out", tmp_path / "bad", "--set", "train.data.kind=prepared",
                      "--set", f"train.data.path={tmp_path / 'a'}", "--set", "train.data.blend=[{path: x, weight: 1}]")
     assert code == 2 and "train.data.path: data kind prepared needs a path or a blend (not both)" in text, text
+
+
+def test_a_hugging_face_dataset_saved_to_disk(tmp_path):
+    """The Arrow files `datasets`' save_to_disk writes, found in its folder; a DatasetDict's folder is refused
+    naming its splits."""
+    datasets = pytest.importorskip("datasets")
+    docs = texts(30, 7)
+    datasets.Dataset.from_dict({"text": docs, "n": list(range(30))}).save_to_disk(str(tmp_path / "ds"))
+    code, text = cli("data", "prepare", tmp_path / "ds", "--spec", SPECS / "tiny-moe.yaml", "--out", tmp_path / "out")
+    assert code == 0, text
+    tokens, ends = read(tmp_path / "out")
+    starts = [0, *ends[:-1]]
+    assert [bytes(tokens[a:b].astype(np.uint8)).decode() for a, b in zip(starts, ends, strict=True)] == docs
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs}),
+                          "test": datasets.Dataset.from_dict({"text": docs[:3]})}).save_to_disk(str(tmp_path / "dd"))
+    code, text = cli("data", "prepare", tmp_path / "dd", "--spec", SPECS / "tiny-moe.yaml", "--out", tmp_path / "o2")
+    assert code == 2 and "a Hugging Face DatasetDict; give the folder of one of its splits (test, train)" in text
+    code, text = cli("data", "prepare", tmp_path / "dd" / "train", "--spec", SPECS / "tiny-moe.yaml", "--out",
+                     tmp_path / "o2")
+    assert code == 0, text
