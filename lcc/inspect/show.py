@@ -56,6 +56,15 @@ def overview(plan: Plan) -> dict[str, Any]:
     else:
         out["step_seconds_estimate"] = cost["time"]["step_seconds_estimate"]
         out["communication_bytes_per_step"] = cost["comm"]["bytes_per_step"]
+        d = plan.data
+        per_rank = d.microbatches * d.sequences_per_unit
+        out["data"] = {"seq_len": d.seq_len, "global_batch": d.global_batch, "units_per_step": d.units_per_step,
+                       "sequences_per_unit": d.sequences_per_unit, "sequences_per_dp_rank": per_rank,
+                       "order": f"step s takes sequences [{d.global_batch} s, {d.global_batch} (s + 1)) of the stream; "
+                                f"dp rank i its {d.microbatches} unit(s) of {d.sequences_per_unit}: sequences "
+                                f"[{d.global_batch} s + {per_rank} i, {d.global_batch} s + {per_rank} (i + 1))",
+                       "validation": None if d.validation is None else
+                       {"every": d.validation.every, "batches": d.validation.batches}}
     if plan.experts is not None:
         e = plan.experts
         out["experts"] = {"n_experts": e.n_experts, "n_groups": e.n_groups, "experts_per_rank": e.experts_per_rank,
@@ -135,6 +144,10 @@ def render_overview(console: Console, target: Target, o: dict[str, Any]) -> None
                       f"stage(s); bubble {s['bubble_fraction']:.1%}; estimated step {o['step_seconds_estimate']:.3f} s")
         console.print(f"communication per step, all ranks together: {size(comm['total'])} ("
                       + ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in comm["by_link"].items()) + ")")
+        d = o["data"]
+        check = d["validation"]
+        console.print(f"data: sequences of {d['seq_len']} + 1 tokens, cut one after another; {d['order']}"
+                      + (f"; validation every {check['every']} steps on {check['batches']} batch(es)" if check else ""))
     if "experts" in o:
         e = o["experts"]
         console.print(f"experts: {e['n_experts']} in {e['n_groups']} groups, {e['experts_per_rank']} per rank over "

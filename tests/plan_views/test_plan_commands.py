@@ -9,9 +9,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lcc.cli import app
+from lcc.data.stream import TokenStream, rank_units
 from lcc.inspect.ranks import RankIndex
 from lcc.plan import read_plan
 from tests.conftest import ROOT, SPECS
@@ -253,3 +255,19 @@ def test_a_rank_view_counts_zero3_reduce_scatters_once_and_memory_once():
     assert facts["experts"]["groups"] == [6]
     sends = [c for c in facts["collectives"] if c["op"] in ("send", "recv")]
     assert {c["group_size"] for c in sends} == {2} and all(c["dtype"] == "float32" for c in sends)
+
+
+def test_show_says_which_sequences_each_dp_rank_reads():
+    """The data layout as the plan records it: dp rank i of step s reads sequences [B s + n i, B s + n (i + 1))
+    (n = micro-batches x sequences per unit), which is what the runtime cuts (lcc.data.stream.rank_units)."""
+    code, output = run("plan", "show", GENERATED / "tiny-moe", "--json")
+    assert code == 0
+    data = json.loads(output)["data"]
+    plan = read_plan(GENERATED / "tiny-moe")
+    B, n = plan.data.global_batch, data["sequences_per_dp_rank"]
+    assert n * plan.mesh.size("dp") == B
+    assert data["order"].endswith(f"sequences [{B} s + {n} i, {B} s + {n} (i + 1))") and data["validation"] is None
+    stream = TokenStream(torch.arange(100_000), plan.data.seq_len)
+    for dp in range(plan.mesh.size("dp")):
+        firsts = [int(u[0][0, 0]) // plan.data.seq_len for u in rank_units(stream, plan.data, dp, 3)]
+        assert firsts[0] == B * 3 + n * dp and len(firsts) == plan.data.microbatches
