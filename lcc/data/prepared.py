@@ -83,13 +83,13 @@ def check_prepared(spec: Any, spec_dir: Path | None, tokenizer: Any) -> None:
     """DataError, naming the field and the folder, unless every prepared folder of the spec (its path or
     blend, and its validation folder) was prepared with the spec's tokenizer, is complete, and holds one
     sequence to train on (and, with train.eval_every, one to validate on)."""
-    from lcc.data.stream import HELD_OUT, DataError, training_part
+    from lcc.data.stream import DataError, training_part
     from lcc.data.tokenizer import ByteTokenizer
     from lcc.spec.data import prepared_folders, validation_folder
 
     digest = (None if isinstance(tokenizer, ByteTokenizer)  # the file's text, as lcc data prepare hashed it
               else hashlib.sha256(tokenizer.path.read_text().encode()).hexdigest())
-    need = spec.train.seq_len + 1
+    need, held = spec.train.seq_len + 1, spec.train.data.held_out
     data = spec.train.data
     named = (["train.data.path"] if data.blend is None
              else [f"train.data.blend[{i}].path" for i in range(len(data.blend))])
@@ -105,15 +105,15 @@ def check_prepared(spec: Any, spec_dir: Path | None, tokenizer: Any) -> None:
                 raise DataError(f"{field}: the prepared dataset {folder} has {n} tokens, fewer than one sequence of "
                                 f"train.seq_len + 1 = {need}")
             continue
-        if training_part(n) < need:
-            raise DataError(f"{field}: the prepared dataset {folder} has {n} tokens, of which {training_part(n)} "
-                            f"train (the last {HELD_OUT:.0%} are held out), fewer than one sequence of "
-                            f"train.seq_len + 1 = {need}: give a longer corpus or a shorter train.seq_len")
-        if spec.train.eval_every is not None and val is None and n - training_part(n) < need:
-            raise DataError(f"train.eval_every: the prepared dataset {folder} holds out {n - training_part(n)} "
-                            f"tokens (the last {HELD_OUT:.0%}) to validate on, fewer than one sequence of "
-                            f"train.seq_len + 1 = {need}: give a longer corpus, train.data.validation, a shorter "
-                            "train.seq_len, or no train.eval_every")
+        if training_part(n, held) < need:
+            raise DataError(f"{field}: the prepared dataset {folder} has {n} tokens, of which "
+                            f"{training_part(n, held)} train (the last {held:.0%} are held out), fewer than one "
+                            f"sequence of train.seq_len + 1 = {need}: give a longer corpus or a shorter train.seq_len")
+        if spec.train.eval_every is not None and val is None and n - training_part(n, held) < need:
+            raise DataError(f"train.eval_every: the prepared dataset {folder} holds out {n - training_part(n, held)} "
+                            f"tokens (the last {held:.0%}, train.data.held_out) to validate on, fewer than one "
+                            f"sequence of train.seq_len + 1 = {need}: give a longer corpus, train.data.validation, a "
+                            "shorter train.seq_len, or no train.eval_every")
 
 
 def prepared_streams(spec: Any, spec_dir: Path | None, seq_len: int, device: Any, validation: bool) -> tuple[Any, Any]:
@@ -127,7 +127,9 @@ def prepared_streams(spec: Any, spec_dir: Path | None, seq_len: int, device: Any
     documents = spec.train.data.document_mask
     for folder, weight in prepared_folders(spec, spec_dir):
         tokens, mask, ends = prepared_tokens(folder), prepared_mask(folder), document_ends(folder, documents)
-        (train, held), (train_mask, held_mask) = split_corpus(tokens), split_corpus(mask) if mask else (None, None)
+        cut = spec.train.data.held_out
+        (train, held), (train_mask, held_mask) = (split_corpus(tokens, cut),
+                                                  split_corpus(mask, cut) if mask else (None, None))
         trains.append(TokenStream(train, seq_len, device, train_mask, ends))
         helds.append(TokenStream(held, seq_len, device, held_mask, ends, held.start) if validation else None)
         weights.append(weight)

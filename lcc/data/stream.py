@@ -2,8 +2,8 @@
 
 Step s takes sequences [s B, (s + 1) B) of the stream (B = train.global_batch), split in order into
 dp * microbatches units; data-parallel rank i processes units [i m, (i + 1) m). Each sequence holds
-seq_len + 1 tokens (inputs and next-token targets). The training stream cycles over the first 95% of
-the corpus; the last 5% is held out for evaluation.
+seq_len + 1 tokens (inputs and next-token targets). The training stream cycles over the corpus but its
+last `train.data.held_out` (5% by default), which is held out to validate on.
 """
 
 from __future__ import annotations
@@ -113,13 +113,14 @@ class TokenStream:
         return count * self.seq_len if mask is None else int(mask.sum())
 
 
-def training_part(n_tokens: int) -> int:
-    """How many of a corpus's `n_tokens` the training stream uses (the first 95%; the rest is held out)."""
-    return int(n_tokens * (1 - HELD_OUT))
+def training_part(n_tokens: int, held_out: float = HELD_OUT) -> int:
+    """How many of a corpus's `n_tokens` the training stream uses (the first 1 - held_out; train.data.held_out,
+    5% by default, is held out)."""
+    return int(n_tokens * (1 - held_out))
 
 
-def split_corpus(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cut = training_part(tokens.numel())
+def split_corpus(tokens: torch.Tensor, held_out: float = HELD_OUT) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = training_part(tokens.numel(), held_out)
     return tokens[:cut], tokens[cut:]
 
 
@@ -128,7 +129,7 @@ def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer 
     sequence of train.seq_len + 1 tokens: every step cuts its sequences from it, and a launcher checks this
     before any rank starts, where each rank would otherwise fail on its own (TokenStream). `tokenizer`: as
     for `corpus_tokens`; a corpus is tokenized here only when it is small (BYTES_PER_TOKEN_BOUND)."""
-    need = spec.train.seq_len + 1
+    need, held = spec.train.seq_len + 1, spec.train.data.held_out
     data = spec.train.data
     if data.kind == "prepared":  # each folder of it (lcc.data.prepared)
         from lcc.data.prepared import check_prepared
@@ -143,17 +144,18 @@ def check_corpus(spec: Spec, spec_dir: Path | None = None, tokenizer: Tokenizer 
             what = f"train.data.path: data file {data_file(spec, spec_dir)}"
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, spec_dir)
         if not isinstance(tokenizer, ByteTokenizer):
-            if n >= need * BYTES_PER_TOKEN_BOUND / (1 - HELD_OUT):
+            if n >= need * BYTES_PER_TOKEN_BOUND / (1 - held):
                 return
             n = corpus_tokens(spec, spec_dir, tokenizer).numel()
-    if training_part(n) < need:
-        raise DataError(f"{what} has {n} tokens, of which {training_part(n)} train (the last {HELD_OUT:.0%} are "
+    if training_part(n, held) < need:
+        raise DataError(f"{what} has {n} tokens, of which {training_part(n, held)} train (the last {held:.0%} are "
                         f"held out), fewer than one sequence of train.seq_len + 1 = {need}: give a longer corpus "
                         "or a shorter train.seq_len")
-    if spec.train.eval_every is not None and n - training_part(n) < need:
-        raise DataError(f"train.eval_every: {what.split(': ', 1)[1]} holds out {n - training_part(n)} tokens (the "
-                        f"last {HELD_OUT:.0%}) to validate on, fewer than one sequence of train.seq_len + 1 = {need}: "
-                        "give a longer corpus, a shorter train.seq_len, or no train.eval_every")
+    if spec.train.eval_every is not None and n - training_part(n, held) < need:
+        raise DataError(f"train.eval_every: {what.split(': ', 1)[1]} holds out {n - training_part(n, held)} tokens "
+                        f"(the last {held:.0%}, train.data.held_out) to validate on, fewer than one sequence of "
+                        f"train.seq_len + 1 = {need}: give a longer corpus, a shorter train.seq_len, or no "
+                        "train.eval_every")
 
 
 def _corpus_bytes(spec: Spec, spec_dir: Path | None) -> int:
@@ -174,7 +176,7 @@ def streams(spec: Spec, spec_dir: Path | None, tokenizer: Tokenizer, seq_len: in
         from lcc.data.prepared import prepared_streams
 
         return prepared_streams(spec, spec_dir, seq_len, device, validation)
-    train, held_out = split_corpus(corpus_tokens(spec, spec_dir, tokenizer))
+    train, held_out = split_corpus(corpus_tokens(spec, spec_dir, tokenizer), spec.train.data.held_out)
     return TokenStream(train, seq_len, device), TokenStream(held_out, seq_len, device) if validation else None
 
 

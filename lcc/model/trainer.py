@@ -70,7 +70,7 @@ class ReferenceTrainer:
         self.model = model if model is not None else build_model(spec)
         self.device = next(self.model.parameters()).device
         self.optimizer = make_optimizer(spec, self.model)
-        train, held_out = split_corpus(corpus_tokens(spec, spec_dir))
+        train, held_out = split_corpus(corpus_tokens(spec, spec_dir), spec.train.data.held_out)
         self.stream = TokenStream(train, spec.train.seq_len)
         self.held_out = TokenStream(held_out, spec.train.seq_len)
 

@@ -17,12 +17,13 @@ SCHEMA = "lcc.checkpoint/2"
 # how often to save, to validate, and how long to wait on a collective)
 LAYOUT_SECTIONS = ("name", "parallelism", "cluster", "serve")
 OPERATIONAL = ("train.checkpoint_every", "train.collective_timeout_s", "train.compile", "train.eval_every",
-               "train.eval_batches")
+               "train.eval_batches", "train.data.validation")
 # training-only routing fields: a checkpoint's weights serve, or start a run, whatever they were
 IGNORED = ("routing.balance", "routing.capacity_factor")
 # model fields added since checkpoints were first written, left out of the identity at their defaults, so
 # that a checkpoint written before them resumes under the spec it was trained from
-ADDED = (("routing.groups.sets", 1), ("routing.groups.max_sets", None))
+ADDED = (("routing.groups.sets", 1), ("routing.groups.max_sets", None), ("train.data.blend", None),
+         ("train.data.document_mask", False), ("train.data.held_out", 0.05))
 
 
 def layout_of(spec: dict[str, Any]) -> dict[str, Any]:

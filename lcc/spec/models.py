@@ -261,6 +261,8 @@ class Data(_Section):
                                    "(train.eval_every), whole; null: the last 5% of the training data.")
     document_mask: bool = Field(False, description="kind: prepared: attention stays inside each document of a "
                                 "packed sequence (as if each document were run on its own).")
+    held_out: Annotated[float, Field(ge=0, le=0.5)] = Field(0.05, description="The fraction of the data's tokens, "
+                                                            "at its end, left out of training to validate on.")
 
 
 class Train(_Section):

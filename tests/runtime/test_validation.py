@@ -90,3 +90,10 @@ def test_a_corpus_too_short_to_validate_on_is_refused_before_any_rank_starts(tmp
     with pytest.raises(RunError) as err:
         launch(tmp_path / "plan", 1, quiet=True)
     assert "train.eval_every:" in str(err.value) and "holds out 35 tokens" in str(err.value), str(err.value)
+    # train.data.held_out: a fifth of it held out (140 tokens) holds two validation sequences
+    write(compile_plan(load_spec(SPECS / "tiny-moe.yaml", [*WORLD1, "train.seq_len=64", "train.global_batch=2",
+                                                           "train.data.kind=text", "train.data.held_out=0.2",
+                                                           f"train.data.path={tmp_path / 'short.txt'}",
+                                                           "train.eval_every=1"])), tmp_path / "fifth")
+    launch(tmp_path / "fifth", 1, tmp_path / "m.jsonl", quiet=True)
+    assert "val_loss" in read_metrics(tmp_path / "m.jsonl")[0]
