@@ -65,6 +65,7 @@ class RequestBody(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     return_routed_experts: bool = False  # lcc's: each generated token's experts per MoE layer
+    return_token_ids: bool = False  # the prompt's token ids and each choice's generated ids (as vLLM's)
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (lcc.serve.structured)
     guided_regex: str | None = None  # the text matches this regular expression
     guided_grammar: str | None = None  # the text follows this Lark grammar (llguidance's dialect)
@@ -186,12 +187,39 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-Routed = list[list[list[int]]]  # per generated token, per MoE layer: the experts it chose
+class Extras:
+    """What a request asked for besides the text: `return_token_ids` (the prompt's ids, once, and the
+    generated ids) and `return_routed_experts` (per generated token, per MoE layer: the experts it chose).
+    Updates are added as they come; `take` hands out what came since it was last called."""
+
+    def __init__(self, req: RequestBody, prompt: list[int]):
+        self.prompt = list(prompt) if req.return_token_ids else None
+        self.tokens: list[int] | None = [] if req.return_token_ids else None
+        self.routed: list[list[list[int]]] | None = [] if req.return_routed_experts else None
+
+    def add(self, token_ids: list[int], routed: list | None) -> None:
+        if self.tokens is not None:
+            self.tokens += token_ids
+        if self.routed is not None:
+            self.routed += routed or []
+
+    def take(self) -> dict[str, Any]:
+        """The choice's fields of what was added since the last take (the prompt's ids the first time)."""
+        out: dict[str, Any] = {}
+        if self.tokens is not None:
+            out["token_ids"], self.tokens = self.tokens, []
+        if self.routed is not None:
+            out["routed_experts"], self.routed = self.routed, []
+        return out
+
+    def prompt_ids(self) -> dict[str, Any]:
+        out, self.prompt = ({"prompt_token_ids": self.prompt} if self.prompt is not None else {}), None
+        return out
 
 
 def completion(key: int, model: str, chat: bool, text: str, reason: str | None, prompt: int, completion_tokens: int,
-               created: int, routed: Routed | None = None) -> dict[str, Any]:
-    """`routed`: the choice's `routed_experts` (a request with return_routed_experts)."""
+               created: int, extras: Extras | None = None) -> dict[str, Any]:
+    """`extras`: the choice's `token_ids` and `routed_experts`, and `prompt_token_ids`, where asked for."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": reason}
@@ -201,15 +229,16 @@ def completion(key: int, model: str, chat: bool, text: str, reason: str | None, 
         out = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
                "usage": usage(prompt, completion_tokens)}
-    if routed is not None:
-        out["choices"][0]["routed_experts"] = routed
+    if extras is not None:
+        out.update(extras.prompt_ids())
+        out["choices"][0].update(extras.take())
     return out
 
 
 def chunk(key: int, model: str, chat: bool, text: str | None, reason: str | None, created: int,
-          first: bool = False, routed: Routed | None = None) -> dict[str, Any]:
-    """One streamed chunk (text None: the final usage chunk's empty choices are set by the caller); `routed`:
-    the experts of the tokens since the last chunk."""
+          first: bool = False, extras: Extras | None = None) -> dict[str, Any]:
+    """One streamed chunk (text None: the final usage chunk's empty choices are set by the caller); `extras`:
+    what the request asked for of the tokens since the last chunk (the prompt's ids with the first)."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
         if reason is not None and not text:
@@ -220,8 +249,9 @@ def chunk(key: int, model: str, chat: bool, text: str | None, reason: str | None
     else:
         out = {"id": f"cmpl-{key}", "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
-    if routed is not None:
-        out["choices"][0]["routed_experts"] = routed
+    if extras is not None:
+        out.update(extras.prompt_ids())
+        out["choices"][0].update(extras.take())
     return out
 
 

@@ -211,12 +211,12 @@ def build_app(loop: EngineLoop, metrics: Metrics, serving: Serving, served: Serv
         aio = asyncio.get_running_loop()
         key = loop.submit(prompt, params, lambda u: aio.call_soon_threadsafe(events.put_nowait, u))
         created = api.now()
-        routed = [] if req.return_routed_experts else None
+        extras = api.Extras(req, prompt)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_stream(loop, events, key, model, chat, created, len(prompt), usage, routed),
+            return StreamingResponse(_stream(loop, events, key, model, chat, created, len(prompt), usage, extras),
                                      media_type="text/event-stream")
-        return await _answer(request, loop, events, key, model, chat, created, len(prompt), routed)
+        return await _answer(request, loop, events, key, model, chat, created, len(prompt), extras)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -253,9 +253,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Update], key: int, model: str,
-                  chat: bool, created: int, prompt: int, routed: api.Routed | None) -> Response:
-    """A non-streamed request's response, once it has finished; a client that went away aborts it. `routed`:
-    a list the tokens' experts are collected into (return_routed_experts), else None."""
+                  chat: bool, created: int, prompt: int, extras: api.Extras) -> Response:
+    """A non-streamed request's response, once it has finished; a client that went away aborts it. `extras`:
+    what the request asked for besides the text, collected as the tokens come."""
     aio = asyncio.get_running_loop()
     text, n, last = [], 0, None
     getter: asyncio.Future[Update] | None = None
@@ -268,8 +268,7 @@ async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Upda
                 last, getter = getter.result(), None
                 text.append(last.text)
                 n += len(last.token_ids)
-                if routed is not None:
-                    routed.extend(last.routed_experts or ())
+                extras.add(last.token_ids, last.routed_experts)
             if (last is None or last.finished is None) and aio.time() - checked >= DISCONNECT_POLL_S:
                 # also while tokens keep coming: a request that outpaces the poll is still looked after
                 checked = aio.time()
@@ -284,29 +283,27 @@ async def _answer(request: Request, loop: EngineLoop, events: asyncio.Queue[Upda
             getter.cancel()
     if last.error is not None:
         return JSONResponse(api.server_error(last.error), status_code=500)
-    return JSONResponse(api.completion(key, model, chat, "".join(text), last.finished, prompt, n, created, routed))
+    return JSONResponse(api.completion(key, model, chat, "".join(text), last.finished, prompt, n, created, extras))
 
 
 async def _stream(loop: EngineLoop, events: asyncio.Queue[Update], key: int, model: str, chat: bool, created: int,
-                  prompt: int, include_usage: bool, routed: api.Routed | None) -> AsyncIterator[bytes]:
-    """The request's server-sent events; a client that goes away aborts the request (finally). `routed`: a
-    list the experts of tokens not yet sent are held in (return_routed_experts), else None."""
+                  prompt: int, include_usage: bool, extras: api.Extras) -> AsyncIterator[bytes]:
+    """The request's server-sent events; a client that goes away aborts the request (finally). `extras`:
+    what the request asked for besides the text, of the tokens not yet sent."""
     n, done, first = 0, False, True
     try:
         while not done:
             u = await events.get()
             n += len(u.token_ids)
             done = u.finished is not None
-            if routed is not None:
-                routed.extend(u.routed_experts or ())
+            extras.add(u.token_ids, u.routed_experts)
             if u.error is not None:  # OpenAI's clients raise on an event with an error body
                 yield api.sse(api.server_error(u.error))
                 yield api.sse("[DONE]")
                 return
             if u.text or done or first:
-                yield api.sse(api.chunk(key, model, chat, u.text, u.finished, created, first, routed))
+                yield api.sse(api.chunk(key, model, chat, u.text, u.finished, created, first, extras))
                 first = False
-                routed = [] if routed is not None else None
         if include_usage:
             final = api.chunk(key, model, chat, None, None, created)
             final["choices"] = []

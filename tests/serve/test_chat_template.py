@@ -91,7 +91,7 @@ def test_the_server_renders_the_template_and_asks_for_the_key(engine):  # noqa: 
             return [await client.post("/v1/chat/completions", json=chat),
                     await client.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer nope"}),
                     await client.get("/health"),
-                    await client.post("/v1/chat/completions", json=chat, headers=key),
+                    await client.post("/v1/chat/completions", json={**chat, "return_token_ids": True}, headers=key),
                     await client.post("/v1/chat/completions", headers=key,
                                       json={**chat, "messages": [{"role": "system", "content": "Hi"}]}),
                     await client.post("/v1/chat/completions", json=chat, headers=key)]
@@ -104,5 +104,7 @@ def test_the_server_renders_the_template_and_asks_for_the_key(engine):  # noqa: 
     assert missing.json()["error"]["code"] == "invalid_api_key"
     assert health.status_code == 200
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == len(b"<user>Hi<assistant>")
+    assert ok.json()["prompt_token_ids"] == list(b"<user>Hi<assistant>")  # return_token_ids: the prompt built
+    assert len(ok.json()["choices"][0]["token_ids"]) == ok.json()["usage"]["completion_tokens"] == 2
     assert refused.status_code == 400 and "no reply to a system turn" in refused.json()["error"]["message"]
     assert after.status_code == 200  # and it goes on serving

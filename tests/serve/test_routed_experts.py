@@ -112,7 +112,7 @@ def test_over_http_routed_experts_streamed_and_whole_and_counted_in_metrics(tmp_
     assert loop.ready.wait(30)
     app = build_app(loop, metrics, engine.serving, ServedModel(MODEL, engine.tokenizer), max_queued=8)
     body = {"model": MODEL, "prompt": bytes(PROMPTS[1]).decode(), "max_tokens": N, "temperature": 0,
-            "return_routed_experts": True}
+            "return_routed_experts": True, "return_token_ids": True}
 
     async def scenario() -> tuple[dict, list[dict], str, httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lcc",
@@ -135,6 +135,9 @@ def test_over_http_routed_experts_streamed_and_whole_and_counted_in_metrics(tmp_
     routed = whole["choices"][0]["routed_experts"]
     assert routed == expected(model, PROMPTS[1], tokens)
     assert [r for c in chunks for r in c["choices"][0].get("routed_experts", [])] == routed
+    assert whole["prompt_token_ids"] == chunks[0]["prompt_token_ids"] == PROMPTS[1]
+    assert "prompt_token_ids" not in chunks[1] and whole["choices"][0]["token_ids"] == tokens
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == tokens
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_routed_experts"
     got = {(int(layer), int(expert)): float(n)  # the exposition sorts the labels
            for expert, layer, n in re.findall(r'lcc_expert_tokens_total\{expert="(\d+)",layer="(\d+)"\} (\S+)', text)}
