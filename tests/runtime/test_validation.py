@@ -5,11 +5,9 @@ is the same under other layouts; a corpus too short to validate on is refused be
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 from lcc.compiler.output import write
@@ -22,6 +20,7 @@ from lcc.runtime.support import RunError
 from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.runtime.equivalence import SMALL
+from tests.serve.reference import load_checkpoint
 
 WORLD1 = ["parallelism.pp=1", "parallelism.dp=1", "parallelism.tp=1", "parallelism.ep=1", "cluster.gpus_per_node=1",
           "parallelism.pipeline.microbatches=1"]
@@ -37,17 +36,7 @@ EVAL = ["train.eval_every=2", "train.eval_batches=2"]
 def held_out_loss(spec, checkpoint) -> float:
     """The reference model with the checkpoint's weights on the first eval_batches global batches of the
     corpus's last 5%, cut into sequences of seq_len + 1 tokens, one after another (docs/model.md)."""
-    model = build_model(spec, dtype=torch.float64)
-    state = {f"model/{n}": p.detach().clone() for n, p in model.named_parameters()}
-    state.update({f"bias/{n}": b.clone() for n, b in model.named_buffers()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(state[f"model/{n}"])
-        for n, b in model.named_buffers():
-            b.copy_(state[f"bias/{n}"])
+    model = load_checkpoint(build_model(spec, dtype=torch.float64), checkpoint)
     corpus = list(builtin_corpus())
     held = torch.tensor(corpus[int(len(corpus) * 0.95):])
     L, n = spec.train.seq_len, spec.train.eval_batches * spec.train.global_batch

@@ -21,20 +21,26 @@ def reference_model(spec: Spec, checkpoint: Path | None = None) -> torch.nn.Modu
     tensors (its keys: model/<parameter>, bias/<buffer>)."""
     model = build_model(spec, dtype=torch.float32 if checkpoint else torch.float64)
     if checkpoint is not None:
-        state = {f"model/{n}": p.detach().clone() for n, p in model.named_parameters()}
-        state.update({f"bias/{n}": b.clone() for n, b in model.named_buffers()})
-        with warnings.catch_warnings():  # a single process is meant
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(state[f"model/{n}"])
-            for n, b in model.named_buffers():
-                b.copy_(state[f"bias/{n}"])
-        model = model.to(torch.float64)
+        model = load_checkpoint(model, checkpoint).to(torch.float64)
     if spec.quantization is not None and spec.quantization.experts is not None:
         quantize_experts(model, spec.quantization.experts)  # from the float32 values, as serving does
     return model.eval()
+
+
+def load_checkpoint(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+    """`model` with the parameters and buffers of a checkpoint, read by DCP into whole tensors (its keys:
+    model/<parameter>, bias/<buffer>), in the model's dtype."""
+    state = {f"model/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"bias/{n}": b.clone() for n, b in model.named_buffers()})
+    with warnings.catch_warnings():  # a single process is meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(state[f"model/{n}"])
+        for n, b in model.named_buffers():
+            b.copy_(state[f"bias/{n}"])
+    return model
 
 
 @torch.no_grad()
