@@ -1,12 +1,15 @@
 """How far `lcc plan search` can be trusted: predicted against measured step times of small-moe on 4 local CPU
 ranks.
 
-The cluster section comes from `lcc calibrate` with 4 ranks measuring at once, since they share the cores.
+The cluster section comes from `lcc calibrate` with 4 ranks measuring at once, since they share the cores:
+its table of achieved rates by operation class and size, which the cost model interpolates. The calibration
+measures operations and collectives alone, never the runs predicted.
 The model is shrunk to keep each step short (train.global_batch=4, train.seq_len=128). Every valid layout
 that fits is predicted (`lcc plan search --no-prune`). The 12 best predicted and 12 others drawn at random
 (seed 0) are then run with `lcc run train` for --steps steps. The measured step is the median of the steps
-after the first. Reported: Spearman's rank correlation, the median absolute relative error, and whether the
-predicted best is within 10% of the measured best. A scatter plot goes to docs/search_fidelity.png.
+after the first. Reported: Spearman's rank correlation, the median absolute relative error, whether the
+predicted best is within 10% of the measured best, and how many measured steps fall in the predicted range
+(`time.step_seconds_low` .. `high`). A scatter plot goes to docs/search_fidelity.png.
 At most 15 minutes: each run is bounded.
 
 Usage: python -m benchmarks.search_fidelity [--steps 4] [--sample 12] [--out FILE]
@@ -58,6 +61,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     import yaml
 
+    from lcc.compiler.cost.report import cost_report
     from lcc.search.calibrate import cluster_section, measure
     from lcc.search.search import on_cluster, search
     from lcc.spec import load_spec, resolved
@@ -65,12 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sample", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=0.2, help="lcc calibrate's time per measured point")
     parser.add_argument("--out")
     args = parser.parse_args()
     began = time.perf_counter()
-    rates = measure(4, 1.0)
+    rates = measure(4, args.seconds)
     cluster = cluster_section(rates)
-    print(f"calibrated: {json.dumps(cluster)}")
+    print(f"calibrated ({(time.perf_counter() - began) / 60:.1f} min): {json.dumps(cluster['device'])} "
+          f"{json.dumps(cluster['network'])}")
     work = Path(tempfile.mkdtemp(prefix="lcc-fidelity-"))
     base_path = work / "small-moe.yaml"
     base = load_spec(ROOT / "specs" / "small-moe.yaml", SHRINK)
@@ -95,16 +101,21 @@ def main() -> None:
             continue
         seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()][1:]
         measured = statistics.median(seconds)
-        runs.append({"layout": e.layout.overrides(), "predicted": e.step_seconds, "measured": measured,
-                     "top": i < args.sample})
-        print(f"  {i + 1:>2}/{len(chosen)} predicted {e.step_seconds:.3f} s measured {measured:.3f} s  "
-              f"{' '.join(o.split('.')[-1] for o in e.layout.overrides())}")
+        time_figures = cost_report(load_spec(path))["time"]
+        low, high = time_figures["step_seconds_low"], time_figures["step_seconds_high"]
+        runs.append({"layout": e.layout.overrides(), "predicted": e.step_seconds, "low": low, "high": high,
+                     "measured": measured, "top": i < args.sample})
+        print(f"  {i + 1:>2}/{len(chosen)} predicted {e.step_seconds:.3f} s [{low:.3f}, {high:.3f}] measured "
+              f"{measured:.3f} s ({measured / e.step_seconds - 1:+.0%})  "
+              f"{' '.join(o.split('.')[-1] for o in e.layout.overrides())}", flush=True)
     predicted, measured = [r["predicted"] for r in runs], [r["measured"] for r in runs]
     rho = spearman(predicted, measured)
     errors = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     best_predicted = min(runs, key=lambda r: r["predicted"])
     best_measured = min(r["measured"] for r in runs)
+    inside = sum(r["low"] <= r["measured"] <= r["high"] for r in runs)
     summary = {"spearman": rho, "median_abs_relative_error": statistics.median(errors),
+               "max_abs_relative_error": max(errors), "measured_within_range": inside,
                "predicted_best_measured_seconds": best_predicted["measured"], "measured_best_seconds": best_measured,
                "predicted_best_within_10_percent": best_predicted["measured"] <= 1.1 * best_measured,
                "runs": len(runs), "valid_fitting_layouts": len(layouts), "minutes": (time.perf_counter() - began) / 60}
@@ -117,13 +128,17 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(5.5, 5))
         for top, label, marker in ((True, f"the {args.sample} best predicted", "o"), (False, "drawn at random", "x")):
-            pts = [(r["predicted"], r["measured"]) for r in runs if r["top"] == top]
-            ax.scatter([p for p, _ in pts], [m for _, m in pts], marker=marker, label=label)
+            pts = [r for r in runs if r["top"] == top]
+            ax.errorbar([r["predicted"] for r in pts], [r["measured"] for r in pts], fmt=marker, label=label,
+                        xerr=[[r["predicted"] - r["low"] for r in pts], [r["high"] - r["predicted"] for r in pts]],
+                        elinewidth=0.6, capsize=2)
         lo, hi = min(predicted + measured), max(predicted + measured)
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, label="predicted = measured")
-        ax.set_xlabel("predicted step (s)")
+        for scale in (0.75, 1.25):
+            ax.plot([lo, hi], [lo * scale, hi * scale], color="grey", linewidth=0.5, linestyle=":")
+        ax.set_xlabel("predicted step (s), calibrated; bars: the calibration's spread")
         ax.set_ylabel("measured step (s)")
-        ax.set_title(f"small-moe, 4 CPU ranks: Spearman {rho:.2f}")
+        ax.set_title(f"small-moe, 4 CPU ranks: Spearman {rho:.2f}, median error {statistics.median(errors):.0%}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(PLOT, dpi=110)

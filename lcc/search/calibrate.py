@@ -1,13 +1,13 @@
 """`lcc calibrate`: this machine's rates as a spec's cluster section, measured with every local rank running at
-once (on a CPU they share the cores and the memory bus): a matmul's FLOP/s, a copy's bytes/s, a gloo
-all-reduce's bus bandwidth per rank and a one-element one's latency. With them the cost model predicts
-local runs from measured rates rather than datasheet ones."""
+once (on a CPU they share the cores and the memory bus): each operation class a step is made of, at a ladder
+of sizes (lcc.search.probes), as the table `cluster.calibration` that the cost model interpolates
+(lcc.compiler.cost.rates), and the datasheet figures read off it. With them the cost model predicts runs
+from achieved rates rather than peaks (docs/cost-model.md, "Calibration")."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -15,92 +15,55 @@ from typing import Any
 from lcc.search.space import Layout
 from lcc.spec.models import Spec
 
-MATMUL_N = 512
-COPY_BYTES = 64 << 20
-REDUCE_BYTES = 8 << 20
 JOIN_TIMEOUT_S = 60.0
 
 
-def _timed(fn: Any, seconds: float) -> float:
-    """Seconds per call of fn, over calls for about `seconds` after one warm-up call."""
-    fn()
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / calls
-
-
-def _timed_together(fn: Any, seconds: float) -> float:
-    """`_timed` of a collective: every rank makes the same number of calls (from the slowest first call)."""
-    import torch
-    import torch.distributed as dist
-
-    start = time.perf_counter()
-    fn()
-    first = torch.tensor([time.perf_counter() - start])
-    dist.all_reduce(first, op=dist.ReduceOp.MAX)
-    calls = max(1, int(seconds / max(float(first), 1e-6)))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads: int, out: Any) -> None:
+def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads: int, device: str, out: Any) -> None:
     import torch
     import torch.distributed as dist
 
     from lcc.runtime.rendezvous import join_group
+    from lcc.search.probes import Clock, collective_probes, compute_probes
 
     torch.set_num_threads(threads)
     kind = getattr(torch, dtype)
+    where = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(where)
     if world > 1:
-        join_group("gloo", rank, world, JOIN_TIMEOUT_S, port)
-    sync = dist.barrier if world > 1 else (lambda: None)
-    a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=kind), torch.randn(MATMUL_N, MATMUL_N, dtype=kind)
-    sync()
-    flops = 2 * MATMUL_N**3 / _timed(lambda: a @ b, seconds)
-    x, y = torch.empty(COPY_BYTES // 4), torch.empty(COPY_BYTES // 4)
-    x.fill_(1.0)
-    sync()
-    copy = 2 * COPY_BYTES / _timed(lambda: y.copy_(x), seconds)  # read and written
-    bus = latency = 0.0
+        join_group("nccl" if device == "cuda" else "gloo", rank, world, JOIN_TIMEOUT_S, port)
+    clock = Clock(where, seconds, dist.barrier if world > 1 else (lambda: None))
+    result = compute_probes(clock, kind, where)
     if world > 1:
-        t = torch.ones(REDUCE_BYTES // 4)
-        sync()
-        bus = 2 * (world - 1) / world * REDUCE_BYTES / _timed_together(lambda: dist.all_reduce(t), seconds)
-        one = torch.ones(1)
-        sync()
-        latency = _timed_together(lambda: dist.all_reduce(one), seconds)
+        result["collectives"] = collective_probes(clock, rank, world, where)
         dist.destroy_process_group()
-    out.put((rank, flops, copy, bus, latency))
+    out.put((rank, result))
 
 
-def measure(ranks: int = 1, seconds: float = 1.0, dtype: str = "float32") -> dict[str, Any]:
-    """The median rank's rates with `ranks` ranks measuring at once (about 4 x `seconds`)."""
+def measure(ranks: int = 1, seconds: float = 0.2, dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
+    """Every probe (lcc.search.probes) with `ranks` ranks measuring at once, `seconds` a point: per point the
+    median over ranks and batches and its spread."""
     from lcc.runtime.rendezvous import host_store
     from lcc.runtime.threads import threads_per_rank
 
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    threads = threads_per_rank(ranks)
+    threads = threads_per_rank(ranks) if device == "cpu" else 1
     store = host_store(JOIN_TIMEOUT_S) if ranks > 1 else None  # listening before the ranks start, held until they end
     port = store.port if store is not None else 0
-    procs = [context.Process(target=_rank, args=(r, ranks, port, seconds, dtype, threads, out), daemon=True)
+    procs = [context.Process(target=_rank, args=(r, ranks, port, seconds, dtype, threads, device, out), daemon=True)
              for r in range(ranks)]
     for p in procs:
         p.start()
-    results = []
-    deadline = time.monotonic() + 120 + 6 * seconds
+    results: dict[int, dict] = {}
+    deadline = time.monotonic() + 300 + 400 * seconds
     try:
         while len(results) < ranks:
             if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
                 raise RuntimeError("a calibration rank failed or did not finish in time")
             try:
-                results.append(out.get(timeout=1.0))
+                rank, result = out.get(timeout=1.0)
+                results[rank] = result
             except Exception:  # noqa: BLE001 - queue.Empty: look at the ranks again
                 continue
     finally:
@@ -108,27 +71,65 @@ def measure(ranks: int = 1, seconds: float = 1.0, dtype: str = "float32") -> dic
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-    flops = statistics.median(r[1] for r in results)
-    copy = statistics.median(r[2] for r in results)
-    bus = statistics.median(r[3] for r in results) if ranks > 1 else copy
-    return {"ranks": ranks, "threads_per_rank": threads, "dtype": dtype, "matmul_flops": flops,
-            "copy_bytes_per_second": copy, "all_reduce_bus_bytes_per_second": bus,
-            "collective_latency_seconds": statistics.median(r[4] for r in results)}
+    return {"ranks": ranks, "threads_per_rank": threads, "dtype": dtype, "device": device,
+            **merged([results[r] for r in range(ranks)])}
+
+
+def merged(per_rank: list[dict]) -> dict[str, Any]:
+    """One table per probe: each point's key columns, then [median, low, high] seconds over every rank's
+    batches (the forward alone's median before them where measured)."""
+    def rows(tables: list[list]) -> list[list[float]]:
+        out = []
+        for points in zip(*tables, strict=True):
+            timed = [i for i, v in enumerate(points[0]) if isinstance(v, list)]
+            row = [v for v in points[0] if not isinstance(v, list)]
+            if len(timed) == 2:
+                row.append(summary([p[timed[0]] for p in points])[0])
+            out.append(row + summary([p[timed[-1]] for p in points]))
+        return [[float(round(v, 9)) if isinstance(v, float) else v for v in row] for row in out]
+
+    from lcc.search.probes import summary
+
+    first = per_rank[0]
+    table: dict[str, Any] = {name: rows([r[name] for r in per_rank])
+                             for name in ("linear", "experts", "attention", "elementwise", "optimizer")}
+    table["op_seconds"] = [round(x, 9) for x in summary([r["op"] for r in per_rank])]
+    if "collectives" in first:
+        table["collectives"] = {kind: [[n, *row] for n in first["collectives"][kind]
+                                       for row in rows([r["collectives"][kind][n] for r in per_rank])]
+                                for kind in first["collectives"]}
+    return table
 
 
 def cluster_section(rates: dict[str, Any]) -> dict[str, Any]:
-    """A spec's cluster section: one node of `ranks` CPU devices at the measured rates, each with an equal
-    share of this machine's memory (one machine: the inter-node figures repeat the intra-node ones)."""
+    """A spec's cluster section: one node of `ranks` devices with the measured tables (`calibration`), and
+    datasheet-style figures read off them: the largest linear's FLOP/s, the largest elementwise pass's
+    bytes/s, an all-reduce's bus bandwidth at its largest size and its time at its smallest; each device
+    with an equal share of this machine's memory (one machine: the inter-node figures repeat the intra-node
+    ones)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gbps = rates["all_reduce_bus_bytes_per_second"] * 8 / 1e9
-    latency_us = round(rates["collective_latency_seconds"] * 1e6, 1)
-    device = {"kind": "cpu", "name": f"cpu (lcc calibrate, {rates['ranks']} ranks at once)",
-              "memory_gib": round(memory / rates["ranks"], 3),
-              "peak_tflops": round(rates["matmul_flops"] / 1e12, 6),
-              "memory_tbps": round(rates["copy_bytes_per_second"] / 1e12, 6)}
-    return {"nodes": 1, "gpus_per_node": rates["ranks"], "device": device,
+    rows, width = max((r[0], r[1]) for r in rates["linear"] if r[1] == max(x[1] for x in rates["linear"]))
+    big = next(r for r in rates["linear"] if r[0] == rows and r[1] == width)
+    flops = 6 * rows * width * width / big[4]  # forward and both gradients
+    stream = rates["elementwise"][-1]
+    ranks = rates["ranks"]
+    reduce = [r[1:] for r in rates.get("collectives", {}).get("all_reduce", []) if r[0] == ranks]
+    if reduce:
+        gbps = 2 * (ranks - 1) / ranks * reduce[-1][0] / reduce[-1][1] * 8 / 1e9
+        latency_us = round(reduce[0][1] * 1e6, 1)
+    else:
+        gbps, latency_us = stream[0] / stream[1] * 8 / 1e9, 0.0
+    name = f"{rates['device']} (lcc calibrate, {ranks} rank{'s' * (ranks != 1)} at once)"
+    device = {"kind": rates["device"], "name": name, "memory_gib": round(memory / ranks, 3),
+              "peak_tflops": round(flops / 1e12, 6), "memory_tbps": round(stream[0] / stream[1] / 1e12, 6)}
+    calibration = {"ranks": ranks, "threads_per_rank": rates["threads_per_rank"], "dtype": rates["dtype"],
+                   **{k: rates[k] for k in ("linear", "experts", "attention", "elementwise", "optimizer",
+                                            "op_seconds")},
+                   "collectives": rates.get("collectives", {})}
+    return {"nodes": 1, "gpus_per_node": ranks, "device": device,
             "network": {"intra_node_gbps": round(gbps, 3), "inter_node_gbps": round(gbps, 3),
-                        "intra_node_latency_us": latency_us, "inter_node_latency_us": latency_us}}
+                        "intra_node_latency_us": latency_us, "inter_node_latency_us": latency_us},
+            "calibration": calibration}
 
 
 def calibrated_spec(base: Spec, cluster: dict[str, Any], ranks: int) -> str:

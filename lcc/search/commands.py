@@ -12,7 +12,10 @@ import typer
 def calibrate(
     ranks: Annotated[int, typer.Option("--ranks", min=1, max=256, help="Local ranks measuring at once (as many "
                                        "as the runs to predict).")] = 1,
-    seconds: Annotated[float, typer.Option("--seconds", min=0.05, max=60, help="Time per measurement.")] = 1.0,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.01, max=60, help="Time per measured point (about "
+                                           "150 points).")] = 0.2,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda where a GPU is "  # noqa: UP007
+                                               "visible, else cpu).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Matmul dtype: float32, bfloat16 or float64.")] = "float32",
     spec: Annotated[Path | None, typer.Option("--spec", help="Write this spec with the measured cluster section "  # noqa: UP007
                                               "(to --out).")] = None,
@@ -30,6 +33,9 @@ def calibrate(
     if dtype not in ("float32", "bfloat16", "float64"):
         typer.echo(f"lcc calibrate: --dtype {dtype}: float32, bfloat16 or float64", err=True)
         raise typer.Exit(2)
+    if device not in (None, "cpu", "cuda"):
+        typer.echo(f"lcc calibrate: --device {device}: cpu or cuda", err=True)
+        raise typer.Exit(2)
     if spec is not None and out is None:
         typer.echo("lcc calibrate: --spec writes a spec: give --out", err=True)
         raise typer.Exit(2)
@@ -38,8 +44,16 @@ def calibrate(
     except SpecError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    device = device or _default_device()
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < ranks:
+            typer.echo(f"lcc calibrate: --device cuda --ranks {ranks}: this machine has "
+                       f"{torch.cuda.device_count()} CUDA GPU(s) visible (one rank a GPU)", err=True)
+            raise typer.Exit(2)
     try:
-        rates = measure(ranks, seconds, dtype)
+        rates = measure(ranks, seconds, dtype, device)
     except RuntimeError as exc:
         typer.echo(f"lcc calibrate: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -51,3 +65,9 @@ def calibrate(
             text = calibrated_spec(base, cluster, ranks)
         out.write_text(text)
         typer.echo(written(out, base, cluster, ranks), err=True)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

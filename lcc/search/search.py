@@ -107,7 +107,7 @@ def _estimate(spec: Spec, layout: Layout) -> Estimate:
     memory = report["memory"]
     exchange = report["comm"]["expert_exchange"] or {}
     t = report["time"]
-    return Estimate(layout, t["step_seconds_estimate"], memory["worst_rank"]["total_bytes"],
+    return Estimate(layout, t["step_seconds_estimate"], memory["worst_rank"]["peak_bytes"],
                     memory["device_bytes"], report["pipeline"]["bubble_fraction"], compute,
                     {k: v for k, v in exposed.items() if v > 0},
                     report["flops"]["per_step_with_recompute"] / report["flops"]["per_step"] - 1,

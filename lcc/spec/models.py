@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from lcc.spec.calibration import Calibration
+
 MAX_INT = 2**40  # far beyond any real size; keeps arithmetic on sizes fast and exact
 MAX_FLOAT = 1e12
 Pos = Annotated[int, Field(gt=0, le=MAX_INT, strict=True)]
@@ -218,6 +220,8 @@ class Cluster(_Section):
     gpus_per_node: Pos = Field(description="Devices (ranks) per machine.")
     device: Device
     network: Network
+    calibration: Calibration | None = Field(None, description="Achieved rates measured by lcc calibrate; the "
+                                            "cost model uses them instead of the device's and network's peaks.")
 
     @property
     def n_devices(self) -> int:

@@ -14,7 +14,8 @@ REQUIRED = [
     ("params", "active_per_token", "expected"), ("memory", "worst_rank", "role"),
     ("memory", "worst_rank", "weights_bytes"), ("memory", "worst_rank", "grads_bytes"),
     ("memory", "worst_rank", "optimizer_bytes"), ("memory", "worst_rank", "activations_bytes"),
-    ("memory", "worst_rank", "total_bytes"), ("memory", "by_role"), ("experts", "bytes_train"),
+    ("memory", "worst_rank", "total_bytes"), ("memory", "worst_rank", "peak_bytes"),
+    ("memory", "worst_rank", "peak_phase"), ("memory", "by_role"), ("experts", "bytes_train"),
     ("experts", "bytes_serve"), ("flops", "per_step"), ("comm", "bytes_per_step", "by_kind"),
     ("comm", "bytes_per_step", "by_link", "intra_node"), ("comm", "bytes_per_step", "by_link", "inter_node"),
     ("pipeline", "bubble_fraction"), ("time", "step_seconds_estimate"),
@@ -34,7 +35,8 @@ def test_report_schema_and_determinism(path):
     w = report["memory"]["worst_rank"]
     parts = w["weights_bytes"] + w["grads_bytes"] + w["optimizer_bytes"] + w["activations_bytes"]
     assert abs(parts - w["total_bytes"]) <= 4
-    assert w["total_bytes"] == max(r["total_bytes"] for r in report["memory"]["by_role"])
+    assert w["peak_bytes"] == max(r["peak_bytes"] for r in report["memory"]["by_role"])
+    assert report["memory"]["fits"] == (w["peak_bytes"] <= report["memory"]["device_bytes"])
     comm = report["comm"]["bytes_per_step"]
     assert sum(comm["by_kind"].values()) == pytest.approx(comm["total"])
     assert comm["by_link"]["intra_node"] + comm["by_link"]["inter_node"] == pytest.approx(comm["total"])
@@ -68,6 +70,7 @@ def test_zero_and_checkpointing_lower_the_peak():
     assert z3["weights_bytes"] - z3["weights_gathered_bytes"] < base["weights_bytes"]
     assert full["activations_bytes"] < sel["activations_bytes"] < base["activations_bytes"]
     assert base["total_bytes"] > z1["total_bytes"] > z3["total_bytes"] > full["total_bytes"]
+    assert base["peak_bytes"] > z1["peak_bytes"] > z3["peak_bytes"] > full["peak_bytes"]
 
 
 def test_more_micro_batches_shrink_the_bubble():
@@ -181,7 +184,7 @@ def test_serve_report_kv_cache_and_decode_step():
     for role in serve["by_role"]:
         assert role["kv_bytes_per_token"] == 512
         assert role["kv_cache_bytes"] == 16 * 256 * 512
-        assert role["kv_tokens_fit"] == (device - role["weights_bytes"]) // 512
+        assert role["kv_tokens_fit"] == (device - role["weights_bytes"] - role["workspace_bytes"]) // 512
         assert role["decode_seconds"] == pytest.approx(role["decode_read_bytes"] / bandwidth)
         assert role["kv_cache_bytes"] < role["decode_read_bytes"] < role["kv_cache_bytes"] + role["weights_bytes"]
     step = serve["decode_step"]

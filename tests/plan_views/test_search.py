@@ -75,7 +75,7 @@ def exhaustive(gpus: int, nodes: int = 1, exchanges: tuple[str, ...] = ("flat",)
                                     report = cost_report(spec)
                                     if report["memory"]["fits"]:
                                         out.append((report["time"]["step_seconds_estimate"], layout,
-                                                    report["memory"]["worst_rank"]["total_bytes"]))
+                                                    report["memory"]["worst_rank"]["peak_bytes"]))
     return sorted(out, key=lambda r: r[0])
 
 
@@ -189,7 +189,7 @@ def test_impossible_requests_end_with_one_message_and_exit_2(args, message):
 
 def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     out = tmp_path / "calibrated.yaml"
-    result = CliRunner().invoke(app, ["calibrate", "--ranks", "2", "--seconds", "0.05", "--spec", str(TINY),
+    result = CliRunner().invoke(app, ["calibrate", "--ranks", "2", "--seconds", "0.02", "--spec", str(TINY),
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     # the spec keeps its 8-rank layout, and the line says so, and which settings run it on the 2 ranks measured
@@ -204,8 +204,13 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     assert spec.cluster.gpus_per_node == 2 and device.kind == "cpu"
     assert device.peak_tflops > 0 and device.memory_tbps > 0 and network.intra_node_gbps > 0
     assert network.intra_node_latency_us == network.inter_node_latency_us > 0  # gloo's fixed cost, one machine
+    table = spec.cluster.calibration
+    assert table.ranks == 2 and {"all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send_recv"} <= set(
+        table.collectives)
+    assert min(len(table.linear), len(table.experts), len(table.attention)) >= 4
     time = cost_report(spec)["time"]
-    assert 0 < time["fixed_seconds"] < time["step_seconds_estimate"]
+    assert time["rates"] == {"compute": "calibrated", "communication": "calibrated"}
+    assert 0 < time["step_seconds_low"] <= time["step_seconds_estimate"] <= time["step_seconds_high"]
 
 
 @pytest.mark.parametrize("schedule,pp,virtual", [("gpipe", 2, 1), ("gpipe", 4, 1), ("1f1b", 2, 1), ("1f1b", 4, 1),

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from lcc.compiler.cost import measured
 from lcc.compiler.cost import params as P
 from lcc.compiler.cost.exchange import exchange_passes, hierarchical_bytes
-from lcc.compiler.cost.memory import STATE_BYTES, ModelStates, model_states
+from lcc.compiler.cost.memory import STATE_BYTES
 from lcc.compiler.cost.overlap import hidden
+from lcc.compiler.cost.peak import role_memory as rank_memory
+from lcc.compiler.cost.rates import Rates
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS, Links, all_gather, all_reduce, links
 from lcc.compiler.cost.work import (
     LayerComm,
@@ -33,7 +36,7 @@ from lcc.compiler.cost.work import (
     recompute_flops,
     router_bytes,
 )
-from lcc.compiler.layout import bubble_fraction, inflight_chunks, partition, stage_ranks
+from lcc.compiler.layout import bubble_fraction, partition, stage_ranks
 from lcc.spec.models import Spec
 
 GIB = 2**30
@@ -70,11 +73,15 @@ class Work:
 
 
 class CostModel:
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, bound: str = "mid"):
+        """`bound`: with a calibrated cluster, price at the measured medians (`mid`) or at one end of their
+        spread (`fast`, `slow`)."""
         self.spec = spec
         self.par = spec.parallelism
         self.m = self.par.pipeline.microbatches
         self.tokens = microbatch_tokens(spec)
+        calibration = spec.cluster.calibration
+        self.rates = Rates(calibration, bound) if calibration is not None else None
 
     # ------------------------------------------------------------------------------ layout
     @cached_property
@@ -129,7 +136,9 @@ class CostModel:
 
     def layer_seconds(self, layer: int) -> float:
         """Compute (roofline) + communication time (less what hides behind compute) + fixed costs of one layer
-        for one micro-batch on one rank."""
+        for one micro-batch on one rank (at achieved rates on a calibrated cluster)."""
+        if self.rates is not None:
+            return measured.layer_seconds(self, self.rates, layer) - self.layer_hidden(layer)
         comm = self.layer_bytes(layer)
         return (self.layer_work(layer).seconds + self.ring_seconds("tp", comm.tp) + self.alltoall_seconds(comm.ep)
                 - self.layer_hidden(layer) + self.layer_latency(layer))
@@ -137,6 +146,8 @@ class CostModel:
     def layer_exchange(self, layer: int) -> tuple[float, float, float]:
         """(one half's dispatch, one half's combine, one half's experts) seconds of an overlapped MoE layer's
         forward on one rank (bandwidth only: latencies are fixed costs), for lcc.compiler.cost.overlap."""
+        if self.rates is not None:
+            return measured.layer_exchange(self, self.rates, layer)
         comm = self.layer_bytes(layer)
         one = self.alltoall_seconds(comm.ep) / exchange_passes(self.par.activation_checkpointing)[0] / 2
         flops, reads = expert_forward(self.spec, layer, 0.5)
@@ -199,7 +210,9 @@ class CostModel:
         """(fixed costs inside the pipeline, after it) of one step on this pipeline rank: the latency of its
         layers' and edges' collectives per micro-batch, two pipeline messages per stage boundary per
         micro-batch, and the gradient buckets and step-level reductions (ZeRO 1 gathers each bucket's
-        updated shards too)."""
+        updated shards too). A calibrated cluster's collective times include their fixed costs: none here."""
+        if self.rates is not None:
+            return 0.0, 0.0
         par, m = self.par, self.m
         layers = sum(self.layer_latency(i) for i in role.layers)
         edges = edge_collectives(self.spec, role.first, role.last) * self.latency("tp" if par.tp > 1 else "dp")
@@ -262,73 +275,47 @@ class CostModel:
         if self.par.zero < 2 or self.m == 1:
             return "step"
         device = self.spec.cluster.device.memory_gib * GIB
-        whole = max(self.role_memory(r, whole_grads=True)["total_bytes"] for r in self.roles)
+        whole = max(self.role_memory(r, whole_grads=True)["peak_bytes"] for r in self.roles)
         return "step" if whole <= device else "microbatch"
+
+    @cached_property
+    def memory_answers(self) -> dict[tuple, dict[str, Any]]:
+        """`role_memory`'s answers, each computed once."""
+        return {}
 
     def role_memory(self, role: Role, zero: int | None = None, recompute: str | None = None,
                     whole_grads: bool | None = None) -> dict[str, Any]:
-        spec, par = self.spec, self.par
-        zero = par.zero if zero is None else zero
-        policy = recompute or par.activation_checkpointing
-        local = self.local(role)
-        dtype = spec.train.dtype
-        states = model_states(local.dense, dtype, zero, par.dp) + model_states(local.experts, dtype, zero, par.edp)
-        if zero >= 2 and (whole_grads if whole_grads is not None else
-                          zero == par.zero and self.grad_reduce_when == "step" and self.m > 1):
-            # gradients accumulate whole over the micro-batches, then leave as pieces
-            states = ModelStates(states.weights, STATE_BYTES[dtype].grads * (local.dense + local.experts),
-                                 states.optimizer)
-        gathered = gathered_grads = 0.0
-        if zero >= 3:  # the layer in use and the prefetched next one, unsharded; one layer's full grads
-            b = STATE_BYTES[dtype]
-            largest = local.largest_layer_dense + local.largest_layer_experts
-            gathered, gathered_grads = largest * 2 * b.weights, largest * b.grads
-        chunks = inflight_chunks(par.pipeline.schedule, par.pp, par.pipeline.virtual_stages, self.m, role.pp_rank)
-        per_chunk = sum(self.layer_acts(i, policy) for i in role.layers) / len(role.stages)
-        activations = chunks * per_chunk
-        if policy == "full":  # the layer being recomputed holds its full activations for a moment
-            activations += max(self.layer_acts(i, "none") for i in role.layers)
-        if role.last:  # logits and the float32 softmax of the cross-entropy, one micro-batch at a time
-            activations += self.tokens * spec.model.vocab_size / par.tp * (act_bytes(spec) + 4)
-        weights = states.weights + gathered
-        grads = states.grads + gathered_grads
-        total = weights + grads + states.optimizer + activations
-        return {
-            "role": f"pp{role.pp_rank}",
-            "rank": role.pp_rank * par.dp * par.tp,
-            "stages": role.stages,
-            "layers": [list(self.stage_bounds[s]) for s in role.stages],
-            "inflight_microbatches": chunks,
-            "params_dense": local.dense,
-            "params_experts": local.experts,
-            "weights_bytes": round(weights),
-            "weights_gathered_bytes": round(gathered),
-            "grads_bytes": round(grads),
-            "grads_gathered_bytes": round(gathered_grads),
-            "optimizer_bytes": round(states.optimizer),
-            "activations_bytes": round(activations),
-            "total_bytes": round(total),
-        }
+        """One rank of this pipeline rank: model states, activations and peak (lcc.compiler.cost.peak), at the
+        layout's ZeRO stage and checkpointing or the ones given; `whole_grads`: ZeRO 2-3 gradients accumulate
+        whole over the micro-batches (default: as `grad_reduce_when` decides for the layout's own stage)."""
+        zero = self.par.zero if zero is None else zero
+        policy = recompute or self.par.activation_checkpointing
+        if whole_grads is None:
+            whole_grads = zero == self.par.zero and zero >= 2 and self.m > 1 and self.grad_reduce_when == "step"
+        key = (role.pp_rank, zero, policy, zero >= 2 and whole_grads)
+        if key not in self.memory_answers:
+            self.memory_answers[key] = rank_memory(self, role, zero, policy, key[3])
+        return self.memory_answers[key]
 
     def memory(self) -> dict[str, Any]:
         by_role = [self.role_memory(r) for r in self.roles]
-        worst = max(by_role, key=lambda r: (r["total_bytes"], -r["rank"]))
+        worst = max(by_role, key=lambda r: (r["peak_bytes"], -r["rank"]))
         device = round(self.spec.cluster.device.memory_gib * GIB)
 
         def peak(zero: int, policy: str) -> int:
-            return max(self.role_memory(r, zero, policy, whole_grads=False)["total_bytes"] for r in self.roles)
+            return max(self.role_memory(r, zero, policy, whole_grads=False)["peak_bytes"] for r in self.roles)
 
         plain, sharded = peak(0, "none"), peak(3, "full")
         return {
             "device_bytes": device,
-            "fits": worst["total_bytes"] <= device,
+            "fits": worst["peak_bytes"] <= device,
             "gradient_reduction": self.grad_reduce_when,
             "worst_rank": worst,
             "by_role": by_role,
             "comparison": {
                 "plain_dp_no_checkpointing_bytes": plain,
                 "zero3_full_checkpointing_bytes": sharded,
-                "this_layout_bytes": worst["total_bytes"],
+                "this_layout_bytes": worst["peak_bytes"],
                 "zero3_full_checkpointing_reduction": 1 - sharded / plain,
             },
         }
@@ -399,7 +386,11 @@ class CostModel:
 
     def role_work(self, role: Role) -> tuple[float, float, float]:
         """(compute, arithmetic, weight reads) seconds of one step on this pipeline rank: compute sums each layer's
-        roofline over the micro-batches; the other two are the sums of its parts, for the report."""
+        roofline over the micro-batches; the other two are the sums of its parts, for the report. At
+        achieved rates (a calibrated cluster) all three are the measured operations' time."""
+        if self.rates is not None:
+            compute = measured.role_seconds(self, self.rates, role)[0]
+            return compute, compute, 0.0
         parts = [self.layer_work(i) for i in role.layers] + ([self.head_work()] if role.last else [])
         return (self.m * sum(w.seconds for w in parts), self.m * sum(w.arithmetic for w in parts),
                 self.m * sum(w.memory for w in parts))
@@ -407,6 +398,9 @@ class CostModel:
     def role_seconds(self, role: Role) -> tuple[float, float, float]:
         """(compute, communication and fixed costs inside the pipeline less what hides behind compute, after
         it) for one step."""
+        if self.rates is not None:
+            compute, inside, after = measured.role_seconds(self, self.rates, role)
+            return compute, inside - self.role_hidden(role), after
         c = self.role_comm(role)
         share = self.dense_share(role)
         fixed_inside, sync = self.role_latency(role)
@@ -429,7 +423,7 @@ def step_seconds(cm: CostModel) -> float:
 
 
 def peak_bytes(cm: CostModel) -> int:
-    """The worst rank's memory (what `memory()["worst_rank"]` reports)."""
-    return max(cm.role_memory(r)["total_bytes"] for r in cm.roles)
+    """The worst rank's peak memory (what `memory()["worst_rank"]` reports)."""
+    return max(cm.role_memory(r)["peak_bytes"] for r in cm.roles)
 
 

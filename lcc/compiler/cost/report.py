@@ -11,7 +11,7 @@ from typing import Any
 from lcc.compiler.cost import params as P
 from lcc.compiler.cost.exchange import token_spread
 from lcc.compiler.cost.memory import STATE_BYTES
-from lcc.compiler.cost.model import GIB, CostModel
+from lcc.compiler.cost.model import GIB, CostModel, step_seconds
 from lcc.compiler.cost.step import step_time
 from lcc.compiler.cost.work import head_forward_flops, layer_forward_flops, recompute_flops
 from lcc.compiler.layout import bubble_fraction
@@ -92,11 +92,25 @@ def cost_report(spec: Spec) -> dict[str, Any]:
             "exposed_communication_seconds": timing.exposed,
             "hidden_communication_seconds": timing.hidden,
             "bubble_seconds": timing.bubble_seconds,
+            **_confidence(spec, step),
         },
         "serve": _serve(spec, cm) if spec.serve is not None else None,
         "moe": None if moe is None else {"n_experts": moe.n_experts, "n_groups": moe.n_groups,
                                          "experts_per_rank": moe.n_experts // par.ep},
     }
+
+
+def _confidence(spec: Spec, step: float) -> dict[str, Any]:
+    """Where the time figures come from, and with a calibrated cluster the step-time range its measured spread
+    gives: every operation at its 10th percentile (`step_seconds_low`) or at its 90th (`step_seconds_high`)."""
+    calibration = spec.cluster.calibration
+    if calibration is None:
+        return {"rates": {"compute": "datasheet", "communication": "datasheet"},
+                "step_seconds_low": None, "step_seconds_high": None}
+    low, high = (step_seconds(CostModel(spec, bound)) for bound in ("fast", "slow"))
+    return {"rates": {"compute": "calibrated",
+                      "communication": "calibrated" if calibration.collectives else "datasheet"},
+            "step_seconds_low": min(low, step), "step_seconds_high": max(high, step)}
 
 
 def _exchange(spec: Spec, cm: CostModel) -> dict[str, Any] | None:
@@ -169,11 +183,14 @@ def _experts(spec: Spec, routed: int) -> dict[str, Any]:
 
 def _serve(spec: Spec, cm: CostModel) -> dict[str, Any]:
     """Serving on the spec's layout: per role its weights (experts int4 when quantized, as the serving
-    kernel holds them: expert_bytes_served; the rest in `serve.dtype`), the KV cache per token and at
-    `max_batch x max_seq_len`, how many tokens of KV cache fit next to the weights, and a memory-bound
-    decode step: every rank reads its weights that the batch uses (all dense weights, the routed experts
-    its tokens reach) and the batch's KV cache at full context, at the device's memory bandwidth; pipeline
-    stages run one after the other in a step."""
+    kernel holds them: expert_bytes_served; the rest in `serve.dtype`), the paged KV cache it allocates
+    (`n_kv_blocks` blocks of `block_size` tokens) and its step's workspace (lcc.compiler.cost.serve_memory),
+    the KV cache per token, how many tokens of KV cache fit next to the weights and the workspace, and a
+    memory-bound decode step: every rank reads its weights that the batch uses (all dense weights, the
+    routed experts its tokens reach) and the batch's KV cache at full context, at the device's memory
+    bandwidth; pipeline stages run one after the other in a step."""
+    from lcc.compiler.cost.serve_memory import kv_cache_bytes, serve_workspace_bytes
+
     serve = spec.serve
     wb = DTYPE_BYTES[serve.dtype]
     att = spec.model.attention
@@ -191,12 +208,15 @@ def _serve(spec: Spec, cm: CostModel) -> dict[str, Any]:
         local = P.local_params(spec, role.layers, role.first, role.last)
         experts = expert_bytes_served(spec, local.experts)
         per_token = len(role.layers) * 2 * kv_local * wb
-        kv = batch * serve.max_seq_len * per_token
+        kv = kv_cache_bytes(spec, len(role.layers))
+        workspace = round(serve_workspace_bytes(spec, len(role.layers), role.last))
         weights = wb * local.dense + experts
-        read = wb * local.dense + touched * experts + kv
+        read = wb * local.dense + touched * experts + batch * serve.max_seq_len * per_token
         by_role.append({"role": f"pp{role.pp_rank}", "weights_bytes": weights, "kv_cache_bytes": kv,
-                        "total_bytes": weights + kv, "kv_bytes_per_token": per_token,
-                        "kv_tokens_fit": max(0, int((device - weights) // per_token)) if per_token else None,
+                        "workspace_bytes": workspace, "total_bytes": weights + kv + workspace,
+                        "kv_bytes_per_token": per_token,
+                        "kv_tokens_fit": max(0, int((device - weights - workspace) // per_token)) if per_token
+                        else None,
                         "decode_read_bytes": read, "decode_seconds": read / cm.bandwidth})
     worst = max(by_role, key=lambda r: r["total_bytes"])
     step = sum(r["decode_seconds"] for r in by_role)

@@ -133,14 +133,17 @@ def head_weight_reads(spec: Spec) -> float:
 
 
 def layer_shape(spec: Spec, layer: int) -> LayerShape:
+    """One layer as the generated programs run it: RMSNorm keeping its normalised tensor, attention through
+    PyTorch's fused kernel (flash on CPU and CUDA: its output and log-sum-exp kept, no probabilities)."""
     m, par = spec.model, spec.parallelism
     att = m.attention
     ffn = m.moe.n_shared_experts * m.moe.expert_d_ff if m.is_moe(layer) else m.ffn.d_ff
     return LayerShape(
         seq=spec.train.seq_len, batch=microbatch_sequences(spec), d_model=m.d_model, n_heads=att.n_heads,
         q_local=att.n_heads * att.head_dim / par.tp, kv_local=local_kv_heads(spec) * att.head_dim,
-        ffn_local=ffn / par.tp, scores_stored=spec.cluster.device.kind == "cpu", tp=par.tp,
-        sequence_parallel=par.sequence_parallel, act_bytes=act_bytes(spec),
+        ffn_local=ffn / par.tp, scores_stored=False, tp=par.tp, sequence_parallel=par.sequence_parallel,
+        act_bytes=act_bytes(spec), norm_keeps_normalised=True, kernel_keeps_output=True,
+        qk_norm=att.qk_norm != "none",
     )
 
 
@@ -150,6 +153,7 @@ def moe_shape(spec: Spec) -> MoEShape:
         tokens=microbatch_tokens(spec), d_model=spec.model.d_model, expert_d_ff=moe.expert_d_ff,
         k_slots=routing.k.max, n_groups=moe.n_groups, kept_logits=routing.groups.top * moe.experts_per_group,
         tp=spec.parallelism.tp, act_bytes=act_bytes(spec), router_bytes=router_bytes(spec),
+        top_groups=routing.groups.top,
     )
 
 
