@@ -102,8 +102,9 @@ def render(report: dict[str, Any], console: Console) -> None:
                   gib(r["optimizer_bytes"]), gib(r["activations_bytes"]), gib(r["total_bytes"]))
     console.print(t)
     fits = "[green]fits[/green]" if mem["fits"] else "[red]does NOT fit[/red]"
-    console.print(f"worst rank {mem['worst_rank']['rank']} ({mem['worst_rank']['role']}): "
-                  f"{gib(mem['worst_rank']['total_bytes'])} of {gib(mem['device_bytes'])}: {fits}")
+    console.print(f"worst rank {mem['worst_rank']['rank']} ({mem['worst_rank']['role']}): peak "
+                  f"{gib(mem['worst_rank']['peak_bytes'])} ({mem['worst_rank']['peak_phase']}) of "
+                  f"{gib(mem['device_bytes'])}: {fits}")
     layout = report["layout"]
     if layout["zero"] >= 2 and layout["microbatches"] > 1:
         once = mem["gradient_reduction"] == "step"

@@ -82,9 +82,9 @@ def check_fits(spec: Spec, report: dict) -> None:
         return
     worst = mem["worst_rank"]
     path = ("cluster", "device", "memory_gib")
-    need = worst["total_bytes"] / 2**30
+    need = worst["peak_bytes"] / 2**30  # the peak is what `fits` compares
     raise SpecError([Problem(locate(spec, path), path,
-                             f"rank {worst['rank']} ({worst['role']}) needs {need:.2f} GiB by the cost model, more "
+                             f"rank {worst['rank']} ({worst['role']}) needs {need:.2f} GiB at its peak by the cost model, more "
                              f"than the device's {spec.cluster.device.memory_gib} GiB",
                              "raise zero, use activation checkpointing, add pipeline stages or expert parallelism "
                              "(lcc report shows the breakdown)",

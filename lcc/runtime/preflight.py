@@ -113,9 +113,9 @@ def available_memory() -> int | None:
 
 def rank_bytes(plan: Plan) -> list[int]:
     """What each rank of a plan will hold in this machine's memory: the base process plus, on CPU plans, the
-    cost model's total for its pipeline rank's role (parameters, gradients, optimizer states, activations;
-    a CUDA plan holds them on its GPU)."""
-    by_role = {row["role"]: row["total_bytes"] if plan.device == "cpu" else 0 for row in plan.cost["memory"]["by_role"]}
+    cost model's peak for its pipeline rank's role (parameters, gradients, optimizer states, activations at
+    the step's fullest moment; a CUDA plan holds them on its GPU)."""
+    by_role = {row["role"]: row["peak_bytes"] if plan.device == "cpu" else 0 for row in plan.cost["memory"]["by_role"]}
     pp_of = plan.ranks.columns.index("pp")
     return [RANK_BASE_BYTES + int(by_role.get(f"pp{row[pp_of]}", 0)) for row in plan.ranks.rows]
 

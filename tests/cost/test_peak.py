@@ -7,7 +7,7 @@ import pytest
 
 from lcc.compiler.cost.memory import LayerShape, MoEShape, dense_layer_activations, moe_activations
 from lcc.compiler.cost.model import CostModel
-from lcc.compiler.cost.peak import Backward, Block, closings, walk
+from lcc.compiler.cost.peak import Backward, Block, walk
 from lcc.compiler.cost.report import cost_report
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS
 from lcc.spec import load_spec
@@ -46,10 +46,15 @@ def test_recomputation_rebuilds_a_layer_at_its_start():
 
 def test_buckets_close_at_bucket_elements_and_after_backward():
     half = BUCKET_ELEMENTS // 2
-    b = _backward(zero=2, ways=(4, 2))
-    blocks = [_block("c", 0, 0, (half, half)), _block("b", 0, 0, (half, 0)), _block("a", 0, 0, (2, 0))]
-    # dense: half + half closes at b; experts: half, and the dense 2, left open until after backward
-    assert closings(b, blocks) == [(0, 0), (2 * half, half // 2), (0, 0), (half + 2, half // 2 + 1)]
+    b = _backward(zero=1, ways=(4, 2))
+    blocks = [_block("c", 0, 2 * half, (half, half)), _block("b", 0, half, (half, 0)), _block("a", 0, 2, (2, 0))]
+    # dense: half + half closes at b, flattened beside its gradients; experts: half, and the dense 2, stay
+    # open until after backward
+    peak, where, grads = _walk(b, blocks)
+    assert (peak, where) == (100 + 3 * half + 2 * half, "backward of b (end)")
+    assert grads == 3 * half + 2
+    peak, where, _ = _walk(b, [*blocks, _block("z", 0, 3 * half)])
+    assert (peak, where) == (100 + 6 * half + 2 + half + 2, "gradient reduction")
 
 
 def test_zero2_bucket_is_laid_out_then_leaves_as_pieces():

@@ -279,8 +279,8 @@ class CostModel:
         return "step" if whole <= device else "microbatch"
 
     @cached_property
-    def memory_answers(self) -> dict[tuple, dict[str, Any]]:
-        """`role_memory`'s answers, each computed once."""
+    def memory_answers(self) -> dict[tuple, Any]:
+        """`role_memory`'s answers, and lcc.compiler.cost.peak's layer blocks, each computed once."""
         return {}
 
     def role_memory(self, role: Role, zero: int | None = None, recompute: str | None = None,

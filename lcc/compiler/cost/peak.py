@@ -79,26 +79,6 @@ class Backward:
     ways: tuple[int, int]  # ranks the dense parameters and the experts are reduced over (dp, edp)
 
 
-def closings(b: Backward, blocks: list[Block]) -> list[tuple[float, float]]:
-    """Per block, and once more after backward, the gradients whose reduction is laid out there: (their bytes
-    whole, this rank's pieces of them). ZeRO 0-2: the buckets that close (over a group of more than one
-    rank); ZeRO-3: a layer's gradients at the end of its gather's backward."""
-    groups = [g for g in (0, 1) if b.ways[g] > 1]
-    out: list[tuple[float, float]] = []
-    filled = [0, 0]
-    for block in [*blocks, None]:
-        whole = piece = 0.0
-        for g in groups:
-            filled[g] += block.elements[g] if block is not None else 0
-            closes = block is None or (filled[g] >= BUCKET_ELEMENTS if b.zero < 3 else block.gather_end)
-            if filled[g] and closes:
-                whole += filled[g] * b.grad_bytes
-                piece += math.ceil(filled[g] / b.ways[g]) * b.grad_bytes
-                filled[g] = 0
-        out.append((whole, piece))
-    return out
-
-
 def changes(b: Backward) -> tuple[float, float, float]:
     """How the gradients one rank holds change once a block's backward made `grads` and the reductions closing
     there laid out `whole` bytes, this rank's `pieces` of them: the coefficients of (grads, whole, pieces).
@@ -117,25 +97,39 @@ def changes(b: Backward) -> tuple[float, float, float]:
 def walk(b: Backward, blocks: list[tuple[int, Block]]) -> tuple[float, str, float]:
     """(the highest moment of the step's forward and backward, where it is, the gradients held at the end).
     `blocks`: each block in backward order with the layer it belongs to (-1 for the head and embedding).
-    The reductions lay out their own buffers beside the gradients they reduce: an all-reduce's flat bucket
-    (whole), or a reduce-scatter's grid (whole) and its output (this rank's pieces)."""
+
+    Reductions close as the compiler issues them: ZeRO 0-2's buckets of each group over more than one rank
+    (dense over dp, experts over edp) fill in backward order and close at BUCKET_ELEMENTS (here block by
+    block), the last ones after backward; ZeRO-3 reduce-scatters a layer's gradients at its end (its
+    gather's backward). A closing reduction lays out its own buffers beside the gradients it reduces: an
+    all-reduce's flat bucket (whole), or a reduce-scatter's grid (whole) and its output (this rank's
+    pieces)."""
     kept = b.others + sum(x.kept for _, x in blocks)
-    grads, base = b.carried, b.base
+    grads, base, size = b.carried, b.base, b.grad_bytes
     per_grad, per_whole, per_piece = changes(b)
     output = 1.0 if b.zero >= 2 else 0.0  # a reduce-scatter's output beside its grid
+    groups = [(g, b.ways[g]) for g in (0, 1) if b.ways[g] > 1]
+    each_layer = b.zero >= 3
+    filled = [0, 0]
     peak, at = base + kept + grads, (-1, "")
-    closes = closings(b, [x for _, x in blocks])
-    for i, ((_, block), (whole, piece)) in enumerate(zip(blocks, closes, strict=False)):
-        early = base + kept + block.rebuilt + grads + block.regathered
-        kept -= block.kept
-        late = base + kept + block.rebuilt_after + grads + block.grads + whole + output * piece
-        grads += per_grad * block.grads + per_whole * whole + per_piece * piece
+    for i, (_, x) in enumerate(blocks):
+        early = base + kept + x.rebuilt + grads + x.regathered
+        kept -= x.kept
+        whole = piece = 0.0
+        for g, ways in groups:
+            n = filled[g] + x.elements[g]
+            if n and (x.gather_end if each_layer else n >= BUCKET_ELEMENTS):
+                whole, piece, n = whole + n * size, piece + -(-n // ways) * size, 0
+            filled[g] = n
+        late = base + kept + x.rebuilt_after + grads + x.grads + whole + output * piece
+        grads += per_grad * x.grads + per_whole * whole + per_piece * piece
         if early > peak:
             peak, at = early, (i, "start")
         if late > peak:
             peak, at = late, (i, "end")
-    whole, piece = closes[-1]
-    if whole:  # the buckets left open, reduced after backward
+    whole = sum(filled[g] for g, _ in groups) * size  # the buckets left open, reduced after backward
+    piece = sum(-(-filled[g] // ways) for g, ways in groups) * size
+    if whole:
         if base + grads + whole + output * piece > peak:
             peak, at = base + grads + whole + output * piece, (len(blocks), "")
         grads += per_whole * whole + per_piece * piece
@@ -236,18 +230,18 @@ def edge_blocks(cm: CostModel, role: Role, zero: int) -> tuple[list[Block], list
     return head, embedding
 
 
-def gather_updated(cm: CostModel, role: Role) -> float:
+def gather_updated(cm: CostModel, role: Role, local: P.LocalParams) -> float:
     """ZeRO 1-2 after the optimizer step: the largest of the role's gathers of updated pieces (one stage's
     dense parameters over dp or experts over edp): the gathered buffer, and each parameter's copy split
-    from it (rank-major pieces: a strided slice per parameter), both whole."""
+    from it (rank-major pieces: a strided slice per parameter), both whole. `local`: the role's parameters."""
     par, spec = cm.par, cm.spec
     w = STATE_BYTES[spec.train.dtype].weights
     last = par.n_stages - 1
     most = 0.0
     for s in role.stages:
-        local = (cm.local(role) if len(role.stages) == 1 else
-                 P.local_params(spec, list(range(*cm.stage_bounds[s])), s == 0, s == last))
-        for count, ways in ((local.dense, par.dp), (local.experts, par.edp)):
+        here = (local if len(role.stages) == 1 else
+                P.local_params(spec, list(range(*cm.stage_bounds[s])), s == 0, s == last))
+        for count, ways in ((here.dense, par.dp), (here.experts, par.edp)):
             if ways > 1:
                 most = max(most, 2 * count * w)
     return most
@@ -277,7 +271,10 @@ def role_memory(cm: CostModel, role: Role, zero: int | None = None, recompute: s
     for i in reversed(role.layers):
         moe = spec.model.is_moe(i)
         if moe not in kinds:
-            kinds[moe] = layer_blocks(cm, i, policy, zero)
+            key = ("layer blocks", moe, policy, zero)
+            if key not in cm.memory_answers:
+                cm.memory_answers[key] = layer_blocks(cm, i, policy, zero)
+            kinds[moe] = cm.memory_answers[key]
         layers += [(i, x) for x in kinds[moe]]
     per_chunk = sum(x.kept for _, x in layers) / len(role.stages)
     head, embedding = edge_blocks(cm, role, zero)
@@ -289,7 +286,7 @@ def role_memory(cm: CostModel, role: Role, zero: int | None = None, recompute: s
     pieces = (math.ceil(local.dense / par.dp) + math.ceil(local.experts / par.edp)) * b.grads
     moments = [(backward.base + grads + (pieces if zero == 1 else 0.0), "optimizer step")]
     if zero in (1, 2):
-        moments.append((backward.base + pieces + gather_updated(cm, role), "gathering updated parameters"))
+        moments.append((backward.base + pieces + gather_updated(cm, role, local), "gathering updated parameters"))
     for moment, name in moments:
         if moment > peak:
             peak, where = moment, name
