@@ -84,8 +84,8 @@ def check_fits(spec: Spec, report: dict) -> None:
     path = ("cluster", "device", "memory_gib")
     need = worst["peak_bytes"] / 2**30  # the peak is what `fits` compares
     raise SpecError([Problem(locate(spec, path), path,
-                             f"rank {worst['rank']} ({worst['role']}) needs {need:.2f} GiB at its peak by the cost model, more "
-                             f"than the device's {spec.cluster.device.memory_gib} GiB",
+                             f"rank {worst['rank']} ({worst['role']}) needs {need:.2f} GiB at its peak by the cost "
+                             f"model, more than the device's {spec.cluster.device.memory_gib} GiB",
                              "raise zero, use activation checkpointing, add pipeline stages or expert parallelism "
                              "(lcc report shows the breakdown)",
                              ("parallelism.zero", "parallelism.activation_checkpointing"))])

@@ -14,7 +14,7 @@ from lcc.compiler.plan import compile_plan
 from lcc.model.trainer import ReferenceTrainer
 from lcc.runtime import transcript
 from lcc.runtime.launch import launch, read_metrics
-from lcc.spec import load_spec
+from lcc.spec import SpecError, load_spec
 from tests.conftest import SPECS
 from tests.runtime.equivalence import LIGHT
 from tests.runtime.transcript_oracle import check_rank
@@ -41,9 +41,15 @@ CASES = {  # interleaved virtual stages with tp and full recomputation
 }
 
 
+REFUSED = pytest.mark.xfail(strict=True, raises=SpecError, reason=(
+    "the peak-memory model prices ZeRO 2's per-micro-batch reduction above the once-per-step one for this layout, "
+    "so no device memory both makes the plan choose `microbatch` and fits: the layout is refused before launch"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=REFUSED) if c == "sp_zero2_microbatch_full" else c
+                                  for c in CASES])
 def test_step_transcript_equals_plan(case, tmp_path):
     spec = load_spec(SPECS / "tiny-moe.yaml", [*LIGHT, *CASES[case]])
     plan_dir = tmp_path / "plan"
