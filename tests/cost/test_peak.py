@@ -132,3 +132,21 @@ def test_serve_memory():
     assert role["total_bytes"] == pytest.approx(role["weights_bytes"] + role["kv_cache_bytes"]
                                                 + role["workspace_bytes"])
     assert serve["worst_rank_bytes"] == role["total_bytes"]
+
+
+@pytest.mark.parametrize("policy, lower", [("none", True), ("full", False)])
+def test_gradients_reduced_every_microbatch_only_where_that_lowers_the_peak(policy, lower):
+    # tiny-moe's gradients are one bucket per group: every micro-batch's backward holds them whole until it
+    # ends, beside the pieces of earlier micro-batches. Only the activations the step mode holds beside its
+    # carried gradients (none kept under full recomputation) can make reducing every micro-batch pay.
+    base = ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
+            "parallelism.zero=2", "parallelism.pipeline.microbatches=2",
+            f"parallelism.activation_checkpointing={policy}"]
+    model = CostModel(load_spec(SPECS / "tiny-moe.yaml", base))
+    step, each = (max(model.role_memory(r, whole_grads=whole)["peak_bytes"] for r in model.roles)
+                  for whole in (True, False))
+    assert (each < step) is lower
+    below = load_spec(SPECS / "tiny-moe.yaml", [*base, f"cluster.device.memory_gib={min(step, each) / 2**30 * 0.999}"])
+    assert CostModel(below).grad_reduce_when == ("microbatch" if lower else "step")
+    roomy = load_spec(SPECS / "tiny-moe.yaml", [*base, f"cluster.device.memory_gib={step / 2**30 * 1.001}"])
+    assert CostModel(roomy).grad_reduce_when == "step"

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from lcc.compiler.cost.model import CostModel
 from lcc.compiler.output import write
 from lcc.compiler.plan import compile_plan
 from lcc.model.trainer import ReferenceTrainer
 from lcc.runtime import transcript
 from lcc.runtime.launch import launch, read_metrics
-from lcc.spec import SpecError, load_spec
+from lcc.spec import load_spec
 from tests.conftest import SPECS
 from tests.runtime.equivalence import LIGHT
 from tests.runtime.transcript_oracle import check_rank
@@ -24,34 +25,40 @@ CASES = {  # interleaved virtual stages with tp and full recomputation
                                  "cluster.gpus_per_node=4", "parallelism.pipeline.schedule=interleaved_1f1b",
                                  "parallelism.pipeline.virtual_stages=2", "parallelism.activation_checkpointing=full",
                                  "routing.balance.aux_loss_coef=0.01"],
-    # sequence parallelism with full recomputation, and ZeRO 2 reduce-scattering every micro-batch (the whole
-    # gradients would not fit the device memory given here: the plan says `microbatch`)
-    "sp_zero2_microbatch_full": ["parallelism.pp=1", "parallelism.tp=2", "parallelism.dp=2", "parallelism.ep=2",
-                                 "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true",
-                                 "parallelism.zero=2", "parallelism.activation_checkpointing=full",
-                                 "cluster.device.memory_gib=0.021"],
+    # sequence parallelism with full recomputation under ZeRO 2
+    "sp_zero2_full": ["parallelism.pp=1", "parallelism.tp=2", "parallelism.dp=2", "parallelism.ep=2",
+                      "cluster.gpus_per_node=4", "parallelism.sequence_parallel=true", "parallelism.zero=2",
+                      "parallelism.activation_checkpointing=full"],
+    # ZeRO 2 reduce-scattering every micro-batch (a device memory between the two peaks, `between_peaks`)
+    "zero2_microbatch": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
+                         "parallelism.zero=2", "parallelism.activation_checkpointing=none"],
     # sequence parallelism under bfloat16 autocast: the column-parallel layers keep autocast's copy of their
     # gathered input, so backward gathers nothing again
     "sp_tp2_bfloat16": ["parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",
                         "cluster.gpus_per_node=2", "parallelism.sequence_parallel=true", "train.dtype=bfloat16"],
     # ZeRO 3 reduce-scattering every micro-batch (by default it is once per step, where memory allows)
     "zero3_microbatch_selective": ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2",
-                                   "cluster.gpus_per_node=4", "parallelism.zero=3", "cluster.device.memory_gib=0.0288",
+                                   "cluster.gpus_per_node=4", "parallelism.zero=3",
                                    "parallelism.activation_checkpointing=selective"],
 }
 
 
-REFUSED = pytest.mark.xfail(strict=True, raises=SpecError, reason=(
-    "the peak-memory model prices ZeRO 2's per-micro-batch reduction above the once-per-step one for this layout, "
-    "so no device memory both makes the plan choose `microbatch` and fits: the layout is refused before launch"))
+def between_peaks(overrides: list[str]) -> list[str]:
+    """A device memory halfway between the cost model's peaks with gradients reduced every micro-batch and
+    once per step (the plan then chooses `microbatch`): the lower of the two fits, the other does not."""
+    model = CostModel(load_spec(SPECS / "tiny-moe.yaml", overrides))
+    step, each = (max(model.role_memory(r, whole_grads=whole)["peak_bytes"] for r in model.roles)
+                  for whole in (True, False))
+    assert each < step
+    return [f"cluster.device.memory_gib={(step + each) / 2 / 2**30:.6f}"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", [pytest.param(c, marks=REFUSED) if c == "sp_zero2_microbatch_full" else c
-                                  for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_step_transcript_equals_plan(case, tmp_path):
-    spec = load_spec(SPECS / "tiny-moe.yaml", [*LIGHT, *CASES[case]])
+    overrides = [*LIGHT, *CASES[case]]
+    spec = load_spec(SPECS / "tiny-moe.yaml", overrides + (between_peaks(overrides) if "microbatch" in case else []))
     plan_dir = tmp_path / "plan"
     write(compile_plan(spec), plan_dir)
     path = tmp_path / "transcript.jsonl"

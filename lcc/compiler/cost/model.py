@@ -271,12 +271,18 @@ class CostModel:
     def grad_reduce_when(self) -> str:
         """ZeRO 2 and 3 reduce-scatter gradients once per step (`step`), accumulating them whole over the
         micro-batches, when every rank's memory with whole gradients fits the device; otherwise in every
-        micro-batch's backward (`microbatch`). With one micro-batch the two are the same."""
+        micro-batch's backward (`microbatch`), where that lowers the peak. It need not: a stage whose gradients
+        are one bucket holds them whole until its backward ends either way, and its pieces of earlier
+        micro-batches beside them (ZeRO-3's layers are their own buckets). With one micro-batch the two are
+        the same."""
         if self.par.zero < 2 or self.m == 1:
             return "step"
         device = self.spec.cluster.device.memory_gib * GIB
         whole = max(self.role_memory(r, whole_grads=True)["peak_bytes"] for r in self.roles)
-        return "step" if whole <= device else "microbatch"
+        if whole <= device:
+            return "step"
+        pieces = max(self.role_memory(r, whole_grads=False)["peak_bytes"] for r in self.roles)
+        return "microbatch" if pieces < whole else "step"
 
     @cached_property
     def memory_answers(self) -> dict[tuple, Any]:
