@@ -31,23 +31,32 @@ def shard_flat(t: torch.Tensor, parts: int, index: int) -> torch.Tensor:
     """Piece `index` of `parts` of the flattened tensor, zero-padded to chunk_size (a new tensor)."""
     n = t.numel()
     chunk = chunk_size(n, parts)
-    out = t.new_zeros(chunk)
+    out = t.new_empty(chunk)
     lo, hi = min(index * chunk, n), min((index + 1) * chunk, n)
     out[:hi - lo] = t.reshape(-1)[lo:hi]
+    out[hi - lo:].zero_()
     return out
 
 
 def piece_grid(grads: list[torch.Tensor | None], chunks: list[int], parts: int) -> torch.Tensor:
     """Gradients laid out for one reduce-scatter into pieces: row r holds piece r of every gradient
-    (`chunks` elements each, zero-padded; None counts as zeros)."""
+    (`chunks` elements each, zero-padded; None counts as zeros). One copy per gradient; only the padding
+    is filled."""
     like = next(g for g in grads if g is not None)
-    grid = like.new_zeros(parts, sum(chunks))
+    grid = like.new_empty(parts, sum(chunks))
     offset = 0
     for chunk, g in zip(chunks, grads, strict=True):
-        if g is not None:
-            padded = g.new_zeros(parts * chunk)
-            padded[:g.numel()] = g.reshape(-1)
-            grid[:, offset:offset + chunk] = padded.view(parts, chunk)
+        column = grid[:, offset:offset + chunk]
+        if g is None:
+            column.zero_()
+        else:
+            flat = g.reshape(-1)
+            rows, rest = divmod(flat.numel(), chunk)
+            column[:rows].copy_(flat[:rows * chunk].view(rows, chunk))
+            if rows < parts:
+                column[rows, :rest].copy_(flat[rows * chunk:])
+                column[rows, rest:].zero_()
+                column[rows + 1:].zero_()
         offset += chunk
     return grid
 
@@ -85,6 +94,20 @@ class GatherBucket:
             out.append(grid[:, offset:offset + chunk].reshape(-1)[:math.prod(shape)].view(shape))
             offset += chunk
         return out
+
+    def copy_into(self, buffer: torch.Tensor, targets: list[torch.Tensor]) -> None:
+        """`split`, written straight into each parameter's contiguous tensor in `targets`: one strided copy
+        of its rank-major pieces, no intermediate tensor."""
+        grid = buffer.view(self.parts, -1)
+        offset = 0
+        for chunk, target in zip(self.chunks, targets, strict=True):
+            flat = target.view(-1)
+            rows, rest = divmod(flat.numel(), chunk)
+            if rows:
+                flat[:rows * chunk].view(rows, chunk).copy_(grid[:rows, offset:offset + chunk])
+            if rest:
+                flat[rows * chunk:].copy_(grid[rows, offset:offset + rest])
+            offset += chunk
 
     def reduce_scatter(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """This rank's piece of the sum over the group of each parameter's gradient; while the program

@@ -364,9 +364,10 @@ class RankEngine:
                 mine = factors[c["ep"] * per:(c["ep"] + 1) * per]
                 for w in ("w1_EFD", "w3_EFD", "w2_EDF"):
                     name = f"{site}.experts.{w}"
-                    scale = (self.layout.expert_factors(name, mine, grads[name].numel()) if self.zero
-                             else mine.view(-1, 1, 1))
-                    grads[name].mul_(scale.to(grads[name].dtype))
+                    if self.zero:
+                        self.layout.scale_experts(name, grads[name], mine)
+                    else:
+                        grads[name].mul_(mine.view(-1, 1, 1).to(grads[name].dtype))
         if self.keep_grads and self.step == 0:  # step 1's whole local gradients, as with no ZeRO (tests)
             self.last_grads = {n: (self.layout.unshard(n, g) if self.zero else g).detach().clone()
                                for n, g in grads.items()}
@@ -402,8 +403,7 @@ class RankEngine:
         bucket = GatherBucket(names, pieces, [self.meta[n].local_shape for n in names], self._group(c.axis))
         buffer, _ = bucket.start()
         with torch.no_grad():
-            for name, full in zip(names, bucket.split(buffer), strict=True):
-                self.params[name].data.copy_(full)
+            bucket.copy_into(buffer, [self.params[n].data for n in names])
 
     def _do_update_bias(self, action: StepAction) -> None:
         n = self.spec.model.moe.n_experts

@@ -30,6 +30,7 @@ from lcc.data.tokenizer import TokenizerError, plan_tokenizer
 from lcc.plan import PlanFormatError, read_plan
 from lcc.plan.program_check import ProgramMismatch, check_programs
 from lcc.plan.types import Plan
+from lcc.runtime import host_memory
 from lcc.runtime.checkpoint_files import CheckpointError
 from lcc.runtime.checkpoint_identity import read_identity
 from lcc.runtime.checkpoint_resume import Resume, prepare
@@ -98,6 +99,7 @@ def _run_rank(job: RankJob, rank: int, heartbeat: Heartbeat | None = None) -> No
     world, plan_dir, steps, metrics, checkpoints, resume = (job.world, job.plan_dir, job.steps, job.metrics,
                                                              job.checkpoints, job.resume)
     torch.set_num_threads(job.threads)
+    host_memory.keep_freed_memory()
     beat.beat("joining the process group")
     port = job.port if job.init else None  # init: through the launcher's store
     device = join_plan(plan_dir, rank, world, job.timeout_s, port)
@@ -314,6 +316,7 @@ def _launch(plan_dir: Path, world: int, steps: int, metrics: Path | None, quiet:
         return
     timeout_s = float(spec["train"]["collective_timeout_s"])
     threads = threads_per_rank(world)
+    host_memory.choice()
     context = multiprocessing.get_context("forkserver") if world > 1 else None
     run = Run(world, timeout_s, Path(plan_dir), metrics, checkpoints, context)
     try:
@@ -346,6 +349,7 @@ def _torchrun_worker(plan_dir: Path, steps: int, metrics: Path | None, quiet: bo
                      extra: tuple[str | None, str | None, str | None]) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    host_memory.choice()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     _worker(RankJob(world, int(os.environ["MASTER_PORT"]), str(plan_dir), steps, str(metrics) if metrics else None,
                     threads, timeout_s, quiet, str(checkpoints) if checkpoints else None, resume, init=False,

@@ -63,10 +63,25 @@ class ZeroLayout:
         full = self._gather(name, self.padded(name, piece))
         return full[:self.numel(name)].view(self.meta[name].local_shape)
 
-    def expert_factors(self, name: str, factors: torch.Tensor, numel: int) -> torch.Tensor:
-        """Per-expert factors (this rank's experts) over the first `numel` elements of its piece of `name`."""
-        per_expert = self.numel(name) // factors.numel()
-        return self.shard(name, factors.repeat_interleave(per_expert))[:numel]
+    def scale_experts(self, name: str, grad: torch.Tensor, factors: torch.Tensor) -> None:
+        """Multiply this rank's piece of expert parameter `name`'s gradient (`grad`: the piece, padded or
+        not) by its experts' factors (one per expert of this rank), in place, a slice per expert run
+        instead of a factor per element; padding is zeroed."""
+        flat, f = grad.view(-1), factors.to(grad.dtype)
+        per = self.numel(name) // factors.numel()
+        lo, hi = self.bounds(name)
+        pos, valid = 0, hi - lo
+        while pos < valid:
+            expert, into = divmod(lo + pos, per)
+            whole = (valid - pos) // per if into == 0 else 0
+            if whole:  # whole experts: one broadcast multiply
+                flat[pos:pos + whole * per].view(whole, per).mul_(f[expert:expert + whole, None])
+                pos += whole * per
+            else:  # the part of one expert at either end of the piece
+                end = min(valid, pos + per - into)
+                flat[pos:end].mul_(f[expert])
+                pos = end
+        flat[valid:].zero_()
 
     def padded(self, name: str, piece: torch.Tensor) -> torch.Tensor:
         """`piece` of `name` at the chunk size every rank's piece has (zeros after a short last piece): what

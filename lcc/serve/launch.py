@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from lcc.backends.cpu import native
 from lcc.plan.types import Plan
+from lcc.runtime import host_memory
 from lcc.runtime.checkpoint_files import CheckpointError
 from lcc.runtime.device import join_plan
 from lcc.runtime.heartbeat import Heartbeat
@@ -105,6 +106,7 @@ def _generate(plan_dir: Path, plan: Plan, job: Job) -> None:
     world = plan.world_size
     timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
     threads = threads_per_rank(world)
+    host_memory.choice()
     context = multiprocessing.get_context("forkserver") if world > 1 else None
     run = Run(world, timeout_s, Path(plan_dir), context=context)
     try:
@@ -140,6 +142,7 @@ def _serve_rank(rank: int, world: int, port: int, plan_dir: str, job: Job, threa
     from lcc.serve.rank import ServeRank
 
     torch.set_num_threads(threads)
+    host_memory.keep_freed_memory()
     beat.beat("joining the process group")
     device = join_plan(plan_dir, rank, world, timeout_s, port)
     try:
@@ -227,6 +230,7 @@ def serve(plan_dir: Path, opts: ServeOptions, force: bool = False) -> None:
     world = plan.world_size
     timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
     threads = threads_per_rank(world)
+    host_memory.choice()
     context = multiprocessing.get_context("forkserver")  # rank 0 too: it takes SIGTERM from the launcher
     run = Run(world, timeout_s, Path(plan_dir), context=context)
     logs = rank_logs(run, plan.spec_name)
@@ -314,6 +318,7 @@ def _server_rank(rank: int, world: int, port: int, plan_dir: str, opts: ServeOpt
     from lcc.serve.server import Metrics, listen, run_server
 
     torch.set_num_threads(threads)
+    host_memory.keep_freed_memory()
     beat.beat("joining the process group")
     device = join_plan(plan_dir, rank, world, timeout_s, port)
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else None

@@ -29,6 +29,22 @@ def test_pieces_cover_the_tensor_once():
     assert chunk_size(2, 3) == 1 and shard_flat(torch.ones(2), 3, 2).tolist() == [0.0]
 
 
+
+@pytest.mark.parametrize("experts, per, parts", [(4, 6, 3), (3, 5, 4), (2, 3, 5), (5, 2, 2)])
+def test_expert_factors_scale_each_piece_as_the_whole(experts, per, parts):
+    # pieces that start and end inside an expert, cover several, or are only padding
+    meta = {"w": Parameter(name="w", global_shape=[experts, per], local_shape=[experts, per], stages=[0], expert=True,
+                           zero=Zero("edp", parts))}
+    factors = torch.arange(1.0, experts + 1, dtype=torch.float64) / 7
+    whole = torch.randn(experts, per, dtype=torch.float64)
+    expected = whole * factors.view(-1, 1)  # each expert's rows by its factor
+    for index in range(parts):
+        layout = ZeroLayout(meta, {"edp": index}, None)
+        grad = shard_flat(whole, parts, index).clone()
+        grad[(layout.bounds("w")[1] - layout.bounds("w")[0]):] = 5.0  # padding, whatever it held
+        layout.scale_experts("w", grad, factors)
+        assert torch.equal(grad, shard_flat(expected, parts, index))
+
 def _rank(rank: int, port: int, errors: str) -> None:
     try:
         join_group("gloo", rank, 3, 60, port)
