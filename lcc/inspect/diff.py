@@ -77,7 +77,7 @@ def diff(a: Target, b: Target) -> dict[str, Any]:
     ca, cb = a.plan.cost, b.plan.cost
     worst = [{"plan": side, "rank": t.plan.cost["memory"]["worst_rank"]["rank"],
               "role": t.plan.cost["memory"]["worst_rank"]["role"],
-              "total_bytes": t.plan.cost["memory"]["worst_rank"]["total_bytes"]} for side, t in (("a", a), ("b", b))]
+              "peak_bytes": t.plan.cost["memory"]["worst_rank"]["peak_bytes"]} for side, t in (("a", a), ("b", b))]
     pipeline_a, pipeline_b = (_pipeline(o, c) for o, c in ((oa, ca), (ob, cb)))
     changes = {
         "spec": _changed(_flat(_spec(a)), _flat(_spec(b))),
@@ -91,8 +91,8 @@ def diff(a: Target, b: Target) -> dict[str, Any]:
         "experts": _changed(oa.get("experts", {}), ob.get("experts", {})),
         "programs": _programs(a, b),
     }
-    if worst[0]["total_bytes"] != worst[1]["total_bytes"] or worst[0]["role"] != worst[1]["role"]:
-        changes["worst_rank"] = sorted(worst, key=lambda w: -w["total_bytes"])
+    if worst[0]["peak_bytes"] != worst[1]["peak_bytes"] or worst[0]["role"] != worst[1]["role"]:
+        changes["worst_rank"] = sorted(worst, key=lambda w: -w["peak_bytes"])
     changes = {k: v for k, v in changes.items() if v}
     return {"a": a.label, "b": b.label, "changes": changes}
 
@@ -132,7 +132,7 @@ def render(console: Console, d: dict[str, Any], program_lines: int = 12) -> None
                       f"{r['ratio']:.4g}x" if "ratio" in r else "")
         console.print(t)
     for w in changes.get("worst_rank", []):
-        console.print(f"worst rank of {w['plan']}: rank {w['rank']} ({w['role']}), {size(w['total_bytes'])}")
+        console.print(f"worst rank of {w['plan']}: rank {w['rank']} ({w['role']}), peak {size(w['peak_bytes'])}")
     for role, p in changes.get("programs", {}).items():
         console.print(f"[bold]program {role}[/bold]: {p['removed']} line(s) removed, {p['added']} added")
         for line in p["lines"][:program_lines]:

@@ -13,7 +13,8 @@ from lcc.inspect.target import InspectError, Target
 from lcc.inspect.timeline import timeline
 
 COLORS = {"weights": "#4C72B0", "gathered_weights": "#8FAADC", "gradients": "#DD8452", "gathered_gradients": "#F2B98C",
-          "optimizer": "#55A868", "activations": "#C44E52", "kv_cache": "#8172B2"}
+          "optimizer": "#55A868", "activations": "#C44E52", "kv_cache": "#8172B2",
+          "workspace": "#937860"}
 PHASES = {"forward": "#4C72B0", "backward": "#DD8452"}
 
 
@@ -37,6 +38,9 @@ def _memory_panel(ax: Any, cost: dict[str, Any], mode: str, title: str, ymax: fl
         values = [r["by_kind"][kind] / gib for r in rows]
         ax.bar(range(pp), values, bottom=bottoms, color=COLORS[kind], label=kind.replace("_", " "), width=0.6)
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    if rows[0]["peak_phase"] is not None:  # training: the most held at one moment, below the kinds' sum
+        ax.hlines([r["peak_bytes"] / gib for r in rows], [i - 0.3 for i in range(pp)], [i + 0.3 for i in range(pp)],
+                  colors="black", linewidth=2, label="peak")
     device = rows[0]["device_bytes"] / gib
     ax.axhline(device, color="black", linestyle="--", linewidth=1, label=f"device memory ({device:.0f} GiB)")
     ax.set_xticks(range(pp), [f"pp{r}" for r in range(pp)])
@@ -104,8 +108,8 @@ def report_picture(cost: dict[str, Any], mode: str, t: Target | None, path: Path
 def side_by_side(a: Target, b: Target, path: Path) -> None:
     plt = _pyplot()
     gib = 2**30
-    ymax = max(max(memory(t.plan, r)["total_bytes"] for r in range(t.plan.mesh.size("pp"))) / gib
-               for t in (a, b))
+    rows = [memory(t.plan, r) for t in (a, b) for r in range(t.plan.mesh.size("pp"))]
+    ymax = max(max(m["total_bytes"], m["peak_bytes"]) for m in rows) / gib
     ymax = max(ymax, a.plan.cost["memory"]["device_bytes"] / gib, b.plan.cost["memory"]["device_bytes"] / gib)
     spans = [timeline(t.plan, json.loads(t.text("spec.json"))["cluster"]["network"]).makespan for t in (a, b)]
     scale = 1e3 if max(spans) < 10 else 1.0

@@ -148,12 +148,16 @@ def memory(plan: Plan, pp: int) -> dict[str, Any]:
 
 
 def memory_of(cost: dict[str, Any], mode: str, pp: int) -> dict[str, Any]:
-    """`memory` from a cost report (`lcc.report/1`) alone."""
+    """`memory` from a cost report (`lcc.report/1`) alone. `total_bytes` sums the kinds; `peak_bytes` is the
+    most held at one moment of a training step (`peak_phase` says which), or serving's total (the weights, the
+    KV cache at max batch and the workspace held at once)."""
     role = f"pp{pp}"
     device = cost["memory"]["device_bytes"]
     if mode == "serve":
         row = next(r for r in cost["serve"]["by_role"] if r["role"] == role)
-        kinds = {"weights": row["weights_bytes"], "kv_cache": row["kv_cache_bytes"]}
+        kinds = {"weights": row["weights_bytes"], "kv_cache": row["kv_cache_bytes"],
+                 "workspace": row["workspace_bytes"]}
+        peak, phase = row["total_bytes"], None
     else:
         row = next(r for r in cost["memory"]["by_role"] if r["role"] == role)
         kinds = {"weights": row["weights_bytes"] - row["weights_gathered_bytes"],  # the report counts them in
@@ -161,8 +165,9 @@ def memory_of(cost: dict[str, Any], mode: str, pp: int) -> dict[str, Any]:
                  "gradients": row["grads_bytes"] - row["grads_gathered_bytes"],
                  "gathered_gradients": row["grads_gathered_bytes"],
                  "optimizer": row["optimizer_bytes"], "activations": row["activations_bytes"]}
-    return {"by_kind": kinds, "total_bytes": row["total_bytes"], "device_bytes": device,
-            "share_of_device": row["total_bytes"] / device if device else None}
+        peak, phase = row["peak_bytes"], row["peak_phase"]
+    return {"by_kind": kinds, "total_bytes": row["total_bytes"], "peak_bytes": peak, "peak_phase": phase,
+            "device_bytes": device, "share_of_device": peak / device if device else None}
 
 
 def parameters(plan: Plan, rank: int, index: RankIndex) -> list[dict[str, Any]]:

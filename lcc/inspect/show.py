@@ -33,7 +33,7 @@ def overview(plan: Plan) -> dict[str, Any]:
         roles.append({"role": role.name, "stage": role.stage, "pp_rank": role.pp_rank, "layers": role.layers,
                       "embedding": role.embedding, "head": role.head, "parameters": len(role.parameters),
                       "forward_collectives": len(role.forward), "backward_collectives": len(role.backward),
-                      "program": role.program, "compiled": role.compiled, "memory_bytes": mem["total_bytes"]})
+                      "program": role.program, "compiled": role.compiled, "memory_bytes": mem["peak_bytes"]})
     out: dict[str, Any] = {
         "spec": plan.spec_name, "mode": plan.mode, "world_size": plan.world_size, "device": plan.device,
         "backend": plan.backend, "dtype": plan.dtype,
@@ -223,8 +223,13 @@ def _render_collectives(console: Console, rows: list[dict[str, Any]]) -> None:
 
 
 def _render_memory(console: Console, m: dict[str, Any]) -> None:
-    console.print(f"memory (cost model): {size(m['total_bytes'])} of {size(m['device_bytes'])} "
-                  f"({m['share_of_device']:.0%})")
+    if m["peak_phase"] is None:  # serving: everything is held at once
+        console.print(f"memory (cost model): {size(m['peak_bytes'])} of {size(m['device_bytes'])} "
+                      f"({m['share_of_device']:.0%}): weights, KV cache at max batch and workspace")
+    else:
+        console.print(f"memory (cost model): peak {size(m['peak_bytes'])} of {size(m['device_bytes'])} "
+                      f"({m['share_of_device']:.0%}) at the {m['peak_phase']}; the kinds below summed: "
+                      f"{size(m['total_bytes'])}")
     t = Table()
     t.add_column("kind")
     t.add_column("bytes", justify="right")

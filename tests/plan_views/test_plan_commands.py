@@ -122,7 +122,7 @@ def test_show_a_rank_and_a_role():
     assert {c["link"] for c in facts["collectives"] if c["axis"] == "tp"} == {"intra_node"}
     assert sum(p["bytes"] for p in facts["parameters"]) > 0
     code, output = run("plan", "show", GENERATED / "tiny-moe" / "serve", "--role", "stage1")
-    assert code == 0 and "role stage1" in output and "kv cache" in output
+    assert code == 0 and "role stage1" in output and "kv cache" in output and "workspace" in output
     code, output = run("plan", "show", GENERATED / "tiny-moe" / "serve", "--json")
     assert json.loads(output)["kernels"] == {  # tiny-moe's shipped layout: ep 4, so no decode_forward
         "experts": "int4_native_cpu", "attention": "native_cpu", "routing": "native_cpu", "dense": "native_cpu",
@@ -251,7 +251,12 @@ def test_a_rank_view_counts_zero3_reduce_scatters_once_and_memory_once():
     facts = json.loads(output)
     scatters = [c for c in facts["collectives"] if c["op"] == "reduce_scatter" and c["axis"] in ("dp", "edp")]
     assert scatters and all(c["calls_per_step"] == 1 for c in scatters)  # in the stage's last backward only
-    assert sum(facts["memory"]["by_kind"].values()) == facts["memory"]["total_bytes"]
+    memory = facts["memory"]
+    assert sum(memory["by_kind"].values()) == memory["total_bytes"]
+    # the device share is the peak's: the most held at one moment, below the kinds' sum (ZeRO-3's gathered
+    # copies and all activations are never held at once)
+    assert memory["peak_bytes"] < memory["total_bytes"] and memory["peak_phase"]
+    assert memory["share_of_device"] == memory["peak_bytes"] / memory["device_bytes"]
     assert facts["experts"]["groups"] == [6]
     sends = [c for c in facts["collectives"] if c["op"] in ("send", "recv")]
     assert {c["group_size"] for c in sends} == {2} and all(c["dtype"] == "float32" for c in sends)
