@@ -247,3 +247,25 @@ def test_threads_per_rank_share_the_cores_this_process_may_use(monkeypatch):
         monkeypatch.setenv("LCC_THREADS", bad)
         with pytest.raises(LaunchRefused, match="LCC_THREADS"):
             threads.threads_per_rank(1)
+
+
+def test_host_memory_is_kept_for_the_next_step_unless_told_otherwise(monkeypatch):
+    """A rank raises glibc's mmap and trim thresholds (lcc.runtime.host_memory); LCC_HOST_MALLOC=system keeps
+    glibc's own, and another value is refused before any rank starts (in a child process: the thresholds are
+    the process's)."""
+    import platform
+    import subprocess
+    import sys
+
+    from lcc.runtime import host_memory
+
+    code = "from lcc.runtime.host_memory import keep_freed_memory; print(keep_freed_memory())"
+    for choice, took in (("reuse", "True"), ("system", "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LCC_HOST_MALLOC": choice}).stdout.strip()
+        assert out == (took if platform.libc_ver()[0] == "glibc" else "False")
+    monkeypatch.setenv("LCC_HOST_MALLOC", "jemalloc")
+    with pytest.raises(LaunchRefused, match="LCC_HOST_MALLOC='jemalloc'"):
+        host_memory.choice()
+    result = run("run", "train", str(SPECS / "tiny-moe.yaml"), "--steps", "1")
+    assert result.exit_code != 0 and "LCC_HOST_MALLOC='jemalloc'" in result.output
