@@ -48,17 +48,18 @@ def render_serve(report: dict[str, Any], console: Console) -> None:
     serve, ex = report["serve"], report["experts"]
     console.print(f"serving: {serve['dtype']} weights, experts {ex['serve_format']}; batch {serve['max_batch']} "
                   f"sequences per dp rank of up to {serve['max_seq_len']} tokens")
-    t = _table("Memory per rank (serving)", "role", "weights", "KV / token", "KV at max batch", "workspace", "total",
+    t = _table("Memory per rank (serving)", "role", "weights", "KV / token", "KV at max batch", "total",
                "KV tokens that fit", "decode reads", "decode step")
     for r in serve["by_role"]:
         fit = f"{r['kv_tokens_fit']:,}" if r["kv_tokens_fit"] is not None else "-"
         t.add_row(r["role"], gib(r["weights_bytes"]), gib(r["kv_bytes_per_token"]), gib(r["kv_cache_bytes"]),
-                  gib(r["workspace_bytes"]), gib(r["total_bytes"]), fit, gib(r["decode_read_bytes"]),
+                  gib(r["total_bytes"]), fit, gib(r["decode_read_bytes"]),
                   f"{r['decode_seconds'] * 1e3:.3f} ms")
     console.print(t)
     fits = "[green]fits[/green]" if serve["fits"] else "[red]does NOT fit[/red]"
+    worst = max(serve["by_role"], key=lambda r: r["total_bytes"])
     console.print(f"worst rank {gib(serve['worst_rank_bytes'])} of {gib(report['memory']['device_bytes'])} "
-                  f"(weights + KV cache at max batch + workspace): {fits}")
+                  f"(weights + KV cache at max batch + workspace {gib(worst['workspace_bytes'])}): {fits}")
     step = serve["decode_step"]
     console.print(f"decode step (memory-bound): {step['seconds'] * 1e3:.3f} ms, {human(step['tokens_per_second'])} "
                   f"tokens/s; stages in turn, full context, {step['experts_touched_share']:.0%} of experts reached")

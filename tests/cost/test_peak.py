@@ -7,7 +7,7 @@ import pytest
 
 from lcc.compiler.cost.memory import LayerShape, MoEShape, dense_layer_activations, moe_activations
 from lcc.compiler.cost.model import CostModel
-from lcc.compiler.cost.peak import Backward, Block, walk
+from lcc.compiler.cost.peak import Backward, Block, gather_updated, walk
 from lcc.compiler.cost.report import cost_report
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS
 from lcc.spec import load_spec
@@ -103,15 +103,17 @@ def test_moe_activations():
     assert moe_activations(x, "full") == 0
 
 
-def test_zero1_peaks_gathering_the_updated_experts():
+def test_zero1_gathers_the_updated_experts_into_a_buffer_beside_the_parameters():
+    # small-moe as shipped: dp 4, ep 2, so the experts are sharded over edp 2 and the dense parameters over
+    # dp 4; the experts' gather is the larger: its buffer (every rank's pieces, whole) beside the states
     spec = load_spec(SPECS / "small-moe.yaml", ["parallelism.zero=1", "parallelism.activation_checkpointing=full"])
     cm = CostModel(spec)
     (role,) = cm.roles
     m = cm.role_memory(role)
     local = cm.local(role)
     pieces = 4 * (-(-local.dense // 4) + -(-local.experts // 2))
-    assert m["peak_phase"] == "gathering updated parameters"
-    assert m["peak_bytes"] == m["weights_bytes"] + m["optimizer_bytes"] + pieces + 2 * 4 * local.experts
+    assert gather_updated(cm, role, local) == 4 * local.experts
+    assert m["peak_bytes"] >= m["weights_bytes"] + m["optimizer_bytes"] + pieces + 4 * local.experts
 
 
 def test_full_checkpointing_lowers_the_peak_less_than_the_activations():

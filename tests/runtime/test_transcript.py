@@ -32,6 +32,9 @@ CASES = {  # interleaved virtual stages with tp and full recomputation
     # ZeRO 2 reduce-scattering every micro-batch (a device memory between the two peaks, `between_peaks`)
     "zero2_microbatch": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
                          "parallelism.zero=2", "parallelism.activation_checkpointing=none"],
+    # ZeRO 1 with the experts over an edp axis of one rank: their piece is the whole, used as it is
+    "zero1_edp1": ["parallelism.pp=1", "parallelism.dp=2", "parallelism.ep=2", "cluster.gpus_per_node=2",
+                   "parallelism.zero=1"],
     # sequence parallelism under bfloat16 autocast: the column-parallel layers keep autocast's copy of their
     # gathered input, so backward gathers nothing again
     "sp_tp2_bfloat16": ["parallelism.tp=2", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1",

@@ -16,8 +16,8 @@ FFN norm) and its attention block, or a dense layer's MLP block and attention bl
   backward). Buckets fill in backward order and close at BUCKET_ELEMENTS, as the compiler cuts them (here
   block by block); the last closes after backward;
 - the optimizer step: every gradient as it reaches the optimizer (ZeRO-1 clones its pieces off the whole
-  gradients), then ZeRO 1-2's gather of the updated pieces (one stage's dense parameters or experts: the
-  gathered buffer and each parameter's copy split from it).
+  gradients, where a ZeRO axis has more than one rank), then ZeRO 1-2's gather of the updated pieces (one
+  stage's dense parameters or experts: the gathered buffer beside the parameters it is copied into).
 Autograd's own temporaries inside an operation's backward and uneven routing are not modelled.
 Pure functions of numbers and the spec; torch-free.
 """
@@ -232,8 +232,8 @@ def edge_blocks(cm: CostModel, role: Role, zero: int) -> tuple[list[Block], list
 
 def gather_updated(cm: CostModel, role: Role, local: P.LocalParams) -> float:
     """ZeRO 1-2 after the optimizer step: the largest of the role's gathers of updated pieces (one stage's
-    dense parameters over dp or experts over edp): the gathered buffer, and each parameter's copy split
-    from it (rank-major pieces: a strided slice per parameter), both whole. `local`: the role's parameters."""
+    dense parameters over dp or experts over edp): the gathered buffer, whole, copied straight into the
+    parameters (lcc.ops.zero.GatherBucket.copy_into). `local`: the role's parameters."""
     par, spec = cm.par, cm.spec
     w = STATE_BYTES[spec.train.dtype].weights
     last = par.n_stages - 1
@@ -243,7 +243,7 @@ def gather_updated(cm: CostModel, role: Role, local: P.LocalParams) -> float:
                 P.local_params(spec, list(range(*cm.stage_bounds[s])), s == 0, s == last))
         for count, ways in ((here.dense, par.dp), (here.experts, par.edp)):
             if ways > 1:
-                most = max(most, 2 * count * w)
+                most = max(most, count * w)
     return most
 
 
@@ -284,7 +284,8 @@ def role_memory(cm: CostModel, role: Role, zero: int | None = None, recompute: s
                         m > 1 and zero >= 2 and not whole, b.grads, (par.dp, par.edp))
     peak, where, grads = walk(backward, [*((-1, x) for x in head), *layers, *((-1, x) for x in embedding)])
     pieces = (math.ceil(local.dense / par.dp) + math.ceil(local.experts / par.edp)) * b.grads
-    moments = [(backward.base + grads + (pieces if zero == 1 else 0.0), "optimizer step")]
+    copied = sum(math.ceil(n / ways) for n, ways in ((local.dense, par.dp), (local.experts, par.edp)) if ways > 1)
+    moments = [(backward.base + grads + (copied * b.grads if zero == 1 else 0.0), "optimizer step")]
     if zero in (1, 2):
         moments.append((backward.base + pieces + gather_updated(cm, role, local), "gathering updated parameters"))
     for moment, name in moments:
