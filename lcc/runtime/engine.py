@@ -342,19 +342,12 @@ class RankEngine:
 
     def _optimizer_pieces(self) -> None:
         """The gradients in the layout the optimizer updates: whole local tensors, or with ZeRO 1 and 2
-        this rank's piece, unpadded (ZeRO 1 copies it off the whole gradient, which is then freed, where the
-        piece is not all of it)."""
+        this rank's piece, unpadded (`ZeroLayout.optimizer_piece`)."""
         if self.in_pieces:
             return
         self.in_pieces = True
         if self.zero in (1, 2):
-            for name, g in self.grads.items():
-                lo, hi = self.layout.bounds(name)
-                if self.zero == 2:
-                    self.grads[name] = g[:hi - lo]
-                else:
-                    piece = self.layout.piece(name, g)
-                    self.grads[name] = piece.clone() if self.layout.parts(name) > 1 else piece
+            self.grads = {n: self.layout.optimizer_piece(n, g, self.zero) for n, g in self.grads.items()}
 
     def _do_clip_grad_norm(self, action: StepAction) -> None:
         """Token-count shaping of the expert gradients (before clipping, as the reference), then clipping

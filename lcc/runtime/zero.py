@@ -63,6 +63,16 @@ class ZeroLayout:
         full = self._gather(name, self.padded(name, piece))
         return full[:self.numel(name)].view(self.meta[name].local_shape)
 
+    def optimizer_piece(self, name: str, grad: torch.Tensor, zero: int) -> torch.Tensor:
+        """The gradient of `name` as ZeRO 1 or 2's optimizer updates it, this rank's piece unpadded: ZeRO 2's
+        reduce-scattered piece cut to it; ZeRO 1's copied off the whole gradient (which is then freed), or the
+        whole itself where the ZeRO axis has one rank."""
+        lo, hi = self.bounds(name)
+        if zero == 2:
+            return grad[:hi - lo]
+        piece = self.piece(name, grad)
+        return piece.clone() if self.parts(name) > 1 else piece
+
     def scale_experts(self, name: str, grad: torch.Tensor, factors: torch.Tensor) -> None:
         """Multiply this rank's piece of expert parameter `name`'s gradient (`grad`: the piece, padded or
         not) by its experts' factors (one per expert of this rank), in place, a slice per expert run
