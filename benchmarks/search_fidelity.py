@@ -3,7 +3,10 @@ ranks.
 
 The cluster section comes from `lcc calibrate` with 4 ranks measuring at once, since they share the cores:
 its table of achieved rates by operation class and size, which the cost model interpolates. The calibration
-measures operations and collectives alone, never the runs predicted.
+measures operations and collectives alone, never the runs predicted. The routing's load imbalance
+(`routing.balance.expected_imbalance`, the busiest expert's load over the mean) is measured apart too, in a
+run of the same model on one rank: every layout routes the same tokens to the same experts, so this run's
+routing is that of all the layouts, and it is none of them.
 The model is shrunk to keep each step short (train.global_batch=4, train.seq_len=128). Every valid layout that fits
 is predicted (`lcc plan search --no-prune`). The 12 best predicted and 12 others drawn at random (seed 0, from the
 others in a fixed order, so that the draw does not depend on the calibration) are then run with `lcc run train` for
@@ -59,6 +62,28 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
 
 
+ONE_RANK = ["parallelism.tp=1", "parallelism.pp=1", "parallelism.dp=1", "parallelism.ep=1", "parallelism.zero=0",
+            "parallelism.sequence_parallel=false", "parallelism.expert_overlap=false",
+            "parallelism.pipeline.schedule=1f1b", "parallelism.pipeline.microbatches=1",
+            "parallelism.pipeline.virtual_stages=1", "cluster.nodes=1", "cluster.gpus_per_node=1"]
+
+
+def routing_imbalance(spec_path: Path, work: Path, steps: int) -> float:
+    """The busiest expert's load over the mean (`imbalance_expert`), averaged over the MoE layers and the steps
+    after the first, in a run of the spec's model on one rank."""
+    import yaml
+
+    from lcc.spec import load_spec, resolved
+
+    path, metrics = work / "routing.yaml", work / "routing.jsonl"
+    path.write_text(yaml.safe_dump(resolved(load_spec(spec_path, ONE_RANK)), sort_keys=False))
+    subprocess.run([sys.executable, "-m", "lcc", "run", "train", str(path), "--steps", str(steps), "--metrics",
+                    str(metrics)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    figures = [layer["imbalance_expert"] for line in metrics.read_text().splitlines()[1:]
+               for layer in json.loads(line)["router"].values()]
+    return statistics.mean(figures)
+
+
 def main() -> None:
     import yaml
 
@@ -82,6 +107,10 @@ def main() -> None:
     base_path = work / "small-moe.yaml"
     base = load_spec(ROOT / "specs" / "small-moe.yaml", SHRINK)
     base_path.write_text(yaml.safe_dump({**resolved(base), "cluster": cluster}, sort_keys=False))
+    imbalance = routing_imbalance(base_path, work, args.steps)
+    base = load_spec(base_path, [f"routing.balance.expected_imbalance={imbalance:.3f}"])
+    base_path.write_text(yaml.safe_dump(resolved(base), sort_keys=False))
+    print(f"routing measured on one rank: the busiest expert takes {imbalance:.2f}x the mean load", flush=True)
     spec = load_spec(base_path)
     result = search(spec, 4, nodes=1, top=10**6, prune=False)
     layouts = [e for e in result.top]
@@ -119,7 +148,8 @@ def main() -> None:
                "max_abs_relative_error": max(errors), "measured_within_range": inside,
                "predicted_best_measured_seconds": best_predicted["measured"], "measured_best_seconds": best_measured,
                "predicted_best_within_10_percent": best_predicted["measured"] <= 1.1 * best_measured,
-               "runs": len(runs), "valid_fitting_layouts": len(layouts), "minutes": (time.perf_counter() - began) / 60}
+               "runs": len(runs), "valid_fitting_layouts": len(layouts), "expected_imbalance": imbalance,
+               "minutes": (time.perf_counter() - began) / 60}
     print(json.dumps(summary, indent=2))
     try:
         import matplotlib

@@ -19,11 +19,14 @@ JOIN_TIMEOUT_S = 60.0
 
 
 def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads: int, device: str, out: Any) -> None:
+    from lcc.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as a training rank does: the probes' freed tensors are reused, not faulted in again
     import torch
     import torch.distributed as dist
 
     from lcc.runtime.rendezvous import join_group
-    from lcc.search.probes import Clock, collective_probes, compute_probes
+    from lcc.search.probes import Clock, collective_probes, compute_probes, concurrency_probe
 
     torch.set_num_threads(threads)
     kind = getattr(torch, dtype)
@@ -34,6 +37,7 @@ def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads:
         join_group("nccl" if device == "cuda" else "gloo", rank, world, JOIN_TIMEOUT_S, port)
     clock = Clock(where, seconds, dist.barrier if world > 1 else (lambda: None))
     result = compute_probes(clock, kind, where)
+    result["concurrency"] = concurrency_probe(clock, rank, world, kind, where)
     if world > 1:
         result["collectives"] = collective_probes(clock, rank, world, where)
         dist.destroy_process_group()
@@ -94,6 +98,9 @@ def merged(per_rank: list[dict]) -> dict[str, Any]:
     table: dict[str, Any] = {name: rows([r[name] for r in per_rank])
                              for name in ("linear", "experts", "attention", "elementwise", "optimizer")}
     table["op_seconds"] = [round(x, 9) for x in summary([r["op"] for r in per_rank])]
+    table["concurrency"] = [[busy, *(round(x, 9) for x in summary([r["concurrency"][i][1] for r in per_rank
+                                                                   if r["concurrency"][i][1] is not None]))]
+                            for i, (busy, _) in enumerate(first["concurrency"])]
     if "collectives" in first:
         table["collectives"] = {kind: [[n, *row] for n in first["collectives"][kind]
                                        for row in rows([r["collectives"][kind][n] for r in per_rank])]
@@ -124,7 +131,7 @@ def cluster_section(rates: dict[str, Any]) -> dict[str, Any]:
               "peak_tflops": round(flops / 1e12, 6), "memory_tbps": round(stream[0] / stream[1] / 1e12, 6)}
     calibration = {"ranks": ranks, "threads_per_rank": rates["threads_per_rank"], "dtype": rates["dtype"],
                    **{k: rates[k] for k in ("linear", "experts", "attention", "elementwise", "optimizer",
-                                            "op_seconds")},
+                                            "op_seconds", "concurrency")},
                    "collectives": rates.get("collectives", {})}
     return {"nodes": 1, "gpus_per_node": ranks, "device": device,
             "network": {"intra_node_gbps": round(gbps, 3), "inter_node_gbps": round(gbps, 3),

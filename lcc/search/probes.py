@@ -11,7 +11,11 @@ of, each at a ladder of sizes, as the runtime runs them (autograd's forward and 
 - op: the fixed cost of one operation dispatched to PyTorch's kernels, over a chain of small autograd
   operations, forward and backward (PyTorch's dispatch, autograd's bookkeeping, Python);
 - collectives: all-reduce, all-to-all, all-gather, reduce-scatter and a send/receive pair by bytes, over
-  groups of each size that divides the ranks, all groups of a size at once.
+  groups of each size that divides the ranks, all groups of a size at once;
+- concurrency: one reference workload, a small MoE layer's operations (a linear layer, a grouped expert block
+  and an element-wise pass, forward and backward), with 1, 2, ... of the ranks computing at once and the
+  others idle: ranks that share a host's cores, caches and memory bus compute faster while some of them
+  wait (a pipeline's fill and drain).
 
 Each point is timed in batches of calls; a point's figure is the median over ranks and batches, its spread
 the 10th and 90th percentiles. A ladder stops at the first size after its FEWEST_POINTS whose call takes
@@ -36,6 +40,7 @@ ELEMENTWISE_BYTES = (1 << 14, 1 << 18, 1 << 22, 1 << 26)
 OPTIMIZER_PARAMS = (1 << 16, 1 << 20, 1 << 23)
 COLLECTIVE_BYTES = (1 << 10, 1 << 14, 1 << 18, 1 << 21, 1 << 23)
 COLLECTIVES = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send_recv")
+REFERENCE = {"rows": 256, "width": 512, "experts": 8, "expert_rows": 32, "bytes": 1 << 22}  # the concurrency probe
 LONGEST_CALL_S = 0.05
 FEWEST_POINTS = 2
 BATCHES = 5
@@ -258,6 +263,40 @@ def _pair(t: Any, o: Any, peer: int | None, first: bool) -> Callable[[], None]:
             dist.recv(o, peer)
             dist.send(t, peer)
     return call
+
+
+def concurrency_probe(clock: Clock, rank: int, world: int, kind: Any, device: Any) -> list[list]:
+    """Per-call seconds of the reference workload (REFERENCE) on this rank with `busy` ranks (the first ones)
+    computing it at once, for busy = 1 .. world: [busy, this rank's batches, or None where it stood idle]."""
+    import torch
+
+    from lcc.model.moe import swiglu_segments
+
+    ref = REFERENCE
+    width, experts = ref["width"], ref["experts"]
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=kind, device=device).mul_(0.02).requires_grad_(True)
+
+    x, w, tokens = tensor(ref["rows"], width), tensor(width, width), tensor(experts * ref["expert_rows"], width)
+    weights = [tensor(experts, width, width) for _ in range(3)]
+    counts = torch.full((experts,), ref["expert_rows"], dtype=torch.int64, device=device)
+    a = torch.ones(max(1, ref["bytes"] // (3 * x.element_size())), dtype=kind, device=device)
+    b = torch.zeros_like(a)
+    layer = _train(lambda: x @ w.T, [x, w])
+    block = _train(lambda: swiglu_segments(tokens, counts, *weights), [tokens, *weights])
+
+    def work() -> None:
+        layer()
+        block()
+        b.add_(a)
+
+    longer = Clock(clock.device, 5 * clock.seconds, clock.barrier)  # batches long enough to share the cores fairly
+    out = []
+    for busy in range(1, world + 1):
+        times = longer.batches(work if rank < busy else (lambda: None))
+        out.append([busy, times if rank < busy else None])
+    return out
 
 
 def summary(samples: list[list[float]]) -> list[float]:

@@ -4,6 +4,9 @@ model interpolates instead of the datasheet's peaks (docs/cost-model.md, "Calibr
 Each compute row is its shape, the forward's median seconds, then the forward and backward's seconds:
 median, 10th and 90th percentile over every rank's batches of calls. Element-wise, optimizer and collective
 rows are their size, then the same three figures; a collective's row begins with its group's size.
+`concurrency` times one reference workload with 1, 2, ... of the ranks computing at once (the others idle):
+where ranks share a host's cores, as CPU ranks do, fewer busy ranks compute faster, and a pipeline's fill and
+drain run at those rates. Without it, every rank computes at the rate measured with all of them busy.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Calibration(BaseModel):
     optimizer: tuple[tuple[Size, Seconds, Seconds, Seconds], ...] = Field(
         description="Gradient norm and AdamW step: [parameters, seconds: median, fast, slow]")
     op_seconds: Spread = Field(description="One small operation, forward and backward: median, fast, slow.")
+    concurrency: tuple[tuple[Annotated[int, Field(gt=0, le=1 << 20)], Seconds, Seconds, Seconds], ...] = Field(
+        (), description="[ranks computing at once, seconds of the reference workload: median, fast, slow]")
     collectives: dict[Collective, tuple[tuple[Group, Size, Seconds, Seconds, Seconds], ...]] = Field(
         default_factory=dict, description="By kind: [group size, bytes per rank, seconds: median, fast, slow]")
 
@@ -46,4 +51,8 @@ class Calibration(BaseModel):
         for name in ("linear", "experts", "attention", "elementwise", "optimizer"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: at least one measured point")
+        busy = [row[0] for row in self.concurrency]
+        if busy and (busy != sorted(set(busy)) or busy[-1] != self.ranks):
+            raise ValueError(f"concurrency: rows by ranks computing at once, ascending, the last at all {self.ranks}"
+                             f" ranks (got {busy})")
         return self

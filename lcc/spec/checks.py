@@ -107,6 +107,11 @@ def routing_counts(spec: Spec) -> Iterator[_Found]:
     if k.expected is not None and not k.min <= k.expected <= k.max:
         yield _Found("routing.k.expected", f"k.expected {k.expected} is outside [k.min {k.min}, k.max {k.max}]",
                      "routing.k.min", "routing.k.max")
+    if routing.balance.expected_imbalance > moe.n_experts:
+        yield _Found("routing.balance.expected_imbalance", f"{routing.balance.expected_imbalance} is more than "
+                     f"the busiest of {moe.n_experts} experts can take: all tokens on one expert is "
+                     f"{moe.n_experts} times the mean", "model.moe.n_experts",
+                     hint=f"set it between 1.0 (even load) and {moe.n_experts}")
     if k.max > reachable:
         yield _Found("routing.k.max",
                      f"k.max {k.max} exceeds the {reachable} experts reachable in the {routing.groups.top} kept "

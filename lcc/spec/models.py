@@ -136,6 +136,9 @@ class Balance(_Section):
     bias_rate: NonNegFloat = Field(1.0e-3, description="Load-bias step per optimizer step (least_loaded only).")
     aux_loss_coef: NonNegFloat = Field(0.0, description="Switch-style load-balancing loss coefficient.")
     z_loss_coef: NonNegFloat = Field(0.0, description="Router z-loss coefficient.")
+    expected_imbalance: Annotated[float, Field(ge=1.0, le=1e6, allow_inf_nan=False)] = Field(
+        1.0, description="Planning estimate for the cost model: the busiest expert's routed tokens over the mean "
+                         "(training reports it as imbalance_expert); 1.0 = even load.")
 
 
 class Routing(_Section):

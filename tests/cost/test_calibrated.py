@@ -120,3 +120,94 @@ def test_a_bad_calibration_row_names_its_place(tmp_path):
     bad["linear"][1] = [256, 256, 256, 0.1]
     with pytest.raises(SpecError, match=r"calibrated\.yaml:\d+:\d+: cluster\.calibration\.linear\[1\]"):
         calibrated(tmp_path, bad)
+
+
+def test_past_its_largest_size_a_ladder_grows_by_its_last_segments_marginal_rate():
+    # 1 and 2 units of work took 0.1 and 0.1333 s: a fixed 0.0667 s and 30 units a second beyond it
+    ladder = Ladder([(1.0, 10.0), (2.0, 15.0)])
+    assert ladder.rate(4.0) == pytest.approx(4.0 / (0.1 + 3 / 30))
+    assert Ladder([(1.0, 10.0), (2.0, 15.0)], cap=18.0).rate(100.0) == pytest.approx(18.0)
+    # an attention core's work grows as its sequence squared: work 1 and 4 took 0.1 and 0.2 s (30 a second
+    # beyond the first), so sequence 3's work of 9 takes 0.2 s and 5 more units at 30 a second
+    assert Ladder([(1.0, 10.0), (2.0, 20.0)], power=2.0).rate(3.0) == pytest.approx(9.0 / (0.2 + 5 / 30))
+
+
+CONCURRENCY = [[1, 0.5, 0.5, 0.5], [2, 0.75, 0.75, 0.75], [4, 1.0, 1.0, 1.0]]  # alone: 2x; two at once: 1.33x
+
+
+def test_fewer_ranks_computing_at_once_compute_at_the_concurrency_tables_speed():
+    rates = Rates(Calibration.model_validate({**table(), "concurrency": CONCURRENCY}))
+    assert rates.speed(1) == 2.0 and rates.speed(4) == 1.0 and rates.speed(3) == pytest.approx(1 / 0.875)
+    assert Rates(Calibration.model_validate(table())).speed(1) == 1.0  # no table: every rank at the all-busy rate
+
+
+def test_the_simulated_schedule_says_which_pipeline_ranks_compute_when():
+    from lcc.compiler.cost.contention import busy_intervals
+    from lcc.compiler.schedule import add_p2p, generate, simulate
+
+    for schedule, pp, virtual, m in (("gpipe", 2, 1, 1), ("1f1b", 4, 1, 8), ("interleaved_1f1b", 2, 2, 4),
+                                     ("zb_h1", 4, 1, 4), ("zbv", 2, 2, 4)):
+        intervals = busy_intervals(schedule, pp, virtual, m)
+        sim = simulate(add_p2p(generate(schedule, pp, virtual, m), pp * virtual, schedule), pp * virtual, m,
+                       placement=schedule)
+        assert sum(length for length, _ in intervals) == sim.makespan
+        assert sum(length * len(busy) for length, busy in intervals) == sum(sim.busy)
+    # GPipe with one micro-batch: one pipeline rank at a time, F on 0 then 1, B on 1 then 0
+    assert busy_intervals("gpipe", 2, 1, 1) == ((1.0, {0}), (1.0, {1}), (2.0, {1}), (2.0, {0}))
+
+
+def test_a_pipelines_fill_and_drain_compute_at_the_speed_of_the_ranks_then_busy(tmp_path):
+    """GPipe with one micro-batch keeps one pipeline rank (dp 2 x tp 1 = 2 ranks) computing at a time: at the
+    table's speed for 2 ranks its compute takes 0.75 of its all-busy time, and the bubble stretches that."""
+    over = ["parallelism.pp=2", "parallelism.dp=2", "parallelism.ep=2", "parallelism.pipeline.schedule=gpipe",
+            "parallelism.pipeline.microbatches=1"]
+    plain = CostModel(calibrated(tmp_path, table(fixed=1e-4), over))
+    shared = CostModel(calibrated(tmp_path, {**table(fixed=1e-4), "concurrency": CONCURRENCY}, over))
+    assert plain.compute_stretch == 1.0 and shared.compute_stretch == pytest.approx(0.75)
+    compute, inside, _ = max((plain.role_seconds(r) for r in plain.roles), key=lambda s: s[0] + s[1])
+    assert step_seconds(plain) - step_seconds(shared) == pytest.approx(0.25 * compute / (1 - 0.5), rel=1e-9)
+    # every rank busy at once (no pipeline) computes at the all-busy rate the other tables were measured at
+    flat = CostModel(calibrated(tmp_path, {**table(), "concurrency": CONCURRENCY}, ["parallelism.dp=4"]))
+    assert flat.compute_stretch == 1.0
+
+
+def test_a_concurrency_table_must_end_at_all_ranks_busy(tmp_path):
+    bad = {**table(), "concurrency": [[1, 0.5, 0.5, 0.5], [2, 0.75, 0.75, 0.75]]}
+    with pytest.raises(SpecError, match=r"cluster\.calibration.*concurrency: rows by ranks computing at once"):
+        calibrated(tmp_path, bad)
+
+
+@pytest.mark.parametrize("imbalance", [1.0, 3.0, 6.0, 16.0])
+@pytest.mark.parametrize("ep", [1, 2, 4, 16])
+def test_the_busiest_expert_parallel_rank_holds_the_busiest_expert_and_an_even_share_of_the_rest(imbalance, ep):
+    from lcc.compiler.cost.work import busiest_ep_share
+
+    spec = load_spec(SPECS / "small-moe.yaml", [f"routing.balance.expected_imbalance={imbalance}",
+                                                 f"parallelism.ep={ep}", "parallelism.dp=16", "parallelism.pp=1",
+                                                 "cluster.gpus_per_node=16", "model.moe.n_groups=16"])
+    n = spec.model.moe.n_experts
+    loads = [imbalance] + [(n - imbalance) / (n - 1)] * (n - 1)  # the busiest expert first; mean load 1
+    ranks = [sum(loads[r * n // ep:(r + 1) * n // ep]) for r in range(ep)]
+    assert busiest_ep_share(spec) == pytest.approx(max(ranks) / (sum(ranks) / ep), rel=1e-12)
+
+
+def test_an_expected_imbalance_slows_only_layouts_with_expert_parallelism(tmp_path):
+    """The busiest rank's extra rows cost its experts' compute and exchange; with one rank holding every
+    expert the load is its own whatever the routing."""
+    for rates in (None, table(fixed=1e-4)):
+        steps = {}
+        for ep in (1, 4):
+            for imbalance in (1.0, 4.0):
+                over = [f"parallelism.ep={ep}", f"routing.balance.expected_imbalance={imbalance}"]
+                spec = calibrated(tmp_path, rates, over) if rates else load_spec(SPECS / "small-moe.yaml", over)
+                steps[ep, imbalance] = step_seconds(CostModel(spec))
+        assert steps[1, 4.0] == steps[1, 1.0], rates is None
+        assert steps[4, 4.0] > steps[4, 1.0], rates is None
+
+
+def test_an_imbalance_beyond_all_tokens_on_one_expert_is_refused():
+    with pytest.raises(SpecError, match=r"routing\.balance\.expected_imbalance: 17\.0 is more than the busiest of "
+                                        r"16 experts can take"):
+        load_spec(SPECS / "small-moe.yaml", ["routing.balance.expected_imbalance=17"])
+    with pytest.raises(SpecError, match=r"routing\.balance\.expected_imbalance"):
+        load_spec(SPECS / "small-moe.yaml", ["routing.balance.expected_imbalance=0.5"])

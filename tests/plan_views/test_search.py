@@ -208,6 +208,7 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     assert table.ranks == 2 and {"all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send_recv"} <= set(
         table.collectives)
     assert min(len(table.linear), len(table.experts), len(table.attention)) >= 4
+    assert [row[0] for row in table.concurrency] == [1, 2]  # one rank computing alone, then both at once
     time = cost_report(spec)["time"]
     assert time["rates"] == {"compute": "calibrated", "communication": "calibrated"}
     assert 0 < time["step_seconds_low"] <= time["step_seconds_estimate"] <= time["step_seconds_high"]

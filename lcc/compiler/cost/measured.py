@@ -6,8 +6,8 @@ Per micro-batch on one rank, a layer is:
 - its linear layers (q, k, v, o; a dense FFN's or shared experts' three; the router's centroids and kept
   experts' rows) over the rows the rank holds, forward and backward (and the forward again where recomputed);
 - the attention core over the rank's heads; the routed experts as one grouped block over the rank's experts
-  (rows per expert: the slots that reach the rank under uniform routing, `tokens / tp x k.expected` over
-  `E / ep` experts);
+  (rows per expert: the slots that reach the busiest rank, `tokens / tp x k.expected` over `E / ep` experts
+  times `busiest_ep_share`, 1 under even routing; the exchange's rows likewise);
 - element-wise passes over its activations (norms, residuals, RoPE, SwiGLU's product, dispatch and combine)
   and its gradients (written, accumulated), at the measured streaming rate;
 - a fixed cost per operation (`op_seconds`) for each operation its forward and backward issue (OPS);
@@ -28,7 +28,13 @@ from lcc.compiler.cost.memory import STATE_BYTES
 from lcc.compiler.cost.params import embedding_params, local_kv_heads, local_layer_params
 from lcc.compiler.cost.rates import Rates
 from lcc.compiler.cost.traffic import BUCKET_ELEMENTS
-from lcc.compiler.cost.work import act_bytes, layer_collectives, microbatch_sequences, router_bytes
+from lcc.compiler.cost.work import (
+    act_bytes,
+    busiest_ep_share,
+    layer_collectives,
+    microbatch_sequences,
+    router_bytes,
+)
 
 if TYPE_CHECKING:
     from lcc.compiler.cost.model import CostModel, Role
@@ -90,12 +96,13 @@ def layer_compute(cm: CostModel, rates: Rates, layer: int) -> float:
             seconds += (rates.linear(rows, m.d_model, moe_cfg.n_groups, backward=False)
                         + rates.linear(rows, m.d_model, kept, backward=False))
         slots = rows * routing.k.planned
+        received = slots * busiest_ep_share(spec)  # the slots that reach the busiest rank's experts
         local = moe_cfg.n_experts // par.ep
-        per_expert = slots / local  # the slots that reach this rank's experts, uniform routing
+        per_expert = received / local
         seconds += rates.experts(local, per_expert, m.d_model, moe_cfg.expert_d_ff)
         if recompute_all:
             seconds += rates.experts(local, per_expert, m.d_model, moe_cfg.expert_d_ff, backward=False)
-        passes += SLOT_PASSES * slots * m.d_model + SWIGLU_PASSES * slots * moe_cfg.expert_d_ff
+        passes += SLOT_PASSES * slots * m.d_model + SWIGLU_PASSES * received * moe_cfg.expert_d_ff
         ops += OPS["moe"]
     forwards = 2 if recompute_all else 1
     seconds += rates.elementwise((forwards + 2) * passes * ab)  # backward: twice the forward's passes
@@ -139,6 +146,7 @@ def layer_comm(cm: CostModel, rates: Rates, layer: int) -> float:
         passes, _ = exchange_passes(policy)
         halves = 2 if par.expert_overlap else 1
         slots = cm.tokens / par.tp * spec.routing.k.planned * spec.model.d_model * ab / halves
+        slots *= busiest_ep_share(spec)  # the busiest rank's rows set the exchange's time
         rows = halves * passes
         seconds += rows * _coll(cm, rates, "all_to_all", slots, "ep")
         small = max(0, c.ep + c.ep_intra - rows)  # counts, plans and gates
@@ -243,7 +251,7 @@ def layer_exchange(cm: CostModel, rates: Rates, layer: int) -> tuple[float, floa
     if not spec.model.is_moe(layer):
         return 0.0, 0.0, 0.0
     rows = cm.tokens / par.tp / 2
-    slots = rows * spec.routing.k.planned
+    slots = rows * spec.routing.k.planned * busiest_ep_share(spec)  # what reaches the busiest rank
     one = _coll(cm, rates, "all_to_all", slots * spec.model.d_model * act_bytes(spec), "ep")
     local = spec.model.moe.n_experts // par.ep
     experts = rates.experts(local, slots / local, spec.model.d_model, spec.model.moe.expert_d_ff, backward=False)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from lcc.compiler.cost import measured
+from lcc.compiler.cost import contention, measured
 from lcc.compiler.cost import params as P
 from lcc.compiler.cost.exchange import exchange_passes, hierarchical_bytes
 from lcc.compiler.cost.memory import STATE_BYTES
@@ -22,6 +22,7 @@ from lcc.compiler.cost.traffic import BUCKET_ELEMENTS, Links, all_gather, all_re
 from lcc.compiler.cost.work import (
     LayerComm,
     act_bytes,
+    busiest_ep_share,
     edge_collectives,
     expert_forward,
     head_forward_flops,
@@ -82,6 +83,7 @@ class CostModel:
         self.tokens = microbatch_tokens(spec)
         calibration = spec.cluster.calibration
         self.rates = Rates(calibration, bound) if calibration is not None else None
+        self.busiest = busiest_ep_share(spec)  # the busiest expert-parallel rank's slots over the mean rank's
 
     # ------------------------------------------------------------------------------ layout
     @cached_property
@@ -113,12 +115,14 @@ class CostModel:
     def alltoall_inter_seconds(self, role: Role) -> float:
         """Seconds one rank of this pipeline rank spends sending the expert exchange's inter-node bytes in a
         step (its inter-node link alone)."""
-        inter = self.role_comm(role)["expert_alltoall"] * self.ep_links.inter_share
+        inter = self.role_comm(role)["expert_alltoall"] * self.busiest * self.ep_links.inter_share
         return inter / _bps(self.spec.cluster.network.inter_node_gbps)
 
     def layer_work(self, layer: int) -> Work:
         """Arithmetic and weight- and gradient-traffic time of one layer for one micro-batch on one rank."""
         flops = 3 * layer_forward_flops(self.spec, layer) + recompute_flops(self.spec, layer)
+        passes = 4 if self.par.activation_checkpointing == "full" else 3  # the busiest rank's extra expert rows
+        flops += (self.busiest - 1) * passes * expert_forward(self.spec, layer)[0] * self.par.tp / self.tokens
         return Work(flops * self.tokens / self.par.tp / self.peak,
                     (layer_weight_reads(self.spec, layer) + layer_grad_bytes(self.spec, layer)) / self.bandwidth)
 
@@ -140,7 +144,8 @@ class CostModel:
         if self.rates is not None:
             return measured.layer_seconds(self, self.rates, layer) - self.layer_hidden(layer)
         comm = self.layer_bytes(layer)
-        return (self.layer_work(layer).seconds + self.ring_seconds("tp", comm.tp) + self.alltoall_seconds(comm.ep)
+        return (self.layer_work(layer).seconds + self.ring_seconds("tp", comm.tp)
+                + self.alltoall_seconds(comm.ep * self.busiest)
                 - self.layer_hidden(layer) + self.layer_latency(layer))
 
     def layer_exchange(self, layer: int) -> tuple[float, float, float]:
@@ -149,9 +154,9 @@ class CostModel:
         if self.rates is not None:
             return measured.layer_exchange(self, self.rates, layer)
         comm = self.layer_bytes(layer)
-        one = self.alltoall_seconds(comm.ep) / exchange_passes(self.par.activation_checkpointing)[0] / 2
+        one = self.alltoall_seconds(comm.ep * self.busiest) / exchange_passes(self.par.activation_checkpointing)[0] / 2
         flops, reads = expert_forward(self.spec, layer, 0.5)
-        return one, one, max(flops / self.peak, reads / self.bandwidth)
+        return one, one, max(flops * self.busiest / self.peak, reads / self.bandwidth)
 
     def layer_hidden(self, layer: int) -> float:
         """Seconds of the expert exchange that hide behind the experts in one layer and micro-batch on one
@@ -390,6 +395,11 @@ class CostModel:
             return self.links["pp"].inter_share
         return dense_share * self.links["dp"].inter_share + (1 - dense_share) * self.links["edp"].inter_share
 
+    @cached_property
+    def compute_stretch(self) -> float:
+        """Compute time in the pipeline over its time at the all-busy calibrated rate (lcc.compiler.cost.contention)."""
+        return contention.compute_stretch(self)
+
     def role_work(self, role: Role) -> tuple[float, float, float]:
         """(compute, arithmetic, weight reads) seconds of one step on this pipeline rank: compute sums each layer's
         roofline over the micro-batches; the other two are the sums of its parts, for the report. At
@@ -410,8 +420,8 @@ class CostModel:
         c = self.role_comm(role)
         share = self.dense_share(role)
         fixed_inside, sync = self.role_latency(role)
-        inside = (self.ring_seconds("tp", c["tensor_parallel"]) + self.alltoall_seconds(c["expert_alltoall"])
-                  + self.ring_seconds("pp", c["pipeline_p2p"]) + fixed_inside - self.role_hidden(role))
+        inside = (self.ring_seconds("tp", c["tensor_parallel"]) + self.ring_seconds("pp", c["pipeline_p2p"])
+                  + self.alltoall_seconds(c["expert_alltoall"] * self.busiest) + fixed_inside - self.role_hidden(role))
         for kind in ("grad_reduce", "param_gather"):
             sync += (self.ring_seconds("dp", c[kind] * share) + self.ring_seconds("edp", c[kind] * (1 - share)))
         if self.par.zero >= 2:  # per-micro-batch reductions and gathers happen inside the pipeline
@@ -425,7 +435,8 @@ def step_seconds(cm: CostModel) -> float:
     par = cm.par
     bubble = bubble_fraction(par.pp, par.pipeline.virtual_stages, par.pipeline.microbatches, par.pipeline.schedule)
     seconds = [cm.role_seconds(r) for r in cm.roles]
-    return max(c + i for c, i, _ in seconds) / (1 - bubble) + max(s for _, _, s in seconds)
+    stretch = cm.compute_stretch
+    return max(c * stretch + i for c, i, _ in seconds) / (1 - bubble) + max(s for _, _, s in seconds)
 
 
 def peak_bytes(cm: CostModel) -> int:

@@ -1,13 +1,15 @@
 """Achieved rates from `cluster.calibration` (what `lcc calibrate` measured), interpolated at the sizes a plan
 runs: the seconds of one linear layer, one grouped-expert block, one attention core, an element-wise pass, an
-optimizer step, one small operation's fixed cost and each collective (docs/cost-model.md, "Calibration").
+optimizer step, one small operation's fixed cost and each collective, and how much faster ranks that share
+a host compute while fewer of them are busy (docs/cost-model.md, "Calibration").
 
 `Rates(cluster, bound)` reads the median figures (`mid`) or one end of their measured spread (`fast`: each
 point's 10th percentile; `slow`: its 90th), so that the cost model gives a step-time range. Sizes between
-two measured points interpolate log-log; beyond the largest a ladder keeps its last rate (compute) or its
-last segment's bandwidth (collectives); below the smallest a call costs what the smallest did. Collective
-times are first made non-decreasing in size (pool-adjacent-violators), since a small collective's time is
-mostly scheduling noise.
+two measured points interpolate log-log; beyond the largest a call's time grows at the last segment's
+marginal rate (compute: a fixed part such as weight gradients plus a part that grows with the work) or
+bandwidth (collectives); below the smallest a call runs at the smallest's rate (compute) or costs what it
+did (collectives). Collective times are first made non-decreasing in size (pool-adjacent-violators), since
+a small collective's time is mostly scheduling noise.
 """
 
 from __future__ import annotations
@@ -45,15 +47,29 @@ def _monotone(ys: list[float]) -> list[float]:
 
 
 class Ladder:
-    """A rate (work per second) measured at sizes along one shape family; `rate(size)` interpolates it."""
+    """A rate (work per second) measured at sizes along one shape family; `rate(size)` interpolates it. The work
+    of a call grows as size ** `power` (rows of a linear layer or an expert block: 1; an attention core's
+    sequence: 2). Past the largest size a call's time grows by the last segment's marginal rate (a call's
+    time is a fixed part, such as its weight gradients, plus a part that grows with its work), but no faster
+    than `cap` (the best rate its table measured); where the last segment's time does not grow, the last rate
+    holds."""
 
-    def __init__(self, points: list[tuple[float, float]]):
+    def __init__(self, points: list[tuple[float, float]], power: float = 1.0, cap: float | None = None):
         points = sorted(points)
         self.sizes = [p[0] for p in points]
         self.rates = [max(p[1], 1e-30) for p in points]
+        self.power, self.cap = power, cap
 
     def rate(self, size: float) -> float:
-        return _interp(self.sizes, self.rates, max(size, 1e-30))
+        size = max(size, 1e-30)
+        if size <= self.sizes[-1] or len(self.sizes) < 2:
+            return _interp(self.sizes, self.rates, size)
+        (s0, s1), (r0, r1), p = self.sizes[-2:], self.rates[-2:], self.power
+        t0, t1 = s0**p / r0, s1**p / r1
+        if t1 <= t0:
+            return self.rates[-1]
+        rate = size**p / (t1 + (size**p - s1**p) * (t1 - t0) / (s1**p - s0**p))
+        return min(rate, max(self.cap or rate, r1))
 
 
 class Family:
@@ -84,9 +100,10 @@ class Rates:
         self.c = calibration
         self.off = COLUMN[bound]
 
-    def _families(self, rows: list[list[float]], key: int) -> tuple[Family, Family]:
+    def _families(self, rows: list[list[float]], key: int, power: float = 1.0) -> tuple[Family, Family]:
         """(forward, forward + backward) work per second of a compute table whose median is at `key`: rows
-        [*shape, forward, median, fast, slow] with work(shape) and the width and size it is indexed by."""
+        [*shape, forward, median, fast, slow] with work(shape) and the width and size it is indexed by (the
+        work growing as size ** `power` at one width)."""
         fwd: dict[float, list] = {}
         both: dict[float, list] = {}
         for row in rows:
@@ -94,7 +111,11 @@ class Rates:
             total = row[key + self.off]
             fwd.setdefault(width, []).append((size, work / (row[key - 1] * total / row[key])))
             both.setdefault(width, []).append((size, 3 * work / total))
-        return (Family({w: Ladder(p) for w, p in fwd.items()}), Family({w: Ladder(p) for w, p in both.items()}))
+
+        def family(points: dict[float, list]) -> Family:
+            cap = max(r for p in points.values() for _, r in p)
+            return Family({w: Ladder(p, power, cap) for w, p in points.items()})
+        return family(fwd), family(both)
 
     def _work(self, table: list, row: list[float]) -> tuple[float, float, float]:
         """(forward FLOPs, width, size) of one row of the linear, experts or attention table."""
@@ -117,7 +138,7 @@ class Rates:
 
     @cached_property
     def _attention(self) -> tuple[Family, Family]:
-        return self._families(self.c.attention, 4)
+        return self._families(self.c.attention, 4, power=2.0)
 
     @staticmethod
     def _seconds(flops: float, families: tuple[Family, Family], width: float, size: float, backward: bool) -> float:
@@ -144,9 +165,14 @@ class Rates:
         return self._seconds(flops, self._attention, head_dim, seq, backward)
 
     # ------------------------------------------------------------------ memory-bound work and fixed costs
+    def _sized(self, rows: list) -> Ladder:
+        """A ladder of rows [size, seconds: median, fast, slow] whose work is their size."""
+        points = [(r[0], r[0] / r[1 + self.off]) for r in rows]
+        return Ladder(points, cap=max(r for _, r in points))
+
     @cached_property
     def _stream(self) -> Ladder:
-        return Ladder([(r[0], r[0] / r[1 + self.off]) for r in self.c.elementwise])
+        return self._sized(self.c.elementwise)
 
     def elementwise(self, nbytes: float) -> float:
         """Seconds of element-wise passes moving `nbytes` (reads and writes)."""
@@ -154,7 +180,7 @@ class Rates:
 
     @cached_property
     def _optimizer(self) -> Ladder:
-        return Ladder([(r[0], r[0] / r[1 + self.off]) for r in self.c.optimizer])
+        return self._sized(self.c.optimizer)
 
     def optimizer(self, params: float) -> float:
         """Seconds of the gradient norm and an AdamW step over `params` parameters."""
@@ -164,6 +190,24 @@ class Rates:
     def op(self) -> float:
         """Fixed seconds of one small operation, forward and backward."""
         return self.c.op_seconds[self.off]
+
+    def speed(self, busy: float) -> float:
+        """How much faster a rank computes with `busy` ranks of its host computing at once than with all the
+        calibrated ranks busy (the concurrency table's medians, linear in between; 1 without the table)."""
+        rows = self.c.concurrency
+        if not rows:
+            return 1.0
+        ranks = [float(r[0]) for r in rows]
+        seconds = [r[1] for r in rows]
+        i = min(max(bisect.bisect_left(ranks, busy), 1), len(rows) - 1) if len(rows) > 1 else 0
+        if len(rows) == 1 or busy <= ranks[0]:
+            at = seconds[0]
+        elif busy >= ranks[-1]:
+            at = seconds[-1]
+        else:
+            t = (busy - ranks[i - 1]) / (ranks[i] - ranks[i - 1])
+            at = seconds[i - 1] + t * (seconds[i] - seconds[i - 1])
+        return seconds[-1] / at
 
     # ------------------------------------------------------------------ collectives
     @cached_property

@@ -48,7 +48,8 @@ def step_time(cm: CostModel) -> StepTime:
     par = cm.par
     pipe = par.pipeline
     bubble = bubble_fraction(par.pp, pipe.virtual_stages, pipe.microbatches, pipe.schedule)
-    seconds = [cm.role_seconds(r) for r in cm.roles]
+    stretch = cm.compute_stretch  # ranks sharing a host compute faster in the pipeline's fill and drain
+    seconds = [(c * stretch, i, after) for c, i, after in (cm.role_seconds(r) for r in cm.roles)]
     latency = [cm.role_latency(r) for r in cm.roles]
     k = max(range(len(seconds)), key=lambda r: (seconds[r][0] + seconds[r][1], -r))
     j = max(range(len(seconds)), key=lambda r: (seconds[r][2], -r))

@@ -57,6 +57,20 @@ def layer_forward_flops(spec: Spec, layer: int) -> float:
     return flops
 
 
+def busiest_ep_share(spec: Spec) -> float:
+    """The busiest expert-parallel rank's routed slots over the mean rank's, from the planned imbalance I
+    (`routing.balance.expected_imbalance`: the busiest expert's load over the mean): that rank holds the
+    busiest expert and an even share of the rest, `(I + (E/ep - 1) (E - I) / (E - 1)) / (E/ep)`; 1 with even
+    load or a single expert-parallel rank, I with one expert a rank."""
+    moe = spec.model.moe
+    imbalance = spec.routing.balance.expected_imbalance if spec.routing is not None else 1.0
+    if moe is None or imbalance <= 1.0 or spec.parallelism.ep <= 1 or moe.n_experts <= 1:
+        return 1.0
+    n, local = moe.n_experts, moe.n_experts / spec.parallelism.ep
+    imbalance = min(imbalance, n)
+    return (imbalance + (local - 1) * (n - imbalance) / (n - 1)) / local
+
+
 def recompute_flops(spec: Spec, layer: int) -> float:
     """Extra forward FLOPs per token that activation checkpointing spends on one layer."""
     policy = spec.parallelism.activation_checkpointing
