@@ -47,7 +47,8 @@ class _Process:
         timed = [[1e-4], [3e-4]]  # the forward's and the whole call's batches
         self.out.put((self.rank, {"linear": [[16, 256, 256, *timed]], "experts": [[8, 4, 256, 256, *timed]],
                                   "attention": [[8, 64, 64, *timed]], "elementwise": [[1024, [1e-6]]],
-                                  "optimizer": [[1024, [1e-5]]], "op": [1e-6]}))
+                                  "optimizer": [[1024, [1e-5]]], "op": [1e-6],
+                                  "concurrency": [[1, [1e-3] if self.rank == 0 else None], [2, [2e-3]]]}))
         self.exitcode = 0
 
     def join(self, timeout=None) -> None:
