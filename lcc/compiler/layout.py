@@ -131,7 +131,13 @@ def stage_ranks(pp: int, virtual_stages: int, pp_rank: int, schedule: str = "1f1
 def partition(costs: list[float], n_stages: int) -> list[tuple[int, int]]:
     """Split items (layers) into n_stages contiguous, non-empty [start, end) ranges minimising the most
     expensive stage; among those, the most even split (least sum of squared stage costs); among those,
-    the lexicographically first. Deterministic; O(n_stages * n^2)."""
+    the lexicographically first. Deterministic; O(n_stages * n^2), each split of the same costs computed once
+    (the layout search asks for the same ones many times)."""
+    return list(_partition(tuple(costs), n_stages))
+
+
+@lru_cache(maxsize=4096)
+def _partition(costs: tuple[float, ...], n_stages: int) -> tuple[tuple[int, int], ...]:
     n = len(costs)
     if not 1 <= n_stages <= n:
         raise ValueError(f"cannot split {n} layers into {n_stages} stages")
@@ -143,7 +149,7 @@ def partition(costs: list[float], n_stages: int) -> list[tuple[int, int]]:
     bottleneck = _solve(prefix, n_stages, lambda acc, c: max(acc, c), limit=float("inf"))[0]
     limit = bottleneck * (1 + 1e-9) + 1e-300
     _, bounds = _solve(prefix, n_stages, lambda acc, c: acc + c * c, limit)
-    return bounds
+    return tuple(bounds)
 
 
 def _solve(prefix: list[float], n_stages: int, combine, limit: float) -> tuple[float, list[tuple[int, int]]]:

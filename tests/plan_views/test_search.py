@@ -231,3 +231,17 @@ def test_ranked_bubble_is_the_schedule_simulators(schedule, pp, virtual):
         lowered = add_p2p(generate(schedule, pp, virtual, m), n_stages, schedule)
         sim = simulate(lowered, n_stages, m, placement=schedule)
         assert sim.bubble_fraction == pytest.approx(bubble_fraction(pp, virtual, m, schedule), abs=1e-12), (m, sim)
+
+
+def test_only_the_rules_that_read_the_layout_are_asked_of_every_layout():
+    """A rule that reads neither `parallelism` nor `cluster` judges every layout of a model as it judged the
+    spec, so the search asks it once; one that finds a problem in the model itself is still asked of each."""
+    from lcc.search.search import layout_rules
+
+    spec = load_spec(TINY)
+    asked = {fn.__name__ for fn in layout_rules(spec)}
+    assert {"routing_counts", "quantization", "expert_groups", "moe_sections"}.isdisjoint(asked), asked
+    assert {"world", "batch", "pipeline", "expert_parallel", "attention_heads"} <= asked, asked
+    k = spec.routing.k.model_copy(update={"expected": 99.0})
+    broken = spec.model_copy(update={"routing": spec.routing.model_copy(update={"k": k})})
+    assert "routing_counts" in {fn.__name__ for fn in layout_rules(broken)}
