@@ -19,7 +19,7 @@ layout can enter the top K (ties included), and the rest are pruned.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +31,7 @@ from lcc.compiler.cost.traffic import all_gather, all_reduce, links
 from lcc.compiler.cost.work import act_bytes, layer_comm, microbatch_tokens
 from lcc.compiler.layout import AXES, bubble_fraction, stage_ranks
 from lcc.search.space import FIELDS, Layout, layouts
-from lcc.spec.checks import (
-    RULES,
-    attention_heads,
-    batch,
-    expert_exchange,
-    expert_overlap,
-    expert_parallel,
-    pipeline,
-    tensor_parallel_widths,
-    world,
-)
+from lcc.search.validity import ALWAYS_ASKED_EARLY, early_refusal, layout_rules, on_cluster, problems
 from lcc.spec.models import Spec
 
 
@@ -84,45 +74,6 @@ class Result:
     evaluated: int = 0  # estimated by the cost report
     fitting: int = 0  # of those, fitting the device memory
     top: list[Estimate] = field(default_factory=list)
-
-
-def on_cluster(spec: Spec, layout: Layout, nodes: int, per_node: int, cluster: Any = None) -> Spec:
-    """The spec with `layout` on `nodes` nodes of `per_node` devices (`cluster`: that cluster section, made
-    once by a caller that builds many layouts)."""
-    cluster = cluster or spec.cluster.model_copy(update={"nodes": nodes, "gpus_per_node": per_node})
-    return spec.model_copy(update={"parallelism": layout.parallelism(), "cluster": cluster})
-
-
-def problems(spec: Spec, rules: Iterable[Callable] = RULES) -> list[str]:
-    return [f"{'.'.join(map(str, found.path))}: {found.message}" for fn in rules for found in fn(spec)]
-
-
-class _ReadsLayout(Exception):
-    pass
-
-
-class _Unread:
-    """Stands for a layout's sections (`parallelism`, `cluster`): reading it says the rule depends on them."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise _ReadsLayout(name)
-
-
-def layout_rules(spec: Spec, rules: Iterable[Callable] = RULES) -> list[Callable]:
-    """The rules whose verdict can differ between layouts of `spec`'s model: those that read `parallelism` or
-    `cluster` on their path through it (each run once with both sections replaced by a stand-in that refuses
-    to be read), and those that find a problem in the model itself (every layout then gets it). The others
-    take the same path through every layout, so they pass every layout as they pass this one."""
-    stand_in = spec.model_copy(update={"parallelism": _Unread(), "cluster": _Unread()})
-    out = []
-    for fn in rules:
-        try:
-            if not any(True for _ in fn(stand_in)):
-                continue
-        except _ReadsLayout:
-            pass
-        out.append(fn)
-    return out
 
 
 def _estimate(spec: Spec, layout: Layout) -> Estimate:
@@ -328,36 +279,6 @@ class _Bounds:
         return slowest / par.pp
 
 
-def _ALWAYS(layout: Layout) -> bool:  # noqa: N802 - a constant predicate, named as one
-    return True
-
-
-# rules that read a few of a layout's fields (and the spec's model and cluster, the same for every layout):
-# their verdict is kept per value of those fields, and a layout they refuse is not built
-_FEW_FIELDS: tuple[tuple[Callable, Callable[[Layout], bool], Callable[[Layout], tuple]], ...] = (
-    (expert_exchange, lambda lay: lay.exchange != "flat", lambda lay: (lay.tp, lay.pp, lay.dp, lay.ep, lay.exchange)),
-    (expert_overlap, lambda lay: lay.overlap, lambda lay: (lay.ep, lay.exchange, lay.overlap, lay.recompute)),
-    (pipeline, lambda lay: lay.pp > 1, lambda lay: (lay.pp, lay.schedule, lay.virtual_stages, lay.microbatches)),
-    (attention_heads, _ALWAYS, lambda lay: (lay.tp,)),
-    (tensor_parallel_widths, _ALWAYS, lambda lay: (lay.tp, lay.sp)),
-    (world, _ALWAYS, lambda lay: (lay.tp, lay.pp, lay.dp)),
-    (expert_parallel, _ALWAYS, lambda lay: (lay.tp, lay.dp, lay.ep)),
-    (batch, _ALWAYS, lambda lay: (lay.tp, lay.dp, lay.microbatches)),
-)
-
-
-def _early_refusal(spec: Spec, layout: Layout, cluster: Any, seen: dict[tuple, list[str]]) -> list[str]:
-    """What the rules in _FEW_FIELDS say against `layout`, each asked once per value of the fields it reads."""
-    for fn, applies, fields in _FEW_FIELDS:
-        if applies(layout):
-            key = (fn.__name__, *fields(layout))
-            if key not in seen:
-                seen[key] = problems(on_cluster(spec, layout, cluster.nodes, cluster.gpus_per_node, cluster), [fn])
-            if seen[key]:
-                return seen[key]
-    return []
-
-
 def parse_fix(text: str) -> tuple[str, object]:
     import yaml
 
@@ -395,11 +316,10 @@ def search(spec: Spec, gpus: int, nodes: int | None = None, top: int = 10, objec
             f"rules{' and the bounds' if prune else ''} ...")
     cluster = spec.cluster.model_copy(update={"nodes": nodes, "gpus_per_node": per_node})
     refused: dict[tuple, list[str]] = {}
-    asked_early = {fn for fn, applies, _ in _FEW_FIELDS if applies is _ALWAYS}  # their verdict is kept
-    rules = [fn for fn in layout_rules(spec) if fn not in asked_early]
+    rules = [fn for fn in layout_rules(spec) if fn not in ALWAYS_ASKED_EARLY]  # those: their verdict is kept
     for index, layout in space:
         result.considered += 1
-        early = _early_refusal(spec, layout, cluster, refused)
+        early = early_refusal(spec, layout, cluster, refused)
         if early:
             result.invalid += 1
             first_refusal = first_refusal or early[0]

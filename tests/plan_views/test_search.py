@@ -236,7 +236,7 @@ def test_ranked_bubble_is_the_schedule_simulators(schedule, pp, virtual):
 def test_only_the_rules_that_read_the_layout_are_asked_of_every_layout():
     """A rule that reads neither `parallelism` nor `cluster` judges every layout of a model as it judged the
     spec, so the search asks it once; one that finds a problem in the model itself is still asked of each."""
-    from lcc.search.search import layout_rules
+    from lcc.search.validity import layout_rules
 
     spec = load_spec(TINY)
     asked = {fn.__name__ for fn in layout_rules(spec)}
