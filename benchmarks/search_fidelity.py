@@ -84,11 +84,34 @@ def routing_imbalance(spec_path: Path, work: Path, steps: int) -> float:
     return statistics.mean(figures)
 
 
+def calibrated_base(args: argparse.Namespace, work: Path, overrides: list[str], compiled: bool = False) -> tuple:
+    """(rates, cluster section, spec, expected imbalance): `lcc calibrate` on 4 ranks (`args.seconds` a point;
+    `compiled`: its compiled probe too), then small-moe shrunk (SHRINK, `overrides`) on that cluster with the
+    routing imbalance measured on one rank, written to `work`/small-moe.yaml."""
+    import yaml
+
+    from lcc.search.calibrate import cluster_section, measure
+    from lcc.spec import load_spec, resolved
+
+    began = time.perf_counter()
+    rates = measure(4, args.seconds, compiled=compiled)
+    cluster = cluster_section(rates)
+    print(f"calibrated ({(time.perf_counter() - began) / 60:.1f} min): {json.dumps(cluster['device'])} "
+          f"{json.dumps(cluster['network'])}", flush=True)
+    base_path = work / "small-moe.yaml"
+    base = load_spec(ROOT / "specs" / "small-moe.yaml", [*SHRINK, *overrides])
+    base_path.write_text(yaml.safe_dump({**resolved(base), "cluster": cluster}, sort_keys=False))
+    imbalance = routing_imbalance(base_path, work, args.steps)
+    base = load_spec(base_path, [f"routing.balance.expected_imbalance={imbalance:.3f}"])
+    base_path.write_text(yaml.safe_dump(resolved(base), sort_keys=False))
+    print(f"routing measured on one rank: the busiest expert takes {imbalance:.2f}x the mean load", flush=True)
+    return rates, cluster, load_spec(base_path), imbalance
+
+
 def main() -> None:
     import yaml
 
     from lcc.compiler.cost.report import cost_report
-    from lcc.search.calibrate import cluster_section, measure
     from lcc.search.search import on_cluster, search
     from lcc.spec import load_spec, resolved
 
@@ -99,19 +122,8 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     began = time.perf_counter()
-    rates = measure(4, args.seconds)
-    cluster = cluster_section(rates)
-    print(f"calibrated ({(time.perf_counter() - began) / 60:.1f} min): {json.dumps(cluster['device'])} "
-          f"{json.dumps(cluster['network'])}")
     work = Path(tempfile.mkdtemp(prefix="lcc-fidelity-"))
-    base_path = work / "small-moe.yaml"
-    base = load_spec(ROOT / "specs" / "small-moe.yaml", SHRINK)
-    base_path.write_text(yaml.safe_dump({**resolved(base), "cluster": cluster}, sort_keys=False))
-    imbalance = routing_imbalance(base_path, work, args.steps)
-    base = load_spec(base_path, [f"routing.balance.expected_imbalance={imbalance:.3f}"])
-    base_path.write_text(yaml.safe_dump(resolved(base), sort_keys=False))
-    print(f"routing measured on one rank: the busiest expert takes {imbalance:.2f}x the mean load", flush=True)
-    spec = load_spec(base_path)
+    rates, cluster, spec, imbalance = calibrated_base(args, work, [])
     result = search(spec, 4, nodes=1, top=10**6, prune=False)
     layouts = [e for e in result.top]
     print(f"{result.considered} layouts, {result.considered - result.invalid} valid, {len(layouts)} fit")

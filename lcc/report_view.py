@@ -144,6 +144,14 @@ def render(report: dict[str, Any], console: Console) -> None:
     if time["fixed_seconds"]:
         t.add_row("fixed costs: latency (busiest rank)", f"{time['fixed_seconds']:.3f} s")
     t.add_row("step time (estimate)", f"{time['step_seconds_estimate']:.3f} s")
+    if time["step_seconds_low"] is not None:
+        t.add_row("  range (the calibration's spread)",
+                  f"{time['step_seconds_low']:.3f}-{time['step_seconds_high']:.3f} s")
+    rates = time["rates"]
+    priced = f"compute {rates['compute']}, communication {rates['communication']}"
+    if rates["compiled"] is not None:
+        priced += f"; compiled layers {rates['compiled']}"
+    t.add_row("  rates", priced)
     t.add_row("  of it: exposed communication / bubble",
               f"{time['exposed_communication_seconds']:.3f} s / {time['bubble_seconds']:.3f} s")
     if time["hidden_communication_seconds"]:

@@ -59,11 +59,8 @@ def cache_dir() -> Path:
     return Path(base) / "lcc" / "inductor"
 
 
-def compile_programs(programs: dict[int, types.ModuleType], roles: dict[int, Role]) -> None:
-    """Replace each role's compiled functions in its program module by their torch.compile wrappers (the
-    module's other functions call them by name, so `forward` runs the compiled ones)."""
-    if not any(roles[s].compiled for s in programs):
-        return
+def prepare_inductor() -> None:
+    """Inductor as a rank process uses it: its cache in `cache_dir`, compiling in the process itself."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         # in the rank's process: a layer's regions are small, and starting Inductor's pool of compile workers
@@ -71,6 +68,14 @@ def compile_programs(programs: dict[int, types.ModuleType], roles: dict[int, Rol
         import torch._inductor.config
 
         torch._inductor.config.compile_threads = 1
+
+
+def compile_programs(programs: dict[int, types.ModuleType], roles: dict[int, Role]) -> None:
+    """Replace each role's compiled functions in its program module by their torch.compile wrappers (the
+    module's other functions call them by name, so `forward` runs the compiled ones)."""
+    if not any(roles[s].compiled for s in programs):
+        return
+    prepare_inductor()
     boundaries = _boundaries()
     for stage, module in programs.items():
         if not roles[stage].compiled:

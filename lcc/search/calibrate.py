@@ -16,9 +16,11 @@ from lcc.search.space import Layout
 from lcc.spec.models import Spec
 
 JOIN_TIMEOUT_S = 60.0
+COMPILE_S = 600.0  # the compiled probe's compilations, every rank at once
 
 
-def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads: int, device: str, out: Any) -> None:
+def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads: int, device: str, compiled: bool,
+          out: Any) -> None:
     from lcc.runtime.host_memory import keep_freed_memory
 
     keep_freed_memory()  # as a training rank does: the probes' freed tensors are reused, not faulted in again
@@ -26,7 +28,7 @@ def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads:
     import torch.distributed as dist
 
     from lcc.runtime.rendezvous import join_group
-    from lcc.search.probes import Clock, collective_probes, compute_probes, concurrency_probe
+    from lcc.search.probes import Clock, collective_probes, compiled_probe, compute_probes, concurrency_probe
 
     torch.set_num_threads(threads)
     kind = getattr(torch, dtype)
@@ -38,15 +40,18 @@ def _rank(rank: int, world: int, port: int, seconds: float, dtype: str, threads:
     clock = Clock(where, seconds, dist.barrier if world > 1 else (lambda: None))
     result = compute_probes(clock, kind, where)
     result["concurrency"] = concurrency_probe(clock, rank, world, kind, where)
+    if compiled:
+        result["compiled"] = compiled_probe(clock, kind, where)
     if world > 1:
         result["collectives"] = collective_probes(clock, rank, world, where)
         dist.destroy_process_group()
     out.put((rank, result))
 
 
-def measure(ranks: int = 1, seconds: float = 0.2, dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
+def measure(ranks: int = 1, seconds: float = 0.2, dtype: str = "float32", device: str = "cpu",
+            compiled: bool = False) -> dict[str, Any]:
     """Every probe (lcc.search.probes) with `ranks` ranks measuring at once, `seconds` a point: per point the
-    median over ranks and batches and its spread."""
+    median over ranks and batches and its spread. `compiled`: the compiled probe too."""
     from lcc.runtime.rendezvous import host_store
     from lcc.runtime.threads import threads_per_rank
 
@@ -55,12 +60,12 @@ def measure(ranks: int = 1, seconds: float = 0.2, dtype: str = "float32", device
     threads = threads_per_rank(ranks) if device == "cpu" else 1
     store = host_store(JOIN_TIMEOUT_S) if ranks > 1 else None  # listening before the ranks start, held until they end
     port = store.port if store is not None else 0
-    procs = [context.Process(target=_rank, args=(r, ranks, port, seconds, dtype, threads, device, out), daemon=True)
-             for r in range(ranks)]
+    procs = [context.Process(target=_rank, args=(r, ranks, port, seconds, dtype, threads, device, compiled, out),
+                             daemon=True) for r in range(ranks)]
     for p in procs:
         p.start()
     results: dict[int, dict] = {}
-    deadline = time.monotonic() + 300 + 400 * seconds
+    deadline = time.monotonic() + 300 + 400 * seconds + COMPILE_S * compiled
     try:
         while len(results) < ranks:
             if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
@@ -98,6 +103,8 @@ def merged(per_rank: list[dict]) -> dict[str, Any]:
     table: dict[str, Any] = {name: rows([r[name] for r in per_rank])
                              for name in ("linear", "experts", "attention", "elementwise", "optimizer")}
     table["op_seconds"] = [round(x, 9) for x in summary([r["op"] for r in per_rank])]
+    if "compiled" in first:
+        table["compiled"] = rows([r["compiled"] for r in per_rank])
     table["concurrency"] = [[busy, *(round(x, 9) for x in summary([r["concurrency"][i][1] for r in per_rank
                                                                    if r["concurrency"][i][1] is not None]))]
                             for i, (busy, _) in enumerate(first["concurrency"])]
@@ -132,6 +139,7 @@ def cluster_section(rates: dict[str, Any]) -> dict[str, Any]:
     calibration = {"ranks": ranks, "threads_per_rank": rates["threads_per_rank"], "dtype": rates["dtype"],
                    **{k: rates[k] for k in ("linear", "experts", "attention", "elementwise", "optimizer",
                                             "op_seconds", "concurrency")},
+                   **({"compiled": rates["compiled"]} if "compiled" in rates else {}),
                    "collectives": rates.get("collectives", {})}
     return {"nodes": 1, "gpus_per_node": ranks, "device": device,
             "network": {"intra_node_gbps": round(gbps, 3), "inter_node_gbps": round(gbps, 3),

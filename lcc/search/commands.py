@@ -22,6 +22,10 @@ def calibrate(
     out: Annotated[Path | None, typer.Option("--out", help="Write the cluster section (or with --spec, the "  # noqa: UP007
                                              "whole spec) here as YAML.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measured rates as JSON.")] = False,
+    compiled: Annotated[bool, typer.Option("--compiled", help="Also time a reference layer under torch.compile "
+                                           "(Inductor) against eager, which prices plans with train.compile: "
+                                           "inductor (compiling takes a minute or more; implied by a --spec "
+                                           "that compiles).")] = False,
 ) -> None:
     """Measure this machine's matmul rate, memory bandwidth, collective bandwidth and latency on local ranks
     as a spec's cluster section (docs/search.md)."""
@@ -45,6 +49,19 @@ def calibrate(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     device = device or _default_device()
+    compiled = compiled or (base is not None and base.train.compile == "inductor")
+    if compiled and dtype == "float64":
+        typer.echo("lcc calibrate: --compiled with --dtype float64: float64 runs stay eager (train.compile applies "
+                   "to float32 and bfloat16)", err=True)
+        raise typer.Exit(2)
+    if compiled and device == "cpu":
+        from lcc.runtime.compiled import cxx_compiler
+
+        if cxx_compiler() is None:
+            typer.echo("lcc calibrate: --compiled: torch.compile on CPU needs a C++ compiler and none was found "
+                       "($CXX, c++, g++, clang++): install one (apt install g++), or calibrate without --compiled",
+                       err=True)
+            raise typer.Exit(2)
     if device == "cuda":
         import torch
 
@@ -53,7 +70,7 @@ def calibrate(
                        f"{torch.cuda.device_count()} CUDA GPU(s) visible (one rank a GPU)", err=True)
             raise typer.Exit(2)
     try:
-        rates = measure(ranks, seconds, dtype, device)
+        rates = measure(ranks, seconds, dtype, device, compiled)
     except RuntimeError as exc:
         typer.echo(f"lcc calibrate: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -15,7 +15,10 @@ of, each at a ladder of sizes, as the runtime runs them (autograd's forward and 
 - concurrency: one reference workload, a small MoE layer's operations (a linear layer, a grouped expert block
   and an element-wise pass, forward and backward), with 1, 2, ... of the ranks computing at once and the
   others idle: ranks that share a host's cores, caches and memory bus compute faster while some of them
-  wait (a pipeline's fill and drain).
+  wait (a pipeline's fill and drain);
+- compiled (`lcc calibrate --compiled`): the traced part of a reference layer (RMSNorm, the attention
+  block, residuals, a dense SwiGLU: what `train.compile: inductor` compiles) forward and backward, eager and
+  under torch.compile, by tokens, one call of each in turn; compiling happens before the timing.
 
 Each point is timed in batches of calls; a point's figure is the median over ranks and batches, its spread
 the 10th and 90th percentiles. A ladder stops at the first size after its FEWEST_POINTS whose call takes
@@ -41,6 +44,8 @@ OPTIMIZER_PARAMS = (1 << 16, 1 << 20, 1 << 23)
 COLLECTIVE_BYTES = (1 << 10, 1 << 14, 1 << 18, 1 << 21, 1 << 23)
 COLLECTIVES = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send_recv")
 REFERENCE = {"rows": 256, "width": 512, "experts": 8, "expert_rows": 32, "bytes": 1 << 22}  # the concurrency probe
+COMPILED_TOKENS = (256, 1024)  # one and four sequences of LAYER["seq"]
+LAYER = {"width": 512, "heads": 8, "kv_heads": 4, "head_dim": 64, "seq": 256, "ffn": 1024}  # the compiled probe
 LONGEST_CALL_S = 0.05
 FEWEST_POINTS = 2
 BATCHES = 5
@@ -297,6 +302,72 @@ def concurrency_probe(clock: Clock, rank: int, world: int, kind: Any, device: An
         times = longer.batches(work if rank < busy else (lambda: None))
         out.append([busy, times if rank < busy else None])
     return out
+
+
+def compiled_probe(clock: Clock, kind: Any, device: Any, backend: str = "inductor") -> list[list]:
+    """[tokens, eager batches, compiled batches] of the reference layer's traced part (LAYER) at each of
+    COMPILED_TOKENS, forward and backward; `backend` is torch.compile's."""
+    import torch
+
+    from lcc.runtime.compiled import prepare_inductor
+
+    prepare_inductor()
+    compiled = torch.compile(traced_layer, backend=backend, dynamic=False)
+    d, f, hd = LAYER["width"], LAYER["ffn"], LAYER["head_dim"]
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=kind, device=device).mul_(0.02).requires_grad_(True)
+
+    weights = [tensor(d), tensor(LAYER["heads"] * hd, d), tensor(LAYER["kv_heads"] * hd, d),
+               tensor(LAYER["kv_heads"] * hd, d), tensor(d, LAYER["heads"] * hd), tensor(d), tensor(f, d),
+               tensor(f, d), tensor(d, f)]
+    out = []
+    for tokens in COMPILED_TOKENS:
+        x = tensor(tokens // LAYER["seq"], LAYER["seq"], d)
+        eager = _train(lambda x=x: traced_layer(x, *weights), [x, *weights])
+        fast = _train(lambda x=x: compiled(x, *weights), [x, *weights])
+        fast()  # compiles (each rank on its own), outside the timing
+        out.append([tokens, *_alternating(clock, eager, fast)])
+    return out
+
+
+def _alternating(clock: Clock, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[list[float], list[float]]:
+    """Seconds of single calls of `a` and of `b`, one after the other in each round (so that a shared
+    machine's load weighs on both alike), every rank in step: as many rounds as 5 x `clock.seconds` allows
+    (BATCHES at least)."""
+    import torch
+    import torch.distributed as dist
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        clock.sync()
+        return time.perf_counter() - start
+
+    clock.barrier()
+    first = torch.tensor([timed(a) + timed(b)], device=clock.device)
+    if dist.is_initialized():
+        dist.all_reduce(first, op=dist.ReduceOp.MAX)
+    rounds = max(BATCHES, int(5 * clock.seconds / max(float(first), 1e-7)))
+    ta, tb = [], []
+    for _ in range(rounds):
+        clock.barrier()
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return ta, tb
+
+
+def traced_layer(x: Any, norm1: Any, wq: Any, wk: Any, wv: Any, wo: Any, norm2: Any, w1: Any, w3: Any,
+                 w2: Any) -> Any:
+    """A dense layer as a program's traced ops compute it (lcc.ops.layers): what a compiled region holds."""
+    import torch.nn.functional as F
+
+    from lcc.ops.layers import attention, linear, rms_norm
+
+    h = rms_norm(x, norm1, 1e-5)
+    x = x + linear(attention(linear(h, wq), linear(h, wk), linear(h, wv), LAYER["head_dim"], 10000.0), wo)
+    h = rms_norm(x, norm2, 1e-5)
+    return x + linear(F.silu(linear(h, w1)) * linear(h, w3), w2)
 
 
 def summary(samples: list[list[float]]) -> list[float]:

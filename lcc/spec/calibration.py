@@ -7,6 +7,9 @@ rows are their size, then the same three figures; a collective's row begins with
 `concurrency` times one reference workload with 1, 2, ... of the ranks computing at once (the others idle):
 where ranks share a host's cores, as CPU ranks do, fewer busy ranks compute faster, and a pipeline's fill and
 drain run at those rates. Without it, every rank computes at the rate measured with all of them busy.
+`compiled` times the traced part of a reference layer (its norms, attention block, dense SwiGLU and residuals:
+what `train.compile: inductor` compiles) eager and under torch.compile, by tokens: a compiled plan's layers are
+priced at that ratio. Without it, a compiled plan is priced as eager.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class Calibration(BaseModel):
     op_seconds: Spread = Field(description="One small operation, forward and backward: median, fast, slow.")
     concurrency: tuple[tuple[Annotated[int, Field(gt=0, le=1 << 20)], Seconds, Seconds, Seconds], ...] = Field(
         (), description="[ranks computing at once, seconds of the reference workload: median, fast, slow]")
+    compiled: tuple[tuple[Size, Seconds, Seconds, Seconds, Seconds], ...] = Field(
+        (), description="A reference layer's traced part, forward and backward: [tokens, eager s (median), under "
+                        "torch.compile (Inductor) s: median, fast, slow]")
     collectives: dict[Collective, tuple[tuple[Group, Size, Seconds, Seconds, Seconds], ...]] = Field(
         default_factory=dict, description="By kind: [group size, bytes per rank, seconds: median, fast, slow]")
 
@@ -55,4 +61,7 @@ class Calibration(BaseModel):
         if busy and (busy != sorted(set(busy)) or busy[-1] != self.ranks):
             raise ValueError(f"concurrency: rows by ranks computing at once, ascending, the last at all {self.ranks}"
                              f" ranks (got {busy})")
+        tokens = [row[0] for row in self.compiled]
+        if tokens != sorted(set(tokens)):
+            raise ValueError(f"compiled: rows by tokens, ascending (got {tokens})")
         return self

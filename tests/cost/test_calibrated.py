@@ -96,11 +96,11 @@ def test_at_one_rate_a_layer_costs_the_flops_the_datasheet_model_counts(tmp_path
 def test_the_step_range_brackets_the_estimate_and_the_report_names_its_sources(tmp_path):
     spec = calibrated(tmp_path, table(spread=1.5, fixed=1e-4), ["parallelism.zero=1"])
     time = cost_report(spec)["time"]
-    assert time["rates"] == {"compute": "calibrated", "communication": "calibrated"}
+    assert time["rates"] == {"compute": "calibrated", "communication": "calibrated", "compiled": None}
     assert time["step_seconds_low"] < time["step_seconds_estimate"] < time["step_seconds_high"]
     assert time["step_seconds_estimate"] == step_seconds(CostModel(spec))
     plain = cost_report(load_spec(SPECS / "small-moe.yaml"))["time"]
-    assert plain["rates"] == {"compute": "datasheet", "communication": "datasheet"}
+    assert plain["rates"] == {"compute": "datasheet", "communication": "datasheet", "compiled": None}
     assert plain["step_seconds_low"] is None and plain["step_seconds_high"] is None
 
 
@@ -211,3 +211,46 @@ def test_an_imbalance_beyond_all_tokens_on_one_expert_is_refused():
         load_spec(SPECS / "small-moe.yaml", ["routing.balance.expected_imbalance=17"])
     with pytest.raises(SpecError, match=r"routing\.balance\.expected_imbalance"):
         load_spec(SPECS / "small-moe.yaml", ["routing.balance.expected_imbalance=0.5"])
+
+
+COMPILED = [[256, 1.0, 0.5, 0.4, 0.6], [1024, 1.0, 2.0, 1.6, 2.4]]  # compiled at half, then twice eager's seconds
+
+
+def test_the_compiled_ratio_interpolates_log_log_in_tokens():
+    rates = Rates(Calibration.model_validate({**table(), "compiled": COMPILED}))
+    assert rates.compiled(512) == pytest.approx(1.0)  # halfway in log tokens: halfway in log ratio
+    assert rates.compiled(64) == 0.5 and rates.compiled(4096) == 2.0
+    assert Rates(Calibration.model_validate({**table(), "compiled": COMPILED}), "slow").compiled(256) == 0.6
+    assert Rates(Calibration.model_validate(table())).compiled(512) == 1.0  # no table: priced as eager
+
+
+def test_a_compiled_plan_prices_its_layers_traced_part_at_the_compiled_ratio(tmp_path):
+    """At one rate for every operation, the attention block and the shared expert's SwiGLU (what a compiled
+    region holds) cost the table's ratio of their FLOPs' time; routing and the routed experts cost as eager."""
+    from lcc.compiler.cost import measured
+
+    cal = {**table(), "compiled": [[64, 1.0, 0.5, 0.5, 0.5], [1 << 20, 1.0, 0.5, 0.5, 0.5]]}
+    eager = CostModel(calibrated(tmp_path, cal))
+    spec = calibrated(tmp_path, cal, ["train.compile=inductor"])
+    compiled = CostModel(spec)
+    m, att = spec.model, spec.model.attention
+    q, kv, shared = att.n_heads * att.head_dim, att.n_kv_heads * att.head_dim, m.moe.expert_d_ff
+    tokens, seq = compiled.tokens, spec.train.seq_len
+    linears = 2 * m.d_model * (2 * q + 2 * kv) + 3 * 2 * m.d_model * shared  # per token, forward
+    core = 2 * att.n_heads * att.head_dim * seq * seq  # per sequence, forward (QK^T and AV, causal)
+    traced = 3 * (tokens * linears + tokens / seq * core) / RATE  # forward and backward
+    for layer in range(m.n_layers):
+        saved = measured.layer_compute(eager, eager.rates, layer) - measured.layer_compute(compiled, compiled.rates,
+                                                                                           layer)
+        assert saved == pytest.approx(0.5 * traced, rel=1e-6)
+    assert cost_report(spec)["time"]["rates"]["compiled"] == "calibrated"
+    assert cost_report(calibrated(tmp_path, table(), ["train.compile=inductor"]))["time"]["rates"]["compiled"] == \
+        "as eager"
+    # float64 runs stay eager whatever train.compile says
+    exact = calibrated(tmp_path, {**cal, "dtype": "float64"}, ["train.compile=inductor", "train.dtype=float64"])
+    assert cost_report(exact)["time"]["rates"]["compiled"] is None
+
+
+def test_a_compiled_table_must_be_in_ascending_tokens(tmp_path):
+    with pytest.raises(SpecError, match=r"cluster\.calibration.*compiled: rows by tokens, ascending"):
+        calibrated(tmp_path, {**table(), "compiled": COMPILED[::-1]})

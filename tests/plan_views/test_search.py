@@ -210,8 +210,43 @@ def test_calibrate_writes_a_cluster_section_a_spec_takes(tmp_path):
     assert min(len(table.linear), len(table.experts), len(table.attention)) >= 4
     assert [row[0] for row in table.concurrency] == [1, 2]  # one rank computing alone, then both at once
     time = cost_report(spec)["time"]
-    assert time["rates"] == {"compute": "calibrated", "communication": "calibrated"}
+    assert time["rates"] == {"compute": "calibrated", "communication": "calibrated", "compiled": None}
     assert 0 < time["step_seconds_low"] <= time["step_seconds_estimate"] <= time["step_seconds_high"]
+
+
+def test_the_compiled_probe_times_the_traced_layer_eager_and_compiled(monkeypatch, tmp_path):
+    """The probe's rows are a reference layer's traced part timed eagerly and through torch.compile (here
+    its `aot_eager` backend, which traces forward and backward as Inductor does, without generating code;
+    and a narrower layer); `lcc calibrate` keeps them as the `compiled` table."""
+    import torch
+
+    from lcc.search import probes
+    from lcc.search.calibrate import merged
+    from lcc.search.probes import Clock, compiled_probe
+
+    monkeypatch.setattr(probes, "LAYER", {"width": 64, "heads": 2, "kv_heads": 1, "head_dim": 32, "seq": 16,
+                                          "ffn": 128})
+    monkeypatch.setattr(probes, "COMPILED_TOKENS", COMPILED_TOKENS := (16, 64))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # which the probe points Inductor at
+
+    calls = []
+    backend = lambda gm, inputs: calls.append(gm) or torch._dynamo.backends.debugging.aot_eager(gm, inputs)  # noqa: E731
+    rows = compiled_probe(Clock(torch.device("cpu"), 0.02, lambda: None), torch.float32, torch.device("cpu"),
+                          backend=backend)
+    assert [r[0] for r in rows] == list(COMPILED_TOKENS) and len(calls) == len(COMPILED_TOKENS)  # one per size
+    assert all(t > 0 for r in rows for t in (*r[1], *r[2]))
+    rank = {"compiled": rows}
+    table = merged([{**rank, **{k: [] for k in ("linear", "experts", "attention", "elementwise", "optimizer")},
+                     "op": [1e-6], "concurrency": []}])["compiled"]
+    assert [len(row) for row in table] == [5, 5] and table[0][0] == COMPILED_TOKENS[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compiled", "--dtype", "float64"], "float64 runs stay eager"),
+])
+def test_calibrate_refuses_a_compiled_probe_that_would_not_compile(args, message):
+    result = CliRunner().invoke(app, ["calibrate", *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
 
 
 @pytest.mark.parametrize("schedule,pp,virtual", [("gpipe", 2, 1), ("gpipe", 4, 1), ("1f1b", 2, 1), ("1f1b", 4, 1),

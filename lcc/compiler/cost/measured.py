@@ -14,6 +14,10 @@ Per micro-batch on one rank, a layer is:
 - its collectives: tensor parallelism's, the expert exchange's and ZeRO-3's gathers and reduce-scatters,
   each at its size.
 
+With `train.compile: inductor` the layer's traced part (its attention block, dense SwiGLU, norms and
+residuals, with their operations and passes) costs the calibrated `compiled` ratio of its eager seconds; the
+routing, the exchange and the experts run eagerly between compiled regions, as the programs run them.
+
 After the pipeline: the gradient buckets' reductions (and ZeRO 1 and 2's gathers of updated pieces), the
 step's four small reductions, the gradient norm and AdamW over the parameters this rank updates, and the
 element-wise work around them (gradient shaping and clipping, bucket flattening).
@@ -38,6 +42,7 @@ from lcc.compiler.cost.work import (
 
 if TYPE_CHECKING:
     from lcc.compiler.cost.model import CostModel, Role
+    from lcc.spec.models import Spec
 
 # Operations one layer's forward and backward dispatch to PyTorch on one rank (views included), counted in
 # `lcc run train` of small-moe by benchmarks/op_counts.py (the mean over steps; it varies with the routing):
@@ -58,7 +63,22 @@ GRAD_PASSES = 3  # a gradient written by backward, then read and written again a
 
 
 def layer_compute(cm: CostModel, rates: Rates, layer: int) -> float:
-    """Seconds of one layer's compute for one micro-batch on one rank: forward, backward and recomputation."""
+    """Seconds of one layer's compute for one micro-batch on one rank: forward, backward and recomputation. A
+    plan that compiles its layers (`compiles`) runs their traced part at the calibrated `compiled` ratio."""
+    traced, rest = _layer_parts(cm, rates, layer)
+    return traced * (rates.compiled(cm.tokens) if compiles(cm.spec) else 1.0) + rest
+
+
+def compiles(spec: Spec) -> bool:
+    """Whether the plan compiles its layers with torch.compile (lcc.compiler.codegen.compiled_functions)."""
+    return spec.train.compile == "inductor" and spec.train.dtype != "float64"
+
+
+def _layer_parts(cm: CostModel, rates: Rates, layer: int) -> tuple[float, float]:
+    """(traced, the rest): seconds of one layer's work that a compiled plan compiles (the attention block, a
+    dense FFN's or shared experts' SwiGLU, the norms and residuals: the ops the op table traces) and of the
+    rest (routing, the exchange and the experts, which run eagerly between compiled regions, and gradient
+    accumulation)."""
     spec, par = cm.spec, cm.par
     m, att = spec.model, spec.model.attention
     policy = par.activation_checkpointing
@@ -72,44 +92,49 @@ def layer_compute(cm: CostModel, rates: Rates, layer: int) -> float:
         t = rates.linear(rows, inner, outer)
         return t + (rates.linear(rows, inner, outer, backward=False) if recompute_all else 0.0)
 
-    seconds = (linear(tokens, m.d_model, q_local) + 2 * linear(tokens, m.d_model, kv_local)
-               + linear(tokens, q_local, m.d_model))
+    traced = (linear(tokens, m.d_model, q_local) + 2 * linear(tokens, m.d_model, kv_local)
+              + linear(tokens, q_local, m.d_model))
     sequences = microbatch_sequences(spec)
     heads = att.n_heads / par.tp
-    seconds += rates.attention(sequences, heads, spec.train.seq_len, att.head_dim)
+    traced += rates.attention(sequences, heads, spec.train.seq_len, att.head_dim)
     if policy != "none":  # selective recomputation reruns the attention core; full the whole forward
-        seconds += rates.attention(sequences, heads, spec.train.seq_len, att.head_dim, backward=False)
+        traced += rates.attention(sequences, heads, spec.train.seq_len, att.head_dim, backward=False)
     passes = ACTIVATION_PASSES * m.d_model * tokens / (par.tp if par.sequence_parallel else 1)
     ops = OPS["attention"]
     moe = m.is_moe(layer)
     width = (m.moe.n_shared_experts * m.moe.expert_d_ff if moe else m.ffn.d_ff) / par.tp
     if width:
-        seconds += 2 * linear(tokens, m.d_model, width) + linear(tokens, width, m.d_model)
+        traced += 2 * linear(tokens, m.d_model, width) + linear(tokens, width, m.d_model)
         passes += SWIGLU_PASSES * width * tokens
         ops += OPS["ffn"]
+    rest = rest_passes = 0.0
     if moe:
         moe_cfg, routing = m.moe, spec.routing
         rows = tokens / par.tp
         kept = routing.groups.top * moe_cfg.experts_per_group
-        seconds += linear(rows, m.d_model, moe_cfg.n_groups) + linear(rows, m.d_model, kept)
+        rest += linear(rows, m.d_model, moe_cfg.n_groups) + linear(rows, m.d_model, kept)
         if policy == "selective":  # routing and dispatch are recomputed too
-            seconds += (rates.linear(rows, m.d_model, moe_cfg.n_groups, backward=False)
-                        + rates.linear(rows, m.d_model, kept, backward=False))
+            rest += (rates.linear(rows, m.d_model, moe_cfg.n_groups, backward=False)
+                     + rates.linear(rows, m.d_model, kept, backward=False))
         slots = rows * routing.k.planned
         received = slots * busiest_ep_share(spec)  # the slots that reach the busiest rank's experts
         local = moe_cfg.n_experts // par.ep
         per_expert = received / local
-        seconds += rates.experts(local, per_expert, m.d_model, moe_cfg.expert_d_ff)
+        rest += rates.experts(local, per_expert, m.d_model, moe_cfg.expert_d_ff)
         if recompute_all:
-            seconds += rates.experts(local, per_expert, m.d_model, moe_cfg.expert_d_ff, backward=False)
-        passes += SLOT_PASSES * slots * m.d_model + SWIGLU_PASSES * received * moe_cfg.expert_d_ff
-        ops += OPS["moe"]
+            rest += rates.experts(local, per_expert, m.d_model, moe_cfg.expert_d_ff, backward=False)
+        rest_passes = SLOT_PASSES * slots * m.d_model + SWIGLU_PASSES * received * moe_cfg.expert_d_ff
     forwards = 2 if recompute_all else 1
-    seconds += rates.elementwise((forwards + 2) * passes * ab)  # backward: twice the forward's passes
+    traced += rates.elementwise((forwards + 2) * passes * ab)  # backward: twice the forward's passes
+    rest += rates.elementwise((forwards + 2) * rest_passes * ab)
     dense, experts = local_layer_params(spec, layer)
-    seconds += rates.elementwise(GRAD_PASSES * (dense + experts) * STATE_BYTES[spec.train.dtype].grads)
-    again = ops if recompute_all else OPS["moe"] * moe if policy == "selective" else 0  # recomputed forward's
-    return seconds + (ops + RECOMPUTED * again) * rates.op
+    rest += rates.elementwise(GRAD_PASSES * (dense + experts) * STATE_BYTES[spec.train.dtype].grads)
+    # the recomputed forward dispatches its operations again: all of them under full recomputation, the
+    # MoE block's under selective
+    traced += (1 + RECOMPUTED * recompute_all) * ops * rates.op
+    moe_ops = OPS["moe"] * moe
+    rest += (1 + RECOMPUTED * (policy != "none")) * moe_ops * rates.op
+    return traced, rest
 
 
 def head_compute(cm: CostModel, rates: Rates) -> float:

@@ -1,7 +1,8 @@
 """Achieved rates from `cluster.calibration` (what `lcc calibrate` measured), interpolated at the sizes a plan
 runs: the seconds of one linear layer, one grouped-expert block, one attention core, an element-wise pass, an
-optimizer step, one small operation's fixed cost and each collective, and how much faster ranks that share
-a host compute while fewer of them are busy (docs/cost-model.md, "Calibration").
+optimizer step, one small operation's fixed cost and each collective, how much faster ranks that share
+a host compute while fewer of them are busy, and how much faster (or slower) a layer's traced part runs under
+torch.compile (docs/cost-model.md, "Calibration").
 
 `Rates(cluster, bound)` reads the median figures (`mid`) or one end of their measured spread (`fast`: each
 point's 10th percentile; `slow`: its 90th), so that the cost model gives a step-time range. Sizes between
@@ -208,6 +209,15 @@ class Rates:
             t = (busy - ranks[i - 1]) / (ranks[i] - ranks[i - 1])
             at = seconds[i - 1] + t * (seconds[i] - seconds[i - 1])
         return seconds[-1] / at
+
+    def compiled(self, tokens: float) -> float:
+        """Seconds under torch.compile per eager second of a layer's traced part over `tokens` tokens (the
+        `compiled` table's ratio, interpolated log-log in tokens, constant beyond its ends; 1 without the
+        table: priced as eager)."""
+        rows = self.c.compiled
+        if not rows:
+            return 1.0
+        return _interp([r[0] for r in rows], [r[2 + self.off] / r[1] for r in rows], max(tokens, 1e-30))
 
     # ------------------------------------------------------------------ collectives
     @cached_property

@@ -10,6 +10,7 @@ from typing import Any
 
 from lcc.compiler.cost import params as P
 from lcc.compiler.cost.exchange import token_spread
+from lcc.compiler.cost.measured import compiles
 from lcc.compiler.cost.memory import STATE_BYTES
 from lcc.compiler.cost.model import GIB, CostModel, step_seconds
 from lcc.compiler.cost.step import step_time
@@ -102,14 +103,20 @@ def cost_report(spec: Spec) -> dict[str, Any]:
 
 def _confidence(spec: Spec, step: float) -> dict[str, Any]:
     """Where the time figures come from, and with a calibrated cluster the step-time range its measured spread
-    gives: every operation at its 10th percentile (`step_seconds_low`) or at its 90th (`step_seconds_high`)."""
+    gives: every operation at its 10th percentile (`step_seconds_low`) or at its 90th (`step_seconds_high`).
+    `compiled`: for a plan that compiles its layers, whether they are priced at the calibrated ratio of
+    compiled to eager seconds or as eager (no `compiled` table); None for a plan that runs eagerly."""
     calibration = spec.cluster.calibration
+    compiled = None
+    if compiles(spec):
+        compiled = "calibrated" if calibration is not None and calibration.compiled else "as eager"
     if calibration is None:
-        return {"rates": {"compute": "datasheet", "communication": "datasheet"},
+        return {"rates": {"compute": "datasheet", "communication": "datasheet", "compiled": compiled},
                 "step_seconds_low": None, "step_seconds_high": None}
     low, high = (step_seconds(CostModel(spec, bound)) for bound in ("fast", "slow"))
     return {"rates": {"compute": "calibrated",
-                      "communication": "calibrated" if calibration.collectives else "datasheet"},
+                      "communication": "calibrated" if calibration.collectives else "datasheet",
+                      "compiled": compiled},
             "step_seconds_low": min(low, step), "step_seconds_high": max(high, step)}
 
 
