@@ -16,14 +16,17 @@ tokens, 8 per step. lcc imports it with `lcc import hf` and `lcc checkpoint impo
 
 Tokens/s are per process: tokens of a step / median step seconds (after warm-up) / processes.
 Needs the bench extra: pip install -e ".[bench]".
+Both sides' processes run with the same host memory setting (`--host-malloc`, default `reuse`: freed
+memory kept for the next step, as lcc's ranks run; docs/runtime.md, "Host memory").
 Usage: python -m benchmarks.train_peer [--steps 6] [--warmup 2] [--threads 2] [--skip-multi] [--skip-compile]
-       [--hf-experts grouped_mm] [--out FILE]
+       [--hf-experts grouped_mm] [--host-malloc reuse|system] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -172,6 +175,10 @@ def summary(times: dict[str, list[float]], losses: dict[str, list[float]], warmu
 def _fsdp_rank(rank: int, rendezvous: str, hf_dir: str, experts: str, spec_path: str, steps: int, out: str) -> None:
     import json
 
+    from lcc.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as lcc's ranks do (LCC_HOST_MALLOC, set by --host-malloc, decides for both sides)
+
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -253,15 +260,23 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true", help="leave out lcc with train.compile: inductor")
     parser.add_argument("--hf-experts", default=HF_EXPERTS, help="transformers' experts implementation: "
                         "grouped_mm (its default), eager or batched_mm")
+    parser.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
+                        help="glibc's malloc thresholds for both sides' processes: reuse (what lcc's ranks run "
+                             "with) or system (glibc's defaults); docs/runtime.md, \"Host memory\"")
     parser.add_argument("--out")
     args = parser.parse_args()
+    os.environ["LCC_HOST_MALLOC"] = args.host_malloc  # lcc's ranks, the FSDP2 ranks and this process alike
+    from lcc.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         import transformers  # noqa: F401
     except ImportError:
         sys.exit("transformers is not installed: pip install -e '.[bench]'")
     torch.set_num_threads(args.threads)
     result: dict = {"machine": {**machine(), "cpu": cpu_name()}, "model": CONFIG, "seq_len": SEQ_LEN,
-                    "global_batch": BATCH, "hf_experts": args.hf_experts, "world1": {}, "two_ranks": {}}
+                    "global_batch": BATCH, "hf_experts": args.hf_experts, "host_malloc": args.host_malloc,
+                    "world1": {}, "two_ranks": {}}
     with tempfile.TemporaryDirectory(prefix="lcc-train-peer-") as tmp:
         base = Path(tmp)
         hf_dir, spec_path, ckpt = make_model(base)

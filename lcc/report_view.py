@@ -148,10 +148,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         t.add_row("  range (the calibration's spread)",
                   f"{time['step_seconds_low']:.3f}-{time['step_seconds_high']:.3f} s")
     rates = time["rates"]
-    priced = f"compute {rates['compute']}, communication {rates['communication']}"
+    t.add_row("  rates: compute / communication", f"{rates['compute']} / {rates['communication']}")
     if rates["compiled"] is not None:
-        priced += f"; compiled layers {rates['compiled']}"
-    t.add_row("  rates", priced)
+        t.add_row("  rates: compiled layers", rates["compiled"])
     t.add_row("  of it: exposed communication / bubble",
               f"{time['exposed_communication_seconds']:.3f} s / {time['bubble_seconds']:.3f} s")
     if time["hidden_communication_seconds"]:
