@@ -36,7 +36,7 @@ from lcc.runtime.checkpoint_identity import read_identity
 from lcc.runtime.checkpoint_resume import Resume, prepare
 from lcc.runtime.checkpoint_verify import check_checkpoint
 from lcc.runtime.compiled import CompileUnavailable, check_compile
-from lcc.runtime.device import check_device, join_plan
+from lcc.runtime.device import check_device, join_plan, warn_slow_bfloat16
 from lcc.runtime.evaluate import validation_loss
 from lcc.runtime.heartbeat import Beats, Heartbeat, watch_engine
 from lcc.runtime.parent_death import adopt_environment, start_fork_server
@@ -216,6 +216,7 @@ def preflight(plan: Plan, steps: int, outputs: dict[str, Path | None], force: bo
     check_outputs(rank_outputs(outputs))
     if torchrun_rank() is None:
         check_machine(plan, force)
+        warn_slow_bfloat16(plan)
     else:  # the ranks are already placed: as the plan places them
         check_torchrun(plan)
 

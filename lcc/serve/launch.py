@@ -27,7 +27,7 @@ from lcc.backends.cpu import native
 from lcc.plan.types import Plan
 from lcc.runtime import host_memory
 from lcc.runtime.checkpoint_files import CheckpointError
-from lcc.runtime.device import join_plan
+from lcc.runtime.device import join_plan, warn_slow_bfloat16
 from lcc.runtime.heartbeat import Heartbeat
 from lcc.runtime.launch import check_plan
 from lcc.runtime.parent_death import adopt_environment, start_fork_server
@@ -86,6 +86,7 @@ def generate(plan_dir: Path, job: Job, force: bool = False) -> None:
               "weights)", file=sys.stderr, flush=True)
     if "RANK" not in os.environ:
         check_machine(plan, force)
+        warn_slow_bfloat16(plan)
     temporary = None
     if job.as_json and job.out is None:  # rank 0 writes the results, this process prints them
         handle = tempfile.NamedTemporaryFile(prefix="lcc-generate-", suffix=".json", delete=False)  # noqa: SIM115
@@ -227,6 +228,7 @@ def serve(plan_dir: Path, opts: ServeOptions, force: bool = False) -> None:
     _check_port(opts.host, opts.port)
     if "RANK" not in os.environ:
         check_machine(plan, force)
+        warn_slow_bfloat16(plan)
     world = plan.world_size
     timeout_s = float(json.loads((Path(plan_dir) / "spec.json").read_text())["train"]["collective_timeout_s"])
     threads = threads_per_rank(world)

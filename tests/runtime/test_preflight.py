@@ -223,6 +223,28 @@ def test_a_cuda_plan_needs_gpus_and_for_serving_triton(monkeypatch):
     check_device(serve, 2)
 
 
+def test_bfloat16_on_a_cpu_without_bfloat16_matrix_instructions_is_warned_of(monkeypatch):
+    """A CPU plan in bfloat16 where oneDNN reports no bfloat16 support (no AVX512-BF16 or AMX) runs, with a
+    warning naming the field to change; a CPU that has them, float32 and CUDA plans get none."""
+    import torch
+
+    from lcc.runtime.device import slow_bfloat16
+
+    serve, train = read_plan(GENERATED / "tiny-moe" / "serve"), read_plan(GENERATED / "tiny-moe")
+    serve.dtype = train.dtype = "bfloat16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert "--set serve.dtype=float32 runs faster here" in slow_bfloat16(serve)
+    assert "no bfloat16 matrix instructions (PyTorch's CPU capability: " in slow_bfloat16(train)
+    assert "--set train.dtype=float32" in slow_bfloat16(train)
+    train.device = "cuda"
+    assert slow_bfloat16(train) is None
+    serve.dtype = "float32"
+    assert slow_bfloat16(serve) is None
+    serve.dtype = "bfloat16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert slow_bfloat16(serve) is None
+
+
 def test_generate_refuses_a_cuda_plan_here():
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
