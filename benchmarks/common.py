@@ -38,8 +38,18 @@ def matmul_flops_per_second(n: int = 1024, dtype: torch.dtype = torch.float32, r
 
 def machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name as Linux lists it (None elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def write(name: str, result: dict[str, object], out: str | None = None) -> Path:

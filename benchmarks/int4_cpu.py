@@ -1,5 +1,5 @@
 """Which CPU kernel should run int4 expert matmuls: lcc's native kernel (`lcc.backends.cpu.int4_native`:
-AVX-512, AMX tiles for bfloat16 segments of 16 rows or more) and PyTorch's packed int4 matmul for CPU
+AVX-512 or AVX2, AMX tiles for bfloat16 segments of 16 rows or more) and PyTorch's packed int4 matmul for CPU
 (`aten._weight_int4pack_mm_for_cpu`, weights converted once by `_convert_weight_to_int4pack_for_cpu`)
 against lcc's reference int4 op (`lcc.backends.torch_ref.int4`: unpack and dequantize the expert, then a
 dense matmul), side by side in one run.

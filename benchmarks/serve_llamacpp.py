@@ -22,12 +22,16 @@ llama.cpp comes from the package index: the source package of llama-cpp-python v
 downloads it (`pip download --no-binary`) into `--work` and builds `llama-batched-bench` and `llama-quantize`
 there with cmake (`-DGGML_NATIVE=ON`; minutes, once), or takes a built tree with `--llama-cpp DIR`.
 Needs the bench extra (transformers), cmake, a C++ compiler and, once, the package index. Never in CI.
+With `--kernels native,torch` (the default) each row runs twice on lcc's side: lcc's native kernels (built for
+the CPU's AVX-512 or AVX2, named in the row) and PyTorch's.
 Usage: python -m benchmarks.serve_llamacpp [--work DIR] [--llama-cpp DIR] [--threads 2] [--repeats 3]
+       [--kernels native,torch]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -41,6 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file: python benchmarks/x.py
+
+from lcc.backends.cpu import native  # noqa: E402
 
 from benchmarks.common import machine, write  # noqa: E402
 
@@ -252,6 +258,9 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp tree with build/bin/llama-batched-bench")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", default="native,torch",
+                        help="lcc's CPU kernels, one row each: native (lcc's own, built for this CPU's AVX-512 or "
+                             "AVX2) and/or torch (PyTorch's)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if shutil.which("cmake") is None and args.llama_cpp is None:
@@ -259,8 +268,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     tree = llama_tree(args.work, args.llama_cpp)
+    kernels = args.kernels.split(",")
+    if "native" in kernels and native.unavailable() is not None:
+        sys.exit(f"--kernels native: lcc's native CPU kernels cannot run here: {native.unavailable()}")
     read = bandwidth()
-    result: dict = {"machine": machine(), "model": CONFIG, "read_bandwidth_gb_s": read / 1e9, "rows": []}
+    isa = native.load().isa if "native" in kernels else None
+    result: dict = {"machine": machine(), "model": CONFIG, "read_bandwidth_gb_s": read / 1e9, "native_isa": isa,
+                    "rows": []}
     print(f"read bandwidth: {read / 1e9:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="lcc-llamacpp-") as tmp:
         base = Path(tmp)
@@ -269,20 +283,23 @@ def main() -> None:
         sides = [("int4 experts (group 32), rest bf16", [INT4], "q4_0 experts"),
                  ("bf16", ["quantization.experts=null"], "bf16"),
                  ("int4 experts (group 32), rest bf16", [INT4], "q4_0 mix")]
-        for label, overrides, gguf in sides:
+        for (label, overrides, gguf), kernel in itertools.product(sides, kernels):
             g_dense, g_expert = gguf_bytes(tree, files[gguf])
             for batch in BATCHES:
                 ours, theirs, ratio, rank = side_by_side(tree, files[gguf], spec, ckpt,
-                                                         ["serve.dtype=bfloat16", *overrides], batch, args.threads,
-                                                         args.repeats)
+                                                         ["serve.dtype=bfloat16", f"serve.cpu_kernels={kernel}",
+                                                          *overrides], batch, args.threads, args.repeats)
                 mine_b, their_b = per_token(*lcc_bytes(rank), batch), per_token(g_dense, g_expert, batch)
-                row = {"lcc": label, "llama_cpp": gguf, "batch": batch, "lcc_tokens_per_s": ours,
+                kernel_name = f"native ({isa})" if kernel == "native" else kernel
+                row = {"lcc": label, "lcc_kernels": kernel_name, "llama_cpp": gguf, "batch": batch,
+                       "lcc_tokens_per_s": ours,
                        "llama_cpp_tokens_per_s": theirs, "ratio": ratio, "lcc_bytes_per_token": mine_b,
                        "llama_cpp_bytes_per_token": their_b, "lcc_bandwidth_fraction": ours * mine_b / read,
                        "llama_cpp_bandwidth_fraction": theirs * their_b / read}
                 result["rows"].append(row)
-                print(f"{label:36} / {gguf:13} batch {batch:2}: lcc {ours:7.1f} tokens/s ({mine_b / 1e6:.1f} "
-                      f"MB/token, {row['lcc_bandwidth_fraction']:.0%} of bandwidth), llama.cpp {theirs:7.1f} "
+                print(f"{label:36} [{kernel_name}] / {gguf:13} batch {batch:2}: lcc {ours:7.1f} tokens/s "
+                      f"({mine_b / 1e6:.1f} MB/token, {row['lcc_bandwidth_fraction']:.0%} of bandwidth), "
+                      f"llama.cpp {theirs:7.1f} "
                       f"({their_b / 1e6:.1f} MB/token, {row['llama_cpp_bandwidth_fraction']:.0%}): "
                       f"{ratio:.2f}x (median of the rounds' ratios)", flush=True)
     write("serve_llamacpp", result, args.out)

@@ -15,7 +15,7 @@ different ids, greedy, --max-tokens tokens, streamed, one at a time, the two ser
 request. Reported: each server's median and p90 time to first token, their ratio, and whether the replies
 are equal.
 
-Where this CPU cannot run lcc's native kernels (they need AVX-512), the servers use PyTorch's
+Where this CPU cannot run lcc's native kernels (they need AVX2 or AVX-512), the servers use PyTorch's
 (serve.cpu_kernels=torch); the result says which.
 
 Usage: python -m benchmarks.serve_online [--rates 1,4] [--requests 40] [--max-tokens 64]

@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="lcc-structured-"))
-    kernels = "native" if native.unavailable() is None else "torch"  # lcc's need AVX-512
+    kernels = "native" if native.unavailable() is None else "torch"  # lcc's need AVX2 or AVX-512
     spec = load_spec(ROOT / "specs" / "small-moe.yaml", [*SETS, f"serve.dtype={args.dtype}", "serve.max_batch=16",
                                                          f"serve.cpu_kernels={kernels}"])
     write_atomically(compile_plan(spec, "serve"), work)

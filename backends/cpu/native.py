@@ -4,9 +4,12 @@ built with the system's C++ compiler at first use against the installed PyTorch 
 ABI flag, from torch.utils.cpp_extension), cached, and loaded with torch.ops.load_library. The fake
 implementations registered here let torch.compile and torch.fx trace through the operators.
 
-Needs Linux on x86-64 with AVX-512 (PyTorch's CPU capability "AVX512") and a C++ compiler (`$CXX`, else
-g++ or c++) that takes C++20. The AMX path is built when the compiler takes `-mamx-bf16` (a compiler that
-rejects it is remembered in the cache) and used when the CPU has AMX and Linux grants its tile state. The
+Needs Linux on x86-64 with AVX-512 or AVX2 (PyTorch's CPU capability "AVX512" or "AVX2": the library is built
+for that instruction set, so `ATEN_CPU_CAPABILITY=avx2` builds and runs the AVX2 one on an AVX-512 CPU) and a
+C++ compiler (`$CXX`, else g++ or c++) that takes C++20. Both builds compute the same bits on their common
+paths (csrc/simd.h); AVX-512's adds AVX512-BF16 dot products where the CPU has them, and AMX: the AMX path
+is built when the compiler takes `-mamx-bf16` (a compiler that rejects it is remembered in the cache) and
+used when the CPU has AMX and Linux grants its tile state. The
 library lands in `$LCC_KERNEL_CACHE` (default `~/.cache/lcc/kernels`) under a name hashed from the sources,
 the flags, the compiler's version and PyTorch's, written atomically: concurrent ranks build it at most once
 each and never load a partial file. The sources compile in parallel; a build says so in one line on stderr
@@ -33,7 +36,11 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "int4_experts.cpp", CSRC / "decode_attention.cpp", CSRC / "routing.cpp", CSRC / "dense_bf16.cpp",
            CSRC / "rows.cpp", CSRC / "ops.cpp")
 HEADERS = (CSRC / "simd.h", CSRC / "kernels.h")
-BASE_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+COMMON_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fPIC", "-fopenmp"]
+ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl"], "avx2": ["-mavx2", "-mfma"]}
+CAPABILITIES = {"AVX512": "avx512", "AVX2": "avx2"}  # PyTorch's CPU capability: the build for it
+BASE_FLAGS = COMMON_FLAGS + ISA_FLAGS["avx512"]
+AVX2_FLAGS = COMMON_FLAGS + ISA_FLAGS["avx2"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DLCC_AMX"]
 
 
@@ -45,6 +52,7 @@ class NativeKernelMissing(RuntimeError):
 class Library:
     path: Path
     amx: bool  # the AMX path is built and this process may use AMX tiles
+    isa: str = "avx512"  # the instruction set it is built for: "avx512" or "avx2"
 
     @property
     def ops(self):
@@ -72,9 +80,8 @@ def unavailable() -> str | None:
     """None when the kernel can run here (building it if needed), else why not (one sentence)."""
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        return f"it needs a CPU with AVX-512 (PyTorch reports {capability})"
+    if isa() is None:
+        return f"it needs a CPU with AVX2 or AVX-512 (PyTorch reports {torch.backends.cpu.get_cpu_capability()})"
     if compiler() is None:
         return "it is built at first use and no C++ compiler was found (install g++ or set CXX)"
     try:
@@ -91,19 +98,32 @@ def require() -> Library:
     return load()
 
 
+def isa() -> str | None:
+    """The instruction set the library is built for here ("avx512" or "avx2", from PyTorch's CPU capability),
+    or None where neither is available."""
+    return CAPABILITIES.get(torch.backends.cpu.get_cpu_capability())
+
+
 @functools.cache
 def load() -> Library:
     cxx = compiler()
     if cxx is None:
         raise NativeKernelMissing("no C++ compiler was found (install g++ or set CXX)")
-    path, amx = _build(cxx, BASE_FLAGS + AMX_FLAGS)
-    if path is None:  # a compiler without AMX intrinsics: the AVX-512 path alone
-        path, _ = _build(cxx, BASE_FLAGS)
-        amx = False
+    kind = isa()
+    if kind is None:
+        raise NativeKernelMissing(f"it needs a CPU with AVX2 or AVX-512 (PyTorch reports "
+                                  f"{torch.backends.cpu.get_cpu_capability()})")
+    if kind == "avx2":
+        path, amx = _build(cxx, AVX2_FLAGS)
+    else:
+        path, amx = _build(cxx, BASE_FLAGS + AMX_FLAGS)
+        if path is None:  # a compiler without AMX intrinsics: the AVX-512 path alone
+            path, _ = _build(cxx, BASE_FLAGS)
+            amx = False
     torch.ops.load_library(str(path))
     _register_fakes()
     amx = amx and _cpu_has_amx() and torch.ops.lcc.amx_init()
-    return Library(path, amx)
+    return Library(path, amx, kind)
 
 
 def _build(cxx: list[str], flags: list[str]) -> tuple[Path | None, bool]:

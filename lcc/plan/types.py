@@ -286,7 +286,7 @@ class Serving:
     schedule's actions), and the last stage returns each dp rank's next-token logits to rank 0 (`after`).
     Every rank has a paged KV cache of `kv_blocks` blocks of `block_size` tokens for the layers of its
     stages, of its `kv_heads` key/value heads. Experts run through `expert_kernel`: `int4_native_cpu`
-    (lcc's native CPU kernel: AVX-512, AMX tiles for bfloat16), `int4_packed_cpu` (packed weights,
+    (lcc's native CPU kernel: AVX-512 or AVX2, AMX tiles for bfloat16), `int4_packed_cpu` (packed weights,
     PyTorch's CPU int4 matmul), `int4_triton` (CUDA: lcc's fused Triton kernels, int4
     dequantised in the kernel), `int4_reference` (lcc's reference int4 op: float64), `dense_triton` (CUDA,
     unquantised, the same Triton kernels) or `dense` (unquantised, torch). Rotary embeddings, cache writes and
@@ -327,7 +327,7 @@ class Serving:
 
     @property
     def native_cpu(self) -> bool:
-        """Whether any step runs lcc's native CPU kernels (x86-64 with AVX-512)."""
+        """Whether any step runs lcc's native CPU kernels (x86-64 with AVX-512 or AVX2)."""
         return ("native_cpu" in (self.attention_kernel, self.routing_kernel, self.dense_kernel, self.norm_kernel,
                                  self.decode_kernel) or self.expert_kernel == "int4_native_cpu")
 

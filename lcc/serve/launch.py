@@ -236,8 +236,9 @@ def serve(plan_dir: Path, opts: ServeOptions, force: bool = False) -> None:
     context = multiprocessing.get_context("forkserver")  # rank 0 too: it takes SIGTERM from the launcher
     run = Run(world, timeout_s, Path(plan_dir), context=context)
     logs = rank_logs(run, plan.spec_name)
-    print(f"lcc run serve: loading {plan.spec_name} on {world} rank{'s' if world != 1 else ''} (their stderr: "
-          f"{logs}/rank<N>.log) ...", file=sys.stderr, flush=True)
+    kernels = f"lcc's native CPU kernels, {native.load().isa} build; " if plan.serving.native_cpu else ""
+    print(f"lcc run serve: loading {plan.spec_name} on {world} rank{'s' if world != 1 else ''} ({kernels}their "
+          f"stderr: {logs}/rank<N>.log) ...", file=sys.stderr, flush=True)
     try:
         start_fork_server(context, ["torch", "lcc.serve.rank", "lcc.serve.server"])
         store = host_store(timeout_s)  # the ranks join through it: listening before they start, held until they end

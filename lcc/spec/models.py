@@ -300,7 +300,7 @@ class Serve(_Section):
         "bfloat16", description="Precision of the non-expert weights and activations; float64 is for verification.")
     cpu_kernels: Literal["native", "torch"] = Field(
         "native", description="On CPU in bfloat16 or float32, what runs the int4 experts, attention, routing and (in "
-        "bfloat16) the dense projections of decode steps: lcc's native kernels (x86-64 with AVX-512, AMX and "
+        "bfloat16) the dense projections of decode steps: lcc's native kernels (x86-64 with AVX-512 or AVX2, AMX and "
         "AVX512-BF16 where present; built at first use with the system's C++ compiler) or PyTorch's (the int4 experts "
         "through aten._weight_int4pack_mm_for_cpu; group sizes 32-256).")
     block_size: Pos = Field(16, description="Tokens per block of the paged KV cache.")

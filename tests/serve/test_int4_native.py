@@ -1,6 +1,7 @@
 """lcc's native CPU int4 kernel (csrc/int4_experts.cpp) against lcc's reference int4 op (dequantise, then a
-dense matmul in float64), on both of its paths: AVX-512 registers for float32 and short bfloat16 segments,
-AMX tiles for bfloat16 segments of 16 rows or more. A test named for a path runs that path or is skipped
+dense matmul in float64), on each of its paths: FMA in vector registers (AVX-512 or AVX2, as the library is
+built here) for float32 and short bfloat16 segments, AVX512-BF16 dot products, AMX tiles for bfloat16
+segments of 16 rows or more. A test named for a path runs that path or is skipped
 with the reason (the AMX tests where the CPU lacks AMX-BF16). Also the accuracy of its SwiGLU's `exp`."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def needs_amx() -> None:
-    """Skips a test of the AMX path where this process cannot run it (the kernel would run AVX-512 instead)."""
+    """Skips a test of the AMX path where this process cannot run it (the kernel would run the FMA path instead)."""
     if native.load().amx:
         return
     if not native._cpu_has_amx():
@@ -85,7 +86,7 @@ BF16_PATHS = [pytest.param(False, id="float32_fma"),
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [2, 32])  # 2: one sum per row; 32: four (few rows) or two
 def test_each_bfloat16_path_equals_the_reference_op(dot_products, symmetric, group):
-    """bfloat16 activations on each AVX-512 path, named, not left to the CPU: dequantising to float32 for FMAs,
+    """bfloat16 activations on each path but AMX, named, not left to the CPU: dequantising to float32 for FMAs,
     and pairs of bfloat16 codes through vdpbf16ps (AMX off: amx_min_rows 0)."""
     E, D, F = len(COUNTS), 128, 64
     q = experts(E, D, F, group, symmetric)
@@ -111,8 +112,8 @@ SHAPES = [(64, 96), (96, 64), (48, 32)]  # (out, in): 48 columns and 32 inputs m
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_one_projection_on_avx512(shape):
-    """amx_min_rows 0: every segment on AVX-512 registers, float32 throughout, on any CPU."""
+def test_one_projection_on_fma_registers(shape):
+    """amx_min_rows 0: every segment on the FMA path (AVX-512 or AVX2 registers), float32 throughout, on any CPU."""
     w, x, want = one_projection(shape, bf16_inputs=False)
     got = matmul_segments(x, COUNTS, w, 0)
     assert got.dtype == torch.float32
@@ -124,7 +125,7 @@ def test_one_projection_on_avx512(shape):
 def test_one_projection_on_amx(amx_min_rows, shape):
     """Segments of at least amx_min_rows rows (1: all) on AMX where the widths take it, within bfloat16
     rounding, and visibly rounded (the weights go to bfloat16): that is AMX. Shorter segments, and widths
-    AMX lacks, stay on AVX-512: float32 exact from the same bfloat16-valued inputs."""
+    AMX lacks, stay on the FMA path: float32 exact from the same bfloat16-valued inputs."""
     needs_amx()
     w, x, want = one_projection(shape, bf16_inputs=True)
     got = matmul_segments(x, COUNTS, w, amx_min_rows)
@@ -139,8 +140,9 @@ def test_one_projection_on_amx(amx_min_rows, shape):
             assert err < TOLERANCE[torch.float32], (count, err)
 
 
-def test_a_row_does_not_depend_on_the_others_on_avx512():
-    """Segments under 16 rows run on AVX-512 in bfloat16 too: a row gives the same bits alone or among 3 or 15."""
+def test_a_row_does_not_depend_on_the_others_in_short_segments():
+    """Segments under 16 rows run in vector registers in bfloat16 too (FMA, or AVX512-BF16 dot products where
+    the CPU has them): a row gives the same bits alone or among 3 or 15."""
     q = experts(2, 64, 32, 32, True)
     w13, w2 = pack_gate_up(q[0], q[1]), pack(q[2])
     x = torch.randn(15, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
@@ -152,7 +154,7 @@ def test_a_row_does_not_depend_on_the_others_on_avx512():
 
 def test_a_row_does_not_depend_on_the_others_on_amx():
     """Segments of 16 rows or more run on AMX: a row gives the same bits among 16 or 20 rows (one or two tile
-    blocks), within bfloat16 rounding of its AVX-512 result in a short segment."""
+    blocks), within bfloat16 rounding of its result in a short segment."""
     needs_amx()
     q = experts(2, 64, 32, 32, True)
     w13, w2 = pack_gate_up(q[0], q[1]), pack(q[2])

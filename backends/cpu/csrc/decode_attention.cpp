@@ -18,16 +18,18 @@
 
 namespace {
 
+using namespace lcc;
+
 // Rows of 16-lane chunks rotated: x * (cos, cos) + swap(x) * (-sin, sin) per pair, from the interleaved
 // tables of lcc.ops.serve.StepBatch.rope; n_rows rows of d values, dst in the same dtype as src.
 void rotate_rows(const char* src, char* dst, int n_rows, int d, const float* both, const float* sign, bool bf16) {
   const int width = bf16 ? 2 : 4;
   for (int r = 0; r < n_rows; ++r) {
     for (int c = 0; c < d; c += 16) {
-      const __m512 x = lcc::load16(src + (r * d + c) * width, bf16);
-      const __m512 swapped = _mm512_permute_ps(x, 0xB1);  // (x1, x2) -> (x2, x1) in every pair
-      const __m512 y = _mm512_fmadd_ps(x, _mm512_loadu_ps(both + c), _mm512_mul_ps(swapped, _mm512_loadu_ps(sign + c)));
-      lcc::store16(dst + (r * d + c) * width, y, bf16);
+      const V x = load16(src + (r * d + c) * width, bf16);
+      const V swapped = swap_pairs(x);  // (x1, x2) -> (x2, x1) in every pair
+      const V y = fmadd(x, load(both + c), mul(swapped, load(sign + c)));
+      store16(dst + (r * d + c) * width, y, bf16);
     }
   }
 }
@@ -79,50 +81,45 @@ void lcc_decode_attention(const void* q, const void* k_cache, const void* v_cach
       const char* qi = qb + rows[i] * H * (int64_t)d * width;
       scores.resize((size_t)H * L);
       for (int c = 0; c < H * chunks; ++c) {
-        _mm512_storeu_ps(&qf[c * 16], _mm512_mul_ps(lcc::load16(qi + c * 16 * width, bf16), _mm512_set1_ps(scale)));
+        store(&qf[c * 16], mul(load16(qi + c * 16 * width, bf16), set1(scale)));
       }
       for (int64_t j = 0; j < L; ++j) {  // scores
         const char* kj = kb + ctx[j] * KV * (int64_t)d * width;
         for (int h = 0; h < H; ++h) {
           const char* kh = kj + (h / g) * (int64_t)d * width;
-          __m512 dot = _mm512_setzero_ps();
-          for (int c = 0; c < chunks; ++c) {
-            dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[h * d + c * 16]), lcc::load16(kh + c * 16 * width, bf16), dot);
-          }
-          scores[h * L + j] = _mm512_reduce_add_ps(dot);
+          V dot = zero();
+          for (int c = 0; c < chunks; ++c) dot = fmadd(load(&qf[h * d + c * 16]), load16(kh + c * 16 * width, bf16), dot);
+          scores[h * L + j] = lcc::sum(dot);
         }
       }
       for (int h = 0; h < H; ++h) {  // softmax numerators, in place
         float* sh = &scores[h * L];
         float top = sh[0];
         for (int64_t j = 1; j < L; ++j) top = sh[j] > top ? sh[j] : top;
-        __m512 sum = _mm512_setzero_ps();
+        V run = zero();
         for (int64_t j = 0; j < L; j += 16) {
-          const __mmask16 m = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
-          const __m512 e = lcc::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + j), _mm512_set1_ps(top)));
-          _mm512_mask_storeu_ps(sh + j, m, e);
-          sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+          const V e = exp_ps(sub(load_n(sh + j, L - j), set1(top)));
+          store_n(sh + j, e, L - j);
+          run = add(run, keep_n(e, L - j));
         }
-        total[h] = _mm512_reduce_add_ps(sum);
+        total[h] = lcc::sum(run);
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t j = 0; j < L; ++j) {  // weighted values
         const char* vj = vb + ctx[j] * KV * (int64_t)d * width;
         for (int h = 0; h < H; ++h) {
           const char* vh = vj + (h / g) * (int64_t)d * width;
-          const __m512 p = _mm512_set1_ps(scores[h * L + j]);
+          const V p = set1(scores[h * L + j]);
           for (int c = 0; c < chunks; ++c) {
             float* a = &acc[h * d + c * 16];
-            _mm512_storeu_ps(a, _mm512_fmadd_ps(p, lcc::load16(vh + c * 16 * width, bf16), _mm512_loadu_ps(a)));
+            store(a, fmadd(p, load16(vh + c * 16 * width, bf16), load(a)));
           }
         }
       }
       char* dst = ob + rows[i] * H * (int64_t)d * width;
       for (int h = 0; h < H; ++h) {
-        const __m512 inv = _mm512_set1_ps(1.0f / total[h]);
-        for (int c = 0; c < chunks; ++c) {
-          lcc::store16(dst + (h * d + c * 16) * width, _mm512_mul_ps(_mm512_loadu_ps(&acc[h * d + c * 16]), inv), bf16);
-        }
+        const V inv = set1(1.0f / total[h]);
+        for (int c = 0; c < chunks; ++c) store16(dst + (h * d + c * 16) * width, mul(load(&acc[h * d + c * 16]), inv), bf16);
       }
     }
   }

@@ -1,7 +1,7 @@
 // lcc's CPU int4 expert kernel: y = x @ W_e^T for every expert's contiguous segment of rows, from packed
 // int4 weights, dequantised tile by tile in registers (never a whole expert). Built at first use by
-// lcc/backends/cpu/native.py (g++ -O3, AVX-512F; AMX-BF16 when the compiler takes it), called as torch.ops.lcc
-// operators (ops.cpp).
+// lcc/backends/cpu/native.py (g++ -O3, AVX-512F, AMX-BF16 when the compiler takes it; or AVX2 with FMA),
+// called as torch.ops.lcc operators (ops.cpp).
 //
 // Weights of one expert `[N out, K in]`, group size g (even, divides K), N a multiple of 16, in column tiles
 // of 16 outputs:
@@ -10,10 +10,12 @@
 //   w = (code - 8) * scale + shift is lcc's reference value (code - zero point) * scale.
 // Experts follow each other in each array.
 //
-// Two paths, chosen per expert:
-//   FMA (AVX-512F): 16 columns x up to 12 rows in registers. The codes become (code - 8) as floats through
-//     a 16-entry table (vpermps), each pair of k once per 12 rows; per scale group the products with x sum in
-//     float32, then the group's scale (and shift, times the group's sum of x) applies: float32 throughout.
+// Paths, chosen per expert:
+//   FMA (AVX-512F, or AVX2): 16 columns x up to 12 rows (AVX2: 4) in registers. The codes become (code - 8)
+//     as floats (simd.h's int4_pair), each pair of k once per block of rows; per scale group the products
+//     with x sum in float32, then the group's scale (and shift, times the group's sum of x) applies: float32
+//     throughout, the same bits on both instruction sets.
+//   Dot products (AVX512-BF16 builds, bfloat16 activations where the CPU has it): dp_block below.
 //   AMX (bfloat16 activations, segments of at least amx_min_rows rows): 32 columns of the expert dequantised
 //     into a bfloat16 tile buffer (rounded to nearest even), then 16-row blocks through tile dot products
 //     accumulating in float32. Rows stay independent: a row's result does not depend on the others.
@@ -21,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <array>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -32,18 +36,15 @@
 
 namespace {
 
-using lcc::bf16_bits;
-using lcc::exp_ps;
-using lcc::from_bf16;
-using lcc::to_bf16;
+using namespace lcc;
 
-constexpr int kRows = 12;  // rows per FMA register block
-
-// The signed codes (code - 8) as floats: vpermps reads only an index's low 4 bits, so a byte's low nibble
-// indexes directly.
-inline __m512 signed_codes() {
-  return _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-}
+// Rows per FMA register block, and the few-row blocks' independent sums per row (below): AVX-512's 32
+// registers hold 12 rows' accumulators and partial sums, AVX2's 16 (two per V) hold 4.
+#if defined(__AVX512F__)
+constexpr int kRows = 12;
+#else
+constexpr int kRows = 4;
+#endif
 
 // out[R rows, 16 columns] = x @ w for one column tile. Per scale group, sum x * (code - 8) in float32, then
 // scale: w = (code - 8) * scale + shift, shift = (8 - zero point) * scale for asymmetric weights (ze, with the
@@ -53,58 +54,59 @@ inline __m512 signed_codes() {
 template <int R, int C>
 void fma_block(const float* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* codes, const float* sc,
                const float* ze, int K, int g, float* out, int64_t ldo) {
-  __m512 acc[R], part[C][R];
+  V acc[R], part[C][R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512 table = signed_codes();
+  for (int r = 0; r < R; ++r) acc[r] = zero();
   for (int k0 = 0; k0 < K; k0 += g) {
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j)
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) part[j][r] = _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) part[j][r] = zero();
     for (int kc = k0; kc < k0 + g; kc += 2 * C) {
 #pragma GCC unroll 4
       for (int j = 0; j < C; ++j) {
         const int k = kc + 2 * j;
         if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + K * 8 + k * 8), _MM_HINT_T0);
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 8)));
-        const __m512 c0 = _mm512_permutexvar_ps(v, table);
-        const __m512 c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        V c0, c1;
+        int4_pair(codes + k * 8, c0, c1);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-          part[j][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), c0, part[j][r]);
-          part[j][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), c1, part[j][r]);
+          part[j][r] = fmadd(set1(x[r * ldx + k]), c0, part[j][r]);
+          part[j][r] = fmadd(set1(x[r * ldx + k + 1]), c1, part[j][r]);
         }
       }
     }
-    const __m512 s = _mm512_loadu_ps(sc + (k0 / g) * 16);
+    const V s = load(sc + (k0 / g) * 16);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      __m512 sum = part[0][r];
+      V total = part[0][r];
 #pragma GCC unroll 4
-      for (int j = 1; j < C; ++j) sum = _mm512_add_ps(sum, part[j][r]);
-      acc[r] = _mm512_fmadd_ps(sum, s, acc[r]);
+      for (int j = 1; j < C; ++j) total = add(total, part[j][r]);
+      acc[r] = fmadd(total, s, acc[r]);
     }
     if (ze) {
-      const __m512 z = _mm512_loadu_ps(ze + (k0 / g) * 16);
+      const V z = load(ze + (k0 / g) * 16);
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * ldxs + k0 / g]), z, acc[r]);
+      for (int r = 0; r < R; ++r) acc[r] = fmadd(set1(xs[r * ldxs + k0 / g]), z, acc[r]);
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
+  for (int r = 0; r < R; ++r) store(out + r * ldo, acc[r]);
 }
 
 using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t*, const float*, const float*,
                          int, int, float*, int64_t);
-const BlockFn kFmaBlocks[kRows + 1] = {nullptr,         fma_block<1, 1>,  fma_block<2, 1>,  fma_block<3, 1>,
-                                       fma_block<4, 1>, fma_block<5, 1>,  fma_block<6, 1>,  fma_block<7, 1>,
-                                       fma_block<8, 1>, fma_block<9, 1>,  fma_block<10, 1>, fma_block<11, 1>,
-                                       fma_block<12, 1>};
+template <int... R>
+constexpr std::array<BlockFn, kRows + 1> fma_blocks(std::integer_sequence<int, R...>) {
+  return {nullptr, fma_block<R + 1, 1>...};
+}
+constexpr std::array<BlockFn, kRows + 1> kFmaBlocks = fma_blocks(std::make_integer_sequence<int, kRows>{});
 // Few rows, scale groups of a multiple of 8: four sums per row (one or two rows) or two (three or four rows).
 const BlockFn kFewRows[5] = {nullptr, fma_block<1, 4>, fma_block<2, 4>, fma_block<3, 2>, fma_block<4, 2>};
 
 inline BlockFn fma_for(int64_t rows, int g) { return rows <= 4 && g % 8 == 0 ? kFewRows[rows] : kFmaBlocks[rows]; }
+
+#if defined(__AVX512F__)
 
 // The signed codes (code - 8) as bfloat16 in words 0-15 (and again in 16-31): vpermw reads an index's low 5
 // bits, and the indices below are nibbles.
@@ -182,18 +184,19 @@ const DpFn kDpBlocks[kRows + 1] = {nullptr,         dp_block<1, 1>,  dp_block<2,
 const DpFn kDpFewRows[5] = {nullptr, dp_block<1, 4>, dp_block<2, 4>, dp_block<3, 2>, dp_block<4, 2>};
 
 inline DpFn dp_for(int64_t rows, int g) { return rows <= 4 && g % 8 == 0 ? kDpFewRows[rows] : kDpBlocks[rows]; }
+#endif
 
 #if defined(LCC_AMX)
 // 16 columns x K dequantised into AMX's pair layout: row p holds (w[j][2p], w[j][2p+1]) for j = 0..15.
 void dequant_pairs(const uint8_t* codes, const float* sc, const float* ze, int K, int g, uint32_t* dst) {
-  const __m512 table = signed_codes();
   for (int k0 = 0; k0 < K; k0 += g) {
     const __m512 s = _mm512_loadu_ps(sc + (k0 / g) * 16);
     const __m512 z = ze ? _mm512_loadu_ps(ze + (k0 / g) * 16) : _mm512_setzero_ps();
     for (int k = k0; k < k0 + g; k += 2) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 8)));
-      const __m512i a = bf16_bits(_mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), s, z));
-      const __m512i b = bf16_bits(_mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), s, z));
+      __m512 c0, c1;
+      int4_pair(codes + k * 8, c0, c1);
+      const __m512i a = bf16_bits(_mm512_fmadd_ps(c0, s, z));
+      const __m512i b = bf16_bits(_mm512_fmadd_ps(c1, s, z));
       _mm512_storeu_si512(dst + k * 8, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
     }
   }
@@ -266,11 +269,11 @@ void amx_columns(const uint16_t* a, int64_t rows, const uint32_t* b0, const uint
 
 // h = silu(gate) * up over n values (n a multiple of 16)
 void swiglu_row(const float* gate, const float* up, float* h, int64_t n) {
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const V one = set1(1.0f);
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + j);
-    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    _mm512_storeu_ps(h + j, _mm512_mul_ps(s, _mm512_loadu_ps(up + j)));
+    const V g = load(gate + j);
+    const V s = lcc::div(g, add(one, exp_ps(sub(zero(), g))));
+    store(h + j, mul(s, load(up + j)));
   }
 }
 
@@ -389,11 +392,13 @@ void run_item(const Segments& seg, const Items& items, int64_t i, const Weights&
 #endif
   for (int64_t r = 0; r < rows; r += kRows) {
     const int64_t n = rows - r < kRows ? rows - r : kRows;
+#if defined(__AVX512F__)
     if (in.xbf) {
       dp_for(n, g)(in.xbf + (r0 + r) * K, K, in.sums ? in.sums + (r0 + r) * (K / g) : nullptr, K / g, c, s, z, K, g,
                    out + (r0 + r) * N + t * 16, N);
       continue;
     }
+#endif
     fma_for(n, g)(in.x + (r0 + r) * K, K, in.sums ? in.sums + (r0 + r) * (K / g) : nullptr, K / g, c, s, z, K, g,
                   out + (r0 + r) * N + t * 16, N);
   }
@@ -450,10 +455,7 @@ int lcc_int4_has_amx() {
 // out[i] = e^x[i] for n float32 values by exp_ps, the SwiGLU activation's exp: its accuracy is checked
 // through this entry point (tests/serve/test_int4_native.py).
 void lcc_exp(const float* x, float* out, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    _mm512_mask_storeu_ps(out + j, m, exp_ps(_mm512_maskz_loadu_ps(m, x + j)));
-  }
+  for (int64_t j = 0; j < n; j += 16) store_n(out + j, exp_ps(load_n(x + j, n - j)), n - j);
 }
 
 // Asks Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 0 on success.

@@ -13,18 +13,16 @@
 #include <vector>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace {
 
 float dot(const float* a, const float* b, int n) {
-  __m512 acc = _mm512_setzero_ps();
+  lcc::V acc = lcc::zero();
   int i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  for (; i + 16 <= n; i += 16) acc = lcc::fmadd(lcc::load(a + i), lcc::load(b + i), acc);
+  if (i < n) acc = lcc::fmadd(lcc::load_n(a + i, n - i), lcc::load_n(b + i, n - i), acc);
+  return lcc::sum(acc);
 }
 
 // Indices of the k largest of v[0..n) in rank order; equal values rank the lower index first (a stable

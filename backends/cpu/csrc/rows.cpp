@@ -29,16 +29,6 @@ uint16_t float_to_bf16(float f) {  // nearest even, as PyTorch rounds (finite va
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// A row's values as float32: n of them from float32 or bfloat16 storage.
-__m512 load16(const void* row, int64_t j, int bf16, __mmask16 m) {
-  if (bf16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + j);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(row) + j);
-}
-
-__mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 }  // namespace
 
@@ -50,12 +40,12 @@ void lcc_rms_norm(const void* x, int64_t rows, int D, const void* weight, float 
   const int64_t size = bf16 ? 2 : 4;
   for (int64_t r = first; r < last; ++r) {
     const char* xr = static_cast<const char*>(x) + r * D * size;
-    __m512 acc = _mm512_setzero_ps();
+    lcc::V acc = lcc::zero();
     for (int64_t j = 0; j < D; j += 16) {
-      const __m512 v = load16(xr, j, bf16, tail(D - j));
-      acc = _mm512_fmadd_ps(v, v, acc);
+      const lcc::V v = lcc::load16_n(xr + j * size, bf16, D - j);
+      acc = lcc::fmadd(v, v, acc);
     }
-    const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps);
+    const float scale = 1.0f / sqrtf(lcc::sum(acc) / static_cast<float>(D) + eps);
     char* orow = static_cast<char*>(out) + r * D * size;
     for (int64_t j = 0; j < D; ++j) {  // (x * rsqrt(...)) rounded to x's dtype, then times the weight
       if (bf16) {
