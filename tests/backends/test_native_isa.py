@@ -105,3 +105,27 @@ def test_the_avx2_build_computes_the_avx512_builds_bits(tmp_path):
     assert theirs.keys() == ours.keys()
     differ = [name for name in ours if not torch.equal(ours[name], theirs[name])]
     assert not differ, f"the AVX2 build differs from the AVX-512 one in: {differ}"
+
+
+def test_a_rows_sums_follow_its_block_of_12_on_either_build():
+    """What makes the builds agree, checked where only one runs: the int4 kernel cuts a segment into blocks
+    of 12 rows on both (AVX2 then splits a block into register blocks of 4) and sums a row's products in
+    one chain in blocks of 5-12 rows, in several in blocks of at most 4. So in float32, where the order of
+    the sums shows in the bits, each row of segments of 5 to 12 rows gives the bits it gives in a 12-row
+    segment, and the 13th row of a 13-row segment the bits it gives alone."""
+    from lcc.backends.cpu.int4_native import pack
+    from lcc.backends.torch_ref.int4 import quantize
+
+    ops = native.load().ops
+    g = torch.Generator().manual_seed(5)
+    w = pack(quantize(torch.randn(1, 48, 64, generator=g), 32, symmetric=False))
+    x = torch.randn(13, 64, generator=g)
+
+    def rows(n: int) -> torch.Tensor:
+        return ops.int4_matmul(x[:n], [n], w.codes, w.scales, w.shifts, 32, 0)
+
+    twelve = rows(12)
+    for n in range(5, 12):
+        assert torch.equal(rows(n), twelve[:n]), n
+    alone = ops.int4_matmul(x[12:], [1], w.codes, w.scales, w.shifts, 32, 0)
+    assert torch.equal(rows(13)[12:], alone) and torch.equal(rows(13)[:12], twelve)

@@ -69,20 +69,19 @@ step_dp(const uint16_t* x, int K, const uint16_t* row, int k, int n, lcc::V* acc
 #define LCC_DENSE_TARGET
 #endif
 
-// x: bfloat16 rows for the dot products, float32 ones for FMA.
-template <int R, bool BF16DP, typename X>
-LCC_DENSE_TARGET inline void step(const X* x, int K, const uint16_t* row, int k, int n, lcc::V* acc) {
+template <int R, bool BF16DP>
+LCC_DENSE_TARGET inline void step(const uint16_t* x, int K, const uint16_t* row, int k, int n, lcc::V* acc) {
 #if defined(__AVX512F__)
   if constexpr (BF16DP) {
     step_dp<R>(x, K, row, k, n, acc);
     return;
   }
 #endif
-  if constexpr (!BF16DP) step_fma<R>(x, K, row, k, n, acc);
+  step_fma<R>(x, K, row, k, n, acc);
 }
 
-template <int R, bool BF16DP, typename X>
-LCC_DENSE_TARGET void block(const X* x, int K, const uint16_t* w, int n, int cols, uint16_t* y, int N) {
+template <int R, bool BF16DP>
+LCC_DENSE_TARGET void block(const uint16_t* x, int K, const uint16_t* w, int n, int cols, uint16_t* y, int N) {
   for (int c = 0; c < cols; ++c) {  // the block's weight rows one after another: the reads follow memory
     const uint16_t* row = w + (int64_t)(n + c) * K;
     // four independent sums per row of x (k in steps of 32, taken in turn), so no sum waits on the last product
@@ -107,8 +106,8 @@ LCC_DENSE_TARGET void block(const X* x, int K, const uint16_t* w, int n, int col
   }
 }
 
-template <bool BF16DP, typename X>
-void rows_block(const X* x, int rows, int K, const uint16_t* w, int n, int cols, uint16_t* y, int N) {
+template <bool BF16DP>
+void rows_block(const uint16_t* x, int rows, int K, const uint16_t* w, int n, int cols, uint16_t* y, int N) {
   switch (rows) {
     case 1: block<1, BF16DP>(x, K, w, n, cols, y, N); break;
     case 2: block<2, BF16DP>(x, K, w, n, cols, y, N); break;
@@ -117,8 +116,8 @@ void rows_block(const X* x, int rows, int K, const uint16_t* w, int n, int cols,
   }
 }
 
-template <bool BF16DP, typename X>
-void run(const X* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int64_t first, int64_t last) {
+template <bool BF16DP>
+void run(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int64_t first, int64_t last) {
   for (int64_t b = first; b < last; ++b) {
     const int n = (int)(b * kCols), cols = std::min(kCols, N - n);
     for (int64_t r = 0; r < M; r += kRows) {
@@ -142,10 +141,14 @@ int lcc_has_avx512_bf16() {
 
 void lcc_bf16_linear(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int dot_products,
                      int64_t first, int64_t last) {
+#if defined(__AVX512F__)
   if (dot_products) {
     run<true>(x, M, K, w, N, y, first, last);
     return;
   }
+#else
+  (void)dot_products;  // no dot-product path in an AVX2 build (ops.cpp refuses to ask for it)
+#endif
   run<false>(x, M, K, w, N, y, first, last);
 }
 

@@ -38,8 +38,9 @@ namespace {
 
 using namespace lcc;
 
-// Rows per FMA register block, and the few-row blocks' independent sums per row (below): AVX-512's 32
-// registers hold 12 rows' accumulators and partial sums, AVX2's 16 (two per V) hold 4.
+// Rows per block (the unit that decides how a row's products are summed: below), and per register block
+// inside it: AVX-512's 32 registers hold 12 rows' accumulators and partial sums, AVX2's 16 (two per V) hold 4.
+constexpr int kBlock = 12;
 #if defined(__AVX512F__)
 constexpr int kRows = 12;
 #else
@@ -104,7 +105,9 @@ constexpr std::array<BlockFn, kRows + 1> kFmaBlocks = fma_blocks(std::make_integ
 // Few rows, scale groups of a multiple of 8: four sums per row (one or two rows) or two (three or four rows).
 const BlockFn kFewRows[5] = {nullptr, fma_block<1, 4>, fma_block<2, 4>, fma_block<3, 2>, fma_block<4, 2>};
 
-inline BlockFn fma_for(int64_t rows, int g) { return rows <= 4 && g % 8 == 0 ? kFewRows[rows] : kFmaBlocks[rows]; }
+// A block of rows takes the few-row sums when it has at most 4 rows (and groups of a multiple of 8); blocks are
+// cut at kBlock rows on both builds, so that a row's number of sums, and so its bits, is the same on both.
+inline bool few_rows(int64_t rows, int g) { return rows <= 4 && g % 8 == 0; }
 
 #if defined(__AVX512F__)
 
@@ -177,13 +180,13 @@ void dp_block(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, con
 
 using DpFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, const float*, const float*,
                       int, int, float*, int64_t);
-const DpFn kDpBlocks[kRows + 1] = {nullptr,         dp_block<1, 1>,  dp_block<2, 1>,  dp_block<3, 1>,
+const DpFn kDpBlocks[kBlock + 1] = {nullptr,         dp_block<1, 1>,  dp_block<2, 1>,  dp_block<3, 1>,
                                    dp_block<4, 1>,  dp_block<5, 1>,  dp_block<6, 1>,  dp_block<7, 1>,
                                    dp_block<8, 1>,  dp_block<9, 1>,  dp_block<10, 1>, dp_block<11, 1>,
                                    dp_block<12, 1>};
 const DpFn kDpFewRows[5] = {nullptr, dp_block<1, 4>, dp_block<2, 4>, dp_block<3, 2>, dp_block<4, 2>};
 
-inline DpFn dp_for(int64_t rows, int g) { return rows <= 4 && g % 8 == 0 ? kDpFewRows[rows] : kDpBlocks[rows]; }
+inline DpFn dp_for(int64_t rows, int g) { return few_rows(rows, g) ? kDpFewRows[rows] : kDpBlocks[rows]; }
 #endif
 
 #if defined(LCC_AMX)
@@ -390,17 +393,24 @@ void run_item(const Segments& seg, const Items& items, int64_t i, const Weights&
 #else
   (void)amx;
 #endif
-  for (int64_t r = 0; r < rows; r += kRows) {
-    const int64_t n = rows - r < kRows ? rows - r : kRows;
+  for (int64_t r = 0; r < rows; r += kBlock) {
+    const int64_t n = rows - r < kBlock ? rows - r : kBlock;
+    const float* sums = in.sums ? in.sums + (r0 + r) * (K / g) : nullptr;
 #if defined(__AVX512F__)
     if (in.xbf) {
-      dp_for(n, g)(in.xbf + (r0 + r) * K, K, in.sums ? in.sums + (r0 + r) * (K / g) : nullptr, K / g, c, s, z, K, g,
-                   out + (r0 + r) * N + t * 16, N);
+      dp_for(n, g)(in.xbf + (r0 + r) * K, K, sums, K / g, c, s, z, K, g, out + (r0 + r) * N + t * 16, N);
       continue;
     }
 #endif
-    fma_for(n, g)(in.x + (r0 + r) * K, K, in.sums ? in.sums + (r0 + r) * (K / g) : nullptr, K / g, c, s, z, K, g,
-                  out + (r0 + r) * N + t * 16, N);
+    if (few_rows(n, g)) {
+      kFewRows[n](in.x + (r0 + r) * K, K, sums, K / g, c, s, z, K, g, out + (r0 + r) * N + t * 16, N);
+      continue;
+    }
+    for (int64_t q = 0; q < n; q += kRows) {  // one register block on AVX-512, up to three on AVX2
+      const int64_t m = n - q < kRows ? n - q : kRows;
+      kFmaBlocks[m](in.x + (r0 + r + q) * K, K, sums ? sums + q * (K / g) : nullptr, K / g, c, s, z, K, g,
+                    out + (r0 + r + q) * N + t * 16, N);
+    }
   }
 }
 
@@ -513,7 +523,12 @@ void lcc_int4_swiglu(const void* x, const int64_t* counts, int E, int bf16, cons
   float* hs = grow(hs_buf, (size_t)S * (F / g));
   // bfloat16 activations on a CPU with AVX512-BF16: the items not on AMX take the dot-product path, and the
   // activation between the projections is rounded to bfloat16 (as AMX and PyTorch's bfloat16 experts round it)
+#if defined(__AVX512F__)
   const bool dp = bf16 && dot_products;
+#else
+  const bool dp = false;  // no dot-product path in an AVX2 build (ops.cpp refuses to ask for it)
+  (void)dot_products;
+#endif
   uint16_t* hbf = dp ? grow(hbf_buf, (size_t)S * F) : nullptr;
   const Input x_in{xf, xs, xb, dp ? static_cast<const uint16_t*>(x) : nullptr}, h_in{h, hs, hb, hbf};
 #pragma omp parallel num_threads(threads)

@@ -39,7 +39,7 @@ void lcc_decode_attention(const void* q, const void* k_cache, const void* v_cach
 int lcc_has_avx512_bf16();
 // y [M, N] = x [M, K] W[N, K]^T, bfloat16 in and out, float32 sums; for few rows (decode steps): the columns of
 // blocks first to last (each 4 weight rows: N / 4 rounded up in all), in the calling thread. dot_products: the
-// AVX512-BF16 path (the CPU must have it), else the AVX-512F one.
+// AVX512-BF16 path (the CPU must have it; an AVX2 build has none), else the FMA one (AVX-512F or AVX2).
 void lcc_bf16_linear(const uint16_t* x, int64_t M, int K, const uint16_t* w, int N, uint16_t* y, int dot_products,
                      int64_t first, int64_t last);
 
