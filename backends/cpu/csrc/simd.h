@@ -1,9 +1,10 @@
 // Vector helpers shared by lcc's native CPU kernels: `lcc::V`, 16 float32 lanes, and the operations the
 // kernels use on it, so that each kernel is written once for both instruction sets the library is built for
 // (lcc/backends/cpu/native.py): AVX-512F (one zmm register) and AVX2 with FMA (two ymm registers). Every
-// operation but `sum` computes the same IEEE result lane by lane on both (multiply-adds fused where named);
-// `sum` adds the 16 lanes in the same tree on both, so both builds give the same bits. What only AVX-512
-// has (AVX512-BF16 dot products, AMX tiles) is built where __AVX512F__ is defined.
+// operation computes the same IEEE result lane by lane on both (multiply-adds fused where named), and `sum`
+// adds the 16 lanes in one tree written out here (sum_halves), so both builds give the same bits whatever
+// the compiler. What only AVX-512 has (AVX512-BF16 dot products, AMX tiles) is built where __AVX512F__ is
+// defined.
 #pragma once
 
 #include <immintrin.h>
@@ -11,6 +12,14 @@
 #include <string.h>
 
 namespace lcc {
+
+// hi + lo lane by lane, then the 128-bit halves, then pairs 2 apart, then 1: the sum of 16 lanes (`sum`).
+inline float sum_halves(__m256 hi, __m256 lo) {
+  const __m256 h = _mm256_add_ps(hi, lo);
+  const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+  const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(p) + _mm_cvtss_f32(_mm_shuffle_ps(p, p, 1));
+}
 
 #if defined(__AVX512F__)
 
@@ -28,7 +37,11 @@ inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c, one rounding
 inline V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
-inline float sum(V v) { return _mm512_reduce_add_ps(v); }
+// The lanes' sum in a fixed tree, spelled out rather than left to a compiler's _mm512_reduce_add_ps: lanes
+// i + (i + 8), then the 128-bit halves, then pairs 2 apart, then 1 (GCC's own order), on both builds.
+inline float sum(V v) {
+  return sum_halves(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), _mm512_castps512_ps256(v));
+}
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 // The first n values (n <= 16), the other lanes zero; nothing past them is read.
@@ -97,13 +110,7 @@ inline V vmin(V a, V b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi,
 inline V vmax(V a, V b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 inline V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline V fnmadd(V a, V b, V c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
-// The tree of AVX-512's reduction: lanes i + (i + 8), then the 128-bit halves, then pairs 2 apart, then 1.
-inline float sum(V v) {
-  const __m256 h = _mm256_add_ps(v.hi, v.lo);
-  const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
-  const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtss_f32(p) + _mm_cvtss_f32(_mm_shuffle_ps(p, p, 1));
-}
+inline float sum(V v) { return sum_halves(v.hi, v.lo); }  // the AVX-512 build's tree
 
 inline V load_n(const float* p, int64_t n) {
   float buf[16] = {0};
